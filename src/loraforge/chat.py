@@ -1,0 +1,57 @@
+"""Chat with a fine-tuned run: one-shot with --prompt, or an interactive streaming REPL."""
+
+import sys
+from pathlib import Path
+
+from loraforge import rundir
+
+HELP = "Type a message; /reset clears the conversation, /exit (or Ctrl-D) leaves."
+
+
+def load_run(run_dir: str | Path):
+    """(config, model with adapter, tokenizer, stop ids) rebuilt from what the run directory recorded."""
+    from peft import PeftModel
+
+    from loraforge.data.render import stop_token_ids
+    from loraforge.model.load import load_model, load_tokenizer
+    from loraforge.model.sources import resolve_model
+
+    run_dir = Path(run_dir)
+    config = rundir.read_config(run_dir)
+    tokenizer = load_tokenizer(str(run_dir / rundir.TOKENIZER))
+    base = load_model(resolve_model(config.model.name))
+    model = PeftModel.from_pretrained(base, str(run_dir / rundir.ADAPTER))
+    model.eval()
+    return config, model, tokenizer, stop_token_ids(tokenizer, base.generation_config)
+
+
+def run_chat(run_dir: str | Path, prompt: str | None = None, max_new_tokens: int | None = None) -> None:
+    from transformers import TextStreamer
+
+    from loraforge.eval.generate import generate, prompt_messages
+
+    config, model, tokenizer, stop_ids = load_run(run_dir)
+    limit = max_new_tokens or config.eval.max_new_tokens
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if prompt is not None:
+        generate(model, tokenizer, prompt_messages(prompt, config.data.system_prompt), limit, stop_ids, streamer)
+        return
+    print(HELP, file=sys.stderr)
+    history = prompt_messages("", config.data.system_prompt)[:-1]
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history = history[:1] if history and history[0]["role"] == "system" else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        answer = generate(model, tokenizer, history, limit, stop_ids, streamer)
+        history.append({"role": "assistant", "content": answer})

@@ -1,0 +1,100 @@
+"""The `loraforge` command. Each subcommand parses its arguments and calls one run_* function."""
+
+import argparse
+import logging
+import os
+import sys
+
+from loraforge import __version__
+from loraforge.errors import LoraforgeError
+
+
+def _train(args) -> int:
+    from loraforge.config import load_config
+    from loraforge.train.recipe import run_training
+
+    result = run_training(load_config(args.config, args.overrides))
+    print(result.summary())
+    return 0
+
+
+def _config_validate(args) -> int:
+    from loraforge.config import load_config
+
+    load_config(args.config, args.overrides)
+    print(f"{args.config}: valid")
+    return 0
+
+
+def _config_show(args) -> int:
+    from loraforge.config import config_to_yaml, load_config
+
+    print(config_to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _config_schema(args) -> int:
+    import json
+
+    from loraforge.config import RunConfig
+
+    print(json.dumps(RunConfig.model_json_schema(), indent=2))
+    return 0
+
+
+def _chat(args) -> int:
+    from loraforge.chat import run_chat
+
+    run_chat(args.run_dir, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraforge",
+        description="Fine-tune causal language models with LoRA from one validated YAML config.",
+    )
+    parser.add_argument("--version", action="version", version=f"loraforge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    overrides = dict(nargs="*", metavar="KEY=VALUE", help="dotted-key overrides, values parsed as YAML (lora.r=8)")
+
+    train = commands.add_parser("train", help="fine-tune from a config; writes a run directory")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", **overrides)
+    train.set_defaults(func=_train)
+
+    config = commands.add_parser("config", help="check or print a config")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    validate = config_commands.add_parser("validate", help="report every problem in a config at once")
+    validate.add_argument("config")
+    validate.add_argument("overrides", **overrides)
+    validate.set_defaults(func=_config_validate)
+    show = config_commands.add_parser("show", help="print the resolved config (extends and overrides applied)")
+    show.add_argument("config")
+    show.add_argument("overrides", **overrides)
+    show.set_defaults(func=_config_show)
+    schema = config_commands.add_parser("schema", help="print the JSON schema: every key with its description")
+    schema.set_defaults(func=_config_schema)
+
+    chat = commands.add_parser("chat", help="chat with a fine-tuned run (streaming), or answer one --prompt")
+    chat.add_argument("run_dir", help="run directory written by `loraforge train`")
+    chat.add_argument("--prompt", help="answer this one prompt and exit")
+    chat.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: eval.max_new_tokens)")
+    chat.set_defaults(func=_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except LoraforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,227 @@
+"""YAML file → `extends` chain → KEY=VALUE overrides → validated RunConfig."""
+
+import difflib
+import typing
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from loraforge.config.schema import RunConfig
+from loraforge.errors import ConfigError
+
+Key = tuple[str | int, ...]
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a config file with its parents and overrides; every problem is raised at once as ConfigError."""
+    path = Path(path)
+    data, origins = _read_with_parents(path, stack=())
+    problems: list[str] = []
+    for item in overrides:
+        problem = _apply_override(data, origins, item)
+        if problem:
+            problems.append(problem)
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_describe(err, origins, str(path)) for err in exc.errors())
+        config = None
+    if problems:
+        raise ConfigError(problems, source=str(path))
+    return config
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def write_resolved(config: RunConfig, run_dir: str | Path) -> Path:
+    out = Path(run_dir) / "resolved.yaml"
+    out.write_text(config_to_yaml(config), encoding="utf-8")
+    return out
+
+
+def _read_with_parents(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[Key, str]]:
+    resolved = path.resolve()
+    if resolved in stack:
+        chain = " -> ".join(str(p) for p in (*stack, resolved))
+        raise ConfigError([f"extends forms a cycle: {chain}; remove one of these extends"], source=str(stack[0]))
+    data, origins = _read_one(path)
+    parent_ref = data.pop("extends", None)
+    extends_at = origins.pop(("extends",), str(path))
+    if parent_ref is None:
+        return data, origins
+    if not isinstance(parent_ref, str):
+        raise ConfigError([f"{extends_at}: extends must be a path to a YAML file, got {parent_ref!r}"], source=str(path))
+    parent_path = path.parent / parent_ref
+    if not parent_path.is_file():
+        raise ConfigError(
+            [f"{extends_at}: extends: {parent_ref!r} not found (looked for {parent_path}); paths are relative to {path}"],
+            source=str(path),
+        )
+    parent, parent_origins = _read_with_parents(parent_path, (*stack, resolved))
+    return _merge(parent, data, parent_origins, origins), {**parent_origins, **origins}
+
+
+def _read_one(path: Path) -> tuple[dict, dict[Key, str]]:
+    if not path.is_file():
+        raise ConfigError([f"config file {path} not found"], source=str(path))
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{where}: not valid YAML: {reason}"], source=str(path)) from None
+    if data is None:
+        data, node = {}, None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"], source=str(path))
+    origins: dict[Key, str] = {}
+    if node is not None:
+        _record_lines(node, (), path, origins)
+    return data, origins
+
+
+def _record_lines(node: yaml.Node, key: Key, path: Path, origins: dict[Key, str]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = (*key, key_node.value)
+            origins[child] = f"{path}:{key_node.start_mark.line + 1}"
+            _record_lines(value_node, child, path, origins)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            child = (*key, index)
+            origins[child] = f"{path}:{item.start_mark.line + 1}"
+            _record_lines(item, child, path, origins)
+
+
+def _merge(parent: dict, child: dict, parent_origins: dict[Key, str], child_origins: dict[Key, str], key: Key = ()) -> dict:
+    merged = dict(parent)
+    for name, value in child.items():
+        if isinstance(value, dict) and isinstance(parent.get(name), dict):
+            merged[name] = _merge(parent[name], value, parent_origins, child_origins, (*key, name))
+        else:
+            merged[name] = value
+            prefix = (*key, name)
+            for stale in [k for k in parent_origins if k[: len(prefix)] == prefix and len(k) > len(prefix)]:
+                del parent_origins[stale]
+    return merged
+
+
+def _apply_override(data: dict, origins: dict[Key, str], item: str) -> str | None:
+    if "=" not in item:
+        return f"override {item!r} is not KEY=VALUE (for example train.max_steps=5)"
+    dotted, raw = item.split("=", 1)
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in dotted.strip().split(".")]
+    if not dotted.strip() or any(p == "" for p in parts):
+        return f"override {item!r} has an empty key; write KEY=VALUE with a dotted key such as lora.r=8"
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        return f"override {item!r}: value is not valid YAML ({getattr(exc, 'problem', exc)})"
+    node: typing.Any = data
+    for depth, part in enumerate(parts[:-1]):
+        nxt = parts[depth + 1]
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                return f"override {item!r}: {_dotted(tuple(parts[: depth + 1]))} is not an index of a list of {len(node)}"
+            node = node[part]
+            continue
+        if not isinstance(node, dict):
+            return f"override {item!r}: {_dotted(tuple(parts[:depth]))} is not a mapping"
+        if part not in node or node[part] is None:
+            node[part] = [] if isinstance(nxt, int) else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or last > len(node):
+            return f"override {item!r}: index {last} is past the end of a list of {len(node)}"
+        if last == len(node):
+            node.append(value)
+        else:
+            node[last] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        return f"override {item!r}: {_dotted(tuple(parts[:-1]))} is not a mapping"
+    where = f"command line {item!r}"
+    for end in range(1, len(parts)):
+        origins.setdefault(tuple(parts[:end]), where)
+    origins[tuple(parts)] = where
+    return None
+
+
+def _dotted(key: Key) -> str:
+    out = ""
+    for part in key:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "(top level)"
+
+
+def _origin(key: Key, origins: dict[Key, str], default: str) -> str:
+    for end in range(len(key), 0, -1):
+        if key[:end] in origins:
+            return origins[key[:end]]
+    return default
+
+
+def _describe(err: dict, origins: dict[Key, str], default: str) -> str:
+    loc: Key = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "literal["))))
+    where = _origin(loc, origins, default)
+    key = _dotted(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        hint = _did_you_mean(loc)
+        return f"{where}: {key}: unknown key{hint}"
+    if kind == "missing":
+        return f"{where}: {key}: required key is missing ({_field_doc(loc)})"
+    message = err["msg"].removeprefix("Value error, ")
+    shown = err.get("input")
+    seen = "" if isinstance(shown, dict) else f" (got {shown!r})"
+    return f"{where}: {key}: {message}{seen}"
+
+
+def _model_at(key: Key) -> type[BaseModel] | None:
+    cls: type[BaseModel] = RunConfig
+    for part in key:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        inner = _inner_model(field.annotation)
+        if inner is None:
+            return None
+        cls = inner
+    return cls
+
+
+def _inner_model(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _did_you_mean(loc: Key) -> str:
+    model = _model_at(loc[:-1])
+    if model is None:
+        return ""
+    names = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {_dotted((*loc[:-1], close[0]))!r}?"
+    return f"; known keys here: {', '.join(names)}"
+
+
+def _field_doc(loc: Key) -> str:
+    model = _model_at(loc[:-1])
+    field = model.model_fields.get(str(loc[-1])) if model else None
+    return field.description if field and field.description else "see `loraforge config schema`"

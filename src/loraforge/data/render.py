@@ -1,0 +1,74 @@
+"""Conversation → (input_ids, labels), with the loss mask found by rendering, not by string search.
+
+For each assistant turn the chat is rendered up to the turn with the generation prompt, and up to the
+end of the turn; the tokens between the two are the turn. That works for any chat template, with or
+without generation markers. The turn is trained up to and including its end-of-turn token; template
+text after it (a newline, say) is never generated, so it is not trained.
+"""
+
+from loraforge.data.formats import Conversation
+from loraforge.errors import DataError
+
+IGNORE = -100
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> frozenset[int]:
+    """The ids that end an assistant turn: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    extra = getattr(generation_config, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(extra)
+    return frozenset(ids)
+
+
+def render(conversation: Conversation, tokenizer, stop_ids: frozenset[int]) -> tuple[list[int], list[int]]:
+    if conversation.text is not None:
+        return _render_text(conversation.text, tokenizer)
+    return _render_chat(conversation, tokenizer, stop_ids)
+
+
+def _render_text(text: str, tokenizer) -> tuple[list[int], list[int]]:
+    ids = list(tokenizer(text)["input_ids"])
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+    return ids, list(ids)
+
+
+def _chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages],
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+    )
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _render_chat(conversation: Conversation, tokenizer, stop_ids: frozenset[int]) -> tuple[list[int], list[int]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "the tokenizer has no chat template, so chat data cannot be rendered; use format: text for plain text"
+        )
+    messages = conversation.messages
+    full = _chat_ids(tokenizer, messages, add_generation_prompt=False)
+    labels = [IGNORE] * len(full)
+    for index, message in enumerate(messages):
+        if message.role != "assistant":
+            continue
+        prompt = _chat_ids(tokenizer, messages[:index], add_generation_prompt=True) if index else []
+        through = _chat_ids(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        if through != full[: len(through)] or prompt != through[: len(prompt)]:
+            raise DataError(
+                f"the chat template renders message {index} differently once later messages follow it, "
+                "so the assistant tokens cannot be located; this template is not supported for training"
+            )
+        start, end = len(prompt), len(through)
+        for position in range(end - 1, start - 1, -1):
+            if full[position] in stop_ids:
+                end = position + 1
+                break
+        labels[start:end] = full[start:end]
+    return full, labels

@@ -1,0 +1,26 @@
+"""Greedy generation from a chat prompt, optionally streamed."""
+
+
+def prompt_messages(prompt: str, system_prompt: str | None) -> list[dict]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    return [*messages, {"role": "user", "content": prompt}]
+
+
+def generate(model, tokenizer, messages: list[dict], max_new_tokens: int, stop_ids, streamer=None) -> str:
+    import torch
+
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to(model.device)
+    model.eval()
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(stop_ids),
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
+        )
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()

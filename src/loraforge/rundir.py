@@ -1,0 +1,35 @@
+"""The run directory: what a run writes, where, and how later commands read it back."""
+
+from pathlib import Path
+
+from loraforge.errors import RunDirError
+
+RESOLVED = "resolved.yaml"
+ADAPTER = "adapter"
+TOKENIZER = "tokenizer"
+METRICS = "metrics.jsonl"
+LOG = "train.log"
+EVAL = "eval.json"
+
+
+def create(output_dir: str | Path) -> Path:
+    """Make a fresh run directory; one that already holds a run is refused so nothing is overwritten."""
+    run_dir = Path(output_dir)
+    if (run_dir / RESOLVED).exists():
+        raise RunDirError(
+            f"{run_dir} already holds a run ({RESOLVED} is there); set output_dir to a new directory "
+            f"(for example output_dir={run_dir}-2) or delete the old one"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def read_config(run_dir: str | Path):
+    from loraforge.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / RESOLVED).is_file():
+        raise RunDirError(f"{run_dir} is not a run directory: {RESOLVED} is missing; pass the output_dir of a training run")
+    if not (run_dir / ADAPTER / "adapter_config.json").is_file():
+        raise RunDirError(f"{run_dir} has no finished adapter ({ADAPTER}/adapter_config.json); the run did not complete")
+    return load_config(run_dir / RESOLVED)

@@ -1,0 +1,86 @@
+"""Trainer callbacks: metrics.jsonl and a one-line-per-log progress report with tokens/s and ETA."""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+log = logging.getLogger("loraforge.train")
+
+_RENAMES = {"learning_rate": "lr"}
+_DROP = {"num_input_tokens_seen", "train_tokens_per_second", "total_flos", "train_runtime"}
+
+
+class ThroughputCallback(TrainerCallback):
+    """Times optimizer steps only (evaluation excluded) and counts real, non-pad tokens."""
+
+    def __init__(self):
+        self.train_seconds = 0.0
+        self._step_start = None
+        self._last_tokens = 0
+        self._last_seconds = 0.0
+        self.tokens_per_s: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._step_start is not None:
+            self.train_seconds += time.perf_counter() - self._step_start
+            self._step_start = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        tokens = state.num_input_tokens_seen
+        seconds = self.train_seconds - self._last_seconds
+        if "loss" in (logs or {}) and seconds > 0:
+            self.tokens_per_s = (tokens - self._last_tokens) / seconds
+            self._last_tokens, self._last_seconds = tokens, self.train_seconds
+
+    def eta_seconds(self, state) -> float | None:
+        if not state.global_step:
+            return None
+        return (state.max_steps - state.global_step) * self.train_seconds / state.global_step
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends one JSON object per log event to metrics.jsonl and prints a progress line."""
+
+    def __init__(self, path: Path, throughput: ThroughputCallback):
+        self.path = Path(path)
+        self.throughput = throughput
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step}
+        for key, value in logs.items():
+            if key not in _DROP:
+                record[_RENAMES.get(key, key)] = value
+        training = "loss" in logs
+        if training and self.throughput.tokens_per_s is not None:
+            record["tokens_per_s"] = round(self.throughput.tokens_per_s, 1)
+        record["tokens_seen"] = state.num_input_tokens_seen
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if training:
+            eta = self.throughput.eta_seconds(state)
+            log.info(
+                "step %d/%d  loss %.4f  lr %.2e  %s tok/s  ETA %s",
+                state.global_step,
+                state.max_steps,
+                logs["loss"],
+                logs.get("learning_rate", 0.0),
+                f"{self.throughput.tokens_per_s:.0f}" if self.throughput.tokens_per_s else "-",
+                _duration(eta),
+            )
+        elif "eval_loss" in logs and state.max_steps:
+            log.info("step %d/%d  eval loss %.4f", state.global_step, state.max_steps, logs["eval_loss"])
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

@@ -1,0 +1,188 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loraforge.cli import main
+from loraforge.config import RunConfig, config_to_yaml, load_config, write_resolved
+from loraforge.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+MINIMAL = "data:\n  sources:\n    - {path: d.jsonl}\n"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+
+
+def test_shipped_configs_exist():
+    assert ROOT / "configs" / "default.yaml" in CONFIGS
+
+
+def test_defaults_are_the_documented_ones(tmp_path):
+    config = load_config(write(tmp_path / "c.yaml", MINIMAL))
+    assert config.model.name == "smollm2-135m-instruct"
+    assert config.seed == 42
+    assert config.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert config.data.sources[0].format.value == "messages"
+    assert config.train.max_steps == 200 and config.train.num_epochs is None
+
+
+def test_extends_chain_merges_mappings_and_replaces_lists(tmp_path):
+    write(tmp_path / "base.yaml", MINIMAL + "lora:\n  r: 4\n  alpha: 8\n  target_modules: [q_proj, k_proj]\ntrain:\n  batch_size: 2\n")
+    write(tmp_path / "sub" / "mid.yaml", "extends: ../base.yaml\nlora:\n  r: 8\n  target_modules: [v_proj]\n")
+    child = write(tmp_path / "sub" / "child.yaml", "extends: mid.yaml\ntrain:\n  learning_rate: 0.001\n")
+    config = load_config(child)
+    assert config.lora.r == 8
+    assert config.lora.alpha == 8
+    assert config.lora.target_modules == ["v_proj"]
+    assert config.train.batch_size == 2
+    assert config.train.learning_rate == 0.001
+
+
+def test_extends_cycle_is_rejected(tmp_path):
+    write(tmp_path / "a.yaml", "extends: b.yaml\n" + MINIMAL)
+    write(tmp_path / "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_extends_missing_parent_names_line(tmp_path):
+    path = write(tmp_path / "a.yaml", MINIMAL + "extends: nope.yaml\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"{path}:4" in str(info.value) and "nope.yaml" in str(info.value)
+
+
+def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
+    path = write(tmp_path / "c.yaml", MINIMAL)
+    config = load_config(
+        path,
+        [
+            "lora.target_modules=[q_proj,v_proj]",
+            "train.max_steps=5",
+            "lora.r=8",
+            "train.learning_rate=1e-3",
+            "data.system_prompt=Be brief.",
+            "data.sources.0.format=alpaca",
+            "output_dir=/tmp/run1",
+        ],
+    )
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.train.max_steps == 5 and config.lora.r == 8
+    assert config.train.learning_rate == pytest.approx(1e-3)
+    assert config.data.system_prompt == "Be brief."
+    assert config.data.sources[0].format.value == "alpaca"
+    assert config.output_dir == "/tmp/run1"
+
+
+def test_switch_from_steps_to_epochs_with_null(tmp_path):
+    path = write(tmp_path / "c.yaml", MINIMAL)
+    config = load_config(path, ["train.max_steps=null", "train.num_epochs=2"])
+    assert config.train.max_steps is None and config.train.num_epochs == 2
+    with pytest.raises(ConfigError, match="only one of train.max_steps and train.num_epochs"):
+        load_config(path, ["train.num_epochs=2"])
+
+
+def test_all_problems_reported_at_once_with_line_and_suggestion(tmp_path):
+    path = write(
+        tmp_path / "bad.yaml",
+        "lora:\n  rank: 8\ntrain:\n  lerning_rate: 0.1\n  batch_size: 0\n"
+        "data:\n  sources:\n    - {path: d.jsonl, format: chatml}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["trian.max_steps=3", "not-an-override"])
+    problems = info.value.problems
+    text = "\n".join(problems)
+    assert len(problems) == 6, text
+    assert f"{path}:2: lora.rank: unknown key" in text
+    assert f"{path}:4: train.lerning_rate: unknown key; did you mean 'train.learning_rate'?" in text
+    assert f"{path}:5: train.batch_size" in text and "(got 0)" in text
+    assert f"{path}:8: data.sources[0].format" in text and "'chatml'" in text
+    assert "command line 'trian.max_steps=3': trian: unknown key; did you mean 'train'?" in text
+    assert "'not-an-override' is not KEY=VALUE" in text
+
+
+def test_missing_required_section_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"data: required key is missing \(Training data.\)"):
+        load_config(write(tmp_path / "c.yaml", "seed: 1\n"))
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = write(tmp_path / "c.yaml", MINIMAL + "train:\n  batch_size: [1, 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"{path}:" in str(info.value) and "not valid YAML" in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "none.yaml")
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    config = load_config(write(tmp_path / "c.yaml", MINIMAL), ["lora.r=4"])
+    written = write_resolved(config, tmp_path)
+    assert load_config(written) == config
+    assert yaml.safe_load(written.read_text())["lora"]["r"] == 4
+
+
+def test_config_is_frozen(tmp_path):
+    config = load_config(write(tmp_path / "c.yaml", MINIMAL))
+    with pytest.raises(Exception):
+        config.seed = 3
+
+
+def test_every_field_has_a_description():
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            inner = getattr(field.annotation, "model_fields", None)
+            if inner is not None:
+                walk(field.annotation, f"{prefix}{name}.")
+
+    walk(RunConfig)
+
+
+def test_cli_show_prints_resolved_yaml(tmp_path, capsys):
+    path = write(tmp_path / "c.yaml", MINIMAL)
+    assert main(["config", "show", str(path), "lora.r=4"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["lora"]["r"] == 4
+    assert shown == yaml.safe_load(config_to_yaml(load_config(path, ["lora.r=4"])))
+
+
+def test_cli_validate_exit_codes(tmp_path, capsys):
+    good = write(tmp_path / "good.yaml", MINIMAL)
+    bad = write(tmp_path / "bad.yaml", MINIMAL + "seeed: 1\n")
+    assert main(["config", "validate", str(good)]) == 0
+    assert main(["config", "validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:4: seeed: unknown key; did you mean 'seed'?" in err
+
+
+def test_cli_schema_lists_descriptions(capsys):
+    import json
+
+    assert main(["config", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert "LoRA rank." in json.dumps(schema)
+
+
+def test_help_does_not_import_the_heavy_stack():
+    code = "import sys; from loraforge.cli import build_parser; build_parser(); print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
