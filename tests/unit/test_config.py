@@ -38,7 +38,13 @@ def test_defaults_are_the_documented_ones(tmp_path):
     assert config.seed == 42
     assert config.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert config.data.sources[0].format.value == "messages"
-    assert config.train.max_steps == 200 and config.train.num_epochs is None
+    assert config.train.max_steps == 100 and config.train.num_epochs is None
+
+
+def test_default_yaml_spells_out_the_schema_defaults():
+    shipped = load_config(ROOT / "configs" / "default.yaml").model_dump()
+    defaults = RunConfig.model_validate({"data": {"sources": [{"path": "data/chatterbot_en.jsonl"}]}}).model_dump()
+    assert shipped == defaults
 
 
 def test_extends_chain_merges_mappings_and_replaces_lists(tmp_path):

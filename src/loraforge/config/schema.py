@@ -52,7 +52,7 @@ class DataSource(Section):
 
 class DataConfig(Section):
     sources: list[DataSource] = Field(min_length=1, description="Data files to train on, in order.")
-    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of rows held out for evaluation (seeded split).")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of rows held out for evaluation (seeded split).")
     system_prompt: str | None = Field(
         None, description="System message put before every conversation that has none; null keeps the template's default."
     )
@@ -60,7 +60,7 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    max_steps: int | None = Field(200, ge=1, description="Optimizer steps to run; set null to use num_epochs.")
+    max_steps: int | None = Field(100, ge=1, description="Optimizer steps to run; set null to use num_epochs.")
     num_epochs: float | None = Field(None, gt=0, description="Passes over the training data; used when max_steps is null.")
     batch_size: int = Field(8, ge=1, description="Samples per forward pass (per device).")
     grad_accum: int = Field(1, ge=1, description="Forward passes accumulated per optimizer step.")

@@ -10,6 +10,10 @@ from loraforge.data.formats import Conversation
 from loraforge.errors import DataError
 
 IGNORE = -100
+# Text at a render boundary may tokenize differently once more text follows ("assistant: " + "pong"
+# merges the space into " pong"); a divergence within this many tokens of the boundary is a merge,
+# a larger one is a template that rewrites history.
+_BOUNDARY = 2
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> frozenset[int]:
@@ -60,15 +64,25 @@ def _render_chat(conversation: Conversation, tokenizer, stop_ids: frozenset[int]
             continue
         prompt = _chat_ids(tokenizer, messages[:index], add_generation_prompt=True) if index else []
         through = _chat_ids(tokenizer, messages[: index + 1], add_generation_prompt=False)
-        if through != full[: len(through)] or prompt != through[: len(prompt)]:
+        start = _common_prefix(prompt, through)
+        end = _common_prefix(through, full)
+        if start < len(prompt) - _BOUNDARY or end < len(through) - _BOUNDARY:
             raise DataError(
                 f"the chat template renders message {index} differently once later messages follow it, "
                 "so the assistant tokens cannot be located; this template is not supported for training"
             )
-        start, end = len(prompt), len(through)
         for position in range(end - 1, start - 1, -1):
             if full[position] in stop_ids:
                 end = position + 1
                 break
         labels[start:end] = full[start:end]
     return full, labels
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -192,4 +192,6 @@ def _log_to_file(path: Path) -> logging.Handler:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
+    if logging.getLogger("loraforge").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("loraforge").setLevel(logging.INFO)
     return handler

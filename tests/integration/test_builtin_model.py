@@ -1,0 +1,73 @@
+"""`loraforge train` and `loraforge chat` on the real built-in SmolLM2-135M-Instruct, through the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, smollm_path) -> Path:
+    out = tmp_path_factory.mktemp("builtin") / "run"
+    command = [
+        sys.executable, "-m", "loraforge", "train", str(ROOT / "configs" / "default.yaml"),
+        "train.max_steps=8", "train.batch_size=4", "train.eval_every=8", "train.logging_steps=4",
+        "train.learning_rate=5e-4", "data.val_fraction=0.02", "eval.max_new_tokens=16", f"output_dir={out}",
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (out / "stdout.txt").write_text(done.stdout)
+    (out / "stderr.txt").write_text(done.stderr)
+    return out
+
+
+def test_loss_goes_down(run_dir):
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["eval_loss_after"] < report["eval_loss_before"] - 0.1
+    train_losses = [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert len(train_losses) == 2
+
+
+def test_progress_and_summary_are_shown(run_dir):
+    err = (run_dir / "stderr.txt").read_text()
+    out = (run_dir / "stdout.txt").read_text()
+    assert "step 4/8" in err and "tok/s" in err and "ETA" in err
+    assert f"Run directory: {run_dir}" in out
+    assert "Eval loss:" in out and "Base:" in out and "Fine-tuned:" in out
+
+
+def test_adapter_loads_with_plain_peft_and_matches(run_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraforge.chat import load_run
+
+    adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(adapter_config["base_model_name_or_path"])
+    plain = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    _, ours, _, _ = load_run(run_dir)
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5)
+        with plain.disable_adapter():
+            untouched = plain(input_ids=ids).logits
+        assert not torch.allclose(untouched, ours(input_ids=ids).logits, atol=1e-4)
+
+
+def test_chat_prompt_answers(run_dir):
+    done = subprocess.run(
+        [sys.executable, "-m", "loraforge", "chat", str(run_dir), "--prompt", "What is your name?", "--max-new-tokens", "12"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(done.stdout.strip()) > 0

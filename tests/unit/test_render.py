@@ -1,0 +1,105 @@
+"""Loss masks with the real SmolLM2 tokenizer: assistant tokens and their end-of-turn trained, nothing else."""
+
+import copy
+
+import pytest
+
+from loraforge.data.formats import Conversation, Message, from_alpaca, from_messages
+from loraforge.data.render import IGNORE, render, stop_token_ids
+from loraforge.errors import DataError
+
+
+def spans(ids, labels):
+    """Contiguous runs of trained positions, as token id lists."""
+    out, current = [], []
+    for token, label in zip(ids, labels):
+        if label == IGNORE:
+            if current:
+                out.append(current)
+            current = []
+        else:
+            assert label == token, "a trained label must equal its input token"
+            current.append(token)
+    if current:
+        out.append(current)
+    return out
+
+
+def chat(*pairs):
+    return from_messages({"messages": [{"role": r, "content": c} for r, c in pairs]}, "test:1")
+
+
+def test_only_assistant_turns_and_their_eos_are_trained(tokenizer):
+    conversation = chat(("user", "Hi there"), ("assistant", "Hello!"), ("user", "Bye"), ("assistant", "See you."))
+    ids, labels = render(conversation, tokenizer, stop_token_ids(tokenizer))
+    assert len(ids) == len(labels)
+    trained = spans(ids, labels)
+    assert [tokenizer.decode(s) for s in trained] == ["Hello!<|im_end|>", "See you.<|im_end|>"]
+    eos = tokenizer.eos_token_id
+    assert all(s[-1] == eos for s in trained)
+    assert sum(1 for t in ids if t == eos) == 5, "system, 2 user and 2 assistant turns each end with <|im_end|>"
+    assert sum(1 for t, l in zip(ids, labels) if t == eos and l == eos) == 2, "only assistant end-of-turn trained"
+    assert ids == tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in conversation.messages], return_dict=False
+    )
+
+
+def test_system_prompt_is_rendered_and_masked(tokenizer):
+    conversation = chat(("user", "Hi"), ("assistant", "Hey.")).with_system("Answer in one word.")
+    ids, labels = render(conversation, tokenizer, stop_token_ids(tokenizer))
+    assert "Answer in one word." in tokenizer.decode(ids)
+    assert "SmolLM" not in tokenizer.decode(ids), "an explicit system prompt replaces the template default"
+    assert [tokenizer.decode(s) for s in spans(ids, labels)] == ["Hey.<|im_end|>"]
+
+
+def test_existing_system_message_is_kept(tokenizer):
+    conversation = chat(("system", "Mine."), ("user", "Hi"), ("assistant", "Hey.")).with_system("Other.")
+    assert conversation.messages[0].content == "Mine."
+
+
+def test_alpaca_renders_through_the_chat_template(tokenizer):
+    row = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    ids, labels = render(from_alpaca(row, "a.jsonl:1"), tokenizer, stop_token_ids(tokenizer))
+    text = tokenizer.decode(ids)
+    assert "Add the numbers.\n\n2 and 3" in text
+    assert [tokenizer.decode(s) for s in spans(ids, labels)] == ["5<|im_end|>"]
+
+
+def test_text_format_trains_every_token_and_ends_with_eos(tokenizer):
+    ids, labels = render(Conversation(text="The quick brown fox."), tokenizer, stop_token_ids(tokenizer))
+    assert ids == labels
+    assert ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[:-1]).strip().endswith("The quick brown fox.")
+
+
+def test_template_without_generation_markers(tokenizer):
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
+        "{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    conversation = chat(("user", "ping"), ("assistant", "pong"), ("user", "again"), ("assistant", "pong pong"))
+    ids, labels = render(conversation, plain, stop_token_ids(plain))
+    # "assistant: " + "pong" tokenizes as " pong": the boundary space goes with the answer.
+    assert [plain.decode(s) for s in spans(ids, labels)] == [" pong<|im_end|>", " pong pong<|im_end|>"]
+
+
+def test_template_that_rewrites_history_is_refused(tokenizer):
+    unstable = copy.deepcopy(tokenizer)
+    unstable.chat_template = "{% for m in messages %}{{ m['role'] }}{{ loop.length }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(DataError, match="renders message 1 differently"):
+        render(chat(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")), unstable, frozenset())
+
+
+def test_no_chat_template_is_a_clear_error(tokenizer):
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    with pytest.raises(DataError, match="no chat template.*format: text"):
+        render(chat(("user", "a"), ("assistant", "b")), bare, frozenset())
+
+
+def test_stop_ids_include_generation_config_eos(tokenizer):
+    class GenerationConfig:
+        eos_token_id = [7, 8]
+
+    assert stop_token_ids(tokenizer, GenerationConfig()) == {tokenizer.eos_token_id, 7, 8}

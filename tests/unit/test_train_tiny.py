@@ -1,0 +1,157 @@
+"""The whole training recipe and CLI, end to end, on a tiny random llama with the real tokenizer."""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraforge import rundir
+from loraforge.cli import main
+from loraforge.config import load_config
+from loraforge.errors import RunDirError
+from loraforge.train.recipe import run_training
+from tests.conftest import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    work = tmp_path_factory.mktemp("tiny-run")
+    rows = [
+        {"messages": [{"role": "user", "content": f"Echo {w}"}, {"role": "assistant", "content": f"{w} {w}"}]}
+        for w in ["red", "green", "blue", "black", "white", "pink", "gray", "gold"] * 3
+    ]
+    data = write_jsonl(work / "echo.jsonl", rows)
+    config_path = work / "tiny.yaml"
+    config_path.write_text(
+        f"""
+extends: {Path(__file__).resolve().parents[2] / 'configs' / 'default.yaml'}
+output_dir: {work / 'run'}
+model: {{name: {tiny_model_dir}}}
+lora: {{r: 4, alpha: 8, dropout: 0.0}}
+data:
+  sources: [{{path: {data}, format: messages}}]
+  val_fraction: 0.25
+train: {{max_steps: 6, batch_size: 4, learning_rate: 0.01, eval_every: 3, logging_steps: 2, warmup_ratio: 0.0}}
+eval: {{sample_prompts: [Echo red], max_new_tokens: 4}}
+""",
+        encoding="utf-8",
+    )
+    config = load_config(config_path)
+    result = run_training(config)
+    return config, result, config_path
+
+
+def test_run_directory_holds_every_output(tiny_run):
+    config, result, _ = tiny_run
+    run = Path(config.output_dir)
+    assert result.run_dir == run
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "tokenizer/tokenizer.json",
+                 "tokenizer/chat_template.jinja", rundir.RESOLVED, rundir.METRICS, rundir.LOG, rundir.EVAL):
+        assert (run / name).is_file(), name
+    assert load_config(run / rundir.RESOLVED) == config
+    assert "trainable parameters" in (run / rundir.LOG).read_text()
+
+
+def test_metrics_jsonl_has_one_record_per_logged_step(tiny_run):
+    config, _, _ = tiny_run
+    records = [json.loads(line) for line in (Path(config.output_dir) / rundir.METRICS).read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    for record in train:
+        assert record["tokens_per_s"] > 0 and record["lr"] > 0 and record["loss"] > 0
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+
+
+def test_eval_json_records_before_and_after(tiny_run):
+    config, result, _ = tiny_run
+    report = json.loads((Path(config.output_dir) / rundir.EVAL).read_text())
+    assert report["eval_loss_before"] == pytest.approx(result.eval_before)
+    assert report["eval_loss_after"] == pytest.approx(result.eval_after)
+    assert report["eval_loss_after"] < report["eval_loss_before"]
+    assert report["data"]["train_rows"] == 18 and report["data"]["val_rows"] == 6
+    assert report["samples"][0]["prompt"] == "Echo red"
+    assert "Eval loss:" in result.summary() and str(result.run_dir) in result.summary()
+
+
+def test_adapter_moved_and_base_stayed(tiny_run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config, _, _ = tiny_run
+    adapter_dir = Path(config.output_dir) / rundir.ADAPTER
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir)
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    lora_b = [w for n, w in weights.items() if "lora_B" in n]
+    assert lora_b and all(w.abs().sum() > 0 for w in lora_b), "lora_B starts at zero; training must move it"
+    assert not any("lora" not in n for n in weights), "only adapter weights are saved"
+
+    base = AutoModelForCausalLM.from_pretrained(adapter_config["base_model_name_or_path"])
+    original = load_file(Path(tiny_model_dir) / "model.safetensors")
+    for name, tensor in base.state_dict().items():
+        if name in original:
+            assert torch.equal(tensor, original[name]), f"base weight {name} changed on disk"
+    tuned = PeftModel.from_pretrained(base, str(adapter_dir))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        with tuned.disable_adapter():
+            plain = tuned(input_ids=ids).logits
+        adapted = tuned(input_ids=ids).logits
+    assert not torch.allclose(plain, adapted), "the saved adapter changes the model's output"
+
+
+def test_same_seed_same_losses(tiny_run, tmp_path):
+    config, _, config_path = tiny_run
+    again = load_config(config_path, [f"output_dir={tmp_path / 'again'}"])
+    run_training(again)
+    read = lambda d: [json.loads(x).get("loss") for x in (Path(d) / rundir.METRICS).read_text().splitlines()]
+    assert read(again.output_dir) == read(config.output_dir)
+
+
+def test_existing_run_directory_is_not_overwritten(tiny_run):
+    config, _, _ = tiny_run
+    before = (Path(config.output_dir) / rundir.METRICS).read_bytes()
+    with pytest.raises(RunDirError, match="already holds a run"):
+        run_training(config)
+    assert (Path(config.output_dir) / rundir.METRICS).read_bytes() == before
+
+
+def test_cli_chat_prompt_answers_once(tiny_run, capsys):
+    config, _, _ = tiny_run
+    assert main(["chat", config.output_dir, "--prompt", "Echo red", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_cli_chat_repl_keeps_history_and_resets(tiny_run, capsys, monkeypatch):
+    config, _, _ = tiny_run
+    seen = []
+    import loraforge.eval.generate as gen
+
+    real = gen.generate
+
+    def spy(model, tokenizer, messages, *args, **kwargs):
+        seen.append([m["role"] for m in messages])
+        return real(model, tokenizer, messages, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Echo red\nEcho blue\n/reset\nEcho gold\n/exit\n"))
+    assert main(["chat", config.output_dir, "--max-new-tokens", "2"]) == 0
+    assert seen == [["user"], ["user", "assistant", "user"], ["user"]]
+    assert capsys.readouterr().out.count("assistant> ") == 3
+
+
+def test_cli_train_reports_bad_config_without_training(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  sources: [{path: x.jsonl}]\ntrain:\n  max_stpes: 3\n", encoding="utf-8")
+    assert main(["train", str(bad), f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "did you mean 'train.max_steps'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_chat_on_a_directory_that_is_not_a_run(tmp_path, capsys):
+    assert main(["chat", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
