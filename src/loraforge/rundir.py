@@ -10,6 +10,8 @@ TOKENIZER = "tokenizer"
 METRICS = "metrics.jsonl"
 LOG = "train.log"
 EVAL = "eval.json"
+LOSS_PLOT = "loss.png"
+CHECKPOINTS = "checkpoints"
 
 
 def create(output_dir: str | Path) -> Path:

@@ -55,6 +55,18 @@ def test_run_directory_holds_every_output(tiny_run):
     assert "trainable parameters" in (run / rundir.LOG).read_text()
 
 
+def test_loss_curve_png_is_drawn_from_the_metrics(tiny_run):
+    from loraforge.eval.plots import read_loss_series
+
+    config, _, _ = tiny_run
+    run = Path(config.output_dir)
+    assert (run / rundir.LOSS_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / rundir.LOSS_PLOT).stat().st_size > 10_000
+    train, evaluation = read_loss_series(run / rundir.METRICS)
+    assert [s for s, _ in train] == [2, 4, 6] and [s for s, _ in evaluation] == [0, 3, 6]
+    assert not (run / rundir.CHECKPOINTS).exists(), "no empty checkpoints folder left behind"
+
+
 def test_metrics_jsonl_has_one_record_per_logged_step(tiny_run):
     config, _, _ = tiny_run
     records = [json.loads(line) for line in (Path(config.output_dir) / rundir.METRICS).read_text().splitlines()]

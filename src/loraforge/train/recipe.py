@@ -29,6 +29,7 @@ class TrainResult:
             (rundir.RESOLVED, "the full config this run used"),
             (rundir.METRICS, "loss, learning rate and tokens/s per logged step"),
             (rundir.EVAL, "eval loss before and after, sample answers"),
+            (rundir.LOSS_PLOT, "train and eval loss curves"),
             (rundir.LOG, "the log"),
         ):
             lines.append(f"  {name:<16} {what}")
@@ -48,6 +49,7 @@ def run_training(config: RunConfig) -> TrainResult:
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, set_seed
 
     from loraforge.data.build import build_datasets
+    from loraforge.eval.plots import plot_loss
     from loraforge.data.render import stop_token_ids
     from loraforge.model.adapters import apply_lora, parameter_counts
     from loraforge.model.load import load_model, load_tokenizer
@@ -102,6 +104,8 @@ def run_training(config: RunConfig) -> TrainResult:
 
         model.save_pretrained(run_dir / rundir.ADAPTER)
         tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
+        plot_loss(run_dir / rundir.METRICS, run_dir / rundir.LOSS_PLOT, title=f"{config.model.name} LoRA r={config.lora.r}")
+        _remove_if_empty(run_dir / rundir.CHECKPOINTS)
 
         samples = _sample_answers(config, model, tokenizer, stop_ids, data.val_conversations)
         (run_dir / rundir.EVAL).write_text(
@@ -134,7 +138,7 @@ def _training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
 
     train = config.train
     return TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(run_dir / rundir.CHECKPOINTS),
         per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size,
         gradient_accumulation_steps=train.grad_accum,
@@ -186,6 +190,11 @@ def _sample_answers(config: RunConfig, model, tokenizer, stop_ids, val_conversat
         tuned = generate(model, tokenizer, messages, config.eval.max_new_tokens, stop_ids)
         samples.append({"prompt": prompt, "base": base, "finetuned": tuned})
     return samples
+
+
+def _remove_if_empty(path: Path) -> None:
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
 
 
 def _log_to_file(path: Path) -> logging.Handler:

@@ -1,0 +1,39 @@
+"""Loss curves as PNG, drawn from metrics.jsonl."""
+
+import json
+from pathlib import Path
+
+
+def read_loss_series(metrics_path: str | Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(train, eval) lists of (step, loss) from metrics.jsonl."""
+    train, evaluation = [], []
+    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            train.append((record["step"], record["loss"]))
+        if "eval_loss" in record:
+            evaluation.append((record["step"], record["eval_loss"]))
+    return train, evaluation
+
+
+def plot_loss(metrics_path: str | Path, out_path: str | Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evaluation = read_loss_series(metrics_path)
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        axes.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evaluation:
+        axes.plot(*zip(*evaluation), label="eval loss", color="tab:orange", marker="o")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (assistant tokens)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(out_path)
+    plt.close(figure)
+    return Path(out_path)
