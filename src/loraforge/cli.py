@@ -43,6 +43,14 @@ def _config_schema(args) -> int:
     return 0
 
 
+def _data_preview(args) -> int:
+    from loraforge.config import load_config
+    from loraforge.data.preview import run_preview
+
+    run_preview(load_config(args.config, args.overrides), n=args.n)
+    return 0
+
+
 def _chat(args) -> int:
     from loraforge.chat import run_chat
 
@@ -77,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_config_show)
     schema = config_commands.add_parser("schema", help="print the JSON schema: every key with its description")
     schema.set_defaults(func=_config_schema)
+
+    data = commands.add_parser("data", help="look at the training data as the model will see it")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    preview = data_commands.add_parser("preview", help="samples with trained tokens highlighted, then data stats")
+    preview.add_argument("config")
+    preview.add_argument("overrides", **overrides)
+    preview.add_argument("-n", type=int, default=3, help="how many samples to show (default 3)")
+    preview.set_defaults(func=_data_preview)
 
     chat = commands.add_parser("chat", help="chat with a fine-tuned run (streaming), or answer one --prompt")
     chat.add_argument("run_dir", help="run directory written by `loraforge train`")

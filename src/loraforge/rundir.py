@@ -14,14 +14,19 @@ LOSS_PLOT = "loss.png"
 CHECKPOINTS = "checkpoints"
 
 
-def create(output_dir: str | Path) -> Path:
-    """Make a fresh run directory; one that already holds a run is refused so nothing is overwritten."""
+def ensure_free(output_dir: str | Path) -> Path:
+    """Refuse a directory that already holds a run, so nothing is overwritten."""
     run_dir = Path(output_dir)
     if (run_dir / RESOLVED).exists():
         raise RunDirError(
             f"{run_dir} already holds a run ({RESOLVED} is there); set output_dir to a new directory "
             f"(for example output_dir={run_dir}-2) or delete the old one"
         )
+    return run_dir
+
+
+def create(output_dir: str | Path) -> Path:
+    run_dir = ensure_free(output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 

@@ -1,54 +1,23 @@
 import json
-from pathlib import Path
 
 import pytest
 
 from loraforge.config.schema import DataConfig
-from loraforge.data.build import build_datasets, load_conversations, read_jsonl, split
+from loraforge.data.build import DataStats, apply_weights, build_datasets, load_rows, split, Row
+from loraforge.data.formats import Conversation
 from loraforge.data.render import IGNORE, stop_token_ids
 from loraforge.errors import DataError
 from tests.conftest import ROOT, write_jsonl
 
 
-def data_config(path, **kw):
-    return DataConfig.model_validate({"sources": [{"path": str(path), "format": kw.pop("format", "messages")}], **kw})
+def data_config(*paths, **kw):
+    fmt = kw.pop("format", "messages")
+    sources = [p if isinstance(p, dict) else {"path": str(p), "format": fmt} for p in paths]
+    return DataConfig.model_validate({"sources": sources, "cache": False, **kw})
 
 
-def test_read_jsonl_skips_blank_lines_and_numbers_real_lines(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", ['{"a": 1}', "", "   ", '{"a": 2}'])
-    assert list(read_jsonl(path)) == [(1, {"a": 1}), (4, {"a": 2})]
-
-
-def test_malformed_json_names_file_and_line(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", ['{"a": 1}', '{"a": 2'])
-    with pytest.raises(DataError, match=rf"{path}:2: not valid JSON"):
-        list(read_jsonl(path))
-
-
-def test_non_object_line(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", ["[1, 2]"])
-    with pytest.raises(DataError, match=rf"{path}:1: expected a JSON object per line, got list"):
-        list(read_jsonl(path))
-
-
-def test_missing_file_names_the_key(tmp_path):
-    with pytest.raises(DataError, match=r"data file not found.*data.sources\[\]\.path"):
-        list(read_jsonl(tmp_path / "nope.jsonl"))
-
-
-def test_empty_file_is_an_error(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [""])
-    with pytest.raises(DataError, match="no rows"):
-        load_conversations(data_config(path).sources, None)
-
-
-def test_wrong_format_error_names_source_line_and_fix(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "x", "output": "y"}])
-    with pytest.raises(DataError) as info:
-        load_conversations(data_config(path).sources, None)
-    message = str(info.value)
-    assert f"{path}:1: no 'messages' field (keys: instruction, output)" in message
-    assert "data.sources[0], format=messages" in message
+def build(tokenizer, config, seed=0):
+    return build_datasets(config, tokenizer, stop_token_ids(tokenizer), seed)
 
 
 def test_split_is_seeded_disjoint_and_complete():
@@ -61,49 +30,138 @@ def test_split_is_seeded_disjoint_and_complete():
     assert len(split(items[:3], 0.01, seed=1)[1]) == 1, "a non-zero fraction holds out at least one row"
 
 
-def test_build_drops_and_counts_overlong_samples(tmp_path, tokenizer, chat_rows):
+def test_weights_repeat_and_subsample_per_source_seeded():
+    rows = [Row(f"a:{i}", Conversation(text="a"), 0) for i in range(10)] + [
+        Row(f"b:{i}", Conversation(text="b"), 1) for i in range(10)
+    ]
+    out = apply_weights(rows, [2.5, 0.3], seed=1)
+    assert sum(r.source == 0 for r in out) == 25 and sum(r.source == 1 for r in out) == 3
+    assert all(sum(r.where == f"a:{i}" for r in out) in (2, 3) for i in range(10))
+    assert [r.where for r in apply_weights(rows, [2.5, 0.3], seed=1)] == [r.where for r in out]
+    assert [r.where for r in apply_weights(rows, [2.5, 0.3], seed=2)] != [r.where for r in out]
+
+
+def test_weighted_sources_are_reported(tmp_path, tokenizer, chat_rows):
+    a = write_jsonl(tmp_path / "a.jsonl", chat_rows[:10])
+    b = write_jsonl(tmp_path / "b.jsonl", chat_rows[10:20])
+    config = data_config({"path": str(a), "weight": 3}, {"path": str(b), "weight": 0.5}, val_fraction=0.0)
+    bundle = build(tokenizer, config)
+    assert bundle.stats.per_source[str(a)]["train_after_weight"] == 30
+    assert bundle.stats.per_source[str(b)]["train_after_weight"] == 5
+    assert bundle.stats.train_rows == 35
+
+
+def test_separate_val_and_test_files(tmp_path, tokenizer, chat_rows):
+    train = write_jsonl(tmp_path / "train.jsonl", chat_rows[:12])
+    val = write_jsonl(tmp_path / "val.jsonl", chat_rows[12:16])
+    test = write_jsonl(tmp_path / "test.jsonl", chat_rows[16:19])
+    config = data_config(
+        {"path": str(train)}, {"path": str(val), "split": "val"}, {"path": str(test), "split": "test"}, val_fraction=0.5
+    )
+    bundle = build(tokenizer, config)
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (12, 4, 3), "a val file replaces val_fraction"
+    assert bundle.val_prompts[0] == "What is 12 plus 12?"
+
+
+def test_overlong_samples_dropped_and_counted(tmp_path, tokenizer, chat_rows):
     rows = chat_rows + [{"messages": [{"role": "user", "content": "long " * 300}, {"role": "assistant", "content": "ok"}]}]
-    path = write_jsonl(tmp_path / "d.jsonl", rows)
-    bundle = build_datasets(data_config(path, max_length=128, val_fraction=0.0), tokenizer, stop_token_ids(tokenizer), 0)
+    bundle = build(tokenizer, data_config(write_jsonl(tmp_path / "d.jsonl", rows), max_length=128, val_fraction=0.0))
     assert bundle.stats.rows_read == 25
-    assert bundle.stats.dropped_too_long == 1
+    assert bundle.stats.dropped == {"too_long": 1}
     assert bundle.stats.train_rows == 24 and bundle.val is None
     assert all(len(ids) <= 128 for ids in bundle.train["input_ids"])
     assert 0 < bundle.stats.trainable_tokens < bundle.stats.train_tokens
 
 
+def test_truncate_cuts_and_counts_cut_assistant_turns(tmp_path, tokenizer, chat_rows):
+    rows = chat_rows[:4] + [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 200}]},
+        {"messages": [{"role": "user", "content": "long " * 300}, {"role": "assistant", "content": "ok"}]},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    bundle = build(tokenizer, data_config(path, max_length=64, truncation="truncate", val_fraction=0.0))
+    assert bundle.stats.truncated == 1
+    assert bundle.stats.truncated_assistant == 1
+    assert bundle.stats.dropped == {"no_trainable_tokens": 1}, "the cut prompt left nothing to train"
+    assert bundle.stats.train_rows == 5
+    assert max(len(ids) for ids in bundle.train["input_ids"]) == 64
+
+
+def test_truncation_error_names_the_row(tmp_path, tokenizer, chat_rows):
+    rows = chat_rows[:2] + [{"messages": [{"role": "user", "content": "long " * 300}, {"role": "assistant", "content": "ok"}]}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=rf"{path}:3: \d+ tokens, more than data.max_length=64.*data.truncation"):
+        build(tokenizer, data_config(path, max_length=64, truncation="error", val_fraction=0.0))
+
+
+def test_rows_with_nothing_to_train_are_dropped(tmp_path, tokenizer, chat_rows):
+    untrained = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "train": False}]}
+    path = write_jsonl(tmp_path / "d.jsonl", chat_rows[:5] + [untrained])
+    bundle = build(tokenizer, data_config(path, val_fraction=0.0))
+    assert bundle.stats.dropped == {"no_trainable_tokens": 1} and bundle.stats.train_rows == 5
+
+
 def test_all_rows_too_long_is_an_error(tmp_path, tokenizer, chat_rows):
     path = write_jsonl(tmp_path / "d.jsonl", chat_rows)
     with pytest.raises(DataError, match="raise data.max_length"):
-        build_datasets(data_config(path, max_length=8, val_fraction=0.0), tokenizer, stop_token_ids(tokenizer), 0)
+        build(tokenizer, data_config(path, max_length=8, val_fraction=0.0))
 
 
 def test_system_prompt_from_config_reaches_the_tokens(tmp_path, tokenizer, chat_rows):
     path = write_jsonl(tmp_path / "d.jsonl", chat_rows)
-    bundle = build_datasets(
-        data_config(path, system_prompt="Reply with digits.", val_fraction=0.0), tokenizer, stop_token_ids(tokenizer), 0
-    )
+    bundle = build(tokenizer, data_config(path, system_prompt="Reply with digits.", val_fraction=0.0))
     assert "Reply with digits." in tokenizer.decode(bundle.train["input_ids"][0])
+
+
+def test_chat_template_from_config(tmp_path, tokenizer, chat_rows):
+    from loraforge.model.load import load_tokenizer
+
+    template = tmp_path / "t.jinja"
+    template.write_text(
+        "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+        "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}### assistant:{% endif %}"
+    )
+    custom = load_tokenizer(tokenizer.name_or_path, str(template))
+    path = write_jsonl(tmp_path / "d.jsonl", chat_rows[:3])
+    bundle = build(custom, data_config(path, val_fraction=0.0, chat_template=str(template)))
+    assert tokenizer.decode(bundle.train["input_ids"][0]).startswith("### user: What is 0 plus 0?")
 
 
 def test_collator_pads_to_longest_and_keeps_eos_labels(tmp_path, tokenizer, chat_rows):
     """pad id == EOS id for SmolLM2: padding must be masked by position, never by id."""
-    from transformers import DataCollatorForSeq2Seq
+    from loraforge.data.packing import collator
 
     rows = chat_rows[:2] + [{"messages": [{"role": "user", "content": "x " * 40}, {"role": "assistant", "content": "y"}]}]
-    path = write_jsonl(tmp_path / "d.jsonl", rows)
-    bundle = build_datasets(data_config(path, val_fraction=0.0), tokenizer, stop_token_ids(tokenizer), 0)
+    bundle = build(tokenizer, data_config(write_jsonl(tmp_path / "d.jsonl", rows), val_fraction=0.0))
     assert tokenizer.pad_token_id == tokenizer.eos_token_id
     features = [bundle.train[i] for i in range(3)]
-    batch = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE)(features)
+    batch = collator(tokenizer, packed=False)(features)
     longest = max(len(f["input_ids"]) for f in features)
     assert batch["input_ids"].shape == (3, longest), "padded to the longest in the batch, not max_length"
-    for row, feature in zip(range(3), features):
+    for row, feature in enumerate(features):
         n = len(feature["input_ids"])
         assert batch["attention_mask"][row, :n].all() and not batch["attention_mask"][row, n:].any()
         assert (batch["labels"][row, n:] == IGNORE).all()
         assert batch["labels"][row, :n].tolist() == feature["labels"]
         assert (batch["labels"][row] == tokenizer.eos_token_id).sum() == 1, "the assistant EOS stays trained"
+
+
+def test_other_file_types_through_datasets(tmp_path, tokenizer):
+    import csv
+
+    import pandas as pd
+
+    rows = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ["red", "green", "blue", "gold"]]
+    with open(tmp_path / "d.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["instruction", "input", "output"])
+        writer.writeheader()
+        writer.writerows(rows)
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    for name in ("d.csv", "d.parquet", "d.json"):
+        bundle = build(tokenizer, data_config(tmp_path / name, format="alpaca", val_fraction=0.0))
+        assert bundle.stats.train_rows == 4, name
+        assert "Say red." in tokenizer.decode(bundle.train["input_ids"][0]), name
 
 
 def test_bundled_data_is_reproducible_from_its_source(tmp_path):
@@ -118,6 +176,6 @@ def test_bundled_data_is_reproducible_from_its_source(tmp_path):
 
 def test_bundled_data_parses_as_messages():
     path = ROOT / "data" / "chatterbot_en.jsonl"
-    conversations, counts = load_conversations(data_config(path).sources, None)
-    assert counts[str(path)] == len(conversations) > 2000
-    assert all(c.messages[-1].role == "assistant" for c in conversations)
+    stats = DataStats()
+    rows = load_rows(data_config(path).sources, None, "error", stats)
+    assert stats.rows_read == len(rows["train"]) > 2000 and stats.bad_rows == 0

@@ -32,7 +32,7 @@ def test_text():
         (from_messages, {"messages": "hi"}, r"f.jsonl:7: field 'messages' is str, expected list"),
         (from_messages, {"messages": [{"role": "bot", "content": "x"}]}, r"f.jsonl:7: messages\[0\]: unknown role 'bot'"),
         (from_messages, {"messages": [{"role": "user"}]}, r"f.jsonl:7: messages\[0\]: no 'content' field"),
-        (from_messages, {"messages": [{"role": "user", "content": "x"}]}, r"f.jsonl:7: no assistant message"),
+        (from_messages, {"messages": [{"role": "user", "content": "x"}]}, r"f.jsonl:7: field 'messages' has no assistant message"),
         (
             from_messages,
             {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]},

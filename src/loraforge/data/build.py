@@ -1,80 +1,101 @@
-"""Data files → conversations → seeded train/validation split → tokenized datasets."""
+"""Sources → rows → Conversations → seeded splits and weights → tokenized, checked datasets."""
 
-import json
 import logging
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from loraforge.data.formats import PARSERS, Conversation
-from loraforge.data.render import render
+from loraforge.data.render import IGNORE, render
+from loraforge.data.sources import BadRow, read_rows
 from loraforge.errors import DataError
 
 log = logging.getLogger(__name__)
+
+SHOWN_BAD_ROWS = 5
+
+
+@dataclass
+class Row:
+    where: str
+    conversation: Conversation
+    source: int
 
 
 @dataclass
 class DataStats:
     rows_read: int = 0
+    bad_rows: int = 0
+    bad_row_examples: list[str] = field(default_factory=list)
+    per_source: dict[str, dict[str, int]] = field(default_factory=dict)
     train_rows: int = 0
     val_rows: int = 0
-    dropped_too_long: int = 0
+    test_rows: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    truncated_assistant: int = 0
     train_tokens: int = 0
     trainable_tokens: int = 0
-    per_source: dict[str, int] = field(default_factory=dict)
+    length_percentiles: dict[str, int] = field(default_factory=dict)
+    packed_rows: int | None = None
+    packing_efficiency: float | None = None
+
+    def count_drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
     def summary(self) -> str:
         ratio = self.trainable_tokens / self.train_tokens if self.train_tokens else 0.0
-        return (
-            f"{self.rows_read} rows read, {self.train_rows} train / {self.val_rows} validation, "
-            f"{self.dropped_too_long} dropped as longer than max_length; "
-            f"{self.train_tokens} train tokens, {ratio:.0%} of them trained"
+        dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in self.dropped.items()) or "none"
+        text = (
+            f"{self.rows_read} rows read, {self.bad_rows} bad rows skipped, "
+            f"{self.train_rows} train / {self.val_rows} validation / {self.test_rows} test; dropped: {dropped}; "
+            f"{self.truncated} truncated; {self.train_tokens} train tokens, {ratio:.0%} of them trained"
         )
+        if self.packing_efficiency is not None:
+            text += f"; packed into {self.packed_rows} rows, {self.packing_efficiency:.0%} full"
+        return text
 
 
 @dataclass
 class DataBundle:
     train: object
     val: object | None
-    val_conversations: list[Conversation]
+    test: object | None
+    val_prompts: list[str]
     stats: DataStats
 
 
-def read_jsonl(path: str | Path):
-    """Yield (line number, object) for each non-blank line; a bad line raises DataError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found (cwd is {Path.cwd()}); fix data.sources[].path")
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
-            yield number, row
-
-
-def load_conversations(sources, system_prompt: str | None) -> tuple[list[Conversation], dict[str, int]]:
-    conversations: list[Conversation] = []
-    counts: dict[str, int] = {}
+def load_rows(sources, system_prompt: str | None, on_bad_row: str, stats: DataStats) -> dict[str, list[Row]]:
+    """Every row of every source, parsed; bad rows raise, or are skipped and counted with on_bad_row=skip."""
+    splits: dict[str, list[Row]] = {"train": [], "val": [], "test": []}
     for index, source in enumerate(sources):
-        parse = PARSERS[getattr(source.format, "value", source.format)]
-        before = len(conversations)
-        for number, row in read_jsonl(source.path):
-            where = f"{source.path}:{number}"
+        parse = PARSERS[source.format.value]
+        read = bad = 0
+        for where, row in read_rows(source.path, source.hub_split):
+            read += 1
             try:
-                conversation = parse(row, where)
+                if isinstance(row, BadRow):
+                    raise row
+                conversation = parse(row, where, source)
             except DataError as exc:
-                raise DataError(f"{exc} (data.sources[{index}], format={source.format.value})") from None
-            conversations.append(conversation.with_system(system_prompt))
-        counts[source.path] = len(conversations) - before
-        if counts[source.path] == 0:
-            raise DataError(f"{source.path}: no rows (data.sources[{index}]); the file is empty")
-    return conversations, counts
+                message = f"{exc} (data.sources[{index}], format={source.format.value})"
+                if on_bad_row == "error":
+                    raise DataError(message + "; set data.on_bad_row=skip to drop such rows") from None
+                bad += 1
+                if len(stats.bad_row_examples) < SHOWN_BAD_ROWS:
+                    stats.bad_row_examples.append(message)
+                continue
+            splits[source.split].append(Row(where, conversation.with_system(system_prompt), index))
+        if read == 0:
+            raise DataError(f"{source.path}: no rows (data.sources[{index}]); the file holds only blank lines")
+        if read == bad:
+            raise DataError(f"{source.path}: all {read} rows are bad (data.sources[{index}]); first: {stats.bad_row_examples[0]}")
+        stats.rows_read += read
+        stats.bad_rows += bad
+        stats.per_source[source.path] = {"read": read, "bad": bad}
+    if stats.bad_rows:
+        log.warning("%d bad rows skipped (data.on_bad_row=skip); first ones:\n  %s", stats.bad_rows,
+                    "\n  ".join(stats.bad_row_examples))
+    return splits
 
 
 def split(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
@@ -88,45 +109,124 @@ def split(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
     return train, val
 
 
-def tokenize(conversations: list[Conversation], tokenizer, stop_ids, max_length: int):
+def apply_weights(rows: list[Row], weights: list[float], seed: int) -> list[Row]:
+    """Repeat or subsample each source's rows to weight × count (seeded); weight 1 keeps rows as they are."""
+    rng = random.Random(seed)
+    out: list[Row] = []
+    for index, weight in enumerate(weights):
+        own = [r for r in rows if r.source == index]
+        target = round(len(own) * weight)
+        full, rest = divmod(target, len(own)) if own else (0, 0)
+        out.extend(own * full)
+        out.extend(own[i] for i in sorted(rng.sample(range(len(own)), rest)))
+    return out
+
+
+def tokenize_rows(rows: list[Row], tokenizer, stop_ids, data_config, stats: DataStats):
+    """The tokenized rows and, in the same order, where each came from."""
     from datasets import Dataset
 
     columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
-    dropped = 0
-    for conversation in conversations:
-        ids, labels = render(conversation, tokenizer, stop_ids)
-        if len(ids) > max_length:
-            dropped += 1
+    wheres: list[str] = []
+    limit = data_config.max_length
+    for row in rows:
+        ids, labels = render(row.conversation, tokenizer, stop_ids, data_config.masking.value)
+        if len(ids) > limit:
+            if data_config.truncation == "error":
+                raise DataError(
+                    f"{row.where}: {len(ids)} tokens, more than data.max_length={limit}; raise data.max_length "
+                    "or set data.truncation to drop or truncate"
+                )
+            if data_config.truncation == "drop":
+                stats.count_drop("too_long")
+                continue
+            cut_assistant = any(label != IGNORE for label in labels[limit:])
+            ids, labels = ids[:limit], labels[:limit]
+            if any(label != IGNORE for label in labels[1:]):
+                stats.truncated += 1
+                stats.truncated_assistant += cut_assistant
+        if all(label == IGNORE for label in labels[1:]):
+            stats.count_drop("no_trainable_tokens")
             continue
         columns["input_ids"].append(ids)
         columns["attention_mask"].append([1] * len(ids))
         columns["labels"].append(labels)
-    return Dataset.from_dict(columns), dropped
+        wheres.append(row.where)
+    return Dataset.from_dict(columns), wheres
 
 
-def build_datasets(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
-    conversations, counts = load_conversations(data_config.sources, data_config.system_prompt)
-    train_conv, val_conv = split(conversations, data_config.val_fraction, seed)
-    train, dropped_train = tokenize(train_conv, tokenizer, stop_ids, data_config.max_length)
-    val, dropped_val = tokenize(val_conv, tokenizer, stop_ids, data_config.max_length) if val_conv else (None, 0)
-    if val is not None and len(val):
-        # Evaluation order does not matter, and length-sorted batches carry almost no padding.
-        lengths = [len(ids) for ids in val["input_ids"]]
-        val = val.select(sorted(range(len(val)), key=lengths.__getitem__))
+def build_datasets(data_config, tokenizer, stop_ids, seed: int, cache_dir=None) -> DataBundle:
+    """Tokenized splits; with data.cache and a cache_dir, reused when every input is unchanged."""
+    from loraforge.data import cache
+
+    if not (data_config.cache and cache_dir):
+        return _build(data_config, tokenizer, stop_ids, seed)
+    key = cache.cache_key(data_config, seed, tokenizer, stop_ids)
+    bundle = cache.load(cache_dir, key)
+    if bundle is not None:
+        log.info("tokenized data loaded from cache %s (inputs unchanged, tokenization skipped)", key)
+        return bundle
+    bundle = _build(data_config, tokenizer, stop_ids, seed)
+    cache.save(cache_dir, key, bundle)
+    log.info("tokenized data cached as %s", key)
+    return bundle
+
+
+def _first_user_prompt(conversation: Conversation) -> str | None:
+    return next((m.content for m in conversation.messages if m.role == "user"), None)
+
+
+def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
+    from loraforge.data.checks import check_trainable
+    from loraforge.data.packing import pack
+
+    stats = DataStats()
+    splits = load_rows(data_config.sources, data_config.system_prompt, data_config.on_bad_row, stats)
+    train_rows, val_rows = splits["train"], splits["val"]
+    if not val_rows:
+        train_rows, val_rows = split(train_rows, data_config.val_fraction, seed)
+    train_rows = apply_weights(train_rows, [s.weight for s in data_config.sources], seed)
+    for source in data_config.sources:
+        stats.per_source[source.path]["train_after_weight"] = sum(
+            1 for r in train_rows if data_config.sources[r.source] is source
+        )
+
+    train, train_wheres = tokenize_rows(train_rows, tokenizer, stop_ids, data_config, stats)
     if len(train) == 0:
         raise DataError(
-            f"no training rows left: all {len(train_conv)} are longer than data.max_length={data_config.max_length}; "
-            "raise data.max_length"
+            f"no training rows left of {len(train_rows)}: dropped {stats.dropped}; "
+            f"raise data.max_length (now {data_config.max_length}) or check data.masking"
         )
-    stats = DataStats(
-        rows_read=len(conversations),
-        train_rows=len(train),
-        val_rows=len(val) if val is not None else 0,
-        dropped_too_long=dropped_train + dropped_val,
-        train_tokens=sum(len(x) for x in train["input_ids"]),
-        trainable_tokens=sum(sum(1 for t in x if t != -100) for x in train["labels"]),
-        per_source=counts,
+    val = tokenize_rows(val_rows, tokenizer, stop_ids, data_config, stats)[0] if val_rows else None
+    test = tokenize_rows(splits["test"], tokenizer, stop_ids, data_config, stats)[0] if splits["test"] else None
+    check_trainable(train, train_wheres, tokenizer, stop_ids, data_config)
+
+    lengths = sorted(len(ids) for ids in train["input_ids"])
+    stats.train_rows = len(train)
+    stats.val_rows = len(val) if val is not None else 0
+    stats.test_rows = len(test) if test is not None else 0
+    stats.train_tokens = sum(lengths)
+    stats.trainable_tokens = sum(sum(1 for t in x if t != IGNORE) for x in train["labels"])
+    stats.length_percentiles = {f"p{q}": lengths[min(len(lengths) - 1, len(lengths) * q // 100)] for q in (50, 90, 99)}
+    stats.length_percentiles["max"] = lengths[-1]
+    if stats.dropped:
+        log.warning("dropped samples: %s (data.truncation=%s, data.max_length=%d)", stats.dropped,
+                    data_config.truncation, data_config.max_length)
+    if stats.truncated_assistant:
+        log.warning("%d samples lost part of an assistant turn to truncation; raise data.max_length", stats.truncated_assistant)
+
+    if data_config.packing:
+        train = pack(train, data_config.max_length)
+        stats.packed_rows = len(train)
+        stats.packing_efficiency = stats.train_tokens / (len(train) * data_config.max_length)
+    if val is not None and len(val):
+        # Evaluation order does not matter, and length-sorted batches carry almost no padding.
+        val_lengths = [len(ids) for ids in val["input_ids"]]
+        val = val.select(sorted(range(len(val)), key=val_lengths.__getitem__))
+    return DataBundle(
+        train=train,
+        val=val if val is not None and len(val) else None,
+        test=test,
+        val_prompts=[p for p in (_first_user_prompt(r.conversation) for r in val_rows) if p is not None],
+        stats=stats,
     )
-    if stats.dropped_too_long:
-        log.warning("%d samples longer than data.max_length=%d were dropped", stats.dropped_too_long, data_config.max_length)
-    return DataBundle(train=train, val=val if val is not None and len(val) else None, val_conversations=val_conv, stats=stats)

@@ -29,10 +29,16 @@ def stop_token_ids(tokenizer, generation_config=None) -> frozenset[int]:
     return frozenset(ids)
 
 
-def render(conversation: Conversation, tokenizer, stop_ids: frozenset[int]) -> tuple[list[int], list[int]]:
+def render(
+    conversation: Conversation, tokenizer, stop_ids: frozenset[int], masking: str = "assistant"
+) -> tuple[list[int], list[int]]:
+    """masking: assistant (every assistant turn not marked train: false), last_assistant, or all."""
     if conversation.text is not None:
         return _render_text(conversation.text, tokenizer)
-    return _render_chat(conversation, tokenizer, stop_ids)
+    ids, labels = _render_chat(conversation, tokenizer, stop_ids, last_only=masking == "last_assistant")
+    if masking == "all":
+        return ids, list(ids)
+    return ids, labels
 
 
 def _render_text(text: str, tokenizer) -> tuple[list[int], list[int]]:
@@ -51,7 +57,9 @@ def _chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _render_chat(conversation: Conversation, tokenizer, stop_ids: frozenset[int]) -> tuple[list[int], list[int]]:
+def _render_chat(
+    conversation: Conversation, tokenizer, stop_ids: frozenset[int], last_only: bool
+) -> tuple[list[int], list[int]]:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
             "the tokenizer has no chat template, so chat data cannot be rendered; use format: text for plain text"
@@ -59,8 +67,9 @@ def _render_chat(conversation: Conversation, tokenizer, stop_ids: frozenset[int]
     messages = conversation.messages
     full = _chat_ids(tokenizer, messages, add_generation_prompt=False)
     labels = [IGNORE] * len(full)
+    last = max(i for i, m in enumerate(messages) if m.role == "assistant")
     for index, message in enumerate(messages):
-        if message.role != "assistant":
+        if message.role != "assistant" or message.train is False or (last_only and index != last):
             continue
         prompt = _chat_ids(tokenizer, messages[:index], add_generation_prompt=True) if index else []
         through = _chat_ids(tokenizer, messages[: index + 1], add_generation_prompt=False)

@@ -46,31 +46,35 @@ class TrainResult:
 
 
 def run_training(config: RunConfig) -> TrainResult:
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, set_seed
+    from transformers import PrinterCallback, Trainer, set_seed
 
     from loraforge.data.build import build_datasets
-    from loraforge.eval.plots import plot_loss
+    from loraforge.data.packing import collator
     from loraforge.data.render import stop_token_ids
+    from loraforge.eval.plots import plot_loss
     from loraforge.model.adapters import apply_lora, parameter_counts
     from loraforge.model.load import load_model, load_tokenizer
-    from loraforge.model.sources import resolve_model
+    from loraforge.model.sources import loraforge_home, resolve_model
     from loraforge.train.callbacks import MetricsCallback, ThroughputCallback
+
+    rundir.ensure_free(config.output_dir)
+    set_seed(config.seed)
+    model_path = resolve_model(config.model.name)
+    log.info("model %s (%s)", config.model.name, model_path)
+    tokenizer = load_tokenizer(model_path, config.data.chat_template)
+    model = load_model(model_path)
+    stop_ids = stop_token_ids(tokenizer, model.generation_config)
+    data = build_datasets(config.data, tokenizer, stop_ids, config.seed, cache_dir=loraforge_home() / "data-cache")
+    log.info("data: %s", data.stats.summary())
 
     run_dir = rundir.create(config.output_dir)
     handler = _log_to_file(run_dir / rundir.LOG)
     try:
         write_resolved(config, run_dir)
-        set_seed(config.seed)
-
-        model_path = resolve_model(config.model.name)
-        log.info("model %s (%s)", config.model.name, model_path)
-        tokenizer = load_tokenizer(model_path)
-        model = load_model(model_path)
-        stop_ids = stop_token_ids(tokenizer, model.generation_config)
-
-        data = build_datasets(config.data, tokenizer, stop_ids, config.seed)
-        log.info("data: %s", data.stats.summary())
-
+        log.info("model %s (%s); data: %s", config.model.name, model_path, data.stats.summary())
+        if config.data.packing:
+            # With the KV cache on, SDPA lets packed samples attend to each other; off, position ids keep them apart.
+            model.config.use_cache = False
         model = apply_lora(
             model,
             r=config.lora.r,
@@ -88,7 +92,7 @@ def run_training(config: RunConfig) -> TrainResult:
             args=_training_arguments(config, run_dir, has_eval=data.val is not None),
             train_dataset=data.train,
             eval_dataset=data.val,
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100),
+            data_collator=collator(tokenizer, packed=config.data.packing),
             processing_class=tokenizer,
             callbacks=[throughput, MetricsCallback(run_dir / rundir.METRICS, throughput)],
         )
@@ -107,7 +111,7 @@ def run_training(config: RunConfig) -> TrainResult:
         plot_loss(run_dir / rundir.METRICS, run_dir / rundir.LOSS_PLOT, title=f"{config.model.name} LoRA r={config.lora.r}")
         _remove_if_empty(run_dir / rundir.CHECKPOINTS)
 
-        samples = _sample_answers(config, model, tokenizer, stop_ids, data.val_conversations)
+        samples = _sample_answers(config, model, tokenizer, stop_ids, data.val_prompts)
         (run_dir / rundir.EVAL).write_text(
             json.dumps(
                 {
@@ -172,16 +176,10 @@ def _final_eval_loss(trainer) -> float:
     return trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
 
 
-def _sample_answers(config: RunConfig, model, tokenizer, stop_ids, val_conversations) -> list[dict]:
+def _sample_answers(config: RunConfig, model, tokenizer, stop_ids, val_prompts: list[str]) -> list[dict]:
     from loraforge.eval.generate import generate, prompt_messages
 
-    prompts = list(config.eval.sample_prompts)
-    if not prompts:
-        for conversation in val_conversations:
-            users = [m.content for m in conversation.messages if m.role == "user"]
-            if users:
-                prompts.append(users[0])
-                break
+    prompts = list(config.eval.sample_prompts) or val_prompts[:1]
     samples = []
     for prompt in prompts:
         messages = prompt_messages(prompt, config.data.system_prompt)

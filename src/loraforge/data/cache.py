@@ -1,0 +1,92 @@
+"""Content-addressed cache of tokenized data.
+
+The key hashes everything that changes the tokens: the bytes of every data file, the tokenizer
+(vocabulary, merges, special tokens), the chat template, the end-of-turn ids, every data setting and
+the seed. Any change gives a new key; nothing is ever invalidated in place.
+"""
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from loraforge import __version__
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+def cache_key(data_config, seed: int, tokenizer, stop_ids) -> str:
+    digest = hashlib.sha256()
+
+    def add(label: str, value) -> None:
+        digest.update(f"{label}={len(str(value))}:".encode())
+        digest.update(str(value).encode())
+
+    add("format", FORMAT)
+    add("loraforge", __version__)
+    add("data", data_config.model_dump_json())
+    add("seed", seed)
+    for source in data_config.sources:
+        path = Path(source.path)
+        add("file", _file_digest(path) if path.is_file() else f"hub:{source.path}:{source.hub_split}")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    add("tokenizer", backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True))
+    add("special", json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str))
+    add("template", tokenizer.chat_template or "")
+    add("stop", sorted(stop_ids))
+    return digest.hexdigest()[:24]
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load(cache_dir: Path, key: str):
+    from datasets import load_from_disk
+
+    from loraforge.data.build import DataBundle, DataStats
+
+    folder = Path(cache_dir) / key
+    if not (folder / "bundle.json").is_file():
+        return None
+    meta = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))
+    parts = {name: load_from_disk(str(folder / name)) if (folder / name).is_dir() else None for name in ("train", "val", "test")}
+    return DataBundle(
+        train=parts["train"],
+        val=parts["val"],
+        test=parts["test"],
+        val_prompts=meta["val_prompts"],
+        stats=DataStats(**meta["stats"]),
+    )
+
+
+def save(cache_dir: Path, key: str, bundle) -> Path:
+    """Written to a temporary folder and renamed into place, so a half-written entry is never read."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    folder = cache_dir / key
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
+    try:
+        for name in ("train", "val", "test"):
+            part = getattr(bundle, name)
+            if part is not None:
+                part.save_to_disk(str(staging / name))
+        meta = {"val_prompts": bundle.val_prompts, "stats": asdict(bundle.stats)}
+        (staging / "bundle.json").write_text(json.dumps(meta), encoding="utf-8")
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not (folder / "bundle.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder

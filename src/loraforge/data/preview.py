@@ -1,0 +1,83 @@
+"""`loraforge data preview`: samples as the model sees them, trained tokens marked, then the data stats."""
+
+import sys
+
+from loraforge.data.render import IGNORE
+
+GREEN, DIM, RESET = "\033[1;32m", "\033[2m", "\033[0m"
+OPEN, CLOSE = "[[", "]]"
+
+
+def format_sample(ids: list[int], labels: list[int], tokenizer, color: bool) -> str:
+    """Trained tokens bright green (or inside [[ ]] without colour), masked ones dim (or plain)."""
+    out, run, trained = [], [], None
+
+    def flush():
+        if not run:
+            return
+        text = tokenizer.decode(run)
+        if color:
+            out.append((GREEN if trained else DIM) + text + RESET)
+        else:
+            out.append(f"{OPEN}{text}{CLOSE}" if trained else text)
+
+    for token, label in zip(ids, labels):
+        is_trained = label != IGNORE
+        if is_trained != trained:
+            flush()
+            run, trained = [], is_trained
+        run.append(token)
+    flush()
+    return "".join(out)
+
+
+def format_stats(stats, max_length: int) -> str:
+    lines = [
+        f"rows read           {stats.rows_read}",
+        f"bad rows skipped    {stats.bad_rows}",
+        f"train / val / test  {stats.train_rows} / {stats.val_rows} / {stats.test_rows}",
+        f"dropped             {', '.join(f'{k}: {v}' for k, v in stats.dropped.items()) or 'none'}",
+        f"truncated           {stats.truncated} ({stats.truncated_assistant} inside an assistant turn)",
+        "token length        " + ", ".join(f"{k} {v}" for k, v in stats.length_percentiles.items())
+        + f" (max_length {max_length})",
+        f"trained tokens      {stats.trainable_tokens} of {stats.train_tokens} "
+        f"({stats.trainable_tokens / max(stats.train_tokens, 1):.1%})",
+    ]
+    if stats.packing_efficiency is not None:
+        lines.append(f"packing             {stats.packed_rows} rows, {stats.packing_efficiency:.1%} of their tokens used")
+    for path, counts in stats.per_source.items():
+        lines.append(f"source {path}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    for example in stats.bad_row_examples:
+        lines.append(f"bad row: {example}")
+    return "\n".join(lines)
+
+
+def run_preview(config, n: int, stream=None) -> None:
+    from transformers import GenerationConfig
+
+    from loraforge.data.build import DataStats, build_datasets, load_rows, tokenize_rows
+    from loraforge.data.render import stop_token_ids
+    from loraforge.model.load import load_tokenizer
+    from loraforge.model.sources import resolve_model
+
+    stream = stream or sys.stdout
+    color = stream.isatty()
+    path = resolve_model(config.model.name)
+    tokenizer = load_tokenizer(path, config.data.chat_template)
+    try:
+        generation = GenerationConfig.from_pretrained(path)
+    except OSError:
+        generation = None
+    stop_ids = stop_token_ids(tokenizer, generation)
+    bundle = build_datasets(config.data, tokenizer, stop_ids, config.seed)
+
+    shown_stats = DataStats()
+    rows = load_rows(config.data.sources, config.data.system_prompt, config.data.on_bad_row, shown_stats)
+    first = (rows["train"] or rows["val"])[:n]
+    samples, wheres = tokenize_rows(first, tokenizer, stop_ids, config.data, shown_stats)
+    legend = f"{GREEN}trained{RESET} {DIM}masked{RESET}" if color else f"{OPEN}trained{CLOSE} masked"
+    print(f"{len(samples)} samples ({legend}):", file=stream)
+    for index in range(len(samples)):
+        print(f"\n--- {wheres[index]} ({len(samples[index]['input_ids'])} tokens)", file=stream)
+        print(format_sample(samples[index]["input_ids"], samples[index]["labels"], tokenizer, color), file=stream)
+    print("\n" + format_stats(bundle.stats, config.data.max_length), file=stream)

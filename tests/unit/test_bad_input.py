@@ -1,0 +1,137 @@
+"""Every kind of bad input: a DataError naming file, line and field, or with on_bad_row=skip a counted skip."""
+
+import json
+
+import pytest
+
+from loraforge.config.schema import DataConfig
+from loraforge.data.build import DataStats, load_rows
+from loraforge.errors import DataError
+
+GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+
+
+def msgs(*pairs, **extra):
+    return json.dumps({"messages": [{"role": r, "content": c} for r, c in pairs], **extra})
+
+
+def load(path, fmt="messages", on_bad_row="error", **source):
+    config = DataConfig.model_validate(
+        {"sources": [{"path": str(path), "format": fmt, **source}], "on_bad_row": on_bad_row}
+    )
+    stats = DataStats()
+    return load_rows(config.sources, None, config.on_bad_row, stats), stats
+
+
+def write(tmp_path, lines, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+CASES = {
+    "malformed_json": ([GOOD, '{"messages": [', GOOD], "messages", r":2: not valid JSON"),
+    "not_an_object": ([GOOD, "[1, 2]"], "messages", r":2: expected a JSON object per line, got list"),
+    "missing_field": ([GOOD, json.dumps({"prompt": "x"})], "messages", r":2: no 'messages' field \(keys: prompt\)"),
+    "wrong_type": ([json.dumps({"messages": {"role": "user"}})], "messages", r":1: field 'messages' is dict, expected list"),
+    "empty_assistant": ([GOOD, msgs(("user", "q"), ("assistant", "   "))], "messages", r":2: messages\[1\] is an empty assistant message"),
+    "unknown_role": ([msgs(("human", "q"), ("assistant", "a"))], "messages", r":1: messages\[0\]: unknown role 'human'"),
+    "ends_on_user": ([GOOD, GOOD, msgs(("user", "q"), ("assistant", "a"), ("user", "and?"))], "messages",
+                     r":3: field 'messages' ends on a user turn"),
+    "content_not_text": ([json.dumps({"messages": [{"role": "user", "content": 5}]})], "messages",
+                         r":1: messages\[0\]: field 'content' is int, expected str"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_row_names_file_line_and_field(tmp_path, case):
+    lines, fmt, expected = CASES[case]
+    path = write(tmp_path, lines)
+    with pytest.raises(DataError) as info:
+        load(path, fmt)
+    message = str(info.value)
+    assert str(path) in message
+    assert pytest.importorskip("re").search(expected, message), message
+    assert "data.sources[0]" in message and "on_bad_row=skip" in message
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_row_is_skipped_counted_and_listed(tmp_path, case):
+    lines, fmt, expected = CASES[case]
+    path = write(tmp_path, [GOOD] + lines)
+    rows, stats = load(path, fmt, on_bad_row="skip")
+    good = sum(1 for line in [GOOD] + lines if line == GOOD)
+    assert len(rows["train"]) == good
+    assert stats.bad_rows == len(lines) + 1 - good
+    assert stats.bad_row_examples and str(path) in stats.bad_row_examples[0]
+
+
+def test_label_not_in_label_set(tmp_path):
+    rows = [json.dumps({"text": "great film", "label": "pos"}), json.dumps({"text": "meh", "label": "neutral"})]
+    path = write(tmp_path, rows)
+    with pytest.raises(DataError, match=rf"{path}:2: label 'neutral' is not in the label set \['pos', 'neg'\]"):
+        load(path, "classification", labels=["pos", "neg"])
+
+
+def test_blank_lines_are_ignored_silently(tmp_path):
+    path = write(tmp_path, ["", GOOD, "   ", "", GOOD, ""])
+    rows, stats = load(path)
+    assert [r.where for r in rows["train"]] == [f"{path}:2", f"{path}:5"]
+    assert stats.bad_rows == 0
+
+
+def test_utf8_bom_is_named_with_the_fix(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\n")
+    with pytest.raises(DataError, match=rf"{path}:1: the file starts with a UTF-8 byte-order mark; save it as UTF-8 without BOM"):
+        load(path, on_bad_row="skip")
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(GOOD.encode() + b"\n" + '{"text": "caf\xe9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match=rf"{path}:2: not UTF-8 text"):
+        load(path)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(DataError, match=rf"{path}: the file is empty"):
+        load(path)
+
+
+def test_only_blank_lines(tmp_path):
+    path = write(tmp_path, ["", "  "])
+    with pytest.raises(DataError, match=rf"{path}: no rows"):
+        load(path)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.jsonl"
+    with pytest.raises(DataError, match=rf"{path}: data file not found.*data.sources\[\]\.path"):
+        load(path)
+
+
+def test_all_rows_bad_even_when_skipping(tmp_path):
+    path = write(tmp_path, ['{"x": 1}', '{"x": 2}'])
+    with pytest.raises(DataError, match="all 2 rows are bad"):
+        load(path, on_bad_row="skip")
+
+
+def test_first_few_bad_rows_are_listed(tmp_path):
+    path = write(tmp_path, [GOOD] + ['{"x": 1}'] * 9)
+    _, stats = load(path, on_bad_row="skip")
+    assert stats.bad_rows == 9 and len(stats.bad_row_examples) == 5
+    assert [e.split(": ")[0] for e in stats.bad_row_examples] == [f"{path}:{n}" for n in range(2, 7)]
+
+
+def test_bad_row_stops_training_before_anything_is_written(tmp_path, tiny_model_dir, capsys):
+    from loraforge.cli import main
+
+    path = write(tmp_path, [GOOD, '{"messages": [}'])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {tiny_model_dir}}}\ndata:\n  sources: [{{path: {path}}}]\n")
+    assert main(["train", str(config), f"output_dir={tmp_path / 'run'}"]) == 2
+    assert f"{path}:2: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "adapter").exists()
