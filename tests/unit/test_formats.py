@@ -47,3 +47,65 @@ def test_text():
 def test_bad_rows_name_file_line_and_field(parse, row, expected):
     with pytest.raises(DataError, match=expected):
         parse(row, "f.jsonl:7")
+
+
+def source(**kw):
+    from loraforge.config.schema import DataSource
+
+    return DataSource.model_validate({"path": "f.jsonl", **kw})
+
+
+def test_sharegpt_with_default_and_custom_roles():
+    from loraforge.data.formats import from_sharegpt
+
+    row = {"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}
+    with pytest.raises(DataError, match=r"unknown speaker 'bot'.*roles: \{bot: assistant\}"):
+        from_sharegpt(row, "f.jsonl:1", source(format="sharegpt"))
+    conversation = from_sharegpt(row, "f.jsonl:1", source(format="sharegpt", roles={"bot": "assistant"}))
+    assert conversation.messages == (Message("user", "q"), Message("assistant", "a"))
+
+
+def test_prompt_completion():
+    from loraforge.data.formats import from_prompt_completion
+
+    conversation = from_prompt_completion({"prompt": "2+2=", "completion": "4"}, "f.jsonl:1")
+    assert conversation.messages == (Message("user", "2+2="), Message("assistant", "4"))
+
+
+def test_classification_keeps_the_label():
+    from loraforge.data.formats import from_classification
+
+    conversation = from_classification({"text": "great film", "label": 1}, "f.jsonl:1", source(format="classification"))
+    assert conversation.label == "1"
+    assert conversation.messages[-1] == Message("assistant", "1")
+
+
+def test_field_mapping_per_source():
+    row = {"question": "Capital of France?", "answer": "Paris", "context": ""}
+    mapped = source(format="alpaca", fields={"instruction": "question", "output": "answer", "input": "context"})
+    conversation = from_alpaca(row, "f.jsonl:1", mapped)
+    assert conversation.messages == (Message("user", "Capital of France?"), Message("assistant", "Paris"))
+    with pytest.raises(DataError, match=r"f.jsonl:2: no 'answer' field \(keys: output, question\)"):
+        from_alpaca({"question": "x", "output": "y"}, "f.jsonl:2", mapped)
+
+
+def test_field_mapping_rejects_fields_the_format_lacks():
+    from loraforge.errors import ConfigError
+    from loraforge.config.load import load_config
+
+    import tempfile, pathlib
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "c.yaml"
+        path.write_text("data:\n  sources:\n    - {path: d.jsonl, format: alpaca, fields: {question: q}}\n")
+        with pytest.raises(ConfigError, match=r"fields \['question'\] are not fields of format alpaca; map these: instruction, input, output"):
+            load_config(path)
+
+
+def test_per_message_train_flag():
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "train": False},
+                        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}
+    conversation = from_messages(row, "f.jsonl:1")
+    assert [m.train for m in conversation.messages] == [None, False, None, None]
+    with pytest.raises(DataError, match="user message with train: true"):
+        from_messages({"messages": [{"role": "user", "content": "q", "train": True}, {"role": "assistant", "content": "a"}]}, "f:1")

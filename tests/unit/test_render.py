@@ -103,3 +103,31 @@ def test_stop_ids_include_generation_config_eos(tokenizer):
         eos_token_id = [7, 8]
 
     assert stop_token_ids(tokenizer, GenerationConfig()) == {tokenizer.eos_token_id, 7, 8}
+
+
+def multi_turn(train_first=None):
+    first = {"role": "assistant", "content": "One."}
+    if train_first is not None:
+        first["train"] = train_first
+    return from_messages(
+        {"messages": [{"role": "user", "content": "a"}, first, {"role": "user", "content": "b"},
+                      {"role": "assistant", "content": "Two."}]},
+        "test:1",
+    )
+
+
+def test_masking_last_assistant_trains_only_the_final_turn(tokenizer):
+    ids, labels = render(multi_turn(), tokenizer, stop_token_ids(tokenizer), "last_assistant")
+    assert [tokenizer.decode(s) for s in spans(ids, labels)] == ["Two.<|im_end|>"]
+
+
+def test_masking_all_trains_every_token(tokenizer):
+    ids, labels = render(multi_turn(), tokenizer, stop_token_ids(tokenizer), "all")
+    assert labels == ids
+
+
+def test_message_marked_train_false_is_masked(tokenizer):
+    ids, labels = render(multi_turn(train_first=False), tokenizer, stop_token_ids(tokenizer), "assistant")
+    assert [tokenizer.decode(s) for s in spans(ids, labels)] == ["Two.<|im_end|>"]
+    ids, labels = render(multi_turn(), tokenizer, stop_token_ids(tokenizer), "assistant")
+    assert [tokenizer.decode(s) for s in spans(ids, labels)] == ["One.<|im_end|>", "Two.<|im_end|>"]

@@ -167,3 +167,12 @@ def test_cli_train_reports_bad_config_without_training(tmp_path, capsys):
 def test_chat_on_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert main(["chat", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_training_with_packing_runs_and_learns(tiny_run, tmp_path):
+    config, _, config_path = tiny_run
+    packed = load_config(config_path, [f"output_dir={tmp_path / 'packed'}", "data.packing=true", "data.max_length=128"])
+    result = run_training(packed)
+    report = json.loads((Path(packed.output_dir) / rundir.EVAL).read_text())
+    assert report["data"]["packed_rows"] < report["data"]["train_rows"]
+    assert result.eval_after < result.eval_before

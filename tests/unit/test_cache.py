@@ -1,0 +1,73 @@
+"""Tokenized data is reused only when nothing that changes the tokens has changed."""
+
+import logging
+
+import pytest
+
+from loraforge.config.schema import DataConfig
+from loraforge.data.build import build_datasets
+from loraforge.data.render import stop_token_ids
+from tests.conftest import write_jsonl
+
+
+@pytest.fixture
+def setup(tmp_path, tokenizer, chat_rows):
+    path = write_jsonl(tmp_path / "d.jsonl", chat_rows)
+
+    def run(caplog, tok=tokenizer, seed=0, **data):
+        config = DataConfig.model_validate({"sources": [{"path": str(path)}], "val_fraction": 0.2, **data})
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="loraforge"):
+            bundle = build_datasets(config, tok, stop_token_ids(tok), seed, cache_dir=tmp_path / "cache")
+        hit = any("loaded from cache" in r.message for r in caplog.records)
+        return bundle, hit
+
+    return run, path
+
+
+def test_second_run_skips_tokenization_and_gives_the_same_data(setup, caplog):
+    run, _ = setup
+    first, hit = run(caplog)
+    assert not hit
+    second, hit = run(caplog)
+    assert hit
+    assert second.train["input_ids"] == first.train["input_ids"]
+    assert second.train["labels"] == first.train["labels"]
+    assert second.val["input_ids"] == first.val["input_ids"]
+    assert second.val_prompts == first.val_prompts
+    assert second.stats == first.stats
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["file", "max_length", "masking", "system_prompt", "seed", "template"],
+)
+def test_any_input_change_retokenizes(setup, caplog, tokenizer, change):
+    import copy
+
+    run, path = setup
+    run(caplog)
+    kwargs = {}
+    if change == "file":
+        path.write_text(path.read_text() + '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n')
+    elif change == "max_length":
+        kwargs["max_length"] = 256
+    elif change == "masking":
+        kwargs["masking"] = "all"
+    elif change == "system_prompt":
+        kwargs["system_prompt"] = "Be brief."
+    elif change == "seed":
+        kwargs["seed"] = 1
+    elif change == "template":
+        other = copy.deepcopy(tokenizer)
+        other.chat_template = tokenizer.chat_template.replace("helpful AI assistant", "terse assistant")
+        kwargs["tok"] = other
+    _, hit = run(caplog, **kwargs)
+    assert not hit, f"changing {change} must re-tokenize"
+
+
+def test_cache_off(setup, caplog, tmp_path):
+    run, _ = setup
+    run(caplog, cache=False)
+    _, hit = run(caplog, cache=False)
+    assert not hit and not (tmp_path / "cache").exists()

@@ -1,0 +1,97 @@
+import copy
+import io
+
+import pytest
+
+from loraforge.config import load_config
+from loraforge.config.schema import DataConfig
+from loraforge.data.build import build_datasets
+from loraforge.data.preview import format_sample
+from loraforge.data.render import stop_token_ids
+from loraforge.errors import DataError
+from tests.conftest import ROOT, write_jsonl
+
+
+def test_format_sample_marks_trained_tokens(tokenizer):
+    ids = tokenizer("Hello there friend", add_special_tokens=False)["input_ids"]
+    labels = [-100, ids[1], ids[2]]
+    assert format_sample(ids, labels, tokenizer, color=False) == "Hello[[ there friend]]"
+    colored = format_sample(ids, labels, tokenizer, color=True)
+    assert "\033[1;32m there friend\033[0m" in colored and "\033[2mHello\033[0m" in colored
+
+
+def test_preview_on_the_bundled_data(smollm_path, monkeypatch, tmp_path):
+    from loraforge.data.preview import run_preview
+
+    monkeypatch.setenv("LORAFORGE_HOME", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "smollm2-135m-instruct").symlink_to(smollm_path)
+    out = io.StringIO()
+    run_preview(load_config(ROOT / "configs" / "default.yaml", ["data.cache=false"]), n=2, stream=out)
+    text = out.getvalue()
+    assert text.count("--- data/chatterbot_en.jsonl:") == 2
+    assert "[[Artificial Intelligence is the branch of engineering" in text
+    assert "<|im_end|>]]" in text and "[[<|im_start|>" not in text
+    assert "rows read           2025" in text and "trained tokens" in text and "p90" in text
+
+
+def test_preview_cli_on_a_fixture(tiny_model_dir, tmp_path, capsys, chat_rows):
+    from loraforge.cli import main
+
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {tiny_model_dir}}}\ndata:\n  sources: [{{path: {data}}}]\n  cache: false\n")
+    assert main(["data", "preview", str(config), "-n", "1", "data.packing=true"]) == 0
+    out = capsys.readouterr().out
+    assert "[[0.<|im_end|>]]" in out and "What is 0 plus 0?" in out
+    assert "packing" in out and "rows," in out
+
+
+def build(tokenizer, rows, tmp_path, **data):
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    config = DataConfig.model_validate({"sources": [{"path": str(path), "format": data.pop("format", "messages")}],
+                                        "val_fraction": 0, "cache": False, **data})
+    return build_datasets(config, tokenizer, stop_token_ids(tokenizer), 0)
+
+
+def test_template_that_never_ends_turns_with_eos_is_refused(tokenizer, tmp_path, chat_rows):
+    no_eos = copy.deepcopy(tokenizer)
+    no_eos.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    with pytest.raises(DataError, match="never learn to stop.*data.chat_template"):
+        build(no_eos, chat_rows, tmp_path)
+
+
+def test_doubled_bos_is_refused(tokenizer, tmp_path):
+    rows = [{"text": "<|im_start|><|im_start|>hello"}]
+    with_bos = copy.deepcopy(tokenizer)
+    with pytest.raises(DataError, match=r"d.jsonl:1: the sample starts with BOS twice"):
+        build(with_bos, rows, tmp_path, format="text")
+
+
+def test_pad_equal_to_eos_does_not_mask_eos(tokenizer, tmp_path, chat_rows):
+    bundle = build(tokenizer, chat_rows, tmp_path)
+    assert tokenizer.pad_token_id in stop_token_ids(tokenizer)
+    assert all(tokenizer.eos_token_id in labels for labels in bundle.train["labels"])
+
+
+def test_collator_that_masks_by_pad_id_is_caught(tokenizer, tmp_path, chat_rows, monkeypatch):
+    """The classic bug: labels masked wherever input == pad id. With pad == EOS that erases every EOS label."""
+    import loraforge.data.packing as packing
+
+    class MaskByPadId:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, features):
+            batch = self.inner(features)
+            batch["labels"][batch["input_ids"] == tokenizer.pad_token_id] = -100
+            return batch
+
+    real = packing.collator
+    monkeypatch.setattr(packing, "collator", lambda tok, packed: MaskByPadId(real(tok, packed)))
+    with pytest.raises(DataError, match="batching masked .* trained tokens.*equals EOS"):
+        build(tokenizer, chat_rows, tmp_path)
