@@ -135,3 +135,23 @@ def test_bad_row_stops_training_before_anything_is_written(tmp_path, tiny_model_
     assert main(["train", str(config), f"output_dir={tmp_path / 'run'}"]) == 2
     assert f"{path}:2: not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_hub_dataset_name_goes_to_datasets(tmp_path, monkeypatch):
+    """Offline, a hub name fails with a message saying so; online the same call loads the dataset."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
+    with pytest.raises(DataError, match=r"someone/chat-data: cannot load this hub dataset .*offline runs need a local file"):
+        load("someone/chat-data")
+
+
+def test_unknown_file_type(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("hello")
+    with pytest.raises(DataError, match=r"d.txt: not a .jsonl, .json, .csv or .parquet file"):
+        load(path)

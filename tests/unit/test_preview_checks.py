@@ -48,6 +48,33 @@ def test_preview_cli_on_a_fixture(tiny_model_dir, tmp_path, capsys, chat_rows):
     assert "packing" in out and "rows," in out
 
 
+FIXTURES = ROOT / "tests" / "fixtures" / "formats"
+EXPECTED_SPANS = {
+    "messages": ["[[Blue.<|im_end|>]]", "[[Rome.<|im_end|>]]"],
+    "sharegpt": ["[[Blue.<|im_end|>]]", "[[Rome.<|im_end|>]]"],
+    "alpaca": ["[[Blue.<|im_end|>]]", "[[Rome.<|im_end|>]]"],
+    "prompt_completion": ["[[Blue.<|im_end|>]]", "[[Rome.<|im_end|>]]"],
+    "classification": ["[[positive<|im_end|>]]", "[[negative<|im_end|>]]"],
+    "text": ["[[The sky is blue.<|im_end|>]]", "[[Rome is the capital of Italy.<|im_end|>]]"],
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(EXPECTED_SPANS))
+def test_preview_shows_correct_masks_for_each_format(fmt, tokenizer, smollm_path, capsys):
+    import re
+
+    from loraforge.cli import main
+
+    config = ROOT / "configs" / "default.yaml"
+    assert main(["data", "preview", str(config), "-n", "2", f"data.sources=[{{path: {FIXTURES / (fmt + '.jsonl')}, format: {fmt}}}]",
+                 "data.val_fraction=0", "data.cache=false"]) == 0
+    out = capsys.readouterr().out
+    spans = re.findall(r"\[\[.*?\]\]", out, flags=re.S)
+    assert spans[1:] == EXPECTED_SPANS[fmt], out
+    if fmt == "messages":
+        assert "Hello." in out and "[[Hello." not in out, "a turn marked train: false stays masked"
+
+
 def build(tokenizer, rows, tmp_path, **data):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     config = DataConfig.model_validate({"sources": [{"path": str(path), "format": data.pop("format", "messages")}],

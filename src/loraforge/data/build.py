@@ -209,6 +209,9 @@ def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
     stats.trainable_tokens = sum(sum(1 for t in x if t != IGNORE) for x in train["labels"])
     stats.length_percentiles = {f"p{q}": lengths[min(len(lengths) - 1, len(lengths) * q // 100)] for q in (50, 90, 99)}
     stats.length_percentiles["max"] = lengths[-1]
+    if len(data_config.sources) > 1:
+        for path, counts in stats.per_source.items():
+            log.info("source %s: %s", path, ", ".join(f"{k} {v}" for k, v in counts.items()))
     if stats.dropped:
         log.warning("dropped samples: %s (data.truncation=%s, data.max_length=%d)", stats.dropped,
                     data_config.truncation, data_config.max_length)

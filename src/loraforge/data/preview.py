@@ -35,7 +35,8 @@ def format_stats(stats, max_length: int) -> str:
     lines = [
         f"rows read           {stats.rows_read}",
         f"bad rows skipped    {stats.bad_rows}",
-        f"train / val / test  {stats.train_rows} / {stats.val_rows} / {stats.test_rows}",
+        f"kept                {stats.train_rows + stats.val_rows + stats.test_rows} "
+        f"(train / val / test {stats.train_rows} / {stats.val_rows} / {stats.test_rows})",
         f"dropped             {', '.join(f'{k}: {v}' for k, v in stats.dropped.items()) or 'none'}",
         f"truncated           {stats.truncated} ({stats.truncated_assistant} inside an assistant turn)",
         "token length        " + ", ".join(f"{k} {v}" for k, v in stats.length_percentiles.items())

@@ -62,7 +62,8 @@ def _render_chat(
 ) -> tuple[list[int], list[int]]:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
-            "the tokenizer has no chat template, so chat data cannot be rendered; use format: text for plain text"
+            "the tokenizer has no chat template, so chat data cannot be rendered; set data.chat_template "
+            "(a Jinja string or .jinja file), or use format: text for plain text"
         )
     messages = conversation.messages
     full = _chat_ids(tokenizer, messages, add_generation_prompt=False)
