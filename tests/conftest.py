@@ -57,3 +57,40 @@ def chat_rows():
         {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"{2 * i}."}]}
         for i in range(24)
     ]
+
+
+ECHO_ROWS = [
+    {"messages": [{"role": "user", "content": f"Echo {w}"}, {"role": "assistant", "content": f"{w} {w}"}]}
+    for w in ["red", "green", "blue", "black", "white", "pink", "gray", "gold"] * 3
+]
+
+
+@pytest.fixture
+def train_tiny(tmp_path, tiny_model_dir):
+    """Run the real recipe on the tiny llama with a few overrides; returns (config, result)."""
+    from loraforge.config import load_config
+    from loraforge.train.recipe import run_training
+
+    data = write_jsonl(tmp_path / "echo.jsonl", ECHO_ROWS)
+    counter = iter(range(1000))
+
+    def run(*overrides, rows=None, fmt="messages"):
+        path = write_jsonl(tmp_path / f"rows{next(counter)}.jsonl", rows) if rows is not None else data
+        config_path = tmp_path / "tiny.yaml"
+        config_path.write_text(
+            f"""
+model: {{name: {tiny_model_dir}}}
+lora: {{r: 4, alpha: 8, dropout: 0.0}}
+data:
+  sources: [{{path: {path}, format: {fmt}}}]
+  val_fraction: 0.25
+  cache: false
+train: {{max_steps: 6, batch_size: 4, learning_rate: 0.01, eval_every: 3, logging_steps: 2, warmup_ratio: 0.0}}
+eval: {{sample_prompts: [Echo red], max_new_tokens: 4}}
+""",
+            encoding="utf-8",
+        )
+        config = load_config(config_path, [f"output_dir={tmp_path / ('run' + str(next(counter)))}", *overrides])
+        return config, run_training(config)
+
+    return run

@@ -58,6 +58,13 @@ def _chat(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from loraforge.predict import run_predict
+
+    run_predict(args.run_dir, text=args.text, file=args.file)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraforge",
@@ -99,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--prompt", help="answer this one prompt and exit")
     chat.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: eval.max_new_tokens)")
     chat.set_defaults(func=_chat)
+    predict = commands.add_parser("predict", help="labels for texts from a classification run")
+    predict.add_argument("run_dir", help="run directory of a task: classification run")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="one text; prints its label and probability")
+    source.add_argument("--file", help="a .jsonl file with a text field per line, or one text per line; prints JSONL")
+    predict.set_defaults(func=_predict)
     return parser
 
 

@@ -6,6 +6,8 @@ from loraforge.errors import RunDirError
 
 RESOLVED = "resolved.yaml"
 ADAPTER = "adapter"
+MODEL = "model"
+LABELS = "labels.json"
 TOKENIZER = "tokenizer"
 METRICS = "metrics.jsonl"
 LOG = "train.log"
@@ -37,6 +39,9 @@ def read_config(run_dir: str | Path):
     run_dir = Path(run_dir)
     if not (run_dir / RESOLVED).is_file():
         raise RunDirError(f"{run_dir} is not a run directory: {RESOLVED} is missing; pass the output_dir of a training run")
-    if not (run_dir / ADAPTER / "adapter_config.json").is_file():
-        raise RunDirError(f"{run_dir} has no finished adapter ({ADAPTER}/adapter_config.json); the run did not complete")
+    if not (run_dir / ADAPTER / "adapter_config.json").is_file() and not (run_dir / MODEL / "config.json").is_file():
+        raise RunDirError(
+            f"{run_dir} has no finished adapter ({ADAPTER}/adapter_config.json) or model ({MODEL}/config.json); "
+            "the run did not complete"
+        )
     return load_config(run_dir / RESOLVED)

@@ -16,6 +16,32 @@ class ModelConfig(Section):
         description="Built-in model name (smollm2-135m-instruct, works offline), a local folder, "
         "or a Hugging Face hub id passed unchanged to from_pretrained.",
     )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of model.name.")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the checkpoint; off unless you trust its source (logged when on)."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel; sdpa is the fastest that works on CPU."
+    )
+    variant: Literal["original", "drop_layers", "keep_layers"] = Field(
+        "original",
+        description="original: the model as published; drop_layers: remove the decoder layers listed in "
+        "drop_layers; keep_layers: keep only the first keep_layers decoder layers.",
+    )
+    drop_layers: list[int] = Field(default_factory=list, description="Decoder layer indices removed by variant: drop_layers.")
+    keep_layers: int | None = Field(None, ge=1, description="Number of leading decoder layers kept by variant: keep_layers.")
+
+    @model_validator(mode="after")
+    def _variant_settings(self):
+        if self.variant == "drop_layers" and not self.drop_layers:
+            raise ValueError("variant drop_layers needs model.drop_layers, e.g. [16]")
+        if self.variant == "keep_layers" and self.keep_layers is None:
+            raise ValueError("variant keep_layers needs model.keep_layers, e.g. 24")
+        if self.variant != "drop_layers" and self.drop_layers:
+            raise ValueError("model.drop_layers is set but model.variant is not drop_layers")
+        if self.variant != "keep_layers" and self.keep_layers is not None:
+            raise ValueError("model.keep_layers is set but model.variant is not keep_layers")
+        return self
 
 
 class LoraConfig(Section):
@@ -27,6 +53,11 @@ class LoraConfig(Section):
         description="Module names to wrap with LoRA, or 'all-linear' for every linear layer but the output head.",
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    use_dora: bool = Field(False, description="DoRA: learn a magnitude per output as well as the low-rank direction.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r.")
+    modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full and saved with the adapter (e.g. [lm_head], or [score] for classification)."
+    )
 
     @model_validator(mode="after")
     def _targets_not_empty(self):
@@ -155,6 +186,12 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     eval_every: int = Field(50, ge=1, description="Evaluate on the validation split every this many steps.")
     logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and tokens/s every this many steps.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about a third more compute."
+    )
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
+        "adamw_torch", description="Optimizer; the 8-bit and paged ones (bitsandbytes) need a CUDA GPU."
+    )
     group_by_length: bool = Field(
         True,
         description="Batch samples of similar length together so less padding is computed "
@@ -179,11 +216,62 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(64, ge=1, description="Longest generated answer in tokens.")
 
 
+class QuantizationConfig(Section):
+    mode: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Load the frozen base in 4 or 8 bits through bitsandbytes (QLoRA); `quantization: 4bit` is short for this."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit scales too (saves about 0.4 bits per weight).")
+    compute_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="dtype the 4-bit matmuls run in; auto follows precision."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value):
+        return {"mode": value} if isinstance(value, str) else value
+
+
+class ClassificationConfig(Section):
+    labels: list[str] | None = Field(
+        None, description="Label names in id order; null collects them from the training data, sorted."
+    )
+    class_weights: Literal["none", "auto"] | dict[str, float] = Field(
+        "none", description="Loss weight per class: none, auto (balanced: n / (classes x count)), or {label: weight}."
+    )
+
+
 class RunConfig(Section):
     output_dir: str = Field("runs/default", description="Run directory that receives everything the run writes.")
     seed: int = Field(42, description="Seed for the data split, LoRA initialisation and data order.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to fine-tune.")
+    task: Literal["causal_lm", "classification"] = Field(
+        "causal_lm", description="causal_lm: learn to generate; classification: a label per text, "
+        "through a classification head on the model (data format classification)."
+    )
+    adapter: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter, or every weight (full).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Training dtype. auto: bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU "
+        "(bf16 is faster there but measured worse in eval loss: bench/precision.py). fp16 is refused on CPU."
+    )
+    quantization: QuantizationConfig = Field(
+        default_factory=QuantizationConfig, description="bitsandbytes quantization of the frozen base (QLoRA)."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings.")
+    classification: ClassificationConfig = Field(
+        default_factory=ClassificationConfig, description="Labels and class weights for task: classification."
+    )
     data: DataConfig = Field(description="Training data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and sample generations.")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.adapter == "full" and self.quantization.mode != "none":
+            raise ValueError("adapter full cannot train quantized weights; set quantization: none or adapter: lora")
+        formats = {s.format.value for s in self.data.sources}
+        if self.task == "classification" and formats != {"classification"}:
+            raise ValueError(f"task classification needs every data source in format classification, got {sorted(formats)}")
+        if self.task == "classification" and self.data.packing:
+            raise ValueError("data.packing does not apply to task classification; set it to false")
+        return self

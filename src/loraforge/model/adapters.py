@@ -1,22 +1,48 @@
-"""Wrap a model with a LoRA adapter through peft."""
+"""What gets trained: a LoRA (or DoRA / rsLoRA) adapter through peft, or every weight."""
 
 import logging
 
 log = logging.getLogger(__name__)
 
 
-def apply_lora(model, r: int, alpha: float, dropout: float, target_modules, bias: str):
-    from peft import LoraConfig, get_peft_model
+def apply_lora(
+    model,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules,
+    bias: str,
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    modules_to_save: list[str] | None = None,
+    task: str = "causal_lm",
+    quantized: bool = False,
+    gradient_checkpointing: bool = False,
+):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules,
         bias=bias,
-        task_type="CAUSAL_LM",
+        use_dora=use_dora,
+        use_rslora=use_rslora,
+        modules_to_save=modules_to_save,
+        # A trained copy of a tied layer (lm_head with tied embeddings) must stay tied to its twin.
+        ensure_weight_tying=bool(modules_to_save),
+        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def make_fully_trainable(model):
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -2,19 +2,21 @@
 
 import logging
 
-from loraforge.errors import ModelError
+from loraforge.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
-def load_tokenizer(path: str, chat_template: str | None = None):
+
+def load_tokenizer(path: str, chat_template: str | None = None, revision: str | None = None, trust_remote_code: bool = False):
     """chat_template: a Jinja string or a path to a .jinja file that replaces the tokenizer's own."""
     from pathlib import Path
 
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ModelError(f"cannot load a tokenizer from {path!r}: {exc}") from None
     if tokenizer.pad_token_id is None:
@@ -31,15 +33,95 @@ def load_tokenizer(path: str, chat_template: str | None = None):
     return tokenizer
 
 
-def load_model(path: str):
+def resolve_precision(precision: str) -> str:
+    """fp32, bf16 or fp16 for this machine; refuses what it cannot run well."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and not cuda:
+        raise ConfigError(["precision: fp16 on a CPU runs through a very slow fallback; use fp32 or bf16 (or auto)"])
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError(["precision: bf16 is not supported by this GPU; use fp16 or auto"])
+    return precision
+
+
+def load_model(
+    path: str,
+    *,
+    dtype: str = "fp32",
+    quantization=None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+    task: str = "causal_lm",
+    labels: list[str] | None = None,
+):
+    """A causal LM (or, for task classification, a model with a classification head over `labels`).
+
+    dtype is that of the frozen weights; quantization is a BitsAndBytesConfig or None.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if trust_remote_code:
+        log.warning("model.trust_remote_code is on: running code shipped with %s", path)
+    kwargs = dict(
+        dtype=getattr(torch, DTYPES[dtype]),
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+    )
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if task == "classification":
+        kwargs.update(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = auto.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise ModelError(
             f"cannot load model {path!r}: {exc}. Use a built-in name (smollm2-135m-instruct), "
             "a local folder, or a hub id while online (model.name)"
         ) from None
+    if task == "classification" and model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
     return model
+
+
+def load_for_run(config, path: str, labels: list[str] | None = None):
+    """The model a run trains or later serves: dtype, quantization and layer variant from its config."""
+    import torch
+
+    from loraforge.model.quantize import bnb_config, keep_cpu_4bit_trainable
+    from loraforge.model.variants import apply_variant
+
+    precision = resolve_precision(config.precision)
+    quant = config.quantization
+    compute = quant.compute_dtype if quant.compute_dtype != "auto" else ("bf16" if precision == "bf16" else "fp32")
+    # Frozen weights may be bf16; trained ones (LoRA adapters, or every weight in full fine-tuning) stay fp32.
+    weights = precision if precision != "fp32" and config.adapter == "lora" else "fp32"
+    if quant.mode != "none" and not torch.cuda.is_available():
+        log.info("bitsandbytes %s quantization on CPU%s", quant.mode,
+                 "; 8-bit matmuls run in fp16 on CPU and are slow" if quant.mode == "8bit" else "")
+    model = load_model(
+        path,
+        dtype=weights,
+        quantization=bnb_config(quant.mode, quant.quant_type, quant.double_quant, getattr(torch, DTYPES[compute])),
+        revision=config.model.revision,
+        trust_remote_code=config.model.trust_remote_code,
+        attn_implementation=config.model.attn_implementation,
+        task=config.task,
+        labels=labels,
+    )
+    if quant.mode == "4bit":
+        keep_cpu_4bit_trainable(model)
+    m = config.model
+    return apply_variant(model, m.variant, m.drop_layers, m.keep_layers)

@@ -8,8 +8,22 @@ from pathlib import Path
 
 from loraforge import rundir
 from loraforge.config import RunConfig, write_resolved
+from loraforge.errors import ConfigError
 
 log = logging.getLogger("loraforge.train")
+
+
+_OUTPUTS = (
+    (rundir.ADAPTER + "/", "LoRA adapter (peft.PeftModel.from_pretrained loads it)"),
+    (rundir.MODEL + "/", "the fully fine-tuned model (transformers loads it)"),
+    (rundir.LABELS, "label names in id order"),
+    (rundir.TOKENIZER + "/", "tokenizer with its chat template"),
+    (rundir.RESOLVED, "the full config this run used"),
+    (rundir.METRICS, "loss, learning rate and tokens/s per logged step"),
+    (rundir.EVAL, "eval loss before and after, sample answers"),
+    (rundir.LOSS_PLOT, "train and eval loss curves"),
+    (rundir.LOG, "the log"),
+)
 
 
 @dataclass
@@ -20,21 +34,18 @@ class TrainResult:
     train_seconds: float
     tokens_per_s: float | None
     samples: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"Run directory: {self.run_dir}"]
-        for name, what in (
-            (rundir.ADAPTER + "/", "LoRA adapter (peft.PeftModel.from_pretrained loads it)"),
-            (rundir.TOKENIZER + "/", "tokenizer with its chat template"),
-            (rundir.RESOLVED, "the full config this run used"),
-            (rundir.METRICS, "loss, learning rate and tokens/s per logged step"),
-            (rundir.EVAL, "eval loss before and after, sample answers"),
-            (rundir.LOSS_PLOT, "train and eval loss curves"),
-            (rundir.LOG, "the log"),
-        ):
-            lines.append(f"  {name:<16} {what}")
+        for name, what in _OUTPUTS:
+            if (self.run_dir / name.rstrip("/")).exists():
+                lines.append(f"  {name:<16} {what}")
         if self.eval_before is not None and self.eval_after is not None:
             lines.append(f"Eval loss: {self.eval_before:.4f} -> {self.eval_after:.4f}")
+        for name in ("accuracy", "macro_f1"):
+            if name in self.metrics:
+                lines.append(f"Eval {name}: {self.metrics[name]:.3f}")
         speed = f", {self.tokens_per_s:.0f} tok/s" if self.tokens_per_s else ""
         lines.append(f"Training time: {self.train_seconds:.0f}s{speed}")
         for sample in self.samples:
@@ -48,23 +59,27 @@ class TrainResult:
 def run_training(config: RunConfig) -> TrainResult:
     from transformers import PrinterCallback, Trainer, set_seed
 
-    from loraforge.data.build import build_datasets
-    from loraforge.data.packing import collator
     from loraforge.data.render import stop_token_ids
     from loraforge.eval.plots import plot_loss
-    from loraforge.model.adapters import apply_lora, parameter_counts
-    from loraforge.model.load import load_model, load_tokenizer
-    from loraforge.model.sources import loraforge_home, resolve_model
+    from loraforge.model.adapters import parameter_counts
+    from loraforge.model.load import load_for_run, load_tokenizer
+    from loraforge.model.sources import resolve_model
     from loraforge.train.callbacks import MetricsCallback, ThroughputCallback
 
     rundir.ensure_free(config.output_dir)
+    _check_optimizer(config.train.optimizer)
     set_seed(config.seed)
     model_path = resolve_model(config.model.name)
     log.info("model %s (%s)", config.model.name, model_path)
-    tokenizer = load_tokenizer(model_path, config.data.chat_template)
-    model = load_model(model_path)
-    stop_ids = stop_token_ids(tokenizer, model.generation_config)
-    data = build_datasets(config.data, tokenizer, stop_ids, config.seed, cache_dir=loraforge_home() / "data-cache")
+    tokenizer = load_tokenizer(model_path, config.data.chat_template, config.model.revision, config.model.trust_remote_code)
+    if config.task == "classification":
+        data = _classification_data(config, tokenizer)
+        model = load_for_run(config, model_path, labels=data.labels)
+        stop_ids = frozenset()
+    else:
+        model = load_for_run(config, model_path)
+        stop_ids = stop_token_ids(tokenizer, model.generation_config)
+        data = _causal_data(config, tokenizer, stop_ids)
     log.info("data: %s", data.stats.summary())
 
     run_dir = rundir.create(config.output_dir)
@@ -75,14 +90,7 @@ def run_training(config: RunConfig) -> TrainResult:
         if config.data.packing:
             # With the KV cache on, SDPA lets packed samples attend to each other; off, position ids keep them apart.
             model.config.use_cache = False
-        model = apply_lora(
-            model,
-            r=config.lora.r,
-            alpha=config.lora.alpha,
-            dropout=config.lora.dropout,
-            target_modules=config.lora.target_modules,
-            bias=config.lora.bias,
-        )
+        model = _trainable(config, model)
         trainable, total = parameter_counts(model)
         log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
 
@@ -92,31 +100,40 @@ def run_training(config: RunConfig) -> TrainResult:
             args=_training_arguments(config, run_dir, has_eval=data.val is not None),
             train_dataset=data.train,
             eval_dataset=data.val,
-            data_collator=collator(tokenizer, packed=config.data.packing),
+            data_collator=data.collator,
             processing_class=tokenizer,
             callbacks=[throughput, MetricsCallback(run_dir / rundir.METRICS, throughput)],
+            compute_loss_func=data.loss,
+            compute_metrics=data.metrics,
         )
         trainer.remove_callback(PrinterCallback)
 
-        before = trainer.evaluate(metric_key_prefix="eval")["eval_loss"] if data.val is not None else None
-        if before is not None:
-            log.info("eval loss before training: %.4f", before)
+        before = trainer.evaluate() if data.val is not None else {}
+        if before:
+            log.info("eval loss before training: %.4f", before["eval_loss"])
         started = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - started
-        after = _final_eval_loss(trainer) if data.val is not None else None
+        after = _final_eval(trainer) if data.val is not None else {}
 
-        model.save_pretrained(run_dir / rundir.ADAPTER)
+        if config.adapter == "full":
+            model.save_pretrained(run_dir / rundir.MODEL)
+        else:
+            model.save_pretrained(run_dir / rundir.ADAPTER)
         tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
-        plot_loss(run_dir / rundir.METRICS, run_dir / rundir.LOSS_PLOT, title=f"{config.model.name} LoRA r={config.lora.r}")
+        if config.task == "classification":
+            (run_dir / rundir.LABELS).write_text(json.dumps(data.labels, indent=2) + "\n", encoding="utf-8")
+        plot_loss(run_dir / rundir.METRICS, run_dir / rundir.LOSS_PLOT, title=f"{config.model.name} {_method(config)}")
         _remove_if_empty(run_dir / rundir.CHECKPOINTS)
 
-        samples = _sample_answers(config, model, tokenizer, stop_ids, data.val_prompts)
+        samples = [] if config.task == "classification" else _sample_answers(config, model, tokenizer, stop_ids, data.val_prompts)
         (run_dir / rundir.EVAL).write_text(
             json.dumps(
                 {
-                    "eval_loss_before": before,
-                    "eval_loss_after": after,
+                    "eval_loss_before": before.get("eval_loss"),
+                    "eval_loss_after": after.get("eval_loss"),
+                    "metrics_before": _metric_values(before),
+                    "metrics_after": _metric_values(after),
                     "data": vars(data.stats),
                     "trainable_parameters": trainable,
                     "train_seconds": round(throughput.train_seconds, 2),
@@ -130,18 +147,120 @@ def run_training(config: RunConfig) -> TrainResult:
         )
         tokens_seen = trainer.state.num_input_tokens_seen
         speed = tokens_seen / throughput.train_seconds if throughput.train_seconds else None
-        return TrainResult(run_dir, before, after, wall, speed, samples)
+        return TrainResult(run_dir, before.get("eval_loss"), after.get("eval_loss"), wall, speed, samples,
+                           metrics=_metric_values(after))
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+
+
+@dataclass
+class _Data:
+    train: object
+    val: object | None
+    stats: object
+    collator: object
+    val_prompts: list[str] = field(default_factory=list)
+    labels: list[str] | None = None
+    loss: object = None
+    metrics: object = None
+
+
+def _causal_data(config: RunConfig, tokenizer, stop_ids) -> _Data:
+    from loraforge.data.build import build_datasets
+    from loraforge.data.packing import collator
+    from loraforge.model.sources import loraforge_home
+
+    bundle = build_datasets(config.data, tokenizer, stop_ids, config.seed, cache_dir=loraforge_home() / "data-cache")
+    return _Data(bundle.train, bundle.val, bundle.stats, collator(tokenizer, packed=config.data.packing),
+                 val_prompts=bundle.val_prompts)
+
+
+def _classification_data(config: RunConfig, tokenizer) -> _Data:
+    from transformers import DataCollatorWithPadding
+
+    from loraforge.data.classify import build_classification
+    from loraforge.eval.metrics import classification_metrics
+
+    train, val, labels, weights, stats = build_classification(config.data, config.classification, tokenizer, config.seed)
+    log.info("labels: %s%s", labels, f"; class weights {[round(w, 3) for w in weights]}" if weights else "")
+
+    def loss(outputs, target, num_items_in_batch=None):
+        import torch
+
+        weight = torch.tensor(weights, dtype=outputs.logits.dtype, device=outputs.logits.device) if weights else None
+        total = torch.nn.functional.cross_entropy(outputs.logits.float(), target, weight=weight, reduction="sum")
+        return total / (num_items_in_batch if num_items_in_batch is not None else target.numel())
+
+    def metrics(prediction):
+        predicted = prediction.predictions.argmax(-1).tolist()
+        found = classification_metrics(predicted, prediction.label_ids.tolist(), labels)
+        return {"accuracy": found["accuracy"], "macro_f1": found["macro_f1"],
+                "confusion_matrix": json.dumps(found["confusion_matrix"]["rows_true_columns_predicted"])}
+
+    return _Data(train, val, stats, DataCollatorWithPadding(tokenizer), labels=labels, loss=loss, metrics=metrics)
+
+
+def _trainable(config: RunConfig, model):
+    from loraforge.model.adapters import apply_lora, make_fully_trainable
+
+    if config.adapter == "full":
+        model = make_fully_trainable(model)
+    else:
+        lora = config.lora
+        model = apply_lora(
+            model,
+            r=lora.r,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            bias=lora.bias,
+            use_dora=lora.use_dora,
+            use_rslora=lora.use_rslora,
+            modules_to_save=lora.modules_to_save,
+            task=config.task,
+            quantized=config.quantization.mode != "none",
+            gradient_checkpointing=config.train.gradient_checkpointing,
+        )
+    if config.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        # Checkpointed blocks need an input that requires grad, which a frozen embedding does not give.
+        model.enable_input_require_grads()
+    return model
+
+
+def _method(config: RunConfig) -> str:
+    if config.adapter == "full":
+        return "full fine-tune"
+    name = "DoRA" if config.lora.use_dora else "LoRA"
+    quant = f" {config.quantization.mode}" if config.quantization.mode != "none" else ""
+    return f"{name}{quant} r={config.lora.r}"
+
+
+def _metric_values(metrics: dict) -> dict:
+    return {k.removeprefix("eval_"): v for k, v in metrics.items()
+            if k.startswith("eval_") and not k.endswith(("runtime", "per_second", "preparation_time"))}
+
+
+def _check_optimizer(optimizer: str) -> None:
+    import torch
+
+    if optimizer != "adamw_torch" and not torch.cuda.is_available():
+        raise ConfigError([f"train.optimizer: {optimizer} (bitsandbytes) needs a CUDA GPU; use adamw_torch on CPU"])
 
 
 def _training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
     import torch
     from transformers import TrainingArguments
 
+    from loraforge.model.load import resolve_precision
+
     train = config.train
+    precision = resolve_precision(config.precision)
     return TrainingArguments(
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        activation_checkpointing=train.gradient_checkpointing,
+        optim=train.optimizer,
         output_dir=str(run_dir / rundir.CHECKPOINTS),
         per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size,
@@ -169,11 +288,11 @@ def _training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
     )
 
 
-def _final_eval_loss(trainer) -> float:
+def _final_eval(trainer) -> dict:
     for record in reversed(trainer.state.log_history):
         if "eval_loss" in record and record.get("step") == trainer.state.global_step:
-            return record["eval_loss"]
-    return trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
+            return record
+    return trainer.evaluate()
 
 
 def _sample_answers(config: RunConfig, model, tokenizer, stop_ids, val_prompts: list[str]) -> list[dict]:
@@ -181,11 +300,21 @@ def _sample_answers(config: RunConfig, model, tokenizer, stop_ids, val_prompts: 
 
     prompts = list(config.eval.sample_prompts) or val_prompts[:1]
     samples = []
+    limit = config.eval.max_new_tokens
+    base_model = None
+    if config.adapter == "full":
+        from loraforge.model.load import load_for_run
+        from loraforge.model.sources import resolve_model
+
+        base_model = load_for_run(config, resolve_model(config.model.name))
     for prompt in prompts:
         messages = prompt_messages(prompt, config.data.system_prompt)
-        with model.disable_adapter():
-            base = generate(model, tokenizer, messages, config.eval.max_new_tokens, stop_ids)
-        tuned = generate(model, tokenizer, messages, config.eval.max_new_tokens, stop_ids)
+        if base_model is not None:
+            base = generate(base_model, tokenizer, messages, limit, stop_ids)
+        else:
+            with model.disable_adapter():
+                base = generate(model, tokenizer, messages, limit, stop_ids)
+        tuned = generate(model, tokenizer, messages, limit, stop_ids)
         samples.append({"prompt": prompt, "base": base, "finetuned": tuned})
     return samples
 

@@ -1,0 +1,92 @@
+"""task: classification on the tiny llama: label maps, class weights, metrics, predict."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from loraforge.data.classify import class_weights, label_set
+from loraforge.errors import ConfigError, DataError
+from loraforge.eval.metrics import classification_metrics
+
+
+def reviews(n=48, seed=0):
+    rng = random.Random(seed)
+    subjects = ["The film", "This book", "The meal", "Our trip", "The show", "That song"]
+    rows = []
+    for i in range(n):
+        positive = i % 3 != 0
+        rows.append({"text": f"{rng.choice(subjects)} was {'great' if positive else 'awful'}",
+                     "label": "positive" if positive else "negative"})
+    return rows
+
+
+def test_metrics():
+    found = classification_metrics([0, 1, 1, 0], [0, 1, 0, 0], ["a", "b"])
+    assert found["accuracy"] == 0.75
+    assert found["confusion_matrix"]["rows_true_columns_predicted"] == [[2, 1], [0, 1]]
+    assert found["f1_per_label"] == {"a": pytest.approx(0.8), "b": pytest.approx(2 / 3)}
+    assert found["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+def test_label_set_and_weights():
+    labels = label_set(["b", "a", "b", "b"], None)
+    assert labels == ["a", "b"]
+    assert class_weights(["b", "a", "b", "b"], labels, "auto") == [2.0, pytest.approx(2 / 3)]
+    assert class_weights(["b", "a"], labels, {"a": 3}) == [3.0, 1.0]
+    assert class_weights(["b", "a"], labels, "none") is None
+    with pytest.raises(DataError, match=r"training labels \['c'\] are not in classification.labels"):
+        label_set(["a", "c"], ["a", "b"])
+    with pytest.raises(ConfigError, match="unknown labels"):
+        class_weights(["a"], labels, {"z": 1.0})
+
+
+def test_classifier_learns_a_separable_task_and_predicts(train_tiny, tmp_path, capsys):
+    from loraforge.cli import main
+
+    config, result = train_tiny(
+        "task=classification", "classification.class_weights=auto", "train.max_steps=30", "train.eval_every=30",
+        "train.learning_rate=0.02", "train.batch_size=8", "lora.target_modules=all-linear",
+        rows=reviews(), fmt="classification",
+    )
+    run = Path(config.output_dir)
+    assert json.loads((run / "labels.json").read_text()) == ["negative", "positive"]
+    report = json.loads((run / "eval.json").read_text())
+    assert report["metrics_after"]["accuracy"] >= 0.9 > report["metrics_before"]["accuracy"], "chance 0.5, majority 0.67"
+    assert report["metrics_after"]["macro_f1"] >= 0.85
+    assert report["eval_loss_after"] < report["eval_loss_before"]
+    assert any("score" in name for name in _adapter_names(run)), "the classification head is trained and saved"
+
+    assert main(["predict", str(run), "--text", "The show was awful"]) == 0
+    label, probability = capsys.readouterr().out.strip().split("\t")
+    assert label == "negative" and float(probability) > 0.5
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("\n".join(json.dumps({"text": t}) for t in ["The meal was great", "That song was awful"]) + "\n")
+    assert main(["predict", str(run), "--file", str(texts)]) == 0
+    predictions = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["label"] for p in predictions] == ["positive", "negative"]
+
+
+def _adapter_names(run):
+    from safetensors.torch import load_file
+
+    return list(load_file(run / "adapter" / "adapter_model.safetensors"))
+
+
+def test_classification_needs_classification_data(tmp_path):
+    from loraforge.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("task: classification\ndata:\n  sources: [{path: d.jsonl, format: messages}]\n")
+    with pytest.raises(ConfigError, match="every data source in format classification"):
+        load_config(path)
+
+
+def test_chat_refuses_a_classification_run_and_predict_a_chat_run(train_tiny, capsys):
+    from loraforge.cli import main
+
+    config, _ = train_tiny("train.max_steps=2")
+    assert main(["predict", config.output_dir, "--text", "x"]) == 2
+    assert "use `loraforge chat" in capsys.readouterr().err
