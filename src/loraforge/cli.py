@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # bitsandbytes warns at import that an optional hub-downloaded CPU kernel is missing; loraforge never uses
+    # that kernel (it serves the inference repack that training turns off).
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:

@@ -41,12 +41,22 @@ def resolve_precision(precision: str) -> str:
     if precision == "auto":
         if cuda:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and not cuda:
         raise ConfigError(["precision: fp16 on a CPU runs through a very slow fallback; use fp32 or bf16 (or auto)"])
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError(["precision: bf16 is not supported by this GPU; use fp16 or auto"])
     return precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AVX512-BF16, AMX); elsewhere bf16 is emulated and slow."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def load_model(
@@ -96,8 +106,11 @@ def load_model(
     return model
 
 
-def load_for_run(config, path: str, labels: list[str] | None = None):
-    """The model a run trains or later serves: dtype, quantization and layer variant from its config."""
+def load_for_run(config, path: str, labels: list[str] | None = None, serving: bool = False):
+    """The model a run trains, or later serves, with the quantization and layer variant of its config.
+
+    Serving loads unquantized weights in fp32, as plain transformers does, whatever precision trained them.
+    """
     import torch
 
     from loraforge.model.quantize import bnb_config, keep_cpu_4bit_trainable
@@ -107,7 +120,7 @@ def load_for_run(config, path: str, labels: list[str] | None = None):
     quant = config.quantization
     compute = quant.compute_dtype if quant.compute_dtype != "auto" else ("bf16" if precision == "bf16" else "fp32")
     # Frozen weights may be bf16; trained ones (LoRA adapters, or every weight in full fine-tuning) stay fp32.
-    weights = precision if precision != "fp32" and config.adapter == "lora" else "fp32"
+    weights = precision if precision != "fp32" and config.adapter == "lora" and not serving else "fp32"
     if quant.mode != "none" and not torch.cuda.is_available():
         log.info("bitsandbytes %s quantization on CPU%s", quant.mode,
                  "; 8-bit matmuls run in fp16 on CPU and are slow" if quant.mode == "8bit" else "")

@@ -1,0 +1,84 @@
+"""fp32 against bf16 (bf16 frozen weights + bf16 autocast, LoRA weights fp32) on this machine, side by side.
+
+Same model, data, seed and steps; eval loss of both adapters is computed in fp32 on the same validation
+set, so only the training precision differs. Prints a table and writes bench/results/precision-<date>.json.
+Run: .venv/bin/python bench/precision.py [STEPS]
+"""
+
+import json
+import platform
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fp32_eval_loss(run_dir: Path, config) -> float:
+    import torch
+    from peft import PeftModel
+    from transformers import Trainer, TrainingArguments
+
+    from loraforge.data.build import build_datasets
+    from loraforge.data.packing import collator
+    from loraforge.data.render import stop_token_ids
+    from loraforge.model.load import load_model, load_tokenizer
+    from loraforge.model.sources import resolve_model
+
+    path = resolve_model(config.model.name)
+    tokenizer = load_tokenizer(path)
+    base = load_model(path, dtype="fp32")
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    data = build_datasets(config.data, tokenizer, stop_token_ids(tokenizer, base.generation_config), config.seed)
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_eval_batch_size=8, report_to="none",
+                             use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, eval_dataset=data.val, data_collator=collator(tokenizer, packed=False))
+    return trainer.evaluate()["eval_loss"]
+
+
+def main(steps: int = 40) -> None:
+    import resource
+
+    import torch
+
+    from loraforge.config import load_config
+    from loraforge.train.recipe import run_training
+
+    work = Path(tempfile.mkdtemp(prefix="precision-"))
+    runs = []
+    for precision in ("fp32", "bf16"):
+        config = load_config(
+            ROOT / "configs" / "default.yaml",
+            [f"precision={precision}", f"train.max_steps={steps}", f"train.eval_every={steps}",
+             f"output_dir={work / precision}", "eval.sample_prompts=[Hello]", "eval.max_new_tokens=1"],
+        )
+        started = time.perf_counter()
+        result = run_training(config)
+        runs.append({
+            "name": precision,
+            "real_tokens_per_s": round(result.tokens_per_s, 1),
+            "train_seconds": round(result.train_seconds, 1),
+            "eval_loss_fp32": round(fp32_eval_loss(work / precision, config), 4),
+            "eval_loss_before": round(result.eval_before, 4),
+            "wall_seconds": round(time.perf_counter() - started, 1),
+        })
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024},
+        "steps": steps,
+        "runs": runs,
+    }
+    out = ROOT / "bench" / "results" / f"precision-{date.today()}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'precision':<10}{'real tok/s':>12}{'train s':>10}{'eval loss (fp32)':>18}")
+    for run in runs:
+        print(f"{run['name']:<10}{run['real_tokens_per_s']:>12}{run['train_seconds']:>10}{run['eval_loss_fp32']:>18}")
+    fp32, bf16 = runs
+    print(f"bf16 speed-up {bf16['real_tokens_per_s'] / fp32['real_tokens_per_s']:.2f}x, "
+          f"eval loss {100 * (bf16['eval_loss_fp32'] / fp32['eval_loss_fp32'] - 1):+.1f}%  -> {out}")
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:]))

@@ -1,0 +1,71 @@
+"""Each model variant trains a few steps on the real built-in SmolLM2-135M-Instruct."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loraforge.config import load_config
+from loraforge.train.recipe import run_training
+from tests.conftest import ROOT, write_jsonl
+
+pytestmark = pytest.mark.integration
+
+BASE = [
+    "train.max_steps=4", "train.batch_size=4", "train.eval_every=4", "train.logging_steps=2",
+    "train.learning_rate=1e-3", "data.val_fraction=0.01", "eval.max_new_tokens=4", "data.cache=false",
+]
+
+
+def train(tmp_path, *overrides):
+    config = load_config(ROOT / "configs" / "default.yaml", [*BASE, f"output_dir={tmp_path / 'run'}", *overrides])
+    return config, run_training(config)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["quantization=4bit"],
+        ["lora.use_dora=true", "lora.use_rslora=true"],
+        ["adapter=full", "train.learning_rate=2e-5"],
+        ["model.variant=drop_layers", "model.drop_layers=[20,21,22]"],
+        ["precision=bf16"],
+    ],
+    ids=["qlora-4bit", "dora-rslora", "full", "drop-layers", "bf16"],
+)
+def test_variant_learns(tmp_path, smollm_path, overrides, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    config, result = train(tmp_path, *overrides)
+    assert result.eval_after < result.eval_before
+
+
+def test_qlora_8bit_learns(tmp_path, smollm_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    _, result = train(tmp_path, "quantization=8bit", "train.max_steps=2", "train.eval_every=2")
+    assert result.eval_after < result.eval_before
+
+
+def test_keep_layers_run_reloads_with_the_same_layer_count(tmp_path, smollm_path, monkeypatch):
+    from loraforge.chat import load_run
+
+    monkeypatch.chdir(ROOT)
+    config, _ = train(tmp_path, "model.variant=keep_layers", "model.keep_layers=24", "train.max_steps=2", "train.eval_every=2")
+    _, model, _, _ = load_run(config.output_dir)
+    assert model.config.num_hidden_layers == 24
+
+
+def test_classification_on_the_builtin_model(tmp_path, smollm_path, monkeypatch):
+    import random
+
+    rng = random.Random(0)
+    subjects = ["The film", "This book", "The meal", "Our trip", "The show", "That song", "The hotel", "His talk"]
+    rows = [{"text": f"{rng.choice(subjects)} was {'wonderful' if i % 2 else 'terrible'}.",
+             "label": "positive" if i % 2 else "negative"} for i in range(64)]
+    data = write_jsonl(tmp_path / "reviews.jsonl", rows)
+    monkeypatch.chdir(ROOT)
+    config, result = train(
+        tmp_path, "task=classification", f"data.sources=[{{path: {data}, format: classification}}]",
+        "data.val_fraction=0.25", "train.max_steps=12", "train.eval_every=12", "train.batch_size=8",
+    )
+    report = json.loads((Path(config.output_dir) / "eval.json").read_text())
+    assert report["metrics_after"]["accuracy"] >= 0.9
