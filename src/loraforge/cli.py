@@ -14,9 +14,21 @@ def _train(args) -> int:
     from loraforge.config import load_config
     from loraforge.train.recipe import run_training
 
-    result = run_training(load_config(args.config, args.overrides))
-    print(result.summary())
+    from loraforge.train.recipe import TrainingStopped
+
+    try:
+        result = run_training(load_config(args.config, args.overrides), resume=args.resume,
+                              allow_changes=args.allow_changes, config_path=args.config)
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if result.samples is not None and _is_main():
+        print(result.summary())
     return 0
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _config_validate(args) -> int:
@@ -78,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune from a config; writes a run directory")
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", **overrides)
+    train.add_argument("--resume", metavar="auto|CHECKPOINT",
+                       help="carry on the run in output_dir from its newest complete checkpoint (auto) or from CHECKPOINT")
+    train.add_argument("--allow-changes", action="store_true",
+                       help="with --resume: resume even though the config or data differ from the checkpoint's")
     train.set_defaults(func=_train)
 
     config = commands.add_parser("config", help="check or print a config")

@@ -14,6 +14,8 @@ LOG = "train.log"
 EVAL = "eval.json"
 LOSS_PLOT = "loss.png"
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+TENSORBOARD = "tensorboard"
 
 
 def ensure_free(output_dir: str | Path) -> Path:

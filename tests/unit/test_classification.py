@@ -47,7 +47,7 @@ def test_classifier_learns_a_separable_task_and_predicts(train_tiny, tmp_path, c
 
     config, result = train_tiny(
         "task=classification", "classification.class_weights=auto", "train.max_steps=30", "train.eval_every=30",
-        "train.learning_rate=0.02", "train.batch_size=8", "lora.target_modules=all-linear",
+        "train.learning_rate=0.005", "train.batch_size=8", "lora.target_modules=all-linear",
         rows=reviews(), fmt="classification",
     )
     run = Path(config.output_dir)

@@ -10,7 +10,9 @@ from loraforge.config import RunConfig, config_to_yaml, load_config, write_resol
 from loraforge.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+LAUNCH = ROOT / "configs" / "launch"
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if LAUNCH not in p.parents)
+LAUNCH_CONFIGS = sorted(LAUNCH.glob("*.yaml"))
 
 
 def write(path: Path, text: str) -> Path:
@@ -26,6 +28,14 @@ MINIMAL = "data:\n  sources:\n    - {path: d.jsonl}\n"
 def test_every_shipped_config_validates(path):
     config = load_config(path)
     assert isinstance(config, RunConfig)
+
+
+@pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=[p.name for p in LAUNCH_CONFIGS])
+def test_launch_configs_are_valid_accelerate_configs(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert config.num_processes >= 2 and config.distributed_type
 
 
 def test_shipped_configs_exist():

@@ -172,6 +172,11 @@ class DataConfig(Section):
     cache: bool = Field(True, description="Reuse tokenized data when files, tokenizer, template and settings match.")
 
 
+class EarlyStopping(Section):
+    patience: int | None = Field(None, ge=1, description="Evaluations without improvement before stopping; null never stops.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change of best_metric that counts as an improvement.")
+
+
 class TrainConfig(Section):
     max_steps: int | None = Field(100, ge=1, description="Optimizer steps to run; set null to use num_epochs.")
     num_epochs: float | None = Field(None, gt=0, description="Passes over the training data; used when max_steps is null.")
@@ -191,6 +196,23 @@ class TrainConfig(Section):
     )
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
         "adamw_torch", description="Optimizer; the 8-bit and paged ones (bitsandbytes) need a CUDA GPU."
+    )
+    save_every: int | None = Field(
+        50, ge=1, description="Write a checkpoint (adapter, optimizer, scheduler, RNG, data position) every this "
+        "many steps; null writes none (a stop by signal still writes one)."
+    )
+    keep_last: int = Field(2, ge=1, description="Complete checkpoints kept besides the best one.")
+    best_metric: str = Field(
+        "eval_loss", description="Evaluation metric that picks the best checkpoint (lower is better for losses, "
+        "higher for the rest), e.g. eval_loss, eval_accuracy."
+    )
+    load_best_at_end: bool = Field(False, description="End with the weights of the best checkpoint instead of the last.")
+    nan_patience: int = Field(
+        1, ge=1, description="Stop after this many optimizer steps in a row with a NaN or inf loss; "
+        "no checkpoint is written from a poisoned step."
+    )
+    early_stopping: "EarlyStopping" = Field(
+        default_factory=lambda: EarlyStopping(), description="Stop when best_metric stops improving."
     )
     group_by_length: bool = Field(
         True,
@@ -241,6 +263,10 @@ class ClassificationConfig(Section):
     )
 
 
+class LoggingConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of train.log and the console.")
+
+
 class RunConfig(Section):
     output_dir: str = Field("runs/default", description="Run directory that receives everything the run writes.")
     seed: int = Field(42, description="Seed for the data split, LoRA initialisation and data order.")
@@ -265,6 +291,12 @@ class RunConfig(Section):
     data: DataConfig = Field(description="Training data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and sample generations.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Trackers that receive the metrics; tensorboard writes event files into the run directory. "
+        "wandb and mlflow need their package installed and their own settings (WANDB_MODE=offline, MLFLOW_TRACKING_URI).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -33,7 +33,7 @@ def cache_key(data_config, seed: int, tokenizer, stop_ids) -> str:
     add("seed", seed)
     for source in data_config.sources:
         path = Path(source.path)
-        add("file", _file_digest(path) if path.is_file() else f"hub:{source.path}:{source.hub_split}")
+        add("file", file_digest(path) if path.is_file() else f"hub:{source.path}:{source.hub_split}")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     add("tokenizer", backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True))
     add("special", json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str))
@@ -42,7 +42,7 @@ def cache_key(data_config, seed: int, tokenizer, stop_ids) -> str:
     return digest.hexdigest()[:24]
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -2,13 +2,14 @@
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraforge import rundir
 from loraforge.config import RunConfig, write_resolved
-from loraforge.errors import ConfigError
+from loraforge.errors import ConfigError, LoraforgeError
 
 log = logging.getLogger("loraforge.train")
 
@@ -22,6 +23,9 @@ _OUTPUTS = (
     (rundir.METRICS, "loss, learning rate and tokens/s per logged step"),
     (rundir.EVAL, "eval loss before and after, sample answers"),
     (rundir.LOSS_PLOT, "train and eval loss curves"),
+    (rundir.MANIFEST, "versions, hardware, seed, data fingerprints, wall time, peak memory"),
+    (rundir.TENSORBOARD + "/", "TensorBoard events (tensorboard --logdir ...)"),
+    (rundir.CHECKPOINTS + "/", "complete checkpoints (--resume auto)"),
     (rundir.LOG, "the log"),
 )
 
@@ -56,17 +60,35 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def run_training(config: RunConfig) -> TrainResult:
-    from transformers import PrinterCallback, Trainer, set_seed
+class TrainingStopped(LoraforgeError):
+    """Training ended early: interrupted by a signal, or stopped by a non-finite loss."""
 
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_training(config: RunConfig, resume: str | None = None, allow_changes: bool = False,
+                 config_path: str | None = None) -> TrainResult:
+    """Train from a config; with resume ("auto" or a checkpoint folder), carry on a run from its checkpoint."""
+    from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
+
+    from loraforge.data.cache import cache_key
     from loraforge.data.render import stop_token_ids
     from loraforge.eval.plots import plot_loss
     from loraforge.model.adapters import parameter_counts
     from loraforge.model.load import load_for_run, load_tokenizer
     from loraforge.model.sources import resolve_model
     from loraforge.train.callbacks import MetricsCallback, ThroughputCallback
+    from loraforge.train.checkpoints import latest_complete
+    from loraforge.train.manifest import write_manifest
+    from loraforge.train.resume import check_compatible, config_fingerprint, find_checkpoint, rewind_metrics
+    from loraforge.train.trainer import LoraforgeTrainer, NanGuard, SignalStop
 
-    rundir.ensure_free(config.output_dir)
+    is_main = _is_main_process()
+    checkpoint = find_checkpoint(Path(config.output_dir), resume) if resume else None
+    if checkpoint is None and is_main:
+        rundir.ensure_free(config.output_dir)
     _check_optimizer(config.train.optimizer)
     set_seed(config.seed)
     model_path = resolve_model(config.model.name)
@@ -81,11 +103,16 @@ def run_training(config: RunConfig) -> TrainResult:
         stop_ids = stop_token_ids(tokenizer, model.generation_config)
         data = _causal_data(config, tokenizer, stop_ids)
     log.info("data: %s", data.stats.summary())
+    fingerprints = {"config": config_fingerprint(config), "data": cache_key(config.data, config.seed, tokenizer, stop_ids)}
+    if checkpoint is not None:
+        check_compatible(config, checkpoint, fingerprints, allow_changes)
 
-    run_dir = rundir.create(config.output_dir)
-    handler = _log_to_file(run_dir / rundir.LOG)
+    run_dir = rundir.create(config.output_dir) if checkpoint is None and is_main else Path(config.output_dir)
+    handler = _log_to_file(run_dir / rundir.LOG, config.logging.level) if is_main else None
+    stop = SignalStop()
     try:
-        write_resolved(config, run_dir)
+        if is_main:
+            write_resolved(config, run_dir)
         log.info("model %s (%s); data: %s", config.model.name, model_path, data.stats.summary())
         if config.data.packing:
             # With the KV cache on, SDPA lets packed samples attend to each other; off, position ids keep them apart.
@@ -95,7 +122,9 @@ def run_training(config: RunConfig) -> TrainResult:
         log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
 
         throughput = ThroughputCallback()
-        trainer = Trainer(
+        # TensorBoardCallback reads its folder from the environment when the trainer is built.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / rundir.TENSORBOARD)
+        trainer = LoraforgeTrainer(
             model=model,
             args=_training_arguments(config, run_dir, has_eval=data.val is not None),
             train_dataset=data.train,
@@ -105,16 +134,53 @@ def run_training(config: RunConfig) -> TrainResult:
             callbacks=[throughput, MetricsCallback(run_dir / rundir.METRICS, throughput)],
             compute_loss_func=data.loss,
             compute_metrics=data.metrics,
+            keep_last=config.train.keep_last,
+            fingerprints=fingerprints,
         )
         trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(NanGuard(trainer, config.train.nan_patience))
+        trainer.add_callback(stop)
+        early = config.train.early_stopping
+        if early.patience is not None and data.val is not None:
+            trainer.add_callback(EarlyStoppingCallback(early.patience, early.min_delta))
 
-        before = trainer.evaluate() if data.val is not None else {}
+        if checkpoint is not None:
+            log.info("resuming from %s", checkpoint)
+            first = rewind_metrics(run_dir / rundir.METRICS, checkpoint) if is_main else None
+            before = {"eval_loss": first["eval_loss"]} if first else {}
+        else:
+            before = trainer.evaluate() if data.val is not None else {}
         if before:
             log.info("eval loss before training: %.4f", before["eval_loss"])
+        stop.install()
         started = time.perf_counter()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         wall = time.perf_counter() - started
-        after = _final_eval(trainer) if data.val is not None else {}
+        stop.uninstall()
+        resume_hint = f"loraforge train {config_path or 'CONFIG'} output_dir={run_dir} --resume auto"
+        if trainer.poisoned_step is not None:
+            last_good = latest_complete(run_dir / rundir.CHECKPOINTS)
+            raise TrainingStopped(
+                f"the training loss became NaN or inf at step {trainer.poisoned_step} (train.nan_patience="
+                f"{config.train.nan_patience}); stopped without saving that state. Last good checkpoint: "
+                f"{last_good or 'none'}. Lower train.learning_rate or check the data, then resume or restart",
+                exit_code=3,
+            )
+        if stop.received:
+            raise TrainingStopped(
+                f"stopped by {stop.received} after step {trainer.state.global_step}; checkpoint "
+                f"{latest_complete(run_dir / rundir.CHECKPOINTS)} written. Resume with: {resume_hint}",
+                exit_code=130 if stop.received == "SIGINT" else 143,
+            )
+        if config.train.load_best_at_end and trainer.state.best_model_checkpoint:
+            log.info("loading the best checkpoint %s (%s %.4f)", trainer.state.best_model_checkpoint,
+                     config.train.best_metric, trainer.state.best_metric)
+            trainer._load_from_checkpoint(trainer.state.best_model_checkpoint)
+            after = trainer.evaluate()
+        else:
+            after = _final_eval(trainer) if data.val is not None else {}
+        if not is_main:
+            return TrainResult(run_dir, before.get("eval_loss"), after.get("eval_loss"), wall, None)
 
         if config.adapter == "full":
             model.save_pretrained(run_dir / rundir.MODEL)
@@ -145,13 +211,21 @@ def run_training(config: RunConfig) -> TrainResult:
             + "\n",
             encoding="utf-8",
         )
+        write_manifest(run_dir / rundir.MANIFEST, config, fingerprints, trainable, wall,
+                       resumed_from=str(checkpoint) if checkpoint else None, steps=trainer.state.global_step)
         tokens_seen = trainer.state.num_input_tokens_seen
         speed = tokens_seen / throughput.train_seconds if throughput.train_seconds else None
         return TrainResult(run_dir, before.get("eval_loss"), after.get("eval_loss"), wall, speed, samples,
                            metrics=_metric_values(after))
     finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        stop.uninstall()
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 @dataclass
@@ -275,8 +349,12 @@ def _training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
         logging_steps=train.logging_steps,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=train.eval_every,
-        save_strategy="no",
-        report_to="none",
+        save_strategy="steps" if train.save_every else "no",
+        save_steps=train.save_every or 500,
+        metric_for_best_model=train.best_metric if has_eval else None,
+        greater_is_better=None if not has_eval else "loss" not in train.best_metric,
+        logging_nan_inf_filter=False,
+        report_to=list(config.report_to) or "none",
         seed=config.seed,
         data_seed=config.seed,
         use_cpu=not torch.cuda.is_available(),
@@ -324,10 +402,10 @@ def _remove_if_empty(path: Path) -> None:
         path.rmdir()
 
 
-def _log_to_file(path: Path) -> logging.Handler:
+def _log_to_file(path: Path, level: str = "INFO") -> logging.Handler:
     handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(level)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
-    if logging.getLogger("loraforge").getEffectiveLevel() > logging.INFO:
-        logging.getLogger("loraforge").setLevel(logging.INFO)
+    logging.getLogger("loraforge").setLevel(level)
     return handler

@@ -1,0 +1,82 @@
+"""Resuming a run: which checkpoint, whether it matches the config and data, and tidying the metrics."""
+
+import hashlib
+import json
+from pathlib import Path
+
+from loraforge import rundir
+from loraforge.errors import ConfigError, RunDirError
+from loraforge.train.checkpoints import latest_complete, read_marker, step_of
+
+IGNORED_ON_RESUME = ("output_dir",)
+
+
+def config_fingerprint(config) -> str:
+    data = config.model_dump(mode="json")
+    for key in IGNORED_ON_RESUME:
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path:
+    """`auto`: the newest complete checkpoint of run_dir; otherwise the checkpoint folder given."""
+    run_dir = Path(run_dir)
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / "COMPLETE").is_file():
+            raise RunDirError(f"--resume {path}: not a complete checkpoint (no COMPLETE marker); use --resume auto")
+        return path
+    if not (run_dir / rundir.RESOLVED).is_file():
+        raise RunDirError(f"--resume: {run_dir} holds no run ({rundir.RESOLVED} missing); check output_dir")
+    found = latest_complete(run_dir / rundir.CHECKPOINTS)
+    if found is None:
+        raise RunDirError(
+            f"--resume auto: no complete checkpoint in {run_dir / rundir.CHECKPOINTS}; start a new run "
+            "with another output_dir, or set train.save_every so checkpoints are written"
+        )
+    return found
+
+
+def check_compatible(config, checkpoint: Path, fingerprints: dict, allow_changes: bool) -> None:
+    """Refuse to resume with another config or other data, unless allowed; list what differs."""
+    from loraforge.config import load_config
+
+    if allow_changes:
+        return
+    marker = read_marker(checkpoint)
+    problems = []
+    if marker.get("config") != fingerprints["config"]:
+        before = _flat(load_config(Path(checkpoint).parents[1] / rundir.RESOLVED).model_dump(mode="json"))
+        now = _flat(config.model_dump(mode="json"))
+        for key in sorted(set(before) | set(now)):
+            if key not in IGNORED_ON_RESUME and before.get(key) != now.get(key):
+                problems.append(f"{key}: {before.get(key)!r} in the checkpoint's run, {now.get(key)!r} now")
+        if not problems:
+            problems.append("the config differs from the one the checkpoint was written with")
+    if marker.get("data") != fingerprints["data"]:
+        problems.append("the data (files, tokenizer or data settings) differs from the checkpoint's")
+    if problems:
+        raise ConfigError(problems + ["pass --allow-changes to resume anyway"], source=f"resume from {checkpoint}")
+
+
+def _flat(data, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def rewind_metrics(metrics_path: Path, checkpoint: Path) -> dict | None:
+    """Drop records logged after the checkpoint's step; return the step-0 evaluation if there is one."""
+    metrics_path = Path(metrics_path)
+    if not metrics_path.is_file():
+        return None
+    step = step_of(Path(checkpoint))
+    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [r for r in records if r.get("step", 0) <= step]
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    return next((r for r in kept if r.get("step") == 0 and "eval_loss" in r), None)

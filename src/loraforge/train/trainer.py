@@ -1,0 +1,162 @@
+"""HF Trainer with atomic checkpoints, a NaN/inf guard and a clean stop on SIGTERM/SIGINT."""
+
+import errno
+import json
+import logging
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+from loraforge.errors import LoraforgeError
+from loraforge.train.checkpoints import PREFIX, STAGING, latest_complete, publish, rotate
+
+log = logging.getLogger("loraforge.train")
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+class CheckpointError(LoraforgeError):
+    """A checkpoint could not be written; the previous complete one is untouched."""
+
+
+class LoraforgeTrainer(Trainer):
+    def __init__(self, *args, keep_last: int = 2, fingerprints: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_last = keep_last
+        self.fingerprints = fingerprints or {}
+        self.step_had_nonfinite_loss = False
+        self.poisoned_step: int | None = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            # HF draws the length-grouped order from the global RNG, whose state at that moment differs between
+            # a straight run and a resumed one; a generator seeded per epoch makes the order reproducible.
+            return SeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths,
+                                              seed=self.args.data_seed or self.args.seed)
+        return sampler
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(loss).all()):
+            self.step_had_nonfinite_loss = True
+        return loss
+
+    def _save_checkpoint(self, model, trial):
+        step = self.state.global_step
+        root = Path(self.args.output_dir)
+        if self.poisoned_step is not None:
+            log.warning("no checkpoint at step %d: the loss went non-finite at step %d", step, self.poisoned_step)
+            return
+        staging_root = root / f"{STAGING}{step}"
+        self.args.output_dir = str(staging_root)
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+        except OSError as exc:
+            shutil.rmtree(staging_root, ignore_errors=True)
+            previous = latest_complete(root)
+            reason = "the disk is full" if exc.errno == errno.ENOSPC else f"{exc.strerror or exc}"
+            raise CheckpointError(
+                f"could not write checkpoint {PREFIX}{step} in {root}: {reason}. Nothing was counted as complete; "
+                f"the last complete checkpoint is {previous or 'none'}. Free space and resume with --resume auto"
+            ) from exc
+        except BaseException:
+            shutil.rmtree(staging_root, ignore_errors=True)
+            raise
+        finally:
+            self.args.output_dir = str(root)
+        if not self.args.should_save:
+            return
+        final = root / f"{PREFIX}{step}"
+        staged = staging_root / final.name
+        best = root / f"{PREFIX}{self.state.best_global_step}" if self.state.best_global_step else None
+        _point_state_at(staged, best)
+        publish(staged, final, {"step": step, **self.fingerprints})
+        shutil.rmtree(staging_root, ignore_errors=True)
+        if best is not None and best.exists():
+            self.state.best_model_checkpoint = str(best)
+        rotate(root, self.keep_last, keep={best} if best is not None else set())
+        log.info("checkpoint %s written", final)
+
+
+def _point_state_at(staged: Path, best: Path | None) -> None:
+    """trainer_state.json was written while the checkpoint sat in staging; point it at the final paths."""
+    state_file = staged / "trainer_state.json"
+    if not state_file.is_file():
+        return
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    state["best_model_checkpoint"] = str(best) if best is not None and (best.exists() or best.name == staged.name) else None
+    state_file.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+class NanGuard(TrainerCallback):
+    """Stops after `patience` optimizer steps in a row with a non-finite loss; no checkpoint is saved after."""
+
+    def __init__(self, trainer: LoraforgeTrainer, patience: int):
+        self.trainer = trainer
+        self.patience = patience
+        self.bad_steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.trainer.step_had_nonfinite_loss:
+            self.bad_steps = 0
+            return
+        self.trainer.step_had_nonfinite_loss = False
+        self.bad_steps += 1
+        if self.bad_steps == 1:
+            self.first_bad_step = state.global_step
+        if self.bad_steps >= self.patience:
+            self.trainer.poisoned_step = self.first_bad_step
+            control.should_save = False
+            control.should_evaluate = False
+            control.should_training_stop = True
+
+
+class SignalStop(TrainerCallback):
+    """SIGTERM or SIGINT: finish the optimizer step in flight, save a checkpoint, stop. A second SIGINT aborts."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: finishing this step and writing a checkpoint (Ctrl-C again to abort)", self.received)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received:
+            control.should_save = True
+            control.should_evaluate = False
+            control.should_training_stop = True

@@ -1,0 +1,308 @@
+"""Run lifecycle on the tiny llama: exact resume, signals, crashes and full disks while saving, NaN, tracking."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraforge import rundir
+from loraforge.config import load_config
+from loraforge.errors import ConfigError, RunDirError
+from loraforge.train.checkpoints import MARKER, complete_checkpoints, latest_complete
+from loraforge.train.recipe import TrainingStopped, run_training
+from loraforge.train.trainer import CheckpointError
+from tests.conftest import ECHO_ROWS, ROOT, write_jsonl
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "echo.jsonl", ECHO_ROWS)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        f"""
+model: {{name: {tiny_model_dir}}}
+lora: {{r: 4, alpha: 8, dropout: 0.1}}
+data: {{sources: [{{path: {data}}}], val_fraction: 0.25, cache: false}}
+train: {{max_steps: 8, batch_size: 4, learning_rate: 0.01, eval_every: 4, logging_steps: 1, warmup_ratio: 0.0,
+         save_every: 3, keep_last: 10}}
+eval: {{sample_prompts: [Echo red], max_new_tokens: 2}}
+report_to: []
+""",
+        encoding="utf-8",
+    )
+
+    def make(name, *overrides):
+        return load_config(path, [f"output_dir={tmp_path / name}", *overrides]), path
+
+    return make
+
+
+def losses(run_dir):
+    records = [json.loads(l) for l in (Path(run_dir) / rundir.METRICS).read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def adapter(run_dir):
+    return load_file(Path(run_dir) / "adapter" / "adapter_model.safetensors")
+
+
+def branch_from(straight_dir: Path, checkpoint_step: int, new_dir: Path) -> None:
+    """A run directory as a run stopped right after checkpoint N would have left it."""
+    new_dir.mkdir()
+    shutil.copy(straight_dir / rundir.RESOLVED, new_dir / rundir.RESOLVED)
+    records = [json.loads(l) for l in (straight_dir / rundir.METRICS).read_text().splitlines()]
+    later = [r for r in records if r["step"] <= checkpoint_step + 1]
+    (new_dir / rundir.METRICS).write_text("".join(json.dumps(r) + "\n" for r in later))
+    (new_dir / rundir.CHECKPOINTS).mkdir()
+    name = f"checkpoint-{checkpoint_step}"
+    shutil.copytree(straight_dir / rundir.CHECKPOINTS / name, new_dir / rundir.CHECKPOINTS / name)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["train.batch_size=2", "train.grad_accum=2"], ["data.packing=true", "data.max_length=64"]],
+    ids=["plain", "grad-accum-2", "packing"],
+)
+def test_resumed_run_equals_straight_run(make_config, tmp_path, overrides):
+    straight, _ = make_config("straight", *overrides)
+    run_training(straight)
+    straight_dir = Path(straight.output_dir)
+    assert [c.name for c in complete_checkpoints(straight_dir / rundir.CHECKPOINTS)] == [
+        "checkpoint-3", "checkpoint-6", "checkpoint-8"]
+
+    resumed_dir = tmp_path / "resumed"
+    branch_from(straight_dir, 3, resumed_dir)
+    resumed, _ = make_config("resumed", *overrides)
+    run_training(resumed, resume="auto")
+
+    assert losses(resumed_dir) == losses(straight_dir), "same loss at every step (step 4 was logged twice: rewound)"
+    a, b = adapter(straight_dir), adapter(resumed_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "bit-identical adapter weights"
+    manifest = json.loads((resumed_dir / rundir.MANIFEST).read_text())
+    assert manifest["resumed_from"].endswith("checkpoint-3")
+
+
+def test_resume_in_the_second_epoch_equals_straight_run(make_config, tmp_path):
+    straight, _ = make_config("straight2")
+    run_training(straight)
+    branch_from(Path(straight.output_dir), 6, tmp_path / "resumed2")
+    resumed, _ = make_config("resumed2")
+    run_training(resumed, resume=str(tmp_path / "resumed2" / rundir.CHECKPOINTS / "checkpoint-6"))
+    assert losses(tmp_path / "resumed2") == losses(straight.output_dir), "18 rows / batch 4: step 6 is in epoch 2"
+    a, b = adapter(straight.output_dir), adapter(tmp_path / "resumed2")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_config_unless_allowed(make_config):
+    config, _ = make_config("run")
+    run_training(config)
+    changed, _ = make_config("run", "train.learning_rate=0.02")
+    with pytest.raises(ConfigError) as info:
+        run_training(changed, resume="auto")
+    assert "train.learning_rate: 0.01 in the checkpoint's run, 0.02 now" in str(info.value)
+    assert "--allow-changes" in str(info.value)
+    more, _ = make_config("run", "train.max_steps=9", "train.learning_rate=0.02")
+    run_training(more, resume="auto", allow_changes=True)
+    assert losses(config.output_dir)[-1][0] == 9
+
+
+def test_resume_refuses_other_data(make_config, tmp_path):
+    config, _ = make_config("run")
+    run_training(config)
+    data = Path(config.data.sources[0].path)
+    data.write_text(data.read_text() + json.dumps(ECHO_ROWS[0]) + "\n")
+    with pytest.raises(ConfigError, match="the data .* differs from the checkpoint's"):
+        run_training(config, resume="auto")
+
+
+def test_resume_needs_a_complete_checkpoint(make_config, tmp_path):
+    config, _ = make_config("never")
+    with pytest.raises(RunDirError, match="holds no run"):
+        run_training(config, resume="auto")
+    with pytest.raises(RunDirError, match="not a complete checkpoint"):
+        run_training(config, resume=str(tmp_path))
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(make_config, monkeypatch, tmp_path):
+    from transformers import Trainer
+
+    config, _ = make_config("crash")
+    real = Trainer._save_optimizer_and_scheduler
+    calls = []
+
+    def crash_on_second(self, output_dir):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash while writing optimizer.pt")
+        return real(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", crash_on_second)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(config)
+    folder = Path(config.output_dir) / rundir.CHECKPOINTS
+    assert [c.name for c in complete_checkpoints(folder)] == ["checkpoint-3"]
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-3"], "nothing half-written left in place"
+
+    # A hard kill cannot clean up: its leftover has no marker and is never resumed from.
+    leftover = folder / ".staging-6" / "checkpoint-6"
+    leftover.mkdir(parents=True)
+    (leftover / "adapter_model.safetensors").write_bytes(b"half")
+    (folder / "checkpoint-7").mkdir()
+    assert latest_complete(folder).name == "checkpoint-3"
+    monkeypatch.undo()
+    run_training(config, resume="auto")
+    assert losses(config.output_dir)[-1][0] == 8
+    assert not (folder / ".staging-6").exists() or not (folder / ".staging-6" / "checkpoint-6" / MARKER).exists()
+
+
+def test_disk_full_while_saving_is_a_clear_error(make_config, monkeypatch):
+    import transformers.trainer as trainer_module
+
+    config, _ = make_config("full-disk")
+    real = torch.save
+    saves = []
+
+    def no_space_on_second_checkpoint(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt"):
+            saves.append(f)
+            if len(saves) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.torch, "save", no_space_on_second_checkpoint)
+    with pytest.raises(CheckpointError) as info:
+        run_training(config)
+    message = str(info.value)
+    assert "checkpoint-6" in message and "the disk is full" in message and "checkpoint-3" in message
+    folder = Path(config.output_dir) / rundir.CHECKPOINTS
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-3"]
+
+
+def test_nan_loss_stops_and_is_never_checkpointed(make_config, monkeypatch):
+    from loraforge.train.trainer import LoraforgeTrainer
+
+    config, _ = make_config("nan", "train.save_every=1")
+    real = LoraforgeTrainer.compute_loss
+
+    def poisoned_from_step_5(self, model, inputs, *args, **kwargs):
+        loss = real(self, model, inputs, *args, **kwargs)
+        if model.training and self.state.global_step >= 4:
+            loss = loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(LoraforgeTrainer, "compute_loss", poisoned_from_step_5)
+    with pytest.raises(TrainingStopped) as info:
+        run_training(config)
+    assert info.value.exit_code == 3
+    assert "became NaN or inf at step 5" in str(info.value) and "checkpoint-4" in str(info.value)
+    run = Path(config.output_dir)
+    assert latest_complete(run / rundir.CHECKPOINTS).name == "checkpoint-4"
+    assert not (run / rundir.ADAPTER).exists()
+    assert any(r[0] == 5 and r[1] != r[1] for r in losses(run)), "the NaN is logged, not filtered out"
+
+
+def test_nan_patience_counts_steps_in_a_row_and_names_the_first(make_config, monkeypatch):
+    from loraforge.train.trainer import LoraforgeTrainer
+
+    config, _ = make_config("nan-patience", "train.nan_patience=2", "train.save_every=null")
+    real = LoraforgeTrainer.compute_loss
+
+    def nan_at_step_3_only(self, model, inputs, *args, **kwargs):
+        loss = real(self, model, inputs, *args, **kwargs)
+        return loss * float("nan") if model.training and self.state.global_step == 2 else loss
+
+    monkeypatch.setattr(LoraforgeTrainer, "compute_loss", nan_at_step_3_only)
+    with pytest.raises(TrainingStopped, match="at step 3"):
+        run_training(config)
+    logged = losses(config.output_dir)
+    assert [step for step, loss in logged if loss != loss] == [3, 4], "step 3's update poisoned the weights"
+    assert logged[-1][0] == 4, "patience 2: stopped after the second bad step in a row"
+
+
+def test_early_stopping(make_config):
+    config, _ = make_config("early", "train.eval_every=1", "train.early_stopping.patience=2",
+                            "train.early_stopping.min_delta=100")
+    run_training(config)
+    assert losses(config.output_dir)[-1][0] == 3, "no eval improves by 100, so the third evaluation stops it"
+
+
+def test_load_best_at_end_and_keep_last(make_config):
+    config, _ = make_config("best", "train.save_every=1", "train.eval_every=1", "train.keep_last=2",
+                            "train.load_best_at_end=true", "train.learning_rate=0.05")
+    result = run_training(config)
+    run = Path(config.output_dir)
+    records = [json.loads(l) for l in (run / rundir.METRICS).read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r and r["step"] > 0}
+    best_step = min(evals, key=evals.get)
+    kept = {c.name for c in complete_checkpoints(run / rundir.CHECKPOINTS)}
+    assert kept == {"checkpoint-7", "checkpoint-8", f"checkpoint-{best_step}"}
+    assert result.eval_after == pytest.approx(evals[best_step], abs=1e-5)
+
+
+def test_manifest_and_tensorboard(make_config):
+    config, _ = make_config("tracked", "report_to=[tensorboard]")
+    run_training(config)
+    run = Path(config.output_dir)
+    manifest = json.loads((run / rundir.MANIFEST).read_text())
+    assert manifest["versions"]["torch"] == torch.__version__.split("+")[0] or manifest["versions"]["torch"]
+    assert manifest["seed"] == 42 and manifest["trainable_parameters"] > 0
+    assert manifest["peak_memory"]["process_rss_mb"] > 0 and manifest["wall_seconds"] > 0
+    assert list(manifest["data_files"].values())[0] and manifest["hardware"]["cpu_count"]
+    assert list((run / rundir.TENSORBOARD).rglob("events.out.tfevents.*"))
+
+
+def _wait_for(path: Path, text: str, timeout: float):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and text in path.read_text():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_writes_a_checkpoint_and_says_how_to_resume(make_config, sig, code):
+    config, path = make_config(f"signal-{sig.name}", "train.max_steps=400", "train.save_every=null", "train.eval_every=1000")
+    overrides = [f"output_dir={config.output_dir}", "train.max_steps=400", "train.save_every=null", "train.eval_every=1000"]
+    process = subprocess.Popen([sys.executable, "-m", "loraforge", "train", str(path), *overrides], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for(Path(config.output_dir) / rundir.METRICS, '"loss"', timeout=120), "training started"
+        process.send_signal(sig)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == code, err[-3000:]
+    checkpoint = latest_complete(Path(config.output_dir) / rundir.CHECKPOINTS)
+    assert checkpoint is not None and 0 < int(checkpoint.name.split("-")[1]) < 400
+    assert f"stopped by {sig.name}" in err and "--resume auto" in err and str(checkpoint) in err
+    resumed = load_config(path, [*overrides, "train.max_steps=400"])
+    run_training(resumed, resume="auto")
+    assert losses(config.output_dir)[-1][0] == 400
+
+
+def test_two_process_ddp_on_cpu(make_config, tmp_path):
+    config, path = make_config("ddp", "train.max_steps=4", "train.save_every=2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "loraforge", "train", str(path), f"output_dir={config.output_dir}", "train.max_steps=4",
+         "train.save_every=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    run = Path(config.output_dir)
+    steps = [json.loads(l)["step"] for l in (run / rundir.METRICS).read_text().splitlines() if '"loss"' in l]
+    assert steps == [1, 2, 3, 4], "rank 0 alone writes metrics"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert [c.name for c in complete_checkpoints(run / rundir.CHECKPOINTS)] == ["checkpoint-2", "checkpoint-4"]
+    assert done.stdout.count("Run directory:") == 1
