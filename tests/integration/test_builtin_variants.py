@@ -69,3 +69,30 @@ def test_classification_on_the_builtin_model(tmp_path, smollm_path, monkeypatch)
     )
     report = json.loads((Path(config.output_dir) / "eval.json").read_text())
     assert report["metrics_after"]["accuracy"] >= 0.9
+
+
+def test_exact_resume_on_the_builtin_model(tmp_path, smollm_path, monkeypatch):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(ROOT)
+    common = ["train.max_steps=4", "train.save_every=2", "train.logging_steps=1", "train.eval_every=100",
+              "train.batch_size=2", "data.val_fraction=0.01", "eval.max_new_tokens=1", "data.cache=false"]
+    straight = load_config(ROOT / "configs" / "default.yaml", [*common, f"output_dir={tmp_path / 'straight'}"])
+    run_training(straight)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / "straight" / "resolved.yaml", resumed_dir / "resolved.yaml")
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-2", resumed_dir / "checkpoints" / "checkpoint-2")
+    resumed = load_config(ROOT / "configs" / "default.yaml", [*common, f"output_dir={resumed_dir}"])
+    run_training(resumed, resume="auto")
+
+    def losses(run):
+        return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+    assert losses(resumed_dir) == losses(tmp_path / "straight")[2:]
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed_dir / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -306,3 +306,30 @@ def test_two_process_ddp_on_cpu(make_config, tmp_path):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert [c.name for c in complete_checkpoints(run / rundir.CHECKPOINTS)] == ["checkpoint-2", "checkpoint-4"]
     assert done.stdout.count("Run directory:") == 1
+
+
+def test_mlflow_with_a_local_file_store(make_config, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "loraforge-test")
+    config, _ = make_config("mlflow", "report_to=[mlflow]", "train.max_steps=2", "train.save_every=null")
+    run_training(config)
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["loraforge-test"], output_format="list")
+    assert len(runs) == 1
+    history = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2]
+
+
+def test_wandb_offline(make_config, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config, _ = make_config("wandb", "report_to=[wandb]", "train.max_steps=2", "train.save_every=null")
+    run_training(config)
+    offline = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0
