@@ -70,6 +70,20 @@ def _chat(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from loraforge.eval.run import format_results, run_eval
+
+    print(format_results(run_eval(args.run_dir, args.data, args.compare_base, args.max_samples)))
+    return 0
+
+
+def _merge(args) -> int:
+    from loraforge.export.merge import run_merge
+
+    print(run_merge(args.run_dir, args.out).summary())
+    return 0
+
+
 def _predict(args) -> int:
     from loraforge.predict import run_predict
 
@@ -122,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--prompt", help="answer this one prompt and exit")
     chat.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: eval.max_new_tokens)")
     chat.set_defaults(func=_chat)
+    evaluate = commands.add_parser("eval", help="loss, perplexity, token accuracy and generation metrics of a run")
+    evaluate.add_argument("run_dir", help="run directory of a causal_lm run")
+    evaluate.add_argument("--data", help="a data file in the run's source format (default: the run's validation split)")
+    evaluate.add_argument("--compare-base", action="store_true", help="evaluate the base model the same way, side by side")
+    evaluate.add_argument("--max-samples", type=int, default=32, help="rows answered for generation metrics (default 32)")
+    evaluate.set_defaults(func=_eval)
+
+    merge = commands.add_parser("merge", help="fold the adapter into its base; save a model plain transformers loads")
+    merge.add_argument("run_dir", help="run directory of a LoRA run")
+    merge.add_argument("--out", help="output folder (default RUN_DIR/merged)")
+    merge.set_defaults(func=_merge)
+
     predict = commands.add_parser("predict", help="labels for texts from a classification run")
     predict.add_argument("run_dir", help="run directory of a task: classification run")
     source = predict.add_mutually_exclusive_group(required=True)

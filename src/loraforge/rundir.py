@@ -7,6 +7,8 @@ from loraforge.errors import RunDirError
 RESOLVED = "resolved.yaml"
 ADAPTER = "adapter"
 MODEL = "model"
+MERGED = "merged"
+REPORT = "report.md"
 LABELS = "labels.json"
 TOKENIZER = "tokenizer"
 METRICS = "metrics.jsonl"

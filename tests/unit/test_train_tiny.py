@@ -67,6 +67,15 @@ def test_loss_curve_png_is_drawn_from_the_metrics(tiny_run):
     assert [p.name for p in (run / rundir.CHECKPOINTS).iterdir()] == ["checkpoint-6"], "the final step is checkpointed"
 
 
+def test_report_md_compares_base_and_fine_tuned(tiny_run):
+    config, result, _ = tiny_run
+    report = (Path(config.output_dir) / rundir.REPORT).read_text()
+    assert f"| eval loss | {result.eval_before:.4f} | {result.eval_after:.4f} |" in report
+    assert "| perplexity |" in report and "![train and eval loss](loss.png)" in report
+    sample = result.samples[0]
+    assert f"| Echo red | {sample['base'] or '*(empty)*'} | {sample['finetuned'] or '*(empty)*'} |" in report
+
+
 def test_metrics_jsonl_has_one_record_per_logged_step(tiny_run):
     config, _, _ = tiny_run
     records = [json.loads(line) for line in (Path(config.output_dir) / rundir.METRICS).read_text().splitlines()]

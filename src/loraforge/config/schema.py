@@ -232,9 +232,10 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     sample_prompts: list[str] = Field(
         default_factory=list,
-        description="Prompts answered by the base and the fine-tuned model at the end of training; "
-        "empty uses the first validation prompt.",
+        description="Prompts answered by the base and the fine-tuned model at the end of training (report.md); "
+        "empty uses the first num_samples validation prompts.",
     )
+    num_samples: int = Field(3, ge=0, description="Validation prompts answered when sample_prompts is empty.")
     max_new_tokens: int = Field(64, ge=1, description="Longest generated answer in tokens.")
 
 

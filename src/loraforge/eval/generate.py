@@ -24,3 +24,32 @@ def generate(model, tokenizer, messages: list[dict], max_new_tokens: int, stop_i
         )
     new_tokens = output[0, inputs["input_ids"].shape[1] :]
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, stop_ids,
+                   batch_size: int = 8) -> list[str]:
+    """Greedy answers for several chats at once, left-padded so every prompt ends where generation starts."""
+    import torch
+
+    answers = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    model.eval()
+    try:
+        for start in range(0, len(conversations), batch_size):
+            chunk = conversations[start : start + batch_size]
+            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chunk]
+            inputs = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(model.device)
+            with torch.no_grad():
+                output = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=sorted(stop_ids),
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            new_tokens = output[:, inputs["input_ids"].shape[1] :]
+            answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return answers

@@ -23,6 +23,7 @@ _OUTPUTS = (
     (rundir.METRICS, "loss, learning rate and tokens/s per logged step"),
     (rundir.EVAL, "eval loss before and after, sample answers"),
     (rundir.LOSS_PLOT, "train and eval loss curves"),
+    (rundir.REPORT, "metrics before/after, loss curves, answers side by side"),
     (rundir.MANIFEST, "versions, hardware, seed, data fingerprints, wall time, peak memory"),
     (rundir.TENSORBOARD + "/", "TensorBoard events (tensorboard --logdir ...)"),
     (rundir.CHECKPOINTS + "/", "complete checkpoints (--resume auto)"),
@@ -76,6 +77,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     from loraforge.data.cache import cache_key
     from loraforge.data.render import stop_token_ids
     from loraforge.eval.plots import plot_loss
+    from loraforge.eval.report import write_report
     from loraforge.model.adapters import parameter_counts
     from loraforge.model.load import load_for_run, load_tokenizer
     from loraforge.model.sources import resolve_model
@@ -211,6 +213,8 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
             + "\n",
             encoding="utf-8",
         )
+        write_report(run_dir, f"{config.model.name}: {_method(config)}", _metric_values(before),
+                     _metric_values(after), samples, data.stats.summary())
         write_manifest(run_dir / rundir.MANIFEST, config, fingerprints, trainable, wall,
                        resumed_from=str(checkpoint) if checkpoint else None, steps=trainer.state.global_step)
         tokens_seen = trainer.state.num_input_tokens_seen
@@ -311,8 +315,13 @@ def _method(config: RunConfig) -> str:
 
 
 def _metric_values(metrics: dict) -> dict:
-    return {k.removeprefix("eval_"): v for k, v in metrics.items()
-            if k.startswith("eval_") and not k.endswith(("runtime", "per_second", "preparation_time"))}
+    import math
+
+    values = {k.removeprefix("eval_"): v for k, v in metrics.items()
+              if k.startswith("eval_") and not k.endswith(("runtime", "per_second", "preparation_time"))}
+    if "loss" in values and values["loss"] is not None:
+        values["perplexity"] = math.exp(min(values["loss"], 50.0))
+    return values
 
 
 def _check_optimizer(optimizer: str) -> None:
@@ -374,27 +383,21 @@ def _final_eval(trainer) -> dict:
 
 
 def _sample_answers(config: RunConfig, model, tokenizer, stop_ids, val_prompts: list[str]) -> list[dict]:
-    from loraforge.eval.generate import generate, prompt_messages
+    from loraforge.eval.generate import generate_batch, prompt_messages
 
-    prompts = list(config.eval.sample_prompts) or val_prompts[:1]
-    samples = []
+    prompts = list(config.eval.sample_prompts) or val_prompts[: config.eval.num_samples]
+    chats = [prompt_messages(p, config.data.system_prompt) for p in prompts]
     limit = config.eval.max_new_tokens
-    base_model = None
     if config.adapter == "full":
         from loraforge.model.load import load_for_run
         from loraforge.model.sources import resolve_model
 
-        base_model = load_for_run(config, resolve_model(config.model.name))
-    for prompt in prompts:
-        messages = prompt_messages(prompt, config.data.system_prompt)
-        if base_model is not None:
-            base = generate(base_model, tokenizer, messages, limit, stop_ids)
-        else:
-            with model.disable_adapter():
-                base = generate(model, tokenizer, messages, limit, stop_ids)
-        tuned = generate(model, tokenizer, messages, limit, stop_ids)
-        samples.append({"prompt": prompt, "base": base, "finetuned": tuned})
-    return samples
+        base = generate_batch(load_for_run(config, resolve_model(config.model.name)), tokenizer, chats, limit, stop_ids)
+    else:
+        with model.disable_adapter():
+            base = generate_batch(model, tokenizer, chats, limit, stop_ids)
+    tuned = generate_batch(model, tokenizer, chats, limit, stop_ids)
+    return [{"prompt": p, "base": b, "finetuned": t} for p, b, t in zip(prompts, base, tuned)]
 
 
 def _remove_if_empty(path: Path) -> None:

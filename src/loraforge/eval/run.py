@@ -1,0 +1,113 @@
+"""`loraforge eval`: loss, perplexity and token accuracy, then generation metrics against references."""
+
+import json
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+from loraforge import rundir
+from loraforge.data.render import IGNORE
+
+
+def token_metrics(model, dataset, collate, batch_size: int = 8) -> dict:
+    """Mean loss over trained tokens, its perplexity, and how often the argmax is the trained token."""
+    import torch
+
+    total_loss, tokens, correct = 0.0, 0, 0
+    model.eval()
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            logits = model(**batch).logits.float()
+        shifted, targets = logits[:, :-1], labels[:, 1:]
+        mask = targets != IGNORE
+        total_loss += torch.nn.functional.cross_entropy(
+            shifted[mask], targets[mask], reduction="sum"
+        ).item()
+        correct += (shifted.argmax(-1)[mask] == targets[mask]).sum().item()
+        tokens += int(mask.sum())
+    loss = total_loss / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(tokens, 1),
+            "tokens": tokens}
+
+
+def generation_metrics(outputs: list[str], references: list[str]) -> dict:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    n = max(len(outputs), 1)
+
+    def valid_json(text: str) -> bool:
+        try:
+            json.loads(text)
+        except ValueError:
+            return False
+        return True
+
+    return {
+        "exact_match": sum(o.strip() == r.strip() for o, r in zip(outputs, references)) / n,
+        "contains": sum(r.strip().lower() in o.lower() for o, r in zip(outputs, references)) / n,
+        "rouge_l": sum(scorer.score(r, o)["rougeL"].fmeasure for o, r in zip(outputs, references)) / n,
+        "valid_json": sum(valid_json(o.strip()) for o in outputs) / n,
+        "samples": len(outputs),
+    }
+
+
+def eval_rows(config, data: str | None):
+    """(data config, rows) to evaluate: the run's validation split, or every row of `data`."""
+    from loraforge.data.build import DataStats, load_rows, split
+
+    if data is None:
+        data_config = config.data
+        rows = load_rows(data_config.sources, data_config.system_prompt, data_config.on_bad_row, DataStats())
+        val = rows["val"] or split(rows["train"], data_config.val_fraction, config.seed)[1]
+        return data_config, val
+    source = config.data.sources[0].model_copy(update={"path": data, "split": "train", "weight": 1.0})
+    data_config = config.data.model_copy(update={"sources": [source], "val_fraction": 0.0, "packing": False})
+    rows = load_rows(data_config.sources, data_config.system_prompt, data_config.on_bad_row, DataStats())
+    return data_config, rows["train"]
+
+
+def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = False, max_samples: int = 32) -> dict:
+    from loraforge.chat import load_run
+    from loraforge.data.build import DataStats, tokenize_rows
+    from loraforge.data.packing import collator
+    from loraforge.eval.generate import generate_batch
+
+    run_dir = Path(run_dir)
+    config, model, tokenizer, stop_ids = load_run(run_dir)
+    data_config, rows = eval_rows(config, data)
+    dataset, _ = tokenize_rows(rows, tokenizer, stop_ids, data_config, DataStats())
+    chats = [r for r in rows if r.conversation.messages and r.conversation.messages[-1].role == "assistant"]
+    chats = chats[:max_samples]
+    prompts = [[{"role": m.role, "content": m.content} for m in r.conversation.messages[:-1]] for r in chats]
+    references = [r.conversation.messages[-1].content for r in chats]
+
+    variants = {"fine_tuned": nullcontext}
+    if compare_base and hasattr(model, "disable_adapter"):
+        variants = {"base": model.disable_adapter, **variants}
+    results = {"run_dir": str(run_dir), "data": data or "validation split", "rows": len(dataset)}
+    for name, context in variants.items():
+        with context():
+            found = token_metrics(model, dataset, collator(tokenizer, packed=False))
+            outputs = generate_batch(model, tokenizer, prompts, config.eval.max_new_tokens, stop_ids) if prompts else []
+        found.update(generation_metrics(outputs, references))
+        found["examples"] = [{"prompt": p[-1]["content"], "reference": r, "output": o}
+                             for p, r, o in list(zip(prompts, references, outputs))[:5]]
+        results[name] = found
+    out = run_dir / "eval" / f"{Path(data).stem if data else 'validation'}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    results["written_to"] = str(out)
+    return results
+
+
+def format_results(results: dict) -> str:
+    names = [n for n in ("base", "fine_tuned") if n in results]
+    keys = ("loss", "perplexity", "token_accuracy", "exact_match", "contains", "rouge_l", "valid_json")
+    lines = [f"{'metric':<16}" + "".join(f"{n:>14}" for n in names)]
+    for key in keys:
+        lines.append(f"{key:<16}" + "".join(f"{results[n][key]:>14.4f}" for n in names))
+    lines.append(f"{results['rows']} rows from {results['data']}; written to {results['written_to']}")
+    return "\n".join(lines)

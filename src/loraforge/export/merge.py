@@ -1,0 +1,77 @@
+"""`loraforge merge`: the adapter folded into its base, saved as a model plain transformers loads."""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraforge import rundir
+from loraforge.errors import RunDirError
+
+log = logging.getLogger(__name__)
+
+PROBES = ("Hello! Who are you?", "Write one sentence about the sea.")
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    max_abs_logit_diff: float
+    num_hidden_layers: int
+
+    def summary(self) -> str:
+        return (
+            f"Merged model: {self.out_dir} ({self.num_hidden_layers} layers)\n"
+            f"Max |logit difference| merged vs adapter, fp32, after save and reload: {self.max_abs_logit_diff:.2e}"
+        )
+
+
+def probe_inputs(tokenizer, task: str):
+    if task == "classification":
+        return tokenizer(list(PROBES), padding=True, return_tensors="pt")
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in PROBES
+    ]
+    return tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+
+
+def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult:
+    import torch
+    from peft import PeftModel
+
+    from loraforge.config.schema import QuantizationConfig
+    from loraforge.model.load import load_for_run, load_model, load_tokenizer
+    from loraforge.model.sources import resolve_model
+
+    run_dir = Path(run_dir)
+    config = rundir.read_config(run_dir)
+    if not (run_dir / rundir.ADAPTER / "adapter_config.json").is_file():
+        raise RunDirError(f"{run_dir} holds a full model ({rundir.MODEL}/), not an adapter: it is already merged")
+    out_dir = Path(out) if out else run_dir / rundir.MERGED
+    labels = json.loads((run_dir / rundir.LABELS).read_text()) if config.task == "classification" else None
+    tokenizer = load_tokenizer(str(run_dir / rundir.TOKENIZER))
+
+    # A quantized run merges onto the unquantized base: merged weights must be plain floats to be saved and reused.
+    unquantized = config.model_copy(update={"quantization": QuantizationConfig()})
+    base = load_for_run(unquantized, resolve_model(config.model.name), labels=labels, serving=True)
+    model = PeftModel.from_pretrained(base, str(run_dir / rundir.ADAPTER)).eval()
+    inputs = probe_inputs(tokenizer, config.task)
+    with torch.no_grad():
+        reference = model(**inputs).logits.float()
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if labels is not None:
+        (out_dir / rundir.LABELS).write_text(json.dumps(labels), encoding="utf-8")
+
+    reloaded = load_model(str(out_dir), task=config.task, labels=labels).eval()
+    with torch.no_grad():
+        diff = (reloaded(**inputs).logits.float() - reference).abs().max().item()
+    result = MergeResult(out_dir, diff, reloaded.config.num_hidden_layers)
+    (out_dir / "merge.json").write_text(
+        json.dumps({"run_dir": str(run_dir), "max_abs_logit_diff": diff, "probes": list(PROBES)}, indent=2) + "\n",
+        encoding="utf-8",
+    )
+    log.info("merged into %s; max |logit diff| %.2e", out_dir, diff)
+    return result
