@@ -257,7 +257,17 @@ def test_manifest_and_tensorboard(make_config):
     assert manifest["seed"] == 42 and manifest["trainable_parameters"] > 0
     assert manifest["peak_memory"]["process_rss_mb"] > 0 and manifest["wall_seconds"] > 0
     assert list(manifest["data_files"].values())[0] and manifest["hardware"]["cpu_count"]
-    assert list((run / rundir.TENSORBOARD).rglob("events.out.tfevents.*"))
+    events = list((run / rundir.TENSORBOARD).rglob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["tensors"]) | set(accumulator.Tags()["scalars"])
+    assert "train/loss" in tags and "eval/loss" in tags
+    assert any(tag.startswith("samples") for tag in tags), "sample answers at each evaluation"
 
 
 def _wait_for(path: Path, text: str, timeout: float):

@@ -67,6 +67,14 @@ def test_loss_curve_png_is_drawn_from_the_metrics(tiny_run):
     assert [p.name for p in (run / rundir.CHECKPOINTS).iterdir()] == ["checkpoint-6"], "the final step is checkpointed"
 
 
+def test_samples_are_logged_at_each_evaluation(tiny_run):
+    config, _, _ = tiny_run
+    records = [json.loads(l) for l in (Path(config.output_dir) / rundir.METRICS).read_text().splitlines()]
+    sampled = [r for r in records if "samples" in r]
+    assert [r["step"] for r in sampled] == [0, 3, 6]
+    assert [s["prompt"] for s in sampled[-1]["samples"]] == ["Echo red"]
+
+
 def test_report_md_compares_base_and_fine_tuned(tiny_run):
     config, result, _ = tiny_run
     report = (Path(config.output_dir) / rundir.REPORT).read_text()

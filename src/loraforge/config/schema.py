@@ -236,6 +236,10 @@ class EvalConfig(Section):
         "empty uses the first num_samples validation prompts.",
     )
     num_samples: int = Field(3, ge=0, description="Validation prompts answered when sample_prompts is empty.")
+    samples_during_training: int = Field(
+        2, ge=0, description="Prompts answered at each evaluation during training, logged to metrics.jsonl and "
+        "TensorBoard; 0 turns it off."
+    )
     max_new_tokens: int = Field(64, ge=1, description="Longest generated answer in tokens.")
 
 

@@ -84,3 +84,29 @@ def _duration(seconds: float | None) -> str:
         return "-"
     minutes, secs = divmod(int(round(seconds)), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class SampleCallback(TrainerCallback):
+    """At each evaluation, answers a few prompts with the model as it is, into metrics.jsonl and TensorBoard."""
+
+    def __init__(self, path: Path, chats: list[list[dict]], max_new_tokens: int, stop_ids):
+        self.path = Path(path)
+        self.chats = chats
+        self.max_new_tokens = max_new_tokens
+        self.stop_ids = stop_ids
+        self.tensorboard = None
+
+    def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
+        from loraforge.eval.generate import generate_batch
+
+        if not self.chats or model is None or not state.is_world_process_zero:
+            return
+        answers = generate_batch(model, processing_class, self.chats, self.max_new_tokens, self.stop_ids)
+        samples = [{"prompt": c[-1]["content"], "answer": a} for c, a in zip(self.chats, answers)]
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": state.global_step, "samples": samples}) + "\n")
+        writer = getattr(self.tensorboard, "tb_writer", None)
+        if writer is not None:
+            text = "\n\n".join(f"**{s['prompt']}**\n\n{s['answer']}" for s in samples)
+            writer.add_text("samples", text, state.global_step)
+        model.train()

@@ -141,6 +141,16 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         )
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(NanGuard(trainer, config.train.nan_patience))
+        if config.task == "causal_lm" and config.eval.samples_during_training and data.val is not None:
+            from loraforge.eval.generate import prompt_messages
+            from loraforge.train.callbacks import SampleCallback
+
+            prompts = (list(config.eval.sample_prompts) or data.val_prompts)[: config.eval.samples_during_training]
+            sampler = SampleCallback(run_dir / rundir.METRICS, [prompt_messages(p, config.data.system_prompt) for p in prompts],
+                                     config.eval.max_new_tokens, stop_ids)
+            sampler.tensorboard = next((c for c in trainer.callback_handler.callbacks
+                                        if type(c).__name__ == "TensorBoardCallback"), None)
+            trainer.add_callback(sampler)
         trainer.add_callback(stop)
         early = config.train.early_stopping
         if early.patience is not None and data.val is not None:
