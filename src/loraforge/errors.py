@@ -27,3 +27,7 @@ class ModelError(LoraforgeError):
 
 class RunDirError(LoraforgeError):
     """A run directory that is missing, incomplete, or already holds a run."""
+
+
+class ExportError(LoraforgeError):
+    """A merge or export that cannot be done as asked; says what to change."""

@@ -71,3 +71,21 @@ def test_chat_prompt_answers(run_dir):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(done.stdout.strip()) > 0
+
+
+def test_merge_then_gguf_on_the_builtin_model(run_dir):
+    from loraforge.export.gguf import compare_generations, converter_dir
+
+    if not (converter_dir() / "convert_hf_to_gguf.py").is_file():
+        pytest.skip("llama.cpp converter not installed; `make setup` fetches it")
+    merged = subprocess.run([sys.executable, "-m", "loraforge", "merge", str(run_dir)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert json.loads((run_dir / "merged" / "merge.json").read_text())["max_abs_logit_diff"] <= 1e-4
+    exported = subprocess.run([sys.executable, "-m", "loraforge", "export", "ollama", str(run_dir)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    gguf = run_dir / "export" / "model-q8_0.gguf"
+    assert (run_dir / "export" / "Modelfile").is_file()
+    rows = compare_generations(gguf, run_dir / "merged", ["What is AI?", "You are not immortal"], 16)
+    assert all(r["model"] == r["gguf"] for r in rows), rows

@@ -196,6 +196,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
 
         if config.adapter == "full":
             model.save_pretrained(run_dir / rundir.MODEL)
+            tokenizer.save_pretrained(run_dir / rundir.MODEL)
         else:
             model.save_pretrained(run_dir / rundir.ADAPTER)
         tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)

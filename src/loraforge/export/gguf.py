@@ -1,0 +1,97 @@
+"""`loraforge export gguf`: the merged model through llama.cpp's own converter, then checked by reloading."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from loraforge import rundir
+from loraforge.errors import ExportError
+
+LLAMA_CPP_PYTHON = "0.3.36"
+TYPES = ("f16", "q8_0")
+
+
+def converter_dir() -> Path:
+    """Where `make setup` puts convert_hf_to_gguf.py (from the llama-cpp-python sdist); LORAFORGE_LLAMA_CPP overrides."""
+    return Path(os.environ.get("LORAFORGE_LLAMA_CPP") or Path(sys.prefix) / "share" / "loraforge" / "llama.cpp")
+
+
+def model_source(run_dir: Path) -> Path:
+    """A folder holding the full model and its tokenizer: RUN_DIR/model for full runs, else RUN_DIR/merged."""
+    from loraforge.export.merge import run_merge
+
+    if (run_dir / rundir.MODEL / "config.json").is_file():
+        return run_dir / rundir.MODEL
+    merged = run_dir / rundir.MERGED
+    if not (merged / "config.json").is_file():
+        run_merge(run_dir, merged)
+    return merged
+
+
+def gguf_path(run_dir: Path, kind: str) -> Path:
+    return Path(run_dir) / rundir.EXPORT / f"model-{kind}.gguf"
+
+
+def run_export_gguf(run_dir: str | Path, kind: str = "q8_0") -> Path:
+    run_dir = Path(run_dir)
+    config = rundir.read_config(run_dir)
+    if config.task != "causal_lm":
+        raise ExportError(f"{run_dir} is a {config.task} run; GGUF export is for causal language models")
+    if kind not in TYPES:
+        raise ExportError(f"--type {kind}: choose one of {', '.join(TYPES)}")
+    script = converter_dir() / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise ExportError(
+            f"llama.cpp's converter is not at {script}; run `make setup`, or fetch it from the "
+            f"llama-cpp-python=={LLAMA_CPP_PYTHON} source distribution and set LORAFORGE_LLAMA_CPP to its llama.cpp folder"
+        )
+    source = model_source(run_dir)
+    out = gguf_path(run_dir, kind)
+    out.parent.mkdir(exist_ok=True)
+    done = subprocess.run(
+        [sys.executable, str(script), str(source), "--outfile", str(out), "--outtype", kind],
+        capture_output=True, text=True,
+    )
+    if done.returncode != 0:
+        raise ExportError(f"llama.cpp's converter failed on {source}:\n{done.stderr[-3000:]}")
+    template = chat_template_of(out)
+    expected = (source / "chat_template.jinja").read_text(encoding="utf-8") if (source / "chat_template.jinja").is_file() else None
+    if expected is not None and template != expected:
+        raise ExportError(f"{out} holds another chat template than the model's tokenizer; the export is not usable")
+    (out.parent / f"{out.stem}.json").write_text(
+        json.dumps({"source": str(source), "type": kind, "converter": f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+                    "chat_template_embedded": template is not None}, indent=2) + "\n",
+        encoding="utf-8",
+    )
+    return out
+
+
+def chat_template_of(path: Path) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.chat_template")
+    if field is None:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def compare_generations(gguf: Path, model_dir: Path, prompts: list[str], max_new_tokens: int = 16) -> list[dict]:
+    """Greedy answers of the GGUF (loaded back with transformers) and of the model it came from."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    rows = []
+    for prompt in prompts:
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+        start = inputs["input_ids"].shape[1]
+        with torch.no_grad():
+            a = reference.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, start:]
+            b = reloaded.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, start:]
+        rows.append({"prompt": prompt, "model": tokenizer.decode(a), "gguf": tokenizer.decode(b)})
+    return rows

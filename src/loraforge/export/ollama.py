@@ -1,0 +1,57 @@
+"""`loraforge export ollama`: a Modelfile next to the GGUF with the run's template, system prompt and stop tokens."""
+
+from pathlib import Path
+
+from loraforge import rundir
+from loraforge.errors import ExportError
+
+CHATML_GO_TEMPLATE = """{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
+"""
+
+
+def default_system(tokenizer) -> str | None:
+    """The system text a ChatML template adds when the chat has none (SmolLM2's does), found by rendering."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    head = "<|im_start|>system\n"
+    if not text.startswith(head):
+        return None
+    return text[len(head) : text.index("<|im_end|>")]
+
+
+def modelfile(gguf_name: str, tokenizer, system_prompt: str | None, stop_tokens: list[str]) -> str:
+    probe = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}],
+        tokenize=False,
+    )
+    if probe != "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n":
+        raise ExportError(
+            "the run's chat template is not ChatML, the one format loraforge translates to an Ollama TEMPLATE; "
+            "write the Modelfile's TEMPLATE by hand (the GGUF carries the Jinja template)"
+        )
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{CHATML_GO_TEMPLATE}"""']
+    system = system_prompt if system_prompt is not None else default_system(tokenizer)
+    if system is not None:
+        lines.append(f'SYSTEM """{system}"""')
+    lines += [f'PARAMETER stop "{token}"' for token in stop_tokens]
+    return "\n".join(lines) + "\n"
+
+
+def run_export_ollama(run_dir: str | Path, kind: str = "q8_0") -> Path:
+    from loraforge.data.render import stop_token_ids
+    from loraforge.export.gguf import gguf_path, run_export_gguf
+    from loraforge.model.load import load_tokenizer
+
+    run_dir = Path(run_dir)
+    config = rundir.read_config(run_dir)
+    gguf = gguf_path(run_dir, kind)
+    if not gguf.is_file():
+        gguf = run_export_gguf(run_dir, kind)
+    tokenizer = load_tokenizer(str(run_dir / rundir.TOKENIZER))
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in sorted(stop_token_ids(tokenizer))]
+    path = gguf.parent / "Modelfile"
+    path.write_text(modelfile(gguf.name, tokenizer, config.data.system_prompt, stops), encoding="utf-8")
+    return path

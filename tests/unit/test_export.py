@@ -1,0 +1,70 @@
+"""GGUF export through llama.cpp's converter on a tiny run: template inside, same generations, same token ids."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loraforge.export.gguf import chat_template_of, compare_generations, converter_dir, run_export_gguf
+
+pytestmark = pytest.mark.skipif(not (converter_dir() / "convert_hf_to_gguf.py").is_file(),
+                                reason="llama.cpp converter not installed; `make setup` fetches it")
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Echo red"},
+                {"role": "assistant", "content": "red red"}]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model_dir):
+    from loraforge.config import load_config
+    from loraforge.train.recipe import run_training
+    from tests.conftest import ECHO_ROWS, write_jsonl
+
+    work = tmp_path_factory.mktemp("export")
+    data = write_jsonl(work / "echo.jsonl", ECHO_ROWS)
+    config_path = work / "c.yaml"
+    config_path.write_text(f"model: {{name: {tiny_model_dir}}}\nlora: {{r: 4, alpha: 8}}\n"
+                           f"data: {{sources: [{{path: {data}}}], cache: false}}\n"
+                           "train: {max_steps: 3, batch_size: 4, learning_rate: 0.01, save_every: null}\n"
+                           "eval: {sample_prompts: [Echo red], max_new_tokens: 2}\nreport_to: []\n")
+    config = load_config(config_path, [f"output_dir={work / 'run'}"])
+    run_training(config)
+    return config, run_export_gguf(config.output_dir, "f16")
+
+
+def test_gguf_holds_the_chat_template(exported):
+    config, gguf = exported
+    template = (Path(config.output_dir) / "merged" / "chat_template.jinja").read_text()
+    assert chat_template_of(gguf) == template
+    assert json.loads(gguf.with_suffix(".json").read_text())["converter"] == "llama-cpp-python==0.3.36"
+
+
+def test_gguf_generates_like_the_merged_model(exported):
+    config, gguf = exported
+    rows = compare_generations(gguf, Path(config.output_dir) / "merged", ["Echo red", "Echo blue", "hello"], 8)
+    assert all(r["model"] == r["gguf"] for r in rows), rows
+
+
+def test_same_token_ids_through_training_merged_and_gguf_tokenizers(exported, tokenizer):
+    from transformers import AutoTokenizer
+
+    from loraforge.data.formats import from_messages
+    from loraforge.data.render import render, stop_token_ids
+
+    config, gguf = exported
+    training_ids, _ = render(from_messages({"messages": CONVERSATION}, "t:1"), tokenizer, stop_token_ids(tokenizer))
+    merged = AutoTokenizer.from_pretrained(Path(config.output_dir) / "merged")
+    from_gguf = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    assert merged.apply_chat_template(CONVERSATION, return_dict=False) == training_ids
+    assert from_gguf.apply_chat_template(CONVERSATION, return_dict=False) == training_ids
+
+
+def test_ollama_modelfile(exported, capsys):
+    from loraforge.cli import main
+
+    config, gguf = exported
+    assert main(["export", "ollama", config.output_dir, "--type", "f16"]) == 0
+    text = (gguf.parent / "Modelfile").read_text()
+    assert text.startswith(f"FROM ./{gguf.name}\n")
+    assert "<|im_start|>{{ .Role }}" in text and 'PARAMETER stop "<|im_end|>"' in text
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
