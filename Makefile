@@ -9,7 +9,7 @@ CONVERTER := $(VENV)/share/loraforge/llama.cpp
 PIP := $(BIN)/python -m pip
 RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test test-all data clean-venv
+.PHONY: setup demo test test-all bench data clean-venv
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest
+
+# Side-by-side throughput, memory and eval loss against the common script; not part of `make test`.
+bench: setup
+	$(BIN)/python bench/compare.py
 
 data: setup
 	$(BIN)/python scripts/build_chatterbot_data.py data/chatterbot_en.jsonl

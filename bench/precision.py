@@ -13,29 +13,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def fp32_eval_loss(run_dir: Path, config) -> float:
-    import torch
-    from peft import PeftModel
-    from transformers import Trainer, TrainingArguments
-
-    from loraforge.data.build import build_datasets
-    from loraforge.data.packing import collator
-    from loraforge.data.render import stop_token_ids
-    from loraforge.model.load import load_model, load_tokenizer
-    from loraforge.model.sources import resolve_model
-
-    path = resolve_model(config.model.name)
-    tokenizer = load_tokenizer(path)
-    base = load_model(path, dtype="fp32")
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
-    data = build_datasets(config.data, tokenizer, stop_token_ids(tokenizer, base.generation_config), config.seed)
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_eval_batch_size=8, report_to="none",
-                             use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, eval_dataset=data.val, data_collator=collator(tokenizer, packed=False))
-    return trainer.evaluate()["eval_loss"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, fp32_eval_loss  # noqa: E402
 
 
 def main(steps: int = 40) -> None:
@@ -60,7 +39,7 @@ def main(steps: int = 40) -> None:
             "name": precision,
             "real_tokens_per_s": round(result.tokens_per_s, 1),
             "train_seconds": round(result.train_seconds, 1),
-            "eval_loss_fp32": round(fp32_eval_loss(work / precision, config), 4),
+            "eval_loss_fp32": round(fp32_eval_loss(work / precision / "adapter", config), 4),
             "eval_loss_before": round(result.eval_before, 4),
             "wall_seconds": round(time.perf_counter() - started, 1),
         })

@@ -31,6 +31,15 @@ def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _estimate(args) -> int:
+    from loraforge.config import load_config
+    from loraforge.train.estimate import run_estimate
+
+    estimate = run_estimate(load_config(args.config, args.overrides), probe_steps=args.probe_steps)
+    print(estimate.summary())
+    return 0
+
+
 def _config_validate(args) -> int:
     from loraforge.config import load_config
 
@@ -124,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--allow-changes", action="store_true",
                        help="with --resume: resume even though the config or data differ from the checkpoint's")
     train.set_defaults(func=_train)
+
+    estimate = commands.add_parser("estimate", help="predict seconds per step, total time and peak memory of a config")
+    estimate.add_argument("config")
+    estimate.add_argument("overrides", **overrides)
+    estimate.add_argument("--probe-steps", type=int, default=6, help="real steps measured (default 6)")
+    estimate.set_defaults(func=_estimate)
 
     config = commands.add_parser("config", help="check or print a config")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

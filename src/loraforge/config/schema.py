@@ -163,7 +163,9 @@ class DataConfig(Section):
         "(last_assistant), or every token (all). A message with \"train\": false is never trained.",
     )
     packing: bool = Field(
-        False, description="Put several samples in one row of max_length, each attending only to itself."
+        False, description="Put several samples in one row of max_length, each attending only to itself. "
+        "train.batch_size then counts such rows, and a batch is attended over as one sequence: on CPU this is "
+        "slower than the default length-grouped batches."
     )
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="error stops before training at the first bad row; skip drops bad rows, counts "
@@ -180,8 +182,11 @@ class EarlyStopping(Section):
 class TrainConfig(Section):
     max_steps: int | None = Field(100, ge=1, description="Optimizer steps to run; set null to use num_epochs.")
     num_epochs: float | None = Field(None, gt=0, description="Passes over the training data; used when max_steps is null.")
-    batch_size: int = Field(8, ge=1, description="Samples per forward pass (per device).")
-    grad_accum: int = Field(1, ge=1, description="Forward passes accumulated per optimizer step.")
+    batch_size: int = Field(
+        4, ge=1, description="Samples per forward pass (per device). 4 x grad_accum 2 measured faster than 8 x 1 "
+        "on a 2-core CPU with 44% less peak memory (bench/compare.py)."
+    )
+    grad_accum: int = Field(2, ge=1, description="Forward passes accumulated per optimizer step.")
     learning_rate: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning rate schedule after warmup."

@@ -22,14 +22,19 @@ class ThroughputCallback(TrainerCallback):
         self._last_tokens = 0
         self._last_seconds = 0.0
         self.tokens_per_s: float | None = None
+        self.first_step_done_at: float | None = None
+        self.step_seconds: list[float] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._step_start is not None:
-            self.train_seconds += time.perf_counter() - self._step_start
+            self.step_seconds.append(time.perf_counter() - self._step_start)
+            self.train_seconds += self.step_seconds[-1]
             self._step_start = None
+        if self.first_step_done_at is None:
+            self.first_step_done_at = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         tokens = state.num_input_tokens_seen

@@ -40,6 +40,10 @@ class TrainResult:
     tokens_per_s: float | None
     samples: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)
+    step_padded_tokens: list[int] = field(default_factory=list)
+    eval_seconds: float | None = None
+    setup_seconds: float | None = None
 
     def summary(self) -> str:
         lines = [f"Run directory: {self.run_dir}"]
@@ -85,8 +89,9 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     from loraforge.train.checkpoints import latest_complete
     from loraforge.train.manifest import write_manifest
     from loraforge.train.resume import check_compatible, config_fingerprint, find_checkpoint, rewind_metrics
-    from loraforge.train.trainer import LoraforgeTrainer, NanGuard, SignalStop
+    from loraforge.train.trainer import LoraforgeTrainer, NanGuard, PaddedTokensPerStep, SignalStop
 
+    called_at = time.perf_counter()
     is_main = _is_main_process()
     checkpoint = find_checkpoint(Path(config.output_dir), resume) if resume else None
     if checkpoint is None and is_main:
@@ -141,6 +146,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         )
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(NanGuard(trainer, config.train.nan_patience))
+        trainer.add_callback(PaddedTokensPerStep(trainer))
         if config.task == "causal_lm" and config.eval.samples_during_training and data.val is not None:
             from loraforge.eval.generate import prompt_messages
             from loraforge.train.callbacks import SampleCallback
@@ -162,6 +168,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
             before = {"eval_loss": first["eval_loss"]} if first else {}
         else:
             before = trainer.evaluate() if data.val is not None else {}
+        setup_seconds = time.perf_counter() - called_at
         if before:
             log.info("eval loss before training: %.4f", before["eval_loss"])
         stop.install()
@@ -217,6 +224,10 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
                     "trainable_parameters": trainable,
                     "train_seconds": round(throughput.train_seconds, 2),
                     "wall_seconds": round(wall, 2),
+                    "first_step_seconds": round(throughput.first_step_done_at - called_at, 2)
+                    if throughput.first_step_done_at else None,
+                    "real_tokens": trainer.state.num_input_tokens_seen,
+                    "padded_tokens": trainer.padded_tokens,
                     "samples": samples,
                 },
                 indent=2,
@@ -231,7 +242,9 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         tokens_seen = trainer.state.num_input_tokens_seen
         speed = tokens_seen / throughput.train_seconds if throughput.train_seconds else None
         return TrainResult(run_dir, before.get("eval_loss"), after.get("eval_loss"), wall, speed, samples,
-                           metrics=_metric_values(after))
+                           metrics=_metric_values(after), step_seconds=throughput.step_seconds,
+                           step_padded_tokens=trainer.step_padded_tokens, eval_seconds=before.get("eval_runtime"),
+                           setup_seconds=setup_seconds)
     finally:
         stop.uninstall()
         if handler is not None:

@@ -18,7 +18,24 @@ from loraforge.train.checkpoints import PREFIX, STAGING, latest_complete, publis
 log = logging.getLogger("loraforge.train")
 
 
+def length_grouped_order(lengths: list[int], group_size: int, seed: int) -> list[int]:
+    """Indices in groups of similar length (little padding), the groups themselves in random order.
+
+    HF's grouping alone sorts each mega-batch longest first, so a run shorter than an epoch would train
+    on the longest samples only; shuffling the groups keeps the padding saving without that bias.
+    """
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    order = get_length_grouped_indices(lengths, group_size, generator=generator)
+    groups = [order[i : i + group_size] for i in range(0, len(order), group_size)]
+    shuffled = torch.randperm(len(groups), generator=generator).tolist()
+    return [index for g in shuffled for index in groups[g]]
+
+
 class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped batches in a random order drawn from a generator seeded per epoch, so a resumed run
+    sees the same order as a straight one (HF's sampler draws from the global RNG)."""
+
     def __init__(self, batch_size: int, lengths: list[int], seed: int):
         super().__init__(batch_size, lengths=lengths)
         self.seed = seed
@@ -28,9 +45,7 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
         self.epoch = epoch
 
     def __iter__(self):
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+        return iter(length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch))
 
 
 class CheckpointError(LoraforgeError):
@@ -44,17 +59,19 @@ class LoraforgeTrainer(Trainer):
         self.fingerprints = fingerprints or {}
         self.step_had_nonfinite_loss = False
         self.poisoned_step: int | None = None
+        self.padded_tokens = 0
+        self.step_padded_tokens: list[int] = []
+        self._padded_at_step_start = 0
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
-            # HF draws the length-grouped order from the global RNG, whose state at that moment differs between
-            # a straight run and a resumed one; a generator seeded per epoch makes the order reproducible.
             return SeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths,
                                               seed=self.args.data_seed or self.args.seed)
         return sampler
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self.padded_tokens += int(inputs["input_ids"].numel()) if "input_ids" in inputs else 0
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not bool(torch.isfinite(loss).all()):
             self.step_had_nonfinite_loss = True
@@ -106,6 +123,19 @@ def _point_state_at(staged: Path, best: Path | None) -> None:
     state = json.loads(state_file.read_text(encoding="utf-8"))
     state["best_model_checkpoint"] = str(best) if best is not None and (best.exists() or best.name == staged.name) else None
     state_file.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+class PaddedTokensPerStep(TrainerCallback):
+    """Records the padded tokens each optimizer step computed (all micro-batches), for timing models."""
+
+    def __init__(self, trainer: LoraforgeTrainer):
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._padded_at_step_start = self.trainer.padded_tokens
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.step_padded_tokens.append(self.trainer.padded_tokens - self.trainer._padded_at_step_start)
 
 
 class NanGuard(TrainerCallback):

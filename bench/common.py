@@ -1,0 +1,66 @@
+"""Shared measuring helpers of the benchmarks: fp32 evaluation, matmul peak, FLOPs per token."""
+
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fp32_eval_loss(adapter_dir: Path, config) -> float:
+    """Eval loss of an adapter on the config's validation split, base in fp32, the same for every run."""
+    import torch
+    from peft import PeftModel
+    from transformers import Trainer, TrainingArguments
+
+    from loraforge.data.build import build_datasets
+    from loraforge.data.packing import collator
+    from loraforge.data.render import stop_token_ids
+    from loraforge.model.load import load_model, load_tokenizer
+    from loraforge.model.sources import resolve_model
+
+    path = resolve_model(config.model.name)
+    tokenizer = load_tokenizer(path)
+    base = load_model(path, dtype="fp32")
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    data_config = config.data.model_copy(update={"packing": False})
+    data = build_datasets(data_config, tokenizer, stop_token_ids(tokenizer, base.generation_config), config.seed)
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_eval_batch_size=8, report_to="none",
+                             use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, eval_dataset=data.val, data_collator=collator(tokenizer, packed=False))
+    return trainer.evaluate()["eval_loss"]
+
+
+def matmul_peak_gflops(dtype_name: str, size: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
+def model_parameters(model_name: str) -> tuple[int, object]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loraforge.model.sources import resolve_model
+
+    path = resolve_model(model_name)
+    config = AutoConfig.from_pretrained(path)
+    import torch
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters()), config
+
+
+def flops_per_token(n_params: int, config, mean_length: float) -> float:
+    """≈ 4·N (frozen-base LoRA: forward 2·N, backward to the activations 2·N, no base weight gradients)
+    + attention 8·L·s·d (QKᵀ and AV: 4·L·s·d forward, as much again backward), s the mean sequence length."""
+    return 4 * n_params + 8 * config.num_hidden_layers * mean_length * config.hidden_size

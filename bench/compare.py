@@ -1,0 +1,236 @@
+"""The common fine-tuning script against loraforge, side by side in one run, on this machine.
+
+Same model (built-in SmolLM2-135M-Instruct), same data (bundled chatterbot, the same tokens and
+assistant-only labels for every run), same seed, same number of optimizer steps and examples (8 per step):
+  seed_style  HF Trainer + PEFT LoRA r=16 on q,k,v,o, fp32, every sample padded to 512, batch 1 x accumulation 8
+  default     loraforge with configs/default.yaml
+  fastest     the fastest loraforge configuration among the candidates below (all keep 8 examples per step;
+              packing is left out: a packed row of 8 x 512 tokens attends over 4096 positions, far slower on CPU)
+Each run is a separate process, so its peak RSS is its own. Eval loss is computed the same way for every
+adapter: fp32 base, the default config's validation split. Writes bench/results/<date>.json and .md.
+Run: make bench   (or .venv/bin/python bench/compare.py [STEPS])
+"""
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, flops_per_token, fp32_eval_loss, matmul_peak_gflops, model_parameters  # noqa: E402
+
+EXAMPLES_PER_STEP = 8
+CANDIDATES = {
+    "default (batch 4 x accumulation 2)": [],
+    "batch 8": ["train.batch_size=8", "train.grad_accum=1"],
+    "batch 2 x accumulation 4": ["train.batch_size=2", "train.grad_accum=4"],
+}
+QUIET = ["train.eval_every=100000", "train.save_every=null", "eval.num_samples=0", "eval.samples_during_training=0",
+         "report_to=[]", "data.val_fraction=0.05"]
+
+
+def default_config(*overrides):
+    from loraforge.config import load_config
+
+    return load_config(ROOT / "configs" / "default.yaml", list(overrides))
+
+
+def run_loraforge(steps: int, overrides: list[str], out: Path) -> dict:
+    from loraforge.train.recipe import run_training
+
+    config = default_config(*QUIET, f"train.max_steps={steps}", f"output_dir={out}", *overrides)
+    started = time.perf_counter()
+    result = run_training(config)
+    report = json.loads((out / "eval.json").read_text())
+    from loraforge.model.load import resolve_precision
+
+    return {
+        "precision": resolve_precision(config.precision),
+        "train_seconds": report["train_seconds"],
+        "real_tokens": report["real_tokens"],
+        "padded_tokens": report["padded_tokens"],
+        "first_step_s": report["first_step_seconds"],
+        "wall_s": time.perf_counter() - started,
+        "adapter": str(out / "adapter"),
+        "tokens_per_s_reported": result.tokens_per_s,
+    }
+
+
+def run_seed_style(steps: int, out: Path) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from loraforge.data.build import build_datasets
+    from loraforge.data.render import stop_token_ids
+    from loraforge.model.load import load_tokenizer
+    from loraforge.model.sources import resolve_model
+
+    started = time.perf_counter()
+    config = default_config(*QUIET)
+    path = resolve_model(config.model.name)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    data = build_datasets(config.data, tokenizer, stop_token_ids(tokenizer, model.generation_config), config.seed)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"))
+
+    class Timing(TrainerCallback):
+        first = None
+        seconds = 0.0
+        begun = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.begun = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds += time.perf_counter() - self.begun
+            self.first = self.first or time.perf_counter()
+
+    timing = Timing()
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"), per_device_train_batch_size=1, gradient_accumulation_steps=EXAMPLES_PER_STEP,
+        max_steps=steps, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, save_strategy="no",
+        report_to="none", use_cpu=True, seed=config.seed, logging_steps=10, remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding", disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data.train, callbacks=[timing],
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=512))
+    trainer.train()
+    model.save_pretrained(out / "adapter")
+    real = trainer.state.num_input_tokens_seen
+    return {
+        "precision": "fp32",
+        "train_seconds": timing.seconds,
+        "real_tokens": real,
+        "padded_tokens": steps * EXAMPLES_PER_STEP * 512,
+        "first_step_s": timing.first - started,
+        "wall_s": time.perf_counter() - started,
+        "adapter": str(out / "adapter"),
+    }
+
+
+def child(name: str, steps: int, overrides: list[str]) -> None:
+    if name == "estimate":
+        from loraforge.train.estimate import run_estimate
+
+        estimate = run_estimate(default_config(*QUIET, f"train.max_steps={steps}", *overrides))
+        print("RESULT " + json.dumps({"seconds_per_step": estimate.seconds_per_step, "peak_rss_mb": estimate.peak_rss_mb}),
+              flush=True)
+        return
+    out = Path(tempfile.mkdtemp(prefix=f"bench-{name.replace(' ', '_')}-"))
+    found = run_seed_style(steps, out / "run") if name == "seed_style" else run_loraforge(steps, overrides, out / "run")
+    found["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    found["eval_loss"] = round(fp32_eval_loss(Path(found["adapter"]), default_config(*QUIET)), 4)
+    print("RESULT " + json.dumps(found), flush=True)
+
+
+def measure(name: str, steps: int, overrides: list[str]) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", name, str(steps), json.dumps(overrides)],
+                          capture_output=True, text=True, cwd=ROOT)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if done.returncode != 0 or line is None:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def summarise(name: str, raw: dict, steps: int, flops_token: float, peaks: dict, overrides=None) -> dict:
+    real_per_s = raw["real_tokens"] / raw["train_seconds"]
+    peak = peaks["bf16"] if raw["precision"] == "bf16" else peaks["fp32"]
+    return {
+        "name": name,
+        "overrides": overrides or [],
+        "precision": raw["precision"],
+        "real_tokens_per_s": round(real_per_s, 1),
+        "padded_tokens_per_s": round(raw["padded_tokens"] / raw["train_seconds"], 1),
+        "seconds_per_step": round(raw["train_seconds"] / steps, 2),
+        "peak_rss_mb": raw["peak_rss_mb"],
+        "eval_loss": raw["eval_loss"],
+        "first_step_s": round(raw["first_step_s"], 1),
+        "mfu": round(real_per_s * flops_token / (peak * 1e9), 4),
+    }
+
+
+def main(steps: int = 20) -> None:
+    import platform
+
+    import torch
+
+    torch.set_num_threads(2)
+    peaks = {"fp32": round(matmul_peak_gflops("float32"), 1), "bf16": round(matmul_peak_gflops("bfloat16"), 1)}
+    n_params, model_config = model_parameters("smollm2-135m-instruct")
+    runs = []
+    raw = measure("seed_style", steps, [])
+    mean_length = raw["real_tokens"] / (steps * EXAMPLES_PER_STEP)
+    flops_token = flops_per_token(n_params, model_config, mean_length)
+    runs.append(summarise("seed_style", raw, steps, flops_token, peaks))
+    candidates = {label: measure(label, steps, overrides) for label, overrides in CANDIDATES.items()}
+    runs.append(summarise("default", candidates["default (batch 4 x accumulation 2)"], steps, flops_token, peaks))
+    best = max(candidates, key=lambda k: candidates[k]["real_tokens"] / candidates[k]["train_seconds"])
+    runs.append(summarise("fastest", candidates[best], steps, flops_token, peaks, CANDIDATES[best]))
+    tried = {label: summarise(label, r, steps, flops_token, peaks, CANDIDATES[label]) for label, r in candidates.items()}
+    predicted = measure("estimate", steps, [])
+    default = runs[1]
+    estimate = {
+        "predicted_seconds_per_step": round(predicted["seconds_per_step"], 2),
+        "measured_seconds_per_step": default["seconds_per_step"],
+        "step_time_error": round(predicted["seconds_per_step"] / default["seconds_per_step"] - 1, 3),
+        "predicted_peak_rss_mb": round(predicted["peak_rss_mb"], 1),
+        "measured_peak_rss_mb": default["peak_rss_mb"],
+        "peak_rss_error": round(predicted["peak_rss_mb"] / default["peak_rss_mb"] - 1, 3),
+    }
+
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": 2, "torch": torch.__version__,
+                    "matmul_peak_gflops_2048": peaks},
+        "model": {"name": "smollm2-135m-instruct", "parameters": n_params},
+        "setup": {"steps": steps, "examples_per_step": EXAMPLES_PER_STEP, "mean_real_tokens_per_example": round(mean_length, 1),
+                  "flops_per_token": f"4*N + 8*L*s*d = {flops_token / 1e9:.3f} GFLOP (frozen-base LoRA; N params, "
+                                     "L layers, s mean length, d hidden)"},
+        "runs": runs,
+        "fastest_candidates": tried,
+        "estimate_vs_measured": estimate,
+    }
+    stamp = date.today().isoformat()
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (out / f"{stamp}.md").write_text(table)
+    print(table)
+
+
+def markdown(report: dict) -> str:
+    seed = report["runs"][0]
+    lines = [
+        f"Measured {date.today().isoformat()}: {report['setup']['steps']} steps x {report['setup']['examples_per_step']} "
+        f"examples, {report['machine']['threads']} threads; matmul peak fp32 {report['machine']['matmul_peak_gflops_2048']['fp32']}"
+        f" / bf16 {report['machine']['matmul_peak_gflops_2048']['bf16']} GFLOP/s.",
+        "",
+        "| run | precision | real tok/s | padded tok/s | s/step | peak RSS MB | eval loss (fp32) | first step s | MFU | vs seed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in report["runs"]:
+        label = run["name"] + (f" ({', '.join(run['overrides'])})" if run["overrides"] else "")
+        lines.append(
+            f"| {label} | {run['precision']} | {run['real_tokens_per_s']} | {run['padded_tokens_per_s']} | "
+            f"{run['seconds_per_step']} | {run['peak_rss_mb']} | {run['eval_loss']} | {run['first_step_s']} | "
+            f"{run['mfu']:.1%} | {run['real_tokens_per_s'] / seed['real_tokens_per_s']:.1f}x |"
+        )
+    e = report["estimate_vs_measured"]
+    lines += ["", f"`loraforge estimate` for the default run: {e['predicted_seconds_per_step']} s/step predicted, "
+              f"{e['measured_seconds_per_step']} measured ({e['step_time_error']:+.0%}); peak RSS "
+              f"{e['predicted_peak_rss_mb']:.0f} MB predicted, {e['measured_peak_rss_mb']:.0f} MB measured "
+              f"({e['peak_rss_error']:+.0%})."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]))
+    else:
+        main(*(int(a) for a in sys.argv[1:]))

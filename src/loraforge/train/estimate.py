@@ -1,0 +1,117 @@
+"""`loraforge estimate`: seconds per step, total time and peak memory of a config, before the long run.
+
+A few real optimizer steps of the config give the seconds per padded token (the first step, a warm-up,
+left out) and the peak memory; the config's own batches, built from the tokenized data the way training
+builds them, give the padded tokens per step of the whole run. Their product is the step time.
+"""
+
+import math
+import resource
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+
+@dataclass
+class Estimate:
+    seconds_per_step: float
+    total_seconds: float
+    peak_rss_mb: float
+    steps: int
+    padded_tokens_per_step: float
+    probe_steps: int
+
+    def summary(self) -> str:
+        minutes = self.total_seconds / 60
+        return (
+            f"Estimate from {self.probe_steps} measured steps on this machine:\n"
+            f"  {self.seconds_per_step:.2f} s per optimizer step ({self.padded_tokens_per_step:.0f} padded tokens per step)\n"
+            f"  {self.steps} steps: about {minutes:.1f} minutes in all, evaluations and loading included\n"
+            f"  peak memory: {self.peak_rss_mb:.0f} MB process RSS"
+        )
+
+
+def padded_tokens_per_step(lengths: list[int], batch_size: int, grad_accum: int, group_by_length: bool,
+                           packed: bool, seed: int) -> float:
+    """Mean padded tokens one optimizer step computes, from the order training draws its batches in."""
+    import torch
+
+    from loraforge.train.trainer import length_grouped_order
+
+    if packed:
+        per_batch = [sum(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)]
+    else:
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        order = (length_grouped_order(lengths, batch_size * grad_accum, seed) if group_by_length
+                 else torch.randperm(len(lengths), generator=generator).tolist())
+        per_batch = [batch_size * max(lengths[i] for i in order[k : k + batch_size])
+                     for k in range(0, len(order), batch_size)]
+    return grad_accum * sum(per_batch) / len(per_batch)
+
+
+def step_time_model(seconds: list[float], tokens: list[int]) -> tuple[float, float]:
+    """(fixed seconds per step, seconds per padded token) by least squares; through the origin when the
+    measured steps are too alike in size to separate the two."""
+    n = len(seconds)
+    mean_t, mean_s = sum(tokens) / n, sum(seconds) / n
+    spread = sum((t - mean_t) ** 2 for t in tokens)
+    if n >= 3 and spread > 0 and max(tokens) > 1.3 * min(tokens):
+        slope = sum((t - mean_t) * (s - mean_s) for t, s in zip(tokens, seconds)) / spread
+        fixed = mean_s - slope * mean_t
+        if slope > 0 and fixed >= 0:
+            return fixed, slope
+    return 0.0, sum(seconds) / sum(tokens)
+
+
+def run_estimate(config, probe_steps: int = 6) -> Estimate:
+    from loraforge.errors import ConfigError
+    from loraforge.train.recipe import run_training
+
+    if config.task != "causal_lm":
+        raise ConfigError(["estimate covers task causal_lm; a classification run's steps are short, just start it"])
+
+    probe = config.model_copy(update={
+        "output_dir": tempfile.mkdtemp(prefix="loraforge-estimate-"),
+        "train": config.train.model_copy(update={"max_steps": probe_steps, "num_epochs": None, "save_every": None,
+                                                 "eval_every": 10**9}),
+        "eval": config.eval.model_copy(update={"num_samples": 0, "samples_during_training": 0, "sample_prompts": []}),
+        "report_to": [],
+    })
+    try:
+        result = run_training(probe)
+    finally:
+        shutil.rmtree(probe.output_dir, ignore_errors=True)
+    fixed, per_token = step_time_model(result.step_seconds[1:], result.step_padded_tokens[1:])
+
+    lengths = _train_lengths(config)
+    train = config.train
+    per_step = padded_tokens_per_step(lengths, train.batch_size, train.grad_accum, train.group_by_length,
+                                      config.data.packing, config.seed)
+    if config.data.packing:
+        per_step = min(per_step, train.batch_size * train.grad_accum * config.data.max_length)
+    steps = train.max_steps or math.ceil(train.num_epochs * len(lengths) / (train.batch_size * train.grad_accum))
+    step_seconds = fixed + per_token * per_step
+    evaluations = steps // train.eval_every + 1
+    total = (result.setup_seconds or 0.0) + steps * step_seconds + evaluations * (result.eval_seconds or 0.0)
+    return Estimate(
+        seconds_per_step=step_seconds,
+        total_seconds=total,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        steps=steps,
+        padded_tokens_per_step=per_step,
+        probe_steps=probe_steps,
+    )
+
+
+def _train_lengths(config) -> list[int]:
+    from loraforge.data.build import build_datasets
+    from loraforge.data.render import stop_token_ids
+    from loraforge.model.load import load_tokenizer
+    from loraforge.model.sources import loraforge_home, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(config.model.name), config.data.chat_template)
+    data_config = config.data.model_copy(update={"packing": False})
+    bundle = build_datasets(data_config, tokenizer, stop_token_ids(tokenizer), config.seed,
+                            cache_dir=loraforge_home() / "data-cache")
+    return [len(ids) for ids in bundle.train["input_ids"]]
