@@ -19,7 +19,9 @@ log = logging.getLogger("loraforge.train")
 
 
 def length_grouped_order(lengths: list[int], group_size: int, seed: int) -> list[int]:
-    """Indices in groups of similar length (little padding), the groups themselves in random order.
+    """Indices in groups of similar length (little padding): the group holding the longest sample first,
+    so memory peaks at the first step (an out-of-memory shows at once and `estimate` measures the peak),
+    then the other groups in random order.
 
     HF's grouping alone sorts each mega-batch longest first, so a run shorter than an epoch would train
     on the longest samples only; shuffling the groups keeps the padding saving without that bias.
@@ -28,8 +30,8 @@ def length_grouped_order(lengths: list[int], group_size: int, seed: int) -> list
     generator.manual_seed(seed)
     order = get_length_grouped_indices(lengths, group_size, generator=generator)
     groups = [order[i : i + group_size] for i in range(0, len(order), group_size)]
-    shuffled = torch.randperm(len(groups), generator=generator).tolist()
-    return [index for g in shuffled for index in groups[g]]
+    rest = [1 + g for g in torch.randperm(len(groups) - 1, generator=generator).tolist()]
+    return [index for g in [0, *rest] for index in groups[g]]
 
 
 class SeededLengthGroupedSampler(LengthGroupedSampler):
