@@ -82,10 +82,20 @@ def test_merge_then_gguf_on_the_builtin_model(run_dir):
                             capture_output=True, text=True, timeout=600)
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert json.loads((run_dir / "merged" / "merge.json").read_text())["max_abs_logit_diff"] <= 1e-4
-    exported = subprocess.run([sys.executable, "-m", "loraforge", "export", "ollama", str(run_dir)], cwd=ROOT,
+    # f16 for the comparison: q8_0 is lossy enough to flip a greedy token now and then.
+    exported = subprocess.run([sys.executable, "-m", "loraforge", "export", "ollama", str(run_dir), "--type", "f16"], cwd=ROOT,
                               capture_output=True, text=True, timeout=600)
     assert exported.returncode == 0, exported.stderr[-3000:]
-    gguf = run_dir / "export" / "model-q8_0.gguf"
+    gguf = run_dir / "export" / "model-f16.gguf"
     assert (run_dir / "export" / "Modelfile").is_file()
     rows = compare_generations(gguf, run_dir / "merged", ["What is AI?", "You are not immortal"], 16)
     assert all(r["model"] == r["gguf"] for r in rows), rows
+
+
+def test_eval_cli_on_the_builtin_model(run_dir):
+    done = subprocess.run([sys.executable, "-m", "loraforge", "eval", str(run_dir), "--compare-base", "--max-samples", "3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = json.loads((run_dir / "eval" / "validation.json").read_text())
+    assert written["fine_tuned"]["loss"] < written["base"]["loss"]
+    assert "rouge_l" in done.stdout

@@ -69,6 +69,21 @@ def test_classifier_learns_a_separable_task_and_predicts(train_tiny, tmp_path, c
     assert [p["label"] for p in predictions] == ["positive", "negative"]
 
 
+def test_eval_command_on_a_classification_run(train_tiny, capsys):
+    from loraforge.cli import main
+
+    config, _ = train_tiny(
+        "task=classification", "train.max_steps=30", "train.eval_every=30", "train.learning_rate=0.005",
+        "train.batch_size=8", "lora.target_modules=all-linear", rows=reviews(), fmt="classification",
+    )
+    assert main(["eval", config.output_dir, "--compare-base"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "macro_f1" in out
+    written = json.loads((Path(config.output_dir) / "eval" / "validation.json").read_text())
+    assert written["fine_tuned"]["accuracy"] >= 0.9 and "base" not in written
+    assert sum(map(sum, written["fine_tuned"]["confusion_matrix"]["rows_true_columns_predicted"])) == written["rows"]
+
+
 def _adapter_names(run):
     from safetensors.torch import load_file
 

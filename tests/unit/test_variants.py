@@ -191,3 +191,27 @@ def test_variant_config_errors(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="adapter full cannot train quantized weights"):
         load_config(path, ["model.variant=original", "adapter=full", "quantization=4bit"])
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3", "llama"])
+def test_layer_variants_across_decoder_families(arch, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(arch, vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    apply_variant(model, "drop_layers", [1], None)
+    assert model.config.num_hidden_layers == 2
+    if getattr(model.config, "layer_types", None) is not None:
+        assert len(model.config.layer_types) == 2
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-6)
+        cached = reloaded.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = reloaded.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)

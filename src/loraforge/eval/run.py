@@ -69,6 +69,27 @@ def eval_rows(config, data: str | None):
     return data_config, rows["train"]
 
 
+def run_classification_eval(run_dir: Path, data: str | None) -> dict:
+    """Accuracy, macro-F1 and confusion matrix of a classification run. There is no base to compare with:
+    the classification head exists only in the run (its untrained start is in eval.json's metrics_before)."""
+    from loraforge.eval.metrics import classification_metrics
+    from loraforge.predict import load_classifier, predict
+
+    config, model, tokenizer, labels = load_classifier(run_dir)
+    _, rows = eval_rows(config, data)
+    texts = [r.conversation.messages[0].content for r in rows]
+    actual = [labels.index(r.conversation.label) if r.conversation.label in labels else -1 for r in rows]
+    unknown = sorted({r.conversation.label for r in rows} - set(labels))
+    if unknown:
+        from loraforge.errors import DataError
+
+        raise DataError(f"labels {unknown} of the evaluation data are not among the run's labels {labels}")
+    results = {"run_dir": str(run_dir), "data": data or "validation split", "rows": len(rows)}
+    predicted = [labels.index(p["label"]) for p in predict(model, tokenizer, labels, texts, config.data.max_length)]
+    results["fine_tuned"] = classification_metrics(predicted, actual, labels)
+    return results
+
+
 def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = False, max_samples: int = 32) -> dict:
     from loraforge.chat import load_run
     from loraforge.data.build import DataStats, tokenize_rows
@@ -76,6 +97,9 @@ def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = 
     from loraforge.eval.generate import generate_batch
 
     run_dir = Path(run_dir)
+    if rundir.read_config(run_dir).task == "classification":
+        results = run_classification_eval(run_dir, data)
+        return _write(results, run_dir, data)
     config, model, tokenizer, stop_ids = load_run(run_dir)
     data_config, rows = eval_rows(config, data)
     dataset, _ = tokenize_rows(rows, tokenizer, stop_ids, data_config, DataStats())
@@ -96,6 +120,10 @@ def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = 
         found["examples"] = [{"prompt": p[-1]["content"], "reference": r, "output": o}
                              for p, r, o in list(zip(prompts, references, outputs))[:5]]
         results[name] = found
+    return _write(results, run_dir, data)
+
+
+def _write(results: dict, run_dir: Path, data: str | None) -> dict:
     out = run_dir / "eval" / f"{Path(data).stem if data else 'validation'}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -106,6 +134,8 @@ def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = 
 def format_results(results: dict) -> str:
     names = [n for n in ("base", "fine_tuned") if n in results]
     keys = ("loss", "perplexity", "token_accuracy", "exact_match", "contains", "rouge_l", "valid_json")
+    if "accuracy" in results[names[-1]]:
+        keys = ("accuracy", "macro_f1")
     lines = [f"{'metric':<16}" + "".join(f"{n:>14}" for n in names)]
     for key in keys:
         lines.append(f"{key:<16}" + "".join(f"{results[n][key]:>14.4f}" for n in names))
