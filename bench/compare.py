@@ -2,12 +2,14 @@
 
 Same model (built-in SmolLM2-135M-Instruct), same data (bundled chatterbot, the same tokens and
 assistant-only labels for every run), same seed, same number of optimizer steps and examples (8 per step):
-  seed_style  HF Trainer + PEFT LoRA r=16 on q,k,v,o, fp32, every sample padded to 512, batch 1 x accumulation 8
+  seed_style  HF Trainer + PEFT LoRA r=16 (dropout 0.05) on q,k,v,o, fp32, every sample padded to 512,
+              batch 1 x accumulation 8, fed the same 8 examples at each step as the default run
   default     loraforge with configs/default.yaml
   fastest     the fastest loraforge configuration among the candidates below (all keep 8 examples per step;
               packing is left out: a packed row of 8 x 512 tokens attends over 4096 positions, far slower on CPU)
-Each run is a separate process, so its peak RSS is its own. Eval loss is computed the same way for every
-adapter: fp32 base, the default config's validation split. Writes bench/results/<date>.json and .md.
+Each run is a separate process, so its peak RSS is its own, and its time to first step counts from the
+process start (imports included). Eval loss is computed the same way for every adapter: fp32 base, the
+default config's validation split. Writes bench/results/<date>.json and .md.
 Run: make bench   (or .venv/bin/python bench/compare.py [STEPS])
 """
 
@@ -24,10 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, flops_per_token, fp32_eval_loss, matmul_peak_gflops, model_parameters  # noqa: E402
 
 EXAMPLES_PER_STEP = 8
+DEFAULT = "default (batch 4 x accumulation 2, micro_batch_tokens 512, LoRA dropout 0)"
 CANDIDATES = {
-    "default (batch 4 x accumulation 2)": [],
+    DEFAULT: [],
     "batch 8": ["train.batch_size=8", "train.grad_accum=1"],
     "batch 2 x accumulation 4": ["train.batch_size=2", "train.grad_accum=4"],
+    "no micro_batch_tokens limit": ["train.micro_batch_tokens=null"],
+    "LoRA dropout 0.05": ["lora.dropout=0.05"],
 }
 QUIET = ["train.eval_every=100000", "train.save_every=null", "eval.num_samples=0", "eval.samples_during_training=0",
          "report_to=[]", "data.val_fraction=0.05"]
@@ -43,6 +48,7 @@ def run_loraforge(steps: int, overrides: list[str], out: Path) -> dict:
     from loraforge.train.recipe import run_training
 
     config = default_config(*QUIET, f"train.max_steps={steps}", f"output_dir={out}", *overrides)
+    called_at = time.time()
     started = time.perf_counter()
     result = run_training(config)
     report = json.loads((out / "eval.json").read_text())
@@ -53,7 +59,7 @@ def run_loraforge(steps: int, overrides: list[str], out: Path) -> dict:
         "train_seconds": report["train_seconds"],
         "real_tokens": report["real_tokens"],
         "padded_tokens": report["padded_tokens"],
-        "first_step_s": report["first_step_seconds"],
+        "first_step_at": called_at + report["first_step_seconds"],
         "wall_s": time.perf_counter() - started,
         "adapter": str(out / "adapter"),
         "tokens_per_s_reported": result.tokens_per_s,
@@ -79,6 +85,14 @@ def run_seed_style(steps: int, out: Path) -> dict:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"))
 
+    class SameExamples(Trainer):
+        """The default run's batch order (length groups of 4, seeded): step k sees the same 8 examples."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            from loraforge.train.trainer import length_grouped_order
+
+            return length_grouped_order([len(ids) for ids in data.train["input_ids"]], config.train.batch_size, config.seed)
+
     class Timing(TrainerCallback):
         first = None
         seconds = 0.0
@@ -89,7 +103,7 @@ def run_seed_style(steps: int, out: Path) -> dict:
 
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds += time.perf_counter() - self.begun
-            self.first = self.first or time.perf_counter()
+            self.first = self.first or time.time()
 
     timing = Timing()
     args = TrainingArguments(
@@ -98,7 +112,7 @@ def run_seed_style(steps: int, out: Path) -> dict:
         report_to="none", use_cpu=True, seed=config.seed, logging_steps=10, remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding", disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=data.train, callbacks=[timing],
+    trainer = SameExamples(model=model, args=args, train_dataset=data.train, callbacks=[timing],
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=512))
     trainer.train()
     model.save_pretrained(out / "adapter")
@@ -108,13 +122,13 @@ def run_seed_style(steps: int, out: Path) -> dict:
         "train_seconds": timing.seconds,
         "real_tokens": real,
         "padded_tokens": steps * EXAMPLES_PER_STEP * 512,
-        "first_step_s": timing.first - started,
+        "first_step_at": timing.first,
         "wall_s": time.perf_counter() - started,
         "adapter": str(out / "adapter"),
     }
 
 
-def child(name: str, steps: int, overrides: list[str]) -> None:
+def child(name: str, steps: int, overrides: list[str], launched_at: float) -> None:
     if name == "estimate":
         from loraforge.train.estimate import run_estimate
 
@@ -124,13 +138,14 @@ def child(name: str, steps: int, overrides: list[str]) -> None:
         return
     out = Path(tempfile.mkdtemp(prefix=f"bench-{name.replace(' ', '_')}-"))
     found = run_seed_style(steps, out / "run") if name == "seed_style" else run_loraforge(steps, overrides, out / "run")
+    found["first_step_s"] = found.pop("first_step_at") - launched_at
     found["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     found["eval_loss"] = round(fp32_eval_loss(Path(found["adapter"]), default_config(*QUIET)), 4)
     print("RESULT " + json.dumps(found), flush=True)
 
 
 def measure(name: str, steps: int, overrides: list[str]) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", name, str(steps), json.dumps(overrides)],
+    done = subprocess.run([sys.executable, __file__, "--child", name, str(steps), json.dumps(overrides), str(time.time())],
                           capture_output=True, text=True, cwd=ROOT)
     line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
     if done.returncode != 0 or line is None:
@@ -169,7 +184,7 @@ def main(steps: int = 20) -> None:
     flops_token = flops_per_token(n_params, model_config, mean_length)
     runs.append(summarise("seed_style", raw, steps, flops_token, peaks))
     candidates = {label: measure(label, steps, overrides) for label, overrides in CANDIDATES.items()}
-    runs.append(summarise("default", candidates["default (batch 4 x accumulation 2)"], steps, flops_token, peaks))
+    runs.append(summarise("default", candidates[DEFAULT], steps, flops_token, peaks))
     best = max(candidates, key=lambda k: candidates[k]["real_tokens"] / candidates[k]["train_seconds"])
     runs.append(summarise("fastest", candidates[best], steps, flops_token, peaks, CANDIDATES[best]))
     tried = {label: summarise(label, r, steps, flops_token, peaks, CANDIDATES[label]) for label, r in candidates.items()}
@@ -211,7 +226,7 @@ def markdown(report: dict) -> str:
         f"examples, {report['machine']['threads']} threads; matmul peak fp32 {report['machine']['matmul_peak_gflops_2048']['fp32']}"
         f" / bf16 {report['machine']['matmul_peak_gflops_2048']['bf16']} GFLOP/s.",
         "",
-        "| run | precision | real tok/s | padded tok/s | s/step | peak RSS MB | eval loss (fp32) | first step s | MFU | vs seed |",
+        "| run | precision | real tok/s | padded tok/s | s/step | peak RSS MB | eval loss (fp32) | first step s* | MFU | vs seed |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in report["runs"]:
@@ -221,6 +236,16 @@ def markdown(report: dict) -> str:
             f"{run['seconds_per_step']} | {run['peak_rss_mb']} | {run['eval_loss']} | {run['first_step_s']} | "
             f"{run['mfu']:.1%} | {run['real_tokens_per_s'] / seed['real_tokens_per_s']:.1f}x |"
         )
+    default = report["runs"][1]
+    lines += ["", f"\\* seconds from process start (imports included) until the first optimizer step is done. Default vs "
+              f"seed_style: {default['real_tokens_per_s'] / seed['real_tokens_per_s']:.1f}x real tokens/s, peak RSS "
+              f"{default['peak_rss_mb'] / seed['peak_rss_mb']:.0%}, eval loss {default['eval_loss'] / seed['eval_loss'] - 1:+.2%}.",
+              "", "Candidates, side by side in the same run:", "",
+              "| candidate | real tok/s | s/step | peak RSS MB | eval loss (fp32) | first step s* |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for label, run in report["fastest_candidates"].items():
+        lines.append(f"| {label} | {run['real_tokens_per_s']} | {run['seconds_per_step']} | {run['peak_rss_mb']} | "
+                     f"{run['eval_loss']} | {run['first_step_s']} |")
     e = report["estimate_vs_measured"]
     lines += ["", f"`loraforge estimate` for the default run: {e['predicted_seconds_per_step']} s/step predicted, "
               f"{e['measured_seconds_per_step']} measured ({e['step_time_error']:+.0%}); peak RSS "
@@ -231,6 +256,6 @@ def markdown(report: dict) -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
-        child(sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]))
+        child(sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]), float(sys.argv[5]))
     else:
         main(*(int(a) for a in sys.argv[1:]))

@@ -71,7 +71,7 @@ def test_samples_are_logged_at_each_evaluation(tiny_run):
     config, _, _ = tiny_run
     records = [json.loads(l) for l in (Path(config.output_dir) / rundir.METRICS).read_text().splitlines()]
     sampled = [r for r in records if "samples" in r]
-    assert [r["step"] for r in sampled] == [0, 3, 6]
+    assert [r["step"] for r in sampled] == [3, 6], "the base model answers in report.md, not at a step-0 evaluation"
     assert [s["prompt"] for s in sampled[-1]["samples"]] == ["Echo red"]
 
 
@@ -85,14 +85,15 @@ def test_report_md_compares_base_and_fine_tuned(tiny_run):
 
 
 def test_metrics_jsonl_has_one_record_per_logged_step(tiny_run):
-    config, _, _ = tiny_run
+    config, result, _ = tiny_run
     records = [json.loads(line) for line in (Path(config.output_dir) / rundir.METRICS).read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [2, 4, 6]
     for record in train:
         assert record["tokens_per_s"] > 0 and record["lr"] > 0 and record["loss"] > 0
     evals = [r for r in records if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert [r["step"] for r in evals] == [3, 6, 0], "the base model's step-0 evaluation runs after training"
+    assert evals[-1]["eval_loss"] == pytest.approx(result.eval_before, rel=1e-6)
 
 
 def test_eval_json_records_before_and_after(tiny_run):

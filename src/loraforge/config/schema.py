@@ -47,7 +47,10 @@ class ModelConfig(Section):
 class LoraConfig(Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator; the update is scaled by alpha / r.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the LoRA input (peft's default 0). Above 0 it keeps a dropped copy of "
+        "every adapted layer's input for backward: +1 GB peak RSS on the demo at batch 4 on CPU."
+    )
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Module names to wrap with LoRA, or 'all-linear' for every linear layer but the output head.",
@@ -187,6 +190,11 @@ class TrainConfig(Section):
         "on a 2-core CPU with 44% less peak memory (bench/compare.py)."
     )
     grad_accum: int = Field(2, ge=1, description="Forward passes accumulated per optimizer step.")
+    micro_batch_tokens: int | Literal["auto"] | None = Field(
+        "auto", description="Most padded tokens in one forward and backward pass: a batch of long samples beyond it "
+        "runs as slices of whole rows, with the same gradient. Bounds peak memory: 512 tokens on CPU cut the demo's "
+        "peak RSS by a third at the same speed. auto: 512 on CPU, no limit on a GPU; null: every batch whole."
+    )
     learning_rate: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning rate schedule after warmup."

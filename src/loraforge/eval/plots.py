@@ -5,7 +5,8 @@ from pathlib import Path
 
 
 def read_loss_series(metrics_path: str | Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(train, eval) lists of (step, loss) from metrics.jsonl."""
+    """(train, eval) lists of (step, loss) from metrics.jsonl, in step order (the step-0 evaluation of a LoRA
+    run is written at the end)."""
     train, evaluation = [], []
     for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
@@ -13,7 +14,7 @@ def read_loss_series(metrics_path: str | Path) -> tuple[list[tuple[int, float]],
             train.append((record["step"], record["loss"]))
         if "eval_loss" in record:
             evaluation.append((record["step"], record["eval_loss"]))
-    return train, evaluation
+    return sorted(train), sorted(evaluation)
 
 
 def plot_loss(metrics_path: str | Path, out_path: str | Path, title: str = "") -> Path:

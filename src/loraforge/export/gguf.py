@@ -78,7 +78,10 @@ def chat_template_of(path: Path) -> str | None:
 
 
 def compare_generations(gguf: Path, model_dir: Path, prompts: list[str], max_new_tokens: int = 16) -> list[dict]:
-    """Greedy answers of the GGUF (loaded back with transformers) and of the model it came from."""
+    """Greedy answers of the GGUF (loaded back with transformers) and of the model it came from, and, on the
+    model's own answer fed to both, the share of positions where their top tokens agree and the largest
+    logit difference. Lossy GGUF types round the weights, so a greedy answer may part ways at a near-tie
+    while the logits stay close."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -91,7 +94,15 @@ def compare_generations(gguf: Path, model_dir: Path, prompts: list[str], max_new
                                                return_tensors="pt", return_dict=True)
         start = inputs["input_ids"].shape[1]
         with torch.no_grad():
-            a = reference.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, start:]
-            b = reloaded.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, start:]
-        rows.append({"prompt": prompt, "model": tokenizer.decode(a), "gguf": tokenizer.decode(b)})
+            answer = reference.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            theirs = reloaded.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, start:]
+            a = reference(answer).logits[0, start - 1 : -1]
+            b = reloaded(answer).logits[0, start - 1 : -1]
+        rows.append({
+            "prompt": prompt,
+            "model": tokenizer.decode(answer[0, start:]),
+            "gguf": tokenizer.decode(theirs),
+            "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+            "max_abs_logit_diff": (a - b).abs().max().item(),
+        })
     return rows

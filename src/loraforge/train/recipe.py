@@ -143,6 +143,8 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
             compute_metrics=data.metrics,
             keep_last=config.train.keep_last,
             fingerprints=fingerprints,
+            causal_lm=config.task == "causal_lm",
+            micro_batch_tokens=_micro_batch_tokens(config.train.micro_batch_tokens),
         )
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(NanGuard(trainer, config.train.nan_patience))
@@ -162,12 +164,16 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         if early.patience is not None and data.val is not None:
             trainer.add_callback(EarlyStoppingCallback(early.patience, early.min_delta))
 
+        # A LoRA adapter starts as the identity, so the base model's evaluation, run after training with the
+        # adapter switched off, is the step-0 evaluation; training then starts without waiting for it.
+        base_at_end = config.adapter == "lora" and data.val is not None
+        before = {}
         if checkpoint is not None:
             log.info("resuming from %s", checkpoint)
             first = rewind_metrics(run_dir / rundir.METRICS, checkpoint) if is_main else None
-            before = {"eval_loss": first["eval_loss"]} if first else {}
-        else:
-            before = trainer.evaluate() if data.val is not None else {}
+            before = {"eval_loss": first["eval_loss"]} if first and not base_at_end else {}
+        elif data.val is not None and not base_at_end:
+            before = trainer.evaluate()
         setup_seconds = time.perf_counter() - called_at
         if before:
             log.info("eval loss before training: %.4f", before["eval_loss"])
@@ -198,6 +204,13 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
             after = trainer.evaluate()
         else:
             after = _final_eval(trainer) if data.val is not None else {}
+        eval_seconds = before.get("eval_runtime")
+        if base_at_end:
+            before, eval_seconds = _base_eval(trainer, model)
+            if is_main:
+                _record_step_zero(run_dir / rundir.METRICS, run_dir / rundir.TENSORBOARD
+                                  if "tensorboard" in config.report_to else None, before)
+            log.info("eval loss of the base model (step 0): %.4f", before["eval_loss"])
         if not is_main:
             return TrainResult(run_dir, before.get("eval_loss"), after.get("eval_loss"), wall, None)
 
@@ -243,7 +256,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         speed = tokens_seen / throughput.train_seconds if throughput.train_seconds else None
         return TrainResult(run_dir, before.get("eval_loss"), after.get("eval_loss"), wall, speed, samples,
                            metrics=_metric_values(after), step_seconds=throughput.step_seconds,
-                           step_padded_tokens=trainer.step_padded_tokens, eval_seconds=before.get("eval_runtime"),
+                           step_padded_tokens=trainer.step_padded_tokens, eval_seconds=eval_seconds,
                            setup_seconds=setup_seconds)
     finally:
         stop.uninstall()
@@ -330,6 +343,14 @@ def _trainable(config: RunConfig, model):
     return model
 
 
+def _micro_batch_tokens(setting) -> int | None:
+    import torch
+
+    if setting == "auto":
+        return None if torch.cuda.is_available() else 512
+    return setting
+
+
 def _method(config: RunConfig) -> str:
     if config.adapter == "full":
         return "full fine-tune"
@@ -397,6 +418,33 @@ def _training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
         dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
     )
+
+
+def _base_eval(trainer, model) -> tuple[dict, float]:
+    """Metrics of the base model on the validation split (adapter off), without logging them as a new step."""
+    started = time.perf_counter()
+    with model.disable_adapter():
+        output = trainer.evaluation_loop(trainer.get_eval_dataloader(), description="base model",
+                                         prediction_loss_only=True if trainer.compute_metrics is None else None)
+    return output.metrics, time.perf_counter() - started
+
+
+def _record_step_zero(metrics_path: Path, tensorboard_dir: Path | None, metrics: dict) -> None:
+    """The base evaluation as the step-0 record of metrics.jsonl and TensorBoard, unless one is there."""
+    if metrics_path.is_file() and any(
+        r.get("step") == 0 and "eval_loss" in r for r in map(json.loads, metrics_path.read_text(encoding="utf-8").splitlines())
+    ):
+        return
+    record = {"step": 0, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}, "tokens_seen": 0}
+    with metrics_path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    if tensorboard_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(log_dir=str(tensorboard_dir)) as writer:
+            for key, value in record.items():
+                if key.startswith("eval_"):
+                    writer.add_scalar(f"eval/{key.removeprefix('eval_')}", value, 0)
 
 
 def _final_eval(trainer) -> dict:

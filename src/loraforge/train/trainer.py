@@ -1,5 +1,6 @@
 """HF Trainer with atomic checkpoints, a NaN/inf guard and a clean stop on SIGTERM/SIGINT."""
 
+import contextlib
 import errno
 import json
 import logging
@@ -50,13 +51,29 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
         return iter(length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch))
 
 
+def row_slices(inputs: dict, max_tokens: int) -> list[dict]:
+    """The batch cut into runs of whole rows of at most max_tokens padded tokens (at least one row each)."""
+    rows, length = inputs["input_ids"].shape
+    per_slice = max(1, max_tokens // length)
+    if per_slice >= rows:
+        return [inputs]
+    return [
+        {k: v[start : start + per_slice] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v
+         for k, v in inputs.items()}
+        for start in range(0, rows, per_slice)
+    ]
+
+
 class CheckpointError(LoraforgeError):
     """A checkpoint could not be written; the previous complete one is untouched."""
 
 
 class LoraforgeTrainer(Trainer):
-    def __init__(self, *args, keep_last: int = 2, fingerprints: dict | None = None, **kwargs):
+    def __init__(self, *args, keep_last: int = 2, fingerprints: dict | None = None, causal_lm: bool = False,
+                 micro_batch_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.causal_lm = causal_lm
+        self.micro_batch_tokens = micro_batch_tokens
         self.keep_last = keep_last
         self.fingerprints = fingerprints or {}
         self.step_had_nonfinite_loss = False
@@ -72,9 +89,38 @@ class LoraforgeTrainer(Trainer):
                                               seed=self.args.data_seed or self.args.seed)
         return sampler
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Causal LM: logits and loss at trained positions only (train/loss.py), the same value as the model's
+        own loss. Under autocast, peft's cast of each LoRA input to fp32 is skipped: autocast casts it back to
+        bf16 for the matmul anyway, and the fp32 copies are kept for backward."""
+        if not self.causal_lm or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from peft.helpers import disable_input_dtype_casting
+
+        from loraforge.train.loss import trained_positions_loss
+
+        device = self.args.device.type
+        with disable_input_dtype_casting(model, active=torch.is_autocast_enabled(device)):
+            loss, outputs = trained_positions_loss(model, inputs, num_items_in_batch,
+                                                   unwrapped=self.accelerator.unwrap_model(model))
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """A micro-batch over micro_batch_tokens padded tokens runs as row slices, one forward and backward each.
+        The causal loss is a sum over the step's trained tokens divided by num_items_in_batch, so the slices'
+        gradients add up to those of the whole micro-batch while the activations of one slice only are alive."""
         self.padded_tokens += int(inputs["input_ids"].numel()) if "input_ids" in inputs else 0
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        pieces = [inputs]
+        if self.causal_lm and self.micro_batch_tokens and num_items_in_batch is not None:
+            pieces = row_slices(inputs, self.micro_batch_tokens)
+        loss = None
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                piece_loss = super().training_step(model, piece, num_items_in_batch)
+            loss = piece_loss if loss is None else loss + piece_loss
         if not bool(torch.isfinite(loss).all()):
             self.step_had_nonfinite_loss = True
         return loss

@@ -1,0 +1,114 @@
+"""The causal loss at trained positions only, row slices of long batches, and the base evaluation at the end."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from loraforge.data.packing import collator
+from loraforge.data.render import IGNORE
+from loraforge.train.loss import next_token_targets, trained_positions_loss
+from loraforge.train.trainer import row_slices
+
+
+@pytest.fixture
+def batch(tokenizer):
+    rows = []
+    for prompt, answer in [("Say hi", "hi there, how are you today?"), ("Count", "one two"), ("Name a colour", "red")]:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                                            return_dict=False)
+        prompt_len = len(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                       return_dict=False))
+        labels = [IGNORE] * prompt_len + ids[prompt_len:]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return collator(tokenizer, packed=False)(rows)
+
+
+def _model(path):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def test_loss_and_gradients_match_the_models_own_loss(tiny_model_dir, batch):
+    reference = _model(tiny_model_dir)
+    own = reference(**batch).loss
+    own.backward()
+    model = _model(tiny_model_dir)
+    loss, outputs = trained_positions_loss(model, batch)
+    loss.backward()
+    trained = int((next_token_targets(batch["labels"]) != IGNORE).sum())
+    assert outputs.logits.shape == (1, trained, model.config.vocab_size), "logits at trained positions only"
+    assert trained < batch["input_ids"].numel() / 2
+    assert loss.item() == pytest.approx(own.item(), rel=1e-5)
+    for (name, a), b in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_num_items_in_batch_turns_the_mean_into_a_share_of_the_step(tiny_model_dir, batch):
+    model = _model(tiny_model_dir)
+    mean, _ = trained_positions_loss(model, batch)
+    trained = int((next_token_targets(batch["labels"]) != IGNORE).sum())
+    share, _ = trained_positions_loss(model, batch, num_items_in_batch=torch.tensor(4 * trained))
+    assert share.item() == pytest.approx(mean.item() / 4, rel=1e-5)
+
+
+def test_row_slices_cut_whole_rows_within_the_token_budget(batch):
+    rows, length = batch["input_ids"].shape
+    assert row_slices(batch, rows * length) == [batch], "a batch within the budget runs whole"
+    pieces = row_slices(batch, length)
+    assert [p["input_ids"].shape[0] for p in pieces] == [1] * rows
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(torch.cat([p[key] for p in pieces]), batch[key])
+    assert [p["input_ids"].shape[0] for p in row_slices(batch, 1)] == [1] * rows, "at least one row per slice"
+
+
+def test_skipping_peft_input_casts_under_autocast_changes_nothing(tiny_model_dir, batch):
+    from peft import LoraConfig, get_peft_model
+    from peft.helpers import disable_input_dtype_casting
+
+    results = []
+    for skip in (False, True):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        with torch.autocast("cpu", dtype=torch.bfloat16), disable_input_dtype_casting(model, active=skip):
+            loss, _ = trained_positions_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+        results.append((loss.item(), grads))
+    assert results[0][0] == results[1][0]
+    for name, grad in results[0][1].items():
+        assert torch.equal(grad, results[1][1][name]), name
+
+
+def test_row_slices_train_the_same_adapter(train_tiny):
+    whole_config, whole = train_tiny("train.micro_batch_tokens=null", "train.max_steps=3", "precision=fp32")
+    sliced_config, sliced = train_tiny("train.micro_batch_tokens=1", "train.max_steps=3", "precision=fp32")
+    a = load_file(whole.run_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(sliced.run_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k), "the adapter trained"
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert sliced.eval_after == pytest.approx(whole.eval_after, rel=1e-5)
+
+
+def test_base_evaluation_after_training_is_the_evaluation_before_it(train_tiny, tokenizer):
+    """The step-0 eval loss of a LoRA run, measured at the end with the adapter off, equals an evaluation of the
+    untouched base model by the same trainer settings on the same validation split."""
+    from loraforge.data.build import build_datasets
+    from loraforge.data.render import stop_token_ids
+    from loraforge.model.load import load_model
+    from loraforge.train.recipe import _training_arguments
+    from loraforge.train.trainer import LoraforgeTrainer
+
+    config, result = train_tiny("precision=fp32")
+    base = load_model(config.model.name)
+    data = build_datasets(config.data, tokenizer, stop_token_ids(tokenizer, base.generation_config), config.seed)
+    args = _training_arguments(config, result.run_dir / "base-eval", has_eval=True)
+    trainer = LoraforgeTrainer(model=base, args=args, eval_dataset=data.val, data_collator=collator(tokenizer, packed=False),
+                               processing_class=tokenizer)
+    expected = trainer.evaluate()["eval_loss"]
+    assert result.eval_before == pytest.approx(expected, rel=1e-6)
+    assert result.eval_after < result.eval_before
