@@ -91,7 +91,8 @@ def run_seed_style(steps: int, out: Path) -> dict:
         def _get_train_sampler(self, train_dataset=None):
             from loraforge.train.trainer import length_grouped_order
 
-            return length_grouped_order([len(ids) for ids in data.train["input_ids"]], config.train.batch_size, config.seed)
+            group = config.train.batch_size * config.train.grad_accum  # HF groups by the examples of a step
+            return length_grouped_order([len(ids) for ids in data.train["input_ids"]], group, config.seed)
 
     class Timing(TrainerCallback):
         first = None

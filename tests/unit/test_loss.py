@@ -107,8 +107,39 @@ def test_base_evaluation_after_training_is_the_evaluation_before_it(train_tiny, 
     base = load_model(config.model.name)
     data = build_datasets(config.data, tokenizer, stop_token_ids(tokenizer, base.generation_config), config.seed)
     args = _training_arguments(config, result.run_dir / "base-eval", has_eval=True)
-    trainer = LoraforgeTrainer(model=base, args=args, eval_dataset=data.val, data_collator=collator(tokenizer, packed=False),
+    trainer = LoraforgeTrainer(model=base, args=args, eval_dataset=data.val, causal_lm=True,
+                               data_collator=collator(tokenizer, packed=False),
                                processing_class=tokenizer)
     expected = trainer.evaluate()["eval_loss"]
     assert result.eval_before == pytest.approx(expected, rel=1e-6)
     assert result.eval_after < result.eval_before
+
+
+def test_eval_loss_is_the_mean_over_trained_tokens_whatever_the_batch_size(tiny_model_dir, tokenizer, tmp_path, chat_rows):
+    from transformers import TrainingArguments
+
+    from loraforge.config import RunConfig
+    from loraforge.data.build import build_datasets
+    from loraforge.data.render import stop_token_ids
+    from loraforge.train.trainer import LoraforgeTrainer
+    from tests.conftest import write_jsonl
+
+    model = _model(tiny_model_dir).eval()
+    rows = [dict(r, messages=r["messages"][:1] + [{"role": "assistant", "content": "word " * (1 + i % 9)}])
+            for i, r in enumerate(chat_rows)]
+    config = RunConfig.model_validate({"data": {"sources": [{"path": str(write_jsonl(tmp_path / "d.jsonl", rows))}],
+                                                "val_fraction": 0.5}})
+    val = build_datasets(config.data, tokenizer, stop_token_ids(tokenizer), config.seed).val
+    batch = collator(tokenizer, packed=False)([val[i] for i in range(len(val))])
+    targets = next_token_targets(batch["labels"])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(logits[targets != IGNORE], targets[targets != IGNORE]).item()
+    found = []
+    for size in (1, 3, 5):
+        args = TrainingArguments(output_dir=str(tmp_path / f"e{size}"), per_device_eval_batch_size=size, report_to="none",
+                                 use_cpu=True, remove_unused_columns=False)
+        trainer = LoraforgeTrainer(model=model, args=args, eval_dataset=val, causal_lm=True,
+                                   data_collator=collator(tokenizer, packed=False))
+        found.append(trainer.evaluate()["eval_loss"])
+    assert found == pytest.approx([expected] * 3, rel=1e-5)

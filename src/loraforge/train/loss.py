@@ -18,6 +18,14 @@ def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[..., 1:], (0, 1), value=IGNORE)
 
 
+def trained_tokens_per_row(dataset) -> float | None:
+    """Mean count of trained next-token targets per row of a tokenized split; None without labels."""
+    if "labels" not in (getattr(dataset, "column_names", None) or []) or len(dataset) == 0:
+        return None
+    counts = [sum(1 for t in labels[1:] if t != IGNORE) for labels in dataset["labels"]]
+    return sum(counts) / len(counts)
+
+
 @contextmanager
 def head_at(model, keep: torch.Tensor):
     """Inside, the model's output head sees only the hidden states where `keep` (batch, sequence) is True,

@@ -74,6 +74,7 @@ class LoraforgeTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.causal_lm = causal_lm
         self.micro_batch_tokens = micro_batch_tokens
+        self._trained_per_row: float | None = None
         self.keep_last = keep_last
         self.fingerprints = fingerprints or {}
         self.step_had_nonfinite_loss = False
@@ -99,13 +100,28 @@ class LoraforgeTrainer(Trainer):
 
         from loraforge.train.loss import trained_positions_loss
 
+        per_token_eval = not model.training and self._trained_per_row is not None and "position_ids" not in inputs
+        if per_token_eval:
+            # HF averages the batches' losses weighted by rows; dividing each batch's sum by rows x the split's
+            # trained tokens per row makes that average the mean over every trained token of the split.
+            num_items_in_batch = inputs["labels"].shape[0] * self._trained_per_row
         device = self.args.device.type
         with disable_input_dtype_casting(model, active=torch.is_autocast_enabled(device)):
             loss, outputs = trained_positions_loss(model, inputs, num_items_in_batch,
                                                    unwrapped=self.accelerator.unwrap_model(model))
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and not per_token_eval:
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def evaluation_loop(self, dataloader, *args, **kwargs):
+        """Causal eval loss is the mean over the split's trained tokens, whatever the batch size and order."""
+        from loraforge.train.loss import trained_tokens_per_row
+
+        self._trained_per_row = trained_tokens_per_row(dataloader.dataset) if self.causal_lm else None
+        try:
+            return super().evaluation_loop(dataloader, *args, **kwargs)
+        finally:
+            self._trained_per_row = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """A micro-batch over micro_batch_tokens padded tokens runs as row slices, one forward and backward each.
