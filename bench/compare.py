@@ -26,11 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, flops_per_token, fp32_eval_loss, matmul_peak_gflops, model_parameters  # noqa: E402
 
 EXAMPLES_PER_STEP = 8
-DEFAULT = "default (batch 4 x accumulation 2, micro_batch_tokens 512, LoRA dropout 0)"
+DEFAULT = "default (batch 4 x accumulation 2, micro_batch_tokens 256, LoRA dropout 0)"
 CANDIDATES = {
     DEFAULT: [],
     "batch 8": ["train.batch_size=8", "train.grad_accum=1"],
     "batch 2 x accumulation 4": ["train.batch_size=2", "train.grad_accum=4"],
+    "micro_batch_tokens 512": ["train.micro_batch_tokens=512"],
     "no micro_batch_tokens limit": ["train.micro_batch_tokens=null"],
     "LoRA dropout 0.05": ["lora.dropout=0.05"],
 }

@@ -192,8 +192,8 @@ class TrainConfig(Section):
     grad_accum: int = Field(2, ge=1, description="Forward passes accumulated per optimizer step.")
     micro_batch_tokens: int | Literal["auto"] | None = Field(
         "auto", description="Most padded tokens in one forward and backward pass: a batch of long samples beyond it "
-        "runs as slices of whole rows, with the same gradient. Bounds peak memory: 512 tokens on CPU cut the demo's "
-        "peak RSS by a third at the same speed. auto: 512 on CPU, no limit on a GPU; null: every batch whole."
+        "runs as slices of whole rows, with the same gradient. Bounds peak memory on CPU (make bench compares "
+        "256, 512 and no limit side by side). auto: 256 on CPU, no limit on a GPU; null: every batch whole."
     )
     learning_rate: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(

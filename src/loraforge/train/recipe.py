@@ -347,7 +347,7 @@ def _micro_batch_tokens(setting) -> int | None:
     import torch
 
     if setting == "auto":
-        return None if torch.cuda.is_available() else 512
+        return None if torch.cuda.is_available() else 256
     return setting
 
 
