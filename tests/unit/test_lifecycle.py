@@ -250,7 +250,7 @@ def test_load_best_at_end_and_keep_last(make_config):
 
 def test_manifest_and_tensorboard(make_config):
     config, _ = make_config("tracked", "report_to=[tensorboard]")
-    run_training(config)
+    result = run_training(config)
     run = Path(config.output_dir)
     manifest = json.loads((run / rundir.MANIFEST).read_text())
     assert manifest["versions"]["torch"] == torch.__version__.split("+")[0] or manifest["versions"]["torch"]
@@ -261,12 +261,15 @@ def test_manifest_and_tensorboard(make_config):
     assert events
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tags = set()
+    tags, eval_points = set(), {}
     for event_file in events:
         accumulator = EventAccumulator(str(event_file))
         accumulator.Reload()
         tags |= set(accumulator.Tags()["tensors"]) | set(accumulator.Tags()["scalars"])
+        if "eval/loss" in accumulator.Tags()["scalars"]:
+            eval_points.update({e.step: e.value for e in accumulator.Scalars("eval/loss")})
     assert "train/loss" in tags and "eval/loss" in tags
+    assert eval_points[0] == pytest.approx(result.eval_before, rel=1e-5), "the base evaluation is step 0"
     assert any(tag.startswith("samples") for tag in tags), "sample answers at each evaluation"
 
 
