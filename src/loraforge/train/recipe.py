@@ -76,6 +76,7 @@ class TrainingStopped(LoraforgeError):
 def run_training(config: RunConfig, resume: str | None = None, allow_changes: bool = False,
                  config_path: str | None = None) -> TrainResult:
     """Train from a config; with resume ("auto" or a checkpoint folder), carry on a run from its checkpoint."""
+    import torch
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
 
     from loraforge.data.cache import cache_key
@@ -87,11 +88,14 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     from loraforge.model.sources import resolve_model
     from loraforge.train.callbacks import MetricsCallback, ThroughputCallback
     from loraforge.train.checkpoints import latest_complete
+    from loraforge.train.cpu_memory import limit_memory_growth
     from loraforge.train.manifest import write_manifest
     from loraforge.train.resume import check_compatible, config_fingerprint, find_checkpoint, rewind_metrics
     from loraforge.train.trainer import LoraforgeTrainer, NanGuard, PaddedTokensPerStep, SignalStop
 
     called_at = time.perf_counter()
+    if not torch.cuda.is_available():
+        limit_memory_growth()
     is_main = _is_main_process()
     checkpoint = find_checkpoint(Path(config.output_dir), resume) if resume else None
     if checkpoint is None and is_main:
