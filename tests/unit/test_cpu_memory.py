@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from loraforge.train.cpu_memory import KERNEL_CACHES
 from tests.conftest import ROOT, write_jsonl
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
@@ -51,7 +52,7 @@ print("RESULT", allocated() - before)
 
 def run_python(setup: str, probe: str) -> int:
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(setup) + probe], capture_output=True, text=True,
-                          timeout=300, env={k: v for k, v in os.environ.items() if k != "LRU_CACHE_CAPACITY"})
+                          timeout=300, env={k: v for k, v in os.environ.items() if k not in KERNEL_CACHES})
     assert done.returncode == 0, done.stderr[-2000:]
     return int(next(line for line in done.stdout.splitlines() if line.startswith("RESULT")).split()[1])
 
@@ -67,16 +68,27 @@ def test_fixed_threshold_keeps_4_mib_blocks_mmapped():
 
 def test_capped_ideep_cache_keeps_less_per_new_bf16_shape():
     grown = run_python("", GROWTH_OVER_BF16_SHAPES)
-    capped = run_python("import torch\nfrom loraforge.train.cpu_memory import cap_ideep_cache\ncap_ideep_cache()\n",
-                        GROWTH_OVER_BF16_SHAPES)
+    capped = run_python("from loraforge.train.cpu_memory import cap_kernel_caches\n"
+                        "cap_kernel_caches({'LRU_CACHE_CAPACITY': 1})\n", GROWTH_OVER_BF16_SHAPES)
     assert grown - capped > 20 << 20, (grown, capped)
 
 
+def test_capped_onednn_cache_keeps_less_per_new_bf16_shape():
+    ideep_only = run_python("from loraforge.train.cpu_memory import cap_kernel_caches\n"
+                            "cap_kernel_caches({'LRU_CACHE_CAPACITY': 1})\n", GROWTH_OVER_BF16_SHAPES)
+    both = run_python("import torch\nfrom loraforge.train.cpu_memory import cap_kernel_caches\n"
+                      "cap_kernel_caches({'LRU_CACHE_CAPACITY': 1, 'ONEDNN_PRIMITIVE_CACHE_CAPACITY': 8})\n",
+                      GROWTH_OVER_BF16_SHAPES)
+    assert ideep_only - both > 20 << 20, (ideep_only, both)
+
+
 def test_a_value_the_user_set_is_kept(monkeypatch):
-    from loraforge.train.cpu_memory import cap_ideep_cache
+    from loraforge.train.cpu_memory import cap_kernel_caches
 
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "64")
-    assert cap_ideep_cache() == "64"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "restored after the test")
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    assert cap_kernel_caches() == {"LRU_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"}
 
 
 def test_a_cpu_training_run_applies_both(tiny_model_dir, tmp_path):
@@ -92,6 +104,6 @@ def test_a_cpu_training_run_applies_both(tiny_model_dir, tmp_path):
     from loraforge.config import load_config
     from loraforge.train.recipe import run_training
     run_training(load_config({str(DEFAULT_CONFIG)!r}, {overrides!r}))
-    assert os.environ["LRU_CACHE_CAPACITY"] == "1"
+    assert os.environ["LRU_CACHE_CAPACITY"] == "1" and os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
     """
     assert run_python(setup, MMAPPED_AFTER_A_BIG_FREE) >= 4 << 20
