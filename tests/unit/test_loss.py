@@ -1,5 +1,7 @@
 """The causal loss at trained positions only, row slices of long batches, and the base evaluation at the end."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -83,14 +85,25 @@ def test_skipping_peft_input_casts_under_autocast_changes_nothing(tiny_model_dir
 
 
 def test_row_slices_train_the_same_adapter(train_tiny):
-    whole_config, whole = train_tiny("train.micro_batch_tokens=null", "train.max_steps=3", "precision=fp32")
-    sliced_config, sliced = train_tiny("train.micro_batch_tokens=1", "train.max_steps=3", "precision=fp32")
+    """Slices of whole rows give the whole batch's gradient: same loss and gradient norm at every step (a slice
+    weighted wrongly changes the norm; Adam alone would hide it), same adapter up to fp32 summation order."""
+    runs = [train_tiny(f"train.micro_batch_tokens={limit}", "train.max_steps=3", "train.logging_steps=1", "precision=fp32")
+            for limit in ("null", "1")]
+    (_, whole), (_, sliced) = runs
+    logged = [[json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()] for r in (whole, sliced)]
+    steps = [[(m["step"], m["loss"], m["grad_norm"]) for m in log if "grad_norm" in m] for log in logged]
+    assert [s[0] for s in steps[0]] == [1, 2, 3]
+    for (step, loss, norm), (_, sliced_loss, sliced_norm) in zip(*steps):
+        assert sliced_loss == pytest.approx(loss, rel=1e-5), f"step {step} loss"
+        assert sliced_norm == pytest.approx(norm, rel=1e-4), f"step {step} gradient norm"
     a = load_file(whole.run_dir / "adapter" / "adapter_model.safetensors")
     b = load_file(sliced.run_dir / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k), "the adapter trained"
+    # Adam divides by each element's own gradient scale, so summation-order noise in a near-zero gradient
+    # element shows as ~1e-5 in that weight.
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)
     assert sliced.eval_after == pytest.approx(whole.eval_after, rel=1e-5)
 
 
