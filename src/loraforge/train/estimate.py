@@ -1,8 +1,9 @@
 """`loraforge estimate`: seconds per step, total time and peak memory of a config, before the long run.
 
-A few real optimizer steps of the config give the seconds per padded token (the first step, a warm-up,
-left out) and the peak memory; the config's own batches, built from the tokenized data the way training
-builds them, give the padded tokens per step of the whole run. Their product is the step time.
+A few real optimizer steps of the config give the peak memory, a fixed cost per step and the seconds per
+padded token (fitted on all but the first step), and the first step's extra time (a warm-up, counted once).
+The config's own batches, built from the tokenized data in the order training draws them, give the padded
+tokens of each step of the run; the step times follow from the fit.
 """
 
 import math
@@ -31,23 +32,33 @@ class Estimate:
         )
 
 
-def padded_tokens_per_step(lengths: list[int], batch_size: int, grad_accum: int, group_by_length: bool,
-                           packed: bool, seed: int) -> float:
-    """Mean padded tokens one optimizer step computes, from the order training draws its batches in."""
+def step_padded_tokens(lengths: list[int], batch_size: int, grad_accum: int, group_by_length: bool,
+                       packed: bool, seed: int, steps: int) -> list[float]:
+    """Padded tokens each of the run's optimizer steps computes: under length grouping the very batches
+    training draws, epoch after epoch; in a random order or packed, the mean over an epoch for every step."""
     import torch
 
     from loraforge.train.trainer import length_grouped_order
 
-    if packed:
-        per_batch = [sum(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)]
-    else:
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-        order = (length_grouped_order(lengths, batch_size * grad_accum, seed) if group_by_length
-                 else torch.randperm(len(lengths), generator=generator).tolist())
-        per_batch = [batch_size * max(lengths[i] for i in order[k : k + batch_size])
+    if packed or not group_by_length:
+        if packed:
+            per_batch = [sum(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)]
+        else:
+            generator = torch.Generator()
+            generator.manual_seed(seed)
+            order = torch.randperm(len(lengths), generator=generator).tolist()
+            per_batch = [batch_size * max(lengths[i] for i in order[k : k + batch_size])
+                         for k in range(0, len(order), batch_size)]
+        return [grad_accum * sum(per_batch) / len(per_batch)] * steps
+    tokens: list[float] = []
+    epoch = 0
+    while len(tokens) < steps:
+        order = length_grouped_order(lengths, batch_size * grad_accum, seed + epoch)
+        per_batch = [len(order[k : k + batch_size]) * max(lengths[i] for i in order[k : k + batch_size])
                      for k in range(0, len(order), batch_size)]
-    return grad_accum * sum(per_batch) / len(per_batch)
+        tokens += [sum(per_batch[k : k + grad_accum]) for k in range(0, len(per_batch), grad_accum)]
+        epoch += 1
+    return tokens[:steps]
 
 
 def step_time_model(seconds: list[float], tokens: list[int]) -> tuple[float, float]:
@@ -70,6 +81,8 @@ def run_estimate(config, probe_steps: int = 6) -> Estimate:
 
     if config.task != "causal_lm":
         raise ConfigError(["estimate covers task causal_lm; a classification run's steps are short, just start it"])
+    if probe_steps < 3:
+        raise ConfigError([f"--probe-steps {probe_steps}: use 3 or more (the first is a warm-up, the longest batch comes second)"])
 
     probe = config.model_copy(update={
         "output_dir": tempfile.mkdtemp(prefix="loraforge-estimate-"),
@@ -86,20 +99,22 @@ def run_estimate(config, probe_steps: int = 6) -> Estimate:
 
     lengths = _train_lengths(config)
     train = config.train
-    per_step = padded_tokens_per_step(lengths, train.batch_size, train.grad_accum, train.group_by_length,
-                                      config.data.packing, config.seed)
-    if config.data.packing:
-        per_step = min(per_step, train.batch_size * train.grad_accum * config.data.max_length)
     steps = train.max_steps or math.ceil(train.num_epochs * len(lengths) / (train.batch_size * train.grad_accum))
-    step_seconds = fixed + per_token * per_step
+    tokens = step_padded_tokens(lengths, train.batch_size, train.grad_accum, train.group_by_length,
+                                config.data.packing, config.seed, steps)
+    if config.data.packing:
+        tokens = [min(t, train.batch_size * train.grad_accum * config.data.max_length) for t in tokens]
+    warm_up = result.step_seconds[0] - (fixed + per_token * result.step_padded_tokens[0])
+    step_seconds = [fixed + per_token * t for t in tokens]
+    step_seconds[0] += max(warm_up, 0.0)
     evaluations = steps // train.eval_every + 1
-    total = (result.setup_seconds or 0.0) + steps * step_seconds + evaluations * (result.eval_seconds or 0.0)
+    total = (result.setup_seconds or 0.0) + sum(step_seconds) + evaluations * (result.eval_seconds or 0.0)
     return Estimate(
-        seconds_per_step=step_seconds,
+        seconds_per_step=sum(step_seconds) / steps,
         total_seconds=total,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         steps=steps,
-        padded_tokens_per_step=per_step,
+        padded_tokens_per_step=sum(tokens) / steps,
         probe_steps=probe_steps,
     )
 

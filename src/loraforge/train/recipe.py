@@ -76,6 +76,7 @@ class TrainingStopped(LoraforgeError):
 def run_training(config: RunConfig, resume: str | None = None, allow_changes: bool = False,
                  config_path: str | None = None) -> TrainResult:
     """Train from a config; with resume ("auto" or a checkpoint folder), carry on a run from its checkpoint."""
+    called_at = time.perf_counter()
     import torch
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
 
@@ -93,7 +94,6 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     from loraforge.train.resume import check_compatible, config_fingerprint, find_checkpoint, rewind_metrics
     from loraforge.train.trainer import LoraforgeTrainer, NanGuard, PaddedTokensPerStep, SignalStop
 
-    called_at = time.perf_counter()
     if not torch.cuda.is_available():
         limit_memory_growth()
     is_main = _is_main_process()
