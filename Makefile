@@ -29,14 +29,16 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	rm -rf $(VENV)/.sdist
 	touch $(STAMP)
 
+# The fit planner first: how long the run will take on this machine, from a few real steps.
 demo: setup
+	$(BIN)/loraforge estimate configs/default.yaml --probe-steps 4
 	$(BIN)/loraforge train configs/default.yaml output_dir=$(RUN_DIR)
 
 test: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" --durations=15
 
 test-all: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 # Side-by-side throughput, memory and eval loss against the common script; not part of `make test`.
 bench: setup

@@ -7,7 +7,9 @@ assistant-only labels for every run), same seed, same number of optimizer steps 
   default     loraforge with configs/default.yaml
   fastest     the fastest loraforge configuration among the candidates below (all keep 8 examples per step;
               packing is left out: a packed row of 8 x 512 tokens attends over 4096 positions, far slower on CPU)
-Each run is a separate process, so its peak RSS is its own, and its time to first step counts from the
+The candidates include fp32 and bf16 forced, so the table shows in the same run whether precision auto
+(the default) picked the faster of the two on this machine; the header names the CPU, its bf16 features
+and both matmul peaks. Each run is a separate process, so its peak RSS is its own, and its time to first step counts from the
 process start (imports included). Eval loss is computed the same way for every adapter: fp32 base, the
 default config's validation split. Writes bench/results/<date>.json and .md.
 Run: make bench   (or .venv/bin/python bench/compare.py [STEPS])
@@ -34,6 +36,9 @@ CANDIDATES = {
     "micro_batch_tokens 512": ["train.micro_batch_tokens=512"],
     "no micro_batch_tokens limit": ["train.micro_batch_tokens=null"],
     "LoRA dropout 0.05": ["lora.dropout=0.05"],
+    "precision fp32": ["precision=fp32"],
+    "precision bf16": ["precision=bf16"],
+    "micro_batch_tokens 128": ["train.micro_batch_tokens=128"],
 }
 QUIET = ["train.eval_every=100000", "train.save_every=null", "eval.num_samples=0", "eval.samples_during_training=0",
          "report_to=[]", "data.val_fraction=0.05"]
@@ -53,10 +58,10 @@ def run_loraforge(steps: int, overrides: list[str], out: Path) -> dict:
     started = time.perf_counter()
     result = run_training(config)
     report = json.loads((out / "eval.json").read_text())
-    from loraforge.model.load import resolve_precision
-
+    manifest = json.loads((out / "manifest.json").read_text())
     return {
-        "precision": resolve_precision(config.precision),
+        "precision": manifest["precision"]["chosen"],
+        "precision_record": manifest["precision"],
         "train_seconds": report["train_seconds"],
         "real_tokens": report["real_tokens"],
         "padded_tokens": report["padded_tokens"],
@@ -131,6 +136,9 @@ def run_seed_style(steps: int, out: Path) -> dict:
 
 
 def child(name: str, steps: int, overrides: list[str], launched_at: float) -> None:
+    from loraforge.cli import tune_process
+
+    tune_process()
     if name == "estimate":
         from loraforge.train.estimate import run_estimate
 
@@ -181,6 +189,9 @@ def main(steps: int = 20) -> None:
     peaks = {"fp32": round(matmul_peak_gflops("float32"), 1), "bf16": round(matmul_peak_gflops("bfloat16"), 1)}
     n_params, model_config = model_parameters("smollm2-135m-instruct")
     runs = []
+    from loraforge.model.precision import cpu_bf16_features
+    from loraforge.train.manifest import hardware
+
     raw = measure("seed_style", steps, [])
     mean_length = raw["real_tokens"] / (steps * EXAMPLES_PER_STEP)
     flops_token = flops_per_token(n_params, model_config, mean_length)
@@ -192,6 +203,15 @@ def main(steps: int = 20) -> None:
     tried = {label: summarise(label, r, steps, flops_token, peaks, CANDIDATES[label]) for label, r in candidates.items()}
     predicted = measure("estimate", steps, [])
     default = runs[1]
+    auto = candidates[DEFAULT]["precision_record"]
+    speed = {p: tried[f"precision {p}"]["real_tokens_per_s"] for p in ("fp32", "bf16")}
+    precision = {
+        "auto_chose": auto["chosen"],
+        "reason": auto["reason"],
+        "real_tokens_per_s": speed,
+        "faster": max(speed, key=speed.get),
+        "auto_is_faster": auto["chosen"] == max(speed, key=speed.get),
+    }
     estimate = {
         "predicted_seconds_per_step": round(predicted["seconds_per_step"], 2),
         "measured_seconds_per_step": default["seconds_per_step"],
@@ -202,8 +222,9 @@ def main(steps: int = 20) -> None:
     }
 
     report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": 2, "torch": torch.__version__,
-                    "matmul_peak_gflops_2048": peaks},
+        "machine": {"cpu": hardware().get("cpu") or platform.machine(), "threads": 2, "torch": torch.__version__,
+                    "bf16_features": cpu_bf16_features(), "matmul_peak_gflops_2048": peaks},
+        "precision": precision,
         "model": {"name": "smollm2-135m-instruct", "parameters": n_params},
         "setup": {"steps": steps, "examples_per_step": EXAMPLES_PER_STEP, "mean_real_tokens_per_example": round(mean_length, 1),
                   "flops_per_token": f"4*N + 8*L*s*d = {flops_token / 1e9:.3f} GFLOP (frozen-base LoRA; N params, "
@@ -223,10 +244,16 @@ def main(steps: int = 20) -> None:
 
 def markdown(report: dict) -> str:
     seed = report["runs"][0]
+    machine, precision = report["machine"], report["precision"]
+    flags = ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in machine["bf16_features"].items())
     lines = [
-        f"Measured {date.today().isoformat()}: {report['setup']['steps']} steps x {report['setup']['examples_per_step']} "
-        f"examples, {report['machine']['threads']} threads; matmul peak fp32 {report['machine']['matmul_peak_gflops_2048']['fp32']}"
-        f" / bf16 {report['machine']['matmul_peak_gflops_2048']['bf16']} GFLOP/s.",
+        f"Measured {date.today().isoformat()} on {machine['cpu']} ({flags}): {report['setup']['steps']} steps x "
+        f"{report['setup']['examples_per_step']} examples, {machine['threads']} threads; matmul peak fp32 "
+        f"{machine['matmul_peak_gflops_2048']['fp32']} / bf16 {machine['matmul_peak_gflops_2048']['bf16']} GFLOP/s.",
+        "",
+        f"precision auto chose {precision['auto_chose']} ({precision['reason']}); side by side: fp32 "
+        f"{precision['real_tokens_per_s']['fp32']} tok/s, bf16 {precision['real_tokens_per_s']['bf16']} tok/s: "
+        f"{precision['faster']} is faster, auto {'picked it' if precision['auto_is_faster'] else 'DID NOT pick it'}.",
         "",
         "| run | precision | real tok/s | padded tok/s | s/step | peak RSS MB | eval loss (fp32) | first step s* | MFU | vs seed |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -19,7 +19,7 @@ def load_model_from_run(run_dir: Path, config, labels: list[str] | None = None):
         from loraforge.model.load import load_model
 
         return load_model(str(run_dir / rundir.MODEL), task=config.task, labels=labels)
-    base = load_for_run(config, resolve_model(config.model.name), labels=labels, serving=True)
+    base = load_for_run(config, resolve_model(config.model.name), labels=labels)
     return PeftModel.from_pretrained(base, str(run_dir / rundir.ADAPTER))
 
 

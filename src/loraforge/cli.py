@@ -115,6 +115,21 @@ def _predict(args) -> int:
     return 0
 
 
+# Commands that run a model; process-wide settings must be in place before their first tensor is made.
+COMPUTING = {"train", "estimate", "chat", "eval", "merge", "export", "predict"}
+
+
+def tune_process() -> None:
+    """CPU memory settings (train/cpu_memory.py): they hold for the whole process and only take effect before
+    the first bf16 matmul, so they belong here, at the entry, not inside a library call."""
+    import torch
+
+    from loraforge.train.cpu_memory import limit_memory_growth
+
+    if not torch.cuda.is_available():
+        limit_memory_growth()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraforge",
@@ -213,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.command in COMPUTING:
+        tune_process()
     try:
         return args.func(args)
     except LoraforgeError as exc:

@@ -8,11 +8,9 @@ import textwrap
 import pytest
 
 from loraforge.train.cpu_memory import KERNEL_CACHES
-from tests.conftest import ROOT, write_jsonl
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 
-DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
 MALLINFO = """
 import ctypes
@@ -41,13 +39,28 @@ def allocated():
     info = libc.mallinfo2()
     return info.uordblks + info.hblkhd
 before = allocated()
-for length in range(40, 80):
+for length in LENGTHS:
     x = torch.randn(length, 576, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     y.float().sum().backward()
 print("RESULT", allocated() - before)
 """
+NEW_SHAPES = "LENGTHS = range(40, 80)\n"
+ONE_SHAPE = "LENGTHS = [60] * 40\n"
+# Two runs of the same probe differ by a few KiB; growth under this is no effect to fix.
+MEASURABLE = 1 << 20
+
+
+def per_shape_growth(setup: str) -> int:
+    """Heap growth over 40 new bf16 shapes beyond that over one shape 40 times: what each new shape keeps."""
+    return run_python(setup + NEW_SHAPES, GROWTH_OVER_BF16_SHAPES) - run_python(setup + ONE_SHAPE, GROWTH_OVER_BF16_SHAPES)
+
+
+def require_effect(growth: int, what: str) -> None:
+    if growth < MEASURABLE:
+        pytest.skip(f"{what} keeps no measurable memory per new bf16 shape on this CPU ({growth / 2**20:.2f} MiB "
+                    f"over 40 shapes): nothing for its cap to remove here")
 
 
 def run_python(setup: str, probe: str) -> int:
@@ -66,20 +79,24 @@ def test_fixed_threshold_keeps_4_mib_blocks_mmapped():
     assert run_python(setup, MMAPPED_AFTER_A_BIG_FREE) >= 4 << 20
 
 
-def test_capped_ideep_cache_keeps_less_per_new_bf16_shape():
-    grown = run_python("", GROWTH_OVER_BF16_SHAPES)
-    capped = run_python("from loraforge.train.cpu_memory import cap_kernel_caches\n"
-                        "cap_kernel_caches({'LRU_CACHE_CAPACITY': 1})\n", GROWTH_OVER_BF16_SHAPES)
-    assert grown - capped > 20 << 20, (grown, capped)
+IDEEP_CAP = "from loraforge.train.cpu_memory import cap_kernel_caches\ncap_kernel_caches({'LRU_CACHE_CAPACITY': 1})\n"
+# 8, not the product's 256: 40 shapes make fewer than 256 primitives, so only a small cap shows the effect here.
+BOTH_CAPS = ("from loraforge.train.cpu_memory import cap_kernel_caches\n"
+             "cap_kernel_caches({'LRU_CACHE_CAPACITY': 1, 'ONEDNN_PRIMITIVE_CACHE_CAPACITY': 8})\n")
 
 
-def test_capped_onednn_cache_keeps_less_per_new_bf16_shape():
-    ideep_only = run_python("from loraforge.train.cpu_memory import cap_kernel_caches\n"
-                            "cap_kernel_caches({'LRU_CACHE_CAPACITY': 1})\n", GROWTH_OVER_BF16_SHAPES)
-    both = run_python("import torch\nfrom loraforge.train.cpu_memory import cap_kernel_caches\n"
-                      "cap_kernel_caches({'LRU_CACHE_CAPACITY': 1, 'ONEDNN_PRIMITIVE_CACHE_CAPACITY': 8})\n",
-                      GROWTH_OVER_BF16_SHAPES)
-    assert ideep_only - both > 20 << 20, (ideep_only, both)
+def test_capped_ideep_cache_removes_a_clear_share_of_the_per_shape_growth():
+    grown = per_shape_growth("")
+    require_effect(grown, "ideep with oneDNN")
+    capped = per_shape_growth(IDEEP_CAP)
+    assert capped <= 0.75 * grown, (grown, capped)
+
+
+def test_capped_onednn_cache_removes_most_of_what_ideep_leaves():
+    grown = per_shape_growth(IDEEP_CAP)
+    require_effect(grown, "oneDNN's primitive cache")
+    capped = per_shape_growth(BOTH_CAPS)
+    assert capped <= 0.5 * grown, (grown, capped)
 
 
 def test_a_value_the_user_set_is_kept(monkeypatch):
@@ -91,19 +108,21 @@ def test_a_value_the_user_set_is_kept(monkeypatch):
     assert cap_kernel_caches() == {"LRU_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"}
 
 
-def test_a_cpu_training_run_applies_both(tiny_model_dir, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]}
-            for w in ["one", "two", "three", "four", "five", "six", "seven", "eight"]]
-    data = write_jsonl(tmp_path / "say.jsonl", rows)
-    overrides = [f"output_dir={tmp_path / 'run'}", f"model.name={tiny_model_dir}",
-                 f"data.sources=[{{path: {data}, format: messages}}]", "data.val_fraction=0.25", "train.max_steps=2",
-                 "train.batch_size=2", "train.eval_every=100", "eval.num_samples=0", "eval.samples_during_training=0",
-                 "report_to=[]"]
+def test_the_cli_applies_both_before_a_command_runs(tmp_path):
     setup = f"""
     import os
-    from loraforge.config import load_config
-    from loraforge.train.recipe import run_training
-    run_training(load_config({str(DEFAULT_CONFIG)!r}, {overrides!r}))
+    from loraforge.cli import main
+    assert main(["chat", {str(tmp_path / "no-run")!r}]) == 2
     assert os.environ["LRU_CACHE_CAPACITY"] == "1" and os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
     """
     assert run_python(setup, MMAPPED_AFTER_A_BIG_FREE) >= 4 << 20
+
+
+def test_a_command_that_computes_nothing_changes_no_setting():
+    setup = """
+    import os
+    from loraforge.cli import main
+    assert main(["config", "schema"]) == 0
+    assert "LRU_CACHE_CAPACITY" not in os.environ
+    """
+    assert run_python(setup, MMAPPED_AFTER_A_BIG_FREE) == 0

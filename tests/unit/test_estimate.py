@@ -35,4 +35,9 @@ def test_estimate_cli(tiny_model_dir, tmp_path, capsys):
     assert main(["estimate", str(config), "--probe-steps", "3"]) == 0
     out = capsys.readouterr().out
     assert "s per optimizer step" in out and "50 steps: about" in out and "MB process RSS" in out
+    from loraforge.model.load import load_model_config
+    from loraforge.model.precision import choose_precision
+
+    auto = choose_precision("auto", load_model_config(str(tiny_model_dir))).chosen
+    assert f"on this machine, in {auto}:" in out, "the planner measures in the precision training will pick"
     assert not (tmp_path / "runs").exists()

@@ -119,7 +119,7 @@ def test_base_evaluation_after_training_is_the_evaluation_before_it(train_tiny, 
     config, result = train_tiny("precision=fp32")
     base = load_model(config.model.name)
     data = build_datasets(config.data, tokenizer, stop_token_ids(tokenizer, base.generation_config), config.seed)
-    args = _training_arguments(config, result.run_dir / "base-eval", has_eval=True)
+    args = _training_arguments(config, result.run_dir / "base-eval", "fp32", has_eval=True)
     trainer = LoraforgeTrainer(model=base, args=args, eval_dataset=data.val, causal_lm=True,
                                data_collator=collator(tokenizer, packed=False),
                                processing_class=tokenizer)

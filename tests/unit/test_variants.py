@@ -96,16 +96,6 @@ def test_bf16_keeps_trainable_weights_fp32(train_tiny):
     assert result.eval_after < result.eval_before
 
 
-def test_auto_precision_follows_the_hardware():
-    from loraforge.model.load import cpu_has_native_bf16, resolve_precision
-
-    if torch.cuda.is_available():
-        assert resolve_precision("auto") in ("bf16", "fp16")
-    else:
-        assert resolve_precision("auto") == ("bf16" if cpu_has_native_bf16() else "fp32")
-    assert resolve_precision("fp32") == "fp32"
-
-
 def test_fp16_is_refused_on_cpu(train_tiny):
     if torch.cuda.is_available():
         pytest.skip("fp16 is allowed on a GPU")

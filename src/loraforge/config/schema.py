@@ -295,9 +295,11 @@ class RunConfig(Section):
     )
     adapter: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter, or every weight (full).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Training dtype. auto: bf16 on GPUs that support it, else fp16; on CPU bf16 where the "
-        "CPU has native bf16 (AVX512-BF16/AMX: measured 1.4x the tokens/s of fp32 at +0.3% eval loss, "
-        "bench/precision.py), else fp32. fp16 is refused on CPU."
+        "auto", description="Training dtype. auto: bf16 on GPUs that support it, else fp16; on CPU it times a short "
+        "matmul of the model's shapes in fp32 and bf16 at start-up and takes bf16 only where it runs at least 1.3x "
+        "fp32 (CPUs that compute bf16 natively: ~2x; elsewhere bf16 is emulated, 2-5x slower). The choice and its "
+        "reason are logged and kept in manifest.json. An explicit bf16 that is slower here runs with a warning. "
+        "fp16 is refused on CPU."
     )
     quantization: QuantizationConfig = Field(
         default_factory=QuantizationConfig, description="bitsandbytes quantization of the frozen base (QLoRA)."

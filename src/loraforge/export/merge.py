@@ -54,7 +54,7 @@ def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult
 
     # A quantized run merges onto the unquantized base: merged weights must be plain floats to be saved and reused.
     unquantized = config.model_copy(update={"quantization": QuantizationConfig()})
-    base = load_for_run(unquantized, resolve_model(config.model.name), labels=labels, serving=True)
+    base = load_for_run(unquantized, resolve_model(config.model.name), labels=labels)
     model = PeftModel.from_pretrained(base, str(run_dir / rundir.ADAPTER)).eval()
     inputs = probe_inputs(tokenizer, config.task)
     # The check runs its forward passes in float64 (fp32 -> fp64 -> fp32 is exact), so what it measures is

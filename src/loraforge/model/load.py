@@ -2,7 +2,7 @@
 
 import logging
 
-from loraforge.errors import ConfigError, ModelError
+from loraforge.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -31,32 +31,6 @@ def load_tokenizer(path: str, chat_template: str | None = None, revision: str | 
             chat_template = template_file.read_text(encoding="utf-8")
         tokenizer.chat_template = chat_template
     return tokenizer
-
-
-def resolve_precision(precision: str) -> str:
-    """fp32, bf16 or fp16 for this machine; refuses what it cannot run well."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if precision == "auto":
-        if cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    if precision == "fp16" and not cuda:
-        raise ConfigError(["precision: fp16 on a CPU runs through a very slow fallback; use fp32 or bf16 (or auto)"])
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise ConfigError(["precision: bf16 is not supported by this GPU; use fp16 or auto"])
-    return precision
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 in hardware (AVX512-BF16, AMX); elsewhere bf16 is emulated and slow."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def load_model(
@@ -106,21 +80,31 @@ def load_model(
     return model
 
 
-def load_for_run(config, path: str, labels: list[str] | None = None, serving: bool = False):
-    """The model a run trains, or later serves, with the quantization and layer variant of its config.
+def load_model_config(path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's config alone (sizes, architecture), without its weights."""
+    from transformers import AutoConfig
 
-    Serving loads unquantized weights in fp32, as plain transformers does, whatever precision trained them.
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config of model {path!r}: {exc} (model.name)") from None
+
+
+def load_for_run(config, path: str, precision: str = "fp32", labels: list[str] | None = None):
+    """The model a run trains in `precision` (the chosen one, model/precision.py), or later serves, with the
+    quantization and layer variant of its config.
+
+    Serving leaves precision at fp32: plain transformers loads weights in fp32, whatever precision trained them.
     """
     import torch
 
     from loraforge.model.quantize import bnb_config, keep_cpu_4bit_trainable
     from loraforge.model.variants import apply_variant
 
-    precision = resolve_precision(config.precision)
     quant = config.quantization
     compute = quant.compute_dtype if quant.compute_dtype != "auto" else ("bf16" if precision == "bf16" else "fp32")
     # Frozen weights may be bf16; trained ones (LoRA adapters, or every weight in full fine-tuning) stay fp32.
-    weights = precision if precision != "fp32" and config.adapter == "lora" and not serving else "fp32"
+    weights = precision if precision != "fp32" and config.adapter == "lora" else "fp32"
     if quant.mode != "none" and not torch.cuda.is_available():
         log.info("bitsandbytes %s quantization on CPU%s", quant.mode,
                  "; 8-bit matmuls run in fp16 on CPU and are slow" if quant.mode == "8bit" else "")

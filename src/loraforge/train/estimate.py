@@ -21,11 +21,12 @@ class Estimate:
     steps: int
     padded_tokens_per_step: float
     probe_steps: int
+    precision: str
 
     def summary(self) -> str:
         minutes = self.total_seconds / 60
         return (
-            f"Estimate from {self.probe_steps} measured steps on this machine:\n"
+            f"Estimate from {self.probe_steps} measured steps on this machine, in {self.precision}:\n"
             f"  {self.seconds_per_step:.2f} s per optimizer step ({self.padded_tokens_per_step:.0f} padded tokens per step)\n"
             f"  {self.steps} steps: about {minutes:.1f} minutes in all, evaluations and loading included\n"
             f"  peak memory: {self.peak_rss_mb:.0f} MB process RSS"
@@ -116,6 +117,7 @@ def run_estimate(config, probe_steps: int = 6) -> Estimate:
         steps=steps,
         padded_tokens_per_step=sum(tokens) / steps,
         probe_steps=probe_steps,
+        precision=result.precision,
     )
 
 

@@ -44,6 +44,8 @@ class TrainResult:
     step_padded_tokens: list[int] = field(default_factory=list)
     eval_seconds: float | None = None
     setup_seconds: float | None = None
+    total_seconds: float | None = None
+    precision: str | None = None
 
     def summary(self) -> str:
         lines = [f"Run directory: {self.run_dir}"]
@@ -56,7 +58,10 @@ class TrainResult:
             if name in self.metrics:
                 lines.append(f"Eval {name}: {self.metrics[name]:.3f}")
         speed = f", {self.tokens_per_s:.0f} tok/s" if self.tokens_per_s else ""
-        lines.append(f"Training time: {self.train_seconds:.0f}s{speed}")
+        lines.append(f"Training time: {self.train_seconds:.0f}s{speed}" + (
+            f" ({self.precision})" if self.precision else ""))
+        if self.total_seconds is not None:
+            lines.append(f"Total time: {self.total_seconds:.0f}s (loading, training, evaluation, samples, report)")
         for sample in self.samples:
             lines.append(f"Prompt:     {sample['prompt']}")
             lines.append(f"Base:       {sample['base']}")
@@ -77,7 +82,6 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
                  config_path: str | None = None) -> TrainResult:
     """Train from a config; with resume ("auto" or a checkpoint folder), carry on a run from its checkpoint."""
     called_at = time.perf_counter()
-    import torch
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
 
     from loraforge.data.cache import cache_key
@@ -85,17 +89,15 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     from loraforge.eval.plots import plot_loss
     from loraforge.eval.report import write_report
     from loraforge.model.adapters import parameter_counts
-    from loraforge.model.load import load_for_run, load_tokenizer
+    from loraforge.model.load import load_for_run, load_model_config, load_tokenizer
+    from loraforge.model.precision import choose_precision
     from loraforge.model.sources import resolve_model
     from loraforge.train.callbacks import MetricsCallback, ThroughputCallback
     from loraforge.train.checkpoints import latest_complete
-    from loraforge.train.cpu_memory import limit_memory_growth
     from loraforge.train.manifest import write_manifest
     from loraforge.train.resume import check_compatible, config_fingerprint, find_checkpoint, rewind_metrics
     from loraforge.train.trainer import LoraforgeTrainer, NanGuard, PaddedTokensPerStep, SignalStop
 
-    if not torch.cuda.is_available():
-        limit_memory_growth()
     is_main = _is_main_process()
     checkpoint = find_checkpoint(Path(config.output_dir), resume) if resume else None
     if checkpoint is None and is_main:
@@ -104,13 +106,15 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     set_seed(config.seed)
     model_path = resolve_model(config.model.name)
     log.info("model %s (%s)", config.model.name, model_path)
+    precision = choose_precision(config.precision, load_model_config(model_path, config.model.revision,
+                                                                      config.model.trust_remote_code))
     tokenizer = load_tokenizer(model_path, config.data.chat_template, config.model.revision, config.model.trust_remote_code)
     if config.task == "classification":
         data = _classification_data(config, tokenizer)
-        model = load_for_run(config, model_path, labels=data.labels)
+        model = load_for_run(config, model_path, precision.chosen, labels=data.labels)
         stop_ids = frozenset()
     else:
-        model = load_for_run(config, model_path)
+        model = load_for_run(config, model_path, precision.chosen)
         stop_ids = stop_token_ids(tokenizer, model.generation_config)
         data = _causal_data(config, tokenizer, stop_ids)
     log.info("data: %s", data.stats.summary())
@@ -137,7 +141,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / rundir.TENSORBOARD)
         trainer = LoraforgeTrainer(
             model=model,
-            args=_training_arguments(config, run_dir, has_eval=data.val is not None),
+            args=_training_arguments(config, run_dir, precision.chosen, has_eval=data.val is not None),
             train_dataset=data.train,
             eval_dataset=data.val,
             data_collator=data.collator,
@@ -229,7 +233,8 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         plot_loss(run_dir / rundir.METRICS, run_dir / rundir.LOSS_PLOT, title=f"{config.model.name} {_method(config)}")
         _remove_if_empty(run_dir / rundir.CHECKPOINTS)
 
-        samples = [] if config.task == "classification" else _sample_answers(config, model, tokenizer, stop_ids, data.val_prompts)
+        samples = [] if config.task == "classification" else _sample_answers(config, model, tokenizer, stop_ids,
+                                                                             data.val_prompts, precision.chosen)
         (run_dir / rundir.EVAL).write_text(
             json.dumps(
                 {
@@ -255,13 +260,15 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         write_report(run_dir, f"{config.model.name}: {_method(config)}", _metric_values(before),
                      _metric_values(after), samples, data.stats.summary())
         write_manifest(run_dir / rundir.MANIFEST, config, fingerprints, trainable, wall,
-                       resumed_from=str(checkpoint) if checkpoint else None, steps=trainer.state.global_step)
+                       resumed_from=str(checkpoint) if checkpoint else None, steps=trainer.state.global_step,
+                       precision=precision.record())
         tokens_seen = trainer.state.num_input_tokens_seen
         speed = tokens_seen / throughput.train_seconds if throughput.train_seconds else None
         return TrainResult(run_dir, before.get("eval_loss"), after.get("eval_loss"), wall, speed, samples,
                            metrics=_metric_values(after), step_seconds=throughput.step_seconds,
                            step_padded_tokens=trainer.step_padded_tokens, eval_seconds=eval_seconds,
-                           setup_seconds=setup_seconds)
+                           setup_seconds=setup_seconds, total_seconds=time.perf_counter() - called_at,
+                           precision=precision.chosen)
     finally:
         stop.uninstall()
         if handler is not None:
@@ -380,14 +387,11 @@ def _check_optimizer(optimizer: str) -> None:
         raise ConfigError([f"train.optimizer: {optimizer} (bitsandbytes) needs a CUDA GPU; use adamw_torch on CPU"])
 
 
-def _training_arguments(config: RunConfig, run_dir: Path, has_eval: bool):
+def _training_arguments(config: RunConfig, run_dir: Path, precision: str, has_eval: bool):
     import torch
     from transformers import TrainingArguments
 
-    from loraforge.model.load import resolve_precision
-
     train = config.train
-    precision = resolve_precision(config.precision)
     return TrainingArguments(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
@@ -458,7 +462,7 @@ def _final_eval(trainer) -> dict:
     return trainer.evaluate()
 
 
-def _sample_answers(config: RunConfig, model, tokenizer, stop_ids, val_prompts: list[str]) -> list[dict]:
+def _sample_answers(config: RunConfig, model, tokenizer, stop_ids, val_prompts: list[str], precision: str) -> list[dict]:
     from loraforge.eval.generate import generate_batch, prompt_messages
 
     prompts = list(config.eval.sample_prompts) or val_prompts[: config.eval.num_samples]
@@ -468,7 +472,8 @@ def _sample_answers(config: RunConfig, model, tokenizer, stop_ids, val_prompts: 
         from loraforge.model.load import load_for_run
         from loraforge.model.sources import resolve_model
 
-        base = generate_batch(load_for_run(config, resolve_model(config.model.name)), tokenizer, chats, limit, stop_ids)
+        base = generate_batch(load_for_run(config, resolve_model(config.model.name), precision), tokenizer, chats, limit,
+                              stop_ids)
     else:
         with model.disable_adapter():
             base = generate_batch(model, tokenizer, chats, limit, stop_ids)

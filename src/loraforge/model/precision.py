@@ -1,0 +1,135 @@
+"""Which dtype a run trains in, chosen by what the machine does rather than by what it advertises.
+
+On CPU a flag is not enough: oneDNN runs bf16 on any AVX-512 CPU, emulated where the CPU lacks AVX512-BF16 or
+AMX (a 2048² matmul ran 51 GFLOP/s in bf16 against 246 in fp32 on such a Xeon), and even a CPU that reports
+AVX512-BF16 can run bf16 matmuls slower than fp32 (an Intel Xeon without AMX here: 165 against 307). So auto
+times a short matmul of the model's own shapes in both dtypes and takes bf16 only where it is clearly faster.
+"""
+
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from loraforge.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# bf16 also costs casts and a little accuracy (+0.3% eval loss at 40 steps, bench/precision.py): it has to win
+# the matmul race by this much to be worth it. On native-bf16 CPUs it wins by ~2x, elsewhere it loses.
+BF16_MIN_SPEEDUP = 1.3
+PROBE_TOKENS = 256
+PROBE_MAX_WIDTH = 2048
+PROBE_REPEATS = 5
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtype chosen for `requested`, why, and the figures it was chosen on."""
+
+    requested: str
+    chosen: str
+    reason: str
+    measured: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        return {"requested": self.requested, "chosen": self.chosen, "reason": self.reason, **self.measured}
+
+
+def cpu_bf16_features() -> dict[str, bool]:
+    """The CPU features that compute bf16 in hardware, as torch reports them (all False off x86 or when unknown)."""
+    import torch
+
+    try:
+        capabilities = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        capabilities = {}
+    return {name: bool(capabilities.get(name, False)) for name in ("avx512_bf16", "amx_bf16")}
+
+
+@functools.cache
+def matmul_gflops(tokens: int, width: int, depth: int, dtype_name: str, repeats: int = PROBE_REPEATS) -> float:
+    """Best-of-`repeats` GFLOP/s of a (tokens x depth) @ (depth x width) product and its transpose, as a
+    linear layer's forward and its input-gradient run them."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, depth, generator=generator).to(dtype)
+    w = torch.randn(width, depth, generator=generator).to(dtype)
+    grad = torch.randn(tokens, width, generator=generator).to(dtype)
+    best = float("inf")
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            started = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            grad @ w
+            elapsed = time.perf_counter() - started
+            if i:
+                best = min(best, elapsed)
+    return 2 * 2 * tokens * width * depth / best / 1e9
+
+
+def probe_shape(model_config) -> tuple[int, int]:
+    """(width, depth) of the model's MLP up-projection, capped so that timing it stays well under a second."""
+    hidden = getattr(model_config, "hidden_size", None) or 1024
+    intermediate = getattr(model_config, "intermediate_size", None) or 4 * hidden
+    return min(intermediate, PROBE_MAX_WIDTH), min(hidden, PROBE_MAX_WIDTH)
+
+
+def cpu_speeds(model_config=None) -> dict:
+    width, depth = probe_shape(model_config)
+    return {
+        "probe": f"{PROBE_TOKENS}x{depth} @ {depth}x{width} and back",
+        "fp32_gflops": round(matmul_gflops(PROBE_TOKENS, width, depth, "float32"), 1),
+        "bf16_gflops": round(matmul_gflops(PROBE_TOKENS, width, depth, "bfloat16"), 1),
+        **cpu_bf16_features(),
+    }
+
+
+def _describe(speeds: dict) -> str:
+    flags = [name for name in ("avx512_bf16", "amx_bf16") if speeds.get(name)]
+    hardware = f"this CPU has {' and '.join(flags)}" if flags else "no native bf16 on this CPU"
+    return f"{hardware} (bf16 {speeds['bf16_gflops']:.0f} vs fp32 {speeds['fp32_gflops']:.0f} GFLOP/s)"
+
+
+def choose_cpu(requested: str, model_config=None) -> Precision:
+    if requested == "fp16":
+        raise ConfigError(["precision: fp16 on a CPU runs through a very slow fallback; use fp32 or bf16 (or auto)"])
+    if requested == "fp32":
+        return Precision(requested, "fp32", "set in the config")
+    speeds = cpu_speeds(model_config)
+    speedup = speeds["bf16_gflops"] / speeds["fp32_gflops"]
+    faster = speedup >= BF16_MIN_SPEEDUP
+    if requested == "bf16":
+        if not faster:
+            log.warning("precision bf16: bf16 matmuls run at %.2fx the speed of fp32 here, %s; precision: auto "
+                        "would train in fp32", speedup, _describe(speeds))
+        return Precision(requested, "bf16", "set in the config", speeds)
+    chosen = "bf16" if faster else "fp32"
+    return Precision(requested, chosen, _describe(speeds), speeds)
+
+
+def choose_cuda(requested: str) -> Precision:
+    import torch
+
+    bf16 = torch.cuda.is_bf16_supported()
+    if requested == "auto":
+        return Precision(requested, "bf16" if bf16 else "fp16",
+                         "the GPU supports bf16" if bf16 else "the GPU has no bf16; fp16 with loss scaling")
+    if requested == "bf16" and not bf16:
+        raise ConfigError(["precision: bf16 is not supported by this GPU; use fp16 or auto"])
+    return Precision(requested, requested, "set in the config")
+
+
+def choose_precision(requested: str, model_config=None) -> Precision:
+    """The dtype to train in on this machine; model_config (its hidden and intermediate sizes) shapes the probe.
+
+    On CPU the probe runs a bf16 matmul, which fixes oneDNN's cache sizes for the process: apply the CPU memory
+    settings before calling this."""
+    import torch
+
+    choice = choose_cuda(requested) if torch.cuda.is_available() else choose_cpu(requested, model_config)
+    if requested == "auto":
+        log.info("precision auto -> %s: %s", choice.chosen, choice.reason)
+    return choice

@@ -1,0 +1,108 @@
+"""precision: auto decides by measured matmul speed and the CPU's bf16 features; explicit choices are kept."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from loraforge.errors import ConfigError
+from loraforge.model import precision as precision_module
+from loraforge.model.precision import BF16_MIN_SPEEDUP, choose_cpu, choose_precision, cpu_speeds, matmul_gflops
+
+needs_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU precision choice; this machine has CUDA")
+
+EMULATED_BF16 = {"fp32": 246.0, "bf16": 51.0, "flags": False}
+NATIVE_BF16 = {"fp32": 199.0, "bf16": 432.0, "flags": True}
+FLAG_BUT_SLOW = {"fp32": 307.0, "bf16": 165.0, "flags": True}
+
+
+@pytest.fixture
+def cpu_like(monkeypatch):
+    """Make the probe report a given CPU's measured speeds (figures measured on real machines, see FINDINGS)."""
+
+    def use(machine: dict):
+        monkeypatch.setattr(precision_module, "matmul_gflops",
+                            lambda tokens, width, depth, dtype: machine["bf16" if dtype == "bfloat16" else "fp32"])
+        monkeypatch.setattr(precision_module, "cpu_bf16_features",
+                            lambda: {"avx512_bf16": machine["flags"], "amx_bf16": False})
+
+    return use
+
+
+def test_auto_picks_fp32_where_bf16_is_emulated(cpu_like, caplog):
+    cpu_like(EMULATED_BF16)
+    with caplog.at_level(logging.INFO, logger="loraforge.model.precision"):
+        choice = choose_cpu("auto")
+    assert choice.chosen == "fp32"
+    assert choice.reason == "no native bf16 on this CPU (bf16 51 vs fp32 246 GFLOP/s)"
+    assert choice.record()["bf16_gflops"] == 51.0
+
+
+def test_auto_picks_bf16_where_the_cpu_computes_it_natively(cpu_like):
+    cpu_like(NATIVE_BF16)
+    choice = choose_cpu("auto")
+    assert choice.chosen == "bf16"
+    assert "avx512_bf16" in choice.reason and "bf16 432 vs fp32 199" in choice.reason
+
+
+def test_auto_trusts_the_measurement_over_the_flag(cpu_like):
+    cpu_like(FLAG_BUT_SLOW)
+    choice = choose_cpu("auto")
+    assert choice.chosen == "fp32"
+    assert "this CPU has avx512_bf16 (bf16 165 vs fp32 307 GFLOP/s)" == choice.reason
+
+
+def test_explicit_bf16_on_a_slow_cpu_runs_with_one_warning_giving_the_slowdown(cpu_like, caplog):
+    cpu_like(EMULATED_BF16)
+    with caplog.at_level(logging.WARNING, logger="loraforge.model.precision"):
+        choice = choose_cpu("bf16")
+    assert choice.chosen == "bf16"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "0.21x the speed of fp32" in warnings[0] and "auto would train in fp32" in warnings[0]
+
+
+def test_explicit_bf16_on_a_fast_cpu_does_not_warn(cpu_like, caplog):
+    cpu_like(NATIVE_BF16)
+    with caplog.at_level(logging.WARNING, logger="loraforge.model.precision"):
+        assert choose_cpu("bf16").chosen == "bf16"
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_explicit_fp32_measures_nothing(monkeypatch):
+    monkeypatch.setattr(precision_module, "matmul_gflops", lambda *a: pytest.fail("fp32 needs no probe"))
+    assert choose_cpu("fp32").chosen == "fp32"
+
+
+def test_fp16_is_refused_on_cpu():
+    with pytest.raises(ConfigError, match="fp16 on a CPU"):
+        choose_cpu("fp16")
+
+
+@needs_cpu
+def test_the_real_probe_decides_by_its_own_measurement(caplog):
+    speeds = cpu_speeds()
+    assert speeds["fp32_gflops"] > 0 and speeds["bf16_gflops"] > 0
+    with caplog.at_level(logging.INFO, logger="loraforge.model.precision"):
+        choice = choose_precision("auto")
+    faster = speeds["bf16_gflops"] >= BF16_MIN_SPEEDUP * speeds["fp32_gflops"]
+    assert choice.chosen == ("bf16" if faster else "fp32")
+    assert f"precision auto -> {choice.chosen}: " in caplog.text
+
+
+def test_probe_uses_the_model_shape():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=8192, intermediate_size=28672)
+    assert precision_module.probe_shape(config) == (2048, 2048)
+    assert precision_module.probe_shape(LlamaConfig(hidden_size=576, intermediate_size=1536)) == (1536, 576)
+    assert matmul_gflops(16, 32, 64, "float32", repeats=1) > 0
+
+
+@needs_cpu
+def test_manifest_records_the_choice_and_its_reason(train_tiny):
+    config, result = train_tiny()
+    record = json.loads((result.run_dir / "manifest.json").read_text())["precision"]
+    assert record["requested"] == "auto" and record["chosen"] in ("fp32", "bf16")
+    assert "GFLOP/s" in record["reason"]
+    assert (record["chosen"] == "bf16") == (record["bf16_gflops"] >= BF16_MIN_SPEEDUP * record["fp32_gflops"])
