@@ -13,18 +13,14 @@ def fp32_eval_loss(adapter_dir: Path, config) -> float:
     from peft import PeftModel
     from transformers import Trainer, TrainingArguments
 
-    from loraforge.data.build import build_datasets
     from loraforge.data.packing import collator
-    from loraforge.data.render import stop_token_ids
-    from loraforge.model.load import load_model, load_tokenizer
-    from loraforge.model.sources import resolve_model
+    from loraforge.model.load import load_model
+    from loraforge.train.prepare import prepare
 
-    path = resolve_model(config.model.name)
-    tokenizer = load_tokenizer(path)
-    base = load_model(path, dtype="fp32")
+    data = prepare(config.model_copy(update={"data": config.data.model_copy(update={"packing": False})}))
+    tokenizer = data.tokenizer
+    base = load_model(data.model_path, dtype="fp32")
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    data_config = config.data.model_copy(update={"packing": False})
-    data = build_datasets(data_config, tokenizer, stop_token_ids(tokenizer, base.generation_config), config.seed)
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_eval_batch_size=8, report_to="none",
                              use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
     trainer = Trainer(model=model, args=args, eval_dataset=data.val, data_collator=collator(tokenizer, packed=False))

@@ -51,7 +51,7 @@ def default_config(*overrides):
 
 
 def run_loraforge(steps: int, overrides: list[str], out: Path) -> dict:
-    from loraforge.train.recipe import run_training
+    from loraforge.train.run import run_training
 
     config = default_config(*QUIET, f"train.max_steps={steps}", f"output_dir={out}", *overrides)
     called_at = time.time()
@@ -75,28 +75,24 @@ def run_loraforge(steps: int, overrides: list[str], out: Path) -> dict:
 def run_seed_style(steps: int, out: Path) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainerCallback, TrainingArguments
 
-    from loraforge.data.build import build_datasets
-    from loraforge.data.render import stop_token_ids
-    from loraforge.model.load import load_tokenizer
-    from loraforge.model.sources import resolve_model
+    from loraforge.internals import HookedTrainer
+    from loraforge.train.prepare import prepare
+    from loraforge.train.trainer import length_grouped_order
 
     started = time.perf_counter()
     config = default_config(*QUIET)
-    path = resolve_model(config.model.name)
-    tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    data = build_datasets(config.data, tokenizer, stop_token_ids(tokenizer, model.generation_config), config.seed)
+    data = prepare(config)
+    tokenizer = data.tokenizer
+    model = AutoModelForCausalLM.from_pretrained(data.model_path, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"))
 
-    class SameExamples(Trainer):
+    class SameExamples(HookedTrainer):
         """The default run's batch order (length groups of 4, seeded): step k sees the same 8 examples."""
 
-        def _get_train_sampler(self, train_dataset=None):
-            from loraforge.train.trainer import length_grouped_order
-
+        def train_sampler(self, default):
             group = config.train.batch_size * config.train.grad_accum  # HF groups by the examples of a step
             return length_grouped_order([len(ids) for ids in data.train["input_ids"]], group, config.seed)
 

@@ -1,20 +1,26 @@
-"""The `loraforge` command. Each subcommand parses its arguments and calls one run_* function."""
+"""The `loraforge` command. Each subcommand parses its arguments and calls one run_* function.
+
+This is the one place that defers imports: every command module pulls in torch and transformers (~4 s), so
+each handler imports its own when it runs, and `loraforge --help` or `config validate` stays instant. Inside
+the package every import sits at the top of its module, except the heavy libraries (torch, transformers,
+peft, trl, datasets, bitsandbytes, accelerate, matplotlib, gguf, rouge_score, tensorboard) in the modules
+that `config` commands load (tests/test_imports.py checks both rules).
+"""
 
 import argparse
+import json
 import logging
 import os
 import sys
 import warnings
 
 from loraforge import __version__
+from loraforge.config import RunConfig, config_to_yaml, load_config
 from loraforge.errors import LoraforgeError
 
 
 def _train(args) -> int:
-    from loraforge.config import load_config
-    from loraforge.train.recipe import run_training
-
-    from loraforge.train.recipe import TrainingStopped
+    from loraforge.train.run import TrainingStopped, run_training
 
     try:
         result = run_training(load_config(args.config, args.overrides), resume=args.resume,
@@ -32,7 +38,6 @@ def _is_main() -> bool:
 
 
 def _estimate(args) -> int:
-    from loraforge.config import load_config
     from loraforge.train.estimate import run_estimate
 
     estimate = run_estimate(load_config(args.config, args.overrides), probe_steps=args.probe_steps)
@@ -41,7 +46,6 @@ def _estimate(args) -> int:
 
 
 def _config_validate(args) -> int:
-    from loraforge.config import load_config
 
     load_config(args.config, args.overrides)
     print(f"{args.config}: valid")
@@ -49,24 +53,18 @@ def _config_validate(args) -> int:
 
 
 def _config_show(args) -> int:
-    from loraforge.config import config_to_yaml, load_config
 
     print(config_to_yaml(load_config(args.config, args.overrides)), end="")
     return 0
 
 
 def _config_schema(args) -> int:
-    import json
-
-    from loraforge.config import RunConfig
-
     print(json.dumps(RunConfig.model_json_schema(), indent=2))
     return 0
 
 
 def _data_preview(args) -> int:
-    from loraforge.config import load_config
-    from loraforge.data.preview import run_preview
+    from loraforge.preview import run_preview
 
     run_preview(load_config(args.config, args.overrides), n=args.n)
     return 0
@@ -137,45 +135,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"loraforge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_training(commands)
+    _add_config_and_data(commands)
+    _add_run_commands(commands)
+    return parser
 
-    overrides = dict(nargs="*", metavar="KEY=VALUE", help="dotted-key overrides, values parsed as YAML (lora.r=8)")
 
+OVERRIDES = dict(nargs="*", metavar="KEY=VALUE", help="dotted-key overrides, values parsed as YAML (lora.r=8)")
+
+
+def _add_training(commands) -> None:
     train = commands.add_parser("train", help="fine-tune from a config; writes a run directory")
     train.add_argument("config", help="YAML config file")
-    train.add_argument("overrides", **overrides)
+    train.add_argument("overrides", **OVERRIDES)
     train.add_argument("--resume", metavar="auto|CHECKPOINT",
                        help="carry on the run in output_dir from its newest complete checkpoint (auto) or from CHECKPOINT")
     train.add_argument("--allow-changes", action="store_true",
                        help="with --resume: resume even though the config or data differ from the checkpoint's")
     train.set_defaults(func=_train)
-
     estimate = commands.add_parser("estimate", help="predict seconds per step, total time and peak memory of a config")
     estimate.add_argument("config")
-    estimate.add_argument("overrides", **overrides)
+    estimate.add_argument("overrides", **OVERRIDES)
     estimate.add_argument("--probe-steps", type=int, default=6, help="real steps measured (default 6)")
     estimate.set_defaults(func=_estimate)
 
+
+def _add_config_and_data(commands) -> None:
     config = commands.add_parser("config", help="check or print a config")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     validate = config_commands.add_parser("validate", help="report every problem in a config at once")
     validate.add_argument("config")
-    validate.add_argument("overrides", **overrides)
+    validate.add_argument("overrides", **OVERRIDES)
     validate.set_defaults(func=_config_validate)
     show = config_commands.add_parser("show", help="print the resolved config (extends and overrides applied)")
     show.add_argument("config")
-    show.add_argument("overrides", **overrides)
+    show.add_argument("overrides", **OVERRIDES)
     show.set_defaults(func=_config_show)
     schema = config_commands.add_parser("schema", help="print the JSON schema: every key with its description")
     schema.set_defaults(func=_config_schema)
-
     data = commands.add_parser("data", help="look at the training data as the model will see it")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     preview = data_commands.add_parser("preview", help="samples with trained tokens highlighted, then data stats")
     preview.add_argument("config")
-    preview.add_argument("overrides", **overrides)
+    preview.add_argument("overrides", **OVERRIDES)
     preview.add_argument("-n", type=int, default=3, help="how many samples to show (default 3)")
     preview.set_defaults(func=_data_preview)
 
+
+def _add_run_commands(commands) -> None:
     chat = commands.add_parser("chat", help="chat with a fine-tuned run (streaming), or answer one --prompt")
     chat.add_argument("run_dir", help="run directory written by `loraforge train`")
     chat.add_argument("--prompt", help="answer this one prompt and exit")
@@ -187,12 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--compare-base", action="store_true", help="evaluate the base model the same way, side by side")
     evaluate.add_argument("--max-samples", type=int, default=32, help="rows answered for generation metrics (default 32)")
     evaluate.set_defaults(func=_eval)
-
     merge = commands.add_parser("merge", help="fold the adapter into its base; save a model plain transformers loads")
     merge.add_argument("run_dir", help="run directory of a LoRA run")
     merge.add_argument("--out", help="output folder (default RUN_DIR/merged)")
     merge.set_defaults(func=_merge)
-
     export = commands.add_parser("export", help="GGUF for llama.cpp, Modelfile for Ollama")
     export_commands = export.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
     for name, func, what in (("gguf", _export_gguf, "GGUF through llama.cpp's converter (merges first if needed)"),
@@ -201,14 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("run_dir")
         sub.add_argument("--type", choices=["f16", "q8_0"], default="q8_0", help="GGUF tensor type (default q8_0)")
         sub.set_defaults(func=func)
-
     predict = commands.add_parser("predict", help="labels for texts from a classification run")
     predict.add_argument("run_dir", help="run directory of a task: classification run")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="one text; prints its label and probability")
     source.add_argument("--file", help="a .jsonl file with a text field per line, or one text per line; prints JSONL")
     predict.set_defaults(func=_predict)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,37 +5,8 @@ import sys
 from pathlib import Path
 
 from loraforge import rundir
-from loraforge.errors import DataError, RunDirError
-
-
-def load_classifier(run_dir: str | Path):
-    from loraforge.chat import load_model_from_run
-    from loraforge.model.load import load_tokenizer
-
-    run_dir = Path(run_dir)
-    config = rundir.read_config(run_dir)
-    if config.task != "classification":
-        raise RunDirError(f"{run_dir} is a {config.task} run; use `loraforge chat {run_dir}`")
-    labels = json.loads((run_dir / rundir.LABELS).read_text(encoding="utf-8"))
-    tokenizer = load_tokenizer(str(run_dir / rundir.TOKENIZER))
-    model = load_model_from_run(run_dir, config, labels=labels)
-    model.eval()
-    return config, model, tokenizer, labels
-
-
-def predict(model, tokenizer, labels: list[str], texts: list[str], max_length: int, batch_size: int = 16) -> list[dict]:
-    import torch
-
-    out = []
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        with torch.no_grad():
-            probabilities = model(**batch).logits.float().softmax(-1)
-        for text, row in zip(chunk, probabilities.tolist()):
-            best = max(range(len(labels)), key=row.__getitem__)
-            out.append({"text": text, "label": labels[best], "scores": dict(zip(labels, (round(p, 4) for p in row)))})
-    return out
+from loraforge.errors import DataError
+from loraforge.eval.classify import predict_labels
 
 
 def read_texts(path: str) -> list[str]:
@@ -63,8 +34,8 @@ def read_texts(path: str) -> list[str]:
 def run_predict(run_dir: str, text: str | None = None, file: str | None = None, stream=None) -> list[dict]:
     stream = stream or sys.stdout
     texts = [text] if text is not None else read_texts(file)
-    config, model, tokenizer, labels = load_classifier(run_dir)
-    results = predict(model, tokenizer, labels, texts, config.data.max_length)
+    run = rundir.load_run(run_dir, task="classification")
+    results = predict_labels(run.model, run.tokenizer, run.labels, texts, run.config.data.max_length)
     for result in results:
         if text is not None:
             print(f"{result['label']}\t{result['scores'][result['label']]:.3f}", file=stream)

@@ -48,7 +48,7 @@ def test_adapter_loads_with_plain_peft_and_matches(run_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraforge.chat import load_run
+    from loraforge.rundir import load_run
 
     adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(adapter_config["base_model_name_or_path"])
@@ -56,7 +56,7 @@ def test_adapter_loads_with_plain_peft_and_matches(run_dir):
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"]
-    _, ours, _, _ = load_run(run_dir)
+    ours = load_run(run_dir).model
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5)
         with plain.disable_adapter():

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from loraforge.config import load_config
-from loraforge.train.recipe import run_training
+from loraforge.train.run import run_training
 from tests.conftest import ROOT, write_jsonl
 
 pytestmark = pytest.mark.integration
@@ -46,11 +46,11 @@ def test_qlora_8bit_learns(tmp_path, smollm_path, monkeypatch):
 
 
 def test_keep_layers_run_reloads_with_the_same_layer_count(tmp_path, smollm_path, monkeypatch):
-    from loraforge.chat import load_run
+    from loraforge.rundir import load_run
 
     monkeypatch.chdir(ROOT)
     config, _ = train(tmp_path, "model.variant=keep_layers", "model.keep_layers=24", "train.max_steps=2", "train.eval_every=2")
-    _, model, _, _ = load_run(config.output_dir)
+    model = load_run(config.output_dir).model
     assert model.config.num_hidden_layers == 24
 
 

@@ -1,13 +1,11 @@
 """The run config. Each field's description is its only documentation."""
 
-from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from loraforge.config.data_section import DataConfig
+from loraforge.config.section import Section
 
 
 class ModelConfig(Section):
@@ -28,7 +26,7 @@ class ModelConfig(Section):
         description="original: the model as published; drop_layers: remove the decoder layers listed in "
         "drop_layers; keep_layers: keep only the first keep_layers decoder layers.",
     )
-    drop_layers: list[int] = Field(default_factory=list, description="Decoder layer indices removed by variant: drop_layers.")
+    drop_layers: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, description="Decoder layer indices removed by variant: drop_layers.")
     keep_layers: int | None = Field(None, ge=1, description="Number of leading decoder layers kept by variant: keep_layers.")
 
     @model_validator(mode="after")
@@ -69,114 +67,6 @@ class LoraConfig(Section):
         return self
 
 
-class DataFormat(str, Enum):
-    messages = "messages"
-    sharegpt = "sharegpt"
-    alpaca = "alpaca"
-    prompt_completion = "prompt_completion"
-    classification = "classification"
-    text = "text"
-
-
-FORMAT_FIELDS = {
-    "messages": ("messages",),
-    "sharegpt": ("conversations",),
-    "alpaca": ("instruction", "input", "output"),
-    "prompt_completion": ("prompt", "completion"),
-    "classification": ("text", "label"),
-    "text": ("text",),
-}
-
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-
-class Masking(str, Enum):
-    assistant = "assistant"
-    last_assistant = "last_assistant"
-    all = "all"
-
-
-class DataSource(Section):
-    path: str = Field(
-        description="A .jsonl, .json, .csv or .parquet file (relative paths are read from the current directory), "
-        "or a Hugging Face hub dataset name (needs a network)."
-    )
-    format: DataFormat = Field(
-        DataFormat.messages,
-        description="messages: {'messages': [{'role', 'content', 'train'?}]}; sharegpt: {'conversations': "
-        "[{'from', 'value'}]}; alpaca: {'instruction', 'input', 'output'}; prompt_completion: {'prompt', "
-        "'completion'}; classification: {'text', 'label'}; text: {'text'} trained on every token.",
-    )
-    fields: dict[str, str] = Field(
-        default_factory=dict,
-        description="Column names of this file for the format's fields, e.g. {instruction: question, output: answer}.",
-    )
-    roles: dict[str, str] = Field(
-        default_factory=dict,
-        description="sharegpt: speaker names of this file mapped to system, user or assistant "
-        "(added to the defaults human->user, gpt->assistant, system->system).",
-    )
-    weight: float = Field(
-        1.0, gt=0, description="Sampling weight of this source's training rows: 2 repeats every row twice, "
-        "0.5 keeps a seeded half."
-    )
-    split: Literal["train", "val", "test"] = Field(
-        "train", description="Which split this source feeds; a val source replaces data.val_fraction."
-    )
-    hub_split: str = Field("train", description="Split to read when path is a hub dataset.")
-    labels: list[str] | None = Field(
-        None, description="classification: the allowed labels; a row with another label is a bad row."
-    )
-
-    @model_validator(mode="after")
-    def _known_fields(self):
-        allowed = FORMAT_FIELDS[self.format.value]
-        unknown = [k for k in self.fields if k not in allowed]
-        if unknown:
-            raise ValueError(
-                f"fields {unknown} are not fields of format {self.format.value}; map these: {', '.join(allowed)}"
-            )
-        bad_roles = {k: v for k, v in self.roles.items() if v not in ("system", "user", "assistant")}
-        if bad_roles:
-            raise ValueError(f"roles must map to system, user or assistant, got {bad_roles}")
-        return self
-
-
-class DataConfig(Section):
-    sources: list[DataSource] = Field(min_length=1, description="Data files to train on, in order.")
-    val_fraction: float = Field(
-        0.05, ge=0, lt=1, description="Share of training rows held out for evaluation (seeded split) "
-        "when no source has split: val."
-    )
-    system_prompt: str | None = Field(
-        None, description="System message put before every conversation that has none; null keeps the template's default."
-    )
-    chat_template: str | None = Field(
-        None, description="Jinja chat template, or a path to a .jinja file, used instead of the tokenizer's; "
-        "it is saved with the run so chat and export use the same one."
-    )
-    max_length: int = Field(512, ge=8, description="Longest sample in tokens.")
-    truncation: Literal["drop", "truncate", "error"] = Field(
-        "drop", description="What a sample longer than max_length gets: dropped and counted, cut to max_length, "
-        "or an error naming the row."
-    )
-    masking: Masking = Field(
-        Masking.assistant,
-        description="Which tokens are trained: every assistant turn (assistant), the last one only "
-        "(last_assistant), or every token (all). A message with \"train\": false is never trained.",
-    )
-    packing: bool = Field(
-        False, description="Put several samples in one row of max_length, each attending only to itself. "
-        "train.batch_size then counts such rows, and a batch is attended over as one sequence: on CPU this is "
-        "slower than the default length-grouped batches."
-    )
-    on_bad_row: Literal["error", "skip"] = Field(
-        "error", description="error stops before training at the first bad row; skip drops bad rows, counts "
-        "them and lists the first few."
-    )
-    cache: bool = Field(True, description="Reuse tokenized data when files, tokenizer, template and settings match.")
-
-
 class EarlyStopping(Section):
     patience: int | None = Field(None, ge=1, description="Evaluations without improvement before stopping; null never stops.")
     min_delta: float = Field(0.0, ge=0, description="Smallest change of best_metric that counts as an improvement.")
@@ -190,7 +80,7 @@ class TrainConfig(Section):
         "on a 2-core CPU with 44% less peak memory (bench/compare.py)."
     )
     grad_accum: int = Field(2, ge=1, description="Forward passes accumulated per optimizer step.")
-    micro_batch_tokens: int | Literal["auto"] | None = Field(
+    micro_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         "auto", description="Most padded tokens in one forward and backward pass: a batch of long samples beyond it "
         "runs as slices of whole rows, with the same gradient. Bounds peak memory on CPU (make bench compares "
         "256, 512 and no limit side by side). auto: 256 on CPU, no limit on a GPU; null: every batch whole."
@@ -276,7 +166,7 @@ class ClassificationConfig(Section):
     labels: list[str] | None = Field(
         None, description="Label names in id order; null collects them from the training data, sorted."
     )
-    class_weights: Literal["none", "auto"] | dict[str, float] = Field(
+    class_weights: Literal["none", "auto"] | dict[str, Annotated[float, Field(gt=0)]] = Field(
         "none", description="Loss weight per class: none, auto (balanced: n / (classes x count)), or {label: weight}."
     )
 
@@ -285,9 +175,13 @@ class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of train.log and the console.")
 
 
+# What an evaluation reports for each task, so train.best_metric can be checked before any work.
+EVAL_METRICS = {"causal_lm": ("eval_loss",), "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1")}
+
+
 class RunConfig(Section):
     output_dir: str = Field("runs/default", description="Run directory that receives everything the run writes.")
-    seed: int = Field(42, description="Seed for the data split, LoRA initialisation and data order.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed for the data split, LoRA initialisation and data order.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to fine-tune.")
     task: Literal["causal_lm", "classification"] = Field(
         "causal_lm", description="causal_lm: learn to generate; classification: a label per text, "
@@ -327,4 +221,8 @@ class RunConfig(Section):
             raise ValueError(f"task classification needs every data source in format classification, got {sorted(formats)}")
         if self.task == "classification" and self.data.packing:
             raise ValueError("data.packing does not apply to task classification; set it to false")
+        reported = EVAL_METRICS[self.task]
+        if f"eval_{self.train.best_metric.removeprefix('eval_')}" not in reported:
+            raise ValueError(f"train.best_metric: {self.train.best_metric!r} is not a metric a {self.task} run reports; "
+                             f"use one of {', '.join(reported)}")
         return self

@@ -2,9 +2,13 @@
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from loraforge.data import cache
+from loraforge.data.bundle import DataBundle, DataStats
+from loraforge.data.checks import check_trainable
 from loraforge.data.formats import PARSERS, Conversation
+from loraforge.data.packing import pack
 from loraforge.data.render import IGNORE, render
 from loraforge.data.sources import BadRow, read_rows
 from loraforge.errors import DataError
@@ -19,49 +23,6 @@ class Row:
     where: str
     conversation: Conversation
     source: int
-
-
-@dataclass
-class DataStats:
-    rows_read: int = 0
-    bad_rows: int = 0
-    bad_row_examples: list[str] = field(default_factory=list)
-    per_source: dict[str, dict[str, int]] = field(default_factory=dict)
-    train_rows: int = 0
-    val_rows: int = 0
-    test_rows: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    truncated: int = 0
-    truncated_assistant: int = 0
-    train_tokens: int = 0
-    trainable_tokens: int = 0
-    length_percentiles: dict[str, int] = field(default_factory=dict)
-    packed_rows: int | None = None
-    packing_efficiency: float | None = None
-
-    def count_drop(self, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
-
-    def summary(self) -> str:
-        ratio = self.trainable_tokens / self.train_tokens if self.train_tokens else 0.0
-        dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in self.dropped.items()) or "none"
-        text = (
-            f"{self.rows_read} rows read, {self.bad_rows} bad rows skipped, "
-            f"{self.train_rows} train / {self.val_rows} validation / {self.test_rows} test; dropped: {dropped}; "
-            f"{self.truncated} truncated; {self.train_tokens} train tokens, {ratio:.0%} of them trained"
-        )
-        if self.packing_efficiency is not None:
-            text += f"; packed into {self.packed_rows} rows, {self.packing_efficiency:.0%} full"
-        return text
-
-
-@dataclass
-class DataBundle:
-    train: object
-    val: object | None
-    test: object | None
-    val_prompts: list[str]
-    stats: DataStats
 
 
 def load_rows(sources, system_prompt: str | None, on_bad_row: str, stats: DataStats) -> dict[str, list[Row]]:
@@ -157,8 +118,6 @@ def tokenize_rows(rows: list[Row], tokenizer, stop_ids, data_config, stats: Data
 
 def build_datasets(data_config, tokenizer, stop_ids, seed: int, cache_dir=None) -> DataBundle:
     """Tokenized splits; with data.cache and a cache_dir, reused when every input is unchanged."""
-    from loraforge.data import cache
-
     if not (data_config.cache and cache_dir):
         return _build(data_config, tokenizer, stop_ids, seed)
     key = cache.cache_key(data_config, seed, tokenizer, stop_ids)
@@ -177,9 +136,6 @@ def _first_user_prompt(conversation: Conversation) -> str | None:
 
 
 def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
-    from loraforge.data.checks import check_trainable
-    from loraforge.data.packing import pack
-
     stats = DataStats()
     splits = load_rows(data_config.sources, data_config.system_prompt, data_config.on_bad_row, stats)
     train_rows, val_rows = splits["train"], splits["val"]

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from loraforge import __version__
+from loraforge.data.bundle import DataBundle, DataStats
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ def file_digest(path: Path) -> str:
 def load(cache_dir: Path, key: str):
     from datasets import load_from_disk
 
-    from loraforge.data.build import DataBundle, DataStats
 
     folder = Path(cache_dir) / key
     if not (folder / "bundle.json").is_file():

@@ -1,5 +1,6 @@
 """Fail-fast checks on tokenized training data: each catches a bug that would otherwise train silently."""
 
+from loraforge.data.packing import collator
 from loraforge.data.render import IGNORE
 from loraforge.errors import DataError
 
@@ -41,8 +42,6 @@ def _check_end_of_turn_trained(dataset, tokenizer, stop_ids) -> None:
 
 
 def _check_collator_keeps_labels(dataset, tokenizer, stop_ids) -> None:
-    from loraforge.data.packing import collator
-
     features = [dataset[i] for i in range(min(SAMPLES_THROUGH_COLLATOR, len(dataset)))]
     batch = collator(tokenizer, packed=False)(features)
     for row, feature in enumerate(features):

@@ -6,7 +6,6 @@ names, labels); a bad row raises DataError naming where, the field and the fix.
 
 from dataclasses import dataclass
 
-from loraforge.config.schema import SHAREGPT_ROLES
 from loraforge.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -127,6 +126,18 @@ def from_text(row: dict, where: str, source=None) -> Conversation:
         raise DataError(f"{where}: field {key!r} is empty")
     return Conversation(text=text)
 
+
+# The fields each format reads from a row (data.sources[].fields renames them), and its parser.
+FORMAT_FIELDS = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "input", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "classification": ("text", "label"),
+    "text": ("text",),
+}
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 PARSERS = {
     "messages": from_messages,

@@ -2,6 +2,7 @@
 restarting per sample so that no sample attends to another."""
 
 from loraforge.data.render import IGNORE
+from loraforge.internals import padding_free_collator
 
 
 def pack(dataset, max_length: int):
@@ -14,9 +15,7 @@ def pack(dataset, max_length: int):
 def collator(tokenizer, packed: bool):
     """The batch builder training uses. Padding is masked by position, never by pad id (pad may equal EOS)."""
     if packed:
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-        return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+        return padding_free_collator(tokenizer.pad_token_id)
     from transformers import DataCollatorForSeq2Seq
 
     return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE)

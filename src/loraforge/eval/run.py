@@ -6,7 +6,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from loraforge import rundir
+from loraforge.data.build import DataStats, load_rows, split, tokenize_rows
+from loraforge.data.packing import collator
 from loraforge.data.render import IGNORE
+from loraforge.errors import DataError
+from loraforge.eval.classify import predict_labels
+from loraforge.eval.generate import generate_batch
+from loraforge.eval.metrics import classification_metrics
 
 
 def token_metrics(model, dataset, collate, batch_size: int = 8) -> dict:
@@ -56,7 +62,6 @@ def generation_metrics(outputs: list[str], references: list[str]) -> dict:
 
 def eval_rows(config, data: str | None):
     """(data config, rows) to evaluate: the run's validation split, or every row of `data`."""
-    from loraforge.data.build import DataStats, load_rows, split
 
     if data is None:
         data_config = config.data
@@ -72,35 +77,28 @@ def eval_rows(config, data: str | None):
 def run_classification_eval(run_dir: Path, data: str | None) -> dict:
     """Accuracy, macro-F1 and confusion matrix of a classification run. There is no base to compare with:
     the classification head exists only in the run (its untrained start is in eval.json's metrics_before)."""
-    from loraforge.eval.metrics import classification_metrics
-    from loraforge.predict import load_classifier, predict
-
-    config, model, tokenizer, labels = load_classifier(run_dir)
+    run = rundir.load_run(run_dir, task="classification")
+    config, labels = run.config, run.labels
     _, rows = eval_rows(config, data)
     texts = [r.conversation.messages[0].content for r in rows]
     actual = [labels.index(r.conversation.label) if r.conversation.label in labels else -1 for r in rows]
     unknown = sorted({r.conversation.label for r in rows} - set(labels))
     if unknown:
-        from loraforge.errors import DataError
-
         raise DataError(f"labels {unknown} of the evaluation data are not among the run's labels {labels}")
     results = {"run_dir": str(run_dir), "data": data or "validation split", "rows": len(rows)}
-    predicted = [labels.index(p["label"]) for p in predict(model, tokenizer, labels, texts, config.data.max_length)]
+    predicted = [labels.index(p["label"])
+                 for p in predict_labels(run.model, run.tokenizer, labels, texts, config.data.max_length)]
     results["fine_tuned"] = classification_metrics(predicted, actual, labels)
     return results
 
 
 def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = False, max_samples: int = 32) -> dict:
-    from loraforge.chat import load_run
-    from loraforge.data.build import DataStats, tokenize_rows
-    from loraforge.data.packing import collator
-    from loraforge.eval.generate import generate_batch
-
     run_dir = Path(run_dir)
     if rundir.read_config(run_dir).task == "classification":
         results = run_classification_eval(run_dir, data)
         return _write(results, run_dir, data)
-    config, model, tokenizer, stop_ids = load_run(run_dir)
+    run = rundir.load_run(run_dir, task="causal_lm")
+    config, model, tokenizer, stop_ids = run.config, run.model, run.tokenizer, run.stop_ids
     data_config, rows = eval_rows(config, data)
     dataset, _ = tokenize_rows(rows, tokenizer, stop_ids, data_config, DataStats())
     chats = [r for r in rows if r.conversation.messages and r.conversation.messages[-1].role == "assistant"]

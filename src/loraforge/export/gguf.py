@@ -8,6 +8,7 @@ from pathlib import Path
 
 from loraforge import rundir
 from loraforge.errors import ExportError
+from loraforge.export.merge import run_merge
 
 LLAMA_CPP_PYTHON = "0.3.36"
 TYPES = ("f16", "q8_0")
@@ -20,8 +21,6 @@ def converter_dir() -> Path:
 
 def model_source(run_dir: Path) -> Path:
     """A folder holding the full model and its tokenizer: RUN_DIR/model for full runs, else RUN_DIR/merged."""
-    from loraforge.export.merge import run_merge
-
     if (run_dir / rundir.MODEL / "config.json").is_file():
         return run_dir / rundir.MODEL
     merged = run_dir / rundir.MERGED

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from loraforge import rundir
 from loraforge.errors import RunDirError
+from loraforge.model.load import load_model
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +39,15 @@ def probe_inputs(tokenizer, task: str):
 
 def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult:
     import torch
-    from peft import PeftModel
-
-    from loraforge.config.schema import QuantizationConfig
-    from loraforge.model.load import load_for_run, load_model, load_tokenizer
-    from loraforge.model.sources import resolve_model
 
     run_dir = Path(run_dir)
-    config = rundir.read_config(run_dir)
+    rundir.read_config(run_dir)
     if not (run_dir / rundir.ADAPTER / "adapter_config.json").is_file():
         raise RunDirError(f"{run_dir} holds a full model ({rundir.MODEL}/), not an adapter: it is already merged")
     out_dir = Path(out) if out else run_dir / rundir.MERGED
-    labels = json.loads((run_dir / rundir.LABELS).read_text()) if config.task == "classification" else None
-    tokenizer = load_tokenizer(str(run_dir / rundir.TOKENIZER))
-
     # A quantized run merges onto the unquantized base: merged weights must be plain floats to be saved and reused.
-    unquantized = config.model_copy(update={"quantization": QuantizationConfig()})
-    base = load_for_run(unquantized, resolve_model(config.model.name), labels=labels)
-    model = PeftModel.from_pretrained(base, str(run_dir / rundir.ADAPTER)).eval()
+    run = rundir.load_run(run_dir, quantized=False)
+    config, model, tokenizer, labels = run.config, run.model, run.tokenizer, run.labels
     inputs = probe_inputs(tokenizer, config.task)
     # The check runs its forward passes in float64 (fp32 -> fp64 -> fp32 is exact), so what it measures is
     # the merged fp32 weights against the adapter, not fp32 summation noise across the layers.

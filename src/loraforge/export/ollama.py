@@ -4,6 +4,10 @@ from pathlib import Path
 
 from loraforge import rundir
 from loraforge.errors import ExportError
+from loraforge.export.gguf import gguf_path, run_export_gguf
+from loraforge.model.load import load_model_config, load_tokenizer
+from loraforge.model.sources import resolve_model
+from loraforge.train.prepare import model_stop_ids
 
 CHATML_GO_TEMPLATE = """{{- if .System }}<|im_start|>system
 {{ .System }}<|im_end|>
@@ -41,17 +45,15 @@ def modelfile(gguf_name: str, tokenizer, system_prompt: str | None, stop_tokens:
 
 
 def run_export_ollama(run_dir: str | Path, kind: str = "q8_0") -> Path:
-    from loraforge.data.render import stop_token_ids
-    from loraforge.export.gguf import gguf_path, run_export_gguf
-    from loraforge.model.load import load_tokenizer
-
     run_dir = Path(run_dir)
     config = rundir.read_config(run_dir)
     gguf = gguf_path(run_dir, kind)
     if not gguf.is_file():
         gguf = run_export_gguf(run_dir, kind)
     tokenizer = load_tokenizer(str(run_dir / rundir.TOKENIZER))
-    stops = [tokenizer.convert_ids_to_tokens(i) for i in sorted(stop_token_ids(tokenizer))]
+    base = resolve_model(config.model.name)
+    stop_ids = model_stop_ids(tokenizer, base, load_model_config(base, config.model.revision), config.model.revision)
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in sorted(stop_ids)]
     path = gguf.parent / "Modelfile"
     path.write_text(modelfile(gguf.name, tokenizer, config.data.system_prompt, stops), encoding="utf-8")
     return path

@@ -1,8 +1,12 @@
 """The one place that loads models and tokenizers and picks their dtype and device."""
 
 import logging
+from pathlib import Path
 
 from loraforge.errors import ModelError
+from loraforge.internals import keep_cpu_4bit_trainable
+from loraforge.model.quantize import bnb_config
+from loraforge.model.variants import apply_variant
 
 log = logging.getLogger(__name__)
 
@@ -11,8 +15,6 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def load_tokenizer(path: str, chat_template: str | None = None, revision: str | None = None, trust_remote_code: bool = False):
     """chat_template: a Jinja string or a path to a .jinja file that replaces the tokenizer's own."""
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
     try:
@@ -97,9 +99,6 @@ def load_for_run(config, path: str, precision: str = "fp32", labels: list[str] |
     Serving leaves precision at fp32: plain transformers loads weights in fp32, whatever precision trained them.
     """
     import torch
-
-    from loraforge.model.quantize import bnb_config, keep_cpu_4bit_trainable
-    from loraforge.model.variants import apply_variant
 
     quant = config.quantization
     compute = quant.compute_dtype if quant.compute_dtype != "auto" else ("bf16" if precision == "bf16" else "fp32")

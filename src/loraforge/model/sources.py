@@ -5,6 +5,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from loraforge.errors import ModelError
@@ -50,8 +51,6 @@ def resolve_model(name: str) -> str:
 
 
 def _gguf_file(builtin: BuiltinModel) -> Path:
-    from importlib.metadata import PackageNotFoundError, distribution
-
     try:
         path = Path(str(distribution(builtin.distribution).locate_file(builtin.gguf_path)))
     except PackageNotFoundError:
@@ -76,7 +75,6 @@ def _convert(builtin: BuiltinModel, folder: Path) -> None:
         # A GGUF-loaded model refuses save_pretrained until its quantization config is removed;
         # the weights are already de-quantized to fp32.
         model.hf_quantizer.remove_quantization_config(model)
-        model.config._name_or_path = str(folder)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:

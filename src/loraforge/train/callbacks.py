@@ -7,6 +7,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from loraforge.eval.generate import generate_batch
+
 log = logging.getLogger("loraforge.train")
 
 _RENAMES = {"learning_rate": "lr"}
@@ -14,9 +16,11 @@ _DROP = {"num_input_tokens_seen", "train_tokens_per_second", "total_flos", "trai
 
 
 class ThroughputCallback(TrainerCallback):
-    """Times optimizer steps only (evaluation excluded) and counts real, non-pad tokens."""
+    """Times optimizer steps only (evaluation excluded) and counts real, non-pad tokens; also when training began
+    and when its first step was done, for the planner and the bench."""
 
     def __init__(self):
+        self.train_began_at: float | None = None
         self.train_seconds = 0.0
         self._step_start = None
         self._last_tokens = 0
@@ -24,6 +28,9 @@ class ThroughputCallback(TrainerCallback):
         self.tokens_per_s: float | None = None
         self.first_step_done_at: float | None = None
         self.step_seconds: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.train_began_at = time.perf_counter()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_start = time.perf_counter()
@@ -102,8 +109,6 @@ class SampleCallback(TrainerCallback):
         self.tensorboard = None
 
     def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
-        from loraforge.eval.generate import generate_batch
-
         if not self.chats or model is None or not state.is_world_process_zero:
             return
         answers = generate_batch(model, processing_class, self.chats, self.max_new_tokens, self.stop_ids)

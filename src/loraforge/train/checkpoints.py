@@ -57,10 +57,3 @@ def rotate(folder: Path, keep_last: int, keep: set[Path]) -> list[Path]:
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
-
-
-def clear_staging(folder: Path) -> None:
-    if Path(folder).is_dir():
-        for path in Path(folder).iterdir():
-            if path.name.startswith(STAGING):
-                shutil.rmtree(path, ignore_errors=True)

@@ -12,6 +12,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+import torch
+
+from loraforge.errors import ConfigError
+from loraforge.train.prepare import prepare
+from loraforge.train.run import run_training
+from loraforge.train.trainer import length_grouped_order
+
 
 @dataclass
 class Estimate:
@@ -37,10 +44,6 @@ def step_padded_tokens(lengths: list[int], batch_size: int, grad_accum: int, gro
                        packed: bool, seed: int, steps: int) -> list[float]:
     """Padded tokens each of the run's optimizer steps computes: under length grouping the very batches
     training draws, epoch after epoch; in a random order or packed, the mean over an epoch for every step."""
-    import torch
-
-    from loraforge.train.trainer import length_grouped_order
-
     if packed or not group_by_length:
         if packed:
             per_batch = [sum(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)]
@@ -77,9 +80,6 @@ def step_time_model(seconds: list[float], tokens: list[int]) -> tuple[float, flo
 
 
 def run_estimate(config, probe_steps: int = 6) -> Estimate:
-    from loraforge.errors import ConfigError
-    from loraforge.train.recipe import run_training
-
     if config.task != "causal_lm":
         raise ConfigError(["estimate covers task causal_lm; a classification run's steps are short, just start it"])
     if probe_steps < 3:
@@ -96,7 +96,8 @@ def run_estimate(config, probe_steps: int = 6) -> Estimate:
         result = run_training(probe)
     finally:
         shutil.rmtree(probe.output_dir, ignore_errors=True)
-    fixed, per_token = step_time_model(result.step_seconds[1:], result.step_padded_tokens[1:])
+    measured_seconds, measured_tokens = result.timing["step_seconds"], result.timing["step_padded_tokens"]
+    fixed, per_token = step_time_model(measured_seconds[1:], measured_tokens[1:])
 
     lengths = _train_lengths(config)
     train = config.train
@@ -105,11 +106,11 @@ def run_estimate(config, probe_steps: int = 6) -> Estimate:
                                 config.data.packing, config.seed, steps)
     if config.data.packing:
         tokens = [min(t, train.batch_size * train.grad_accum * config.data.max_length) for t in tokens]
-    warm_up = result.step_seconds[0] - (fixed + per_token * result.step_padded_tokens[0])
+    warm_up = measured_seconds[0] - (fixed + per_token * measured_tokens[0])
     step_seconds = [fixed + per_token * t for t in tokens]
     step_seconds[0] += max(warm_up, 0.0)
     evaluations = steps // train.eval_every + 1
-    total = (result.setup_seconds or 0.0) + sum(step_seconds) + evaluations * (result.eval_seconds or 0.0)
+    total = (result.timing["setup_seconds"] or 0.0) + sum(step_seconds) + evaluations * (result.timing["eval_seconds"] or 0.0)
     return Estimate(
         seconds_per_step=sum(step_seconds) / steps,
         total_seconds=total,
@@ -122,13 +123,5 @@ def run_estimate(config, probe_steps: int = 6) -> Estimate:
 
 
 def _train_lengths(config) -> list[int]:
-    from loraforge.data.build import build_datasets
-    from loraforge.data.render import stop_token_ids
-    from loraforge.model.load import load_tokenizer
-    from loraforge.model.sources import loraforge_home, resolve_model
-
-    tokenizer = load_tokenizer(resolve_model(config.model.name), config.data.chat_template)
-    data_config = config.data.model_copy(update={"packing": False})
-    bundle = build_datasets(data_config, tokenizer, stop_token_ids(tokenizer), config.seed,
-                            cache_dir=loraforge_home() / "data-cache")
-    return [len(ids) for ids in bundle.train["input_ids"]]
+    unpacked = config.model_copy(update={"data": config.data.model_copy(update={"packing": False})})
+    return [len(ids) for ids in prepare(unpacked).train["input_ids"]]

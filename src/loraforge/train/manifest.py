@@ -1,12 +1,15 @@
 """manifest.json: what a run ran on and with, so it can be reproduced and compared."""
 
 import json
+import os
 import platform
 import resource
 import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from loraforge.data.cache import file_digest
 
 PACKAGES = ("loraforge", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
             "safetensors", "tokenizers")
@@ -33,8 +36,6 @@ def git_sha(cwd: Path | None = None) -> str | None:
 
 
 def hardware() -> dict:
-    import os
-
     import torch
 
     info = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
@@ -57,8 +58,6 @@ def peak_memory_mb() -> dict:
 
 
 def data_fingerprints(sources) -> dict:
-    from loraforge.data.cache import file_digest
-
     return {s.path: (file_digest(Path(s.path)) if Path(s.path).is_file() else f"hub:{s.path}") for s in sources}
 
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from loraforge import rundir
+from loraforge.config import load_config
 from loraforge.errors import ConfigError, RunDirError
 from loraforge.train.checkpoints import latest_complete, read_marker, step_of
 
@@ -39,8 +40,6 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
 
 def check_compatible(config, checkpoint: Path, fingerprints: dict, allow_changes: bool) -> None:
     """Refuse to resume with another config or other data, unless allowed; list what differs."""
-    from loraforge.config import load_config
-
     if allow_changes:
         return
     marker = read_marker(checkpoint)

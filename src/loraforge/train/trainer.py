@@ -10,11 +10,14 @@ import threading
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from peft.helpers import disable_input_dtype_casting
+from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from loraforge.errors import LoraforgeError
+from loraforge.internals import HookedTrainer
 from loraforge.train.checkpoints import PREFIX, STAGING, latest_complete, publish, rotate
+from loraforge.train.loss import trained_positions_loss, trained_tokens_per_row
 
 log = logging.getLogger("loraforge.train")
 
@@ -69,7 +72,7 @@ class CheckpointError(LoraforgeError):
     """A checkpoint could not be written; the previous complete one is untouched."""
 
 
-class LoraforgeTrainer(Trainer):
+class LoraforgeTrainer(HookedTrainer):
     def __init__(self, *args, keep_last: int = 2, fingerprints: dict | None = None, causal_lm: bool = False,
                  micro_batch_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -81,11 +84,8 @@ class LoraforgeTrainer(Trainer):
         self.step_had_nonfinite_loss = False
         self.poisoned_step: int | None = None
         self.padded_tokens = 0
-        self.step_padded_tokens: list[int] = []
-        self._padded_at_step_start = 0
 
-    def _get_train_sampler(self, train_dataset=None):
-        sampler = super()._get_train_sampler(train_dataset)
+    def train_sampler(self, sampler):
         if isinstance(sampler, LengthGroupedSampler):
             return SeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths,
                                               seed=self.args.data_seed or self.args.seed)
@@ -97,10 +97,6 @@ class LoraforgeTrainer(Trainer):
         bf16 for the matmul anyway, and the fp32 copies are kept for backward."""
         if not self.causal_lm or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        from peft.helpers import disable_input_dtype_casting
-
-        from loraforge.train.loss import trained_positions_loss
-
         per_token_eval = not model.training and self._trained_per_row is not None and "position_ids" not in inputs
         if per_token_eval:
             # HF averages the batches' losses weighted by rows; dividing each batch's sum by rows x the split's
@@ -116,8 +112,6 @@ class LoraforgeTrainer(Trainer):
 
     def evaluation_loop(self, dataloader, *args, **kwargs):
         """Causal eval loss is the mean over the split's trained tokens, whatever the batch size and order."""
-        from loraforge.train.loss import trained_tokens_per_row
-
         self._trained_per_row = trained_tokens_per_row(dataloader.dataset) if self.causal_lm else None
         try:
             return super().evaluation_loop(dataloader, *args, **kwargs)
@@ -142,7 +136,8 @@ class LoraforgeTrainer(Trainer):
             self.step_had_nonfinite_loss = True
         return loss
 
-    def _save_checkpoint(self, model, trial):
+    def save_checkpoint(self, write) -> None:
+        """HF writes checkpoint-N into a staging folder; marked COMPLETE, it is renamed into place in one step."""
         step = self.state.global_step
         root = Path(self.args.output_dir)
         if self.poisoned_step is not None:
@@ -151,7 +146,7 @@ class LoraforgeTrainer(Trainer):
         staging_root = root / f"{STAGING}{step}"
         self.args.output_dir = str(staging_root)
         try:
-            super()._save_checkpoint(model, trial)
+            write()
             self.accelerator.wait_for_everyone()
         except OSError as exc:
             shutil.rmtree(staging_root, ignore_errors=True)
@@ -195,12 +190,14 @@ class PaddedTokensPerStep(TrainerCallback):
 
     def __init__(self, trainer: LoraforgeTrainer):
         self.trainer = trainer
+        self.per_step: list[int] = []
+        self._at_step_start = 0
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.trainer._padded_at_step_start = self.trainer.padded_tokens
+        self._at_step_start = self.trainer.padded_tokens
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.step_padded_tokens.append(self.trainer.padded_tokens - self.trainer._padded_at_step_start)
+        self.per_step.append(self.trainer.padded_tokens - self._at_step_start)
 
 
 class NanGuard(TrainerCallback):

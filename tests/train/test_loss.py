@@ -107,25 +107,49 @@ def test_row_slices_train_the_same_adapter(train_tiny):
     assert sliced.eval_after == pytest.approx(whole.eval_after, rel=1e-5)
 
 
-def test_base_evaluation_after_training_is_the_evaluation_before_it(train_tiny, tokenizer):
-    """The step-0 eval loss of a LoRA run, measured at the end with the adapter off, equals an evaluation of the
-    untouched base model by the same trainer settings on the same validation split."""
+@pytest.fixture(scope="module")
+def biased_model_dir(tmp_path_factory, tokenizer):
+    """A tiny llama whose attention and MLP layers have biases, for lora.bias all and lora_only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny-biased")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_before_evaluation_and_base_answers_come_from_the_base_model(train_tiny, tokenizer, biased_model_dir, bias):
+    """Whether the base is evaluated after training with the adapter off (bias none) or before training (biases
+    trained in place), the step-0 eval loss and the "Base:" answers are those of the untouched base model,
+    evaluated and answered on its own."""
+    from safetensors.torch import load_file
+
     from loraforge.data.build import build_datasets
     from loraforge.data.render import stop_token_ids
+    from loraforge.eval.generate import generate_batch, prompt_messages
     from loraforge.model.load import load_model
-    from loraforge.train.recipe import _training_arguments
+    from loraforge.train.build import training_arguments
     from loraforge.train.trainer import LoraforgeTrainer
 
-    config, result = train_tiny("precision=fp32")
-    base = load_model(config.model.name)
-    data = build_datasets(config.data, tokenizer, stop_token_ids(tokenizer, base.generation_config), config.seed)
-    args = _training_arguments(config, result.run_dir / "base-eval", "fp32", has_eval=True)
+    config, result = train_tiny("precision=fp32", f"model.name={biased_model_dir}", f"lora.bias={bias}")
+    trained_biases = [k for k in load_file(result.run_dir / "adapter" / "adapter_model.safetensors") if k.endswith(".bias")]
+    assert bool(trained_biases) == (bias != "none")
+    base = load_model(str(biased_model_dir))
+    stop_ids = stop_token_ids(tokenizer, base.generation_config)
+    data = build_datasets(config.data, tokenizer, stop_ids, config.seed)
+    args = training_arguments(config, result.run_dir / "base-eval", "fp32", has_eval=True)
     trainer = LoraforgeTrainer(model=base, args=args, eval_dataset=data.val, causal_lm=True,
-                               data_collator=collator(tokenizer, packed=False),
-                               processing_class=tokenizer)
-    expected = trainer.evaluate()["eval_loss"]
-    assert result.eval_before == pytest.approx(expected, rel=1e-6)
+                               data_collator=collator(tokenizer, packed=False), processing_class=tokenizer)
+    assert result.eval_before == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
     assert result.eval_after < result.eval_before
+    chats = [prompt_messages(p, None) for p in config.eval.sample_prompts]
+    assert [s["base"] for s in result.samples] == generate_batch(base, tokenizer, chats, config.eval.max_new_tokens, stop_ids)
 
 
 def test_eval_loss_is_the_mean_over_trained_tokens_whatever_the_batch_size(tiny_model_dir, tokenizer, tmp_path, chat_rows):

@@ -50,7 +50,7 @@ def test_bad_rows_name_file_line_and_field(parse, row, expected):
 
 
 def source(**kw):
-    from loraforge.config.schema import DataSource
+    from loraforge.config.data_section import DataSource
 
     return DataSource.model_validate({"path": "f.jsonl", **kw})
 

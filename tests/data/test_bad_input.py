@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from loraforge.config.schema import DataConfig
+from loraforge.config.data_section import DataConfig
 from loraforge.data.build import DataStats, load_rows
 from loraforge.errors import DataError
 

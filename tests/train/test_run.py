@@ -12,7 +12,7 @@ from loraforge import rundir
 from loraforge.cli import main
 from loraforge.config import load_config
 from loraforge.errors import RunDirError
-from loraforge.train.recipe import run_training
+from loraforge.train.run import run_training
 from tests.conftest import write_jsonl
 
 
@@ -159,15 +159,15 @@ def test_cli_chat_prompt_answers_once(tiny_run, capsys):
 def test_cli_chat_repl_keeps_history_and_resets(tiny_run, capsys, monkeypatch):
     config, _, _ = tiny_run
     seen = []
-    import loraforge.eval.generate as gen
+    import loraforge.chat as chat
 
-    real = gen.generate
+    real = chat.generate
 
     def spy(model, tokenizer, messages, *args, **kwargs):
         seen.append([m["role"] for m in messages])
         return real(model, tokenizer, messages, *args, **kwargs)
 
-    monkeypatch.setattr(gen, "generate", spy)
+    monkeypatch.setattr(chat, "generate", spy)
     monkeypatch.setattr("sys.stdin", io.StringIO("Echo red\nEcho blue\n/reset\nEcho gold\n/exit\n"))
     assert main(["chat", config.output_dir, "--max-new-tokens", "2"]) == 0
     assert seen == [["user"], ["user", "assistant", "user"], ["user"]]

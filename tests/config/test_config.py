@@ -202,3 +202,27 @@ def test_help_does_not_import_the_heavy_stack():
     code = "import sys; from loraforge.cli import build_parser; build_parser(); print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.micro_batch_tokens=0", "train.micro_batch_tokens"),
+    ("train.micro_batch_tokens=-256", "train.micro_batch_tokens"),
+    ("seed=-1", "seed"),
+    ("model.variant=drop_layers", "model.drop_layers"),
+    ("classification.class_weights={a: 0}", "classification.class_weights"),
+])
+def test_numeric_keys_are_bounded(tmp_path, override, key):
+    config = write(tmp_path / "c.yaml", MINIMAL)
+    extra = ["model.drop_layers=[-1]"] if key == "model.drop_layers" else []
+    with pytest.raises(ConfigError) as error:
+        load_config(config, [override, *extra])
+    assert key in str(error.value)
+
+
+def test_a_best_metric_the_task_does_not_report_is_refused_before_any_work(tmp_path, capsys):
+    config = write(tmp_path / "c.yaml", MINIMAL + "train: {best_metric: eval_acuracy}\n")
+    assert main(["train", str(config), f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "train.best_metric: 'eval_acuracy' is not a metric a causal_lm run reports; use one of eval_loss" in err
+    assert not (tmp_path / "run").exists()
+    assert load_config(config, ["train.best_metric=loss"]).train.best_metric == "loss"

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from loraforge.config.schema import DataConfig
+from loraforge.config.data_section import DataConfig
 from loraforge.data.build import DataStats, apply_weights, build_datasets, load_rows, split, Row
 from loraforge.data.formats import Conversation
 from loraforge.data.render import IGNORE, stop_token_ids

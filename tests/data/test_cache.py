@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from loraforge.config.schema import DataConfig
+from loraforge.config.data_section import DataConfig
 from loraforge.data.build import build_datasets
 from loraforge.data.render import stop_token_ids
 from tests.conftest import write_jsonl

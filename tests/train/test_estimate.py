@@ -19,9 +19,9 @@ def test_padded_tokens_model_matches_training(train_tiny, group_by_length):
     predicted = step_padded_tokens(lengths, 3, 2, group_by_length, False, config.seed, 10)
     assert len(predicted) == 10
     if group_by_length:
-        assert predicted == result.step_padded_tokens, "the same batches as training, across epochs"
+        assert predicted == result.timing["step_padded_tokens"], "the same batches as training, across epochs"
     else:
-        assert sum(predicted) == pytest.approx(sum(result.step_padded_tokens), rel=0.25), "random order: same distribution"
+        assert sum(predicted) == pytest.approx(sum(result.timing["step_padded_tokens"]), rel=0.25), "random order: same distribution"
 
 
 def test_estimate_cli(tiny_model_dir, tmp_path, capsys):

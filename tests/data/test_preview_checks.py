@@ -4,9 +4,9 @@ import io
 import pytest
 
 from loraforge.config import load_config
-from loraforge.config.schema import DataConfig
+from loraforge.config.data_section import DataConfig
 from loraforge.data.build import build_datasets
-from loraforge.data.preview import format_sample
+from loraforge.preview import format_sample
 from loraforge.data.render import stop_token_ids
 from loraforge.errors import DataError
 from tests.conftest import ROOT, write_jsonl
@@ -21,7 +21,7 @@ def test_format_sample_marks_trained_tokens(tokenizer):
 
 
 def test_preview_on_the_bundled_data(smollm_path, monkeypatch, tmp_path):
-    from loraforge.data.preview import run_preview
+    from loraforge.preview import run_preview
 
     monkeypatch.setenv("LORAFORGE_HOME", str(tmp_path))
     monkeypatch.chdir(ROOT)
@@ -107,6 +107,7 @@ def test_pad_equal_to_eos_does_not_mask_eos(tokenizer, tmp_path, chat_rows):
 
 def test_collator_that_masks_by_pad_id_is_caught(tokenizer, tmp_path, chat_rows, monkeypatch):
     """The classic bug: labels masked wherever input == pad id. With pad == EOS that erases every EOS label."""
+    import loraforge.data.checks as checks
     import loraforge.data.packing as packing
 
     class MaskByPadId:
@@ -119,6 +120,6 @@ def test_collator_that_masks_by_pad_id_is_caught(tokenizer, tmp_path, chat_rows,
             return batch
 
     real = packing.collator
-    monkeypatch.setattr(packing, "collator", lambda tok, packed: MaskByPadId(real(tok, packed)))
+    monkeypatch.setattr(checks, "collator", lambda tok, packed: MaskByPadId(real(tok, packed)))
     with pytest.raises(DataError, match="batching masked .* trained tokens.*equals EOS"):
         build(tokenizer, chat_rows, tmp_path)

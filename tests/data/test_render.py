@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from loraforge.data.formats import Conversation, Message, from_alpaca, from_messages
+from loraforge.data.formats import Conversation, from_alpaca, from_messages
 from loraforge.data.render import IGNORE, render, stop_token_ids
 from loraforge.errors import DataError
 

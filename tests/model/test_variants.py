@@ -32,7 +32,7 @@ def test_evaluation_does_not_break_4bit_training_gradients(tiny_model_dir):
         torch.manual_seed(0)
         from bitsandbytes.functional import has_avx512bf16
 
-        from loraforge.model.quantize import keep_cpu_4bit_trainable
+        from loraforge.internals import keep_cpu_4bit_trainable
 
         model = load_model(str(tiny_model_dir), quantization=bnb_config("4bit", "nf4", True, torch.float32))
         assert keep_cpu_4bit_trainable(model) == (14 if has_avx512bf16() else 0), "2 layers x 7 projections"
@@ -164,11 +164,11 @@ def test_layer_variant_errors(tiny_model_dir):
 
 
 def test_variant_run_is_rebuilt_by_chat(train_tiny):
-    from loraforge.chat import load_run
+    from loraforge.rundir import load_run
 
     config, _ = train_tiny("model.variant=drop_layers", "model.drop_layers=[1]")
     assert json.loads((Path(config.output_dir) / "adapter" / "adapter_config.json").read_text())
-    _, model, _, _ = load_run(config.output_dir)
+    model = load_run(config.output_dir).model
     assert model.config.num_hidden_layers == 1 and len(model.base_model.model.model.layers) == 1
 
 

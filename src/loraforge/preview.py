@@ -2,7 +2,9 @@
 
 import sys
 
+from loraforge.data.build import DataStats, load_rows, tokenize_rows
 from loraforge.data.render import IGNORE
+from loraforge.train.prepare import prepare
 
 GREEN, DIM, RESET = "\033[1;32m", "\033[2m", "\033[0m"
 OPEN, CLOSE = "[[", "]]"
@@ -54,23 +56,10 @@ def format_stats(stats, max_length: int) -> str:
 
 
 def run_preview(config, n: int, stream=None) -> None:
-    from transformers import GenerationConfig
-
-    from loraforge.data.build import DataStats, build_datasets, load_rows, tokenize_rows
-    from loraforge.data.render import stop_token_ids
-    from loraforge.model.load import load_tokenizer
-    from loraforge.model.sources import resolve_model
-
     stream = stream or sys.stdout
     color = stream.isatty()
-    path = resolve_model(config.model.name)
-    tokenizer = load_tokenizer(path, config.data.chat_template)
-    try:
-        generation = GenerationConfig.from_pretrained(path)
-    except OSError:
-        generation = None
-    stop_ids = stop_token_ids(tokenizer, generation)
-    bundle = build_datasets(config.data, tokenizer, stop_ids, config.seed)
+    prepared = prepare(config, cache=False)
+    tokenizer, stop_ids = prepared.tokenizer, prepared.stop_ids
 
     shown_stats = DataStats()
     rows = load_rows(config.data.sources, config.data.system_prompt, config.data.on_bad_row, shown_stats)
@@ -81,4 +70,4 @@ def run_preview(config, n: int, stream=None) -> None:
     for index in range(len(samples)):
         print(f"\n--- {wheres[index]} ({len(samples[index]['input_ids'])} tokens)", file=stream)
         print(format_sample(samples[index]["input_ids"], samples[index]["labels"], tokenizer, color), file=stream)
-    print("\n" + format_stats(bundle.stats, config.data.max_length), file=stream)
+    print("\n" + format_stats(prepared.stats, config.data.max_length), file=stream)

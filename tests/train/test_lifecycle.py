@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from loraforge import rundir
 from loraforge.config import load_config
 from loraforge.errors import ConfigError, RunDirError
 from loraforge.train.checkpoints import MARKER, complete_checkpoints, latest_complete
-from loraforge.train.recipe import TrainingStopped, run_training
+from loraforge.train.run import TrainingStopped, run_training
 from loraforge.train.trainer import CheckpointError
 from tests.conftest import ECHO_ROWS, ROOT, write_jsonl
 
@@ -161,7 +162,11 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(make_config, monkeypat
     monkeypatch.undo()
     run_training(config, resume="auto")
     assert losses(config.output_dir)[-1][0] == 8
-    assert not (folder / ".staging-6").exists() or not (folder / ".staging-6" / "checkpoint-6" / MARKER).exists()
+    assert not (folder / ".staging-6").exists(), "the resumed run's own save at step 6 replaced the leftover"
+    assert (folder / "checkpoint-6" / MARKER).is_file()
+    written = folder / "checkpoint-6" / "adapter_model.safetensors"
+    assert written.read_bytes() != b"half" and load_file(written), "step 6 holds real weights, not the leftover"
+    assert not (folder / "checkpoint-7" / MARKER).exists()
 
 
 def test_disk_full_while_saving_is_a_clear_error(make_config, monkeypatch):
@@ -253,7 +258,8 @@ def test_manifest_and_tensorboard(make_config):
     result = run_training(config)
     run = Path(config.output_dir)
     manifest = json.loads((run / rundir.MANIFEST).read_text())
-    assert manifest["versions"]["torch"] == torch.__version__.split("+")[0] or manifest["versions"]["torch"]
+    assert manifest["versions"]["torch"] == version("torch") and torch.__version__.startswith(manifest["versions"]["torch"])
+    assert manifest["versions"]["loraforge"] == version("loraforge")
     assert manifest["seed"] == 42 and manifest["trainable_parameters"] > 0
     assert manifest["peak_memory"]["process_rss_mb"] > 0 and manifest["wall_seconds"] > 0
     assert list(manifest["data_files"].values())[0] and manifest["hardware"]["cpu_count"]
@@ -282,6 +288,7 @@ def _wait_for(path: Path, text: str, timeout: float):
     return False
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_writes_a_checkpoint_and_says_how_to_resume(make_config, sig, code):
     config, path = make_config(f"signal-{sig.name}", "train.max_steps=400", "train.save_every=null", "train.eval_every=1000")
@@ -303,6 +310,7 @@ def test_signal_writes_a_checkpoint_and_says_how_to_resume(make_config, sig, cod
     assert losses(config.output_dir)[-1][0] == 400
 
 
+@pytest.mark.integration
 def test_two_process_ddp_on_cpu(make_config, tmp_path):
     config, path = make_config("ddp", "train.max_steps=4", "train.save_every=2")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

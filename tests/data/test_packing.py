@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loraforge.config.schema import DataConfig
+from loraforge.config.data_section import DataConfig
 from loraforge.data.build import build_datasets
 from loraforge.data.packing import collator, pack
 from loraforge.data.render import IGNORE, stop_token_ids

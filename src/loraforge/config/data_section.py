@@ -1,0 +1,99 @@
+"""The data section of the config: sources, their format and fields, and how samples become tokens."""
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from loraforge.config.section import Section
+from loraforge.data.formats import FORMAT_FIELDS
+
+# The format registry lives with the parsers (data/formats.py); the config offers exactly its names.
+DataFormat = Enum("DataFormat", {name: name for name in FORMAT_FIELDS}, type=str)
+
+
+class Masking(str, Enum):
+    assistant = "assistant"
+    last_assistant = "last_assistant"
+    all = "all"
+
+
+class DataSource(Section):
+    path: str = Field(
+        description="A .jsonl, .json, .csv or .parquet file (relative paths are read from the current directory), "
+        "or a Hugging Face hub dataset name (needs a network)."
+    )
+    format: DataFormat = Field(
+        DataFormat.messages,
+        description="messages: {'messages': [{'role', 'content', 'train'?}]}; sharegpt: {'conversations': "
+        "[{'from', 'value'}]}; alpaca: {'instruction', 'input', 'output'}; prompt_completion: {'prompt', "
+        "'completion'}; classification: {'text', 'label'}; text: {'text'} trained on every token.",
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Column names of this file for the format's fields, e.g. {instruction: question, output: answer}.",
+    )
+    roles: dict[str, str] = Field(
+        default_factory=dict,
+        description="sharegpt: speaker names of this file mapped to system, user or assistant "
+        "(added to the defaults human->user, gpt->assistant, system->system).",
+    )
+    weight: float = Field(
+        1.0, gt=0, description="Sampling weight of this source's training rows: 2 repeats every row twice, "
+        "0.5 keeps a seeded half."
+    )
+    split: Literal["train", "val", "test"] = Field(
+        "train", description="Which split this source feeds; a val source replaces data.val_fraction."
+    )
+    hub_split: str = Field("train", description="Split to read when path is a hub dataset.")
+    labels: list[str] | None = Field(
+        None, description="classification: the allowed labels; a row with another label is a bad row."
+    )
+
+    @model_validator(mode="after")
+    def _known_fields(self):
+        allowed = FORMAT_FIELDS[self.format.value]
+        unknown = [k for k in self.fields if k not in allowed]
+        if unknown:
+            raise ValueError(
+                f"fields {unknown} are not fields of format {self.format.value}; map these: {', '.join(allowed)}"
+            )
+        bad_roles = {k: v for k, v in self.roles.items() if v not in ("system", "user", "assistant")}
+        if bad_roles:
+            raise ValueError(f"roles must map to system, user or assistant, got {bad_roles}")
+        return self
+
+
+class DataConfig(Section):
+    sources: list[DataSource] = Field(min_length=1, description="Data files to train on, in order.")
+    val_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Share of training rows held out for evaluation (seeded split) "
+        "when no source has split: val."
+    )
+    system_prompt: str | None = Field(
+        None, description="System message put before every conversation that has none; null keeps the template's default."
+    )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template, or a path to a .jinja file, used instead of the tokenizer's; "
+        "it is saved with the run so chat and export use the same one."
+    )
+    max_length: int = Field(512, ge=8, description="Longest sample in tokens.")
+    truncation: Literal["drop", "truncate", "error"] = Field(
+        "drop", description="What a sample longer than max_length gets: dropped and counted, cut to max_length, "
+        "or an error naming the row."
+    )
+    masking: Masking = Field(
+        Masking.assistant,
+        description="Which tokens are trained: every assistant turn (assistant), the last one only "
+        "(last_assistant), or every token (all). A message with \"train\": false is never trained.",
+    )
+    packing: bool = Field(
+        False, description="Put several samples in one row of max_length, each attending only to itself. "
+        "train.batch_size then counts such rows, and a batch is attended over as one sequence: on CPU this is "
+        "slower than the default length-grouped batches."
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="error stops before training at the first bad row; skip drops bad rows, counts "
+        "them and lists the first few."
+    )
+    cache: bool = Field(True, description="Reuse tokenized data when files, tokenizer, template and settings match.")

@@ -1,0 +1,165 @@
+"""Build stage: the model made trainable, the config mapped onto TrainingArguments, and the trainer with every
+callback a run needs."""
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorWithPadding, EarlyStoppingCallback, PrinterCallback, TrainingArguments
+
+from loraforge import rundir
+from loraforge.config import RunConfig
+from loraforge.data.packing import collator
+from loraforge.errors import ConfigError
+from loraforge.eval.generate import prompt_messages
+from loraforge.eval.metrics import classification_metrics
+from loraforge.model.adapters import apply_lora, make_fully_trainable, parameter_counts
+from loraforge.model.load import load_for_run
+from loraforge.train.callbacks import MetricsCallback, SampleCallback, ThroughputCallback
+from loraforge.train.prepare import Prepared
+from loraforge.train.trainer import LoraforgeTrainer, NanGuard, PaddedTokensPerStep, SignalStop
+
+log = logging.getLogger("loraforge.train")
+
+
+@dataclass
+class Built:
+    trainer: LoraforgeTrainer
+    model: object
+    throughput: ThroughputCallback
+    padded: PaddedTokensPerStep
+    trainable_parameters: int
+
+
+def check_optimizer(optimizer: str) -> None:
+    if optimizer != "adamw_torch" and not torch.cuda.is_available():
+        raise ConfigError([f"train.optimizer: {optimizer} (bitsandbytes) needs a CUDA GPU; use adamw_torch on CPU"])
+
+
+def trainable_model(config: RunConfig, prepared: Prepared, precision: str):
+    """The config's model loaded in `precision`, its variant applied, with a LoRA adapter or fully trainable."""
+    model = load_for_run(config, prepared.model_path, precision, labels=prepared.labels)
+    if config.data.packing:
+        # With the KV cache on, SDPA lets packed samples attend to each other; off, position ids keep them apart.
+        model.config.use_cache = False
+    if config.adapter == "full":
+        model = make_fully_trainable(model)
+    else:
+        lora = config.lora
+        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
+                           bias=lora.bias, use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+                           modules_to_save=lora.modules_to_save, task=config.task,
+                           quantized=config.quantization.mode != "none",
+                           gradient_checkpointing=config.train.gradient_checkpointing)
+    if config.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        # Checkpointed blocks need an input that requires grad, which a frozen embedding does not give.
+        model.enable_input_require_grads()
+    return model
+
+
+def training_arguments(config: RunConfig, run_dir: Path, precision: str, has_eval: bool) -> TrainingArguments:
+    train = config.train
+    return TrainingArguments(
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        activation_checkpointing=train.gradient_checkpointing,
+        optim=train.optimizer,
+        output_dir=str(run_dir / rundir.CHECKPOINTS),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        max_steps=train.max_steps if train.max_steps is not None else -1,
+        num_train_epochs=train.num_epochs if train.num_epochs is not None else 1.0,
+        logging_steps=train.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=train.eval_every,
+        save_strategy="steps" if train.save_every else "no",
+        save_steps=train.save_every or 500,
+        metric_for_best_model=train.best_metric if has_eval else None,
+        greater_is_better=None if not has_eval else "loss" not in train.best_metric,
+        logging_nan_inf_filter=False,
+        report_to=list(config.report_to) or "none",
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=not torch.cuda.is_available(),
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+    )
+
+
+def micro_batch_tokens(setting) -> int | None:
+    if setting == "auto":
+        return None if torch.cuda.is_available() else 256
+    return setting
+
+
+def classification_loss_and_metrics(prepared: Prepared):
+    """A cross-entropy with the run's class weights, and accuracy, macro-F1 and confusion for evaluation."""
+    weights, labels = prepared.class_weights, prepared.labels
+
+    def loss(outputs, target, num_items_in_batch=None):
+        weight = torch.tensor(weights, dtype=outputs.logits.dtype, device=outputs.logits.device) if weights else None
+        total = torch.nn.functional.cross_entropy(outputs.logits.float(), target, weight=weight, reduction="sum")
+        return total / (num_items_in_batch if num_items_in_batch is not None else target.numel())
+
+    def metrics(prediction):
+        predicted = prediction.predictions.argmax(-1).tolist()
+        found = classification_metrics(predicted, prediction.label_ids.tolist(), labels)
+        return {"accuracy": found["accuracy"], "macro_f1": found["macro_f1"],
+                "confusion_matrix": json.dumps(found["confusion_matrix"]["rows_true_columns_predicted"])}
+
+    return loss, metrics
+
+
+def build_trainer(config: RunConfig, prepared: Prepared, model, run_dir: Path, precision: str, fingerprints: dict,
+                  stop: SignalStop) -> Built:
+    trainable, total = parameter_counts(model)
+    log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
+    causal = config.task == "causal_lm"
+    loss, metrics = (None, None) if causal else classification_loss_and_metrics(prepared)
+    throughput = ThroughputCallback()
+    # TensorBoardCallback reads its folder from the environment when the trainer is built.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / rundir.TENSORBOARD)
+    trainer = LoraforgeTrainer(
+        model=model,
+        args=training_arguments(config, run_dir, precision, has_eval=prepared.val is not None),
+        train_dataset=prepared.train,
+        eval_dataset=prepared.val,
+        data_collator=collator(prepared.tokenizer, packed=config.data.packing) if causal
+        else DataCollatorWithPadding(prepared.tokenizer),
+        processing_class=prepared.tokenizer,
+        callbacks=[throughput, MetricsCallback(run_dir / rundir.METRICS, throughput)],
+        compute_loss_func=loss,
+        compute_metrics=metrics,
+        keep_last=config.train.keep_last,
+        fingerprints=fingerprints,
+        causal_lm=causal,
+        micro_batch_tokens=micro_batch_tokens(config.train.micro_batch_tokens),
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(NanGuard(trainer, config.train.nan_patience))
+    padded = PaddedTokensPerStep(trainer)
+    trainer.add_callback(padded)
+    if causal and config.eval.samples_during_training and prepared.val is not None:
+        prompts = (list(config.eval.sample_prompts) or prepared.val_prompts)[: config.eval.samples_during_training]
+        sampler = SampleCallback(run_dir / rundir.METRICS, [prompt_messages(p, config.data.system_prompt) for p in prompts],
+                                 config.eval.max_new_tokens, prepared.stop_ids)
+        sampler.tensorboard = next((c for c in trainer.callback_handler.callbacks
+                                    if type(c).__name__ == "TensorBoardCallback"), None)
+        trainer.add_callback(sampler)
+    trainer.add_callback(stop)
+    early = config.train.early_stopping
+    if early.patience is not None and prepared.val is not None:
+        trainer.add_callback(EarlyStoppingCallback(early.patience, early.min_delta))
+    return Built(trainer, model, throughput, padded, trainable)

@@ -1,0 +1,120 @@
+"""The before/after evaluation of a run and its sample answers, base against fine-tuned.
+
+A plain LoRA adapter starts as the identity and can be switched off, so the base model's evaluation is run
+after training with the adapter off, as the step-0 evaluation, and training starts at once. Where switching
+the adapter off does not give the base back (full fine-tuning; lora.bias all or lora_only, whose biases are
+trained in place), the base is evaluated and answers before training instead.
+"""
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+from loraforge import rundir
+from loraforge.config import RunConfig
+from loraforge.eval.generate import generate_batch, prompt_messages
+from loraforge.train.resume import rewind_metrics
+
+log = logging.getLogger("loraforge.train")
+
+
+def adapter_off_is_base(config: RunConfig) -> bool:
+    return config.adapter == "lora" and config.lora.bias == "none"
+
+
+def evaluate_before(trainer, config: RunConfig, has_val: bool, checkpoint: Path | None, run_dir: Path,
+                    is_main: bool) -> dict:
+    """The step-0 metrics known before training: none where they come after it (adapter off), the recorded
+    ones on resume (metrics.jsonl loses what was logged after the checkpoint), else an evaluation now."""
+    first = rewind_metrics(run_dir / rundir.METRICS, checkpoint) if checkpoint is not None and is_main else None
+    if not has_val or adapter_off_is_base(config):
+        return {}
+    if checkpoint is not None:
+        return {"eval_loss": first["eval_loss"]} if first else {}
+    before = trainer.evaluate()
+    log.info("eval loss before training: %.4f", before["eval_loss"])
+    return before
+
+
+def evaluate_after(trainer, config: RunConfig, has_val: bool) -> dict:
+    if config.train.load_best_at_end and trainer.state.best_model_checkpoint:
+        log.info("loading the best checkpoint %s (%s %.4f)", trainer.state.best_model_checkpoint,
+                 config.train.best_metric, trainer.state.best_metric)
+        trainer.load_checkpoint_weights(trainer.state.best_model_checkpoint)
+        return trainer.evaluate()
+    if not has_val:
+        return {}
+    for record in reversed(trainer.state.log_history):
+        if "eval_loss" in record and record.get("step") == trainer.state.global_step:
+            return record
+    return trainer.evaluate()
+
+
+def evaluate_base_after(trainer, model, config: RunConfig, run_dir: Path, is_main: bool) -> tuple[dict, float]:
+    """The base model's metrics on the validation split, adapter off, recorded as step 0 (metrics.jsonl and
+    TensorBoard) without logging a new step."""
+    started = time.perf_counter()
+    with model.disable_adapter():
+        output = trainer.evaluation_loop(trainer.get_eval_dataloader(), description="base model",
+                                         prediction_loss_only=True if trainer.compute_metrics is None else None)
+    seconds = time.perf_counter() - started
+    if is_main:
+        record_step_zero(run_dir / rundir.METRICS,
+                         run_dir / rundir.TENSORBOARD if "tensorboard" in config.report_to else None, output.metrics)
+    log.info("eval loss of the base model (step 0): %.4f", output.metrics["eval_loss"])
+    return output.metrics, seconds
+
+
+def record_step_zero(metrics_path: Path, tensorboard_dir: Path | None, metrics: dict) -> None:
+    """The base evaluation as the step-0 record of metrics.jsonl and TensorBoard, unless one is there."""
+    if metrics_path.is_file() and any(
+        r.get("step") == 0 and "eval_loss" in r for r in map(json.loads, metrics_path.read_text(encoding="utf-8").splitlines())
+    ):
+        return
+    record = {"step": 0, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}, "tokens_seen": 0}
+    with metrics_path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    if tensorboard_dir is not None:
+        with SummaryWriter(log_dir=str(tensorboard_dir)) as writer:
+            for key, value in record.items():
+                if key.startswith("eval_"):
+                    writer.add_scalar(f"eval/{key.removeprefix('eval_')}", value, 0)
+
+
+def metric_values(metrics: dict) -> dict:
+    """eval_* metrics without the prefix and the timing entries, with perplexity from the loss."""
+    values = {k.removeprefix("eval_"): v for k, v in metrics.items()
+              if k.startswith("eval_") and not k.endswith(("runtime", "per_second", "preparation_time"))}
+    if "loss" in values and values["loss"] is not None:
+        values["perplexity"] = math.exp(min(values["loss"], 50.0))
+    return values
+
+
+def sample_chats(config: RunConfig, val_prompts: list[str]) -> list[list[dict]]:
+    if config.task != "causal_lm":
+        return []
+    prompts = list(config.eval.sample_prompts) or val_prompts[: config.eval.num_samples]
+    return [prompt_messages(p, config.data.system_prompt) for p in prompts]
+
+
+def base_answers_before(config: RunConfig, model, tokenizer, stop_ids, chats: list[list[dict]]) -> list[str] | None:
+    """The base model's answers, when they cannot be had after training by switching the adapter off."""
+    if not chats or adapter_off_is_base(config):
+        return None
+    answers = generate_batch(model, tokenizer, chats, config.eval.max_new_tokens, stop_ids)
+    model.train()
+    return answers
+
+
+def sample_answers(config: RunConfig, model, tokenizer, stop_ids, chats: list[list[dict]],
+                   base: list[str] | None) -> list[dict]:
+    limit = config.eval.max_new_tokens
+    if base is None and chats:
+        with model.disable_adapter():
+            base = generate_batch(model, tokenizer, chats, limit, stop_ids)
+    tuned = generate_batch(model, tokenizer, chats, limit, stop_ids) if chats else []
+    return [{"prompt": c[-1]["content"], "base": b, "finetuned": t} for c, b, t in zip(chats, base or [], tuned)]

@@ -1,0 +1,110 @@
+"""Finish stage: what a finished run leaves in its directory (adapter or model, tokenizer, eval.json, loss
+curves, report.md, manifest.json) and the summary printed at the end."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraforge import rundir
+from loraforge.config import RunConfig
+from loraforge.eval.plots import plot_loss
+from loraforge.eval.report import write_report
+from loraforge.train.evaluation import metric_values
+from loraforge.train.manifest import write_manifest
+
+OUTPUTS = (
+    (rundir.ADAPTER + "/", "LoRA adapter (peft.PeftModel.from_pretrained loads it)"),
+    (rundir.MODEL + "/", "the fully fine-tuned model (transformers loads it)"),
+    (rundir.LABELS, "label names in id order"),
+    (rundir.TOKENIZER + "/", "tokenizer with its chat template"),
+    (rundir.RESOLVED, "the full config this run used"),
+    (rundir.METRICS, "loss, learning rate and tokens/s per logged step"),
+    (rundir.EVAL, "eval loss before and after, sample answers"),
+    (rundir.LOSS_PLOT, "train and eval loss curves"),
+    (rundir.REPORT, "metrics before/after, loss curves, answers side by side"),
+    (rundir.MANIFEST, "versions, hardware, precision, seed, data fingerprints, wall time, peak memory"),
+    (rundir.TENSORBOARD + "/", "TensorBoard events (tensorboard --logdir ...)"),
+    (rundir.CHECKPOINTS + "/", "complete checkpoints (--resume auto)"),
+    (rundir.LOG, "the log"),
+)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    eval_before: float | None
+    eval_after: float | None
+    train_seconds: float
+    tokens_per_s: float | None
+    samples: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    precision: str | None = None
+    total_seconds: float | None = None
+    # Per-step seconds and padded tokens, set-up and evaluation seconds: what `estimate` and the bench model.
+    timing: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"Run directory: {self.run_dir}"]
+        for name, what in OUTPUTS:
+            if (self.run_dir / name.rstrip("/")).exists():
+                lines.append(f"  {name:<16} {what}")
+        if self.eval_before is not None and self.eval_after is not None:
+            lines.append(f"Eval loss: {self.eval_before:.4f} -> {self.eval_after:.4f}")
+        for name in ("accuracy", "macro_f1"):
+            if name in self.metrics:
+                lines.append(f"Eval {name}: {self.metrics[name]:.3f}")
+        speed = f", {self.tokens_per_s:.0f} tok/s" if self.tokens_per_s else ""
+        lines.append(f"Training time: {self.train_seconds:.0f}s{speed}" + (f" ({self.precision})" if self.precision else ""))
+        if self.total_seconds is not None:
+            lines.append(f"Total time: {self.total_seconds:.0f}s (loading, training, evaluation, samples, report)")
+        for sample in self.samples:
+            lines.append(f"Prompt:     {sample['prompt']}")
+            lines.append(f"Base:       {sample['base']}")
+            lines.append(f"Fine-tuned: {sample['finetuned']}")
+        lines.append(f"Chat with it: loraforge chat {self.run_dir}")
+        return "\n".join(lines)
+
+
+def method_name(config: RunConfig) -> str:
+    if config.adapter == "full":
+        return "full fine-tune"
+    name = "DoRA" if config.lora.use_dora else "LoRA"
+    quant = f" {config.quantization.mode}" if config.quantization.mode != "none" else ""
+    return f"{name}{quant} r={config.lora.r}"
+
+
+def save_model(config: RunConfig, model, tokenizer, run_dir: Path, labels: list[str] | None) -> None:
+    if config.adapter == "full":
+        model.save_pretrained(run_dir / rundir.MODEL)
+        tokenizer.save_pretrained(run_dir / rundir.MODEL)
+    else:
+        model.save_pretrained(run_dir / rundir.ADAPTER)
+    tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
+    if labels is not None:
+        (run_dir / rundir.LABELS).write_text(json.dumps(labels, indent=2) + "\n", encoding="utf-8")
+
+
+def write_results(config: RunConfig, run_dir: Path, before: dict, after: dict, samples: list[dict], stats,
+                  extra: dict) -> None:
+    """eval.json, loss.png and report.md; `extra` adds run facts (parameters, timings, token counts) to eval.json."""
+    (run_dir / rundir.EVAL).write_text(json.dumps({
+        "eval_loss_before": before.get("eval_loss"),
+        "eval_loss_after": after.get("eval_loss"),
+        "metrics_before": metric_values(before),
+        "metrics_after": metric_values(after),
+        "data": vars(stats),
+        **extra,
+        "samples": samples,
+    }, indent=2) + "\n", encoding="utf-8")
+    plot_loss(run_dir / rundir.METRICS, run_dir / rundir.LOSS_PLOT, title=f"{config.model.name} {method_name(config)}")
+    checkpoints = run_dir / rundir.CHECKPOINTS
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
+    write_report(run_dir, f"{config.model.name}: {method_name(config)}", metric_values(before), metric_values(after),
+                 samples, stats.summary())
+
+
+def write_run_manifest(config: RunConfig, run_dir: Path, fingerprints: dict, trainable: int, wall: float,
+                       checkpoint: Path | None, steps: int, precision) -> None:
+    write_manifest(run_dir / rundir.MANIFEST, config, fingerprints, trainable, wall,
+                   resumed_from=str(checkpoint) if checkpoint else None, steps=steps, precision=precision.record())

@@ -1,0 +1,160 @@
+"""A training run, top to bottom: prepare (config → tokenizer, data, precision) → build (model, trainer) →
+train → finish (artifacts, report, summary). Each stage is a function of its own module; this one orders them."""
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import set_seed
+
+from loraforge import rundir
+from loraforge.config import RunConfig, write_resolved
+from loraforge.data.cache import cache_key
+from loraforge.errors import LoraforgeError
+from loraforge.model.precision import choose_precision
+from loraforge.train import evaluation, finish
+from loraforge.train.build import Built, build_trainer, check_optimizer, trainable_model
+from loraforge.train.checkpoints import latest_complete
+from loraforge.train.finish import TrainResult
+from loraforge.train.prepare import Prepared, prepare
+from loraforge.train.resume import check_compatible, config_fingerprint, find_checkpoint
+from loraforge.train.trainer import SignalStop
+
+log = logging.getLogger("loraforge.train")
+
+
+class TrainingStopped(LoraforgeError):
+    """Training ended early: interrupted by a signal, or stopped by a non-finite loss."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Trained:
+    before: dict
+    after: dict
+    base_answers: list[str] | None
+    chats: list[list[dict]]
+    eval_seconds: float | None
+    wall: float
+
+
+def run_training(config: RunConfig, resume: str | None = None, allow_changes: bool = False,
+                 config_path: str | None = None) -> TrainResult:
+    """Train from a config; with resume ("auto" or a checkpoint folder), carry on a run from its checkpoint."""
+    started = time.perf_counter()
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    checkpoint = find_checkpoint(Path(config.output_dir), resume) if resume else None
+    if checkpoint is None and is_main:
+        rundir.ensure_free(config.output_dir)
+    check_optimizer(config.train.optimizer)
+    set_seed(config.seed)
+    prepared = prepare(config)
+    log.info("model %s (%s); data: %s", config.model.name, prepared.model_path, prepared.stats.summary())
+    precision = choose_precision(config.precision, prepared.model_config)
+    model = trainable_model(config, prepared, precision.chosen)
+    fingerprints = {"config": config_fingerprint(config),
+                    "data": cache_key(config.data, config.seed, prepared.tokenizer, prepared.stop_ids)}
+    if checkpoint is not None:
+        check_compatible(config, checkpoint, fingerprints, allow_changes)
+    run_dir = rundir.create(config.output_dir) if checkpoint is None and is_main else Path(config.output_dir)
+    handler = _log_to_file(run_dir / rundir.LOG, config.logging.level) if is_main else None
+    stop = SignalStop()
+    try:
+        if is_main:
+            write_resolved(config, run_dir)
+        built = build_trainer(config, prepared, model, run_dir, precision.chosen, fingerprints, stop)
+        trained = train(config, prepared, built, run_dir, checkpoint, stop, is_main, config_path)
+        if not is_main:
+            return TrainResult(run_dir, trained.before.get("eval_loss"), trained.after.get("eval_loss"), trained.wall, None)
+        return finish_run(config, prepared, built, trained, run_dir, checkpoint, fingerprints, precision, started)
+    finally:
+        stop.uninstall()
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, checkpoint: Path | None,
+          stop: SignalStop, is_main: bool, config_path: str | None) -> Trained:
+    """Evaluate what must come first, train, stop cleanly on a signal or a non-finite loss, evaluate after."""
+    trainer, has_val = built.trainer, prepared.val is not None
+    before = evaluation.evaluate_before(trainer, config, has_val, checkpoint, run_dir, is_main)
+    eval_seconds = before.get("eval_runtime")
+    if checkpoint is not None:
+        log.info("resuming from %s", checkpoint)
+    chats = evaluation.sample_chats(config, prepared.val_prompts) if is_main else []
+    base_answers = evaluation.base_answers_before(config, built.model, prepared.tokenizer, prepared.stop_ids, chats)
+    stop.install()
+    began = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    wall = time.perf_counter() - began
+    stop.uninstall()
+    _raise_if_stopped(config, trainer, stop, run_dir, config_path)
+    after = evaluation.evaluate_after(trainer, config, has_val)
+    if has_val and evaluation.adapter_off_is_base(config):
+        before, eval_seconds = evaluation.evaluate_base_after(trainer, built.model, config, run_dir, is_main)
+    return Trained(before, after, base_answers, chats, eval_seconds, wall)
+
+
+def _raise_if_stopped(config: RunConfig, trainer, stop: SignalStop, run_dir: Path, config_path: str | None) -> None:
+    if trainer.poisoned_step is not None:
+        raise TrainingStopped(
+            f"the training loss became NaN or inf at step {trainer.poisoned_step} (train.nan_patience="
+            f"{config.train.nan_patience}); stopped without saving that state. Last good checkpoint: "
+            f"{latest_complete(run_dir / rundir.CHECKPOINTS) or 'none'}. Lower train.learning_rate or check the "
+            "data, then resume or restart",
+            exit_code=3,
+        )
+    if stop.received:
+        resume_hint = f"loraforge train {config_path or 'CONFIG'} output_dir={run_dir} --resume auto"
+        raise TrainingStopped(
+            f"stopped by {stop.received} after step {trainer.state.global_step}; checkpoint "
+            f"{latest_complete(run_dir / rundir.CHECKPOINTS)} written. Resume with: {resume_hint}",
+            exit_code=130 if stop.received == "SIGINT" else 143,
+        )
+
+
+def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Trained, run_dir: Path,
+               checkpoint: Path | None, fingerprints: dict, precision, started: float) -> TrainResult:
+    trainer, throughput = built.trainer, built.throughput
+    finish.save_model(config, built.model, prepared.tokenizer, run_dir, prepared.labels)
+    samples = evaluation.sample_answers(config, built.model, prepared.tokenizer, prepared.stop_ids, trained.chats,
+                                        trained.base_answers)
+    timing = {
+        "step_seconds": throughput.step_seconds,
+        "step_padded_tokens": built.padded.per_step,
+        "setup_seconds": throughput.train_began_at - started if throughput.train_began_at else None,
+        "eval_seconds": trained.eval_seconds,
+        "first_step_seconds": throughput.first_step_done_at - started if throughput.first_step_done_at else None,
+    }
+    finish.write_results(config, run_dir, trained.before, trained.after, samples, prepared.stats, {
+        "trainable_parameters": built.trainable_parameters,
+        "train_seconds": round(throughput.train_seconds, 2),
+        "wall_seconds": round(trained.wall, 2),
+        "first_step_seconds": round(timing["first_step_seconds"], 2) if timing["first_step_seconds"] else None,
+        "real_tokens": trainer.state.num_input_tokens_seen,
+        "padded_tokens": trainer.padded_tokens,
+    })
+    finish.write_run_manifest(config, run_dir, fingerprints, built.trainable_parameters, trained.wall, checkpoint,
+                              trainer.state.global_step, precision)
+    tokens_seen = trainer.state.num_input_tokens_seen
+    return TrainResult(
+        run_dir, trained.before.get("eval_loss"), trained.after.get("eval_loss"), trained.wall,
+        tokens_seen / throughput.train_seconds if throughput.train_seconds else None, samples,
+        metrics=evaluation.metric_values(trained.after), precision=precision.chosen,
+        total_seconds=time.perf_counter() - started, timing=timing,
+    )
+
+
+def _log_to_file(path: Path, level: str = "INFO") -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("loraforge").setLevel(level)
+    return handler

@@ -1,0 +1,74 @@
+"""Contracts of the library internals loraforge uses (src/loraforge/internals.py): each fails loudly when an
+upgrade changes what loraforge relies on."""
+
+import inspect
+from importlib.metadata import version
+
+import pytest
+import torch
+
+from loraforge import internals
+
+
+@pytest.mark.parametrize("package", sorted(internals.CHECKED_AGAINST))
+def test_installed_versions_are_the_checked_ones(package):
+    checked = internals.CHECKED_AGAINST[package]
+    assert version(package).startswith(checked + "."), (
+        f"{package} {version(package)} is installed, internals.py was checked against {checked}: re-check each use "
+        "of it there, then update CHECKED_AGAINST")
+
+
+def test_trainer_private_steps_keep_their_signatures():
+    from transformers import Trainer
+
+    def params(name):
+        return list(inspect.signature(getattr(Trainer, name)).parameters)
+
+    assert params("_get_train_sampler") == ["self", "train_dataset"]
+    assert params("_save_checkpoint") == ["self", "model", "trial"]
+    assert params("_load_from_checkpoint")[:2] == ["self", "resume_from_checkpoint"]
+
+
+def test_hooks_are_called_by_training(tiny_model_dir, tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainingArguments
+    from datasets import Dataset
+
+    calls = []
+
+    class Recording(internals.HookedTrainer):
+        def train_sampler(self, default):
+            calls.append(("sampler", type(default).__name__))
+            return default
+
+        def save_checkpoint(self, write):
+            calls.append(("save", self.state.global_step))
+            write()
+
+    ids = tokenizer("hello there, general")["input_ids"]
+    data = Dataset.from_dict({"input_ids": [ids] * 4, "attention_mask": [[1] * len(ids)] * 4, "labels": [ids] * 4})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, save_steps=2, per_device_train_batch_size=2,
+                             report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = Recording(model=model, args=args, train_dataset=data, data_collator=DataCollatorForSeq2Seq(tokenizer))
+    trainer.train()
+    assert calls == [("sampler", "RandomSampler"), ("save", 2)]
+    saved = tmp_path / "checkpoint-2"
+    assert (saved / "trainer_state.json").is_file() and (saved / "optimizer.pt").is_file()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    trainer.load_checkpoint_weights(str(saved))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "weights back from checkpoint-2"
+
+
+def test_bitsandbytes_still_decides_the_cpu_repack_by_the_attribute():
+    import bitsandbytes as bnb
+
+    assert "support_avx512bf16_for_cpu" in inspect.getsource(bnb.nn.Linear4bit)
+
+
+def test_trl_padding_free_collator_restarts_positions_per_sample():
+    batch = internals.padding_free_collator(0)([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}])
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
