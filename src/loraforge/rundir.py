@@ -26,22 +26,36 @@ LOSS_PLOT = "loss.png"
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 TENSORBOARD = "tensorboard"
+# Written first into every run directory loraforge creates: what holds it is loraforge's to write.
+CLAIM = ".loraforge-run"
 
 
 def ensure_free(output_dir: str | Path) -> Path:
-    """Refuse a directory that already holds a run, so nothing is overwritten."""
+    """Refuse a directory that already holds a run, or files loraforge did not write, so nothing is overwritten."""
     run_dir = Path(output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"output_dir {run_dir} is a file; set output_dir to a directory path")
     if (run_dir / RESOLVED).exists():
         raise RunDirError(
             f"{run_dir} already holds a run ({RESOLVED} is there); set output_dir to a new directory "
             f"(for example output_dir={run_dir}-2) or delete the old one"
         )
+    refuse_foreign(run_dir, "output_dir")
     return run_dir
+
+
+def refuse_foreign(folder: Path, key: str, ours: str = CLAIM) -> None:
+    """Refuse a non-empty folder that loraforge did not make (it holds no `ours` file)."""
+    if folder.is_dir() and not (folder / ours).exists() and any(folder.iterdir()):
+        shown = ", ".join(sorted(p.name for p in folder.iterdir())[:5])
+        raise RunDirError(f"{key} {folder} already holds files loraforge did not write ({shown}); choose an empty "
+                          "or new directory: loraforge never overwrites or adds to files it did not write")
 
 
 def create(output_dir: str | Path) -> Path:
     run_dir = ensure_free(output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CLAIM).write_text("A run directory written by loraforge.\n", encoding="utf-8")
     return run_dir
 
 

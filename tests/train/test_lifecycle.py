@@ -106,9 +106,12 @@ def test_resume_in_the_second_epoch_equals_straight_run(make_config, tmp_path):
 def test_resume_refuses_another_config_unless_allowed(make_config):
     config, _ = make_config("run")
     run_training(config)
-    changed, _ = make_config("run", "train.learning_rate=0.02")
+    changed, _ = make_config("run", "train.learning_rate=0.02", "train.max_steps=9")
+    run = Path(config.output_dir)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     with pytest.raises(ConfigError) as info:
         run_training(changed, resume="auto")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before, "a refused resume changes no file"
     assert "train.learning_rate: 0.01 in the checkpoint's run, 0.02 now" in str(info.value)
     assert "--allow-changes" in str(info.value)
     more, _ = make_config("run", "train.max_steps=9", "train.learning_rate=0.02")
@@ -121,8 +124,9 @@ def test_resume_refuses_other_data(make_config, tmp_path):
     run_training(config)
     data = Path(config.data.sources[0].path)
     data.write_text(data.read_text() + json.dumps(ECHO_ROWS[0]) + "\n")
+    longer, _ = make_config("run", "train.max_steps=9")
     with pytest.raises(ConfigError, match="the data .* differs from the checkpoint's"):
-        run_training(config, resume="auto")
+        run_training(longer, resume="auto")
 
 
 def test_resume_needs_a_complete_checkpoint(make_config, tmp_path):

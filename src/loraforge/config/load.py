@@ -65,9 +65,18 @@ def _read_with_parents(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[
 
 
 def _read_one(path: Path) -> tuple[dict, dict[Key, str]]:
+    if path.is_dir():
+        raise ConfigError([f"config {path} is a directory; pass the YAML file inside it"], source=str(path))
     if not path.is_file():
         raise ConfigError([f"config file {path} not found"], source=str(path))
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError([f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#x}); save the file as UTF-8"],
+                          source=str(path)) from None
+    except OSError as exc:
+        raise ConfigError([f"config {path} cannot be read: {exc.strerror}"], source=str(path)) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -81,22 +90,30 @@ def _read_one(path: Path) -> tuple[dict, dict[Key, str]]:
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"], source=str(path))
     origins: dict[Key, str] = {}
+    duplicates: list[str] = []
     if node is not None:
-        _record_lines(node, (), path, origins)
+        _record_lines(node, (), path, origins, duplicates)
+    if duplicates:
+        raise ConfigError(duplicates, source=str(path))
     return data, origins
 
 
-def _record_lines(node: yaml.Node, key: Key, path: Path, origins: dict[Key, str]) -> None:
+def _record_lines(node: yaml.Node, key: Key, path: Path, origins: dict[Key, str], duplicates: list[str]) -> None:
+    """The file:line of every key; a key given twice in one mapping (YAML keeps the last silently) is listed."""
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             child = (*key, key_node.value)
-            origins[child] = f"{path}:{key_node.start_mark.line + 1}"
-            _record_lines(value_node, child, path, origins)
+            where = f"{path}:{key_node.start_mark.line + 1}"
+            if child in origins:
+                duplicates.append(f"{where}: {_dotted(child)} is given twice (first at {origins[child]}); YAML would keep "
+                                  "only the last one: merge them into one")
+            origins[child] = where
+            _record_lines(value_node, child, path, origins, duplicates)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             child = (*key, index)
             origins[child] = f"{path}:{item.start_mark.line + 1}"
-            _record_lines(item, child, path, origins)
+            _record_lines(item, child, path, origins, duplicates)
 
 
 def _merge(parent: dict, child: dict, parent_origins: dict[Key, str], child_origins: dict[Key, str], key: Key = ()) -> dict:

@@ -45,6 +45,7 @@ def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult
     if not (run_dir / rundir.ADAPTER / "adapter_config.json").is_file():
         raise RunDirError(f"{run_dir} holds a full model ({rundir.MODEL}/), not an adapter: it is already merged")
     out_dir = Path(out) if out else run_dir / rundir.MERGED
+    rundir.refuse_foreign(out_dir, "--out", ours="merge.json")
     # A quantized run merges onto the unquantized base: merged weights must be plain floats to be saved and reused.
     run = rundir.load_run(run_dir, quantized=False)
     config, model, tokenizer, labels = run.config, run.model, run.tokenizer, run.labels

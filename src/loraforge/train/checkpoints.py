@@ -6,13 +6,19 @@ the marker) is never resumed from.
 """
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
+log = logging.getLogger("loraforge.train")
+
 MARKER = "COMPLETE"
 PREFIX = "checkpoint-"
 STAGING = ".staging-"
+# What resuming reads besides the weights: without them the run would go on with a fresh optimizer or schedule.
+NEEDED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
 
 def step_of(path: Path) -> int:
@@ -28,9 +34,29 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted((p for p in found if (p / MARKER).is_file()), key=step_of)
 
 
+def unusable(checkpoint: Path) -> str | None:
+    """Why a marked checkpoint cannot be resumed from (an unreadable marker, a file missing), or None."""
+    checkpoint = Path(checkpoint)
+    try:
+        marker = json.loads((checkpoint / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        marker = None
+    if not isinstance(marker, dict) or not isinstance(marker.get("step"), int):
+        return f"its marker {checkpoint / MARKER} is not the JSON loraforge writes"
+    missing = [name for name in NEEDED if not (checkpoint / name).is_file()]
+    if not any((checkpoint / name).is_file() for name in WEIGHTS):
+        missing.append(" or ".join(WEIGHTS))
+    return f"{', '.join(missing)} missing" if missing else None
+
+
 def latest_complete(folder: Path) -> Path | None:
-    found = complete_checkpoints(folder)
-    return found[-1] if found else None
+    """The newest checkpoint that can be resumed from; newer marked ones that cannot are skipped, with a warning."""
+    for checkpoint in reversed(complete_checkpoints(folder)):
+        reason = unusable(checkpoint)
+        if reason is None:
+            return checkpoint
+        log.warning("skipping %s for an earlier checkpoint: %s", checkpoint, reason)
+    return None
 
 
 def read_marker(checkpoint: Path) -> dict:

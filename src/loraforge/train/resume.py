@@ -7,7 +7,7 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.config import load_config
 from loraforge.errors import ConfigError, RunDirError
-from loraforge.train.checkpoints import latest_complete, read_marker, step_of
+from loraforge.train.checkpoints import latest_complete, read_marker, step_of, unusable
 
 IGNORED_ON_RESUME = ("output_dir",)
 
@@ -26,6 +26,10 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
         path = Path(resume)
         if not (path / "COMPLETE").is_file():
             raise RunDirError(f"--resume {path}: not a complete checkpoint (no COMPLETE marker); use --resume auto")
+        reason = unusable(path)
+        if reason is not None:
+            raise RunDirError(f"--resume {path}: cannot resume from it: {reason}; use --resume auto to take the "
+                              "newest checkpoint that is whole")
         return path
     if not (run_dir / rundir.RESOLVED).is_file():
         raise RunDirError(f"--resume: {run_dir} holds no run ({rundir.RESOLVED} missing); check output_dir")
@@ -36,6 +40,21 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
             "with another output_dir, or set train.save_every so checkpoints are written"
         )
     return found
+
+
+def refuse_finished(run_dir: Path, checkpoint: Path, max_steps: int | None) -> None:
+    """A finished run is resumed only to train further: its artifacts would otherwise be rewritten for nothing."""
+    manifest = Path(run_dir) / rundir.MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        steps = int(json.loads(manifest.read_text(encoding="utf-8"))["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if max_steps is None or max_steps <= steps:
+        raise RunDirError(f"{run_dir} is already complete at step {steps} (checkpoint {Path(checkpoint).name}); "
+                          f"raise train.max_steps above {steps} (with --allow-changes) to continue it, or start a new run with "
+                          "another output_dir")
 
 
 def check_compatible(config, checkpoint: Path, fingerprints: dict, allow_changes: bool) -> None:

@@ -19,7 +19,7 @@ from loraforge.train.build import Built, build_trainer, check_optimizer, trainab
 from loraforge.train.checkpoints import latest_complete
 from loraforge.train.finish import TrainResult
 from loraforge.train.prepare import Prepared, prepare
-from loraforge.train.resume import check_compatible, config_fingerprint, find_checkpoint
+from loraforge.train.resume import check_compatible, config_fingerprint, find_checkpoint, refuse_finished
 from loraforge.train.trainer import SignalStop
 
 log = logging.getLogger("loraforge.train")
@@ -49,6 +49,8 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     started = time.perf_counter()
     is_main = int(os.environ.get("RANK", "0")) == 0
     checkpoint = find_checkpoint(Path(config.output_dir), resume) if resume else None
+    if checkpoint is not None:
+        refuse_finished(Path(config.output_dir), checkpoint, config.train.max_steps)
     if checkpoint is None and is_main:
         rundir.ensure_free(config.output_dir)
     check_optimizer(config.train.optimizer)
