@@ -98,9 +98,30 @@ def case_resume_a_finished_run(tmp_path, workspace):
             [f"{run} is already complete at step 4", "raise train.max_steps above 4"])
 
 
+def case_unknown_target_module(tmp_path, workspace):
+    _, config = workspace
+    out = tmp_path / "run"
+    return (["train", config, f"output_dir={out}", "lora.target_modules=[q_proj, qq_proj]"], tmp_path, 2,
+            ["lora.target_modules: ['qq_proj'] are not modules of this model", "'q_proj'"])
+
+
+def case_misspelt_builtin_model(tmp_path, workspace):
+    _, config = workspace
+    return (["train", config, f"output_dir={tmp_path / 'run'}", "model.name=smollm2-135m-instrct"], tmp_path, 2,
+            ["model.name: 'smollm2-135m-instrct' is not a built-in model", "did you mean 'smollm2-135m-instruct'?"])
+
+
+def case_template_path_naming_no_file(tmp_path, workspace):
+    _, config = workspace
+    return (["data", "preview", config, "data.chat_template=my_template"], tmp_path, 2,
+            ["data.chat_template: 'my_template' is neither a Jinja template", "nor a file"])
+
+
 @pytest.mark.parametrize("case", [case_duplicate_keys, case_not_utf8, case_config_is_a_directory,
                                   case_output_dir_holds_other_files, case_output_dir_is_a_file,
-                                  case_merge_into_a_foreign_folder, case_resume_a_finished_run],
+                                  case_merge_into_a_foreign_folder, case_resume_a_finished_run,
+                                  case_unknown_target_module, case_misspelt_builtin_model,
+                                  case_template_path_naming_no_file],
                          ids=lambda case: case.__name__.removeprefix("case_"))
 def test_refused_with_a_message_and_nothing_written(case, tmp_path, workspace):
     args, watched, code, messages = case(tmp_path, workspace)

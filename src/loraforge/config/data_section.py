@@ -74,7 +74,8 @@ class DataConfig(Section):
         None, description="System message put before every conversation that has none; null keeps the template's default."
     )
     chat_template: str | None = Field(
-        None, description="Jinja chat template, or a path to a .jinja file, used instead of the tokenizer's; "
+        None, description="Jinja chat template text (it holds {{ or {%), or the path of a file holding it (any "
+        "extension), used instead of the tokenizer's; "
         "it is saved with the run so chat and export use the same one."
     )
     max_length: int = Field(512, ge=8, description="Longest sample in tokens.")

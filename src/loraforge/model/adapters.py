@@ -2,6 +2,10 @@
 
 import logging
 
+import torch
+
+from loraforge.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -36,6 +40,14 @@ def apply_lora(
         ensure_weight_tying=bool(modules_to_save),
         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
     )
+    if isinstance(target_modules, list):
+        names = [name for name, _ in model.named_modules()]
+        unknown = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if unknown:
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if isinstance(module, torch.nn.Linear)})
+            raise ConfigError([f"lora.target_modules: {unknown} are not modules of this model; its linear layers "
+                               f"are {linear} (or use all-linear)"])
     return get_peft_model(model, config)
 
 

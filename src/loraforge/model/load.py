@@ -26,13 +26,18 @@ def load_tokenizer(path: str, chat_template: str | None = None, revision: str | 
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     if chat_template is not None:
-        template_file = Path(chat_template)
-        if chat_template.endswith(".jinja"):
-            if not template_file.is_file():
-                raise ModelError(f"data.chat_template: {chat_template} not found (cwd is {Path.cwd()})")
-            chat_template = template_file.read_text(encoding="utf-8")
-        tokenizer.chat_template = chat_template
+        tokenizer.chat_template = template_text(chat_template)
     return tokenizer
+
+
+def template_text(value: str) -> str:
+    """data.chat_template: Jinja text (it has {{ or {%), or the path of a file that holds it (any extension)."""
+    if "{{" in value or "{%" in value:
+        return value
+    if Path(value).is_file():
+        return Path(value).read_text(encoding="utf-8")
+    raise ModelError(f"data.chat_template: {value!r} is neither a Jinja template (no {{{{ or {{%) nor a file "
+                     f"(cwd is {Path.cwd()}); give the template text or the path of a file holding it")
 
 
 def load_model(

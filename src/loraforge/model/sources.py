@@ -1,5 +1,6 @@
 """Built-in models that work offline: a GGUF file shipped in a PyPI wheel, converted once to an HF folder."""
 
+import difflib
 import logging
 import os
 import shutil
@@ -43,6 +44,10 @@ def resolve_model(name: str) -> str:
     """A path or hub id that from_pretrained loads: built-in names become their cached HF folder."""
     builtin = BUILTIN.get(name)
     if builtin is None:
+        close = difflib.get_close_matches(name, BUILTIN, n=1, cutoff=0.8)
+        if close and not Path(name).exists():
+            raise ModelError(f"model.name: {name!r} is not a built-in model, a folder or a hub id (org/name); "
+                             f"did you mean {close[0]!r}?")
         return name
     folder = loraforge_home() / "models" / builtin.name
     if not (folder / "config.json").is_file():
