@@ -2,10 +2,12 @@
 the thing and the fix, exits as stated, and changes no file it did not create (hashes before and after)."""
 
 import hashlib
+import inspect
 import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from tests.conftest import ECHO_ROWS, write_jsonl
 
 pytestmark = pytest.mark.integration
+STARTUP_SECONDS = 15
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -117,16 +120,111 @@ def case_template_path_naming_no_file(tmp_path, workspace):
             ["data.chat_template: 'my_template' is neither a Jinja template", "nor a file"])
 
 
+def case_billion_laughs(tmp_path, workspace):
+    bad = tmp_path / "laughs.yaml"
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"{b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    bad.write_text("\n".join(lines) + "\n")
+    return ["config", "validate", bad], tmp_path, 2, [f"{bad}:6: aliases here expand to more than 100,000 values"]
+
+
+def case_alias_containing_itself(tmp_path, workspace):
+    bad = tmp_path / "loop.yaml"
+    bad.write_text("seed: 1\nmodel: &m [*m]\n")
+    return ["config", "validate", bad], tmp_path, 2, [f"{bad}:2: an alias here refers to a value that contains it"]
+
+
+def template_case(name: str, body: str, *said: str):
+    def case(tmp_path, workspace):
+        template = tmp_path / "chat.tmpl"
+        template.write_text(body)
+        _, config = workspace
+        return (["data", "preview", config, f"data.chat_template={template}"], tmp_path, 2,
+                [f"data.chat_template ({template})", *said])
+
+    case.__name__ = f"case_template_{name}"
+    return case
+
+
+case_template_that_never_ends = template_case(
+    "that_never_ends", "{% for a in range(100000) %}{% for b in range(100000) %}{{ '' }}{% endfor %}{% endfor %}",
+    "did not finish rendering one conversation in 10 s")
+case_template_that_raises = template_case("that_raises", "{{ raise_exception('system messages are not supported') }}",
+                                          "raised an error: system messages are not supported")
+case_template_syntax_error = template_case("syntax_error", "{% for m in messages %}{{ m.content }}", "line 1: not valid Jinja")
+case_template_reaching_for_globals = template_case("reaching_for_globals", "{{ cycler.__init__.__globals__ }}", "was stopped by the sandbox")
+
+
+def case_model_folder_that_is_not_a_model(tmp_path, workspace):
+    _, config = workspace
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not weights\n")
+    return (["data", "preview", config, f"model.name={folder}"], tmp_path, 2,
+            [f"model.name: {folder} is a folder without config.json, so not a model (it holds notes.txt)"])
+
+
+def case_custom_model_code_without_trust(tmp_path, workspace, tiny_model_dir):
+    _, config = workspace
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, folder)
+    settings = json.loads((folder / "config.json").read_text())
+    settings.update(model_type="custom-llama", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
+    (folder / "config.json").write_text(json.dumps(settings))
+    (folder / "configuration_custom.py").write_text("raise SystemExit('this code must not run')\n")
+    return (["data", "preview", config, f"model.name={folder}"], tmp_path, 2,
+            [f"model.name: {folder} ships its own model code", "model.trust_remote_code: true"])
+
+
+def case_malformed_hub_id(tmp_path, workspace):
+    _, config = workspace
+    return (["data", "preview", config, "model.name=my model!"], tmp_path, 2,
+            ["model.name: 'my model!' is not a hub id", "smollm2-135m-instruct"])
+
+
+def case_adapter_missing_its_weights(tmp_path, workspace):
+    run = copy_run(workspace, f"noweights-{tmp_path.name}")
+    (run / "adapter" / "adapter_model.safetensors").unlink()
+    return (["chat", run, "--prompt", "Echo red"], run, 2,
+            [f"{run / 'adapter'} lacks adapter_model.safetensors or adapter_model.bin"])
+
+
+def case_output_dir_that_cannot_be_made(tmp_path, workspace):
+    _, config = workspace
+    (tmp_path / "plain-file").write_text("x\n")
+    out = tmp_path / "plain-file" / "run"
+    return (["train", config, f"output_dir={out}"], tmp_path, 2, [f"output_dir {out} cannot be written"])
+
+
+def case_validation_source_emptied_by_filtering(tmp_path, workspace):
+    _, config = workspace
+    long = {"messages": [{"role": "user", "content": "long " * 300}, {"role": "assistant", "content": "ok"}]}
+    val = write_jsonl(tmp_path / "val.jsonl", [long] * 3)
+    train = write_jsonl(tmp_path / "train.jsonl", ECHO_ROWS)
+    sources = f"data.sources=[{{path: {train}}}, {{path: {val}, split: val}}]"
+    return (["train", config, f"output_dir={tmp_path / 'run'}", sources, "data.max_length=64"], tmp_path, 2,
+            [f"{val} (data.sources[1], split: val): all 3 rows were dropped"])
+
+
 @pytest.mark.parametrize("case", [case_duplicate_keys, case_not_utf8, case_config_is_a_directory,
                                   case_output_dir_holds_other_files, case_output_dir_is_a_file,
                                   case_merge_into_a_foreign_folder, case_resume_a_finished_run,
                                   case_unknown_target_module, case_misspelt_builtin_model,
-                                  case_template_path_naming_no_file],
+                                  case_template_path_naming_no_file, case_billion_laughs,
+                                  case_alias_containing_itself, case_template_that_never_ends,
+                                  case_template_that_raises, case_template_syntax_error,
+                                  case_template_reaching_for_globals, case_model_folder_that_is_not_a_model,
+                                  case_custom_model_code_without_trust, case_malformed_hub_id,
+                                  case_adapter_missing_its_weights, case_output_dir_that_cannot_be_made,
+                                  case_validation_source_emptied_by_filtering],
                          ids=lambda case: case.__name__.removeprefix("case_"))
-def test_refused_with_a_message_and_nothing_written(case, tmp_path, workspace):
-    args, watched, code, messages = case(tmp_path, workspace)
+def test_refused_with_a_message_and_nothing_written(case, tmp_path, workspace, tiny_model_dir):
+    wants_model = "tiny_model_dir" in inspect.signature(case).parameters
+    args, watched, code, messages = case(tmp_path, workspace, tiny_model_dir) if wants_model else case(tmp_path, workspace)
     before = digest(watched)
+    began = time.monotonic()
     done = cli(*args, cwd=tmp_path)
+    assert time.monotonic() - began < 30 + STARTUP_SECONDS, "answered within 30 s of starting work"
     assert done.returncode == code, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     for message in messages:

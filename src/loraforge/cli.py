@@ -24,7 +24,7 @@ def _train(args) -> int:
 
     try:
         result = run_training(load_config(args.config, args.overrides), resume=args.resume,
-                              allow_changes=args.allow_changes, config_path=args.config)
+                              allow_changes=args.allow_changes, command=[args.config, *args.overrides])
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

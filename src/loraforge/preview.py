@@ -64,10 +64,10 @@ def run_preview(config, n: int, stream=None) -> None:
     shown_stats = DataStats()
     rows = load_rows(config.data.sources, config.data.system_prompt, config.data.on_bad_row, shown_stats)
     first = (rows["train"] or rows["val"])[:n]
-    samples, wheres = tokenize_rows(first, tokenizer, stop_ids, config.data, shown_stats)
+    samples, shown = tokenize_rows(first, tokenizer, stop_ids, config.data, shown_stats)
     legend = f"{GREEN}trained{RESET} {DIM}masked{RESET}" if color else f"{OPEN}trained{CLOSE} masked"
     print(f"{len(samples)} samples ({legend}):", file=stream)
     for index in range(len(samples)):
-        print(f"\n--- {wheres[index]} ({len(samples[index]['input_ids'])} tokens)", file=stream)
+        print(f"\n--- {shown[index].where} ({len(samples[index]['input_ids'])} tokens)", file=stream)
         print(format_sample(samples[index]["input_ids"], samples[index]["labels"], tokenizer, color), file=stream)
     print("\n" + format_stats(prepared.stats, config.data.max_length), file=stream)

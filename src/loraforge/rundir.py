@@ -1,6 +1,7 @@
 """The run directory: what a run writes, where, and how later commands read it back."""
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,10 +53,26 @@ def refuse_foreign(folder: Path, key: str, ours: str = CLAIM) -> None:
                           "or new directory: loraforge never overwrites or adds to files it did not write")
 
 
+def check_space(output_dir: str | Path, needed: int) -> None:
+    """Refuse a run whose files would not fit on the disk of output_dir, before it starts, not at its last save."""
+    existing = Path(output_dir).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise RunDirError(f"output_dir {output_dir}: {free / 2**20:,.0f} MB free on its disk, and this run writes up "
+                          f"to {needed / 2**20:,.0f} MB (checkpoints, weights, logs); free space, lower "
+                          "train.keep_last, or choose a directory on another disk")
+
+
 def create(output_dir: str | Path) -> Path:
     run_dir = ensure_free(output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CLAIM).write_text("A run directory written by loraforge.\n", encoding="utf-8")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CLAIM).write_text("A run directory written by loraforge.\n", encoding="utf-8")
+    except OSError as exc:
+        raise RunDirError(f"output_dir {run_dir} cannot be written ({exc.strerror}: {exc.filename}); choose a "
+                          "directory you can write to") from None
     return run_dir
 
 
@@ -85,6 +102,19 @@ class LoadedRun:
     labels: list[str] | None
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_adapter(folder: Path) -> None:
+    """An adapter folder that PEFT can load: its config and its weights, else one message naming what is missing."""
+    missing = [name for name, present in (("adapter_config.json", (folder / "adapter_config.json").is_file()),
+                                          (" or ".join(ADAPTER_WEIGHTS), any((folder / w).is_file() for w in ADAPTER_WEIGHTS)))
+               if not present]
+    if missing:
+        raise RunDirError(f"{folder} lacks {' and '.join(missing)}, so the adapter cannot be loaded; copy the run "
+                          "again or train it again (a checkpoint under checkpoints/ holds the same files)")
+
+
 def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = True) -> LoadedRun:
     """The trained model of a run, rebuilt as it was trained (same base, quantization and layer variant) with
     weights in fp32, in eval mode, with the run's tokenizer, stop ids and labels.
@@ -103,6 +133,7 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
         model = load_model(str(run_dir / MODEL), task=config.task, labels=labels)
     else:
         as_trained = config if quantized else config.model_copy(update={"quantization": QuantizationConfig()})
+        check_adapter(run_dir / ADAPTER)
         base = load_for_run(as_trained, resolve_model(config.model.name), labels=labels)
         model = PeftModel.from_pretrained(base, str(run_dir / ADAPTER))
     model.eval()

@@ -107,6 +107,39 @@ def test_all_rows_too_long_is_an_error(tmp_path, tokenizer, chat_rows):
         build(tokenizer, data_config(path, max_length=8, val_fraction=0.0))
 
 
+def test_a_validation_source_emptied_by_filtering_is_an_error_naming_it(tmp_path, tokenizer, chat_rows):
+    train = write_jsonl(tmp_path / "train.jsonl", chat_rows[:12])
+    long = {"messages": [{"role": "user", "content": "long " * 300}, {"role": "assistant", "content": "ok"}]}
+    val = write_jsonl(tmp_path / "val.jsonl", [long, long])
+    config = data_config({"path": str(train)}, {"path": str(val), "split": "val"}, max_length=128)
+    with pytest.raises(DataError, match=rf"{val} \(data.sources\[1\], split: val\): all 2 rows were dropped"):
+        build(tokenizer, config)
+
+
+def test_rows_in_both_train_and_validation_are_counted_and_dedupe_drops_them(tmp_path, tokenizer, chat_rows, caplog):
+    train = write_jsonl(tmp_path / "train.jsonl", chat_rows[:12] + chat_rows[:3] + chat_rows[14:16])
+    val = write_jsonl(tmp_path / "val.jsonl", chat_rows[14:18])
+    sources = [{"path": str(train)}, {"path": str(val), "split": "val"}]
+    counted = build(tokenizer, data_config(*sources))
+    assert counted.stats.held_out_in_train == 2 and len(counted.train) == 17 and len(counted.val) == 4
+    assert "2 validation/test rows are also training rows" in caplog.text
+    assert "2 validation/test rows also in train" in counted.stats.summary()
+
+    deduped = build(tokenizer, data_config(*sources, dedupe=True))
+    assert deduped.stats.held_out_in_train == 0 and deduped.stats.dropped == {"duplicate": 5}
+    assert len(deduped.train) == 12 and len(deduped.val) == 4, "repeats within train and rows of val leave train"
+    val_ids = {tuple(ids) for ids in deduped.val["input_ids"]}
+    assert not val_ids & {tuple(ids) for ids in deduped.train["input_ids"]}
+
+
+def test_dedupe_before_the_seeded_split_leaves_no_row_on_both_sides(tmp_path, tokenizer, chat_rows):
+    path = write_jsonl(tmp_path / "d.jsonl", chat_rows * 3)
+    repeated = build(tokenizer, data_config(path, val_fraction=0.25))
+    assert repeated.stats.held_out_in_train > 0
+    deduped = build(tokenizer, data_config(path, val_fraction=0.25, dedupe=True))
+    assert deduped.stats.held_out_in_train == 0 and len(deduped.train) + len(deduped.val) == 24
+
+
 def test_system_prompt_from_config_reaches_the_tokens(tmp_path, tokenizer, chat_rows):
     path = write_jsonl(tmp_path / "d.jsonl", chat_rows)
     bundle = build(tokenizer, data_config(path, system_prompt="Reply with digits.", val_fraction=0.0))

@@ -79,7 +79,7 @@ def test_exact_resume_on_the_builtin_model(tmp_path, smollm_path, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     common = ["train.max_steps=4", "train.save_every=2", "train.logging_steps=1", "train.eval_every=100",
-              "train.batch_size=2", "data.val_fraction=0.01", "eval.max_new_tokens=1", "data.cache=false"]
+              "train.batch_size=2", "data.val_fraction=0", "eval.num_samples=0", "data.cache=false"]
     straight = load_config(ROOT / "configs" / "default.yaml", [*common, f"output_dir={tmp_path / 'straight'}"])
     run_training(straight)
     resumed_dir = tmp_path / "resumed"

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -308,9 +309,12 @@ def test_signal_writes_a_checkpoint_and_says_how_to_resume(make_config, sig, cod
     assert process.returncode == code, err[-3000:]
     checkpoint = latest_complete(Path(config.output_dir) / rundir.CHECKPOINTS)
     assert checkpoint is not None and 0 < int(checkpoint.name.split("-")[1]) < 400
-    assert f"stopped by {sig.name}" in err and "--resume auto" in err and str(checkpoint) in err
-    resumed = load_config(path, [*overrides, "train.max_steps=400"])
-    run_training(resumed, resume="auto")
+    assert f"stopped by {sig.name}" in err and str(checkpoint) in err
+    printed = shlex.split(err.split("Resume with: ", 1)[1].splitlines()[0])
+    assert printed == ["loraforge", "train", str(path), *overrides, "--resume", "auto"], "the command as it was started"
+    resumed = subprocess.run([sys.executable, "-m", "loraforge", *printed[1:]], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(config.output_dir)[-1][0] == 400
 
 

@@ -150,6 +150,25 @@ def test_existing_run_directory_is_not_overwritten(tiny_run):
     assert (Path(config.output_dir) / rundir.METRICS).read_bytes() == before
 
 
+def test_a_disk_too_small_for_the_run_is_refused_before_anything_is_written(tiny_run, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from loraforge.train.checkpoints import bytes_to_write
+
+    config, result, config_path = tiny_run
+    trainable = json.loads((Path(config.output_dir) / "eval.json").read_text())["trainable_parameters"]
+    needed = bytes_to_write(config.train, trainable)
+    written = sum(p.stat().st_size for p in Path(config.output_dir).rglob("*") if p.is_file())
+    assert written < needed, "the estimate covers what the finished run holds"
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * needed, 9 * needed, needed - 1))
+    out = tmp_path / "small-disk"
+    with pytest.raises(RunDirError, match=rf"output_dir {out}: \d+ MB free on its disk, and this run writes up to"):
+        run_training(load_config(config_path, [f"output_dir={out}"]))
+    assert not out.exists()
+
+
 def test_cli_chat_prompt_answers_once(tiny_run, capsys):
     config, _, _ = tiny_run
     assert main(["chat", config.output_dir, "--prompt", "Echo red", "--max-new-tokens", "3"]) == 0

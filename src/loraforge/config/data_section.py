@@ -97,4 +97,9 @@ class DataConfig(Section):
         "error", description="error stops before training at the first bad row; skip drops bad rows, counts "
         "them and lists the first few."
     )
+    dedupe: bool = Field(
+        False, description="Drop exact duplicate conversations (same messages, or same text) before splitting, "
+        "keeping the first, and drop from training any row that a validation or test source also holds. "
+        "Without it such rows are only counted and reported."
+    )
     cache: bool = Field(True, description="Reuse tokenized data when files, tokenizer, template and settings match.")

@@ -70,6 +70,32 @@ def split(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
     return train, val
 
 
+def conversation_key(conversation: Conversation) -> tuple:
+    """What makes two rows the same conversation: the same text, or the same roles and contents in order."""
+    if conversation.text is not None:
+        return ("text", conversation.text)
+    return tuple((m.role, m.content) for m in conversation.messages)
+
+
+def drop_duplicates(rows: list[Row], held_out: list[Row], stats: DataStats) -> list[Row]:
+    """rows without repeats (the first kept) and without any row that a held-out split holds."""
+    seen = {conversation_key(r.conversation) for r in held_out}
+    kept = []
+    for row in rows:
+        key = conversation_key(row.conversation)
+        if key in seen:
+            stats.count_drop("duplicate")
+            continue
+        seen.add(key)
+        kept.append(row)
+    return kept
+
+
+def count_held_out_in_train(train: list[Row], held_out: list[Row]) -> int:
+    keys = {conversation_key(r.conversation) for r in train}
+    return sum(1 for r in held_out if conversation_key(r.conversation) in keys)
+
+
 def apply_weights(rows: list[Row], weights: list[float], seed: int) -> list[Row]:
     """Repeat or subsample each source's rows to weight × count (seeded); weight 1 keeps rows as they are."""
     rng = random.Random(seed)
@@ -84,11 +110,11 @@ def apply_weights(rows: list[Row], weights: list[float], seed: int) -> list[Row]
 
 
 def tokenize_rows(rows: list[Row], tokenizer, stop_ids, data_config, stats: DataStats):
-    """The tokenized rows and, in the same order, where each came from."""
+    """The tokenized rows and, in the same order, the rows they came from."""
     from datasets import Dataset
 
     columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
-    wheres: list[str] = []
+    kept: list[Row] = []
     limit = data_config.max_length
     for row in rows:
         ids, labels = render(row.conversation, tokenizer, stop_ids, data_config.masking.value)
@@ -112,8 +138,23 @@ def tokenize_rows(rows: list[Row], tokenizer, stop_ids, data_config, stats: Data
         columns["input_ids"].append(ids)
         columns["attention_mask"].append([1] * len(ids))
         columns["labels"].append(labels)
-        wheres.append(row.where)
-    return Dataset.from_dict(columns), wheres
+        kept.append(row)
+    return Dataset.from_dict(columns), kept
+
+
+def refuse_emptied_sources(data_config, before: list[Row], after: list[Row]) -> None:
+    """A source that had rows going into tokenization and has none coming out is an error, not a quiet gap
+    (a validation file whose every row is too long would otherwise leave the run without evaluation)."""
+    had = {r.source for r in before}
+    has = {r.source for r in after}
+    for index in sorted(had - has):
+        source = data_config.sources[index]
+        count = sum(1 for r in before if r.source == index)
+        raise DataError(
+            f"{source.path} (data.sources[{index}], split: {source.split}): all {count} rows were dropped (longer "
+            f"than data.max_length={data_config.max_length}, or nothing to train under data.masking="
+            f"{data_config.masking.value}); raise data.max_length, set data.truncation: truncate, or remove the source"
+        )
 
 
 def build_datasets(data_config, tokenizer, stop_ids, seed: int, cache_dir=None) -> DataBundle:
@@ -138,24 +179,31 @@ def _first_user_prompt(conversation: Conversation) -> str | None:
 def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
     stats = DataStats()
     splits = load_rows(data_config.sources, data_config.system_prompt, data_config.on_bad_row, stats)
-    train_rows, val_rows = splits["train"], splits["val"]
+    train_rows, val_rows, test_rows = splits["train"], splits["val"], splits["test"]
+    if data_config.dedupe:
+        train_rows = drop_duplicates(train_rows, [*val_rows, *test_rows], stats)
     if not val_rows:
         train_rows, val_rows = split(train_rows, data_config.val_fraction, seed)
+    stats.held_out_in_train = count_held_out_in_train(train_rows, [*val_rows, *test_rows])
+    if stats.held_out_in_train:
+        log.warning("%d validation/test rows are also training rows (exact duplicates), so evaluation is optimistic; "
+                    "data.dedupe: true drops them from training", stats.held_out_in_train)
     train_rows = apply_weights(train_rows, [s.weight for s in data_config.sources], seed)
     for source in data_config.sources:
         stats.per_source[source.path]["train_after_weight"] = sum(
             1 for r in train_rows if data_config.sources[r.source] is source
         )
 
-    train, train_wheres = tokenize_rows(train_rows, tokenizer, stop_ids, data_config, stats)
+    train, train_kept = tokenize_rows(train_rows, tokenizer, stop_ids, data_config, stats)
     if len(train) == 0:
         raise DataError(
             f"no training rows left of {len(train_rows)}: dropped {stats.dropped}; "
             f"raise data.max_length (now {data_config.max_length}) or check data.masking"
         )
-    val = tokenize_rows(val_rows, tokenizer, stop_ids, data_config, stats)[0] if val_rows else None
-    test = tokenize_rows(splits["test"], tokenizer, stop_ids, data_config, stats)[0] if splits["test"] else None
-    check_trainable(train, train_wheres, tokenizer, stop_ids, data_config)
+    val, val_kept = tokenize_rows(val_rows, tokenizer, stop_ids, data_config, stats) if val_rows else (None, [])
+    test, test_kept = tokenize_rows(test_rows, tokenizer, stop_ids, data_config, stats) if test_rows else (None, [])
+    refuse_emptied_sources(data_config, [*train_rows, *val_rows, *test_rows], [*train_kept, *val_kept, *test_kept])
+    check_trainable(train, [r.where for r in train_kept], tokenizer, stop_ids, data_config)
 
     lengths = sorted(len(ids) for ids in train["input_ids"])
     stats.train_rows = len(train)

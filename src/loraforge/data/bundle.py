@@ -12,6 +12,7 @@ class DataStats:
     train_rows: int = 0
     val_rows: int = 0
     test_rows: int = 0
+    held_out_in_train: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
     truncated_assistant: int = 0
@@ -32,6 +33,8 @@ class DataStats:
             f"{self.train_rows} train / {self.val_rows} validation / {self.test_rows} test; dropped: {dropped}; "
             f"{self.truncated} truncated; {self.train_tokens} train tokens, {ratio:.0%} of them trained"
         )
+        if self.held_out_in_train:
+            text += f"; {self.held_out_in_train} validation/test rows also in train"
         if self.packing_efficiency is not None:
             text += f"; packed into {self.packed_rows} rows, {self.packing_efficiency:.0%} full"
         return text

@@ -8,6 +8,7 @@ text after it (a newline, say) is never generated, so it is not trained.
 
 from loraforge.data.formats import Conversation
 from loraforge.errors import DataError
+from loraforge.model.template import apply_template
 
 IGNORE = -100
 # Text at a render boundary may tokenize differently once more text follows ("assistant: " + "pong"
@@ -49,8 +50,8 @@ def _render_text(text: str, tokenizer) -> tuple[list[int], list[int]]:
 
 
 def _chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(
-        [{"role": m.role, "content": m.content} for m in messages],
+    text = apply_template(
+        tokenizer, [{"role": m.role, "content": m.content} for m in messages],
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
     )

@@ -1,5 +1,7 @@
 """Greedy generation from a chat prompt, optionally streamed."""
 
+from loraforge.model.template import apply_template
+
 
 def prompt_messages(prompt: str, system_prompt: str | None) -> list[dict]:
     messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
@@ -9,8 +11,8 @@ def prompt_messages(prompt: str, system_prompt: str | None) -> list[dict]:
 def generate(model, tokenizer, messages: list[dict], max_new_tokens: int, stop_ids, streamer=None) -> str:
     import torch
 
-    inputs = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    inputs = apply_template(
+        tokenizer, messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     ).to(model.device)
     model.eval()
     with torch.no_grad():
@@ -38,7 +40,7 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
     try:
         for start in range(0, len(conversations), batch_size):
             chunk = conversations[start : start + batch_size]
-            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chunk]
+            texts = [apply_template(tokenizer, c, tokenize=False, add_generation_prompt=True) for c in chunk]
             inputs = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(model.device)
             with torch.no_grad():
                 output = model.generate(

@@ -9,6 +9,7 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.errors import ExportError
 from loraforge.export.merge import run_merge
+from loraforge.model.template import apply_template
 
 LLAMA_CPP_PYTHON = "0.3.36"
 TYPES = ("f16", "q8_0")
@@ -89,7 +90,7 @@ def compare_generations(gguf: Path, model_dir: Path, prompts: list[str], max_new
     reloaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     rows = []
     for prompt in prompts:
-        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+        inputs = apply_template(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                return_tensors="pt", return_dict=True)
         start = inputs["input_ids"].shape[1]
         with torch.no_grad():

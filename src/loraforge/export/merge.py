@@ -8,6 +8,7 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.errors import RunDirError
 from loraforge.model.load import load_model
+from loraforge.model.template import apply_template
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def probe_inputs(tokenizer, task: str):
     if task == "classification":
         return tokenizer(list(PROBES), padding=True, return_tensors="pt")
     texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        apply_template(tokenizer, [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in PROBES
     ]
     return tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")

@@ -7,6 +7,7 @@ from loraforge.errors import ExportError
 from loraforge.export.gguf import gguf_path, run_export_gguf
 from loraforge.model.load import load_model_config, load_tokenizer
 from loraforge.model.sources import resolve_model
+from loraforge.model.template import apply_template
 from loraforge.train.prepare import model_stop_ids
 
 CHATML_GO_TEMPLATE = """{{- if .System }}<|im_start|>system
@@ -19,7 +20,7 @@ CHATML_GO_TEMPLATE = """{{- if .System }}<|im_start|>system
 
 def default_system(tokenizer) -> str | None:
     """The system text a ChatML template adds when the chat has none (SmolLM2's does), found by rendering."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    text = apply_template(tokenizer, [{"role": "user", "content": "x"}], tokenize=False)
     head = "<|im_start|>system\n"
     if not text.startswith(head):
         return None
@@ -27,8 +28,8 @@ def default_system(tokenizer) -> str | None:
 
 
 def modelfile(gguf_name: str, tokenizer, system_prompt: str | None, stop_tokens: list[str]) -> str:
-    probe = tokenizer.apply_chat_template(
-        [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}],
+    probe = apply_template(
+        tokenizer, [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}],
         tokenize=False,
     )
     if probe != "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n":

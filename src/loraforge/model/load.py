@@ -1,11 +1,11 @@
 """The one place that loads models and tokenizers and picks their dtype and device."""
 
 import logging
-from pathlib import Path
 
 from loraforge.errors import ModelError
 from loraforge.internals import keep_cpu_4bit_trainable
 from loraforge.model.quantize import bnb_config
+from loraforge.model.template import set_template
 from loraforge.model.variants import apply_variant
 
 log = logging.getLogger(__name__)
@@ -26,18 +26,8 @@ def load_tokenizer(path: str, chat_template: str | None = None, revision: str | 
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     if chat_template is not None:
-        tokenizer.chat_template = template_text(chat_template)
+        set_template(tokenizer, chat_template)
     return tokenizer
-
-
-def template_text(value: str) -> str:
-    """data.chat_template: Jinja text (it has {{ or {%), or the path of a file that holds it (any extension)."""
-    if "{{" in value or "{%" in value:
-        return value
-    if Path(value).is_file():
-        return Path(value).read_text(encoding="utf-8")
-    raise ModelError(f"data.chat_template: {value!r} is neither a Jinja template (no {{{{ or {{%) nor a file "
-                     f"(cwd is {Path.cwd()}); give the template text or the path of a file holding it")
 
 
 def load_model(
@@ -94,6 +84,9 @@ def load_model_config(path: str, revision: str | None = None, trust_remote_code:
     try:
         return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise ModelError(f"model.name: {path} ships its own model code (auto_map in its config.json), which "
+                             "runs only with model.trust_remote_code: true; set that if you trust this code") from None
         raise ModelError(f"cannot read the config of model {path!r}: {exc} (model.name)") from None
 
 

@@ -3,6 +3,7 @@
 import difflib
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -40,14 +41,16 @@ def loraforge_home() -> Path:
     return Path(os.environ.get("LORAFORGE_HOME") or Path.home() / ".cache" / "loraforge")
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,96}(/[A-Za-z0-9_.-]{1,96})?$")
+CHOICES = f"a built-in name ({', '.join(BUILTIN)}), a folder written by save_pretrained, or a hub id (owner/name)"
+
+
 def resolve_model(name: str) -> str:
-    """A path or hub id that from_pretrained loads: built-in names become their cached HF folder."""
+    """A path or hub id that from_pretrained loads: built-in names become their cached HF folder. What can be
+    neither (a folder without config.json, a file, a missing path, a malformed id) is refused here, at once."""
     builtin = BUILTIN.get(name)
     if builtin is None:
-        close = difflib.get_close_matches(name, BUILTIN, n=1, cutoff=0.8)
-        if close and not Path(name).exists():
-            raise ModelError(f"model.name: {name!r} is not a built-in model, a folder or a hub id (org/name); "
-                             f"did you mean {close[0]!r}?")
+        check_model_name(name)
         return name
     folder = loraforge_home() / "models" / builtin.name
     if not (folder / "config.json").is_file():
@@ -55,6 +58,25 @@ def resolve_model(name: str) -> str:
     return str(folder)
 
 
+def check_model_name(name: str) -> None:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            held = sorted(p.name for p in path.iterdir())
+            listing = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "") if held else "nothing"
+            raise ModelError(f"model.name: {name} is a folder without config.json, so not a model (it holds "
+                             f"{listing}); give {CHOICES}")
+        return
+    if path.is_file():
+        raise ModelError(f"model.name: {name} is a file; give {CHOICES}")
+    close = difflib.get_close_matches(name, BUILTIN, n=1, cutoff=0.8)
+    if close:
+        raise ModelError(f"model.name: {name!r} is not a built-in model, a folder or a hub id (org/name); "
+                         f"did you mean {close[0]!r}?")
+    if name.startswith(("/", "./", "../", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise ModelError(f"model.name: folder {name} not found (cwd is {Path.cwd()}); give {CHOICES}")
+    if not HUB_ID.match(name) or name.startswith(("-", ".")) or name.endswith(("-", ".")):
+        raise ModelError(f"model.name: {name!r} is not a hub id (owner/name of letters, digits, - _ .); give {CHOICES}")
 def _gguf_file(builtin: BuiltinModel) -> Path:
     try:
         path = Path(str(distribution(builtin.distribution).locate_file(builtin.gguf_path)))

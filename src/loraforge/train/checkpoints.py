@@ -21,6 +21,20 @@ NEEDED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
 
+FLOAT_BYTES = 4
+# Per trainable parameter a checkpoint holds its weight and AdamW's two moments; logs, plots and reports are small.
+CHECKPOINT_COPIES = 3
+SMALL_FILES_BYTES = 20 * 2**20
+
+
+def bytes_to_write(train_config, trainable: int) -> int:
+    """Most disk a run takes at once: the checkpoints it keeps (the best, keep_last, and the one being written
+    before the oldest is rotated out), the final weights, and its small files."""
+    checkpoint = trainable * FLOAT_BYTES * CHECKPOINT_COPIES
+    kept = train_config.keep_last + 2 if train_config.save_every else 1
+    return kept * checkpoint + trainable * FLOAT_BYTES + SMALL_FILES_BYTES
+
+
 def step_of(path: Path) -> int:
     return int(path.name[len(PREFIX) :])
 

@@ -3,6 +3,7 @@ train → finish (artifacts, report, summary). Each stage is a function of its o
 
 import logging
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from loraforge.errors import LoraforgeError
 from loraforge.model.precision import choose_precision
 from loraforge.train import evaluation, finish
 from loraforge.train.build import Built, build_trainer, check_optimizer, trainable_model
-from loraforge.train.checkpoints import latest_complete
+from loraforge.train.checkpoints import bytes_to_write, latest_complete
 from loraforge.train.finish import TrainResult
 from loraforge.train.prepare import Prepared, prepare
 from loraforge.train.resume import check_compatible, config_fingerprint, find_checkpoint, refuse_finished
@@ -44,8 +45,9 @@ class Trained:
 
 
 def run_training(config: RunConfig, resume: str | None = None, allow_changes: bool = False,
-                 config_path: str | None = None) -> TrainResult:
-    """Train from a config; with resume ("auto" or a checkpoint folder), carry on a run from its checkpoint."""
+                 command: list[str] | None = None) -> TrainResult:
+    """Train from a config; with resume ("auto" or a checkpoint folder), carry on a run from its checkpoint.
+    command: the config path and overrides this run was started with, for the resume command it prints."""
     started = time.perf_counter()
     is_main = int(os.environ.get("RANK", "0")) == 0
     checkpoint = find_checkpoint(Path(config.output_dir), resume) if resume else None
@@ -63,6 +65,9 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
                     "data": cache_key(config.data, config.seed, prepared.tokenizer, prepared.stop_ids)}
     if checkpoint is not None:
         check_compatible(config, checkpoint, fingerprints, allow_changes)
+    if is_main:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rundir.check_space(config.output_dir, bytes_to_write(config.train, trainable))
     run_dir = rundir.create(config.output_dir) if checkpoint is None and is_main else Path(config.output_dir)
     handler = _log_to_file(run_dir / rundir.LOG, config.logging.level) if is_main else None
     stop = SignalStop()
@@ -70,7 +75,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         if is_main:
             write_resolved(config, run_dir)
         built = build_trainer(config, prepared, model, run_dir, precision.chosen, fingerprints, stop)
-        trained = train(config, prepared, built, run_dir, checkpoint, stop, is_main, config_path)
+        trained = train(config, prepared, built, run_dir, checkpoint, stop, is_main, command)
         if not is_main:
             return TrainResult(run_dir, trained.before.get("eval_loss"), trained.after.get("eval_loss"), trained.wall, None)
         return finish_run(config, prepared, built, trained, run_dir, checkpoint, fingerprints, precision, started)
@@ -82,7 +87,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
 
 
 def train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, checkpoint: Path | None,
-          stop: SignalStop, is_main: bool, config_path: str | None) -> Trained:
+          stop: SignalStop, is_main: bool, command: list[str] | None) -> Trained:
     """Evaluate what must come first, train, stop cleanly on a signal or a non-finite loss, evaluate after."""
     trainer, has_val = built.trainer, prepared.val is not None
     before = evaluation.evaluate_before(trainer, config, has_val, checkpoint, run_dir, is_main)
@@ -96,14 +101,14 @@ def train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, ch
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     wall = time.perf_counter() - began
     stop.uninstall()
-    _raise_if_stopped(config, trainer, stop, run_dir, config_path)
+    _raise_if_stopped(config, trainer, stop, run_dir, command)
     after = evaluation.evaluate_after(trainer, config, has_val)
     if has_val and evaluation.adapter_off_is_base(config):
         before, eval_seconds = evaluation.evaluate_base_after(trainer, built.model, config, run_dir, is_main)
     return Trained(before, after, base_answers, chats, eval_seconds, wall)
 
 
-def _raise_if_stopped(config: RunConfig, trainer, stop: SignalStop, run_dir: Path, config_path: str | None) -> None:
+def _raise_if_stopped(config: RunConfig, trainer, stop: SignalStop, run_dir: Path, command: list[str] | None) -> None:
     if trainer.poisoned_step is not None:
         raise TrainingStopped(
             f"the training loss became NaN or inf at step {trainer.poisoned_step} (train.nan_patience="
@@ -113,12 +118,18 @@ def _raise_if_stopped(config: RunConfig, trainer, stop: SignalStop, run_dir: Pat
             exit_code=3,
         )
     if stop.received:
-        resume_hint = f"loraforge train {config_path or 'CONFIG'} output_dir={run_dir} --resume auto"
+        resume_hint = resume_command(command, run_dir)
         raise TrainingStopped(
             f"stopped by {stop.received} after step {trainer.state.global_step}; checkpoint "
             f"{latest_complete(run_dir / rundir.CHECKPOINTS)} written. Resume with: {resume_hint}",
             exit_code=130 if stop.received == "SIGINT" else 143,
         )
+
+
+def resume_command(command: list[str] | None, run_dir: Path) -> str:
+    """The train command line that carries this run on: the same config and overrides, then --resume auto."""
+    args = list(command) if command else ["CONFIG", f"output_dir={run_dir}"]
+    return shlex.join(["loraforge", "train", *args, "--resume", "auto"])
 
 
 def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Trained, run_dir: Path,
