@@ -4,10 +4,13 @@ the thing and the fix, exits as stated, and changes no file it did not create (h
 import hashlib
 import inspect
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -206,30 +209,63 @@ def case_validation_source_emptied_by_filtering(tmp_path, workspace):
             [f"{val} (data.sources[1], split: val): all 3 rows were dropped"])
 
 
-@pytest.mark.parametrize("case", [case_duplicate_keys, case_not_utf8, case_config_is_a_directory,
-                                  case_output_dir_holds_other_files, case_output_dir_is_a_file,
-                                  case_merge_into_a_foreign_folder, case_resume_a_finished_run,
-                                  case_unknown_target_module, case_misspelt_builtin_model,
-                                  case_template_path_naming_no_file, case_billion_laughs,
-                                  case_alias_containing_itself, case_template_that_never_ends,
-                                  case_template_that_raises, case_template_syntax_error,
-                                  case_template_reaching_for_globals, case_model_folder_that_is_not_a_model,
-                                  case_custom_model_code_without_trust, case_malformed_hub_id,
-                                  case_adapter_missing_its_weights, case_output_dir_that_cannot_be_made,
-                                  case_validation_source_emptied_by_filtering],
-                         ids=lambda case: case.__name__.removeprefix("case_"))
-def test_refused_with_a_message_and_nothing_written(case, tmp_path, workspace, tiny_model_dir):
-    wants_model = "tiny_model_dir" in inspect.signature(case).parameters
-    args, watched, code, messages = case(tmp_path, workspace, tiny_model_dir) if wants_model else case(tmp_path, workspace)
-    before = digest(watched)
-    began = time.monotonic()
-    done = cli(*args, cwd=tmp_path)
-    assert time.monotonic() - began < 30 + STARTUP_SECONDS, "answered within 30 s of starting work"
-    assert done.returncode == code, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
-    for message in messages:
-        assert message in done.stderr, done.stderr[-3000:]
-    assert digest(watched) == before, "a refused command changed files"
+CASES = [case_duplicate_keys, case_not_utf8, case_config_is_a_directory, case_output_dir_holds_other_files,
+         case_output_dir_is_a_file, case_merge_into_a_foreign_folder, case_resume_a_finished_run,
+         case_unknown_target_module, case_misspelt_builtin_model, case_template_path_naming_no_file,
+         case_billion_laughs, case_alias_containing_itself, case_template_that_never_ends, case_template_that_raises,
+         case_template_syntax_error, case_template_reaching_for_globals, case_model_folder_that_is_not_a_model,
+         case_custom_model_code_without_trust, case_malformed_hub_id, case_adapter_missing_its_weights,
+         case_output_dir_that_cannot_be_made, case_validation_source_emptied_by_filtering]
+
+
+def name_of(case) -> str:
+    return case.__name__.removeprefix("case_")
+
+
+@dataclass
+class Outcome:
+    args: list
+    code: int
+    messages: list[str]
+    done: subprocess.CompletedProcess
+    seconds: float
+    before: dict[str, str]
+    after: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, workspace, tiny_model_dir) -> dict[str, Outcome]:
+    """Every case's command, run as its own CLI process, as many at once as there are CPU cores (each answers
+    within seconds, mostly spent importing), with its folder hashed before and after."""
+    prepared = {}
+    for case in CASES:
+        tmp_path = tmp_path_factory.mktemp(name_of(case))
+        wants_model = "tiny_model_dir" in inspect.signature(case).parameters
+        args, watched, code, messages = case(tmp_path, workspace, tiny_model_dir) if wants_model else case(tmp_path, workspace)
+        prepared[name_of(case)] = (args, watched, code, messages, tmp_path, digest(watched))
+
+    def run(name):
+        args, _, _, _, cwd, _ = prepared[name]
+        began = time.monotonic()
+        done = cli(*args, cwd=cwd)
+        return name, done, time.monotonic() - began
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        finished = list(pool.map(run, prepared))
+    return {name: Outcome(prepared[name][0], prepared[name][2], prepared[name][3], done, seconds, prepared[name][5],
+                          digest(prepared[name][1])) for name, done, seconds in finished}
+
+
+@pytest.mark.parametrize("name", [name_of(case) for case in CASES])
+def test_refused_with_a_message_and_nothing_written(name, outcomes):
+    outcome = outcomes[name]
+    stderr = outcome.done.stderr
+    assert outcome.done.returncode == outcome.code, stderr[-3000:]
+    assert "Traceback" not in stderr
+    for message in outcome.messages:
+        assert message in stderr, stderr[-3000:]
+    assert outcome.after == outcome.before, "a refused command changed files"
+    assert outcome.seconds < 30 + STARTUP_SECONDS, "answered within 30 s of starting work"
 
 
 @pytest.mark.parametrize("damage, said", [

@@ -1,7 +1,8 @@
 """The `loraforge` command. Each subcommand parses its arguments and calls one run_* function.
 
-This is the one place that defers imports: every command module pulls in torch and transformers (~4 s), so
-each handler imports its own when it runs, and `loraforge --help` or `config validate` stays instant. Inside
+This is the one place that defers imports: every command module pulls in torch and transformers (~6 s), so
+each handler imports its own when it runs, after reading its config, and `loraforge --help`, `config validate`
+or a config with a mistake answers at once. Inside
 the package every import sits at the top of its module, except the heavy libraries (torch, transformers,
 peft, trl, datasets, bitsandbytes, accelerate, matplotlib, gguf, rouge_score, tensorboard) in the modules
 that `config` commands load (tests/test_imports.py checks both rules).
@@ -20,11 +21,12 @@ from loraforge.errors import LoraforgeError
 
 
 def _train(args) -> int:
+    config = load_config(args.config, args.overrides)
     from loraforge.train.run import TrainingStopped, run_training
 
     try:
-        result = run_training(load_config(args.config, args.overrides), resume=args.resume,
-                              allow_changes=args.allow_changes, command=[args.config, *args.overrides])
+        result = run_training(config, resume=args.resume, allow_changes=args.allow_changes,
+                              command=[args.config, *args.overrides])
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -38,22 +40,21 @@ def _is_main() -> bool:
 
 
 def _estimate(args) -> int:
+    config = load_config(args.config, args.overrides)
     from loraforge.train.estimate import run_estimate
 
-    estimate = run_estimate(load_config(args.config, args.overrides), probe_steps=args.probe_steps)
+    estimate = run_estimate(config, probe_steps=args.probe_steps)
     print(estimate.summary())
     return 0
 
 
 def _config_validate(args) -> int:
-
     load_config(args.config, args.overrides)
     print(f"{args.config}: valid")
     return 0
 
 
 def _config_show(args) -> int:
-
     print(config_to_yaml(load_config(args.config, args.overrides)), end="")
     return 0
 
@@ -64,9 +65,10 @@ def _config_schema(args) -> int:
 
 
 def _data_preview(args) -> int:
+    config = load_config(args.config, args.overrides)
     from loraforge.preview import run_preview
 
-    run_preview(load_config(args.config, args.overrides), n=args.n)
+    run_preview(config, n=args.n)
     return 0
 
 

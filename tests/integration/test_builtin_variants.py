@@ -1,4 +1,6 @@
-"""Each model variant trains a few steps on the real built-in SmolLM2-135M-Instruct."""
+"""Each model variant trains a few steps on the real built-in SmolLM2-135M-Instruct. The variants that
+tests/model/test_variants.py covers on the tiny llama as well (DoRA with rsLoRA, 8-bit QLoRA, layer variants)
+run here only with the slow tests (`make test-all`)."""
 
 import json
 from pathlib import Path
@@ -26,9 +28,9 @@ def train(tmp_path, *overrides):
     "overrides",
     [
         ["quantization=4bit"],
-        ["lora.use_dora=true", "lora.use_rslora=true"],
+        pytest.param(["lora.use_dora=true", "lora.use_rslora=true"], marks=pytest.mark.slow),
         ["adapter=full", "train.learning_rate=2e-5"],
-        ["model.variant=drop_layers", "model.drop_layers=[20,21,22]"],
+        pytest.param(["model.variant=drop_layers", "model.drop_layers=[20,21,22]"], marks=pytest.mark.slow),
         ["precision=bf16"],
     ],
     ids=["qlora-4bit", "dora-rslora", "full", "drop-layers", "bf16"],
@@ -39,12 +41,14 @@ def test_variant_learns(tmp_path, smollm_path, overrides, monkeypatch):
     assert result.eval_after < result.eval_before
 
 
+@pytest.mark.slow
 def test_qlora_8bit_learns(tmp_path, smollm_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     _, result = train(tmp_path, "quantization=8bit", "train.max_steps=2", "train.eval_every=2")
     assert result.eval_after < result.eval_before
 
 
+@pytest.mark.slow
 def test_keep_layers_run_reloads_with_the_same_layer_count(tmp_path, smollm_path, monkeypatch):
     from loraforge.rundir import load_run
 
