@@ -105,12 +105,35 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
     assert config.output_dir == "/tmp/run1"
 
 
-def test_switch_from_steps_to_epochs_with_null(tmp_path):
+def test_epochs_alone_train_by_epochs_over_a_file_or_parent_that_gives_steps(tmp_path):
     path = write(tmp_path / "c.yaml", MINIMAL)
-    config = load_config(path, ["train.max_steps=null", "train.num_epochs=2"])
+    assert load_config(path).train.max_steps == 100, "neither given: 100 steps"
+    config = load_config(path, ["train.num_epochs=2"])
     assert config.train.max_steps is None and config.train.num_epochs == 2
-    with pytest.raises(ConfigError, match="only one of train.max_steps and train.num_epochs"):
-        load_config(path, ["train.num_epochs=2"])
+    over_default = load_config(ROOT / "configs" / "default.yaml", ["train.num_epochs=3"])
+    assert over_default.train.max_steps is None and over_default.train.num_epochs == 3
+    write(tmp_path / "parent.yaml", MINIMAL + "train:\n  max_steps: 40\n  warmup_ratio: 0.1\n")
+    child = load_config(write(tmp_path / "child.yaml", "extends: parent.yaml\ntrain:\n  num_epochs: 1\n  warmup_steps: 5\n"))
+    assert (child.train.max_steps, child.train.num_epochs) == (None, 1)
+    assert (child.train.warmup_ratio, child.train.warmup_steps) == (None, 5)
+    back = load_config(tmp_path / "child.yaml", ["train.max_steps=7"])
+    assert (back.train.max_steps, back.train.num_epochs) == (7, None), "the override layer wins in turn"
+
+
+def test_both_of_a_pair_in_one_layer_is_an_error_saying_which_to_drop(tmp_path):
+    both = write(tmp_path / "both.yaml", MINIMAL + "train:\n  max_steps: 10\n  num_epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"train.max_steps \(10\) and train.num_epochs \(2\) are both set; drop one"):
+        load_config(both)
+    with pytest.raises(ConfigError, match=r"train.warmup_ratio \(0.1\) and train.warmup_steps \(3\) are both set"):
+        load_config(write(tmp_path / "c.yaml", MINIMAL), ["train.warmup_ratio=0.1", "train.warmup_steps=3"])
+
+
+def test_epoch_evaluation_and_saving_are_accepted_and_typos_are_not(tmp_path):
+    path = write(tmp_path / "c.yaml", MINIMAL)
+    config = load_config(path, ["train.eval_every=epoch", "train.save_every=epoch", "train.eval_batch_size=16"])
+    assert (config.train.eval_every, config.train.save_every, config.train.eval_batch_size) == ("epoch", "epoch", 16)
+    with pytest.raises(ConfigError, match="train.eval_every"):
+        load_config(path, ["train.eval_every=epochs"])
 
 
 def test_all_problems_reported_at_once_with_line_and_suggestion(tmp_path):
@@ -130,6 +153,27 @@ def test_all_problems_reported_at_once_with_line_and_suggestion(tmp_path):
     assert f"{path}:8: data.sources[0].format" in text and "'chatml'" in text
     assert "command line 'trian.max_steps=3': trian: unknown key; did you mean 'train'?" in text
     assert "'not-an-override' is not KEY=VALUE" in text
+
+
+def test_script_setting_names_get_the_loraforge_key_they_mean(tmp_path):
+    path = write(tmp_path / "c.yaml", MINIMAL + "num_train_epochs: 3\nlora_alpha: 16\n"
+                 "train:\n  save_steps: 10\n  eval_steps: 5\n  gradient_accumulation_steps: 4\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = "\n".join(info.value.problems)
+    for line, key, meant in [(7, "train.save_steps", "train.save_every"), (8, "train.eval_steps", "train.eval_every"),
+                             (9, "train.gradient_accumulation_steps", "train.grad_accum"),
+                             (4, "num_train_epochs", "train.num_epochs"), (5, "lora_alpha", "lora.alpha")]:
+        assert f"{path}:{line}: {key}: unknown key; did you mean {meant!r}?" in text, text
+
+
+def test_underscore_extends_is_extends(tmp_path):
+    write(tmp_path / "base.yaml", MINIMAL + "lora:\n  r: 4\n")
+    config = load_config(write(tmp_path / "child.yaml", "_extends: base.yaml\nseed: 7\n"))
+    assert config.lora.r == 4 and config.seed == 7
+    both = write(tmp_path / "both.yaml", "_extends: base.yaml\nextends: base.yaml\n")
+    with pytest.raises(ConfigError, match=rf"{both}:1: _extends and extends \(at {both}:2\) are the same key"):
+        load_config(both)
 
 
 def test_missing_required_section_is_named(tmp_path):

@@ -238,6 +238,21 @@ def test_nan_patience_counts_steps_in_a_row_and_names_the_first(make_config, mon
     assert logged[-1][0] == 4, "patience 2: stopped after the second bad step in a row"
 
 
+def test_epochs_with_evaluation_and_checkpoints_at_each_epoch_end(make_config):
+    config, _ = make_config("epochs", "train.num_epochs=2", "train.eval_every=epoch", "train.save_every=epoch",
+                            "train.warmup_steps=3", "train.eval_batch_size=2")
+    assert config.train.max_steps is None, "the file's max_steps gives way to the override's num_epochs"
+    run_training(config)
+    run = Path(config.output_dir)
+    assert [c.name for c in complete_checkpoints(run / rundir.CHECKPOINTS)] == ["checkpoint-3", "checkpoint-6"], \
+        "18 training rows / (batch 4 x accumulation 2) = 3 steps an epoch"
+    records = [json.loads(l) for l in (run / rundir.METRICS).read_text().splitlines()]
+    assert sorted(r["step"] for r in records if "eval_loss" in r) == [0, 3, 6]
+    assert losses(run)[-1][0] == 6
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert lrs[:4] == pytest.approx([0.0, 0.01 / 3, 0.02 / 3, 0.01]), "three warmup steps up to the peak"
+
+
 def test_early_stopping(make_config):
     config, _ = make_config("early", "train.eval_every=1", "train.early_stopping.patience=2",
                             "train.early_stopping.min_delta=100")
@@ -245,17 +260,31 @@ def test_early_stopping(make_config):
     assert losses(config.output_dir)[-1][0] == 3, "no eval improves by 100, so the third evaluation stops it"
 
 
-def test_load_best_at_end_and_keep_last(make_config):
+def test_the_best_checkpoint_is_the_default_adapter_and_says_so(make_config):
     config, _ = make_config("best", "train.save_every=1", "train.eval_every=1", "train.keep_last=2",
-                            "train.load_best_at_end=true", "train.learning_rate=0.05")
+                            "train.learning_rate=0.05")
+    assert config.train.load_best_at_end, "the default"
     result = run_training(config)
     run = Path(config.output_dir)
     records = [json.loads(l) for l in (run / rundir.METRICS).read_text().splitlines()]
     evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r and r["step"] > 0}
     best_step = min(evals, key=evals.get)
+    assert best_step != 8, "the test needs a best step before the last (lr 0.05 overshoots)"
     kept = {c.name for c in complete_checkpoints(run / rundir.CHECKPOINTS)}
     assert kept == {"checkpoint-7", "checkpoint-8", f"checkpoint-{best_step}"}
     assert result.eval_after == pytest.approx(evals[best_step], abs=1e-5)
+    best = load_file(run / rundir.CHECKPOINTS / f"checkpoint-{best_step}" / "adapter_model.safetensors")
+    final = adapter(run)
+    assert all(torch.equal(best[k], final[k]) for k in best), "RUN_DIR/adapter holds the best checkpoint's weights"
+    said = f"step {best_step} of 8, the best eval_loss ({evals[best_step]:.4f})"
+    assert f"Weights: {said}" in result.summary()
+    assert f"Fine-tuned weights: {said}" in (run / rundir.REPORT).read_text()
+    assert json.loads((run / rundir.EVAL).read_text())["weights"]["step"] == best_step
+
+    last, _ = make_config("last", "train.save_every=1", "train.eval_every=1", "train.keep_last=2",
+                          "train.learning_rate=0.05", "train.load_best_at_end=false")
+    kept_last = run_training(last)
+    assert kept_last.eval_after == pytest.approx(evals[8], abs=1e-5) and "Weights: step 8, the last" in kept_last.summary()
 
 
 def test_manifest_and_tensorboard(make_config):
@@ -312,6 +341,8 @@ def test_signal_writes_a_checkpoint_and_says_how_to_resume(make_config, sig, cod
     assert f"stopped by {sig.name}" in err and str(checkpoint) in err
     printed = shlex.split(err.split("Resume with: ", 1)[1].splitlines()[0])
     assert printed == ["loraforge", "train", str(path), *overrides, "--resume", "auto"], "the command as it was started"
+    if sig != signal.SIGTERM:
+        return
     resumed = subprocess.run([sys.executable, "-m", "loraforge", *printed[1:]], cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

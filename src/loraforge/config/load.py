@@ -7,7 +7,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from loraforge.config.schema import RunConfig
+from loraforge.config.aliases import alias_of
+from loraforge.config.schema import ONE_OF, RunConfig
 from loraforge.errors import ConfigError
 
 Key = tuple[str | int, ...]
@@ -18,10 +19,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     data, origins = _read_with_parents(path, stack=())
     problems: list[str] = []
+    overridden: dict = {}
     for item in overrides:
         problem = _apply_override(data, origins, item)
         if problem:
             problems.append(problem)
+        else:
+            _apply_override(overridden, {}, item)
+    _layer_replaces_pairs(data, overridden.get("train"))
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -48,8 +53,12 @@ def _read_with_parents(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[
         chain = " -> ".join(str(p) for p in (*stack, resolved))
         raise ConfigError([f"extends forms a cycle: {chain}; remove one of these extends"], source=str(stack[0]))
     data, origins = _read_one(path)
-    parent_ref = data.pop("extends", None)
-    extends_at = origins.pop(("extends",), str(path))
+    if "extends" in data and "_extends" in data:
+        raise ConfigError([f"{origins[('_extends',)]}: _extends and extends (at {origins[('extends',)]}) are the same "
+                           "key; keep one"], source=str(path))
+    key = "_extends" if "_extends" in data else "extends"
+    parent_ref = data.pop(key, None)
+    extends_at = origins.pop((key,), str(path))
     if parent_ref is None:
         return data, origins
     if not isinstance(parent_ref, str):
@@ -61,7 +70,9 @@ def _read_with_parents(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[
             source=str(path),
         )
     parent, parent_origins = _read_with_parents(parent_path, (*stack, resolved))
-    return _merge(parent, data, parent_origins, origins), {**parent_origins, **origins}
+    merged = _merge(parent, data, parent_origins, origins)
+    _layer_replaces_pairs(merged, data.get("train"))
+    return merged, {**parent_origins, **origins}
 
 
 def _read_one(path: Path) -> tuple[dict, dict[Key, str]]:
@@ -164,6 +175,18 @@ def _merge(parent: dict, child: dict, parent_origins: dict[Key, str], child_orig
     return merged
 
 
+def _layer_replaces_pairs(merged: dict, layer_train) -> None:
+    """A layer that sets one key of a train pair (max_steps or num_epochs, warmup_ratio or warmup_steps) and
+    not the other replaces what a layer below set for the other: `num_epochs: 3` over a parent's max_steps."""
+    train = merged.get("train")
+    if not isinstance(layer_train, dict) or not isinstance(train, dict):
+        return
+    for pair in ONE_OF:
+        for mine, other in (pair, pair[::-1]):
+            if layer_train.get(mine) is not None and other not in layer_train and train.get(other) is not None:
+                merged["train"] = train = {**train, other: None}
+
+
 def _apply_override(data: dict, origins: dict[Key, str], item: str) -> str | None:
     if "=" not in item:
         return f"override {item!r} is not KEY=VALUE (for example train.max_steps=5)"
@@ -263,6 +286,9 @@ def _inner_model(annotation) -> type[BaseModel] | None:
 
 
 def _did_you_mean(loc: Key) -> str:
+    meant = alias_of(str(loc[-1]))
+    if meant is not None and meant != _dotted(loc):
+        return f"; did you mean {meant!r}? ({loc[-1]} is what fine-tuning scripts call it)"
     model = _model_at(loc[:-1])
     if model is None:
         return ""

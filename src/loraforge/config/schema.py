@@ -72,9 +72,15 @@ class EarlyStopping(Section):
     min_delta: float = Field(0.0, ge=0, description="Smallest change of best_metric that counts as an improvement.")
 
 
+# Keys of train that say one thing two ways: a config layer (a file over the one it extends, overrides over
+# the file) that sets one of a pair replaces the other; set together in one layer they are an error.
+ONE_OF = (("max_steps", "num_epochs"), ("warmup_ratio", "warmup_steps"))
+
+
 class TrainConfig(Section):
-    max_steps: int | None = Field(100, ge=1, description="Optimizer steps to run; set null to use num_epochs.")
-    num_epochs: float | None = Field(None, gt=0, description="Passes over the training data; used when max_steps is null.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run (100 when neither it nor "
+                                  "num_epochs is given); set one of the two.")
+    num_epochs: float | None = Field(None, gt=0, description="Passes over the training data, instead of max_steps.")
     batch_size: int = Field(
         4, ge=1, description="Samples per forward pass (per device). 4 x grad_accum 2 measured faster than 8 x 1 "
         "on a 2-core CPU with 44% less peak memory (bench/compare.py)."
@@ -89,10 +95,15 @@ class TrainConfig(Section):
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning rate schedule after warmup."
     )
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Share of steps spent warming the learning "
+                                       "rate up (0.03 when neither it nor warmup_steps is given).")
+    warmup_steps: int | None = Field(None, ge=0, description="Steps spent warming the learning rate up, instead of "
+                                     "warmup_ratio.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    eval_every: int = Field(50, ge=1, description="Evaluate on the validation split every this many steps.")
+    eval_every: Annotated[int, Field(ge=1)] | Literal["epoch"] = Field(
+        50, description="Evaluate on the validation split every this many steps, or at the end of every epoch.")
+    eval_batch_size: int | None = Field(None, ge=1, description="Samples per evaluation forward pass; null: batch_size.")
     logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and tokens/s every this many steps.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, about a third more compute."
@@ -100,16 +111,20 @@ class TrainConfig(Section):
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
         "adamw_torch", description="Optimizer; the 8-bit and paged ones (bitsandbytes) need a CUDA GPU."
     )
-    save_every: int | None = Field(
-        50, ge=1, description="Write a checkpoint (adapter, optimizer, scheduler, RNG, data position) every this "
-        "many steps; null writes none (a stop by signal still writes one)."
+    save_every: Annotated[int, Field(ge=1)] | Literal["epoch"] | None = Field(
+        50, description="Write a checkpoint (adapter, optimizer, scheduler, RNG, data position) every this "
+        "many steps or at the end of every epoch; null writes none (a stop by signal still writes one)."
     )
     keep_last: int = Field(2, ge=1, description="Complete checkpoints kept besides the best one.")
     best_metric: str = Field(
         "eval_loss", description="Evaluation metric that picks the best checkpoint (lower is better for losses, "
         "higher for the rest), e.g. eval_loss, eval_accuracy."
     )
-    load_best_at_end: bool = Field(False, description="End with the weights of the best checkpoint instead of the last.")
+    load_best_at_end: bool = Field(
+        True, description="When the run evaluates, end with the weights of the checkpoint best by best_metric (the "
+        "summary and report say which step); false keeps the last step's. Only evaluations that fall on a "
+        "checkpoint can be chosen, so save_every should be a multiple of eval_every (the defaults are)."
+    )
     nan_patience: int = Field(
         1, ge=1, description="Stop after this many optimizer steps in a row with a NaN or inf loss; "
         "no checkpoint is written from a poisoned step."
@@ -123,12 +138,25 @@ class TrainConfig(Section):
         "(1.7x the real tokens/s of random batches at batch 8 on a 2-core CPU); the batch order stays seeded.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_of_pairs(cls, data):
+        if isinstance(data, dict):
+            data = dict(data)
+            for (first, second), default in zip(ONE_OF, (100, 0.03)):
+                if first not in data and second not in data:
+                    data[first] = default
+        return data
+
     @model_validator(mode="after")
-    def _one_length(self):
+    def _one_of_each_pair(self):
         if self.max_steps is None and self.num_epochs is None:
             raise ValueError("set train.max_steps or train.num_epochs")
-        if self.max_steps is not None and self.num_epochs is not None:
-            raise ValueError("set only one of train.max_steps and train.num_epochs (the other to null)")
+        for first, second in ONE_OF:
+            a, b = getattr(self, first), getattr(self, second)
+            if a is not None and b is not None:
+                raise ValueError(f"train.{first} ({a:g}) and train.{second} ({b:g}) are both set; drop one of them "
+                                 "(or set it to null): they say the same thing two ways")
         return self
 
 

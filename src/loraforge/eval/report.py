@@ -16,10 +16,14 @@ def _cell(text: str) -> str:
     return (text or "").replace("|", "\\|").replace("\n", "<br>") or "*(empty)*"
 
 
-def write_report(run_dir: Path, title: str, before: dict, after: dict, samples: list[dict], data_summary: str) -> Path:
-    """before/after: metric name (loss, perplexity, accuracy, macro_f1) -> value."""
-    lines = [f"# {title}", "", f"Run directory: `{run_dir}`", "", f"Data: {data_summary}", "", "## Metrics", "",
-             "| metric | base model | fine-tuned |", "| --- | --- | --- |"]
+def write_report(run_dir: Path, title: str, before: dict, after: dict, samples: list[dict], data_summary: str,
+                 weights: str | None = None) -> Path:
+    """before/after: metric name (loss, perplexity, accuracy, macro_f1) -> value; weights: which step the
+    fine-tuned weights are from."""
+    lines = [f"# {title}", "", f"Run directory: `{run_dir}`", "", f"Data: {data_summary}", ""]
+    if weights:
+        lines += [f"Fine-tuned weights: {weights}", ""]
+    lines += ["## Metrics", "", "| metric | base model | fine-tuned |", "| --- | --- | --- |"]
     for key, name, fmt in ROWS:
         if key in before or key in after:
             show = lambda d: fmt.format(d[key]) if d.get(key) is not None else "-"

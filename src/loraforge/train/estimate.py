@@ -109,7 +109,8 @@ def run_estimate(config, probe_steps: int = 6) -> Estimate:
     warm_up = measured_seconds[0] - (fixed + per_token * measured_tokens[0])
     step_seconds = [fixed + per_token * t for t in tokens]
     step_seconds[0] += max(warm_up, 0.0)
-    evaluations = steps // train.eval_every + 1
+    per_epoch = math.ceil(len(lengths) / (train.batch_size * train.grad_accum))
+    evaluations = (math.ceil(steps / per_epoch) if train.eval_every == "epoch" else steps // train.eval_every) + 1
     total = (result.timing["setup_seconds"] or 0.0) + sum(step_seconds) + evaluations * (result.timing["eval_seconds"] or 0.0)
     return Estimate(
         seconds_per_step=sum(step_seconds) / steps,

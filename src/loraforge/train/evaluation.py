@@ -40,12 +40,29 @@ def evaluate_before(trainer, config: RunConfig, has_val: bool, checkpoint: Path 
     return before
 
 
-def evaluate_after(trainer, config: RunConfig, has_val: bool) -> dict:
-    if config.train.load_best_at_end and trainer.state.best_model_checkpoint:
-        log.info("loading the best checkpoint %s (%s %.4f)", trainer.state.best_model_checkpoint,
-                 config.train.best_metric, trainer.state.best_metric)
-        trainer.load_checkpoint_weights(trainer.state.best_model_checkpoint)
-        return trainer.evaluate()
+def weights_origin(trainer, config: RunConfig, has_val: bool) -> dict:
+    """Which step's weights the run ends with: the best checkpoint by best_metric (load_best_at_end), else the last."""
+    state, last = trainer.state, trainer.state.global_step
+    if not (has_val and config.train.load_best_at_end and state.best_global_step):
+        return {"step": last, "of": last, "chosen_by": "last step"}
+    best = Path(state.best_model_checkpoint or "")
+    if best.name != f"checkpoint-{state.best_global_step}" or not best.is_dir():
+        log.warning("the best evaluation (step %d, %s %.4f) fell on no checkpoint, so the run ends with the last "
+                    "step's weights; make train.save_every a multiple of train.eval_every to keep the best",
+                    state.best_global_step, config.train.best_metric, state.best_metric)
+        return {"step": last, "of": last, "chosen_by": "last step"}
+    return {"step": state.best_global_step, "of": last, "chosen_by": f"best {config.train.best_metric}",
+            "value": state.best_metric, "checkpoint": str(best)}
+
+
+def evaluate_after(trainer, config: RunConfig, has_val: bool, origin: dict) -> dict:
+    if origin["step"] != origin["of"]:
+        log.info("ending with the best checkpoint, step %d of %d (%s %.4f)", origin["step"], origin["of"],
+                 config.train.best_metric, origin["value"])
+        trainer.load_checkpoint_weights(origin["checkpoint"])
+        # Not trainer.evaluate(): that would log the best step's loss as the last step's in the curves.
+        return trainer.evaluation_loop(trainer.get_eval_dataloader(), description="best checkpoint",
+                                       prediction_loss_only=True if trainer.compute_metrics is None else None).metrics
     if not has_val:
         return {}
     for record in reversed(trainer.state.log_history):

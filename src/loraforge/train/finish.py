@@ -42,12 +42,16 @@ class TrainResult:
     total_seconds: float | None = None
     # Per-step seconds and padded tokens, set-up and evaluation seconds: what `estimate` and the bench model.
     timing: dict = field(default_factory=dict)
+    # Which step's weights the run ended with (train/evaluation.py weights_origin).
+    weights: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"Run directory: {self.run_dir}"]
         for name, what in OUTPUTS:
             if (self.run_dir / name.rstrip("/")).exists():
                 lines.append(f"  {name:<16} {what}")
+        if self.weights:
+            lines.append(f"Weights: {weights_line(self.weights)}")
         if self.eval_before is not None and self.eval_after is not None:
             lines.append(f"Eval loss: {self.eval_before:.4f} -> {self.eval_after:.4f}")
         for name in ("accuracy", "macro_f1"):
@@ -63,6 +67,13 @@ class TrainResult:
             lines.append(f"Fine-tuned: {sample['finetuned']}")
         lines.append(f"Chat with it: loraforge chat {self.run_dir}")
         return "\n".join(lines)
+
+
+def weights_line(weights: dict) -> str:
+    if weights["step"] == weights["of"] and weights["chosen_by"] == "last step":
+        return f"step {weights['of']}, the last"
+    value = f" ({weights['value']:.4f})" if weights.get("value") is not None else ""
+    return f"step {weights['step']} of {weights['of']}, the {weights['chosen_by']}{value}"
 
 
 def method_name(config: RunConfig) -> str:
@@ -100,8 +111,9 @@ def write_results(config: RunConfig, run_dir: Path, before: dict, after: dict, s
     checkpoints = run_dir / rundir.CHECKPOINTS
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):
         checkpoints.rmdir()
+    weights = extra.get("weights")
     write_report(run_dir, f"{config.model.name}: {method_name(config)}", metric_values(before), metric_values(after),
-                 samples, stats.summary())
+                 samples, stats.summary(), weights_line(weights) if weights else None)
 
 
 def write_run_manifest(config: RunConfig, run_dir: Path, fingerprints: dict, trainable: int, wall: float,

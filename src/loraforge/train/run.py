@@ -42,6 +42,7 @@ class Trained:
     chats: list[list[dict]]
     eval_seconds: float | None
     wall: float
+    weights: dict
 
 
 def run_training(config: RunConfig, resume: str | None = None, allow_changes: bool = False,
@@ -102,10 +103,11 @@ def train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, ch
     wall = time.perf_counter() - began
     stop.uninstall()
     _raise_if_stopped(config, trainer, stop, run_dir, command)
-    after = evaluation.evaluate_after(trainer, config, has_val)
+    weights = evaluation.weights_origin(trainer, config, has_val)
+    after = evaluation.evaluate_after(trainer, config, has_val, weights)
     if has_val and evaluation.adapter_off_is_base(config):
         before, eval_seconds = evaluation.evaluate_base_after(trainer, built.model, config, run_dir, is_main)
-    return Trained(before, after, base_answers, chats, eval_seconds, wall)
+    return Trained(before, after, base_answers, chats, eval_seconds, wall, weights)
 
 
 def _raise_if_stopped(config: RunConfig, trainer, stop: SignalStop, run_dir: Path, command: list[str] | None) -> None:
@@ -152,6 +154,7 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
         "first_step_seconds": round(timing["first_step_seconds"], 2) if timing["first_step_seconds"] else None,
         "real_tokens": trainer.state.num_input_tokens_seen,
         "padded_tokens": trainer.padded_tokens,
+        "weights": {k: v for k, v in trained.weights.items() if k != "checkpoint"},
     })
     finish.write_run_manifest(config, run_dir, fingerprints, built.trainable_parameters, trained.wall, checkpoint,
                               trainer.state.global_step, precision)
@@ -160,7 +163,7 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
         run_dir, trained.before.get("eval_loss"), trained.after.get("eval_loss"), trained.wall,
         tokens_seen / throughput.train_seconds if throughput.train_seconds else None, samples,
         metrics=evaluation.metric_values(trained.after), precision=precision.chosen,
-        total_seconds=time.perf_counter() - started, timing=timing,
+        total_seconds=time.perf_counter() - started, timing=timing, weights=trained.weights,
     )
 
 
