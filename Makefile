@@ -7,7 +7,6 @@ STAMP := $(VENV)/.loraforge-installed
 LLAMA_CPP_PYTHON := 0.3.36
 CONVERTER := $(VENV)/share/loraforge/llama.cpp
 PIP := $(BIN)/python -m pip
-RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: setup demo test test-all bench data clean-venv
 
@@ -32,7 +31,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 # The fit planner first: how long the run will take on this machine, from a few real steps.
 demo: setup
 	$(BIN)/loraforge estimate configs/default.yaml --probe-steps 4
-	$(BIN)/loraforge train configs/default.yaml output_dir=$(RUN_DIR)
+	$(BIN)/loraforge train configs/default.yaml
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" --durations=15

@@ -15,7 +15,7 @@ def fp32_eval_loss(adapter_dir: Path, config) -> float:
 
     from loraforge.data.packing import collator
     from loraforge.model.load import load_model
-    from loraforge.train.prepare import prepare
+    from loraforge.training.prepare import prepare
 
     data = prepare(config.model_copy(update={"data": config.data.model_copy(update={"packing": False})}))
     tokenizer = data.tokenizer

@@ -51,7 +51,7 @@ def default_config(*overrides):
 
 
 def run_loraforge(steps: int, overrides: list[str], out: Path) -> dict:
-    from loraforge.train.run import run_training
+    from loraforge.training.run import run_training
 
     config = default_config(*QUIET, f"train.max_steps={steps}", f"output_dir={out}", *overrides)
     called_at = time.time()
@@ -78,8 +78,8 @@ def run_seed_style(steps: int, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainerCallback, TrainingArguments
 
     from loraforge.internals import HookedTrainer
-    from loraforge.train.prepare import prepare
-    from loraforge.train.trainer import length_grouped_order
+    from loraforge.training.prepare import prepare
+    from loraforge.training.trainer import length_grouped_order
 
     started = time.perf_counter()
     config = default_config(*QUIET)
@@ -136,7 +136,7 @@ def child(name: str, steps: int, overrides: list[str], launched_at: float) -> No
 
     tune_process()
     if name == "estimate":
-        from loraforge.train.estimate import run_estimate
+        from loraforge.training.estimate import run_estimate
 
         estimate = run_estimate(default_config(*QUIET, f"train.max_steps={steps}", *overrides))
         print("RESULT " + json.dumps({"seconds_per_step": estimate.seconds_per_step, "peak_rss_mb": estimate.peak_rss_mb}),
@@ -186,7 +186,7 @@ def main(steps: int = 20) -> None:
     n_params, model_config = model_parameters("smollm2-135m-instruct")
     runs = []
     from loraforge.model.precision import cpu_bf16_features
-    from loraforge.train.manifest import hardware
+    from loraforge.training.manifest import hardware
 
     raw = measure("seed_style", steps, [])
     mean_length = raw["real_tokens"] / (steps * EXAMPLES_PER_STEP)

@@ -26,8 +26,8 @@ def main(steps: int = 100, seeds: int = 2) -> None:
 
     from loraforge.cli import tune_process
     from loraforge.config import load_config
-    from loraforge.train.manifest import hardware
-    from loraforge.train.run import run_training
+    from loraforge.training.manifest import hardware
+    from loraforge.training.run import run_training
 
     tune_process()
 

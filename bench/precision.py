@@ -23,7 +23,7 @@ def main(steps: int = 40) -> None:
     import torch
 
     from loraforge.config import load_config
-    from loraforge.train.run import run_training
+    from loraforge.training.run import run_training
 
     work = Path(tempfile.mkdtemp(prefix="precision-"))
     runs = []

@@ -69,7 +69,7 @@ ECHO_ROWS = [
 def train_tiny(tmp_path, tiny_model_dir):
     """Run the real recipe on the tiny llama with a few overrides; returns (config, result)."""
     from loraforge.config import load_config
-    from loraforge.train.run import run_training
+    from loraforge.training.run import run_training
 
     data = write_jsonl(tmp_path / "echo.jsonl", ECHO_ROWS)
     counter = iter(range(1000))

@@ -35,7 +35,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def workspace(tmp_path_factory, tiny_model_dir):
     """A config on the tiny llama and a finished run of it (4 steps, checkpoints at 2 and 4)."""
     from loraforge.config import load_config
-    from loraforge.train.run import run_training
+    from loraforge.training.run import run_training
 
     root = tmp_path_factory.mktemp("hostile")
     data = write_jsonl(root / "echo.jsonl", ECHO_ROWS)

@@ -18,12 +18,12 @@ LAYERS = [
     ("loraforge.data", "loraforge.model"),
     ("loraforge.rundir",),
     ("loraforge.eval",),
-    ("loraforge.train",),
+    ("loraforge.training",),
     ("loraforge.export",),
-    ("loraforge.chat", "loraforge.predict", "loraforge.preview"),
+    ("loraforge.chat", "loraforge.predict", "loraforge.preview", "loraforge.api"),
     ("loraforge.cli", "loraforge.__main__"),
 ]
-COMMANDS = {"loraforge.chat", "loraforge.predict", "loraforge.preview", "loraforge.cli"}
+COMMANDS = {"loraforge.chat", "loraforge.predict", "loraforge.preview", "loraforge.api", "loraforge.cli"}
 HEAVY = {"torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate", "matplotlib", "gguf",
          "rouge_score", "tensorboard"}
 
@@ -59,13 +59,19 @@ def imports(module: str) -> list[tuple[str, int, bool]]:
     return found
 
 
+# `import loraforge` gives the Python API (loraforge/api.py) through a lazy module __getattr__: the package root
+# is the public entry to the top layer, not something the layers below depend on.
+LAZY_API = ("loraforge", "loraforge.api")
+
+
 def internal_edges() -> dict[str, set[str]]:
-    return {m: {name for name, _, _ in imports(m) if name in MODULES and name != m} for m in MODULES}
+    return {m: {name for name, _, late in imports(m) if name in MODULES and name != m and not (late and (m, name) == LAZY_API)}
+            for m in MODULES}
 
 
 def test_the_graph_is_read():
     edges = internal_edges()
-    assert "loraforge.train.run" in edges and "loraforge.train.prepare" in edges["loraforge.train.run"]
+    assert "loraforge.training.run" in edges and "loraforge.training.prepare" in edges["loraforge.training.run"]
 
 
 def test_imports_go_down_the_layers():
@@ -111,7 +117,8 @@ def late_imports(module: str) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("module", sorted(set(MODULES) - {"loraforge.cli"}))
 def test_imports_sit_at_the_top(module):
-    late = [f"{where} imports {name}" for name, where in late_imports(module) if name.split(".")[0] not in HEAVY]
+    late = [f"{where} imports {name}" for name, where in late_imports(module)
+            if name.split(".")[0] not in HEAVY and (module, name) != ("loraforge", "loraforge")]
     assert not late, "\n".join(late)
 
 

@@ -1,3 +1,21 @@
-"""Fine-tune causal language models with LoRA from one validated YAML config."""
+"""Fine-tune causal language models with LoRA from one validated YAML config.
+
+`loraforge.load_config`, `train`, `evaluate`, `merge` and `generate` are the Python API (loraforge/api.py);
+they load on first use, so `import loraforge` stays instant and the command line starts fast.
+"""
 
 __version__ = "0.1.0"
+
+API = ("EvalResult", "MergeResult", "TrainResult", "evaluate", "generate", "load_config", "merge", "train")
+
+
+def __getattr__(name: str):
+    if name in API:
+        from loraforge import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'loraforge' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *API])

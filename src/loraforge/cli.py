@@ -22,7 +22,7 @@ from loraforge.errors import LoraforgeError
 
 def _train(args) -> int:
     config = load_config(args.config, args.overrides)
-    from loraforge.train.run import TrainingStopped, run_training
+    from loraforge.training.run import TrainingStopped, run_training
 
     try:
         result = run_training(config, resume=args.resume, allow_changes=args.allow_changes,
@@ -41,7 +41,7 @@ def _is_main() -> bool:
 
 def _estimate(args) -> int:
     config = load_config(args.config, args.overrides)
-    from loraforge.train.estimate import run_estimate
+    from loraforge.training.estimate import run_estimate
 
     estimate = run_estimate(config, probe_steps=args.probe_steps)
     print(estimate.summary())
@@ -82,7 +82,7 @@ def _chat(args) -> int:
 def _eval(args) -> int:
     from loraforge.eval.run import format_results, run_eval
 
-    print(format_results(run_eval(args.run_dir, args.data, args.compare_base, args.max_samples)))
+    print(format_results(run_eval(args.run_dir, args.data, args.compare_base, args.max_samples, args.split)))
     return 0
 
 
@@ -124,7 +124,7 @@ def tune_process() -> None:
     the first bf16 matmul, so they belong here, at the entry, not inside a library call."""
     import torch
 
-    from loraforge.train.cpu_memory import limit_memory_growth
+    from loraforge.training.cpu_memory import limit_memory_growth
 
     if not torch.cuda.is_available():
         limit_memory_growth()
@@ -192,7 +192,10 @@ def _add_run_commands(commands) -> None:
     chat.set_defaults(func=_chat)
     evaluate = commands.add_parser("eval", help="loss, perplexity, token accuracy and generation metrics of a run")
     evaluate.add_argument("run_dir", help="run directory of a causal_lm run")
-    evaluate.add_argument("--data", help="a data file in the run's source format (default: the run's validation split)")
+    which = evaluate.add_mutually_exclusive_group()
+    which.add_argument("--data", help="a data file in the run's source format (default: the run's validation split)")
+    which.add_argument("--split", choices=["val", "test"], default="val",
+                       help="the run's held-out split to evaluate, drawn as training drew it (default val)")
     evaluate.add_argument("--compare-base", action="store_true", help="evaluate the base model the same way, side by side")
     evaluate.add_argument("--max-samples", type=int, default=32, help="rows answered for generation metrics (default 32)")
     evaluate.set_defaults(func=_eval)

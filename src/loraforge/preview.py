@@ -4,7 +4,7 @@ import sys
 
 from loraforge.data.build import DataStats, load_rows, tokenize_rows
 from loraforge.data.render import IGNORE
-from loraforge.train.prepare import prepare
+from loraforge.training.prepare import prepare
 
 GREEN, DIM, RESET = "\033[1;32m", "\033[2m", "\033[0m"
 OPEN, CLOSE = "[[", "]]"

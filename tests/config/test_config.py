@@ -128,6 +128,14 @@ def test_both_of_a_pair_in_one_layer_is_an_error_saying_which_to_drop(tmp_path):
         load_config(write(tmp_path / "c.yaml", MINIMAL), ["train.warmup_ratio=0.1", "train.warmup_steps=3"])
 
 
+def test_output_dir_placeholders_are_checked(tmp_path):
+    path = write(tmp_path / "c.yaml", MINIMAL)
+    assert load_config(path).output_dir == "runs/{model}-{data}-{time}", "runs never collide by default"
+    with pytest.raises(ConfigError, match=r"output_dir: unknown \{date\}; output_dir can use \{model\}"):
+        load_config(path, ["output_dir=runs/{date}"])
+    assert load_config(path, ["output_dir=runs/{{x}}"]).output_dir == "runs/{{x}}"
+
+
 def test_epoch_evaluation_and_saving_are_accepted_and_typos_are_not(tmp_path):
     path = write(tmp_path / "c.yaml", MINIMAL)
     config = load_config(path, ["train.eval_every=epoch", "train.save_every=epoch", "train.eval_batch_size=16"])

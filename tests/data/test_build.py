@@ -140,6 +140,19 @@ def test_dedupe_before_the_seeded_split_leaves_no_row_on_both_sides(tmp_path, to
     assert deduped.stats.held_out_in_train == 0 and len(deduped.train) + len(deduped.val) == 24
 
 
+def test_a_test_fraction_is_held_out_before_validation_and_leaves_the_plain_split_alone(tmp_path, tokenizer, chat_rows):
+    path = write_jsonl(tmp_path / "d.jsonl", chat_rows)
+    plain = build(tokenizer, data_config(path, val_fraction=0.25))
+    three = build(tokenizer, data_config(path, val_fraction=0.25, test_fraction=0.25))
+    assert (len(three.train), len(three.val), len(three.test)) == (14, 4, 6), "24 rows: 6 test, then 18 x 0.25"
+    ids = lambda split: {tuple(x) for x in split["input_ids"]}
+    assert not ids(three.test) & (ids(three.train) | ids(three.val)), "disjoint"
+    assert three.stats.test_rows == 6 and plain.test is None
+    assert ids(build(tokenizer, data_config(path, val_fraction=0.25)).val) == ids(plain.val), "seeded"
+    with pytest.raises(ValueError, match="hold out every row"):
+        data_config(path, val_fraction=0.5, test_fraction=0.5)
+
+
 def test_system_prompt_from_config_reaches_the_tokens(tmp_path, tokenizer, chat_rows):
     path = write_jsonl(tmp_path / "d.jsonl", chat_rows)
     bundle = build(tokenizer, data_config(path, system_prompt="Reply with digits.", val_fraction=0.0))

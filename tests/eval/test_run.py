@@ -32,6 +32,29 @@ def test_eval_command_compares_base_and_fine_tuned(train_tiny, capsys):
     assert 0 <= tuned["token_accuracy"] <= 1 and tuned["token_accuracy"] >= base["token_accuracy"]
 
 
+def test_a_test_split_is_evaluated_once_after_training_and_again_by_eval(train_tiny, capsys):
+    from loraforge.cli import main
+    from loraforge.errors import DataError
+
+    config, result = train_tiny("train.max_steps=2", "data.test_fraction=0.25", "eval.test_generations=3")
+    run = Path(config.output_dir)
+    test = json.loads((run / "eval.json").read_text())["test"]
+    assert test["rows"] == 6 and test["samples"] == 3, "24 rows: 6 held out for test, then validation from the rest"
+    assert {"loss", "perplexity", "token_accuracy", "rouge_l", "exact_match"} <= set(test)
+    assert result.test == test and f"Test (6 rows): loss {test['loss']:.4f}" in result.summary()
+    assert "## Test split" in (run / "report.md").read_text()
+    assert result.metrics is not None and json.loads((run / "eval.json").read_text())["data"]["test_rows"] == 6
+
+    assert main(["eval", str(run), "--split", "test"]) == 0
+    again = json.loads((run / "eval" / "test.json").read_text())["fine_tuned"]
+    assert again["loss"] == pytest.approx(test["loss"], rel=1e-5), "the same rows and weights as at the end of training"
+    assert "6 rows from test split" in capsys.readouterr().out
+
+    plain, _ = train_tiny("train.max_steps=1")
+    with pytest.raises(DataError, match="the run has no test split: set data.test_fraction"):
+        run_eval(plain.output_dir, split="test")
+
+
 def test_eval_on_another_file(train_tiny, tmp_path):
     from tests.conftest import write_jsonl
 

@@ -17,7 +17,7 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_model_dir):
     from loraforge.config import load_config
-    from loraforge.train.run import run_training
+    from loraforge.training.run import run_training
     from tests.conftest import ECHO_ROWS, write_jsonl
 
     work = tmp_path_factory.mktemp("export")

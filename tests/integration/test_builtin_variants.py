@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from loraforge.config import load_config
-from loraforge.train.run import run_training
+from loraforge.training.run import run_training
 from tests.conftest import ROOT, write_jsonl
 
 pytestmark = pytest.mark.integration

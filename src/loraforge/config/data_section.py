@@ -70,6 +70,10 @@ class DataConfig(Section):
         0.05, ge=0, lt=1, description="Share of training rows held out for evaluation (seeded split) "
         "when no source has split: val."
     )
+    test_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of training rows held out as a test split (seeded) when no source has "
+        "split: test; evaluated once, with the run's final weights, at the end of training."
+    )
     system_prompt: str | None = Field(
         None, description="System message put before every conversation that has none; null keeps the template's default."
     )
@@ -103,3 +107,10 @@ class DataConfig(Section):
         "Without it such rows are only counted and reported."
     )
     cache: bool = Field(True, description="Reuse tokenized data when files, tokenizer, template and settings match.")
+
+    @model_validator(mode="after")
+    def _something_left_to_train(self):
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"val_fraction ({self.val_fraction:g}) and test_fraction ({self.test_fraction:g}) hold "
+                             "out every row; together they must stay below 1")
+        return self

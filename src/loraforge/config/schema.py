@@ -1,8 +1,9 @@
 """The run config. Each field's description is its only documentation."""
 
+import string
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from loraforge.config.data_section import DataConfig
 from loraforge.config.section import Section
@@ -172,6 +173,10 @@ class EvalConfig(Section):
         "TensorBoard; 0 turns it off."
     )
     max_new_tokens: int = Field(64, ge=1, description="Longest generated answer in tokens.")
+    test_generations: int = Field(
+        32, ge=0, description="Test rows answered at the end of training for the generation metrics (exact match, "
+        "contains, ROUGE-L, valid JSON) beside loss, perplexity and token accuracy over every test row."
+    )
 
 
 class QuantizationConfig(Section):
@@ -207,8 +212,15 @@ class LoggingConfig(Section):
 EVAL_METRICS = {"causal_lm": ("eval_loss",), "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1")}
 
 
+OUTPUT_DIR_FIELDS = ("model", "data", "time")
+
+
 class RunConfig(Section):
-    output_dir: str = Field("runs/default", description="Run directory that receives everything the run writes.")
+    output_dir: str = Field(
+        "runs/{model}-{data}-{time}", description="Run directory that receives everything the run writes. {model} "
+        "(the model's name), {data} (the first data file's name) and {time} (when the run starts) are filled in, so "
+        "two runs never collide; resuming names the directory itself."
+    )
     seed: int = Field(42, ge=0, lt=2**32, description="Seed for the data split, LoRA initialisation and data order.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to fine-tune.")
     task: Literal["causal_lm", "classification"] = Field(
@@ -239,6 +251,18 @@ class RunConfig(Section):
         description="Trackers that receive the metrics; tensorboard writes event files into the run directory. "
         "wandb and mlflow need their package installed and their own settings (WANDB_MODE=offline, MLFLOW_TRACKING_URI).",
     )
+
+    @field_validator("output_dir")
+    @classmethod
+    def _known_fields(cls, value: str) -> str:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"{exc} in {value!r}; write {{{{ or }}}} for a literal brace") from None
+        unknown = sorted(fields - set(OUTPUT_DIR_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown {{{unknown[0]}}}; output_dir can use {{model}}, {{data}} and {{time}}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self):

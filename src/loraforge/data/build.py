@@ -96,6 +96,20 @@ def count_held_out_in_train(train: list[Row], held_out: list[Row]) -> int:
     return sum(1 for r in held_out if conversation_key(r.conversation) in keys)
 
 
+def assign_splits(splits: dict[str, list[Row]], data_config, seed: int, stats: DataStats) -> tuple[list[Row], ...]:
+    """(train, validation, test) rows. Sources marked val or test are those splits; without one, a seeded
+    data.test_fraction and then data.val_fraction of the training rows are held out. data.dedupe applies first."""
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    if data_config.dedupe:
+        train = drop_duplicates(train, [*val, *test], stats)
+    if not test and data_config.test_fraction:
+        train, test = split(train, data_config.test_fraction, seed + 1)
+    if not val:
+        train, val = split(train, data_config.val_fraction, seed)
+    stats.held_out_in_train = count_held_out_in_train(train, [*val, *test])
+    return train, val, test
+
+
 def apply_weights(rows: list[Row], weights: list[float], seed: int) -> list[Row]:
     """Repeat or subsample each source's rows to weight × count (seeded); weight 1 keeps rows as they are."""
     rng = random.Random(seed)
@@ -179,12 +193,7 @@ def _first_user_prompt(conversation: Conversation) -> str | None:
 def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
     stats = DataStats()
     splits = load_rows(data_config.sources, data_config.system_prompt, data_config.on_bad_row, stats)
-    train_rows, val_rows, test_rows = splits["train"], splits["val"], splits["test"]
-    if data_config.dedupe:
-        train_rows = drop_duplicates(train_rows, [*val_rows, *test_rows], stats)
-    if not val_rows:
-        train_rows, val_rows = split(train_rows, data_config.val_fraction, seed)
-    stats.held_out_in_train = count_held_out_in_train(train_rows, [*val_rows, *test_rows])
+    train_rows, val_rows, test_rows = assign_splits(splits, data_config, seed, stats)
     if stats.held_out_in_train:
         log.warning("%d validation/test rows are also training rows (exact duplicates), so evaluation is optimistic; "
                     "data.dedupe: true drops them from training", stats.held_out_in_train)

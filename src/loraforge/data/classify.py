@@ -3,7 +3,7 @@
 import logging
 from collections import Counter
 
-from loraforge.data.build import DataStats, load_rows, split
+from loraforge.data.build import DataStats, assign_splits, load_rows
 from loraforge.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,7 @@ def build_classification(data_config, classification, tokenizer, seed: int):
 
     stats = DataStats()
     splits = load_rows(data_config.sources, None, data_config.on_bad_row, stats)
-    train_rows, val_rows = splits["train"], splits["val"]
-    if not val_rows:
-        train_rows, val_rows = split(train_rows, data_config.val_fraction, seed)
+    train_rows, val_rows, test_rows = assign_splits(splits, data_config, seed, stats)
     labels = label_set([r.conversation.label for r in train_rows], classification.labels)
     label_ids = {label: i for i, label in enumerate(labels)}
 
@@ -68,6 +66,6 @@ def build_classification(data_config, classification, tokenizer, seed: int):
     train = encode(train_rows)
     val = encode(val_rows) if val_rows else None
     weights = class_weights([r.conversation.label for r in train_rows], labels, classification.class_weights)
-    stats.train_rows, stats.val_rows = len(train), len(val) if val is not None else 0
+    stats.train_rows, stats.val_rows, stats.test_rows = len(train), len(val) if val is not None else 0, len(test_rows)
     stats.train_tokens = sum(len(x) for x in train["input_ids"])
     return train, val, labels, weights, stats

@@ -17,9 +17,9 @@ def _cell(text: str) -> str:
 
 
 def write_report(run_dir: Path, title: str, before: dict, after: dict, samples: list[dict], data_summary: str,
-                 weights: str | None = None) -> Path:
+                 weights: str | None = None, test: str | None = None) -> Path:
     """before/after: metric name (loss, perplexity, accuracy, macro_f1) -> value; weights: which step the
-    fine-tuned weights are from."""
+    fine-tuned weights are from; test: the test split's metrics with those weights."""
     lines = [f"# {title}", "", f"Run directory: `{run_dir}`", "", f"Data: {data_summary}", ""]
     if weights:
         lines += [f"Fine-tuned weights: {weights}", ""]
@@ -28,6 +28,8 @@ def write_report(run_dir: Path, title: str, before: dict, after: dict, samples: 
         if key in before or key in after:
             show = lambda d: fmt.format(d[key]) if d.get(key) is not None else "-"
             lines.append(f"| {name} | {show(before)} | {show(after)} |")
+    if test:
+        lines += ["", "## Test split", "", f"With the fine-tuned weights, once, after training: {test}"]
     if (Path(run_dir) / rundir.LOSS_PLOT).is_file():
         lines += ["", "## Loss", "", f"![train and eval loss]({rundir.LOSS_PLOT})"]
     if samples:

@@ -6,7 +6,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from loraforge import rundir
-from loraforge.data.build import DataStats, load_rows, split, tokenize_rows
+from loraforge.data.build import DataStats, assign_splits, load_rows, tokenize_rows
 from loraforge.data.packing import collator
 from loraforge.data.render import IGNORE
 from loraforge.errors import DataError
@@ -60,69 +60,90 @@ def generation_metrics(outputs: list[str], references: list[str]) -> dict:
     }
 
 
-def eval_rows(config, data: str | None):
-    """(data config, rows) to evaluate: the run's validation split, or every row of `data`."""
+SPLIT_FILES = {"val": "validation", "test": "test"}
 
+
+def has_test_split(config) -> bool:
+    return config.data.test_fraction > 0 or any(s.split == "test" for s in config.data.sources)
+
+
+def eval_rows(config, data: str | None, split: str = "val"):
+    """(data config, rows) to evaluate: the run's validation or test split, as training drew it, or every row
+    of `data`."""
     if data is None:
         data_config = config.data
         rows = load_rows(data_config.sources, data_config.system_prompt, data_config.on_bad_row, DataStats())
-        val = rows["val"] or split(rows["train"], data_config.val_fraction, config.seed)[1]
-        return data_config, val
+        _, val, test = assign_splits(rows, data_config, config.seed, DataStats())
+        chosen = {"val": val, "test": test}[split]
+        if not chosen:
+            raise DataError(f"the run has no {SPLIT_FILES[split]} split: set data.test_fraction or give a source with "
+                            f"split: {split} when training, or evaluate a file with --data")
+        return data_config, chosen
     source = config.data.sources[0].model_copy(update={"path": data, "split": "train", "weight": 1.0})
-    data_config = config.data.model_copy(update={"sources": [source], "val_fraction": 0.0, "packing": False})
+    data_config = config.data.model_copy(update={"sources": [source], "val_fraction": 0.0, "test_fraction": 0.0,
+                                                 "packing": False})
     rows = load_rows(data_config.sources, data_config.system_prompt, data_config.on_bad_row, DataStats())
     return data_config, rows["train"]
 
 
-def run_classification_eval(run_dir: Path, data: str | None) -> dict:
-    """Accuracy, macro-F1 and confusion matrix of a classification run. There is no base to compare with:
-    the classification head exists only in the run (its untrained start is in eval.json's metrics_before)."""
-    run = rundir.load_run(run_dir, task="classification")
-    config, labels = run.config, run.labels
-    _, rows = eval_rows(config, data)
+def classification_rows_metrics(model, tokenizer, labels: list[str], rows, max_length: int) -> dict:
+    """Accuracy, macro-F1 and confusion matrix of a classifier on labelled rows."""
     texts = [r.conversation.messages[0].content for r in rows]
-    actual = [labels.index(r.conversation.label) if r.conversation.label in labels else -1 for r in rows]
     unknown = sorted({r.conversation.label for r in rows} - set(labels))
     if unknown:
         raise DataError(f"labels {unknown} of the evaluation data are not among the run's labels {labels}")
-    results = {"run_dir": str(run_dir), "data": data or "validation split", "rows": len(rows)}
-    predicted = [labels.index(p["label"])
-                 for p in predict_labels(run.model, run.tokenizer, labels, texts, config.data.max_length)]
-    results["fine_tuned"] = classification_metrics(predicted, actual, labels)
-    return results
+    actual = [labels.index(r.conversation.label) for r in rows]
+    predicted = [labels.index(p["label"]) for p in predict_labels(model, tokenizer, labels, texts, max_length)]
+    return classification_metrics(predicted, actual, labels)
 
 
-def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = False, max_samples: int = 32) -> dict:
-    run_dir = Path(run_dir)
-    if rundir.read_config(run_dir).task == "classification":
-        results = run_classification_eval(run_dir, data)
-        return _write(results, run_dir, data)
-    run = rundir.load_run(run_dir, task="causal_lm")
-    config, model, tokenizer, stop_ids = run.config, run.model, run.tokenizer, run.stop_ids
-    data_config, rows = eval_rows(config, data)
+def causal_rows_metrics(model, tokenizer, stop_ids, data_config, rows, max_new_tokens: int, max_samples: int) -> dict:
+    """Loss, perplexity and token accuracy over the rows, and generation metrics of greedy answers to up to
+    max_samples of them against their last assistant message."""
     dataset, _ = tokenize_rows(rows, tokenizer, stop_ids, data_config, DataStats())
     chats = [r for r in rows if r.conversation.messages and r.conversation.messages[-1].role == "assistant"]
     chats = chats[:max_samples]
     prompts = [[{"role": m.role, "content": m.content} for m in r.conversation.messages[:-1]] for r in chats]
     references = [r.conversation.messages[-1].content for r in chats]
+    found = token_metrics(model, dataset, collator(tokenizer, packed=False))
+    outputs = generate_batch(model, tokenizer, prompts, max_new_tokens, stop_ids) if prompts else []
+    found.update(generation_metrics(outputs, references))
+    found["rows"] = len(dataset)
+    found["examples"] = [{"prompt": p[-1]["content"], "reference": r, "output": o}
+                         for p, r, o in list(zip(prompts, references, outputs))[:5]]
+    return found
 
+
+def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = False, max_samples: int = 32,
+             split: str = "val") -> dict:
+    """Metrics of a finished run on its validation or test split, or on a data file; written to
+    RUN_DIR/eval/<split or file>.json."""
+    run_dir = Path(run_dir)
+    name = data or f"{SPLIT_FILES[split]} split"
+    if rundir.read_config(run_dir).task == "classification":
+        run = rundir.load_run(run_dir, task="classification")
+        _, rows = eval_rows(run.config, data, split)
+        results = {"run_dir": str(run_dir), "data": name, "rows": len(rows),
+                   "fine_tuned": classification_rows_metrics(run.model, run.tokenizer, run.labels, rows,
+                                                             run.config.data.max_length)}
+        return _write(results, run_dir, data, split)
+    run = rundir.load_run(run_dir, task="causal_lm")
+    config, model = run.config, run.model
+    data_config, rows = eval_rows(config, data, split)
     variants = {"fine_tuned": nullcontext}
     if compare_base and hasattr(model, "disable_adapter"):
         variants = {"base": model.disable_adapter, **variants}
-    results = {"run_dir": str(run_dir), "data": data or "validation split", "rows": len(dataset)}
-    for name, context in variants.items():
+    results = {"run_dir": str(run_dir), "data": name}
+    for variant, context in variants.items():
         with context():
-            found = token_metrics(model, dataset, collator(tokenizer, packed=False))
-            outputs = generate_batch(model, tokenizer, prompts, config.eval.max_new_tokens, stop_ids) if prompts else []
-        found.update(generation_metrics(outputs, references))
-        found["examples"] = [{"prompt": p[-1]["content"], "reference": r, "output": o}
-                             for p, r, o in list(zip(prompts, references, outputs))[:5]]
-        results[name] = found
-    return _write(results, run_dir, data)
+            results[variant] = causal_rows_metrics(model, run.tokenizer, run.stop_ids, data_config, rows,
+                                                   config.eval.max_new_tokens, max_samples)
+    results["rows"] = results["fine_tuned"]["rows"]
+    return _write(results, run_dir, data, split)
 
 
-def _write(results: dict, run_dir: Path, data: str | None) -> dict:
-    out = run_dir / "eval" / f"{Path(data).stem if data else 'validation'}.json"
+def _write(results: dict, run_dir: Path, data: str | None, split: str) -> dict:
+    out = run_dir / "eval" / f"{Path(data).stem if data else SPLIT_FILES[split]}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     results["written_to"] = str(out)

@@ -8,7 +8,7 @@ from loraforge.export.gguf import gguf_path, run_export_gguf
 from loraforge.model.load import load_model_config, load_tokenizer
 from loraforge.model.sources import resolve_model
 from loraforge.model.template import apply_template
-from loraforge.train.prepare import model_stop_ids
+from loraforge.training.prepare import model_stop_ids
 
 CHATML_GO_TEMPLATE = """{{- if .System }}<|im_start|>system
 {{ .System }}<|im_end|>

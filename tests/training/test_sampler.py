@@ -2,7 +2,7 @@
 
 import random
 
-from loraforge.train.trainer import length_grouped_order
+from loraforge.training.trainer import length_grouped_order
 
 
 def test_groups_are_a_seeded_permutation_with_the_longest_second():

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from loraforge import rundir
 from loraforge.config import load_config
 from loraforge.errors import ConfigError, RunDirError
-from loraforge.train.checkpoints import MARKER, complete_checkpoints, latest_complete
-from loraforge.train.run import TrainingStopped, run_training
-from loraforge.train.trainer import CheckpointError
+from loraforge.training.checkpoints import MARKER, complete_checkpoints, latest_complete
+from loraforge.training.run import TrainingStopped, run_training
+from loraforge.training.trainer import CheckpointError
 from tests.conftest import ECHO_ROWS, ROOT, write_jsonl
 
 
@@ -198,7 +198,7 @@ def test_disk_full_while_saving_is_a_clear_error(make_config, monkeypatch):
 
 
 def test_nan_loss_stops_and_is_never_checkpointed(make_config, monkeypatch):
-    from loraforge.train.trainer import LoraforgeTrainer
+    from loraforge.training.trainer import LoraforgeTrainer
 
     config, _ = make_config("nan", "train.save_every=1")
     real = LoraforgeTrainer.compute_loss
@@ -221,7 +221,7 @@ def test_nan_loss_stops_and_is_never_checkpointed(make_config, monkeypatch):
 
 
 def test_nan_patience_counts_steps_in_a_row_and_names_the_first(make_config, monkeypatch):
-    from loraforge.train.trainer import LoraforgeTrainer
+    from loraforge.training.trainer import LoraforgeTrainer
 
     config, _ = make_config("nan-patience", "train.nan_patience=2", "train.save_every=null")
     real = LoraforgeTrainer.compute_loss

@@ -9,8 +9,8 @@ from loraforge import rundir
 from loraforge.config import RunConfig
 from loraforge.eval.plots import plot_loss
 from loraforge.eval.report import write_report
-from loraforge.train.evaluation import metric_values
-from loraforge.train.manifest import write_manifest
+from loraforge.training.evaluation import metric_values
+from loraforge.training.manifest import write_manifest
 
 OUTPUTS = (
     (rundir.ADAPTER + "/", "LoRA adapter (peft.PeftModel.from_pretrained loads it)"),
@@ -44,6 +44,8 @@ class TrainResult:
     timing: dict = field(default_factory=dict)
     # Which step's weights the run ended with (train/evaluation.py weights_origin).
     weights: dict = field(default_factory=dict)
+    # The test split's metrics with the final weights, when the run has a test split.
+    test: dict | None = None
 
     def summary(self) -> str:
         lines = [f"Run directory: {self.run_dir}"]
@@ -57,6 +59,8 @@ class TrainResult:
         for name in ("accuracy", "macro_f1"):
             if name in self.metrics:
                 lines.append(f"Eval {name}: {self.metrics[name]:.3f}")
+        if self.test:
+            lines.append(f"Test ({self.test['rows']} rows): {test_line(self.test)}")
         speed = f", {self.tokens_per_s:.0f} tok/s" if self.tokens_per_s else ""
         lines.append(f"Training time: {self.train_seconds:.0f}s{speed}" + (f" ({self.precision})" if self.precision else ""))
         if self.total_seconds is not None:
@@ -67,6 +71,14 @@ class TrainResult:
             lines.append(f"Fine-tuned: {sample['finetuned']}")
         lines.append(f"Chat with it: loraforge chat {self.run_dir}")
         return "\n".join(lines)
+
+
+TEST_METRICS = (("loss", "loss"), ("perplexity", "perplexity"), ("token_accuracy", "token accuracy"),
+                ("rouge_l", "ROUGE-L"), ("exact_match", "exact match"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
+
+
+def test_line(test: dict) -> str:
+    return ", ".join(f"{name} {test[key]:.4f}" for key, name in TEST_METRICS if key in test)
 
 
 def weights_line(weights: dict) -> str:
@@ -112,8 +124,10 @@ def write_results(config: RunConfig, run_dir: Path, before: dict, after: dict, s
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):
         checkpoints.rmdir()
     weights = extra.get("weights")
+    test = extra.get("test")
     write_report(run_dir, f"{config.model.name}: {method_name(config)}", metric_values(before), metric_values(after),
-                 samples, stats.summary(), weights_line(weights) if weights else None)
+                 samples, stats.summary(), weights_line(weights) if weights else None,
+                 f"{test['rows']} rows: {test_line(test)}" if test else None)
 
 
 def write_run_manifest(config: RunConfig, run_dir: Path, fingerprints: dict, trainable: int, wall: float,

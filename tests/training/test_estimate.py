@@ -2,7 +2,7 @@
 
 import pytest
 
-from loraforge.train.estimate import step_padded_tokens
+from loraforge.training.estimate import step_padded_tokens
 
 
 @pytest.mark.parametrize("group_by_length", [True, False])

@@ -7,7 +7,7 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.config import load_config
 from loraforge.errors import ConfigError, RunDirError
-from loraforge.train.checkpoints import latest_complete, read_marker, step_of, unusable
+from loraforge.training.checkpoints import latest_complete, read_marker, step_of, unusable
 
 IGNORED_ON_RESUME = ("output_dir",)
 

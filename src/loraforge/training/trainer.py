@@ -16,8 +16,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 
 from loraforge.errors import LoraforgeError
 from loraforge.internals import HookedTrainer
-from loraforge.train.checkpoints import PREFIX, STAGING, latest_complete, publish, rotate
-from loraforge.train.loss import trained_positions_loss, trained_tokens_per_row
+from loraforge.training.checkpoints import PREFIX, STAGING, latest_complete, publish, rotate
+from loraforge.training.loss import trained_positions_loss, trained_tokens_per_row
 
 log = logging.getLogger("loraforge.train")
 

@@ -13,15 +13,15 @@ from transformers import set_seed
 from loraforge import rundir
 from loraforge.config import RunConfig, write_resolved
 from loraforge.data.cache import cache_key
-from loraforge.errors import LoraforgeError
+from loraforge.errors import LoraforgeError, RunDirError
 from loraforge.model.precision import choose_precision
-from loraforge.train import evaluation, finish
-from loraforge.train.build import Built, build_trainer, check_optimizer, trainable_model
-from loraforge.train.checkpoints import bytes_to_write, latest_complete
-from loraforge.train.finish import TrainResult
-from loraforge.train.prepare import Prepared, prepare
-from loraforge.train.resume import check_compatible, config_fingerprint, find_checkpoint, refuse_finished
-from loraforge.train.trainer import SignalStop
+from loraforge.training import evaluation, finish
+from loraforge.training.build import Built, build_trainer, check_optimizer, trainable_model
+from loraforge.training.checkpoints import bytes_to_write, latest_complete
+from loraforge.training.finish import TrainResult
+from loraforge.training.prepare import Prepared, prepare
+from loraforge.training.resume import check_compatible, config_fingerprint, find_checkpoint, refuse_finished
+from loraforge.training.trainer import SignalStop
 
 log = logging.getLogger("loraforge.train")
 
@@ -51,6 +51,13 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     command: the config path and overrides this run was started with, for the resume command it prints."""
     started = time.perf_counter()
     is_main = int(os.environ.get("RANK", "0")) == 0
+    if resume and "{time}" in config.output_dir:
+        raise RunDirError(f"output_dir {config.output_dir!r} names a new directory at every start; to resume, "
+                                 "name the run's directory: output_dir=runs/... --resume auto")
+    named = "{" not in config.output_dir
+    config = rundir.expand_output_dir(config)
+    if not named and command is not None:
+        command = [*command, f"output_dir={config.output_dir}"]
     checkpoint = find_checkpoint(Path(config.output_dir), resume) if resume else None
     if checkpoint is not None:
         refuse_finished(Path(config.output_dir), checkpoint, config.train.max_steps)
@@ -140,6 +147,7 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
     finish.save_model(config, built.model, prepared.tokenizer, run_dir, prepared.labels)
     samples = evaluation.sample_answers(config, built.model, prepared.tokenizer, prepared.stop_ids, trained.chats,
                                         trained.base_answers)
+    test = evaluation.evaluate_test(config, built.model, prepared.tokenizer, prepared.stop_ids, prepared.labels)
     timing = {
         "step_seconds": throughput.step_seconds,
         "step_padded_tokens": built.padded.per_step,
@@ -155,6 +163,7 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
         "real_tokens": trainer.state.num_input_tokens_seen,
         "padded_tokens": trainer.padded_tokens,
         "weights": {k: v for k, v in trained.weights.items() if k != "checkpoint"},
+        "test": test,
     })
     finish.write_run_manifest(config, run_dir, fingerprints, built.trainable_parameters, trained.wall, checkpoint,
                               trainer.state.global_step, precision)
@@ -163,7 +172,7 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
         run_dir, trained.before.get("eval_loss"), trained.after.get("eval_loss"), trained.wall,
         tokens_seen / throughput.train_seconds if throughput.train_seconds else None, samples,
         metrics=evaluation.metric_values(trained.after), precision=precision.chosen,
-        total_seconds=time.perf_counter() - started, timing=timing, weights=trained.weights,
+        total_seconds=time.perf_counter() - started, timing=timing, weights=trained.weights, test=test,
     )
 
 

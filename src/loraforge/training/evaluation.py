@@ -17,7 +17,8 @@ from torch.utils.tensorboard import SummaryWriter
 from loraforge import rundir
 from loraforge.config import RunConfig
 from loraforge.eval.generate import generate_batch, prompt_messages
-from loraforge.train.resume import rewind_metrics
+from loraforge.eval.run import causal_rows_metrics, classification_rows_metrics, eval_rows, has_test_split
+from loraforge.training.resume import rewind_metrics
 
 log = logging.getLogger("loraforge.train")
 
@@ -69,6 +70,23 @@ def evaluate_after(trainer, config: RunConfig, has_val: bool, origin: dict) -> d
         if "eval_loss" in record and record.get("step") == trainer.state.global_step:
             return record
     return trainer.evaluate()
+
+
+def evaluate_test(config: RunConfig, model, tokenizer, stop_ids, labels: list[str] | None) -> dict | None:
+    """Metrics of the test split with the run's final weights; None when the run has no test split."""
+    if not has_test_split(config):
+        return None
+    data_config, rows = eval_rows(config, None, "test")
+    if config.task == "classification":
+        found = classification_rows_metrics(model, tokenizer, labels, rows, config.data.max_length)
+        found["rows"] = len(rows)
+        log.info("test split (%d rows): accuracy %.4f, macro-F1 %.4f", len(rows), found["accuracy"], found["macro_f1"])
+    else:
+        found = causal_rows_metrics(model, tokenizer, stop_ids, data_config, rows, config.eval.max_new_tokens,
+                                    config.eval.test_generations)
+        log.info("test split (%d rows): loss %.4f, perplexity %.2f, token accuracy %.4f", found["rows"], found["loss"],
+                 found["perplexity"], found["token_accuracy"])
+    return found
 
 
 def evaluate_base_after(trainer, model, config: RunConfig, run_dir: Path, is_main: bool) -> tuple[dict, float]:

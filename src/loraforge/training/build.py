@@ -18,9 +18,9 @@ from loraforge.eval.generate import prompt_messages
 from loraforge.eval.metrics import classification_metrics
 from loraforge.model.adapters import apply_lora, make_fully_trainable, parameter_counts
 from loraforge.model.load import load_for_run
-from loraforge.train.callbacks import MetricsCallback, SampleCallback, ThroughputCallback
-from loraforge.train.prepare import Prepared
-from loraforge.train.trainer import LoraforgeTrainer, NanGuard, PaddedTokensPerStep, SignalStop
+from loraforge.training.callbacks import MetricsCallback, SampleCallback, ThroughputCallback
+from loraforge.training.prepare import Prepared
+from loraforge.training.trainer import LoraforgeTrainer, NanGuard, PaddedTokensPerStep, SignalStop
 
 log = logging.getLogger("loraforge.train")
 

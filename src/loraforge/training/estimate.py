@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from loraforge.errors import ConfigError
-from loraforge.train.prepare import prepare
-from loraforge.train.run import run_training
-from loraforge.train.trainer import length_grouped_order
+from loraforge.training.prepare import prepare
+from loraforge.training.run import run_training
+from loraforge.training.trainer import length_grouped_order
 
 
 @dataclass

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from loraforge.data.packing import collator
 from loraforge.data.render import IGNORE
-from loraforge.train.loss import next_token_targets, trained_positions_loss
-from loraforge.train.trainer import row_slices
+from loraforge.training.loss import next_token_targets, trained_positions_loss
+from loraforge.training.trainer import row_slices
 
 
 @pytest.fixture
@@ -134,8 +134,8 @@ def test_before_evaluation_and_base_answers_come_from_the_base_model(train_tiny,
     from loraforge.data.render import stop_token_ids
     from loraforge.eval.generate import generate_batch, prompt_messages
     from loraforge.model.load import load_model
-    from loraforge.train.build import training_arguments
-    from loraforge.train.trainer import LoraforgeTrainer
+    from loraforge.training.build import training_arguments
+    from loraforge.training.trainer import LoraforgeTrainer
 
     config, result = train_tiny("precision=fp32", f"model.name={biased_model_dir}", f"lora.bias={bias}")
     trained_biases = [k for k in load_file(result.run_dir / "adapter" / "adapter_model.safetensors") if k.endswith(".bias")]
@@ -158,7 +158,7 @@ def test_eval_loss_is_the_mean_over_trained_tokens_whatever_the_batch_size(tiny_
     from loraforge.config import RunConfig
     from loraforge.data.build import build_datasets
     from loraforge.data.render import stop_token_ids
-    from loraforge.train.trainer import LoraforgeTrainer
+    from loraforge.training.trainer import LoraforgeTrainer
     from tests.conftest import write_jsonl
 
     model = _model(tiny_model_dir).eval()

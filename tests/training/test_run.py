@@ -12,7 +12,7 @@ from loraforge import rundir
 from loraforge.cli import main
 from loraforge.config import load_config
 from loraforge.errors import RunDirError
-from loraforge.train.run import run_training
+from loraforge.training.run import run_training
 from tests.conftest import write_jsonl
 
 
@@ -154,7 +154,7 @@ def test_a_disk_too_small_for_the_run_is_refused_before_anything_is_written(tiny
     import shutil
     from collections import namedtuple
 
-    from loraforge.train.checkpoints import bytes_to_write
+    from loraforge.training.checkpoints import bytes_to_write
 
     config, result, config_path = tiny_run
     trainable = json.loads((Path(config.output_dir) / "eval.json").read_text())["trainable_parameters"]
@@ -167,6 +167,21 @@ def test_a_disk_too_small_for_the_run_is_refused_before_anything_is_written(tiny
     with pytest.raises(RunDirError, match=rf"output_dir {out}: \d+ MB free on its disk, and this run writes up to"):
         run_training(load_config(config_path, [f"output_dir={out}"]))
     assert not out.exists()
+
+
+def test_output_dir_fills_in_model_data_and_time_and_resuming_needs_the_real_name(tiny_run, tmp_path, tiny_model_dir):
+    import re
+    from datetime import datetime
+
+    config, _, config_path = tiny_run
+    templated = load_config(config_path, [f"output_dir={tmp_path}/{{model}}-{{data}}-{{time}}", "train.max_steps=1"])
+    assert rundir.expand_output_dir(templated, datetime(2026, 1, 2, 3, 4, 5)).output_dir == \
+        f"{tmp_path}/{tiny_model_dir.name}-echo-20260102-030405"
+    result = run_training(templated)
+    assert re.fullmatch(rf"{re.escape(tiny_model_dir.name)}-echo-\d{{8}}-\d{{6}}", result.run_dir.name), result.run_dir
+    assert load_config(result.run_dir / rundir.RESOLVED).output_dir == str(result.run_dir), "resolved.yaml names it"
+    with pytest.raises(RunDirError, match="names a new directory at every start; to resume, name the run's directory"):
+        run_training(templated, resume="auto")
 
 
 def test_cli_chat_prompt_answers_once(tiny_run, capsys):

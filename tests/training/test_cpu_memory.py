@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from loraforge.train.cpu_memory import KERNEL_CACHES
+from loraforge.training.cpu_memory import KERNEL_CACHES
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 
@@ -75,13 +75,13 @@ def test_without_the_fix_glibc_serves_4_mib_from_the_heap_after_a_16_mib_free():
 
 
 def test_fixed_threshold_keeps_4_mib_blocks_mmapped():
-    setup = "from loraforge.train.cpu_memory import fix_mmap_threshold\nassert fix_mmap_threshold()\n"
+    setup = "from loraforge.training.cpu_memory import fix_mmap_threshold\nassert fix_mmap_threshold()\n"
     assert run_python(setup, MMAPPED_AFTER_A_BIG_FREE) >= 4 << 20
 
 
-IDEEP_CAP = "from loraforge.train.cpu_memory import cap_kernel_caches\ncap_kernel_caches({'LRU_CACHE_CAPACITY': 1})\n"
+IDEEP_CAP = "from loraforge.training.cpu_memory import cap_kernel_caches\ncap_kernel_caches({'LRU_CACHE_CAPACITY': 1})\n"
 # 8, not the product's 256: 40 shapes make fewer than 256 primitives, so only a small cap shows the effect here.
-BOTH_CAPS = ("from loraforge.train.cpu_memory import cap_kernel_caches\n"
+BOTH_CAPS = ("from loraforge.training.cpu_memory import cap_kernel_caches\n"
              "cap_kernel_caches({'LRU_CACHE_CAPACITY': 1, 'ONEDNN_PRIMITIVE_CACHE_CAPACITY': 8})\n")
 
 
@@ -100,7 +100,7 @@ def test_capped_onednn_cache_removes_most_of_what_ideep_leaves():
 
 
 def test_a_value_the_user_set_is_kept(monkeypatch):
-    from loraforge.train.cpu_memory import cap_kernel_caches
+    from loraforge.training.cpu_memory import cap_kernel_caches
 
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "64")
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "restored after the test")

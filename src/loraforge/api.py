@@ -1,0 +1,64 @@
+"""The Python API: what the CLI does, as functions that return typed results. `import loraforge` gives them
+(loaded on first use, so the import itself is instant):
+
+    import loraforge
+    config = loraforge.load_config("configs/default.yaml", ["train.max_steps=20"])
+    result = loraforge.train(config)            # TrainResult: run_dir, eval losses, metrics, weights, test
+    answers = loraforge.generate(result.run_dir, ["Hello!"])
+
+The CLI calls these same functions.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraforge import rundir
+from loraforge.config import RunConfig, load_config
+from loraforge.eval.generate import generate_batch, prompt_messages
+from loraforge.eval.run import run_eval
+from loraforge.export.merge import MergeResult, run_merge
+from loraforge.training.finish import TrainResult
+from loraforge.training.run import run_training
+
+__all__ = ["EvalResult", "MergeResult", "TrainResult", "evaluate", "generate", "load_config", "merge", "train"]
+
+
+@dataclass
+class EvalResult:
+    run_dir: Path
+    data: str
+    rows: int
+    # "fine_tuned" and, with compare_base, "base": metric name -> value (and a few examples).
+    metrics: dict[str, dict]
+    written_to: Path
+
+
+def train(config: RunConfig | str | Path, overrides: list[str] | tuple[str, ...] = (), resume: str | None = None,
+          allow_changes: bool = False) -> TrainResult:
+    """Train from a RunConfig or a config file (with KEY=VALUE overrides); resume: "auto" or a checkpoint folder."""
+    if not isinstance(config, RunConfig):
+        config = load_config(config, overrides)
+    elif overrides:
+        raise TypeError("overrides apply to a config file; pass the path, or change the RunConfig with model_copy")
+    return run_training(config, resume=resume, allow_changes=allow_changes)
+
+
+def evaluate(run_dir: str | Path, data: str | None = None, split: str = "val", compare_base: bool = False,
+             max_samples: int = 32) -> EvalResult:
+    """Metrics of a finished run on its validation or test split, or on a data file in the run's format."""
+    found = run_eval(run_dir, data, compare_base, max_samples, split)
+    metrics = {name: found[name] for name in ("base", "fine_tuned") if name in found}
+    return EvalResult(Path(run_dir), found["data"], found["rows"], metrics, Path(found["written_to"]))
+
+
+def merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult:
+    """The adapter folded into its base, saved as a plain transformers model (RUN_DIR/merged by default)."""
+    return run_merge(run_dir, out)
+
+
+def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers of a fine-tuned chat run to each prompt, with the run's template and system prompt."""
+    run = rundir.load_run(run_dir, task="causal_lm")
+    config = run.config
+    chats = [prompt_messages(p, config.data.system_prompt) for p in prompts]
+    return generate_batch(run.model, run.tokenizer, chats, max_new_tokens or config.eval.max_new_tokens, run.stop_ids)
