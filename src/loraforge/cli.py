@@ -17,6 +17,7 @@ import warnings
 
 from loraforge import __version__
 from loraforge.config import RunConfig, config_to_yaml, load_config
+from loraforge.config.migrate import write_migrated
 from loraforge.errors import LoraforgeError
 
 
@@ -56,6 +57,18 @@ def _config_validate(args) -> int:
 
 def _config_show(args) -> int:
     print(config_to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _config_migrate(args) -> int:
+    migration, text = write_migrated(args.source, args.out)
+    report = [f"{args.source} -> {args.out or 'standard output'}:", migration.table(),
+              *(f"note: {note}" for note in migration.notes)]
+    if args.out:
+        print("\n".join([*report, f"valid: loraforge train {args.out}"]))
+    else:
+        print("\n".join(report), file=sys.stderr)
+        print(text, end="")
     return 0
 
 
@@ -173,6 +186,11 @@ def _add_config_and_data(commands) -> None:
     show.add_argument("config")
     show.add_argument("overrides", **OVERRIDES)
     show.set_defaults(func=_config_show)
+    migrate = config_commands.add_parser("migrate", help="turn a fine-tuning script's config (YAML or JSON) into a "
+                                         "loraforge config, listing where every key went")
+    migrate.add_argument("source", help="the script's config file; _extends chains are followed")
+    migrate.add_argument("--out", help="where to write the loraforge config (default: standard output)")
+    migrate.set_defaults(func=_config_migrate)
     schema = config_commands.add_parser("schema", help="print the JSON schema: every key with its description")
     schema.set_defaults(func=_config_schema)
     data = commands.add_parser("data", help="look at the training data as the model will see it")

@@ -1,0 +1,361 @@
+"""`loraforge config migrate`: a config written for a fine-tuning script (HF Trainer sections, TRL flat keys with
+`_extends`, QLoRA training/lora/model sections, JSON with TrainingArguments names) turned into a loraforge
+config. Every source key is either carried to a loraforge key or listed with the reason it is not."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from loraforge.config.aliases import alias_of
+from loraforge.config.schema import RunConfig
+from loraforge.errors import ConfigError
+
+# Section names scripts use, by the loraforge section their keys most likely belong to.
+SECTIONS = {"model": "model", "dataset": "data", "data": "data", "training": "train", "train": "train",
+            "trainer": "train", "lora": "lora", "peft": "lora", "evaluation": "train", "eval": "train",
+            "logging": "logging"}
+# Short names that mean a loraforge key only inside a section.
+IN_SECTION = {
+    "lora": {"r": "lora.r", "alpha": "lora.alpha", "dropout": "lora.dropout", "target_modules": "lora.target_modules",
+             "bias": "lora.bias"},
+    "train": {"batch_size": "train.batch_size", "epochs": "train.num_epochs"},
+    "model": {"name": "model.name", "max_length": "data.max_length"},
+    "data": {"max_length": "data.max_length"},
+}
+NOT_CARRIED = {
+    "low_cpu_mem_usage": "transformers 5 always loads weights this way",
+    "use_cpu": "loraforge trains on the GPU when there is one, else on the CPU",
+    "padding": "loraforge pads each batch to its longest row: the same gradient, less compute",
+    "task_type": "task: causal_lm is loraforge's default (classification data sets task: classification)",
+    "greater_is_better": "loraforge knows it from train.best_metric: higher is better except for losses",
+    "log_file": "every run writes train.log in its run directory",
+    "log_to_file": "every run writes train.log in its run directory",
+    "wandb_project": "set WANDB_PROJECT in the environment; loraforge passes report_to: [wandb] to the trainer",
+    "wandb_entity": "set WANDB_ENTITY in the environment",
+    "wandb_run_name": "set WANDB_NAME in the environment",
+    "text_column": "used to infer data.sources[0].format and fields",
+    "label_column": "used to infer data.sources[0].format and fields",
+}
+DTYPES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16",
+          "auto": "auto"}
+SCHEDULERS = {"cosine", "linear", "constant", "constant_with_warmup"}
+OPTIMIZERS = {"adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"}
+TRACKERS = {"tensorboard", "wandb", "mlflow"}
+NUMERIC = ("train.", "lora.r", "lora.alpha", "lora.dropout", "data.max_length", "data.val_fraction",
+           "data.test_fraction", "seed")
+PLACEHOLDER_DATA = "data/train.jsonl"
+DATA_KEYS = {"train_file", "data_path", "dataset_path", "dataset_name", "validation_file", "test_file"}
+
+
+@dataclass
+class Migration:
+    config: dict
+    rows: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def carry(self, source: str, key: str, value) -> None:
+        node = self.config
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+        self.rows.append((source, f"{key}: {json.dumps(value)}"))
+
+    def skip(self, source: str, why: str) -> None:
+        self.rows.append((source, f"not carried: {why}"))
+
+    def table(self) -> str:
+        width = max((len(s) for s, _ in self.rows), default=10)
+        return "\n".join(f"  {source:<{width}}  ->  {target}" for source, target in self.rows)
+
+
+def read_script_config(path: Path, stack: tuple[Path, ...] = ()) -> dict:
+    """The file's keys with its `_extends` (or `extends`) parents merged under them, mappings key by key."""
+    if path.resolve() in stack:
+        raise ConfigError([f"_extends forms a cycle at {path}"], source=str(path))
+    if not path.is_file():
+        raise ConfigError([f"{path} not found" + (f" (named by _extends in {stack[-1]})" if stack else "")],
+                          source=str(path))
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError([f"{path}: cannot be read as {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"],
+                          source=str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of keys"], source=str(path))
+    parent = data.pop("_extends", None) or data.pop("extends", None)
+    if parent is None:
+        return data
+    return _merge(read_script_config(path.parent / parent, (*stack, path.resolve())), data)
+
+
+def _merge(parent: dict, child: dict) -> dict:
+    merged = dict(parent)
+    for key, value in child.items():
+        merged[key] = _merge(parent[key], value) if isinstance(value, dict) and isinstance(parent.get(key), dict) else value
+    return merged
+
+
+def leaves(data: dict, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object]]:
+    out = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out += leaves(value, (*prefix, str(key)))
+        else:
+            out.append(((*prefix, str(key)), value))
+    return out
+
+
+def migrate(path: str | Path) -> Migration:
+    path = Path(path)
+    source = read_script_config(path)
+    found = leaves(source)
+    names = {key[-1]: value for key, value in found}
+    where = {key[-1]: ".".join(key) for key, _ in found}
+    migration = Migration({})
+    for key, value in found:
+        _carry_one(migration, key, value, names)
+    _data_source(migration, names, where, path)
+    _layer_variant(migration, names, where)
+    return migration
+
+
+def _carry_one(migration: Migration, key: tuple[str, ...], value, names: dict) -> None:
+    dotted, name = ".".join(key), key[-1]
+    section = SECTIONS.get(key[0]) if len(key) > 1 else None
+    if name in DATA_KEYS or name in ("model_type", "layer_to_drop", "keep_layers"):
+        return
+    if name in NOT_CARRIED:
+        return migration.skip(dotted, NOT_CARRIED[name])
+    handler = SPECIAL.get(name)
+    if handler is not None:
+        return handler(migration, dotted, value, names)
+    target = IN_SECTION.get(section, {}).get(name) or alias_of(name)
+    if target is None:
+        return migration.skip(dotted, "unknown to loraforge; see `loraforge config schema` for what it has")
+    migration.carry(dotted, target, _number(value) if target.startswith(NUMERIC) else value)
+
+
+def _number(value):
+    """`2e-4` is a string to YAML 1.1; scripts pass it to float(), so it is a number here."""
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
+
+
+def _precision(migration, dotted, value, names):
+    if isinstance(value, bool):
+        if not value:
+            return migration.skip(dotted, "false: precision auto chooses by what the machine runs fastest")
+        return migration.carry(dotted, "precision", "bf16" if dotted.endswith("bf16") else "fp16")
+    if str(value).removeprefix("torch.") not in DTYPES:
+        return migration.skip(dotted, f"{value!r} is not a dtype loraforge knows (fp32, bf16, fp16, auto)")
+    migration.carry(dotted, "precision", DTYPES[str(value).removeprefix("torch.")])
+
+
+def _log_level(migration, dotted, value, names):
+    level = str(value).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        return migration.skip(dotted, f"{value!r} is not a log level (debug, info, warning, error)")
+    migration.carry(dotted, "logging.level", level)
+
+
+def _report_to(migration, dotted, value, names):
+    wanted = [value] if isinstance(value, str) else list(value or [])
+    kept = [v for v in wanted if v in TRACKERS]
+    if wanted and wanted != ["none"] and len(kept) < len(wanted):
+        migration.notes.append(f"{dotted}: {sorted(set(wanted) - TRACKERS - {'none'})} dropped; loraforge reports to "
+                               "tensorboard, wandb and mlflow")
+    migration.carry(dotted, "report_to", kept)
+
+
+def _choice(target: str, allowed: set[str]):
+    def carry(migration, dotted, value, names):
+        if value not in allowed:
+            return migration.skip(dotted, f"{value!r} is not one of {sorted(allowed)}")
+        migration.carry(dotted, target, value)
+    return carry
+
+
+def _strategy(target: str):
+    def carry(migration, dotted, value, names):
+        if value == "epoch":
+            return migration.carry(dotted, target, "epoch")
+        if value == "no" and target == "train.save_every":
+            return migration.carry(dotted, target, None)
+        if value == "no":
+            return migration.skip(dotted, "loraforge evaluates on data.val_fraction (0.05) of the rows; set "
+                                  "data.val_fraction: 0 for none")
+        migration.skip(dotted, "steps is what loraforge does; the step count comes from "
+                       f"{'save_steps' if 'save' in target else 'eval_steps'}")
+    return carry
+
+
+def _epochs(migration, dotted, value, names):
+    if _number(names.get("max_steps", -1)) not in (-1, None):
+        return migration.skip(dotted, "max_steps is set, and it wins over epochs in the script as here")
+    migration.carry(dotted, "train.num_epochs", _number(value))
+
+
+def _warmup_ratio(migration, dotted, value, names):
+    if _number(names.get("warmup_steps", 0)):
+        return migration.skip(dotted, "warmup_steps is set, and it wins over the ratio in the script as here")
+    migration.carry(dotted, "train.warmup_ratio", _number(value))
+
+
+def _max_steps(migration, dotted, value, names):
+    if _number(value) in (-1, None):
+        return migration.skip(dotted, "-1 means: train by epochs")
+    migration.carry(dotted, "train.max_steps", _number(value))
+
+
+def _best_metric(migration, dotted, value, names):
+    migration.carry(dotted, "train.best_metric", value if str(value).startswith("eval_") else f"eval_{value}")
+
+
+def _truncation(migration, dotted, value, names):
+    if value is True:
+        return migration.carry(dotted, "data.truncation", "truncate")
+    migration.skip(dotted, "loraforge drops longer rows by default and counts them (data.truncation: drop)")
+
+
+def _use_lora(migration, dotted, value, names):
+    migration.carry(dotted, "adapter", "lora" if value else "full")
+
+
+def _lora_r(migration, dotted, value, names):
+    migration.carry(dotted, "lora.r", _number(value))
+
+
+SPECIAL = {
+    "dtype": _precision, "torch_dtype": _precision, "bf16": _precision, "fp16": _precision,
+    "log_level": _log_level, "report_to": _report_to,
+    "lr_scheduler_type": _choice("train.lr_scheduler", SCHEDULERS), "optim": _choice("train.optimizer", OPTIMIZERS),
+    "evaluation_strategy": _strategy("train.eval_every"), "eval_strategy": _strategy("train.eval_every"),
+    "save_strategy": _strategy("train.save_every"),
+    "num_train_epochs": _epochs, "epochs": _epochs, "warmup_ratio": _warmup_ratio, "max_steps": _max_steps,
+    "metric_for_best_model": _best_metric, "truncation": _truncation, "use_lora": _use_lora, "lora_r": _lora_r,
+}
+
+
+def _data_source(migration: Migration, names: dict, where: dict, config_path: Path) -> None:
+    splits = {"train_file": "train", "data_path": "train", "dataset_path": "train", "dataset_name": "train",
+              "validation_file": "val", "test_file": "test"}
+    sources = []
+    for name, split in splits.items():
+        if not names.get(name):
+            continue
+        source = {"path": str(names[name])}
+        fmt, fields, why = infer_format(config_path.parent / str(names[name]), names)
+        source["format"] = fmt
+        if fields:
+            source["fields"] = fields
+        if split != "train":
+            source["split"] = split
+        migration.notes.append(f"{where[name]}: format {fmt} ({why})")
+        sources.append(source)
+        migration.rows.append((where[name], f"data.sources[{len(sources) - 1}]: {json.dumps(source)}"))
+    if not sources:
+        sources = [{"path": PLACEHOLDER_DATA, "format": "messages"}]
+        migration.notes.append(f"the source names no data file ({', '.join(splits)}); data.sources holds "
+                               f"{PLACEHOLDER_DATA} in the messages format as a placeholder: point it at your data")
+    migration.config.setdefault("data", {})["sources"] = sources
+
+
+def infer_format(path: Path, names: dict) -> tuple[str, dict, str]:
+    """(format, fields, why) of a data file, from its first row when it can be read, else from the config."""
+    text_column, label_column = names.get("text_column"), names.get("label_column")
+    row = _first_row(path)
+    if row is None:
+        if label_column:
+            return "classification", _fields({"text": text_column, "label": label_column}), "from label_column; file not read"
+        if text_column:
+            return "text", _fields({"text": text_column}), "from text_column; file not read"
+        return "messages", {}, f"{path} not found: assumed, check it"
+    if label_column and label_column in row:
+        return "classification", _fields({"text": text_column or "text", "label": label_column}), f"first row of {path}"
+    for fmt, needed in (("messages", {"messages"}), ("alpaca", {"instruction", "output"}), ("sharegpt", {"conversations"})):
+        if needed <= set(row):
+            return fmt, {}, f"first row of {path} has {sorted(needed)}"
+    column = text_column or "text"
+    if column in row:
+        return "text", _fields({"text": column}), f"first row of {path} has {column!r}"
+    return "messages", {}, f"first row of {path} has {sorted(row)}: none of the known shapes, assumed messages"
+
+
+def _fields(mapping: dict) -> dict:
+    return {k: v for k, v in mapping.items() if v and v != k}
+
+
+def _first_row(path: Path) -> dict | None:
+    if not path.is_file() or path.suffix.lower() not in (".jsonl", ".json"):
+        return None
+    with path.open(encoding="utf-8") as handle:
+        if path.suffix.lower() == ".json":
+            try:
+                rows = json.load(handle)
+            except json.JSONDecodeError:
+                return None
+            return rows[0] if isinstance(rows, list) and rows and isinstance(rows[0], dict) else None
+        for line in handle:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    return None
+                return row if isinstance(row, dict) else None
+    return None
+
+
+def _layer_variant(migration: Migration, names: dict, where: dict) -> None:
+    kind = names.get("model_type")
+    for extra in ("layer_to_drop", "keep_layers"):
+        if extra in names and kind not in ({"layer_to_drop": "dropped", "keep_layers": "pruned"}[extra],):
+            migration.skip(where[extra], f"used only with model_type: {'dropped' if extra == 'layer_to_drop' else 'pruned'}")
+    if kind in (None, "original"):
+        if kind is not None:
+            migration.skip(where["model_type"], "original: the model as it is, loraforge's default")
+        return
+    if kind == "dropped" and names.get("layer_to_drop") is not None:
+        drop = names["layer_to_drop"]
+        migration.carry(where["model_type"], "model.variant", "drop_layers")
+        migration.carry(where["layer_to_drop"], "model.drop_layers", drop if isinstance(drop, list) else [_number(drop)])
+    elif kind == "pruned" and names.get("keep_layers") is not None:
+        migration.carry(where["model_type"], "model.variant", "keep_layers")
+        migration.carry(where["keep_layers"], "model.keep_layers", _number(names["keep_layers"]))
+    else:
+        migration.skip(where["model_type"], f"{kind!r} without the layer key it needs (layer_to_drop or keep_layers)")
+
+
+def migrated_yaml(migration: Migration, source: Path) -> str:
+    """The migrated config as YAML, once it validates; ConfigError listing what does not."""
+    try:
+        RunConfig.model_validate(migration.config)
+    except ValidationError as exc:
+        raise ConfigError([f"migrated {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()],
+                          source=str(source)) from None
+    head = f"# Migrated from {source} by `loraforge config migrate`; every source key is listed in its output.\n"
+    return head + yaml.safe_dump(migration.config, sort_keys=False, allow_unicode=True)
+
+
+def write_migrated(source: str | Path, out: str | Path | None) -> tuple[Migration, str]:
+    """Migrate `source`; with `out`, write the YAML there (never over an existing file). (migration, yaml)."""
+    migration = migrate(source)
+    text = migrated_yaml(migration, Path(source))
+    if out is not None:
+        out = Path(out)
+        if out.exists():
+            raise ConfigError([f"--out {out} already exists; loraforge never overwrites a file it did not write: "
+                               "choose a new name"], source=str(source))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("x", encoding="utf-8") as handle:
+            handle.write(text)
+    return migration, text

@@ -1,0 +1,137 @@
+"""`loraforge config migrate` on the configs users bring from fine-tuning scripts (tests/fixtures/seed-configs,
+copied from the project's shared seed configs) and on an unseen one: every source key is carried or listed,
+the result validates, and it trains."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loraforge.cli import main
+from loraforge.config import load_config
+from loraforge.config.migrate import leaves, migrate, read_script_config, write_migrated
+from loraforge.errors import ConfigError
+from tests.conftest import ROOT, write_jsonl
+
+SEEDS = ROOT / "tests" / "fixtures" / "seed-configs"
+SEED_FILES = sorted(SEEDS.glob("*.y*ml"))
+
+
+def every_key_is_listed(source: Path, migration) -> None:
+    listed = {s for s, _ in migration.rows}
+    keys = {".".join(key) for key, _ in leaves(read_script_config(source))}
+    assert keys <= listed, f"dropped silently: {sorted(keys - listed)}"
+
+
+@pytest.mark.parametrize("source", SEED_FILES, ids=[p.name for p in SEED_FILES])
+def test_every_seed_config_migrates_with_every_key_listed_and_validates(source, tmp_path):
+    migration, text = write_migrated(source, tmp_path / "migrated.yaml")
+    every_key_is_listed(source, migration)
+    config = load_config(tmp_path / "migrated.yaml")
+    assert config.model.name == "smollm2-135m-instruct"
+    assert yaml.safe_load(text) == migration.config
+
+
+def test_seed_values_are_converted_as_the_scripts_read_them():
+    assert SEED_FILES, f"the seed configs are at {SEEDS}"
+    by_name = {p.name: migrate(p).config for p in SEED_FILES}
+    first = by_name["000-config.yml"]
+    assert first["precision"] == "fp32" and first["logging"]["level"] == "INFO"
+    assert first["train"]["num_epochs"] == 3 and first["train"]["warmup_steps"] == 100
+    assert first["data"]["sources"] == [{"path": "data/train.jsonl", "format": "text"}], "from text_column"
+    assert by_name["002-config.yaml"]["train"]["learning_rate"] == pytest.approx(2e-4), "'2e-4' is a string to YAML 1.1"
+    dropped, pruned = by_name["001-dropped_lora.yaml"], by_name["001-pruned.yaml"]
+    assert dropped["model"]["drop_layers"] == [16] and dropped["adapter"] == "lora"
+    assert dropped["data"]["packing"] is True and dropped["train"]["eval_every"] == 50, "inherited through _extends"
+    assert pruned["model"]["variant"] == "keep_layers" and pruned["model"]["keep_layers"] == 24
+    assert pruned["adapter"] == "full"
+
+
+def test_an_unseen_json_config_with_other_names_and_unknown_keys(tmp_path):
+    write_jsonl(tmp_path / "rows.jsonl", [{"instruction": "Say hi", "input": "", "output": "hi"}] * 4)
+    write_jsonl(tmp_path / "dev.jsonl", [{"instruction": "Say yo", "input": "", "output": "yo"}] * 2)
+    source = tmp_path / "args.json"
+    source.write_text(json.dumps({
+        "model_name_or_path": "smollm2-135m-instruct", "train_file": "rows.jsonl", "validation_file": "dev.jsonl",
+        "per_device_train_batch_size": 8, "num_train_epochs": "2", "bf16": True, "lora_r": "4", "lora_alpha": 8,
+        "evaluation_strategy": "epoch", "save_strategy": "no", "metric_for_best_model": "loss",
+        "deepspeed": "ds.json", "my_custom_flag": 1, "torch_compile": False,
+    }))
+    migration = migrate(source)
+    every_key_is_listed(source, migration)
+    rows = dict(migration.rows)
+    for unknown in ("deepspeed", "my_custom_flag", "torch_compile"):
+        assert rows[unknown].startswith("not carried: unknown to loraforge")
+    config = migration.config
+    assert config["data"]["sources"] == [{"path": "rows.jsonl", "format": "alpaca"},
+                                         {"path": "dev.jsonl", "format": "alpaca", "split": "val"}]
+    assert any("first row of" in note and "alpaca" in note for note in migration.notes), "the inference is said"
+    assert config["train"] == {"batch_size": 8, "num_epochs": 2, "eval_every": "epoch", "save_every": None,
+                               "best_metric": "eval_loss"}
+    assert config["precision"] == "bf16" and config["lora"] == {"r": 4, "alpha": 8}
+
+
+def test_cli_writes_once_and_never_over_an_existing_file(tmp_path, capsys):
+    source = SEED_FILES[0]
+    out = tmp_path / "lf.yaml"
+    assert main(["config", "migrate", str(source), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "training.save_steps" in printed and "train.save_every: 500" in printed and f"loraforge train {out}" in printed
+    before = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert main(["config", "migrate", str(source), "--out", str(out)]) == 2
+    assert f"--out {out} already exists" in capsys.readouterr().err
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == before
+    assert main(["config", "migrate", str(source)]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["save_every"] == 500
+
+
+def test_a_migrated_config_that_would_not_validate_is_not_written(tmp_path):
+    source = tmp_path / "bad.yaml"
+    source.write_text("model_name: smollm2-135m-instruct\nlearning_rate: -1\ntrain_file: d.jsonl\n")
+    with pytest.raises(ConfigError, match="migrated train.learning_rate"):
+        write_migrated(source, tmp_path / "out.yaml")
+    assert not (tmp_path / "out.yaml").exists()
+
+
+@pytest.fixture(scope="module")
+def deep_tiny_model(tmp_path_factory, tokenizer) -> Path:
+    """A random 25-layer llama, narrow enough to train in seconds, deep enough for the seeds' layer variants."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=25,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("deep-tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+ROWS = {
+    "messages": lambda i: {"messages": [{"role": "user", "content": f"Echo {i}"},
+                                        {"role": "assistant", "content": f"{i} {i}"}]},
+    "text": lambda i: {"text": f"Number {i} follows {i - 1}."},
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("source", SEED_FILES, ids=[p.name for p in SEED_FILES])
+def test_every_migrated_seed_config_trains_two_steps(source, tmp_path, deep_tiny_model, monkeypatch):
+    from loraforge.training.run import run_training
+
+    migration, _ = write_migrated(source, tmp_path / "migrated.yaml")
+    monkeypatch.chdir(tmp_path)
+    for data in migration.config["data"]["sources"]:
+        (tmp_path / data["path"]).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(tmp_path / data["path"], [ROWS[data["format"]](i) for i in range(24)])
+    # The migrated config as it is, on a small deep model, for 2 steps, without reporting to wandb.
+    config = load_config(tmp_path / "migrated.yaml", [f"model.name={deep_tiny_model}", "train.max_steps=2",
+                                                       "train.num_epochs=null", "report_to=[]",
+                                                       f"output_dir={tmp_path / 'run'}", "eval.num_samples=0"])
+    result = run_training(config)
+    assert json.loads((result.run_dir / "manifest.json").read_text())["steps"] == 2
