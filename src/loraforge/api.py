@@ -14,6 +14,7 @@ from pathlib import Path
 
 from loraforge import rundir
 from loraforge.config import RunConfig, load_config
+from loraforge.config.env import read_env_beside
 from loraforge.eval.generate import generate_batch, prompt_messages
 from loraforge.eval.run import run_eval
 from loraforge.export.merge import MergeResult, run_merge
@@ -37,7 +38,8 @@ def train(config: RunConfig | str | Path, overrides: list[str] | tuple[str, ...]
           allow_changes: bool = False) -> TrainResult:
     """Train from a RunConfig or a config file (with KEY=VALUE overrides); resume: "auto" or a checkpoint folder."""
     if not isinstance(config, RunConfig):
-        config = load_config(config, overrides)
+        path, config = config, load_config(config, overrides)
+        read_env_beside(path)
     elif overrides:
         raise TypeError("overrides apply to a config file; pass the path, or change the RunConfig with model_copy")
     return run_training(config, resume=resume, allow_changes=allow_changes)

@@ -17,12 +17,14 @@ import warnings
 
 from loraforge import __version__
 from loraforge.config import RunConfig, config_to_yaml, load_config
+from loraforge.config.env import read_env_beside
 from loraforge.config.migrate import write_migrated
 from loraforge.errors import LoraforgeError
 
 
 def _train(args) -> int:
     config = load_config(args.config, args.overrides)
+    read_env_beside(args.config)
     from loraforge.training.run import TrainingStopped, run_training
 
     try:
@@ -42,6 +44,7 @@ def _is_main() -> bool:
 
 def _estimate(args) -> int:
     config = load_config(args.config, args.overrides)
+    read_env_beside(args.config)
     from loraforge.training.estimate import run_estimate
 
     estimate = run_estimate(config, probe_steps=args.probe_steps)

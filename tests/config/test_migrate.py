@@ -47,6 +47,7 @@ def test_seed_values_are_converted_as_the_scripts_read_them():
     assert dropped["data"]["packing"] is True and dropped["train"]["eval_every"] == 50, "inherited through _extends"
     assert pruned["model"]["variant"] == "keep_layers" and pruned["model"]["keep_layers"] == 24
     assert pruned["adapter"] == "full"
+    assert by_name["001-base.yaml"]["tracking"] == {"wandb": {"project": "my-finetune"}}
 
 
 def test_an_unseen_json_config_with_other_names_and_unknown_keys(tmp_path):

@@ -368,20 +368,29 @@ def test_two_process_ddp_on_cpu(make_config, tmp_path):
     assert done.stdout.count("Run directory:") == 1
 
 
-def test_mlflow_with_a_local_file_store(make_config, tmp_path, monkeypatch):
+def test_mlflow_names_from_the_config_and_its_keys_from_a_dotenv_beside_it(make_config, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
+    from loraforge.cli import main
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.setenv(name, "")  # remembered as it was, so what the .env sets is undone after the test
+        monkeypatch.delenv(name)
     store = tmp_path / "mlruns"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "loraforge-test")
-    config, _ = make_config("mlflow", "report_to=[mlflow]", "train.max_steps=2", "train.save_every=null")
-    run_training(config)
+    config, path = make_config("mlflow")
+    (path.parent / ".env").write_text(f"MLFLOW_TRACKING_URI={store.as_uri()}\nMLFLOW_ALLOW_FILE_STORE=true\n")
+    assert main(["train", str(path), f"output_dir={config.output_dir}", "report_to=[mlflow]", "train.max_steps=2",
+                 "train.save_every=null", "tracking.mlflow.experiment=loraforge-test",
+                 "tracking.mlflow.run_name=tiny-echo"]) == 0
     import mlflow
 
+    mlflow.set_tracking_uri(store.as_uri())
     runs = mlflow.search_runs(experiment_names=["loraforge-test"], output_format="list")
-    assert len(runs) == 1
+    assert len(runs) == 1 and runs[0].info.run_name == "tiny-echo"
     history = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss")
     assert [m.step for m in history] == [1, 2]
+    written = "".join(p.read_text(errors="replace") for p in Path(config.output_dir).rglob("*")
+                      if p.is_file() and p.suffix in (".log", ".yaml", ".json", ".md", ".jsonl"))
+    assert store.as_uri() not in written, "a .env value is never logged or recorded"
 
 
 def test_wandb_offline(make_config, tmp_path, monkeypatch):

@@ -65,6 +65,12 @@ ALIASES = {
     "test_size": "data.test_fraction",
     "packing": "data.packing",
     "report_to": "report_to",
+    "wandb_project": "tracking.wandb.project",
+    "wandb_entity": "tracking.wandb.entity",
+    "wandb_run_name": "tracking.wandb.run_name",
+    "run_name": "tracking.wandb.run_name",
+    "mlflow_experiment_name": "tracking.mlflow.experiment",
+    "experiment_name": "tracking.mlflow.experiment",
     "log_level": "logging.level",
 }
 

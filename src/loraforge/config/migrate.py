@@ -33,9 +33,6 @@ NOT_CARRIED = {
     "greater_is_better": "loraforge knows it from train.best_metric: higher is better except for losses",
     "log_file": "every run writes train.log in its run directory",
     "log_to_file": "every run writes train.log in its run directory",
-    "wandb_project": "set WANDB_PROJECT in the environment; loraforge passes report_to: [wandb] to the trainer",
-    "wandb_entity": "set WANDB_ENTITY in the environment",
-    "wandb_run_name": "set WANDB_NAME in the environment",
     "text_column": "used to infer data.sources[0].format and fields",
     "label_column": "used to infer data.sources[0].format and fields",
 }

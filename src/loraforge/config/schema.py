@@ -204,6 +204,39 @@ class ClassificationConfig(Section):
     )
 
 
+class WandbTracking(Section):
+    project: str | None = Field(None, description="Weights & Biases project (WANDB_PROJECT).")
+    entity: str | None = Field(None, description="Weights & Biases team or user (WANDB_ENTITY).")
+    run_name: str | None = Field(None, description="Name of the run in Weights & Biases.")
+
+
+class MlflowTracking(Section):
+    experiment: str | None = Field(None, description="MLflow experiment the run is logged under (MLFLOW_EXPERIMENT_NAME).")
+    run_name: str | None = Field(None, description="Name of the run in MLflow.")
+
+
+class TrackingConfig(Section):
+    wandb: WandbTracking = Field(default_factory=WandbTracking, description="Names for report_to: [wandb].")
+    mlflow: MlflowTracking = Field(default_factory=MlflowTracking, description="Names for report_to: [mlflow].")
+
+    @model_validator(mode="after")
+    def _one_run_name(self):
+        names = {n for n in (self.wandb.run_name, self.mlflow.run_name) if n is not None}
+        if len(names) > 1:
+            raise ValueError(f"wandb.run_name and mlflow.run_name differ ({sorted(names)}); the trainer names a run "
+                             "once: give them the same name or set one")
+        return self
+
+    def run_name(self) -> str | None:
+        return self.wandb.run_name or self.mlflow.run_name
+
+    def environment(self) -> dict[str, str]:
+        """The variables the trackers read their names from."""
+        found = {"WANDB_PROJECT": self.wandb.project, "WANDB_ENTITY": self.wandb.entity,
+                 "MLFLOW_EXPERIMENT_NAME": self.mlflow.experiment}
+        return {name: value for name, value in found.items() if value is not None}
+
+
 class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of train.log and the console.")
 
@@ -249,8 +282,11 @@ class RunConfig(Section):
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"],
         description="Trackers that receive the metrics; tensorboard writes event files into the run directory. "
-        "wandb and mlflow need their package installed and their own settings (WANDB_MODE=offline, MLFLOW_TRACKING_URI).",
+        "wandb and mlflow need their package installed and their own settings (WANDB_MODE=offline, MLFLOW_TRACKING_URI), "
+        "which a .env file beside the config can hold.",
     )
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Project, experiment and run names "
+                                     "for wandb and mlflow.")
 
     @field_validator("output_dir")
     @classmethod

@@ -87,6 +87,7 @@ def training_arguments(config: RunConfig, run_dir: Path, precision: str, has_eva
         greater_is_better=None if not has_eval else "loss" not in train.best_metric,
         logging_nan_inf_filter=False,
         report_to=list(config.report_to) or "none",
+        run_name=config.tracking.run_name(),
         seed=config.seed,
         data_seed=config.seed,
         use_cpu=not torch.cuda.is_available(),
@@ -131,6 +132,7 @@ def build_trainer(config: RunConfig, prepared: Prepared, model, run_dir: Path, p
     throughput = ThroughputCallback()
     # TensorBoardCallback reads its folder from the environment when the trainer is built.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / rundir.TENSORBOARD)
+    os.environ.update(config.tracking.environment())
     trainer = LoraforgeTrainer(
         model=model,
         args=training_arguments(config, run_dir, precision, has_eval=prepared.val is not None),
