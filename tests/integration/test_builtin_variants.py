@@ -1,5 +1,6 @@
 """Each model variant trains a few steps on the real built-in SmolLM2-135M-Instruct. The variants that
-tests/model/test_variants.py covers on the tiny llama as well (DoRA with rsLoRA, 8-bit QLoRA, layer variants)
+tests/model/test_variants.py covers on the tiny llama as well (DoRA with rsLoRA, 8-bit QLoRA, full fine-tuning,
+layer variants)
 run here only with the slow tests (`make test-all`)."""
 
 import json
@@ -29,7 +30,7 @@ def train(tmp_path, *overrides):
     [
         ["quantization=4bit"],
         pytest.param(["lora.use_dora=true", "lora.use_rslora=true"], marks=pytest.mark.slow),
-        ["adapter=full", "train.learning_rate=2e-5"],
+        pytest.param(["adapter=full", "train.learning_rate=2e-5"], marks=pytest.mark.slow),
         pytest.param(["model.variant=drop_layers", "model.drop_layers=[20,21,22]"], marks=pytest.mark.slow),
         ["precision=bf16"],
     ],
