@@ -1,7 +1,6 @@
 """Each model variant trains a few steps on the real built-in SmolLM2-135M-Instruct. The variants that
 tests/model/test_variants.py covers on the tiny llama as well (DoRA with rsLoRA, 8-bit QLoRA, full fine-tuning,
-layer variants)
-run here only with the slow tests (`make test-all`)."""
+layer variants) run here only with the slow tests (`make test-all`)."""
 
 import json
 from pathlib import Path
