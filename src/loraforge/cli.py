@@ -19,11 +19,37 @@ from loraforge import __version__
 from loraforge.config import RunConfig, config_to_yaml, load_config
 from loraforge.config.env import read_env_beside
 from loraforge.config.migrate import write_migrated
-from loraforge.errors import LoraforgeError
+from loraforge.errors import ConfigError, LoraforgeError
+
+
+def torchrun_command(args) -> list[str]:
+    """The torch.distributed.run command that runs this same `train` command in every process: standalone on a
+    free port for one machine, a c10d rendezvous at --master for several."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
+    if args.nnodes == 1:
+        command.append("--standalone")
+    else:
+        command += ["--nnodes", str(args.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", args.master,
+                    "--rdzv-id", "loraforge"]
+        if args.node_rank is not None:
+            command += ["--node-rank", str(args.node_rank)]
+    again = ["-m", "loraforge", "train", args.config, *args.overrides]
+    if args.resume:
+        again += ["--resume", args.resume]
+    if args.allow_changes:
+        again.append("--allow-changes")
+    return command + again
 
 
 def _train(args) -> int:
     config = load_config(args.config, args.overrides)
+    if (args.nproc > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
+        if args.nnodes > 1 and not args.master:
+            raise ConfigError(["--nnodes above 1 needs --master HOST:PORT, the same on every node"])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        command = torchrun_command(args)
+        os.execv(command[0], command)
     read_env_beside(args.config)
     from loraforge.training.run import TrainingStopped, run_training
 
@@ -170,6 +196,11 @@ def _add_training(commands) -> None:
                        help="carry on the run in output_dir from its newest complete checkpoint (auto) or from CHECKPOINT")
     train.add_argument("--allow-changes", action="store_true",
                        help="with --resume: resume even though the config or data differ from the checkpoint's")
+    train.add_argument("--nproc", type=int, default=1, help="processes on this machine, launched through torchrun "
+                       "(one per GPU; on CPU each takes a share of the cores)")
+    train.add_argument("--nnodes", type=int, default=1, help="machines taking part; run the same command on each")
+    train.add_argument("--node-rank", type=int, help="this machine's rank among --nnodes (optional with c10d)")
+    train.add_argument("--master", metavar="HOST:PORT", help="rendezvous address, the same on every node")
     train.set_defaults(func=_train)
     estimate = commands.add_parser("estimate", help="predict seconds per step, total time and peak memory of a config")
     estimate.add_argument("config")

@@ -87,6 +87,11 @@ class TrainConfig(Section):
         "on a 2-core CPU with 44% less peak memory (bench/compare.py)."
     )
     grad_accum: int = Field(2, ge=1, description="Forward passes accumulated per optimizer step.")
+    global_batch: int | None = Field(
+        None, ge=1, description="Examples per optimizer step across every process; sets the accumulation to "
+        "global_batch / (batch_size x processes) in place of grad_accum, so the run keeps its batch when the "
+        "process count changes."
+    )
     micro_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         "auto", description="Most padded tokens in one forward and backward pass: a batch of long samples beyond it "
         "runs as slices of whole rows, with the same gradient. Bounds peak memory on CPU (make bench compares "

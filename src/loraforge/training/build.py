@@ -39,6 +39,27 @@ def check_optimizer(optimizer: str) -> None:
         raise ConfigError([f"train.optimizer: {optimizer} (bitsandbytes) needs a CUDA GPU; use adamw_torch on CPU"])
 
 
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def accumulation(train, processes: int) -> int:
+    """Micro-batches accumulated per optimizer step: train.grad_accum, or what train.global_batch needs."""
+    if train.global_batch is None:
+        return train.grad_accum
+    per_pass = train.batch_size * processes
+    if train.global_batch % per_pass:
+        raise ConfigError([f"train.global_batch: {train.global_batch} is not a multiple of train.batch_size "
+                           f"{train.batch_size} x {processes} process(es) = {per_pass}; change one of them"])
+    return train.global_batch // per_pass
+
+
+def describe_batch(train, processes: int) -> str:
+    steps = accumulation(train, processes)
+    return (f"global batch: {train.batch_size} per pass x {steps} accumulated x {processes} process(es) = "
+            f"{train.batch_size * steps * processes} examples per optimizer step")
+
+
 def trainable_model(config: RunConfig, prepared: Prepared, precision: str):
     """The config's model loaded in `precision`, its variant applied, with a LoRA adapter or fully trainable."""
     model = load_for_run(config, prepared.model_path, precision, labels=prepared.labels)
@@ -70,7 +91,7 @@ def training_arguments(config: RunConfig, run_dir: Path, precision: str, has_eva
         output_dir=str(run_dir / rundir.CHECKPOINTS),
         per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.eval_batch_size or train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
+        gradient_accumulation_steps=accumulation(train, world_size()),
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_steps if train.warmup_steps is not None else train.warmup_ratio,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from loraforge.errors import ConfigError
+from loraforge.training.build import accumulation
 from loraforge.training.prepare import prepare
 from loraforge.training.run import run_training
 from loraforge.training.trainer import length_grouped_order
@@ -101,15 +102,16 @@ def run_estimate(config, probe_steps: int = 6) -> Estimate:
 
     lengths = _train_lengths(config)
     train = config.train
-    steps = train.max_steps or math.ceil(train.num_epochs * len(lengths) / (train.batch_size * train.grad_accum))
-    tokens = step_padded_tokens(lengths, train.batch_size, train.grad_accum, train.group_by_length,
+    accum = accumulation(train, 1)
+    steps = train.max_steps or math.ceil(train.num_epochs * len(lengths) / (train.batch_size * accum))
+    tokens = step_padded_tokens(lengths, train.batch_size, accum, train.group_by_length,
                                 config.data.packing, config.seed, steps)
     if config.data.packing:
-        tokens = [min(t, train.batch_size * train.grad_accum * config.data.max_length) for t in tokens]
+        tokens = [min(t, train.batch_size * accum * config.data.max_length) for t in tokens]
     warm_up = measured_seconds[0] - (fixed + per_token * measured_tokens[0])
     step_seconds = [fixed + per_token * t for t in tokens]
     step_seconds[0] += max(warm_up, 0.0)
-    per_epoch = math.ceil(len(lengths) / (train.batch_size * train.grad_accum))
+    per_epoch = math.ceil(len(lengths) / (train.batch_size * accum))
     evaluations = (math.ceil(steps / per_epoch) if train.eval_every == "epoch" else steps // train.eval_every) + 1
     total = (result.timing["setup_seconds"] or 0.0) + sum(step_seconds) + evaluations * (result.timing["eval_seconds"] or 0.0)
     return Estimate(
