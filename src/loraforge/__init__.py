@@ -10,6 +10,10 @@ API = ("EvalResult", "MergeResult", "TrainResult", "evaluate", "generate", "load
 
 
 def __getattr__(name: str):
+    if name == "load_config":
+        from loraforge.config import load_config
+
+        return load_config
     if name in API:
         from loraforge import api
 

@@ -19,10 +19,11 @@ from loraforge import __version__
 from loraforge.config import RunConfig, config_to_yaml, load_config
 from loraforge.config.env import read_env_beside
 from loraforge.config.migrate import write_migrated
+from loraforge.config.output_dir import expand_output_dir
 from loraforge.errors import ConfigError, LoraforgeError
 
 
-def torchrun_command(args) -> list[str]:
+def torchrun_command(args, output_dir: str) -> list[str]:
     """The torch.distributed.run command that runs this same `train` command in every process: standalone on a
     free port for one machine, a c10d rendezvous at --master for several."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
@@ -33,7 +34,7 @@ def torchrun_command(args) -> list[str]:
                     "--rdzv-id", "loraforge"]
         if args.node_rank is not None:
             command += ["--node-rank", str(args.node_rank)]
-    again = ["-m", "loraforge", "train", args.config, *args.overrides]
+    again = ["-m", "loraforge", "train", args.config, *args.overrides, f"output_dir={output_dir}"]
     if args.resume:
         again += ["--resume", args.resume]
     if args.allow_changes:
@@ -46,9 +47,13 @@ def _train(args) -> int:
     if (args.nproc > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
         if args.nnodes > 1 and not args.master:
             raise ConfigError(["--nnodes above 1 needs --master HOST:PORT, the same on every node"])
+        if args.nnodes > 1 and "{time}" in config.output_dir:
+            raise ConfigError([f"output_dir {config.output_dir!r}: machines start at different times, so name the "
+                               "run directory (output_dir=runs/...) when training on several"])
         sys.stdout.flush()
         sys.stderr.flush()
-        command = torchrun_command(args)
+        # Filled in once here, so every process writes into the same run directory.
+        command = torchrun_command(args, expand_output_dir(config).output_dir)
         os.execv(command[0], command)
     read_env_beside(args.config)
     from loraforge.training.run import TrainingStopped, run_training

@@ -1,10 +1,8 @@
 """The run directory: what a run writes, where, and how later commands read it back."""
 
 import json
-import re
 import shutil
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from loraforge.config import RunConfig, load_config
@@ -53,21 +51,6 @@ def refuse_foreign(folder: Path, key: str, ours: str = CLAIM) -> None:
         shown = ", ".join(sorted(p.name for p in folder.iterdir())[:5])
         raise RunDirError(f"{key} {folder} already holds files loraforge did not write ({shown}); choose an empty "
                           "or new directory: loraforge never overwrites or adds to files it did not write")
-
-
-def expand_output_dir(config: RunConfig, now: datetime | None = None) -> RunConfig:
-    """The config with {model}, {data} and {time} of output_dir filled in."""
-    if "{" not in config.output_dir:
-        return config
-    source = config.data.sources[0].path
-    values = {"model": _slug(Path(config.model.name.rstrip("/")).name),
-              "data": _slug(Path(source).stem if Path(source).suffix else Path(source).name),
-              "time": (now or datetime.now()).strftime("%Y%m%d-%H%M%S")}
-    return config.model_copy(update={"output_dir": config.output_dir.format(**values)})
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "x"
 
 
 def check_space(output_dir: str | Path, needed: int) -> None:

@@ -136,6 +136,24 @@ def test_output_dir_placeholders_are_checked(tmp_path):
     assert load_config(path, ["output_dir=runs/{{x}}"]).output_dir == "runs/{{x}}"
 
 
+def test_both_warmup_keys_null_and_formatted_output_dir_fields_are_refused(tmp_path):
+    path = write(tmp_path / "c.yaml", MINIMAL)
+    with pytest.raises(ConfigError, match=r"set train.warmup_ratio or train.warmup_steps \(0 for no warmup\)"):
+        load_config(path, ["train.warmup_ratio=null", "train.warmup_steps=null"])
+    with pytest.raises(ConfigError, match=r"write the fields plain \(\{time\}, not \{time:...\}\)"):
+        load_config(path, ["output_dir=runs/{time:%Y}"])
+
+
+def test_depth_reached_through_reused_aliases_is_bounded(tmp_path):
+    lines = ["a0: &a0 1"] + [f"a{i}: &a{i} " + "[" * 30 + f"*a{i - 1}" + "]" * 30 for i in range(1, 6)]
+    deep = write(tmp_path / "deep.yaml", "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="nested more than 64 levels deep"):
+        load_config(deep)
+    plain = write(tmp_path / "plain.yaml", "a: " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply to read"):
+        load_config(plain)
+
+
 def test_epoch_evaluation_and_saving_are_accepted_and_typos_are_not(tmp_path):
     path = write(tmp_path / "c.yaml", MINIMAL)
     config = load_config(path, ["train.eval_every=epoch", "train.save_every=epoch", "train.eval_batch_size=16"])

@@ -50,7 +50,8 @@ def test_seed_values_are_converted_as_the_scripts_read_them():
     assert by_name["001-base.yaml"]["tracking"] == {"wandb": {"project": "my-finetune"}}
 
 
-def test_an_unseen_json_config_with_other_names_and_unknown_keys(tmp_path):
+def test_an_unseen_json_config_with_other_names_and_unknown_keys(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # data paths are read from where training runs, as loraforge reads them
     write_jsonl(tmp_path / "rows.jsonl", [{"instruction": "Say hi", "input": "", "output": "hi"}] * 4)
     write_jsonl(tmp_path / "dev.jsonl", [{"instruction": "Say yo", "input": "", "output": "yo"}] * 2)
     source = tmp_path / "args.json"
@@ -86,6 +87,42 @@ def test_cli_writes_once_and_never_over_an_existing_file(tmp_path, capsys):
     assert hashlib.sha256(out.read_bytes()).hexdigest() == before
     assert main(["config", "migrate", str(source)]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["train"]["save_every"] == 500
+
+
+def test_a_training_arguments_dump_migrates(tmp_path):
+    from transformers import TrainingArguments
+
+    dumped = json.loads(TrainingArguments(output_dir="out", save_strategy="epoch", eval_strategy="epoch",
+                                          warmup_steps=0.1, num_train_epochs=2).to_json_string())
+    source = tmp_path / "args.json"
+    source.write_text(json.dumps({**dumped, "model_name_or_path": "smollm2-135m-instruct", "train_file": "d.jsonl"}))
+    migration, _ = write_migrated(source, None)
+    every_key_is_listed(source, migration)
+    train = migration.config["train"]
+    assert train["save_every"] == "epoch" and train["eval_every"] == "epoch", "the strategies, not save_steps"
+    assert train["warmup_ratio"] == pytest.approx(0.1) and "warmup_steps" not in train and train["num_epochs"] == 2
+    assert dict(migration.rows)["max_steps"].startswith("not carried: -1"), "-1: train by epochs"
+
+
+def test_hostile_script_configs_are_messages(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} {{{', '.join(f'k{i}: *{p}' for i in range(10))}}}\n" for p, n in zip("abcdef", "bcdefg")))
+    with pytest.raises(ConfigError, match="aliases here expand to more than"):
+        migrate(bomb)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("a: &a {b: *a}\n")
+    with pytest.raises(ConfigError, match="refers to a value that contains it"):
+        migrate(loop)
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("model_name: smollm2-135m-instruct\ntrain_file: d.jsonl\nrun_name: 2024-05-01\n"
+                   "optim: [adamw_torch]\n")
+    rows = dict(migrate(odd).rows)
+    assert rows["run_name"] == 'tracking.wandb.run_name: "2024-05-01"' and rows["optim"].startswith("not carried")
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("_extends: [base.yaml]\n")
+    with pytest.raises(ConfigError, match="_extends must name one file"):
+        migrate(listed)
 
 
 def test_a_migrated_config_that_would_not_validate_is_not_written(tmp_path):

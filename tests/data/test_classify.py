@@ -74,8 +74,8 @@ def test_eval_command_on_a_classification_run(train_tiny, capsys):
 
     config, _ = train_tiny(
         "task=classification", "train.max_steps=30", "train.eval_every=30", "train.learning_rate=0.005",
-        "train.batch_size=8", "lora.target_modules=all-linear", "data.test_fraction=0.2", rows=reviews(),
-        fmt="classification",
+        "train.batch_size=8", "lora.target_modules=all-linear", "data.test_fraction=0.2",
+        "data.system_prompt=You are a helpful assistant.", rows=reviews(), fmt="classification",
     )
     test = json.loads((Path(config.output_dir) / "eval.json").read_text())["test"]
     assert test["rows"] == 10 and test["accuracy"] >= 0.9 and "confusion_matrix" in test

@@ -371,6 +371,25 @@ def test_two_processes_follow_the_one_process_loss_curve_at_the_same_global_batc
     assert [loss for _, loss in losses(two_dir)] == pytest.approx([loss for _, loss in losses(one.output_dir)], rel=1e-3)
 
 
+def test_the_launcher_names_one_run_directory_for_every_process(make_config, capsys):
+    from loraforge.cli import build_parser, main, torchrun_command
+
+    _, path = make_config("launch")
+    one = build_parser().parse_args(["train", str(path), "lora.r=2", "--nproc", "2"])
+    command = torchrun_command(one, "runs/x-20260101-000000")
+    assert command[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node"] and "--standalone" in command
+    assert command[-5:] == ["loraforge", "train", str(path), "lora.r=2", "output_dir=runs/x-20260101-000000"]
+    two = build_parser().parse_args(["train", str(path), "--nproc", "1", "--nnodes", "2", "--master", "10.0.0.1:29500",
+                                     "--node-rank", "1", "--resume", "auto"])
+    command = torchrun_command(two, "runs/y")
+    assert ["--rdzv-endpoint", "10.0.0.1:29500"] == command[command.index("--rdzv-endpoint"):][:2]
+    assert command[-3:] == ["output_dir=runs/y", "--resume", "auto"] and "--node-rank" in command
+    assert main(["train", str(path), "--nnodes", "2"]) == 2
+    assert "--nnodes above 1 needs --master HOST:PORT" in capsys.readouterr().err
+    assert main(["train", str(path), "output_dir=runs/{time}", "--nnodes", "2", "--master", "h:1"]) == 2
+    assert "machines start at different times, so name the run directory" in capsys.readouterr().err
+
+
 def test_a_global_batch_that_does_not_divide_is_refused(make_config):
     config, _ = make_config("indivisible", "train.global_batch=10", "train.batch_size=4")
     with pytest.raises(ConfigError, match=r"train.global_batch: 10 is not a multiple of train.batch_size 4 x 1"):

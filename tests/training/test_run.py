@@ -173,9 +173,11 @@ def test_output_dir_fills_in_model_data_and_time_and_resuming_needs_the_real_nam
     import re
     from datetime import datetime
 
+    from loraforge.config.output_dir import expand_output_dir
+
     config, _, config_path = tiny_run
     templated = load_config(config_path, [f"output_dir={tmp_path}/{{model}}-{{data}}-{{time}}", "train.max_steps=1"])
-    assert rundir.expand_output_dir(templated, datetime(2026, 1, 2, 3, 4, 5)).output_dir == \
+    assert expand_output_dir(templated, datetime(2026, 1, 2, 3, 4, 5)).output_dir == \
         f"{tmp_path}/{tiny_model_dir.name}-echo-20260102-030405"
     result = run_training(templated)
     assert re.fullmatch(rf"{re.escape(tiny_model_dir.name)}-echo-\d{{8}}-\d{{6}}", result.run_dir.name), result.run_dir

@@ -90,8 +90,10 @@ def _read_one(path: Path) -> tuple[dict, dict[Key, str]]:
         raise ConfigError([f"config {path} cannot be read: {exc.strerror}"], source=str(path)) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        _check_expansion(node, path)
+        check_expansion(node, path)
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply to read; a config needs a few levels"], source=str(path)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -114,34 +116,36 @@ MAX_VALUES = 100_000
 MAX_DEPTH = 64
 
 
-def _check_expansion(node: yaml.Node | None, path: Path) -> None:
+def check_expansion(node: yaml.Node | None, path: Path) -> None:
     """Refuse what aliases would blow up: a value that contains itself, nesting past MAX_DEPTH, or more than
     MAX_VALUES values once every alias is expanded (a few lines of `&a [*b, *b, ...]` can mean billions)."""
     if node is None:
         return
-    expanded: dict[int, int] = {}
+    measured: dict[int, tuple[int, int]] = {}
 
-    def size(current: yaml.Node, ancestors: tuple[int, ...]) -> int:
-        where = f"{path}:{current.start_mark.line + 1}"
+    def refuse(current: yaml.Node, problem: str):
+        raise ConfigError([f"{path}:{current.start_mark.line + 1}: {problem}"], source=str(path))
+
+    def measure(current: yaml.Node, ancestors: tuple[int, ...]) -> tuple[int, int]:
+        """(values, height) of the node with its aliases expanded."""
         if id(current) in ancestors:
-            raise ConfigError([f"{where}: an alias here refers to a value that contains it; YAML aliases must not "
-                               "form a loop"], source=str(path))
-        if len(ancestors) >= MAX_DEPTH:
-            raise ConfigError([f"{where}: nested more than {MAX_DEPTH} levels deep; a config needs far fewer"],
-                              source=str(path))
-        if id(current) not in expanded:
+            refuse(current, "an alias here refers to a value that contains it; YAML aliases must not form a loop")
+        if id(current) not in measured:
             children = ([v for pair in current.value for v in pair] if isinstance(current, yaml.MappingNode)
                         else current.value if isinstance(current, yaml.SequenceNode) else [])
-            total = 1
+            total, height = 1, 0
             for child in children:
-                total += size(child, (*ancestors, id(current)))
+                values, below = measure(child, (*ancestors, id(current)))
+                total, height = total + values, max(height, below + 1)
                 if total > MAX_VALUES:
-                    raise ConfigError([f"{where}: aliases here expand to more than {MAX_VALUES:,} values; write the "
-                                       "values out instead of nesting aliases"], source=str(path))
-            expanded[id(current)] = total
-        return expanded[id(current)]
+                    refuse(current, f"aliases here expand to more than {MAX_VALUES:,} values; write the values out "
+                                    "instead of nesting aliases")
+            measured[id(current)] = (total, height)
+        if len(ancestors) + measured[id(current)][1] > MAX_DEPTH:
+            refuse(current, f"nested more than {MAX_DEPTH} levels deep; a config needs far fewer")
+        return measured[id(current)]
 
-    size(node, ())
+    measure(node, ())
 
 
 def _record_lines(node: yaml.Node, key: Key, path: Path, origins: dict[Key, str], duplicates: list[str]) -> None:

@@ -4,12 +4,14 @@ config. Every source key is either carried to a loraforge key or listed with the
 
 import json
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
 
 from loraforge.config.aliases import alias_of
+from loraforge.config.load import check_expansion
 from loraforge.config.schema import RunConfig
 from loraforge.errors import ConfigError
 
@@ -44,6 +46,9 @@ TRACKERS = {"tensorboard", "wandb", "mlflow"}
 NUMERIC = ("train.", "lora.r", "lora.alpha", "lora.dropout", "data.max_length", "data.val_fraction",
            "data.test_fraction", "seed")
 PLACEHOLDER_DATA = "data/train.jsonl"
+# A step count that a strategy key can override ("epoch" or "no").
+STEP_COUNTS = {"save_steps": ("save_strategy",), "eval_steps": ("eval_strategy", "evaluation_strategy"),
+               "logging_steps": ("logging_strategy",)}
 DATA_KEYS = {"train_file", "data_path", "dataset_path", "dataset_name", "validation_file", "test_file"}
 
 
@@ -54,12 +59,14 @@ class Migration:
     notes: list[str] = field(default_factory=list)
 
     def carry(self, source: str, key: str, value) -> None:
+        if isinstance(value, (date, datetime)):
+            value = value.isoformat()  # YAML reads 2024-05-01 as a date; a name is meant
         node = self.config
         *parents, last = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
-        self.rows.append((source, f"{key}: {json.dumps(value)}"))
+        self.rows.append((source, f"{key}: {json.dumps(value, default=str)}"))
 
     def skip(self, source: str, why: str) -> None:
         self.rows.append((source, f"not carried: {why}"))
@@ -78,15 +85,23 @@ def read_script_config(path: Path, stack: tuple[Path, ...] = ()) -> dict:
                           source=str(path))
     text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            check_expansion(yaml.compose(text, Loader=yaml.SafeLoader), path)
+            data = yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError([f"{path}: cannot be read as {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"],
                           source=str(path)) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply to read"], source=str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of keys"], source=str(path))
     parent = data.pop("_extends", None) or data.pop("extends", None)
     if parent is None:
         return data
+    if not isinstance(parent, str):
+        raise ConfigError([f"{path}: _extends must name one file, got {parent!r}"], source=str(path))
     return _merge(read_script_config(path.parent / parent, (*stack, path.resolve())), data)
 
 
@@ -116,7 +131,7 @@ def migrate(path: str | Path) -> Migration:
     migration = Migration({})
     for key, value in found:
         _carry_one(migration, key, value, names)
-    _data_source(migration, names, where, path)
+    _data_source(migration, names, where)
     _layer_variant(migration, names, where)
     return migration
 
@@ -128,6 +143,11 @@ def _carry_one(migration: Migration, key: tuple[str, ...], value, names: dict) -
         return
     if name in NOT_CARRIED:
         return migration.skip(dotted, NOT_CARRIED[name])
+    if value is None:
+        return migration.skip(dotted, "null: loraforge's default applies")
+    overriding = [s for s in STEP_COUNTS.get(name, ()) if names.get(s) in ("epoch", "no")]
+    if overriding:
+        return migration.skip(dotted, f"{overriding[0]} is {names[overriding[0]]!r}, so the step count does not apply")
     handler = SPECIAL.get(name)
     if handler is not None:
         return handler(migration, dotted, value, names)
@@ -176,7 +196,7 @@ def _report_to(migration, dotted, value, names):
 
 def _choice(target: str, allowed: set[str]):
     def carry(migration, dotted, value, names):
-        if value not in allowed:
+        if not isinstance(value, str) or value not in allowed:
             return migration.skip(dotted, f"{value!r} is not one of {sorted(allowed)}")
         migration.carry(dotted, target, value)
     return carry
@@ -184,6 +204,8 @@ def _choice(target: str, allowed: set[str]):
 
 def _strategy(target: str):
     def carry(migration, dotted, value, names):
+        if not isinstance(value, str):
+            return migration.skip(dotted, f"{value!r} is not a strategy (no, steps, epoch)")
         if value == "epoch":
             return migration.carry(dotted, target, "epoch")
         if value == "no" and target == "train.save_every":
@@ -197,20 +219,31 @@ def _strategy(target: str):
 
 
 def _epochs(migration, dotted, value, names):
-    if _number(names.get("max_steps", -1)) not in (-1, None):
+    steps = _number(names.get("max_steps", -1))
+    if isinstance(steps, int) and steps > 0:
         return migration.skip(dotted, "max_steps is set, and it wins over epochs in the script as here")
     migration.carry(dotted, "train.num_epochs", _number(value))
 
 
 def _warmup_ratio(migration, dotted, value, names):
-    if _number(names.get("warmup_steps", 0)):
+    if _number(names.get("warmup_steps") or 0):
         return migration.skip(dotted, "warmup_steps is set, and it wins over the ratio in the script as here")
     migration.carry(dotted, "train.warmup_ratio", _number(value))
 
 
+def _warmup_steps(migration, dotted, value, names):
+    steps = _number(value)
+    if not steps and names.get("warmup_ratio") is not None:
+        return migration.skip(dotted, "0 means: use warmup_ratio, as in the script")
+    if isinstance(steps, float) and 0 < steps < 1:
+        return migration.carry(dotted, "train.warmup_ratio", steps)  # transformers 5 reads a value below 1 as a ratio
+    migration.carry(dotted, "train.warmup_steps", steps)
+
+
 def _max_steps(migration, dotted, value, names):
-    if _number(value) in (-1, None):
-        return migration.skip(dotted, "-1 means: train by epochs")
+    steps = _number(value)
+    if not isinstance(steps, int) or steps <= 0:
+        return migration.skip(dotted, f"{value!r}: a count of 0 or less means train by epochs")
     migration.carry(dotted, "train.max_steps", _number(value))
 
 
@@ -238,12 +271,13 @@ SPECIAL = {
     "lr_scheduler_type": _choice("train.lr_scheduler", SCHEDULERS), "optim": _choice("train.optimizer", OPTIMIZERS),
     "evaluation_strategy": _strategy("train.eval_every"), "eval_strategy": _strategy("train.eval_every"),
     "save_strategy": _strategy("train.save_every"),
-    "num_train_epochs": _epochs, "epochs": _epochs, "warmup_ratio": _warmup_ratio, "max_steps": _max_steps,
+    "num_train_epochs": _epochs, "epochs": _epochs, "warmup_ratio": _warmup_ratio, "warmup_steps": _warmup_steps,
+    "max_steps": _max_steps,
     "metric_for_best_model": _best_metric, "truncation": _truncation, "use_lora": _use_lora, "lora_r": _lora_r,
 }
 
 
-def _data_source(migration: Migration, names: dict, where: dict, config_path: Path) -> None:
+def _data_source(migration: Migration, names: dict, where: dict) -> None:
     splits = {"train_file": "train", "data_path": "train", "dataset_path": "train", "dataset_name": "train",
               "validation_file": "val", "test_file": "test"}
     sources = []
@@ -251,7 +285,7 @@ def _data_source(migration: Migration, names: dict, where: dict, config_path: Pa
         if not names.get(name):
             continue
         source = {"path": str(names[name])}
-        fmt, fields, why = infer_format(config_path.parent / str(names[name]), names)
+        fmt, fields, why = infer_format(Path(str(names[name])), names)  # read from the cwd, as training reads it
         source["format"] = fmt
         if fields:
             source["fields"] = fields

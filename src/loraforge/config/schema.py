@@ -158,6 +158,8 @@ class TrainConfig(Section):
     def _one_of_each_pair(self):
         if self.max_steps is None and self.num_epochs is None:
             raise ValueError("set train.max_steps or train.num_epochs")
+        if self.warmup_ratio is None and self.warmup_steps is None:
+            raise ValueError("set train.warmup_ratio or train.warmup_steps (0 for no warmup)")
         for first, second in ONE_OF:
             a, b = getattr(self, first), getattr(self, second)
             if a is not None and b is not None:
@@ -297,9 +299,14 @@ class RunConfig(Section):
     @classmethod
     def _known_fields(cls, value: str) -> str:
         try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+            parsed = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(value)
+                      if name is not None]
         except ValueError as exc:
             raise ValueError(f"{exc} in {value!r}; write {{{{ or }}}} for a literal brace") from None
+        if any(spec or conversion for _, spec, conversion in parsed):
+            raise ValueError(f"{value!r}: write the fields plain ({{time}}, not {{time:...}}); {{time}} is "
+                             "YYYYMMDD-HHMMSS")
+        fields = {name for name, _, _ in parsed}
         unknown = sorted(fields - set(OUTPUT_DIR_FIELDS))
         if unknown:
             raise ValueError(f"unknown {{{unknown[0]}}}; output_dir can use {{model}}, {{data}} and {{time}}")

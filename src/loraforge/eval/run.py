@@ -72,7 +72,8 @@ def eval_rows(config, data: str | None, split: str = "val"):
     of `data`."""
     if data is None:
         data_config = config.data
-        rows = load_rows(data_config.sources, data_config.system_prompt, data_config.on_bad_row, DataStats())
+        system = data_config.system_prompt if config.task == "causal_lm" else None  # as classify.py builds rows
+        rows = load_rows(data_config.sources, system, data_config.on_bad_row, DataStats())
         _, val, test = assign_splits(rows, data_config, config.seed, DataStats())
         chosen = {"val": val, "test": test}[split]
         if not chosen:
@@ -82,7 +83,8 @@ def eval_rows(config, data: str | None, split: str = "val"):
     source = config.data.sources[0].model_copy(update={"path": data, "split": "train", "weight": 1.0})
     data_config = config.data.model_copy(update={"sources": [source], "val_fraction": 0.0, "test_fraction": 0.0,
                                                  "packing": False})
-    rows = load_rows(data_config.sources, data_config.system_prompt, data_config.on_bad_row, DataStats())
+    system = data_config.system_prompt if config.task == "causal_lm" else None
+    rows = load_rows(data_config.sources, system, data_config.on_bad_row, DataStats())
     return data_config, rows["train"]
 
 

@@ -44,7 +44,12 @@ def evaluate_before(trainer, config: RunConfig, has_val: bool, checkpoint: Path 
 def weights_origin(trainer, config: RunConfig, has_val: bool) -> dict:
     """Which step's weights the run ends with: the best checkpoint by best_metric (load_best_at_end), else the last."""
     state, last = trainer.state, trainer.state.global_step
-    if not (has_val and config.train.load_best_at_end and state.best_global_step):
+    if not (has_val and config.train.load_best_at_end and state.best_global_step) or state.best_global_step == last:
+        return {"step": last, "of": last, "chosen_by": "last step"}
+    if trainer.args.world_size > 1:
+        # Only rank 0 knows where the best checkpoint was published, and the others would evaluate other weights.
+        log.warning("several processes: the run ends with the last step's weights; the best checkpoint (step %d) "
+                    "is kept under checkpoints/", state.best_global_step)
         return {"step": last, "of": last, "chosen_by": "last step"}
     best = Path(state.best_model_checkpoint or "")
     if best.name != f"checkpoint-{state.best_global_step}" or not best.is_dir():

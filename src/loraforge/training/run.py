@@ -12,6 +12,7 @@ from transformers import set_seed
 
 from loraforge import rundir
 from loraforge.config import RunConfig, write_resolved
+from loraforge.config.output_dir import expand_output_dir
 from loraforge.data.cache import cache_key
 from loraforge.errors import LoraforgeError, RunDirError
 from loraforge.model.precision import choose_precision
@@ -55,7 +56,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         raise RunDirError(f"output_dir {config.output_dir!r} names a new directory at every start; to resume, "
                                  "name the run's directory: output_dir=runs/... --resume auto")
     named = "{" not in config.output_dir
-    config = rundir.expand_output_dir(config)
+    config = expand_output_dir(config)
     if not named and command is not None:
         command = [*command, f"output_dir={config.output_dir}"]
     checkpoint = find_checkpoint(Path(config.output_dir), resume) if resume else None
@@ -77,7 +78,8 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         check_compatible(config, checkpoint, fingerprints, allow_changes)
     if is_main:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        rundir.check_space(config.output_dir, bytes_to_write(config.train, trainable))
+        written = sum(p.stat().st_size for p in Path(config.output_dir).rglob("*") if p.is_file()) if checkpoint else 0
+        rundir.check_space(config.output_dir, max(bytes_to_write(config.train, trainable) - written, 0))
     run_dir = rundir.create(config.output_dir) if checkpoint is None and is_main else Path(config.output_dir)
     handler = _log_to_file(run_dir / rundir.LOG, config.logging.level) if is_main else None
     stop = SignalStop()

@@ -1,0 +1,22 @@
+"""output_dir's {model}, {data} and {time}, filled in once when a run starts."""
+
+import re
+from datetime import datetime
+from pathlib import Path
+
+from loraforge.config.schema import RunConfig
+
+
+def expand_output_dir(config: RunConfig, now: datetime | None = None) -> RunConfig:
+    """The config with {model}, {data} and {time} of output_dir filled in."""
+    if "{" not in config.output_dir:
+        return config
+    source = config.data.sources[0].path
+    values = {"model": _slug(Path(config.model.name.rstrip("/")).name),
+              "data": _slug(Path(source).stem if Path(source).suffix else Path(source).name),
+              "time": (now or datetime.now()).strftime("%Y%m%d-%H%M%S")}
+    return config.model_copy(update={"output_dir": config.output_dir.format(**values)})
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "x"
