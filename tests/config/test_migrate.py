@@ -13,7 +13,7 @@ from loraforge.cli import main
 from loraforge.config import load_config
 from loraforge.config.migrate import leaves, migrate, read_script_config, write_migrated
 from loraforge.errors import ConfigError
-from tests.conftest import ROOT, write_jsonl
+from tests.conftest import ROOT, save_tiny_llama, write_jsonl
 
 SEEDS = ROOT / "tests" / "fixtures" / "seed-configs"
 SEED_FILES = sorted(SEEDS.glob("*.y*ml"))
@@ -136,18 +136,9 @@ def test_a_migrated_config_that_would_not_validate_is_not_written(tmp_path):
 @pytest.fixture(scope="module")
 def deep_tiny_model(tmp_path_factory, tokenizer) -> Path:
     """A random 25-layer llama, narrow enough to train in seconds, deep enough for the seeds' layer variants."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=25,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    folder = tmp_path_factory.mktemp("deep-tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("deep-tiny-llama"), tokenizer, hidden_size=32,
+                           intermediate_size=64, num_hidden_layers=25, num_attention_heads=2, num_key_value_heads=1,
+                           max_position_embeddings=4096)
 
 
 ROWS = {

@@ -11,6 +11,7 @@ from loraforge.data.packing import collator
 from loraforge.data.render import IGNORE
 from loraforge.training.loss import next_token_targets, trained_positions_loss
 from loraforge.training.trainer import row_slices
+from tests.conftest import save_tiny_llama, write_jsonl
 
 
 @pytest.fixture
@@ -110,17 +111,8 @@ def test_row_slices_train_the_same_adapter(train_tiny):
 @pytest.fixture(scope="module")
 def biased_model_dir(tmp_path_factory, tokenizer):
     """A tiny llama whose attention and MLP layers have biases, for lora.bias all and lora_only."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    folder = tmp_path_factory.mktemp("tiny-biased")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-biased"), tokenizer, seed=1, attention_bias=True,
+                           mlp_bias=True)
 
 
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
@@ -159,7 +151,6 @@ def test_eval_loss_is_the_mean_over_trained_tokens_whatever_the_batch_size(tiny_
     from loraforge.data.build import build_datasets
     from loraforge.data.render import stop_token_ids
     from loraforge.training.trainer import LoraforgeTrainer
-    from tests.conftest import write_jsonl
 
     model = _model(tiny_model_dir).eval()
     rows = [dict(r, messages=r["messages"][:1] + [{"role": "assistant", "content": "word " * (1 + i % 9)}])
