@@ -62,6 +62,20 @@ ECHO_ROWS = [
 ]
 
 
+def write_tiny_config(folder: Path, model_dir: Path, train: str, val_fraction: float = 0.25,
+                      max_new_tokens: int = 2) -> Path:
+    """folder/tiny.yaml: LoRA r=4 on `model_dir` over ECHO_ROWS (written to folder/echo.jsonl), no reporting;
+    `train` is the YAML flow mapping of the train section."""
+    data = write_jsonl(folder / "echo.jsonl", ECHO_ROWS)
+    config = folder / "tiny.yaml"
+    config.write_text(f"model: {{name: {model_dir}}}\nlora: {{r: 4, alpha: 8}}\n"
+                      f"data: {{sources: [{{path: {data}}}], val_fraction: {val_fraction}, cache: false}}\n"
+                      f"train: {train}\n"
+                      f"eval: {{sample_prompts: [Echo red], max_new_tokens: {max_new_tokens}}}\nreport_to: []\n",
+                      encoding="utf-8")
+    return config
+
+
 @pytest.fixture
 def train_tiny(tmp_path, tiny_model_dir):
     """Run the real recipe on the tiny llama with a few overrides; returns (config, result)."""

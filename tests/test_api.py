@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import loraforge
-from tests.conftest import ECHO_ROWS, ROOT, write_jsonl
+from tests.conftest import ROOT, write_tiny_config
 
 
 def test_import_is_instant_and_the_api_loads_on_first_use():
@@ -26,12 +26,8 @@ def test_import_is_instant_and_the_api_loads_on_first_use():
 def test_train_evaluate_generate_and_merge_from_python(tmp_path, tiny_model_dir, capsys):
     from loraforge.cli import main
 
-    data = write_jsonl(tmp_path / "echo.jsonl", ECHO_ROWS)
-    config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(f"model: {{name: {tiny_model_dir}}}\nlora: {{r: 4, alpha: 8}}\n"
-                           f"data: {{sources: [{{path: {data}}}], val_fraction: 0.25, cache: false}}\n"
-                           "train: {max_steps: 3, batch_size: 4, learning_rate: 0.01, eval_every: 3}\n"
-                           "eval: {sample_prompts: [Echo red], max_new_tokens: 4}\nreport_to: []\n")
+    config_file = write_tiny_config(tmp_path, tiny_model_dir, "{max_steps: 3, batch_size: 4, learning_rate: 0.01, "
+                                    "eval_every: 3}", max_new_tokens=4)
 
     result = loraforge.train(config_file, [f"output_dir={tmp_path / 'run'}"])
     assert isinstance(result, loraforge.TrainResult) and result.run_dir == tmp_path / "run"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ECHO_ROWS, write_jsonl
+from tests.conftest import ECHO_ROWS, write_jsonl, write_tiny_config
 
 pytestmark = pytest.mark.integration
 STARTUP_SECONDS = 15
@@ -38,12 +38,8 @@ def workspace(tmp_path_factory, tiny_model_dir):
     from loraforge.training.run import run_training
 
     root = tmp_path_factory.mktemp("hostile")
-    data = write_jsonl(root / "echo.jsonl", ECHO_ROWS)
-    config = root / "tiny.yaml"
-    config.write_text(f"model: {{name: {tiny_model_dir}}}\nlora: {{r: 4, alpha: 8}}\n"
-                      f"data: {{sources: [{{path: {data}}}], val_fraction: 0.25, cache: false}}\n"
-                      "train: {max_steps: 4, batch_size: 4, eval_every: 2, save_every: 2, keep_last: 5}\n"
-                      "eval: {sample_prompts: [Echo red], max_new_tokens: 2}\nreport_to: []\n", encoding="utf-8")
+    config = write_tiny_config(root, tiny_model_dir, "{max_steps: 4, batch_size: 4, eval_every: 2, save_every: 2, "
+                               "keep_last: 5}")
     run_training(load_config(config, [f"output_dir={root / 'finished'}"]))
     return root, config
 

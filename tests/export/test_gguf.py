@@ -18,15 +18,11 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
 def exported(tmp_path_factory, tiny_model_dir):
     from loraforge.config import load_config
     from loraforge.training.run import run_training
-    from tests.conftest import ECHO_ROWS, write_jsonl
+    from tests.conftest import write_tiny_config
 
     work = tmp_path_factory.mktemp("export")
-    data = write_jsonl(work / "echo.jsonl", ECHO_ROWS)
-    config_path = work / "c.yaml"
-    config_path.write_text(f"model: {{name: {tiny_model_dir}}}\nlora: {{r: 4, alpha: 8}}\n"
-                           f"data: {{sources: [{{path: {data}}}], cache: false}}\n"
-                           "train: {max_steps: 3, batch_size: 4, learning_rate: 0.01, save_every: null}\n"
-                           "eval: {sample_prompts: [Echo red], max_new_tokens: 2}\nreport_to: []\n")
+    config_path = write_tiny_config(work, tiny_model_dir, "{max_steps: 3, batch_size: 4, learning_rate: 0.01, "
+                                    "save_every: null}", val_fraction=0.05)
     config = load_config(config_path, [f"output_dir={work / 'run'}"])
     run_training(config)
     return config, run_export_gguf(config.output_dir, "f16")
