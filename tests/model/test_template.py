@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from loraforge.model import template
-from loraforge.model.template import TemplateError, apply_template, set_template
+from loraforge.model.template import TemplateError, apply_template, set_template, template_origin
 
 CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 ENDLESS = "{% for a in range(100000) %}{% for b in range(100000) %}{{ '' }}{% endfor %}{% endfor %}"
@@ -46,3 +46,13 @@ def test_an_undefined_variable_in_a_model_template_names_that_model(tokenizer):
             apply_template(tokenizer, CHAT, tokenize=False)
     finally:
         tokenizer.chat_template = original
+
+
+def test_an_inline_template_longer_than_a_file_name_is_taken_as_text(smollm_path):
+    from loraforge.model.load import load_tokenizer
+
+    text = "{% for m in messages %}" + "{{ m.role }}: {{ m.content }}\n" * 40 + "{% endfor %}"
+    assert len(text) > 255, "longer than a file name may be, where asking the disk about it raises"
+    tokenizer = load_tokenizer(smollm_path, text)
+    assert tokenizer.chat_template == text
+    assert template_origin(tokenizer) == "data.chat_template"

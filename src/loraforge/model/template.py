@@ -39,7 +39,7 @@ def set_template(tokenizer, value: str) -> None:
     """Give the tokenizer data.chat_template (text or file) in place of its own."""
     text = template_text(value)
     tokenizer.chat_template = text
-    _ORIGINS[tokenizer] = (text, f"data.chat_template ({value})" if Path(value).is_file() else "data.chat_template")
+    _ORIGINS[tokenizer] = (text, "data.chat_template" if text == value else f"data.chat_template ({value})")
 
 
 def template_origin(tokenizer) -> str:
