@@ -72,3 +72,15 @@ def test_trl_padding_free_collator_restarts_positions_per_sample():
     batch = internals.padding_free_collator(0)([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}])
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+
+
+def test_dpo_private_pieces_keep_their_shape():
+    from trl import DPOTrainer
+
+    assert list(inspect.signature(DPOTrainer._prepare_dataset).parameters) == [
+        "self", "dataset", "processing_class", "args", "dataset_name"]
+    source = inspect.getsource(DPOTrainer)
+    assert 'self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}' in source
+    assert 'self._metrics[mode]["rewards/accuracies"]' in source
+    assert issubclass(internals.HookedDPOTrainer, DPOTrainer)
+    assert internals.HookedDPOTrainer._prepare_dataset is not DPOTrainer._prepare_dataset

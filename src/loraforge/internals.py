@@ -7,13 +7,14 @@ rest of loraforge reaches them only through this module.
 
 import bitsandbytes as bnb
 from transformers import Trainer
+from trl import DPOTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 CHECKED_AGAINST = {"transformers": "5.23", "bitsandbytes": "0.50", "trl": "1.16"}
 
 
-class HookedTrainer(Trainer):
-    """HF's Trainer with three private steps behind public hooks (transformers 5.23):
+class TrainerHooks:
+    """Three private steps of HF's Trainer behind public hooks (transformers 5.23), for any Trainer subclass:
 
     - `_get_train_sampler` builds the training sampler: `train_sampler(default)` may replace it;
     - `_save_checkpoint` writes checkpoint-N under args.output_dir: `save_checkpoint(write)` wraps it, and
@@ -34,7 +35,30 @@ class HookedTrainer(Trainer):
         return self.train_sampler(super()._get_train_sampler(train_dataset))
 
     def _save_checkpoint(self, model, trial):
-        self.save_checkpoint(lambda: super(HookedTrainer, self)._save_checkpoint(model, trial))
+        self.save_checkpoint(lambda: super(TrainerHooks, self)._save_checkpoint(model, trial))
+
+
+class HookedTrainer(TrainerHooks, Trainer):
+    pass
+
+
+class HookedDPOTrainer(TrainerHooks, DPOTrainer):
+    """TRL's DPOTrainer (1.16) fed rows loraforge tokenized itself (prompt_ids, chosen_ids, rejected_ids):
+    its private `_prepare_dataset` would look for text columns and tokenize again, so it passes them through."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        missing = {"prompt_ids", "chosen_ids", "rejected_ids"} - set(dataset.column_names)
+        if missing:
+            raise ValueError(f"the {dataset_name} rows lack {sorted(missing)}; loraforge tokenizes preference data itself")
+        return dataset
+
+    def drain_eval_metrics(self) -> dict:
+        """The DPO metrics (rewards, log-probabilities) of an evaluation_loop, which TRL keeps in its private
+        `_metrics` until the next `log`; read, averaged over batches, and cleared."""
+        pending = self._metrics["eval"]
+        found = {f"eval_{key}": sum(values) / len(values) for key, values in pending.items() if values}
+        pending.clear()
+        return found
 
 
 def padding_free_collator(pad_token_id: int):

@@ -2,7 +2,7 @@
 
 import sys
 
-from loraforge.data.build import DataStats, load_rows, tokenize_rows
+from loraforge.data.build import DataStats, load_rows, tokenize_pairs, tokenize_rows
 from loraforge.data.render import IGNORE
 from loraforge.training.prepare import prepare
 
@@ -40,7 +40,8 @@ def format_stats(stats, max_length: int) -> str:
         f"kept                {stats.train_rows + stats.val_rows + stats.test_rows} "
         f"(train / val / test {stats.train_rows} / {stats.val_rows} / {stats.test_rows})",
         f"dropped             {', '.join(f'{k}: {v}' for k, v in stats.dropped.items()) or 'none'}",
-        f"truncated           {stats.truncated} ({stats.truncated_assistant} inside an assistant turn)",
+        f"truncated           {stats.truncated} ({stats.truncated_assistant} inside an assistant turn"
+        + (f", {stats.truncated_prompts} prompts" if stats.truncated_prompts else "") + ")",
         "token length        " + ", ".join(f"{k} {v}" for k, v in stats.length_percentiles.items())
         + f" (max_length {max_length})",
         f"trained tokens      {stats.trainable_tokens} of {stats.train_tokens} "
@@ -64,8 +65,19 @@ def run_preview(config, n: int, stream=None) -> None:
     shown_stats = DataStats()
     rows = load_rows(config.data.sources, config.data.system_prompt, config.data.on_bad_row, shown_stats)
     first = (rows["train"] or rows["val"])[:n]
-    samples, shown = tokenize_rows(first, tokenizer, stop_ids, config.data, shown_stats)
     legend = f"{GREEN}trained{RESET} {DIM}masked{RESET}" if color else f"{OPEN}trained{CLOSE} masked"
+    if config.data.is_preference():
+        pairs, shown = tokenize_pairs(first, tokenizer, stop_ids, config.data, shown_stats)
+        print(f"{len(pairs)} pairs ({legend}):", file=stream)
+        for pair, row in zip(pairs, shown):
+            prompt = pair["prompt_ids"]
+            for side in ("chosen", "rejected"):
+                answer = pair[f"{side}_ids"]
+                print(f"\n--- {row.where} {side} ({len(prompt)} prompt + {len(answer)} answer tokens)", file=stream)
+                print(format_sample(prompt + answer, [IGNORE] * len(prompt) + answer, tokenizer, color), file=stream)
+        print("\n" + format_stats(prepared.stats, config.data.max_length), file=stream)
+        return
+    samples, shown = tokenize_rows(first, tokenizer, stop_ids, config.data, shown_stats)
     print(f"{len(samples)} samples ({legend}):", file=stream)
     for index in range(len(samples)):
         print(f"\n--- {shown[index].where} ({len(samples[index]['input_ids'])} tokens)", file=stream)

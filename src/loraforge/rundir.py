@@ -14,6 +14,8 @@ from loraforge.model.sources import resolve_model
 
 RESOLVED = "resolved.yaml"
 ADAPTER = "adapter"
+# Under adapter/: the reference adapter of a preference run (TRL names it so).
+REFERENCE = "ref"
 MODEL = "model"
 MERGED = "merged"
 EXPORT = "export"
@@ -136,6 +138,10 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
         check_adapter(run_dir / ADAPTER)
         base = load_for_run(as_trained, resolve_model(config.model.name), labels=labels)
         model = PeftModel.from_pretrained(base, str(run_dir / ADAPTER))
+        if config.method != "sft" and (run_dir / ADAPTER / REFERENCE / "adapter_config.json").is_file():
+            # The reference a preference run was tuned against (its starting adapter), for preference accuracy.
+            model.load_adapter(str(run_dir / ADAPTER / REFERENCE), adapter_name=REFERENCE)
+            model.set_adapter("default")
     model.eval()
     stop_ids = stop_token_ids(tokenizer, model.generation_config) if config.task == "causal_lm" else frozenset()
     return LoadedRun(run_dir, config, model, tokenizer, stop_ids, labels)

@@ -39,7 +39,7 @@ def test_launch_configs_are_valid_accelerate_configs(path):
 
 
 def test_shipped_configs_exist():
-    assert ROOT / "configs" / "default.yaml" in CONFIGS
+    assert ROOT / "configs" / "default.yaml" in CONFIGS and ROOT / "configs" / "dpo.yaml" in CONFIGS
 
 
 def test_defaults_are_the_documented_ones(tmp_path):

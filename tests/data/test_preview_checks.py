@@ -123,3 +123,20 @@ def test_collator_that_masks_by_pad_id_is_caught(tokenizer, tmp_path, chat_rows,
     monkeypatch.setattr(checks, "collator", lambda tok, packed: MaskByPadId(real(tok, packed)))
     with pytest.raises(DataError, match="batching masked .* trained tokens.*equals EOS"):
         build(tokenizer, chat_rows, tmp_path)
+
+
+def test_preview_of_the_bundled_pairs_shows_both_answers_trained(smollm_path, monkeypatch, tmp_path):
+    from loraforge.preview import run_preview
+
+    monkeypatch.setenv("LORAFORGE_HOME", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "smollm2-135m-instruct").symlink_to(smollm_path)
+    out = io.StringIO()
+    run_preview(load_config(ROOT / "configs" / "dpo.yaml", ["data.cache=false"]), n=1, stream=out)
+    text = out.getvalue()
+    assert text.startswith("1 pairs ([[trained]] masked):")
+    assert "--- data/chatterbot_pref_en.jsonl:1 chosen" in text and "--- data/chatterbot_pref_en.jsonl:1 rejected" in text
+    assert "What is AI?<|im_end|>\n<|im_start|>assistant\n[[Artificial Intelligence is the branch" in text
+    assert "[[Squirrels<|im_end|>]]" in text, "the rejected answer is trained (pushed down) through its end of turn"
+    assert "rows read           2025" in text and "trained tokens" in text

@@ -27,11 +27,11 @@ def train(tmp_path, *overrides):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["quantization=4bit"],
+        ["quantization=4bit", "train.max_steps=2", "train.eval_every=2"],
         pytest.param(["lora.use_dora=true", "lora.use_rslora=true"], marks=pytest.mark.slow),
         pytest.param(["adapter=full", "train.learning_rate=2e-5"], marks=pytest.mark.slow),
         pytest.param(["model.variant=drop_layers", "model.drop_layers=[20,21,22]"], marks=pytest.mark.slow),
-        ["precision=bf16"],
+        ["precision=bf16", "train.max_steps=2", "train.eval_every=2"],
     ],
     ids=["qlora-4bit", "dora-rslora", "full", "drop-layers", "bf16"],
 )

@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from loraforge.config.section import Section
-from loraforge.data.formats import FORMAT_FIELDS
+from loraforge.data.formats import FORMAT_FIELDS, PREFERENCE_FORMATS
 
 # The format registry lives with the parsers (data/formats.py); the config offers exactly its names.
 DataFormat = Enum("DataFormat", {name: name for name in FORMAT_FIELDS}, type=str)
@@ -27,7 +27,9 @@ class DataSource(Section):
         DataFormat.messages,
         description="messages: {'messages': [{'role', 'content', 'train'?}]}; sharegpt: {'conversations': "
         "[{'from', 'value'}]}; alpaca: {'instruction', 'input', 'output'}; prompt_completion: {'prompt', "
-        "'completion'}; classification: {'text', 'label'}; text: {'text'} trained on every token.",
+        "'completion'}; classification: {'text', 'label'}; text: {'text'} trained on every token; preference: "
+        "{'prompt', 'chosen', 'rejected'} (text or message lists) or {'messages', 'chosen', 'rejected'}, for "
+        "method dpo.",
     )
     fields: dict[str, str] = Field(
         default_factory=dict,
@@ -82,7 +84,12 @@ class DataConfig(Section):
         "extension), used instead of the tokenizer's; "
         "it is saved with the run so chat and export use the same one."
     )
-    max_length: int = Field(512, ge=8, description="Longest sample in tokens.")
+    max_length: int = Field(512, ge=8, description="Longest sample in tokens (preference data: the prompt and its "
+                            "longer answer).")
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="preference data: longest prompt in tokens (a longer one keeps its end, under "
+        "data.truncation: truncate); null: half of max_length."
+    )
     truncation: Literal["drop", "truncate", "error"] = Field(
         "drop", description="What a sample longer than max_length gets: dropped and counted, cut to max_length, "
         "or an error naming the row."
@@ -108,9 +115,24 @@ class DataConfig(Section):
     )
     cache: bool = Field(True, description="Reuse tokenized data when files, tokenizer, template and settings match.")
 
+    def is_preference(self) -> bool:
+        return any(s.format.value in PREFERENCE_FORMATS for s in self.sources)
+
+    def prompt_limit(self) -> int:
+        return self.max_prompt_length if self.max_prompt_length is not None else self.max_length // 2
+
     @model_validator(mode="after")
     def _something_left_to_train(self):
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(f"val_fraction ({self.val_fraction:g}) and test_fraction ({self.test_fraction:g}) hold "
                              "out every row; together they must stay below 1")
+        formats = {s.format.value for s in self.sources}
+        if formats & PREFERENCE_FORMATS and formats - PREFERENCE_FORMATS:
+            raise ValueError(f"sources mix preference data with {sorted(formats - PREFERENCE_FORMATS)}; a run trains "
+                             "on one kind (method sft or a preference method), so give each its own config")
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) leaves no room for an answer within "
+                             f"max_length ({self.max_length}); make it smaller")
+        if formats & PREFERENCE_FORMATS and self.packing:
+            raise ValueError("packing does not apply to preference data; set data.packing: false")
         return self

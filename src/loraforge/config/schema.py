@@ -249,7 +249,17 @@ class LoggingConfig(Section):
 
 
 # What an evaluation reports for each task, so train.best_metric can be checked before any work.
-EVAL_METRICS = {"causal_lm": ("eval_loss",), "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1")}
+EVAL_METRICS = {"causal_lm": ("eval_loss",), "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
+                "dpo": ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")}
+
+
+class PreferenceConfig(Section):
+    beta: float = Field(0.1, gt=0, description="How far the tuned model may move from the reference: higher keeps "
+                        "it closer (TRL's beta).")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = Field(
+        "sigmoid", description="method dpo: sigmoid is the DPO paper's loss; hinge (SLiC), ipo and robust (noisy "
+        "labels) are TRL's variants."
+    )
 
 
 OUTPUT_DIR_FIELDS = ("model", "data", "time")
@@ -267,6 +277,16 @@ class RunConfig(Section):
         "causal_lm", description="causal_lm: learn to generate; classification: a label per text, "
         "through a classification head on the model (data format classification)."
     )
+    method: Literal["sft", "dpo"] = Field(
+        "sft", description="sft: learn the answers in the data; dpo: learn to prefer the chosen answer over the "
+        "rejected one (data format preference), against a reference that is the starting model (the base with the "
+        "adapter off, or init_from's adapter)."
+    )
+    init_from: str | None = Field(
+        None, description="A finished run directory whose adapter this run starts from (an SFT run before dpo, say); "
+        "with method dpo that adapter is also the reference. Same base model and LoRA settings required."
+    )
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="method dpo settings.")
     adapter: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter, or every weight (full).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Training dtype. auto: bf16 on GPUs that support it, else fp16; on CPU it times a short "
@@ -321,8 +341,23 @@ class RunConfig(Section):
             raise ValueError(f"task classification needs every data source in format classification, got {sorted(formats)}")
         if self.task == "classification" and self.data.packing:
             raise ValueError("data.packing does not apply to task classification; set it to false")
-        reported = EVAL_METRICS[self.task]
+        preference = self.data.is_preference()
+        if self.method == "sft" and preference:
+            raise ValueError("the data is in format preference, which method sft does not train; set method: dpo")
+        if self.method != "sft":
+            if not preference:
+                raise ValueError(f"method {self.method} needs data in format preference ({{prompt, chosen, rejected}}); "
+                                 f"the sources are {sorted(formats)}")
+            if self.task != "causal_lm":
+                raise ValueError(f"method {self.method} trains a causal_lm; set task: causal_lm")
+            if self.adapter != "lora":
+                raise ValueError(f"method {self.method} needs adapter: lora, so the reference is the starting model "
+                                 "with the adapter off instead of a second copy of every weight")
+        if self.init_from is not None and self.adapter != "lora":
+            raise ValueError("init_from starts from a run's LoRA adapter; set adapter: lora")
+        kind = self.method if self.method != "sft" else self.task
+        reported = EVAL_METRICS[kind]
         if f"eval_{self.train.best_metric.removeprefix('eval_')}" not in reported:
-            raise ValueError(f"train.best_metric: {self.train.best_metric!r} is not a metric a {self.task} run reports; "
+            raise ValueError(f"train.best_metric: {self.train.best_metric!r} is not a metric a {kind} run reports; "
                              f"use one of {', '.join(reported)}")
         return self

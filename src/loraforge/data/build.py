@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from loraforge.data import cache
 from loraforge.data.bundle import DataBundle, DataStats
 from loraforge.data.checks import check_trainable
-from loraforge.data.formats import PARSERS, Conversation
+from loraforge.data.formats import PARSERS, Conversation, Preference
 from loraforge.data.packing import pack
-from loraforge.data.render import IGNORE, render
+from loraforge.data.render import IGNORE, render, render_preference
 from loraforge.data.sources import BadRow, read_rows
 from loraforge.errors import DataError
 
@@ -70,8 +70,11 @@ def split(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
     return train, val
 
 
-def conversation_key(conversation: Conversation) -> tuple:
+def conversation_key(conversation: Conversation | Preference) -> tuple:
     """What makes two rows the same conversation: the same text, or the same roles and contents in order."""
+    if isinstance(conversation, Preference):
+        return tuple(tuple((m.role, m.content) for m in part)
+                     for part in (conversation.prompt, conversation.chosen, conversation.rejected))
     if conversation.text is not None:
         return ("text", conversation.text)
     return tuple((m.role, m.content) for m in conversation.messages)
@@ -156,6 +159,47 @@ def tokenize_rows(rows: list[Row], tokenizer, stop_ids, data_config, stats: Data
     return Dataset.from_dict(columns), kept
 
 
+def tokenize_pairs(rows: list[Row], tokenizer, stop_ids, data_config, stats: DataStats):
+    """Preference rows as prompt_ids, chosen_ids and rejected_ids. A prompt over data.max_prompt_length keeps its
+    end (the turn being answered) and answers are cut to what data.max_length leaves, under data.truncation
+    (error, drop or truncate); every cut is counted."""
+    from datasets import Dataset
+
+    columns: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    kept: list[Row] = []
+    limit, prompt_limit = data_config.max_length, data_config.prompt_limit()
+    for row in rows:
+        try:
+            prompt, chosen, rejected = render_preference(row.conversation, tokenizer, stop_ids)
+        except DataError as exc:
+            raise DataError(f"{row.where}: {exc}") from None
+        longest = len(prompt) + max(len(chosen), len(rejected))
+        if len(prompt) > prompt_limit or longest > limit:
+            what = (f"prompt {len(prompt)} tokens (data.max_prompt_length={prompt_limit})" if len(prompt) > prompt_limit
+                    else f"prompt and answer {longest} tokens (data.max_length={limit})")
+            if data_config.truncation == "error":
+                raise DataError(f"{row.where}: {what}; raise the limit or set data.truncation to drop or truncate")
+            if data_config.truncation == "drop":
+                stats.count_drop("too_long")
+                continue
+            if len(prompt) > prompt_limit:
+                prompt = prompt[len(prompt) - prompt_limit:]
+                stats.truncated_prompts += 1
+            room = limit - len(prompt)
+            if len(chosen) > room or len(rejected) > room:
+                chosen, rejected = chosen[:room], rejected[:room]
+                stats.truncated += 1
+                stats.truncated_assistant += 1
+        if chosen == rejected:
+            raise DataError(f"{row.where}: chosen and rejected are the same tokens once rendered"
+                            f"{' and cut to data.max_length' if longest > limit else ''}; drop the row")
+        columns["prompt_ids"].append(prompt)
+        columns["chosen_ids"].append(chosen)
+        columns["rejected_ids"].append(rejected)
+        kept.append(row)
+    return Dataset.from_dict(columns), kept
+
+
 def refuse_emptied_sources(data_config, before: list[Row], after: list[Row]) -> None:
     """A source that had rows going into tokenization and has none coming out is an error, not a quiet gap
     (a validation file whose every row is too long would otherwise leave the run without evaluation)."""
@@ -186,8 +230,35 @@ def build_datasets(data_config, tokenizer, stop_ids, seed: int, cache_dir=None) 
     return bundle
 
 
-def _first_user_prompt(conversation: Conversation) -> str | None:
-    return next((m.content for m in conversation.messages if m.role == "user"), None)
+def _first_user_prompt(conversation: Conversation | Preference) -> str | None:
+    messages = conversation.prompt if isinstance(conversation, Preference) else conversation.messages
+    return next((m.content for m in messages if m.role == "user"), None)
+
+
+def _pair_bundle(train, val, test, val_rows: list[Row], stats: DataStats) -> DataBundle:
+    """Preference splits: a row's length is its prompt and its longer answer; both answers are trained."""
+    lengths = sorted(len(p) + max(len(c), len(r))
+                     for p, c, r in zip(train["prompt_ids"], train["chosen_ids"], train["rejected_ids"]))
+    stats.train_rows = len(train)
+    stats.val_rows = len(val) if val is not None else 0
+    stats.test_rows = len(test) if test is not None else 0
+    stats.train_tokens = sum(len(p) * 2 + len(c) + len(r)
+                             for p, c, r in zip(train["prompt_ids"], train["chosen_ids"], train["rejected_ids"]))
+    stats.trainable_tokens = sum(len(c) + len(r) for c, r in zip(train["chosen_ids"], train["rejected_ids"]))
+    stats.length_percentiles = {f"p{q}": lengths[min(len(lengths) - 1, len(lengths) * q // 100)] for q in (50, 90, 99)}
+    stats.length_percentiles["max"] = lengths[-1]
+    if stats.dropped:
+        log.warning("dropped pairs: %s", stats.dropped)
+    if stats.truncated or stats.truncated_prompts:
+        log.warning("%d prompts lost their start to data.max_prompt_length, %d pairs had answers cut to data.max_length",
+                    stats.truncated_prompts, stats.truncated)
+    return DataBundle(
+        train=train,
+        val=val if val is not None and len(val) else None,
+        test=test,
+        val_prompts=[p for p in (_first_user_prompt(r.conversation) for r in val_rows) if p is not None],
+        stats=stats,
+    )
 
 
 def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
@@ -203,15 +274,19 @@ def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
             1 for r in train_rows if data_config.sources[r.source] is source
         )
 
-    train, train_kept = tokenize_rows(train_rows, tokenizer, stop_ids, data_config, stats)
+    preference = data_config.is_preference()
+    tokenize = tokenize_pairs if preference else tokenize_rows
+    train, train_kept = tokenize(train_rows, tokenizer, stop_ids, data_config, stats)
     if len(train) == 0:
         raise DataError(
             f"no training rows left of {len(train_rows)}: dropped {stats.dropped}; "
             f"raise data.max_length (now {data_config.max_length}) or check data.masking"
         )
-    val, val_kept = tokenize_rows(val_rows, tokenizer, stop_ids, data_config, stats) if val_rows else (None, [])
-    test, test_kept = tokenize_rows(test_rows, tokenizer, stop_ids, data_config, stats) if test_rows else (None, [])
+    val, val_kept = tokenize(val_rows, tokenizer, stop_ids, data_config, stats) if val_rows else (None, [])
+    test, test_kept = tokenize(test_rows, tokenizer, stop_ids, data_config, stats) if test_rows else (None, [])
     refuse_emptied_sources(data_config, [*train_rows, *val_rows, *test_rows], [*train_kept, *val_kept, *test_kept])
+    if preference:
+        return _pair_bundle(train, val, test, val_rows, stats)
     check_trainable(train, [r.where for r in train_kept], tokenizer, stop_ids, data_config)
 
     lengths = sorted(len(ids) for ids in train["input_ids"])

@@ -16,6 +16,7 @@ class DataStats:
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
     truncated_assistant: int = 0
+    truncated_prompts: int = 0
     train_tokens: int = 0
     trainable_tokens: int = 0
     length_percentiles: dict[str, int] = field(default_factory=dict)
@@ -31,7 +32,8 @@ class DataStats:
         text = (
             f"{self.rows_read} rows read, {self.bad_rows} bad rows skipped, "
             f"{self.train_rows} train / {self.val_rows} validation / {self.test_rows} test; dropped: {dropped}; "
-            f"{self.truncated} truncated; {self.train_tokens} train tokens, {ratio:.0%} of them trained"
+            f"{self.truncated} truncated{f' ({self.truncated_prompts} prompts)' if self.truncated_prompts else ''}; "
+            f"{self.train_tokens} train tokens, {ratio:.0%} of them trained"
         )
         if self.held_out_in_train:
             text += f"; {self.held_out_in_train} validation/test rows also in train"

@@ -44,6 +44,10 @@ def _hint(source, fmt: str) -> str:
 def from_messages(row: dict, where: str, source=None) -> Conversation:
     key = _column(source, "messages")
     items = _field(row, key, list, where, _hint(source, "messages"))
+    return _checked(_message_list(items, key, where), where, key)
+
+
+def _message_list(items: list, key: str, where: str) -> tuple[Message, ...]:
     out = []
     for index, item in enumerate(items):
         at = f"{where}: {key}[{index}]"
@@ -57,7 +61,7 @@ def from_messages(row: dict, where: str, source=None) -> Conversation:
         if train is not None and not isinstance(train, bool):
             raise DataError(f"{at}: field 'train' is {type(train).__name__}, expected true or false")
         out.append(Message(role, content, train))
-    return _checked(tuple(out), where, key)
+    return tuple(out)
 
 
 def from_sharegpt(row: dict, where: str, source=None) -> Conversation:
@@ -127,6 +131,61 @@ def from_text(row: dict, where: str, source=None) -> Conversation:
     return Conversation(text=text)
 
 
+@dataclass(frozen=True)
+class Preference:
+    """A prompt (the messages before the answer) with a chosen and a rejected answer (assistant turns)."""
+
+    prompt: tuple[Message, ...]
+    chosen: tuple[Message, ...]
+    rejected: tuple[Message, ...]
+
+    def with_system(self, prompt: str | None) -> "Preference":
+        if prompt is None or (self.prompt and self.prompt[0].role == "system"):
+            return self
+        return Preference((Message("system", prompt), *self.prompt), self.chosen, self.rejected)
+
+
+def _turns(value, key: str, where: str, default_role: str, source) -> tuple[Message, ...]:
+    """A string (one message of default_role) or a list of {role, content} messages."""
+    if isinstance(value, str):
+        return (Message(default_role, value),)
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field {key!r} is {type(value).__name__}, expected text or a list of messages; "
+                        f"{_hint(source, 'preference')}")
+    return _message_list(value, key, where)
+
+
+def from_preference(row: dict, where: str, source=None) -> Preference:
+    """{prompt, chosen, rejected}, each text or messages, or {messages, chosen, rejected} (messages = the prompt)."""
+    hint = _hint(source, "preference")
+    prompt_key = _column(source, "prompt")
+    if prompt_key not in row and _column(source, "messages") in row:
+        prompt_key = _column(source, "messages")
+    if prompt_key not in row:
+        keys = ", ".join(sorted(map(str, row))) or "none"
+        raise DataError(f"{where}: no {_column(source, 'prompt')!r} or {_column(source, 'messages')!r} field "
+                        f"(keys: {keys}); {hint}")
+    prompt = _turns(row[prompt_key], prompt_key, where, "user", source)
+    if not prompt or prompt[-1].role != "user":
+        raise DataError(f"{where}: field {prompt_key!r} must end on a user turn, the one the answers reply to")
+    answers = []
+    for name in ("chosen", "rejected"):
+        key = _column(source, name)
+        if key not in row:
+            _field(row, key, str, where, hint)
+        turns = _turns(row[key], key, where, "assistant", source)
+        if prompt and turns and turns[: len(prompt)] == prompt and len(turns) > len(prompt):
+            turns = turns[len(prompt):]
+        if not turns or any(m.role != "assistant" for m in turns):
+            raise DataError(f"{where}: field {key!r} must hold the assistant answer only (text, or assistant messages)")
+        if not any(m.content.strip() for m in turns):
+            raise DataError(f"{where}: field {key!r} is empty; fill it in or drop the row")
+        answers.append(turns)
+    if answers[0] == answers[1]:
+        raise DataError(f"{where}: chosen and rejected are the same answer, so the pair teaches nothing; drop the row")
+    return Preference(prompt, answers[0], answers[1])
+
+
 # The fields each format reads from a row (data.sources[].fields renames them), and its parser.
 FORMAT_FIELDS = {
     "messages": ("messages",),
@@ -135,7 +194,10 @@ FORMAT_FIELDS = {
     "prompt_completion": ("prompt", "completion"),
     "classification": ("text", "label"),
     "text": ("text",),
+    "preference": ("prompt", "messages", "chosen", "rejected"),
 }
+
+PREFERENCE_FORMATS = frozenset({"preference"})
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -146,6 +208,7 @@ PARSERS = {
     "prompt_completion": from_prompt_completion,
     "classification": from_classification,
     "text": from_text,
+    "preference": from_preference,
 }
 
 

@@ -6,7 +6,7 @@ without generation markers. The turn is trained up to and including its end-of-t
 text after it (a newline, say) is never generated, so it is not trained.
 """
 
-from loraforge.data.formats import Conversation
+from loraforge.data.formats import Conversation, Preference
 from loraforge.errors import DataError
 from loraforge.model.template import apply_template
 
@@ -61,11 +61,7 @@ def _chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
 def _render_chat(
     conversation: Conversation, tokenizer, stop_ids: frozenset[int], last_only: bool
 ) -> tuple[list[int], list[int]]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            "the tokenizer has no chat template, so chat data cannot be rendered; set data.chat_template "
-            "(a Jinja string or .jinja file), or use format: text for plain text"
-        )
+    _require_template(tokenizer)
     messages = conversation.messages
     full = _chat_ids(tokenizer, messages, add_generation_prompt=False)
     labels = [IGNORE] * len(full)
@@ -88,6 +84,43 @@ def _render_chat(
                 break
         labels[start:end] = full[start:end]
     return full, labels
+
+
+def render_preference(pair: Preference, tokenizer, stop_ids: frozenset[int]) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen, rejected) token ids. The prompt is the chat rendered up to the generation prompt; each
+    answer is what the template adds after it, up to and including its end-of-turn token, so training sees the
+    same prompt tokens on both sides and the same tokens a chat with the model would."""
+    _require_template(tokenizer)
+    prompt = _chat_ids(tokenizer, pair.prompt, add_generation_prompt=True)
+    fulls, shared = [], len(prompt)
+    for name, turns in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        full = _chat_ids(tokenizer, (*pair.prompt, *turns), add_generation_prompt=False)
+        common = _common_prefix(prompt, full)
+        if common < len(prompt) - _BOUNDARY:
+            raise DataError(
+                f"the prompt's tokens differ once the {name} answer follows it (they part at token {common} of "
+                f"{len(prompt)}), so the two sides of the pair would not share a prompt; the chat template rewrites "
+                "earlier turns, which preference training does not support"
+            )
+        fulls.append(full)
+        shared = min(shared, common)
+    answers = []
+    for full in fulls:
+        end = len(full)
+        for position in range(len(full) - 1, shared - 1, -1):
+            if full[position] in stop_ids:
+                end = position + 1
+                break
+        answers.append(full[shared:end])
+    return prompt[:shared], answers[0], answers[1]
+
+
+def _require_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "the tokenizer has no chat template, so chat data cannot be rendered; set data.chat_template "
+            "(a Jinja string or .jinja file), or use format: text for plain text"
+        )
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

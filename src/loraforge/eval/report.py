@@ -9,6 +9,10 @@ ROWS = (
     ("perplexity", "perplexity", "{:.2f}"),
     ("accuracy", "accuracy", "{:.3f}"),
     ("macro_f1", "macro F1", "{:.3f}"),
+    ("rewards/accuracies", "reward accuracy (vs reference)", "{:.3f}"),
+    ("rewards/margins", "reward margin", "{:.4f}"),
+    ("rewards/chosen", "reward of chosen", "{:.4f}"),
+    ("rewards/rejected", "reward of rejected", "{:.4f}"),
 )
 
 
@@ -17,9 +21,10 @@ def _cell(text: str) -> str:
 
 
 def write_report(run_dir: Path, title: str, before: dict, after: dict, samples: list[dict], data_summary: str,
-                 weights: str | None = None, test: str | None = None) -> Path:
-    """before/after: metric name (loss, perplexity, accuracy, macro_f1) -> value; weights: which step the
-    fine-tuned weights are from; test: the test split's metrics with those weights."""
+                 weights: str | None = None, test: str | None = None, preference: str | None = None) -> Path:
+    """before/after: metric name (loss, perplexity, accuracy, macro_f1, rewards/...) -> value; weights: which step
+    the fine-tuned weights are from; test: the test split's metrics with those weights; preference: the
+    preference accuracy line of a preference run."""
     lines = [f"# {title}", "", f"Run directory: `{run_dir}`", "", f"Data: {data_summary}", ""]
     if weights:
         lines += [f"Fine-tuned weights: {weights}", ""]
@@ -28,6 +33,8 @@ def write_report(run_dir: Path, title: str, before: dict, after: dict, samples: 
         if key in before or key in after:
             show = lambda d: fmt.format(d[key]) if d.get(key) is not None else "-"
             lines.append(f"| {name} | {show(before)} | {show(after)} |")
+    if preference:
+        lines += ["", "## Preference accuracy (validation pairs)", "", preference]
     if test:
         lines += ["", "## Test split", "", f"With the fine-tuned weights, once, after training: {test}"]
     if (Path(run_dir) / rundir.LOSS_PLOT).is_file():

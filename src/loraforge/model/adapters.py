@@ -51,6 +51,13 @@ def apply_lora(
     return get_peft_model(model, config)
 
 
+def load_trainable_adapter(model, adapter_dir):
+    """A saved LoRA adapter on the model, its weights trainable, to carry training on from it."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+
+
 def make_fully_trainable(model):
     for param in model.parameters():
         param.requires_grad_(True)

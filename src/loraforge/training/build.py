@@ -16,11 +16,11 @@ from loraforge.data.packing import collator
 from loraforge.errors import ConfigError
 from loraforge.eval.generate import prompt_messages
 from loraforge.eval.metrics import classification_metrics
-from loraforge.model.adapters import apply_lora, make_fully_trainable, parameter_counts
+from loraforge.model.adapters import apply_lora, load_trainable_adapter, make_fully_trainable, parameter_counts
 from loraforge.model.load import load_for_run
 from loraforge.training.callbacks import MetricsCallback, SampleCallback, ThroughputCallback
 from loraforge.training.prepare import Prepared
-from loraforge.training.trainer import LoraforgeTrainer, NanGuard, PaddedTokensPerStep, SignalStop
+from loraforge.training.trainer import LoraforgeTrainer, NanGuard, PaddedTokensPerStep, PreferenceTrainer, SignalStop
 
 log = logging.getLogger("loraforge.train")
 
@@ -68,6 +68,8 @@ def trainable_model(config: RunConfig, prepared: Prepared, precision: str):
         model.config.use_cache = False
     if config.adapter == "full":
         model = make_fully_trainable(model)
+    elif config.init_from is not None:
+        model = load_adapter_to_train(model, config, prepared.model_path)
     else:
         lora = config.lora
         model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
@@ -81,9 +83,30 @@ def trainable_model(config: RunConfig, prepared: Prepared, precision: str):
     return model
 
 
+def load_adapter_to_train(model, config: RunConfig, model_path):
+    """init_from: the adapter of a finished run on the same base model, trainable, to train on from."""
+    source = Path(config.init_from)
+    earlier = rundir.read_config(source)
+    if earlier.adapter != "lora" or not (source / rundir.ADAPTER / "adapter_config.json").is_file():
+        raise ConfigError([f"init_from: {source} holds no LoRA adapter ({rundir.ADAPTER}/); start from a run with "
+                           "adapter: lora"])
+    rundir.check_adapter(source / rundir.ADAPTER)
+    mismatched = [f"{name} {a!r} there, {b!r} here" for name, a, b in (
+        ("model.name", earlier.model.name, config.model.name),
+        ("model.variant", earlier.model.variant, config.model.variant),
+        ("quantization.mode", earlier.quantization.mode, config.quantization.mode),
+        ("task", earlier.task, config.task)) if a != b]
+    if mismatched:
+        raise ConfigError([f"init_from: {source} was trained on another setup ({'; '.join(mismatched)}); use the "
+                           "same model settings as that run"])
+    log.info("starting from the adapter of %s (init_from)", source)
+    return load_trainable_adapter(model, source / rundir.ADAPTER)
+
+
 def training_arguments(config: RunConfig, run_dir: Path, precision: str, has_eval: bool) -> TrainingArguments:
+    """HF's TrainingArguments from the config; TRL's DPOConfig (a subclass) for method dpo."""
     train = config.train
-    return TrainingArguments(
+    settings = dict(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         activation_checkpointing=train.gradient_checkpointing,
@@ -116,8 +139,15 @@ def training_arguments(config: RunConfig, run_dir: Path, precision: str, has_eva
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if train.group_by_length and config.method == "sft" else "random",
     )
+    if config.method == "sft":
+        return TrainingArguments(**settings)
+    from trl import DPOConfig
+
+    # Rows arrive tokenized and cut to data.max_length; dropout stays as lora.dropout says.
+    return DPOConfig(**settings, beta=config.preference.beta, loss_type=[config.preference.loss_type],
+                     max_length=None, precompute_ref_log_probs=False, disable_dropout=False)
 
 
 def micro_batch_tokens(setting) -> int | None:
@@ -154,6 +184,19 @@ def build_trainer(config: RunConfig, prepared: Prepared, model, run_dir: Path, p
     # TensorBoardCallback reads its folder from the environment when the trainer is built.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / rundir.TENSORBOARD)
     os.environ.update(config.tracking.environment())
+    if config.method != "sft":
+        trainer = PreferenceTrainer(
+            model=model,
+            args=training_arguments(config, run_dir, precision, has_eval=prepared.val is not None),
+            train_dataset=prepared.train,
+            eval_dataset=prepared.val,
+            processing_class=prepared.tokenizer,
+            callbacks=[throughput, MetricsCallback(run_dir / rundir.METRICS, throughput)],
+            keep_last=config.train.keep_last,
+            fingerprints=fingerprints,
+            group_by_length=config.train.group_by_length,
+        )
+        return _with_callbacks(trainer, config, prepared, run_dir, model, throughput, stop, trainable)
     trainer = LoraforgeTrainer(
         model=model,
         args=training_arguments(config, run_dir, precision, has_eval=prepared.val is not None),
@@ -170,6 +213,12 @@ def build_trainer(config: RunConfig, prepared: Prepared, model, run_dir: Path, p
         causal_lm=causal,
         micro_batch_tokens=micro_batch_tokens(config.train.micro_batch_tokens),
     )
+    return _with_callbacks(trainer, config, prepared, run_dir, model, throughput, stop, trainable)
+
+
+def _with_callbacks(trainer, config: RunConfig, prepared: Prepared, run_dir: Path, model, throughput, stop: SignalStop,
+                    trainable: int) -> Built:
+    causal = config.task == "causal_lm"
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(NanGuard(trainer, config.train.nan_patience))
     padded = PaddedTokensPerStep(trainer)

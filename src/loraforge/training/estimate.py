@@ -1,4 +1,5 @@
-"""`loraforge estimate`: seconds per step, total time and peak memory of a config, before the long run.
+"""`loraforge estimate`: seconds per step, total time and peak memory of a config, before the long run
+(SFT or DPO: a DPO step computes both answers of each pair and a reference pass, all in the probe's times).
 
 A few real optimizer steps of the config give the peak memory, a fixed cost per step and the seconds per
 padded token (fitted on all but the first step), and the first step's extra time (a warm-up, counted once).
@@ -18,7 +19,7 @@ from loraforge.errors import ConfigError
 from loraforge.training.build import accumulation
 from loraforge.training.prepare import prepare
 from loraforge.training.run import run_training
-from loraforge.training.trainer import length_grouped_order
+from loraforge.training.trainer import length_grouped_order, pair_lengths
 
 
 @dataclass
@@ -108,6 +109,10 @@ def run_estimate(config, probe_steps: int = 6) -> Estimate:
                                 config.data.packing, config.seed, steps)
     if config.data.packing:
         tokens = [min(t, train.batch_size * accum * config.data.max_length) for t in tokens]
+    if config.method != "sft":
+        # A pair is two sequences, chosen and rejected, padded to one length; the probe's step times already hold
+        # the reference model's forward pass per token.
+        tokens = [2 * t for t in tokens]
     warm_up = measured_seconds[0] - (fixed + per_token * measured_tokens[0])
     step_seconds = [fixed + per_token * t for t in tokens]
     step_seconds[0] += max(warm_up, 0.0)
@@ -127,4 +132,7 @@ def run_estimate(config, probe_steps: int = 6) -> Estimate:
 
 def _train_lengths(config) -> list[int]:
     unpacked = config.model_copy(update={"data": config.data.model_copy(update={"packing": False})})
-    return [len(ids) for ids in prepare(unpacked).train["input_ids"]]
+    train = prepare(unpacked).train
+    if config.method != "sft":
+        return pair_lengths(train)
+    return [len(ids) for ids in train["input_ids"]]

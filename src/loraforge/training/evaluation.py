@@ -17,14 +17,18 @@ from torch.utils.tensorboard import SummaryWriter
 from loraforge import rundir
 from loraforge.config import RunConfig
 from loraforge.eval.generate import generate_batch, prompt_messages
-from loraforge.eval.run import causal_rows_metrics, classification_rows_metrics, eval_rows, has_test_split
+from loraforge.eval.preference import preference_line, preference_metrics
+from loraforge.eval.run import (causal_rows_metrics, classification_rows_metrics, eval_rows, has_test_split,
+                                pairs_preference_metrics)
 from loraforge.training.resume import rewind_metrics
 
 log = logging.getLogger("loraforge.train")
 
 
 def adapter_off_is_base(config: RunConfig) -> bool:
-    return config.adapter == "lora" and config.lora.bias == "none"
+    """Switching the adapter off gives the starting model back (not so from init_from's adapter), and the base's
+    metrics are those of the run (a preference run's are measured against a reference, before training)."""
+    return config.adapter == "lora" and config.lora.bias == "none" and config.init_from is None and config.method == "sft"
 
 
 def evaluate_before(trainer, config: RunConfig, has_val: bool, checkpoint: Path | None, run_dir: Path,
@@ -67,8 +71,11 @@ def evaluate_after(trainer, config: RunConfig, has_val: bool, origin: dict) -> d
                  config.train.best_metric, origin["value"])
         trainer.load_checkpoint_weights(origin["checkpoint"])
         # Not trainer.evaluate(): that would log the best step's loss as the last step's in the curves.
-        return trainer.evaluation_loop(trainer.get_eval_dataloader(), description="best checkpoint",
-                                       prediction_loss_only=True if trainer.compute_metrics is None else None).metrics
+        found = trainer.evaluation_loop(trainer.get_eval_dataloader(), description="best checkpoint",
+                                        prediction_loss_only=True if trainer.compute_metrics is None else None).metrics
+        if hasattr(trainer, "drain_eval_metrics"):
+            found.update(trainer.drain_eval_metrics())
+        return found
     if not has_val:
         return {}
     for record in reversed(trainer.state.log_history):
@@ -82,6 +89,11 @@ def evaluate_test(config: RunConfig, model, tokenizer, stop_ids, labels: list[st
     if not has_test_split(config):
         return None
     data_config, rows = eval_rows(config, None, "test")
+    if config.method != "sft":
+        found = pairs_preference_metrics(model, tokenizer, stop_ids, data_config, rows, config.preference.beta)
+        log.info("test split: %s", preference_line(found))
+        found["rows"] = found["pairs"]
+        return found
     if config.task == "classification":
         found = classification_rows_metrics(model, tokenizer, labels, rows, config.data.max_length)
         found["rows"] = len(rows)
@@ -91,6 +103,15 @@ def evaluate_test(config: RunConfig, model, tokenizer, stop_ids, labels: list[st
                                     config.eval.test_generations)
         log.info("test split (%d rows): loss %.4f, perplexity %.2f, token accuracy %.4f", found["rows"], found["loss"],
                  found["perplexity"], found["token_accuracy"])
+    return found
+
+
+def evaluate_pairs(config: RunConfig, model, prepared) -> dict | None:
+    """A preference run's preference accuracy on its validation pairs with the final weights (eval/preference.py)."""
+    if config.method == "sft" or prepared.val is None:
+        return None
+    found = preference_metrics(model, prepared.val, prepared.tokenizer.pad_token_id, config.preference.beta)
+    log.info("validation pairs: %s", preference_line(found))
     return found
 
 
@@ -126,10 +147,10 @@ def record_step_zero(metrics_path: Path, tensorboard_dir: Path | None, metrics: 
 
 
 def metric_values(metrics: dict) -> dict:
-    """eval_* metrics without the prefix and the timing entries, with perplexity from the loss."""
+    """eval_* metrics without the prefix and the timing entries, with perplexity from a language-model loss."""
     values = {k.removeprefix("eval_"): v for k, v in metrics.items()
               if k.startswith("eval_") and not k.endswith(("runtime", "per_second", "preparation_time"))}
-    if "loss" in values and values["loss"] is not None:
+    if "loss" in values and values["loss"] is not None and "rewards/accuracies" not in values:
         values["perplexity"] = math.exp(min(values["loss"], 50.0))
     return values
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.config import RunConfig
 from loraforge.eval.plots import plot_loss
+from loraforge.eval.preference import preference_line
 from loraforge.eval.report import write_report
 from loraforge.training.evaluation import metric_values
 from loraforge.training.manifest import write_manifest
@@ -46,6 +47,8 @@ class TrainResult:
     weights: dict = field(default_factory=dict)
     # The test split's metrics with the final weights, when the run has a test split.
     test: dict | None = None
+    # A preference run's preference accuracy on its validation pairs (eval/preference.py).
+    preference: dict | None = None
 
     def summary(self) -> str:
         lines = [f"Run directory: {self.run_dir}"]
@@ -59,6 +62,8 @@ class TrainResult:
         for name in ("accuracy", "macro_f1"):
             if name in self.metrics:
                 lines.append(f"Eval {name}: {self.metrics[name]:.3f}")
+        if self.preference:
+            lines.append(f"Validation pairs: {preference_line(self.preference)}")
         if self.test:
             lines.append(f"Test ({self.test['rows']} rows): {test_line(self.test)}")
         speed = f", {self.tokens_per_s:.0f} tok/s" if self.tokens_per_s else ""
@@ -73,7 +78,7 @@ class TrainResult:
         return "\n".join(lines)
 
 
-TEST_METRICS = (("loss", "loss"), ("perplexity", "perplexity"), ("token_accuracy", "token accuracy"),
+TEST_METRICS = (("preference_accuracy", "preference accuracy"), ("reward_accuracy", "reward accuracy"), ("loss", "loss"), ("perplexity", "perplexity"), ("token_accuracy", "token accuracy"),
                 ("rouge_l", "ROUGE-L"), ("exact_match", "exact match"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
 
 
@@ -93,7 +98,8 @@ def method_name(config: RunConfig) -> str:
         return "full fine-tune"
     name = "DoRA" if config.lora.use_dora else "LoRA"
     quant = f" {config.quantization.mode}" if config.quantization.mode != "none" else ""
-    return f"{name}{quant} r={config.lora.r}"
+    method = f" {config.method.upper()}" if config.method != "sft" else ""
+    return f"{name}{quant} r={config.lora.r}{method}"
 
 
 def save_model(config: RunConfig, model, tokenizer, run_dir: Path, labels: list[str] | None) -> None:
@@ -125,9 +131,11 @@ def write_results(config: RunConfig, run_dir: Path, before: dict, after: dict, s
         checkpoints.rmdir()
     weights = extra.get("weights")
     test = extra.get("test")
+    preference = extra.get("preference")
     write_report(run_dir, f"{config.model.name}: {method_name(config)}", metric_values(before), metric_values(after),
                  samples, stats.summary(), weights_line(weights) if weights else None,
-                 f"{test['rows']} rows: {test_line(test)}" if test else None)
+                 f"{test['rows']} rows: {test_line(test)}" if test else None,
+                 preference_line(preference) if preference else None)
 
 
 def write_run_manifest(config: RunConfig, run_dir: Path, fingerprints: dict, trainable: int, wall: float,

@@ -152,6 +152,7 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
     samples = evaluation.sample_answers(config, built.model, prepared.tokenizer, prepared.stop_ids, trained.chats,
                                         trained.base_answers)
     test = evaluation.evaluate_test(config, built.model, prepared.tokenizer, prepared.stop_ids, prepared.labels)
+    preference = evaluation.evaluate_pairs(config, built.model, prepared)
     timing = {
         "step_seconds": throughput.step_seconds,
         "step_padded_tokens": built.padded.per_step,
@@ -168,6 +169,7 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
         "padded_tokens": trainer.padded_tokens,
         "weights": {k: v for k, v in trained.weights.items() if k != "checkpoint"},
         "test": test,
+        "preference": preference,
     })
     finish.write_run_manifest(config, run_dir, fingerprints, built.trainable_parameters, trained.wall, checkpoint,
                               trainer.state.global_step, precision)
@@ -177,6 +179,7 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
         tokens_seen / throughput.train_seconds if throughput.train_seconds else None, samples,
         metrics=evaluation.metric_values(trained.after), precision=precision.chosen,
         total_seconds=time.perf_counter() - started, timing=timing, weights=trained.weights, test=test,
+        preference=preference,
     )
 
 

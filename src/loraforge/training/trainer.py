@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from loraforge.errors import LoraforgeError
-from loraforge.internals import HookedTrainer
+from loraforge.internals import HookedDPOTrainer, HookedTrainer
 from loraforge.training.checkpoints import PREFIX, STAGING, latest_complete, publish, rotate
 from loraforge.training.loss import trained_positions_loss, trained_tokens_per_row
 
@@ -68,17 +68,21 @@ def row_slices(inputs: dict, max_tokens: int) -> list[dict]:
     ]
 
 
+def pair_lengths(pairs) -> list[int]:
+    """Tokens of each preference pair's longer side: its prompt and its longer answer."""
+    return [len(p) + max(len(c), len(r)) for p, c, r in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"])]
+
+
 class CheckpointError(LoraforgeError):
     """A checkpoint could not be written; the previous complete one is untouched."""
 
 
-class LoraforgeTrainer(HookedTrainer):
-    def __init__(self, *args, keep_last: int = 2, fingerprints: dict | None = None, causal_lm: bool = False,
-                 micro_batch_tokens: int | None = None, **kwargs):
+class RunLifecycle:
+    """What every loraforge trainer adds to its HF/TRL base: seeded length grouping, atomic checkpoints, padded
+    token counts and a flag for the NaN guard. Mixed in before a TrainerHooks class (internals.py)."""
+
+    def __init__(self, *args, keep_last: int = 2, fingerprints: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.causal_lm = causal_lm
-        self.micro_batch_tokens = micro_batch_tokens
-        self._trained_per_row: float | None = None
         self.keep_last = keep_last
         self.fingerprints = fingerprints or {}
         self.step_had_nonfinite_loss = False
@@ -91,47 +95,9 @@ class LoraforgeTrainer(HookedTrainer):
                                               seed=self.args.data_seed or self.args.seed)
         return sampler
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Causal LM: logits and loss at trained positions only (train/loss.py), the same value as the model's
-        own loss. Under autocast, peft's cast of each LoRA input to fp32 is skipped: autocast casts it back to
-        bf16 for the matmul anyway, and the fp32 copies are kept for backward."""
-        if not self.causal_lm or "labels" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        per_token_eval = not model.training and self._trained_per_row is not None and "position_ids" not in inputs
-        if per_token_eval:
-            # HF averages the batches' losses weighted by rows; dividing each batch's sum by rows x the split's
-            # trained tokens per row makes that average the mean over every trained token of the split.
-            num_items_in_batch = inputs["labels"].shape[0] * self._trained_per_row
-        device = self.args.device.type
-        with disable_input_dtype_casting(model, active=torch.is_autocast_enabled(device)):
-            loss, outputs = trained_positions_loss(model, inputs, num_items_in_batch,
-                                                   unwrapped=self.accelerator.unwrap_model(model))
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None and not per_token_eval:
-            loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
-
-    def evaluation_loop(self, dataloader, *args, **kwargs):
-        """Causal eval loss is the mean over the split's trained tokens, whatever the batch size and order."""
-        self._trained_per_row = trained_tokens_per_row(dataloader.dataset) if self.causal_lm else None
-        try:
-            return super().evaluation_loop(dataloader, *args, **kwargs)
-        finally:
-            self._trained_per_row = None
-
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """A micro-batch over micro_batch_tokens padded tokens runs as row slices, one forward and backward each.
-        The causal loss is a sum over the step's trained tokens divided by num_items_in_batch, so the slices'
-        gradients add up to those of the whole micro-batch while the activations of one slice only are alive."""
         self.padded_tokens += int(inputs["input_ids"].numel()) if "input_ids" in inputs else 0
-        pieces = [inputs]
-        if self.causal_lm and self.micro_batch_tokens and num_items_in_batch is not None:
-            pieces = row_slices(inputs, self.micro_batch_tokens)
-        loss = None
-        for i, piece in enumerate(pieces):
-            last = i == len(pieces) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
-                piece_loss = super().training_step(model, piece, num_items_in_batch)
-            loss = piece_loss if loss is None else loss + piece_loss
+        loss = super().training_step(model, inputs, num_items_in_batch)
         if not bool(torch.isfinite(loss).all()):
             self.step_had_nonfinite_loss = True
         return loss
@@ -173,6 +139,75 @@ class LoraforgeTrainer(HookedTrainer):
             self.state.best_model_checkpoint = str(best)
         rotate(root, self.keep_last, keep={best} if best is not None else set())
         log.info("checkpoint %s written", final)
+
+
+
+class LoraforgeTrainer(RunLifecycle, HookedTrainer):
+    """Supervised fine-tuning (causal LM or classification)."""
+
+    def __init__(self, *args, causal_lm: bool = False, micro_batch_tokens: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.causal_lm = causal_lm
+        self.micro_batch_tokens = micro_batch_tokens
+        self._trained_per_row: float | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Causal LM: logits and loss at trained positions only (train/loss.py), the same value as the model's
+        own loss. Under autocast, peft's cast of each LoRA input to fp32 is skipped: autocast casts it back to
+        bf16 for the matmul anyway, and the fp32 copies are kept for backward."""
+        if not self.causal_lm or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        per_token_eval = not model.training and self._trained_per_row is not None and "position_ids" not in inputs
+        if per_token_eval:
+            # HF averages the batches' losses weighted by rows; dividing each batch's sum by rows x the split's
+            # trained tokens per row makes that average the mean over every trained token of the split.
+            num_items_in_batch = inputs["labels"].shape[0] * self._trained_per_row
+        device = self.args.device.type
+        with disable_input_dtype_casting(model, active=torch.is_autocast_enabled(device)):
+            loss, outputs = trained_positions_loss(model, inputs, num_items_in_batch,
+                                                   unwrapped=self.accelerator.unwrap_model(model))
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and not per_token_eval:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluation_loop(self, dataloader, *args, **kwargs):
+        """Causal eval loss is the mean over the split's trained tokens, whatever the batch size and order."""
+        self._trained_per_row = trained_tokens_per_row(dataloader.dataset) if self.causal_lm else None
+        try:
+            return super().evaluation_loop(dataloader, *args, **kwargs)
+        finally:
+            self._trained_per_row = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """A micro-batch over micro_batch_tokens padded tokens runs as row slices, one forward and backward each.
+        The causal loss is a sum over the step's trained tokens divided by num_items_in_batch, so the slices'
+        gradients add up to those of the whole micro-batch while the activations of one slice only are alive."""
+        pieces = [inputs]
+        if self.causal_lm and self.micro_batch_tokens and num_items_in_batch is not None:
+            pieces = row_slices(inputs, self.micro_batch_tokens)
+        loss = None
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                piece_loss = super().training_step(model, piece, num_items_in_batch)
+            loss = piece_loss if loss is None else loss + piece_loss
+        return loss
+
+
+class PreferenceTrainer(RunLifecycle, HookedDPOTrainer):
+    """TRL's DPO on rows loraforge tokenized, with the run lifecycle of an SFT run. group_by_length: batches of
+    pairs of similar length (prompt and longer answer), in a seeded order, as SFT batches are grouped."""
+
+    def __init__(self, *args, group_by_length: bool = False, **kwargs):
+        self.group_by_length = group_by_length
+        super().__init__(*args, **kwargs)
+
+    def train_sampler(self, sampler):
+        if not self.group_by_length:
+            return sampler
+        return SeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                          lengths=pair_lengths(self.train_dataset),
+                                          seed=self.args.data_seed or self.args.seed)
 
 
 def _point_state_at(staged: Path, best: Path | None) -> None:
