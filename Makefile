@@ -42,6 +42,7 @@ test-all: setup
 # Side-by-side throughput, memory and eval loss against the common script; not part of `make test`.
 bench: setup
 	$(BIN)/python bench/compare.py
+	$(BIN)/python bench/preference.py
 
 data: setup
 	$(BIN)/python scripts/build_chatterbot_data.py data/chatterbot_en.jsonl

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from loraforge.config.data_section import DataConfig
-from loraforge.data.build import DataStats, build_datasets
+from loraforge.data.build import build_datasets
 from loraforge.data.formats import Message, Preference, from_preference
 from loraforge.data.render import _chat_ids, render_preference, stop_token_ids
 from loraforge.errors import DataError
@@ -94,11 +94,16 @@ def test_prompt_and_answer_limits_cut_and_count(tmp_path, tokenizer):
     assert tokenizer.decode(first["prompt_ids"]).rstrip().endswith("assistant"), "the end (the turn answered) is kept"
     assert len(first["prompt_ids"]) + max(len(first["chosen_ids"]), len(first["rejected_ids"])) == 96
     assert truncated.stats.truncated_prompts == 1 and truncated.stats.truncated == 1
-    assert "1 truncated (1 prompts)" in truncated.stats.summary()
+    assert "1 truncated, 1 prompts cut" in truncated.stats.summary()
 
     dropped = build_datasets(pairs_config(rows, max_length=96, max_prompt_length=48, truncation="drop"),
                              tokenizer, stops, 0)
     assert len(dropped.train) == 3 and dropped.stats.dropped == {"too_long": 1}
+
+    no_prompt_limit = build_datasets(pairs_config(rows, max_length=96, truncation="truncate"), tokenizer, stops, 0)
+    first = no_prompt_limit.train[0]
+    assert len(first["prompt_ids"]) == 48, "without max_prompt_length the prompt keeps half of max_length"
+    assert len(first["prompt_ids"]) + max(len(first["chosen_ids"]), len(first["rejected_ids"])) == 96
 
     with pytest.raises(DataError, match=rf"{rows}:1: prompt \d+ tokens \(data.max_prompt_length=48\)"):
         build_datasets(pairs_config(rows, max_length=96, max_prompt_length=48, truncation="error"), tokenizer, stops, 0)
@@ -106,7 +111,8 @@ def test_prompt_and_answer_limits_cut_and_count(tmp_path, tokenizer):
 
 def test_bad_rows_skip_weights_and_splits_work_as_for_chat_data(tmp_path, tokenizer):
     good = write_jsonl(tmp_path / "good.jsonl", pair_rows(10))
-    bad = write_jsonl(tmp_path / "bad.jsonl", [*pair_rows(3), {"prompt": "x", "chosen": "y", "rejected": "y"}])
+    others = [{"prompt": f"Name colour {i}", "chosen": "Blue.", "rejected": "Seven."} for i in range(3)]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*others, {"prompt": "x", "chosen": "y", "rejected": "y"}])
     config = DataConfig.model_validate({
         "sources": [{"path": str(good), "format": "preference"},
                     {"path": str(bad), "format": "preference", "weight": 2.0}],
@@ -157,6 +163,25 @@ def test_bundled_pairs_are_rebuilt_byte_for_byte(tmp_path):
 def test_stats_of_pairs_count_both_answers_as_trained(tmp_path, tokenizer):
     rows = write_jsonl(tmp_path / "p.jsonl", pair_rows(4))
     bundle = build_datasets(pairs_config(rows), tokenizer, stop_token_ids(tokenizer), 0)
-    answers = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in bundle.train)
-    assert bundle.stats.trainable_tokens == answers
-    assert isinstance(bundle.stats, DataStats) and bundle.stats.length_percentiles["max"] > 0
+    rendered = [render_preference(from_preference(r, "x"), tokenizer, stop_token_ids(tokenizer)) for r in pair_rows(4)]
+    assert bundle.stats.trainable_tokens == sum(len(c) + len(r) for _, c, r in rendered), "chosen and rejected"
+    assert bundle.stats.length_percentiles["max"] == max(len(p) + max(len(c), len(r)) for p, c, r in rendered)
+
+
+def test_pairs_that_become_identical_are_dropped_and_counted(tmp_path, tokenizer):
+    same_start = "The answer is " + "long " * 40
+    rows = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "Say it", "chosen": same_start + "yes", "rejected": same_start + "no"}, *pair_rows(3)])
+    bundle = build_datasets(pairs_config(rows, max_length=32, truncation="truncate"), tokenizer,
+                            stop_token_ids(tokenizer), 0)
+    assert len(bundle.train) == 3 and bundle.stats.dropped == {"identical_answers": 1}
+
+
+def test_held_out_pairs_never_share_a_prompt_with_training_pairs(tmp_path, tokenizer):
+    rows = [{"prompt": f"Question {i % 10}", "chosen": f"Right {i}", "rejected": f"Wrong {i}"} for i in range(60)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    bundle = build_datasets(pairs_config(path, val_fraction=0.2), tokenizer, stop_token_ids(tokenizer), 0)
+    train_prompts = {tuple(r["prompt_ids"]) for r in bundle.train}
+    val_prompts = {tuple(r["prompt_ids"]) for r in bundle.val}
+    assert len(val_prompts) == 2 and len(bundle.val) == 12, "2 of 10 prompts held out, with all 6 pairs of each"
+    assert not train_prompts & val_prompts

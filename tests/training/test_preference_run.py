@@ -79,15 +79,14 @@ def test_dpo_learns_the_preference_and_reports_it(dpo_run):
 
     found = json.loads((run / rundir.EVAL).read_text())["preference"]
     final = next(r for r in evals if r["step"] == result.weights["step"])
-    assert found["pairs"] == 6 and found["reward_accuracy"] == pytest.approx(final["eval_rewards/accuracies"])
+    assert found["pairs"] == 6 and found["reward_accuracy"] > 0.5 and found["reward_margin"] > 0
     assert found["preference_accuracy"] > found["start_preference_accuracy"]
     assert result.preference == found and "Validation pairs: preference accuracy" in result.summary()
     assert "perplexity" not in result.metrics, "a DPO loss is not a language-model loss"
     report = (run / rundir.REPORT).read_text()
-    assert "| reward accuracy (vs reference) | 0.000 |" in report and "## Preference accuracy" in report
-    assert (run / rundir.LOSS_PLOT).is_file()
-    reference = adapter(run, rundir.REFERENCE)
-    assert all(not v.any() for k, v in reference.items() if "lora_B" in k), "the reference is the untouched start"
+    assert f"| reward accuracy (vs reference) | 0.000 | {final['eval_rewards/accuracies']:.3f} |" in report
+    assert "## Preference accuracy" in report and (run / rundir.LOSS_PLOT).is_file()
+    assert not (run / rundir.ADAPTER / rundir.REFERENCE).exists(), "the reference is the base, adapter off: no copy"
 
 
 def test_dpo_resume_equals_a_straight_run(make_dpo, tmp_path):
@@ -99,6 +98,8 @@ def test_dpo_resume_equals_a_straight_run(make_dpo, tmp_path):
     run_training(resumed, resume="auto")
     loss = lambda run: [(r["step"], r["loss"]) for r in records(run) if "loss" in r]  # noqa: E731
     assert loss(tmp_path / "resumed") == loss(straight.output_dir)
+    before = lambda run: json.loads((Path(run) / rundir.EVAL).read_text())["metrics_before"]  # noqa: E731
+    assert before(tmp_path / "resumed") == before(straight.output_dir), "the starting model's metrics survive resume"
     a, b = adapter(straight.output_dir), adapter(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "bit-identical adapter weights"
 
@@ -126,6 +127,9 @@ def test_sft_then_dpo_from_its_adapter(make_dpo, tmp_path, tiny_model_dir):
     mismatched, _ = make_dpo("mismatched", f"init_from={sft.output_dir}", f"model.name={other}")
     with pytest.raises(ConfigError, match="init_from: .* was trained on another setup \\(model.name"):
         run_training(mismatched)
+    other_rank, _ = make_dpo("other-rank", f"init_from={sft.output_dir}", "lora.r=8")
+    with pytest.raises(ConfigError, match="lora.r 4 there, 8 here"):
+        run_training(other_rank)
 
 
 def test_a_nan_loss_stops_a_dpo_run_without_checkpointing_it(make_dpo, monkeypatch):
@@ -167,6 +171,8 @@ def test_eval_merge_and_chat_work_on_a_dpo_run(dpo_run, capsys):
     (["method=sft"], "the data is in format preference, which method sft does not train; set method: dpo"),
     (["adapter=full"], "method dpo needs adapter: lora"),
     (["train.best_metric=eval_accuracy"], "is not a metric a dpo run reports"),
+    (["lora.bias=all"], "lora.bias all trains biases of the base, which the reference shares"),
+    (["lora.dropout=0.1"], "lora.dropout 0.1: method dpo runs without dropout"),
 ])
 def test_contradictory_preference_settings_are_config_errors(make_dpo, overrides, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -188,6 +194,7 @@ def test_dpo_trains_dora_and_qlora_adapters(make_dpo, overrides):
     assert result.preference["pairs"] == 6
     tuned = adapter(config.output_dir)
     assert any(v.abs().sum() > 0 for k, v in tuned.items() if "lora_B" in k), "the adapter moved"
+    assert {v.dtype for v in tuned.values()} == {torch.float32}, "the adapter trains in fp32, as in an SFT run"
 
 
 def test_the_planner_predicts_the_padded_tokens_of_dpo_steps(make_dpo):

@@ -87,8 +87,9 @@ class DataConfig(Section):
     max_length: int = Field(512, ge=8, description="Longest sample in tokens (preference data: the prompt and its "
                             "longer answer).")
     max_prompt_length: int | None = Field(
-        None, ge=1, description="preference data: longest prompt in tokens (a longer one keeps its end, under "
-        "data.truncation: truncate); null: half of max_length."
+        None, ge=1, description="preference data: longest prompt in tokens (a longer one is dropped, an error, or "
+        "keeps its end, as data.truncation says); null: only max_length applies, and truncate cuts the prompt to "
+        "what the longer answer leaves, keeping at least half of max_length."
     )
     truncation: Literal["drop", "truncate", "error"] = Field(
         "drop", description="What a sample longer than max_length gets: dropped and counted, cut to max_length, "
@@ -117,9 +118,6 @@ class DataConfig(Section):
 
     def is_preference(self) -> bool:
         return any(s.format.value in PREFERENCE_FORMATS for s in self.sources)
-
-    def prompt_limit(self) -> int:
-        return self.max_prompt_length if self.max_prompt_length is not None else self.max_length // 2
 
     @model_validator(mode="after")
     def _something_left_to_train(self):

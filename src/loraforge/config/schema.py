@@ -256,9 +256,8 @@ EVAL_METRICS = {"causal_lm": ("eval_loss",), "classification": ("eval_loss", "ev
 class PreferenceConfig(Section):
     beta: float = Field(0.1, gt=0, description="How far the tuned model may move from the reference: higher keeps "
                         "it closer (TRL's beta).")
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = Field(
-        "sigmoid", description="method dpo: sigmoid is the DPO paper's loss; hinge (SLiC), ipo and robust (noisy "
-        "labels) are TRL's variants."
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = Field(
+        "sigmoid", description="method dpo: sigmoid is the DPO paper's loss; hinge (SLiC) and ipo are TRL's variants."
     )
 
 
@@ -353,6 +352,12 @@ class RunConfig(Section):
             if self.adapter != "lora":
                 raise ValueError(f"method {self.method} needs adapter: lora, so the reference is the starting model "
                                  "with the adapter off instead of a second copy of every weight")
+            if self.lora.bias != "none":
+                raise ValueError(f"lora.bias {self.lora.bias} trains biases of the base, which the reference shares, "
+                                 f"so the reference would move during method {self.method}; set lora.bias: none")
+            if self.lora.dropout:
+                raise ValueError(f"lora.dropout {self.lora.dropout:g}: method {self.method} runs without dropout (its "
+                                 "reference pass must give the same numbers every time); set lora.dropout: 0")
         if self.init_from is not None and self.adapter != "lora":
             raise ValueError("init_from starts from a run's LoRA adapter; set adapter: lora")
         kind = self.method if self.method != "sft" else self.task

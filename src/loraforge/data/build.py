@@ -70,6 +70,18 @@ def split(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
     return train, val
 
 
+def split_by_prompt(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """split(); preference rows that share a prompt stay on one side, so no held-out prompt was trained on."""
+    if not rows or not isinstance(rows[0].conversation, Preference):
+        return split(rows, fraction, seed)
+    groups: dict[tuple, list[int]] = {}
+    for index, row in enumerate(rows):
+        groups.setdefault(tuple((m.role, m.content) for m in row.conversation.prompt), []).append(index)
+    train_groups, val_groups = split(list(groups.values()), fraction, seed)
+    held = {i for group in val_groups for i in group}
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
 def conversation_key(conversation: Conversation | Preference) -> tuple:
     """What makes two rows the same conversation: the same text, or the same roles and contents in order."""
     if isinstance(conversation, Preference):
@@ -106,9 +118,9 @@ def assign_splits(splits: dict[str, list[Row]], data_config, seed: int, stats: D
     if data_config.dedupe:
         train = drop_duplicates(train, [*val, *test], stats)
     if not test and data_config.test_fraction:
-        train, test = split(train, data_config.test_fraction, seed + 1)
+        train, test = split_by_prompt(train, data_config.test_fraction, seed + 1)
     if not val:
-        train, val = split(train, data_config.val_fraction, seed)
+        train, val = split_by_prompt(train, data_config.val_fraction, seed)
     stats.held_out_in_train = count_held_out_in_train(train, [*val, *test])
     return train, val, test
 
@@ -160,30 +172,34 @@ def tokenize_rows(rows: list[Row], tokenizer, stop_ids, data_config, stats: Data
 
 
 def tokenize_pairs(rows: list[Row], tokenizer, stop_ids, data_config, stats: DataStats):
-    """Preference rows as prompt_ids, chosen_ids and rejected_ids. A prompt over data.max_prompt_length keeps its
-    end (the turn being answered) and answers are cut to what data.max_length leaves, under data.truncation
-    (error, drop or truncate); every cut is counted."""
+    """Preference rows as prompt_ids, chosen_ids and rejected_ids. Under data.truncation (error, drop or truncate)
+    a pair over data.max_length (prompt and longer answer), or a prompt over data.max_prompt_length, is an error,
+    dropped, or cut: the prompt keeps its end (the turn being answered; the start, system turn included, goes)
+    down to max_prompt_length, or else to what the longer answer leaves but at least half of max_length, then
+    answers are cut to what is left. Every cut and drop is counted."""
     from datasets import Dataset
 
     columns: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     kept: list[Row] = []
-    limit, prompt_limit = data_config.max_length, data_config.prompt_limit()
+    limit, prompt_limit = data_config.max_length, data_config.max_prompt_length
     for row in rows:
         try:
             prompt, chosen, rejected = render_preference(row.conversation, tokenizer, stop_ids)
         except DataError as exc:
             raise DataError(f"{row.where}: {exc}") from None
         longest = len(prompt) + max(len(chosen), len(rejected))
-        if len(prompt) > prompt_limit or longest > limit:
-            what = (f"prompt {len(prompt)} tokens (data.max_prompt_length={prompt_limit})" if len(prompt) > prompt_limit
+        prompt_over = prompt_limit is not None and len(prompt) > prompt_limit
+        if prompt_over or longest > limit:
+            what = (f"prompt {len(prompt)} tokens (data.max_prompt_length={prompt_limit})" if prompt_over
                     else f"prompt and answer {longest} tokens (data.max_length={limit})")
             if data_config.truncation == "error":
                 raise DataError(f"{row.where}: {what}; raise the limit or set data.truncation to drop or truncate")
             if data_config.truncation == "drop":
                 stats.count_drop("too_long")
                 continue
-            if len(prompt) > prompt_limit:
-                prompt = prompt[len(prompt) - prompt_limit:]
+            keep = prompt_limit if prompt_limit is not None else max(limit // 2, limit - max(len(chosen), len(rejected)))
+            if len(prompt) > keep:
+                prompt = prompt[len(prompt) - keep:]
                 stats.truncated_prompts += 1
             room = limit - len(prompt)
             if len(chosen) > room or len(rejected) > room:
@@ -191,8 +207,10 @@ def tokenize_pairs(rows: list[Row], tokenizer, stop_ids, data_config, stats: Dat
                 stats.truncated += 1
                 stats.truncated_assistant += 1
         if chosen == rejected:
-            raise DataError(f"{row.where}: chosen and rejected are the same tokens once rendered"
-                            f"{' and cut to data.max_length' if longest > limit else ''}; drop the row")
+            # Answers that differ in text may render to the same tokens (a template that trims), or become the same
+            # once cut to data.max_length: such a pair teaches nothing.
+            stats.count_drop("identical_answers")
+            continue
         columns["prompt_ids"].append(prompt)
         columns["chosen_ids"].append(chosen)
         columns["rejected_ids"].append(rejected)

@@ -8,10 +8,13 @@ For each pair, margin = log p(chosen | prompt) - log p(rejected | prompt), summe
 """
 
 from loraforge import rundir
+from loraforge.errors import DataError
 
 
-def pair_margins(model, dataset, pad_token_id: int, batch_size: int = 8) -> list[float]:
-    """Per pair, the summed log-probability of the chosen answer minus that of the rejected one."""
+def pair_margins(model, dataset, pad_token_id: int, batch_size: int = 4) -> list[float]:
+    """Per pair, the summed log-probability of the chosen answer minus that of the rejected one; the batch goes to
+    the model's device, and log-probabilities are taken one sequence at a time (a full-vocabulary copy per batch
+    would be gigabytes for a large vocabulary)."""
     import torch
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -22,13 +25,16 @@ def pair_margins(model, dataset, pad_token_id: int, batch_size: int = 8) -> list
     for start in range(0, len(dataset), batch_size):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = collate([{k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for row in rows])
+        device = next(model.parameters()).device
+        ids, mask = batch["input_ids"].to(device), batch["completion_mask"][:, 1:].to(device).bool()
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        targets = batch["input_ids"][:, 1:]
-        mask = batch["completion_mask"][:, 1:].bool()
-        per_token = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        summed = (per_token * mask).sum(dim=1)
-        chosen, rejected = summed.chunk(2)
+            logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+            summed = []
+            for row in range(ids.shape[0]):
+                shifted = logits[row, :-1].float()
+                chosen_logp = shifted.gather(-1, ids[row, 1:, None]).squeeze(-1) - torch.logsumexp(shifted, dim=-1)
+                summed.append((chosen_logp * mask[row]).sum())
+        chosen, rejected = torch.stack(summed).chunk(2)
         margins.extend((chosen - rejected).tolist())
     model.train(was_training)
     return margins
@@ -42,11 +48,14 @@ def reference(model):
     return use_adapter(model, rundir.REFERENCE if rundir.REFERENCE in getattr(model, "peft_config", {}) else None)
 
 
-def preference_metrics(model, dataset, pad_token_id: int, beta: float) -> dict:
+def preference_metrics(model, dataset, pad_token_id: int, beta: float, batch_size: int = 4) -> dict:
     """Preference accuracy of the tuned and the reference (starting) model, reward accuracy and margin."""
-    tuned = pair_margins(model, dataset, pad_token_id)
+    if dataset is None or len(dataset) == 0:
+        raise DataError("no preference pairs to evaluate (every pair was dropped, or the split is empty); check "
+                        "data.max_length and the data")
+    tuned = pair_margins(model, dataset, pad_token_id, batch_size)
     with reference(model):
-        start = pair_margins(model, dataset, pad_token_id)
+        start = pair_margins(model, dataset, pad_token_id, batch_size)
     n = max(len(tuned), 1)
     return {
         "pairs": len(tuned),

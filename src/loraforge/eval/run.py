@@ -117,10 +117,10 @@ def causal_rows_metrics(model, tokenizer, stop_ids, data_config, rows, max_new_t
     return found
 
 
-def pairs_preference_metrics(model, tokenizer, stop_ids, data_config, rows, beta: float) -> dict:
+def pairs_preference_metrics(model, tokenizer, stop_ids, data_config, rows, beta: float, batch_size: int = 4) -> dict:
     """Preference accuracy (eval/preference.py) on preference rows."""
     dataset, _ = tokenize_pairs(rows, tokenizer, stop_ids, data_config, DataStats())
-    return preference_metrics(model, dataset, tokenizer.pad_token_id, beta)
+    return preference_metrics(model, dataset, tokenizer.pad_token_id, beta, batch_size)
 
 
 def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = False, max_samples: int = 32,
@@ -140,7 +140,8 @@ def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = 
     config, model = run.config, run.model
     data_config, rows = eval_rows(config, data, split)
     if config.method != "sft":
-        found = pairs_preference_metrics(model, run.tokenizer, run.stop_ids, data_config, rows, config.preference.beta)
+        found = pairs_preference_metrics(model, run.tokenizer, run.stop_ids, data_config, rows, config.preference.beta,
+                                         config.train.eval_batch_size or config.train.batch_size)
         return _write({"run_dir": str(run_dir), "data": name, "rows": found["pairs"], "preference": found},
                       run_dir, data, split)
     variants = {"fine_tuned": nullcontext}

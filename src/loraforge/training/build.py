@@ -96,11 +96,14 @@ def load_adapter_to_train(model, config: RunConfig, model_path):
         ("model.variant", earlier.model.variant, config.model.variant),
         ("quantization.mode", earlier.quantization.mode, config.quantization.mode),
         ("task", earlier.task, config.task)) if a != b]
+    ours, theirs = config.lora.model_dump(exclude={"dropout"}), earlier.lora.model_dump(exclude={"dropout"})
+    mismatched += [f"lora.{key} {theirs[key]!r} there, {ours[key]!r} here" for key in ours if ours[key] != theirs[key]]
     if mismatched:
         raise ConfigError([f"init_from: {source} was trained on another setup ({'; '.join(mismatched)}); use the "
-                           "same model settings as that run"])
+                           "same model and lora settings as that run"])
     log.info("starting from the adapter of %s (init_from)", source)
-    return load_trainable_adapter(model, source / rundir.ADAPTER)
+    return load_trainable_adapter(model, source / rundir.ADAPTER, quantized=config.quantization.mode != "none",
+                                  gradient_checkpointing=config.train.gradient_checkpointing)
 
 
 def training_arguments(config: RunConfig, run_dir: Path, precision: str, has_eval: bool) -> TrainingArguments:
@@ -145,9 +148,10 @@ def training_arguments(config: RunConfig, run_dir: Path, precision: str, has_eva
         return TrainingArguments(**settings)
     from trl import DPOConfig
 
-    # Rows arrive tokenized and cut to data.max_length; dropout stays as lora.dropout says.
+    # Rows arrive tokenized and cut to data.max_length. Dropout off (TRL's default): the reference pass must be
+    # deterministic, and an init_from adapter may carry dropout from its SFT run.
     return DPOConfig(**settings, beta=config.preference.beta, loss_type=[config.preference.loss_type],
-                     max_length=None, precompute_ref_log_probs=False, disable_dropout=False)
+                     max_length=None, precompute_ref_log_probs=False, disable_dropout=True)
 
 
 def micro_batch_tokens(setting) -> int | None:
@@ -195,6 +199,7 @@ def build_trainer(config: RunConfig, prepared: Prepared, model, run_dir: Path, p
             keep_last=config.train.keep_last,
             fingerprints=fingerprints,
             group_by_length=config.train.group_by_length,
+            reference_adapter=config.init_from is not None,
         )
         return _with_callbacks(trainer, config, prepared, run_dir, model, throughput, stop, trainable)
     trainer = LoraforgeTrainer(

@@ -39,7 +39,7 @@ def evaluate_before(trainer, config: RunConfig, has_val: bool, checkpoint: Path 
     if not has_val or adapter_off_is_base(config):
         return {}
     if checkpoint is not None:
-        return {"eval_loss": first["eval_loss"]} if first else {}
+        return {k: v for k, v in first.items() if k.startswith("eval_")} if first else {}
     before = trainer.evaluate()
     log.info("eval loss before training: %.4f", before["eval_loss"])
     return before
@@ -90,7 +90,8 @@ def evaluate_test(config: RunConfig, model, tokenizer, stop_ids, labels: list[st
         return None
     data_config, rows = eval_rows(config, None, "test")
     if config.method != "sft":
-        found = pairs_preference_metrics(model, tokenizer, stop_ids, data_config, rows, config.preference.beta)
+        found = pairs_preference_metrics(model, tokenizer, stop_ids, data_config, rows, config.preference.beta,
+                                         config.train.eval_batch_size or config.train.batch_size)
         log.info("test split: %s", preference_line(found))
         found["rows"] = found["pairs"]
         return found
@@ -110,7 +111,8 @@ def evaluate_pairs(config: RunConfig, model, prepared) -> dict | None:
     """A preference run's preference accuracy on its validation pairs with the final weights (eval/preference.py)."""
     if config.method == "sft" or prepared.val is None:
         return None
-    found = preference_metrics(model, prepared.val, prepared.tokenizer.pad_token_id, config.preference.beta)
+    found = preference_metrics(model, prepared.val, prepared.tokenizer.pad_token_id, config.preference.beta,
+                               config.train.eval_batch_size or config.train.batch_size)
     log.info("validation pairs: %s", preference_line(found))
     return found
 

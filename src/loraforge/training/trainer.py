@@ -16,6 +16,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 
 from loraforge.errors import LoraforgeError
 from loraforge.internals import HookedDPOTrainer, HookedTrainer
+from loraforge.rundir import REFERENCE
 from loraforge.training.checkpoints import PREFIX, STAGING, latest_complete, publish, rotate
 from loraforge.training.loss import trained_positions_loss, trained_tokens_per_row
 
@@ -198,9 +199,18 @@ class PreferenceTrainer(RunLifecycle, HookedDPOTrainer):
     """TRL's DPO on rows loraforge tokenized, with the run lifecycle of an SFT run. group_by_length: batches of
     pairs of similar length (prompt and longer answer), in a seeded order, as SFT batches are grouped."""
 
-    def __init__(self, *args, group_by_length: bool = False, **kwargs):
+    def __init__(self, *args, group_by_length: bool = False, reference_adapter: bool = False, **kwargs):
+        """reference_adapter: keep TRL's copy of the starting adapter as the reference (init_from); otherwise the
+        reference is the base with the adapter off, and TRL's copy of a fresh adapter is dropped."""
         self.group_by_length = group_by_length
         super().__init__(*args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model)
+        if not reference_adapter and REFERENCE in getattr(model, "peft_config", {}):
+            model.delete_adapter(REFERENCE)
+        for param in model.parameters():
+            # TRL casts a quantized model's adapter to bf16; an SFT run keeps it in fp32, and so does this one.
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
 
     def train_sampler(self, sampler):
         if not self.group_by_length:
