@@ -18,7 +18,8 @@ from loraforge.data.bundle import DataBundle, DataStats
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+# Raised whenever the tokenized data that the same inputs give changes (2: preference pairs split by prompt).
+FORMAT = 2
 
 
 def cache_key(data_config, seed: int, tokenizer, stop_ids) -> str:
