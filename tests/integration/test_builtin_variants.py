@@ -1,6 +1,7 @@
 """Each model variant trains a few steps on the real built-in SmolLM2-135M-Instruct. The variants that
-tests/model/test_variants.py covers on the tiny llama as well (DoRA with rsLoRA, 8-bit QLoRA, full fine-tuning,
-layer variants) run here only with the slow tests (`make test-all`)."""
+tests/model/test_variants.py covers on the tiny llama as well (DoRA with rsLoRA, 4- and 8-bit QLoRA, full
+fine-tuning, layer variants), and exact resume (tests/training/test_lifecycle.py), run here only with the slow
+tests (`make test-all`)."""
 
 import json
 from pathlib import Path
@@ -27,7 +28,7 @@ def train(tmp_path, *overrides):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["quantization=4bit", "train.max_steps=2", "train.eval_every=2"],
+        pytest.param(["quantization=4bit", "train.max_steps=2", "train.eval_every=2"], marks=pytest.mark.slow),
         pytest.param(["lora.use_dora=true", "lora.use_rslora=true"], marks=pytest.mark.slow),
         pytest.param(["adapter=full", "train.learning_rate=2e-5"], marks=pytest.mark.slow),
         pytest.param(["model.variant=drop_layers", "model.drop_layers=[20,21,22]"], marks=pytest.mark.slow),
@@ -75,6 +76,7 @@ def test_classification_on_the_builtin_model(tmp_path, smollm_path, monkeypatch)
     assert report["metrics_after"]["accuracy"] >= 0.9
 
 
+@pytest.mark.slow
 def test_exact_resume_on_the_builtin_model(tmp_path, smollm_path, monkeypatch):
     import shutil
 

@@ -79,8 +79,8 @@ def test_dpo_learns_the_preference_and_reports_it(dpo_run):
 
     found = json.loads((run / rundir.EVAL).read_text())["preference"]
     final = next(r for r in evals if r["step"] == result.weights["step"])
-    assert found["pairs"] == 6 and found["reward_accuracy"] > 0.5 and found["reward_margin"] > 0
-    assert found["preference_accuracy"] > found["start_preference_accuracy"]
+    assert found["pairs"] == 6 and found["preference_accuracy"] > 0.5 and found["reward_margin"] > 0
+    assert found["chosen_more_likely"] >= found["chosen_more_likely_start"]
     assert result.preference == found and "Validation pairs: preference accuracy" in result.summary()
     assert "perplexity" not in result.metrics, "a DPO loss is not a language-model loss"
     report = (run / rundir.REPORT).read_text()
@@ -157,7 +157,7 @@ def test_eval_merge_and_chat_work_on_a_dpo_run(dpo_run, capsys):
     run = Path(dpo_run[0].output_dir)
     results = run_eval(run)
     written = json.loads((run / "eval" / "validation.json").read_text())["preference"]
-    assert f"preference accuracy {written['start_preference_accuracy']:.3f} (start)" in format_results(results)
+    assert f"preference accuracy {written['preference_accuracy']:.3f} (starting model 0.5)" in format_results(results)
     assert written == pytest.approx(json.loads((run / rundir.EVAL).read_text())["preference"]), (
         "eval of the saved run (adapter and adapter/ref) measures what training measured")
     merged = run_merge(run)

@@ -2,9 +2,12 @@
 rejected one, by itself and relative to the reference it was tuned against?
 
 For each pair, margin = log p(chosen | prompt) - log p(rejected | prompt), summed over the answer tokens.
-- preference accuracy: the share of pairs whose margin is above 0 (reported for the tuned and the starting model);
-- reward accuracy: the share whose tuned margin is above the reference's, which is TRL's rewards/accuracies
-  (beta (log-ratio chosen - log-ratio rejected) > 0); reward margin: beta times the mean difference.
+- preference accuracy: the share of pairs whose tuned margin is above the reference's (the model moved towards
+  the chosen answer), ties counted half; the starting model is the reference, so its own is 0.5. Without ties
+  this is TRL's rewards/accuracies (beta (log-ratio chosen - log-ratio rejected) > 0).
+- chosen more likely: the share of pairs whose margin is above 0, for the tuned and the starting model (an easy
+  set starts high, and DPO need not raise it: it moves the margin relative to the reference).
+- reward margin: beta times the mean of (tuned margin - reference margin).
 """
 
 from loraforge import rundir
@@ -56,17 +59,17 @@ def preference_metrics(model, dataset, pad_token_id: int, beta: float, batch_siz
     tuned = pair_margins(model, dataset, pad_token_id, batch_size)
     with reference(model):
         start = pair_margins(model, dataset, pad_token_id, batch_size)
-    n = max(len(tuned), 1)
+    n = len(tuned)
     return {
-        "pairs": len(tuned),
-        "preference_accuracy": sum(m > 0 for m in tuned) / n,
-        "start_preference_accuracy": sum(m > 0 for m in start) / n,
-        "reward_accuracy": sum(t > s for t, s in zip(tuned, start)) / n,
+        "pairs": n,
+        "preference_accuracy": sum(1.0 if t > s else 0.5 if t == s else 0.0 for t, s in zip(tuned, start)) / n,
+        "chosen_more_likely": sum(m > 0 for m in tuned) / n,
+        "chosen_more_likely_start": sum(m > 0 for m in start) / n,
         "reward_margin": beta * sum(t - s for t, s in zip(tuned, start)) / n,
     }
 
 
 def preference_line(found: dict) -> str:
-    return (f"preference accuracy {found['start_preference_accuracy']:.3f} (start) -> {found['preference_accuracy']:.3f}, "
-            f"reward accuracy {found['reward_accuracy']:.3f}, reward margin {found['reward_margin']:.3f} "
-            f"({found['pairs']} pairs)")
+    return (f"preference accuracy {found['preference_accuracy']:.3f} (starting model 0.5), reward margin "
+            f"{found['reward_margin']:.3f}; chosen more likely than rejected {found['chosen_more_likely_start']:.3f} "
+            f"at the start -> {found['chosen_more_likely']:.3f} ({found['pairs']} pairs)")

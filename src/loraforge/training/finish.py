@@ -78,7 +78,7 @@ class TrainResult:
         return "\n".join(lines)
 
 
-TEST_METRICS = (("preference_accuracy", "preference accuracy"), ("reward_accuracy", "reward accuracy"), ("loss", "loss"), ("perplexity", "perplexity"), ("token_accuracy", "token accuracy"),
+TEST_METRICS = (("preference_accuracy", "preference accuracy"), ("chosen_more_likely", "chosen more likely"), ("loss", "loss"), ("perplexity", "perplexity"), ("token_accuracy", "token accuracy"),
                 ("rouge_l", "ROUGE-L"), ("exact_match", "exact match"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
 
 
