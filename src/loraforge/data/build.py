@@ -253,23 +253,16 @@ def _first_user_prompt(conversation: Conversation | Preference) -> str | None:
     return next((m.content for m in messages if m.role == "user"), None)
 
 
-def _pair_bundle(train, val, test, val_rows: list[Row], stats: DataStats) -> DataBundle:
-    """Preference splits: a row's length is its prompt and its longer answer; both answers are trained."""
-    lengths = sorted(len(p) + max(len(c), len(r))
-                     for p, c, r in zip(train["prompt_ids"], train["chosen_ids"], train["rejected_ids"]))
+def _count_splits(stats: DataStats, train, val, test, lengths: list[int]) -> None:
+    """Rows per split and the training rows' length percentiles (lengths sorted)."""
     stats.train_rows = len(train)
     stats.val_rows = len(val) if val is not None else 0
     stats.test_rows = len(test) if test is not None else 0
-    stats.train_tokens = sum(len(p) * 2 + len(c) + len(r)
-                             for p, c, r in zip(train["prompt_ids"], train["chosen_ids"], train["rejected_ids"]))
-    stats.trainable_tokens = sum(len(c) + len(r) for c, r in zip(train["chosen_ids"], train["rejected_ids"]))
     stats.length_percentiles = {f"p{q}": lengths[min(len(lengths) - 1, len(lengths) * q // 100)] for q in (50, 90, 99)}
     stats.length_percentiles["max"] = lengths[-1]
-    if stats.dropped:
-        log.warning("dropped pairs: %s", stats.dropped)
-    if stats.truncated or stats.truncated_prompts:
-        log.warning("%d prompts lost their start to data.max_prompt_length, %d pairs had answers cut to data.max_length",
-                    stats.truncated_prompts, stats.truncated)
+
+
+def _bundle(train, val, test, val_rows: list[Row], stats: DataStats) -> DataBundle:
     return DataBundle(
         train=train,
         val=val if val is not None and len(val) else None,
@@ -277,6 +270,20 @@ def _pair_bundle(train, val, test, val_rows: list[Row], stats: DataStats) -> Dat
         val_prompts=[p for p in (_first_user_prompt(r.conversation) for r in val_rows) if p is not None],
         stats=stats,
     )
+
+
+def _pair_bundle(train, val, test, val_rows: list[Row], stats: DataStats) -> DataBundle:
+    """Preference splits: a row's length is its prompt and its longer answer; both answers are trained."""
+    columns = list(zip(train["prompt_ids"], train["chosen_ids"], train["rejected_ids"]))
+    _count_splits(stats, train, val, test, sorted(len(p) + max(len(c), len(r)) for p, c, r in columns))
+    stats.train_tokens = sum(len(p) * 2 + len(c) + len(r) for p, c, r in columns)
+    stats.trainable_tokens = sum(len(c) + len(r) for _, c, r in columns)
+    if stats.dropped:
+        log.warning("dropped pairs: %s", stats.dropped)
+    if stats.truncated or stats.truncated_prompts:
+        log.warning("%d prompts lost their start, %d pairs had answers cut to data.max_length (data.truncation: "
+                    "truncate)", stats.truncated_prompts, stats.truncated)
+    return _bundle(train, val, test, val_rows, stats)
 
 
 def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
@@ -308,13 +315,9 @@ def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
     check_trainable(train, [r.where for r in train_kept], tokenizer, stop_ids, data_config)
 
     lengths = sorted(len(ids) for ids in train["input_ids"])
-    stats.train_rows = len(train)
-    stats.val_rows = len(val) if val is not None else 0
-    stats.test_rows = len(test) if test is not None else 0
+    _count_splits(stats, train, val, test, lengths)
     stats.train_tokens = sum(lengths)
     stats.trainable_tokens = sum(sum(1 for t in x if t != IGNORE) for x in train["labels"])
-    stats.length_percentiles = {f"p{q}": lengths[min(len(lengths) - 1, len(lengths) * q // 100)] for q in (50, 90, 99)}
-    stats.length_percentiles["max"] = lengths[-1]
     if len(data_config.sources) > 1:
         for path, counts in stats.per_source.items():
             log.info("source %s: %s", path, ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -332,10 +335,4 @@ def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
         # Evaluation order does not matter, and length-sorted batches carry almost no padding.
         val_lengths = [len(ids) for ids in val["input_ids"]]
         val = val.select(sorted(range(len(val)), key=val_lengths.__getitem__))
-    return DataBundle(
-        train=train,
-        val=val if val is not None and len(val) else None,
-        test=test,
-        val_prompts=[p for p in (_first_user_prompt(r.conversation) for r in val_rows) if p is not None],
-        stats=stats,
-    )
+    return _bundle(train, val, test, val_rows, stats)
