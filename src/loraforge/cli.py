@@ -23,6 +23,20 @@ from loraforge.config.output_dir import expand_output_dir
 from loraforge.errors import ConfigError, LoraforgeError
 
 
+# The launcher's flags, handed by the launching `train` to every process it starts, for the resume command.
+LAUNCH_FLAGS_ENV = "LORAFORGE_LAUNCH_FLAGS"
+
+
+def launch_flags(args) -> list[str]:
+    """The `train` flags that launched several processes, as a resume command must repeat them."""
+    flags = ["--nproc", str(args.nproc)]
+    if args.nnodes > 1:
+        flags += ["--nnodes", str(args.nnodes), "--master", args.master]
+        if args.node_rank is not None:
+            flags += ["--node-rank", str(args.node_rank)]
+    return flags
+
+
 def torchrun_command(args, output_dir: str) -> list[str]:
     """The torch.distributed.run command that runs this same `train` command in every process: standalone on a
     free port for one machine, a c10d rendezvous at --master for several."""
@@ -54,13 +68,15 @@ def _train(args) -> int:
         sys.stderr.flush()
         # Filled in once here, so every process writes into the same run directory.
         command = torchrun_command(args, expand_output_dir(config).output_dir)
+        os.environ[LAUNCH_FLAGS_ENV] = json.dumps(launch_flags(args))
         os.execv(command[0], command)
     read_env_beside(args.config)
     from loraforge.training.run import TrainingStopped, run_training
 
     try:
+        launched = json.loads(os.environ.get(LAUNCH_FLAGS_ENV, "[]")) if "LOCAL_RANK" in os.environ else []
         result = run_training(config, resume=args.resume, allow_changes=args.allow_changes,
-                              command=[args.config, *args.overrides])
+                              command=[args.config, *args.overrides, *launched])
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -390,6 +390,29 @@ def test_the_launcher_names_one_run_directory_for_every_process(make_config, cap
     assert "machines start at different times, so name the run directory" in capsys.readouterr().err
 
 
+def test_a_process_started_by_the_launcher_prints_a_resume_command_with_its_flags(make_config, monkeypatch):
+    import json as json_module
+
+    from loraforge import cli
+    from loraforge.training import run as run_module
+
+    _, path = make_config("launched")
+    two = cli.build_parser().parse_args(["train", str(path), "--nproc", "1", "--nnodes", "2", "--master", "h:29500",
+                                         "--node-rank", "0"])
+    assert cli.launch_flags(two) == ["--nproc", "1", "--nnodes", "2", "--master", "h:29500", "--node-rank", "0"]
+    seen = {}
+
+    def stopped(config, resume=None, allow_changes=False, command=None):
+        seen["hint"] = run_module.resume_command(command, Path(config.output_dir))
+        raise run_module.TrainingStopped("stopped by SIGTERM", exit_code=143)
+
+    monkeypatch.setattr(run_module, "run_training", stopped)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv(cli.LAUNCH_FLAGS_ENV, json_module.dumps(["--nproc", "2"]))
+    assert cli.main(["train", str(path), "output_dir=runs/z"]) == 143
+    assert seen["hint"] == f"loraforge train {path} output_dir=runs/z --nproc 2 --resume auto"
+
+
 def test_a_global_batch_that_does_not_divide_is_refused(make_config):
     config, _ = make_config("indivisible", "train.global_batch=10", "train.batch_size=4")
     with pytest.raises(ConfigError, match=r"train.global_batch: 10 is not a multiple of train.batch_size 4 x 1"):
