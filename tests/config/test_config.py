@@ -38,6 +38,24 @@ def test_launch_configs_are_valid_accelerate_configs(path):
     assert config.num_processes >= 2 and config.distributed_type
 
 
+@pytest.mark.parametrize("path", [p for p in LAUNCH_CONFIGS if "deepspeed" in p.name], ids=lambda p: p.name)
+def test_deepspeed_launch_configs_build_accelerates_plugin_and_leave_the_batch_to_the_config(path):
+    """CUDA-only (deepspeed is not installed here), so the check stops at accelerate's plugin: it must build, and
+    every value HF's Trainer checks against the run's settings must be auto, else a differing train.grad_accum
+    or max_grad_norm stops the run when it starts."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DeepSpeedPlugin
+
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert config.distributed_type == "DEEPSPEED"
+    plugin = DeepSpeedPlugin(**config.deepspeed_config)
+    assert plugin.zero_stage in (1, 2, 3)
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):
+        assert plugin.deepspeed_config[key] == "auto", key
+    assert "CUDA only" in path.read_text()
+
+
 def test_shipped_configs_exist():
     assert ROOT / "configs" / "default.yaml" in CONFIGS and ROOT / "configs" / "dpo.yaml" in CONFIGS
 
