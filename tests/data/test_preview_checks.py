@@ -20,7 +20,8 @@ def test_format_sample_marks_trained_tokens(tokenizer):
     assert "\033[1;32m there friend\033[0m" in colored and "\033[2mHello\033[0m" in colored
 
 
-def test_preview_on_the_bundled_data(smollm_path, monkeypatch, tmp_path):
+def preview_shipped(config_name: str, n: int, smollm_path, monkeypatch, tmp_path) -> str:
+    """`data preview` of a shipped config, run from the project root, the built-in model found offline."""
     from loraforge.preview import run_preview
 
     monkeypatch.setenv("LORAFORGE_HOME", str(tmp_path))
@@ -28,8 +29,12 @@ def test_preview_on_the_bundled_data(smollm_path, monkeypatch, tmp_path):
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "smollm2-135m-instruct").symlink_to(smollm_path)
     out = io.StringIO()
-    run_preview(load_config(ROOT / "configs" / "default.yaml", ["data.cache=false"]), n=2, stream=out)
-    text = out.getvalue()
+    run_preview(load_config(ROOT / "configs" / f"{config_name}.yaml", ["data.cache=false"]), n=n, stream=out)
+    return out.getvalue()
+
+
+def test_preview_on_the_bundled_data(smollm_path, monkeypatch, tmp_path):
+    text = preview_shipped("default", 2, smollm_path, monkeypatch, tmp_path)
     assert text.count("--- data/chatterbot_en.jsonl:") == 2
     assert "[[Artificial Intelligence is the branch of engineering" in text
     assert "<|im_end|>]]" in text and "[[<|im_start|>" not in text
@@ -126,15 +131,7 @@ def test_collator_that_masks_by_pad_id_is_caught(tokenizer, tmp_path, chat_rows,
 
 
 def test_preview_of_the_bundled_pairs_shows_both_answers_trained(smollm_path, monkeypatch, tmp_path):
-    from loraforge.preview import run_preview
-
-    monkeypatch.setenv("LORAFORGE_HOME", str(tmp_path))
-    monkeypatch.chdir(ROOT)
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "smollm2-135m-instruct").symlink_to(smollm_path)
-    out = io.StringIO()
-    run_preview(load_config(ROOT / "configs" / "dpo.yaml", ["data.cache=false"]), n=1, stream=out)
-    text = out.getvalue()
+    text = preview_shipped("dpo", 1, smollm_path, monkeypatch, tmp_path)
     assert text.startswith("1 pairs ([[trained]] masked):")
     assert "--- data/chatterbot_pref_en.jsonl:1 chosen" in text and "--- data/chatterbot_pref_en.jsonl:1 rejected" in text
     assert "What is AI?<|im_end|>\n<|im_start|>assistant\n[[Artificial Intelligence is the branch" in text
