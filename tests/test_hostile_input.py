@@ -1,15 +1,12 @@
-"""Careless and hostile input through the CLI, as a subprocess: each case answers with a message that names
+"""Careless and hostile input through the CLI, each command in its own process: each case answers with a message that names
 the thing and the fix, exits as stated, and changes no file it did not create (hashes before and after)."""
 
 import hashlib
 import inspect
 import json
-import os
 import shutil
 import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,7 +220,8 @@ class Outcome:
     args: list
     code: int
     messages: list[str]
-    done: subprocess.CompletedProcess
+    returncode: int
+    stderr: str
     seconds: float
     before: dict[str, str]
     after: dict[str, str]
@@ -231,32 +229,31 @@ class Outcome:
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory, workspace, tiny_model_dir) -> dict[str, Outcome]:
-    """Every case's command, run as its own CLI process, as many at once as there are CPU cores (each answers
-    within seconds, mostly spent importing), with its folder hashed before and after."""
-    prepared = {}
+    """Every case's command, each in its own process forked from one that imported the libraries once
+    (tests/forked_cli.py), as many at once as there are CPU cores, with its folder hashed before and after."""
+    logs = tmp_path_factory.mktemp("hostile-logs")
+    prepared, jobs = {}, {}
     for case in CASES:
         tmp_path = tmp_path_factory.mktemp(name_of(case))
         wants_model = "tiny_model_dir" in inspect.signature(case).parameters
         args, watched, code, messages = case(tmp_path, workspace, tiny_model_dir) if wants_model else case(tmp_path, workspace)
-        prepared[name_of(case)] = (args, watched, code, messages, tmp_path, digest(watched))
-
-    def run(name):
-        args, _, _, _, cwd, _ = prepared[name]
-        began = time.monotonic()
-        done = cli(*args, cwd=cwd)
-        return name, done, time.monotonic() - began
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        finished = list(pool.map(run, prepared))
-    return {name: Outcome(prepared[name][0], prepared[name][2], prepared[name][3], done, seconds, prepared[name][5],
-                          digest(prepared[name][1])) for name, done, seconds in finished}
+        prepared[name_of(case)] = (args, watched, code, messages, digest(watched))
+        jobs[name_of(case)] = {"args": list(map(str, args)), "cwd": str(tmp_path),
+                               "stdout": str(logs / f"{name_of(case)}.out"), "stderr": str(logs / f"{name_of(case)}.err")}
+    (logs / "jobs.json").write_text(json.dumps(jobs))
+    subprocess.run([sys.executable, str(Path(__file__).parent / "forked_cli.py"), logs / "jobs.json",
+                    logs / "results.json"], check=True, timeout=600)
+    results = json.loads((logs / "results.json").read_text())
+    return {name: Outcome(args, code, messages, results[name]["code"], Path(jobs[name]["stderr"]).read_text(),
+                          results[name]["seconds"], before, digest(watched))
+            for name, (args, watched, code, messages, before) in prepared.items()}
 
 
 @pytest.mark.parametrize("name", [name_of(case) for case in CASES])
 def test_refused_with_a_message_and_nothing_written(name, outcomes):
     outcome = outcomes[name]
-    stderr = outcome.done.stderr
-    assert outcome.done.returncode == outcome.code, stderr[-3000:]
+    stderr = outcome.stderr
+    assert outcome.returncode == outcome.code, stderr[-3000:]
     assert "Traceback" not in stderr
     for message in outcome.messages:
         assert message in stderr, stderr[-3000:]
