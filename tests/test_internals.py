@@ -84,3 +84,25 @@ def test_dpo_private_pieces_keep_their_shape():
     assert 'self._metrics[mode]["rewards/accuracies"]' in source
     assert 'if "prompt" not in first_example' in inspect.getsource(DPOTrainer._prepare_dataset), (
         "TRL still re-tokenizes prepared rows, which HookedDPOTrainer._prepare_dataset passes through")
+
+
+def test_orpo_private_pieces_keep_their_shape():
+    from trl.experimental.orpo import ORPOTrainer
+
+    assert "train_dataset = train_dataset.map(self.tokenize_row" in inspect.getsource(ORPOTrainer.__init__)
+    forward = inspect.getsource(ORPOTrainer.concatenated_forward)
+    assert "return (chosen_logps, rejected_logps, chosen_logits, rejected_logits, chosen_nll_loss)" in forward
+    assert "chosen_logits = all_logits[:len_chosen, :-1, :]" in forward, "logits[i] predicts token i + 1"
+    assert "self._stored_metrics = defaultdict(lambda: defaultdict(list))" in inspect.getsource(ORPOTrainer)
+    assert 'logs[key] = torch.tensor(metrics).mean().item()' in inspect.getsource(ORPOTrainer.log)
+
+
+def test_kto_private_pieces_keep_their_shape():
+    from trl import KTOTrainer
+
+    assert list(inspect.signature(KTOTrainer._prepare_dataset).parameters) == [
+        "self", "dataset", "processing_class", "args", "dataset_name"]
+    prepare = inspect.getsource(KTOTrainer._prepare_dataset)
+    assert 'examples["KL_completion_ids"] = [examples["completion_ids"][-1]] + examples["completion_ids"][:-1]' in prepare
+    assert "batch_size=args.per_device_train_batch_size" in prepare, "the KL pairing HookedKTOTrainer repeats"
+    assert 'self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}' in inspect.getsource(KTOTrainer)

@@ -29,7 +29,7 @@ class DataSource(Section):
         "[{'from', 'value'}]}; alpaca: {'instruction', 'input', 'output'}; prompt_completion: {'prompt', "
         "'completion'}; classification: {'text', 'label'}; text: {'text'} trained on every token; preference: "
         "{'prompt', 'chosen', 'rejected'} (text or message lists) or {'messages', 'chosen', 'rejected'}, for "
-        "method dpo.",
+        "method dpo, orpo or kto.",
     )
     fields: dict[str, str] = Field(
         default_factory=dict,

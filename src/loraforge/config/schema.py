@@ -250,12 +250,15 @@ class LoggingConfig(Section):
 
 # What an evaluation reports for each task, so train.best_metric can be checked before any work.
 EVAL_METRICS = {"causal_lm": ("eval_loss",), "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
-                "dpo": ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")}
+                "dpo": ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"),
+                "orpo": ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_nll_loss"),
+                "kto": ("eval_loss", "eval_rewards/margins", "eval_kl")}
 
 
 class PreferenceConfig(Section):
-    beta: float = Field(0.1, gt=0, description="How far the tuned model may move from the reference: higher keeps "
-                        "it closer (TRL's beta).")
+    beta: float = Field(0.1, gt=0, description="TRL's beta. dpo and kto: how far the tuned model may move from "
+                        "the reference, higher keeps it closer; orpo: the weight of the odds-ratio term beside the chosen "
+                        "answer's loss (the ORPO paper's lambda).")
     loss_type: Literal["sigmoid", "hinge", "ipo"] = Field(
         "sigmoid", description="method dpo: sigmoid is the DPO paper's loss; hinge (SLiC) and ipo are TRL's variants."
     )
@@ -276,16 +279,20 @@ class RunConfig(Section):
         "causal_lm", description="causal_lm: learn to generate; classification: a label per text, "
         "through a classification head on the model (data format classification)."
     )
-    method: Literal["sft", "dpo"] = Field(
+    method: Literal["sft", "dpo", "orpo", "kto"] = Field(
         "sft", description="sft: learn the answers in the data; dpo: learn to prefer the chosen answer over the "
         "rejected one (data format preference), against a reference that is the starting model (the base with the "
-        "adapter off, or init_from's adapter)."
+        "adapter off, or init_from's adapter); orpo: learn the chosen answer and, in the same loss, its odds over "
+        "the rejected one, with no reference pass (SFT and preference in one stage, TRL's ORPO); kto: each answer "
+        "on its own, the chosen made more likely and the rejected less, against the reference (TRL's KTO on the "
+        "pairs unpaired)."
     )
     init_from: str | None = Field(
         None, description="A finished run directory whose adapter this run starts from (an SFT run before dpo, say); "
-        "with method dpo that adapter is also the reference. Same base model and LoRA settings required."
+        "with a preference method that adapter is also the reference preference accuracy is measured against. Same "
+        "base model and LoRA settings required."
     )
-    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="method dpo settings.")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="method dpo, orpo and kto settings.")
     adapter: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter, or every weight (full).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Training dtype. auto: bf16 on GPUs that support it, else fp16; on CPU it times a short "
@@ -342,7 +349,7 @@ class RunConfig(Section):
             raise ValueError("data.packing does not apply to task classification; set it to false")
         preference = self.data.is_preference()
         if self.method == "sft" and preference:
-            raise ValueError("the data is in format preference, which method sft does not train; set method: dpo")
+            raise ValueError("the data is in format preference, which method sft does not train; set method: dpo or orpo")
         if self.method != "sft":
             if not preference:
                 raise ValueError(f"method {self.method} needs data in format preference ({{prompt, chosen, rejected}}); "
@@ -355,9 +362,15 @@ class RunConfig(Section):
             if self.lora.bias != "none":
                 raise ValueError(f"lora.bias {self.lora.bias} trains biases of the base, which the reference shares, "
                                  f"so the reference would move during method {self.method}; set lora.bias: none")
-            if self.lora.dropout:
+            if self.method in ("dpo", "kto") and self.lora.dropout:
                 raise ValueError(f"lora.dropout {self.lora.dropout:g}: method {self.method} runs without dropout (its "
                                  "reference pass must give the same numbers every time); set lora.dropout: 0")
+        if self.method == "kto" and self.train.batch_size < 2:
+            raise ValueError("method kto estimates its KL term from the other rows of a batch, so train.batch_size "
+                             "must be at least 2; raise it (and lower train.grad_accum to keep the global batch)")
+        if self.method != "dpo" and self.preference.loss_type != "sigmoid":
+            raise ValueError(f"preference.loss_type chooses among DPO's losses; method {self.method} has none to "
+                             "choose, so remove it")
         if self.init_from is not None and self.adapter != "lora":
             raise ValueError("init_from starts from a run's LoRA adapter; set adapter: lora")
         kind = self.method if self.method != "sft" else self.task

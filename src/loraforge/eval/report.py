@@ -9,10 +9,12 @@ ROWS = (
     ("perplexity", "perplexity", "{:.2f}"),
     ("accuracy", "accuracy", "{:.3f}"),
     ("macro_f1", "macro F1", "{:.3f}"),
-    ("rewards/accuracies", "reward accuracy (vs reference)", "{:.3f}"),
+    ("rewards/accuracies", "reward accuracy", "{:.3f}"),
     ("rewards/margins", "reward margin", "{:.4f}"),
     ("rewards/chosen", "reward of chosen", "{:.4f}"),
     ("rewards/rejected", "reward of rejected", "{:.4f}"),
+    ("nll_loss", "loss of the chosen answers (ORPO)", "{:.4f}"),
+    ("kl", "KL to the reference (KTO)", "{:.4f}"),
 )
 
 

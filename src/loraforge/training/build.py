@@ -20,7 +20,8 @@ from loraforge.model.adapters import apply_lora, load_trainable_adapter, make_fu
 from loraforge.model.load import load_for_run
 from loraforge.training.callbacks import MetricsCallback, SampleCallback, ThroughputCallback
 from loraforge.training.prepare import Prepared
-from loraforge.training.trainer import LoraforgeTrainer, NanGuard, PaddedTokensPerStep, PreferenceTrainer, SignalStop
+from loraforge.training.trainer import (LoraforgeTrainer, NanGuard, OddsRatioTrainer, PaddedTokensPerStep,
+                                        PreferenceTrainer, SignalStop, UnpairedTrainer)
 
 log = logging.getLogger("loraforge.train")
 
@@ -102,12 +103,17 @@ def load_adapter_to_train(model, config: RunConfig, model_path):
         raise ConfigError([f"init_from: {source} was trained on another setup ({'; '.join(mismatched)}); use the "
                            "same model and lora settings as that run"])
     log.info("starting from the adapter of %s (init_from)", source)
-    return load_trainable_adapter(model, source / rundir.ADAPTER, quantized=config.quantization.mode != "none",
-                                  gradient_checkpointing=config.train.gradient_checkpointing)
+    model = load_trainable_adapter(model, source / rundir.ADAPTER, quantized=config.quantization.mode != "none",
+                                   gradient_checkpointing=config.train.gradient_checkpointing)
+    if config.method == "orpo":
+        # DPO's trainer copies the starting adapter as its reference; ORPO's keeps none, so a frozen copy is loaded
+        # here, for preference accuracy against the model the run started from.
+        model.load_adapter(str(source / rundir.ADAPTER), adapter_name=rundir.REFERENCE, is_trainable=False)
+    return model
 
 
 def training_arguments(config: RunConfig, run_dir: Path, precision: str, has_eval: bool) -> TrainingArguments:
-    """HF's TrainingArguments from the config; TRL's DPOConfig (a subclass) for method dpo."""
+    """HF's TrainingArguments from the config; TRL's DPOConfig or ORPOConfig (subclasses) for dpo and orpo."""
     train = config.train
     settings = dict(
         bf16=precision == "bf16",
@@ -146,12 +152,37 @@ def training_arguments(config: RunConfig, run_dir: Path, precision: str, has_eva
     )
     if config.method == "sft":
         return TrainingArguments(**settings)
+    if config.method == "orpo":
+        from trl.experimental.orpo import ORPOConfig
+
+        # Rows arrive tokenized and cut to data.max_length; ORPO has no reference pass, so lora.dropout applies
+        # as in SFT. Its batches have no input_ids for HF to count tokens by; OddsRatioTrainer counts them.
+        return ORPOConfig(**{**settings, "include_num_input_tokens_seen": "no"}, beta=config.preference.beta,
+                          max_length=config.data.max_length, disable_dropout=False)
+    if config.method == "kto":
+        from trl import KTOConfig
+
+        # KTO pairs each row with its batch neighbour's completion for its KL term, so it samples in dataset order
+        # (the examples are shuffled with the seed when unpaired); dropout off, as for DPO's reference pass.
+        return KTOConfig(**{**settings, "train_sampling_strategy": "sequential"}, beta=config.preference.beta,
+                         max_length=None, precompute_ref_log_probs=False, disable_dropout=True)
     from trl import DPOConfig
 
     # Rows arrive tokenized and cut to data.max_length. Dropout off (TRL's default): the reference pass must be
     # deterministic, and an init_from adapter may carry dropout from its SFT run.
     return DPOConfig(**settings, beta=config.preference.beta, loss_type=[config.preference.loss_type],
                      max_length=None, precompute_ref_log_probs=False, disable_dropout=True)
+
+
+def unpaired(pairs, seed: int):
+    """KTO's examples from preference pairs by TRL's unpairing (the chosen answer desirable, the rejected one not),
+    shuffled with the seed: KTO samples in dataset order, and unpairing puts every desirable example first."""
+    from trl import unpair_preference_dataset
+
+    if pairs is None:
+        return None
+    examples = unpair_preference_dataset(pairs.rename_columns({"chosen_ids": "chosen", "rejected_ids": "rejected"}))
+    return examples.rename_column("completion", "completion_ids").shuffle(seed=seed).flatten_indices()
 
 
 def micro_batch_tokens(setting) -> int | None:
@@ -189,16 +220,17 @@ def build_trainer(config: RunConfig, prepared: Prepared, model, run_dir: Path, p
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / rundir.TENSORBOARD)
     os.environ.update(config.tracking.environment())
     if config.method != "sft":
-        trainer = PreferenceTrainer(
+        kto = config.method == "kto"
+        trainer = {"dpo": PreferenceTrainer, "orpo": OddsRatioTrainer, "kto": UnpairedTrainer}[config.method](
             model=model,
             args=training_arguments(config, run_dir, precision, has_eval=prepared.val is not None),
-            train_dataset=prepared.train,
-            eval_dataset=prepared.val,
+            train_dataset=unpaired(prepared.train, config.seed) if kto else prepared.train,
+            eval_dataset=unpaired(prepared.val, config.seed) if kto else prepared.val,
             processing_class=prepared.tokenizer,
             callbacks=[throughput, MetricsCallback(run_dir / rundir.METRICS, throughput)],
             keep_last=config.train.keep_last,
             fingerprints=fingerprints,
-            group_by_length=config.train.group_by_length,
+            group_by_length=config.train.group_by_length and not kto,
             reference_adapter=config.init_from is not None,
         )
         return _with_callbacks(trainer, config, prepared, run_dir, model, throughput, stop, trainable)

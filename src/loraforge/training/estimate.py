@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from loraforge.errors import ConfigError
-from loraforge.training.build import accumulation
+from loraforge.training.build import accumulation, unpaired
 from loraforge.training.prepare import prepare
 from loraforge.training.run import run_training
 from loraforge.training.trainer import length_grouped_order, pair_lengths
@@ -105,13 +105,13 @@ def run_estimate(config, probe_steps: int = 6) -> Estimate:
     train = config.train
     accum = accumulation(train, 1)
     steps = train.max_steps or math.ceil(train.num_epochs * len(lengths) / (train.batch_size * accum))
-    tokens = step_padded_tokens(lengths, train.batch_size, accum, train.group_by_length,
+    tokens = step_padded_tokens(lengths, train.batch_size, accum, train.group_by_length and config.method != "kto",
                                 config.data.packing, config.seed, steps)
     if config.data.packing:
         tokens = [min(t, train.batch_size * accum * config.data.max_length) for t in tokens]
     if config.method != "sft":
-        # A pair is two sequences, chosen and rejected, padded to one length; the probe's step times already hold
-        # the reference model's forward pass per token.
+        # A pair is two sequences, chosen and rejected, padded to one length (kto: an example and its KL example,
+        # another row's answer to the same prompt); the probe's step times already hold the reference pass.
         tokens = [2 * t for t in tokens]
     warm_up = measured_seconds[0] - (fixed + per_token * measured_tokens[0])
     step_seconds = [fixed + per_token * t for t in tokens]
@@ -133,6 +133,9 @@ def run_estimate(config, probe_steps: int = 6) -> Estimate:
 def _train_lengths(config) -> list[int]:
     unpacked = config.model_copy(update={"data": config.data.model_copy(update={"packing": False})})
     train = prepare(unpacked).train
+    if config.method == "kto":
+        examples = unpaired(train, config.seed)
+        return [len(p) + len(c) for p, c in zip(examples["prompt_ids"], examples["completion_ids"])]
     if config.method != "sft":
         return pair_lengths(train)
     return [len(ids) for ids in train["input_ids"]]

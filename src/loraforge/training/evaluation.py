@@ -152,7 +152,8 @@ def metric_values(metrics: dict) -> dict:
     """eval_* metrics without the prefix and the timing entries, with perplexity from a language-model loss."""
     values = {k.removeprefix("eval_"): v for k, v in metrics.items()
               if k.startswith("eval_") and not k.endswith(("runtime", "per_second", "preparation_time"))}
-    if "loss" in values and values["loss"] is not None and "rewards/accuracies" not in values:
+    preference = any(k.startswith("rewards/") for k in values)
+    if "loss" in values and values["loss"] is not None and not preference:
         values["perplexity"] = math.exp(min(values["loss"], 50.0))
     return values
 

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from loraforge.errors import LoraforgeError
-from loraforge.internals import HookedDPOTrainer, HookedTrainer
+from loraforge.internals import HookedDPOTrainer, HookedKTOTrainer, HookedORPOTrainer, HookedTrainer
 from loraforge.rundir import REFERENCE
 from loraforge.training.checkpoints import PREFIX, STAGING, latest_complete, publish, rotate
 from loraforge.training.loss import trained_positions_loss, trained_tokens_per_row
@@ -97,11 +97,14 @@ class RunLifecycle:
         return sampler
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self.padded_tokens += int(inputs["input_ids"].numel()) if "input_ids" in inputs else 0
+        self.padded_tokens += self.padded_tokens_of(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not bool(torch.isfinite(loss).all()):
             self.step_had_nonfinite_loss = True
         return loss
+
+    def padded_tokens_of(self, inputs) -> int:
+        return int(inputs["input_ids"].numel()) if "input_ids" in inputs else 0
 
     def save_checkpoint(self, write) -> None:
         """HF writes checkpoint-N into a staging folder; marked COMPLETE, it is renamed into place in one step."""
@@ -195,13 +198,13 @@ class LoraforgeTrainer(RunLifecycle, HookedTrainer):
         return loss
 
 
-class PreferenceTrainer(RunLifecycle, HookedDPOTrainer):
-    """TRL's DPO on rows loraforge tokenized, with the run lifecycle of an SFT run. group_by_length: batches of
+class PairLifecycle(RunLifecycle):
+    """The run lifecycle for TRL's preference trainers on rows loraforge tokenized. group_by_length: batches of
     pairs of similar length (prompt and longer answer), in a seeded order, as SFT batches are grouped."""
 
     def __init__(self, *args, group_by_length: bool = False, reference_adapter: bool = False, **kwargs):
-        """reference_adapter: keep TRL's copy of the starting adapter as the reference (init_from); otherwise the
-        reference is the base with the adapter off, and TRL's copy of a fresh adapter is dropped."""
+        """reference_adapter: keep the `ref` adapter (a copy of init_from's adapter) as the reference; otherwise
+        the reference is the base with the adapter off, and TRL's copy of a fresh adapter is dropped."""
         self.group_by_length = group_by_length
         super().__init__(*args, **kwargs)
         model = self.accelerator.unwrap_model(self.model)
@@ -218,6 +221,33 @@ class PreferenceTrainer(RunLifecycle, HookedDPOTrainer):
         return SeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                           lengths=pair_lengths(self.train_dataset),
                                           seed=self.args.data_seed or self.args.seed)
+
+
+class PreferenceTrainer(PairLifecycle, HookedDPOTrainer):
+    """Method dpo: TRL's DPOTrainer."""
+
+
+class UnpairedTrainer(PairLifecycle, HookedKTOTrainer):
+    """Method kto: TRL's KTOTrainer on examples loraforge unpaired from its pairs (training/build.py unpaired), in
+    the seeded order TRL samples them (sequentially, so each batch's KL term pairs its own rows). A step runs the
+    batch and its mismatched KL batch through the model."""
+
+    def padded_tokens_of(self, inputs) -> int:
+        return int(inputs["input_ids"].numel()) + (int(inputs["KL_input_ids"].numel()) if "KL_input_ids" in inputs else 0)
+
+
+class OddsRatioTrainer(PairLifecycle, HookedORPOTrainer):
+    """Method orpo: TRL's ORPOTrainer. Its batches hold chosen_ and rejected_ columns and no input_ids, which HF
+    counts tokens by, so they are counted here: both sides padded to one length run as one batch."""
+
+    def padded_tokens_of(self, inputs) -> int:
+        chosen, rejected = inputs["chosen_input_ids"], inputs["rejected_input_ids"]
+        return 2 * chosen.shape[0] * max(chosen.shape[1], rejected.shape[1])
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        real = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(real.to(self.args.device)).sum())
+        return super().training_step(model, inputs, num_items_in_batch)
 
 
 def _point_state_at(staged: Path, best: Path | None) -> None:
