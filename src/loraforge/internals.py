@@ -75,8 +75,8 @@ class HookedDPOTrainer(TrlMetrics, TrainerHooks, DPOTrainer):
 
 class HookedKTOTrainer(TrlMetrics, TrainerHooks, KTOTrainer):
     """TRL's KTOTrainer (1.16) fed rows loraforge tokenized itself (prompt_ids, completion_ids, label). Its
-    private `_prepare_dataset` tokenizes text columns and then, for the KL term, pairs each completion with the
-    prompt before it within each batch of per_device_train_batch_size rows (TRL samples sequentially for that);
+    private `_prepare_dataset` tokenizes text columns and then, for the KL term, gives each prompt the completion
+    of the row before it (the first row the last one's) within each batch of per_device_train_batch_size rows (TRL samples sequentially for that);
     here it only does the pairing, as TRL does it."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):

@@ -252,7 +252,7 @@ class LoggingConfig(Section):
 EVAL_METRICS = {"causal_lm": ("eval_loss",), "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
                 "dpo": ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"),
                 "orpo": ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_nll_loss"),
-                "kto": ("eval_loss", "eval_rewards/margins", "eval_kl")}
+                "kto": ("eval_loss", "eval_rewards/margins")}
 
 
 class PreferenceConfig(Section):
@@ -349,7 +349,7 @@ class RunConfig(Section):
             raise ValueError("data.packing does not apply to task classification; set it to false")
         preference = self.data.is_preference()
         if self.method == "sft" and preference:
-            raise ValueError("the data is in format preference, which method sft does not train; set method: dpo or orpo")
+            raise ValueError("the data is in format preference, which method sft does not train; set method: dpo, orpo or kto")
         if self.method != "sft":
             if not preference:
                 raise ValueError(f"method {self.method} needs data in format preference ({{prompt, chosen, rejected}}); "

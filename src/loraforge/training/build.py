@@ -163,8 +163,10 @@ def training_arguments(config: RunConfig, run_dir: Path, precision: str, has_eva
         from trl import KTOConfig
 
         # KTO pairs each row with its batch neighbour's completion for its KL term, so it samples in dataset order
-        # (the examples are shuffled with the seed when unpaired); dropout off, as for DPO's reference pass.
-        return KTOConfig(**{**settings, "train_sampling_strategy": "sequential"}, beta=config.preference.beta,
+        # (the examples are shuffled with the seed when unpaired), and an epoch's last, partial batch is dropped (a
+        # batch of one row would pair it with itself); dropout off, as for DPO's reference pass.
+        return KTOConfig(**{**settings, "train_sampling_strategy": "sequential", "dataloader_drop_last": True},
+                         beta=config.preference.beta,
                          max_length=None, precompute_ref_log_probs=False, disable_dropout=True)
     from trl import DPOConfig
 
