@@ -55,7 +55,27 @@ def test_kto_learns_the_preference_and_reports_it(kto_run):
     assert f"| KL to the reference (KTO) | {evals[0]['eval_kl']:.4f} | {result.metrics['kl']:.4f} |" in (
         run / rundir.REPORT).read_text()
     assert not (run / rundir.ADAPTER / rundir.REFERENCE).exists(), "the reference is the base, adapter off: no copy"
-    assert sum(result.timing["step_padded_tokens"]) > 0
+    assert result.timing["step_padded_tokens"] == expected_padded_tokens(config, steps=6), (
+        "batches of consecutive rows, each with its KL batch (every prompt with the answer of the row before it)")
+
+
+def expected_padded_tokens(config, steps: int) -> list[int]:
+    """Per optimizer step: batches of batch_size consecutive unpaired rows (an epoch's partial last batch dropped),
+    grad_accum of them a step (the epoch's last step takes what is left), each batch padded to its longest row,
+    and its KL batch, prompt i with the answer of row i - 1 (the first with the last's), padded the same way."""
+    from loraforge.training.build import unpaired
+    from loraforge.training.prepare import prepare
+
+    rows = unpaired(prepare(config).train, config.seed)
+    size, accum = config.train.batch_size, config.train.grad_accum
+    per_batch = []
+    for start in range(0, len(rows) - size + 1, size):
+        prompts, answers = rows["prompt_ids"][start : start + size], rows["completion_ids"][start : start + size]
+        kl_answers = answers[-1:] + answers[:-1]
+        per_batch.append(size * max(len(p) + len(a) for p, a in zip(prompts, answers))
+                         + size * max(len(p) + len(a) for p, a in zip(prompts, kl_answers)))
+    epoch = [sum(per_batch[i : i + accum]) for i in range(0, len(per_batch), accum)]
+    return (epoch * steps)[:steps]
 
 
 def test_kto_resume_equals_a_straight_run(tmp_path, tiny_model_dir):
