@@ -2,7 +2,7 @@
 
 import sys
 
-from loraforge.data.build import DataStats, load_rows, tokenize_pairs, tokenize_rows
+from loraforge.data.build import DataStats, load_rows, tokenize_preference, tokenize_rows
 from loraforge.data.render import IGNORE
 from loraforge.training.prepare import prepare
 
@@ -67,12 +67,15 @@ def run_preview(config, n: int, stream=None) -> None:
     first = (rows["train"] or rows["val"])[:n]
     legend = f"{GREEN}trained{RESET} {DIM}masked{RESET}" if color else f"{OPEN}trained{CLOSE} masked"
     if config.data.is_preference():
-        pairs, shown = tokenize_pairs(first, tokenizer, stop_ids, config.data, shown_stats)
-        print(f"{len(pairs)} pairs ({legend}):", file=stream)
-        for pair, row in zip(pairs, shown):
-            prompt = pair["prompt_ids"]
-            for side in ("chosen", "rejected"):
-                answer = pair[f"{side}_ids"]
+        rows, shown = tokenize_preference(first, tokenizer, stop_ids, config.data, shown_stats)
+        unpaired = config.data.is_unpaired()
+        print(f"{len(rows)} {'unpaired rows' if unpaired else 'pairs'} ({legend}):", file=stream)
+        for found, row in zip(rows, shown):
+            prompt = found["prompt_ids"]
+            sides = ({"desirable" if found["label"] else "undesirable": "completion_ids"} if unpaired
+                     else {"chosen": "chosen_ids", "rejected": "rejected_ids"})
+            for side, column in sides.items():
+                answer = found[column]
                 print(f"\n--- {row.where} {side} ({len(prompt)} prompt + {len(answer)} answer tokens)", file=stream)
                 print(format_sample(prompt + answer, [IGNORE] * len(prompt) + answer, tokenizer, color), file=stream)
         print("\n" + format_stats(prepared.stats, config.data.max_length), file=stream)

@@ -137,3 +137,21 @@ def test_preview_of_the_bundled_pairs_shows_both_answers_trained(smollm_path, mo
     assert "What is AI?<|im_end|>\n<|im_start|>assistant\n[[Artificial Intelligence is the branch" in text
     assert "[[Squirrels<|im_end|>]]" in text, "the rejected answer is trained (pushed down) through its end of turn"
     assert "rows read           2025" in text and "trained tokens" in text
+
+
+def test_preview_of_unpaired_rows_shows_each_answer_with_its_label(smollm_path, monkeypatch, tmp_path):
+    from loraforge.preview import run_preview
+
+    rows = write_jsonl(tmp_path / "u.jsonl", [
+        {"prompt": "What is AI?", "completion": "A branch of computer science.", "label": True},
+        {"prompt": "What is AI?", "completion": "Squirrels", "label": False}])
+    config = load_config(ROOT / "configs" / "kto.yaml", [
+        f"model.name={smollm_path}", f"data.sources=[{{path: {rows}, format: unpaired_preference}}]",
+        "data.val_fraction=0", "data.cache=false"])
+    out = io.StringIO()
+    run_preview(config, n=2, stream=out)
+    text = out.getvalue()
+    assert text.startswith("2 unpaired rows ([[trained]] masked):")
+    assert f"--- {rows}:1 desirable (" in text and f"--- {rows}:2 undesirable (" in text
+    assert "What is AI?<|im_end|>\n<|im_start|>assistant\n[[A branch of computer science.<|im_end|>]]" in text
+    assert "[[Squirrels<|im_end|>]]" in text and "rows read           2" in text

@@ -1,16 +1,20 @@
 """method: kto on the tiny llama: the pairs are unpaired into desirable and undesirable examples in a seeded
-order, TRL's KTO trains them against the starting model, and the run reports rewards, the KL term and preference
-accuracy on held-out pairs, and resumes exactly."""
+order (or rows come unpaired, format unpaired_preference), TRL's KTO trains them against the starting model, and
+the run reports rewards, the KL term and preference accuracy on held-out pairs (label accuracy on held-out unpaired
+rows), and resumes exactly."""
 
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from loraforge import rundir
 from loraforge.errors import ConfigError
 from loraforge.training.run import run_training
-from tests.training.test_preference_run import assert_resume_equals_a_straight_run, dpo_config_maker, records
+from tests.conftest import ECHO_ROWS, write_jsonl
+from tests.training.test_preference_run import (PAIRS, adapter, assert_resume_equals_a_straight_run, dpo_config_maker,
+                                                 records)
 
 KTO = ["method=kto", "precision=fp32"]
 
@@ -55,27 +59,98 @@ def test_kto_learns_the_preference_and_reports_it(kto_run):
     assert f"| KL to the reference (KTO) | {evals[0]['eval_kl']:.4f} | {result.metrics['kl']:.4f} |" in (
         run / rundir.REPORT).read_text()
     assert not (run / rundir.ADAPTER / rundir.REFERENCE).exists(), "the reference is the base, adapter off: no copy"
-    assert result.timing["step_padded_tokens"] == expected_padded_tokens(config, steps=6), (
+    assert result.timing["step_padded_tokens"] == planned_padded_tokens(config, steps=6), (
         "batches of consecutive rows, each with its KL batch (every prompt with the answer of the row before it)")
 
 
-def expected_padded_tokens(config, steps: int) -> list[int]:
-    """Per optimizer step: batches of batch_size consecutive unpaired rows (an epoch's partial last batch dropped),
-    grad_accum of them a step (the epoch's last step takes what is left), each batch padded to its longest row,
-    and its KL batch, prompt i with the answer of row i - 1 (the first with the last's), padded the same way."""
+def planned_padded_tokens(config, steps: int) -> list[int]:
+    from loraforge.training.estimate import _kto_examples, kto_step_padded_tokens
+
+    return kto_step_padded_tokens(*_kto_examples(config), config.train.batch_size, config.train.grad_accum, steps)
+
+
+def unpaired_maker(folder, tiny_model_dir):
+    """KTO configs on format unpaired_preference: each pair of the DPO tests written as two labelled rows."""
+    rows = [{"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
+            for pair in PAIRS for side in ("chosen", "rejected")]
+    path = write_jsonl(folder / "unpaired.jsonl", rows)
+    make = dpo_config_maker(folder, tiny_model_dir)
+    return rows, lambda name, *overrides: make(name, *KTO, f"data.sources=[{{path: {path}, format: unpaired_preference}}]",
+                                               *overrides)[0]
+
+
+@pytest.fixture(scope="module")
+def unpaired_kto_run(tmp_path_factory, tiny_model_dir):
+    rows, make = unpaired_maker(tmp_path_factory.mktemp("kto-unpaired-run"), tiny_model_dir)
+    # 36 training rows in batches of 5 (one row left over and dropped), 2 a step, so 4 steps an epoch (the last
+    # takes one batch) and 6 steps in 1.5 epochs.
+    config = make("kto-unpaired", "train.batch_size=5", "train.grad_accum=2", "train.max_steps=null",
+                  "train.num_epochs=1.5")
+    return config, rows, run_training(config)
+
+
+def test_kto_trains_unpaired_rows_in_a_seeded_order_and_reports_their_label_accuracy(unpaired_kto_run):
+    from loraforge.eval.run import run_eval
     from loraforge.training.build import unpaired
+    from loraforge.training.estimate import optimizer_steps
     from loraforge.training.prepare import prepare
 
-    rows = unpaired(prepare(config).train, config.seed)
-    size, accum = config.train.batch_size, config.train.grad_accum
-    per_batch = []
-    for start in range(0, len(rows) - size + 1, size):
-        prompts, answers = rows["prompt_ids"][start : start + size], rows["completion_ids"][start : start + size]
-        kl_answers = answers[-1:] + answers[:-1]
-        per_batch.append(size * max(len(p) + len(a) for p, a in zip(prompts, answers))
-                         + size * max(len(p) + len(a) for p, a in zip(prompts, kl_answers)))
-    epoch = [sum(per_batch[i : i + accum]) for i in range(0, len(per_batch), accum)]
-    return (epoch * steps)[:steps]
+    config, rows, result = unpaired_kto_run
+    run = Path(config.output_dir)
+    prepared = prepare(config)
+    examples = unpaired(prepared.train, config.seed)
+    assert len(examples) == len(prepared.train) == 36 and len(prepared.val) == 12, "18 and 6 prompts, 2 rows each"
+    assert sorted(zip(examples["prompt_ids"], examples["completion_ids"], examples["label"])) == sorted(
+        zip(prepared.train["prompt_ids"], prepared.train["completion_ids"], prepared.train["label"])), "rows kept as they are"
+    assert examples["label"] != prepared.train["label"], "shuffled with the seed: KTO samples in order"
+    steps = [r for r in records(run) if "kl" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    found = json.loads((run / rundir.EVAL).read_text())["preference"]
+    assert found["rows"] == 12 and found["desirable"] == 6
+    assert found["label_accuracy"] > 0.5 and found["desirable_reward"] > found["undesirable_reward"]
+    assert result.preference == found and "Validation rows: label accuracy" in result.summary()
+    assert run_eval(run)["preference"] == pytest.approx(found), "eval of the saved run measures what training measured"
+    assert optimizer_steps(config.train, 36 // 5, 2) == (4, 6) and len(result.timing["step_padded_tokens"]) == 6
+    assert result.timing["step_padded_tokens"] == planned_padded_tokens(config, steps=6), (
+        "the planner's batches, across the epoch's end, its partial batch dropped")
+
+
+def test_sft_then_kto_from_its_adapter_starts_at_the_sft_model(tmp_path, tiny_model_dir):
+    make = dpo_config_maker(tmp_path, tiny_model_dir)
+    echo = write_jsonl(tmp_path / "echo.jsonl", ECHO_ROWS)
+    sft, _ = make("sft", "method=sft", f"data.sources=[{{path: {echo}, format: messages}}]", "train.max_steps=2",
+                  "train.learning_rate=0.05", "train.save_every=null")
+    run_training(sft)
+    kto, _ = make("kto-from-sft", *KTO, f"init_from={sft.output_dir}", "train.max_steps=2", "train.eval_every=2",
+                  "train.save_every=null")
+    result = run_training(kto)
+    start, reference = adapter(sft.output_dir), adapter(kto.output_dir, rundir.REFERENCE)
+    assert start.keys() == reference.keys() and all(torch.equal(start[k], reference[k]) for k in start)
+    first = next(r for r in records(kto.output_dir) if r.get("step") == 0 and "eval_kl" in r)
+    assert first["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-6), "the reference is the SFT model, not the base"
+    assert result.preference["pairs"] == 6 and 0 <= result.preference["preference_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.batch_size=40"], "36 KTO training examples fill no batch of 40 .* lower train.batch_size"),
+    (["train.eval_batch_size=13"], "12 KTO validation examples fill no batch of 13 .* lower train.eval_batch_size"),
+])
+def test_kto_splits_that_fill_no_batch_are_data_errors(tmp_path, tiny_model_dir, overrides, expected):
+    from loraforge.errors import DataError
+
+    config = unpaired_maker(tmp_path, tiny_model_dir)[1]("small", *overrides)
+    with pytest.raises(DataError, match=expected):
+        run_training(config)
+    assert not Path(config.output_dir).exists(), "refused before the run directory is made"
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_pair_methods_refuse_unpaired_rows(tmp_path, tiny_model_dir, method):
+    path = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "Echo red", "completion": "red red", "label": True}])
+    with pytest.raises(ConfigError, match=rf"method {method} trains on pairs \(format preference\), and "
+                                          "unpaired_preference rows have one answer each; set method: kto"):
+        dpo_config_maker(tmp_path, tiny_model_dir)("never", f"method={method}",
+                                                   f"data.sources=[{{path: {path}, format: unpaired_preference}}]")
 
 
 def test_kto_resume_equals_a_straight_run(tmp_path, tiny_model_dir):

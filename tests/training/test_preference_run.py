@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from loraforge import rundir
 from loraforge.config import load_config
 from loraforge.errors import ConfigError
+from loraforge.eval.preference import preference_line
 from loraforge.training.run import TrainingStopped, run_training
 from tests.conftest import ECHO_ROWS, write_jsonl
 from tests.training.test_lifecycle import branch_from
@@ -85,7 +86,8 @@ def test_dpo_learns_the_preference_and_reports_it(dpo_run):
     assert "perplexity" not in result.metrics, "a DPO loss is not a language-model loss"
     report = (run / rundir.REPORT).read_text()
     assert f"| reward accuracy | 0.000 | {final['eval_rewards/accuracies']:.3f} |" in report
-    assert "## Preference accuracy" in report and (run / rundir.LOSS_PLOT).is_file()
+    assert f"## Held-out preference (validation split)\n\n{preference_line(found)}" in report
+    assert (run / rundir.LOSS_PLOT).is_file()
     assert not (run / rundir.ADAPTER / rundir.REFERENCE).exists(), "the reference is the base, adapter off: no copy"
 
 
@@ -183,7 +185,7 @@ def test_eval_merge_and_chat_work_on_a_dpo_run(dpo_run, capsys):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["method=sft"], "the data is in format preference, which method sft does not train; set method: dpo"),
+    (["method=sft"], "the data is preference data, which method sft does not train; set method: dpo"),
     (["adapter=full"], "method dpo needs adapter: lora"),
     (["train.best_metric=eval_accuracy"], "is not a metric a dpo run reports"),
     (["lora.bias=all"], "lora.bias all trains biases of the base, which the reference shares"),

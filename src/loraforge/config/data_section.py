@@ -29,7 +29,8 @@ class DataSource(Section):
         "[{'from', 'value'}]}; alpaca: {'instruction', 'input', 'output'}; prompt_completion: {'prompt', "
         "'completion'}; classification: {'text', 'label'}; text: {'text'} trained on every token; preference: "
         "{'prompt', 'chosen', 'rejected'} (text or message lists) or {'messages', 'chosen', 'rejected'}, for "
-        "method dpo, orpo or kto.",
+        "method dpo, orpo or kto; unpaired_preference: {'prompt', 'completion', 'label'} (label true for a "
+        "desirable answer, false for an undesirable one), for method kto.",
     )
     fields: dict[str, str] = Field(
         default_factory=dict,
@@ -117,7 +118,11 @@ class DataConfig(Section):
     cache: bool = Field(True, description="Reuse tokenized data when files, tokenizer, template and settings match.")
 
     def is_preference(self) -> bool:
+        """Data of a preference method: pairs, or unpaired labelled answers."""
         return any(s.format.value in PREFERENCE_FORMATS for s in self.sources)
+
+    def is_unpaired(self) -> bool:
+        return any(s.format.value == "unpaired_preference" for s in self.sources)
 
     @model_validator(mode="after")
     def _something_left_to_train(self):
@@ -128,6 +133,9 @@ class DataConfig(Section):
         if formats & PREFERENCE_FORMATS and formats - PREFERENCE_FORMATS:
             raise ValueError(f"sources mix preference data with {sorted(formats - PREFERENCE_FORMATS)}; a run trains "
                              "on one kind (method sft or a preference method), so give each its own config")
+        if {"preference", "unpaired_preference"} <= formats:
+            raise ValueError("sources mix preference pairs with unpaired_preference rows; write each pair as two "
+                             "unpaired rows (chosen with label true, rejected with label false) or use one format")
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) leaves no room for an answer within "
                              f"max_length ({self.max_length}); make it smaller")

@@ -284,8 +284,8 @@ class RunConfig(Section):
         "rejected one (data format preference), against a reference that is the starting model (the base with the "
         "adapter off, or init_from's adapter); orpo: learn the chosen answer and, in the same loss, its odds over "
         "the rejected one, with no reference pass (SFT and preference in one stage, TRL's ORPO); kto: each answer "
-        "on its own, the chosen made more likely and the rejected less, against the reference (TRL's KTO on the "
-        "pairs unpaired)."
+        "on its own, a desirable one made more likely and an undesirable one less, against the reference (TRL's KTO, on "
+        "format unpaired_preference rows or on pairs unpaired: chosen desirable, rejected undesirable)."
     )
     init_from: str | None = Field(
         None, description="A finished run directory whose adapter this run starts from (an SFT run before dpo, say); "
@@ -349,11 +349,16 @@ class RunConfig(Section):
             raise ValueError("data.packing does not apply to task classification; set it to false")
         preference = self.data.is_preference()
         if self.method == "sft" and preference:
-            raise ValueError("the data is in format preference, which method sft does not train; set method: dpo, orpo or kto")
+            raise ValueError("the data is preference data, which method sft does not train; set method: "
+                             + ("kto" if self.data.is_unpaired() else "dpo, orpo or kto"))
         if self.method != "sft":
             if not preference:
-                raise ValueError(f"method {self.method} needs data in format preference ({{prompt, chosen, rejected}}); "
-                                 f"the sources are {sorted(formats)}")
+                raise ValueError(f"method {self.method} needs data in format preference ({{prompt, chosen, rejected}})"
+                                 + (" or unpaired_preference ({prompt, completion, label})" if self.method == "kto" else "")
+                                 + f"; the sources are {sorted(formats)}")
+            if self.method != "kto" and self.data.is_unpaired():
+                raise ValueError(f"method {self.method} trains on pairs (format preference), and unpaired_preference rows "
+                                 "have one answer each; set method: kto, or pair the answers")
             if self.task != "causal_lm":
                 raise ValueError(f"method {self.method} trains a causal_lm; set task: causal_lm")
             if self.adapter != "lora":

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from loraforge.data import cache
 from loraforge.data.bundle import DataBundle, DataStats
 from loraforge.data.checks import check_trainable
-from loraforge.data.formats import PARSERS, Conversation, Preference
+from loraforge.data.formats import PARSERS, Conversation, Preference, Unpaired
 from loraforge.data.packing import pack
-from loraforge.data.render import IGNORE, render, render_preference
+from loraforge.data.render import IGNORE, render, render_answers
 from loraforge.data.sources import BadRow, read_rows
 from loraforge.errors import DataError
 
@@ -72,7 +72,7 @@ def split(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
 
 def split_by_prompt(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
     """split(); preference rows that share a prompt stay on one side, so no held-out prompt was trained on."""
-    if not rows or not isinstance(rows[0].conversation, Preference):
+    if not rows or not isinstance(rows[0].conversation, (Preference, Unpaired)):
         return split(rows, fraction, seed)
     groups: dict[tuple, list[int]] = {}
     for index, row in enumerate(rows):
@@ -82,11 +82,11 @@ def split_by_prompt(rows: list[Row], fraction: float, seed: int) -> tuple[list[R
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def conversation_key(conversation: Conversation | Preference) -> tuple:
+def conversation_key(conversation: Conversation | Preference | Unpaired) -> tuple:
     """What makes two rows the same conversation: the same text, or the same roles and contents in order."""
-    if isinstance(conversation, Preference):
-        return tuple(tuple((m.role, m.content) for m in part)
-                     for part in (conversation.prompt, conversation.chosen, conversation.rejected))
+    if isinstance(conversation, (Preference, Unpaired)):
+        parts = (conversation.prompt, *conversation.answers().values())
+        return (*(tuple((m.role, m.content) for m in part) for part in parts), getattr(conversation, "desirable", None))
     if conversation.text is not None:
         return ("text", conversation.text)
     return tuple((m.role, m.content) for m in conversation.messages)
@@ -171,49 +171,56 @@ def tokenize_rows(rows: list[Row], tokenizer, stop_ids, data_config, stats: Data
     return Dataset.from_dict(columns), kept
 
 
-def tokenize_pairs(rows: list[Row], tokenizer, stop_ids, data_config, stats: DataStats):
-    """Preference rows as prompt_ids, chosen_ids and rejected_ids. Under data.truncation (error, drop or truncate)
-    a pair over data.max_length (prompt and longer answer), or a prompt over data.max_prompt_length, is an error,
-    dropped, or cut: the prompt keeps its end (the turn being answered; the start, system turn included, goes)
-    down to max_prompt_length, or else to what the longer answer leaves but at least half of max_length, then
-    answers are cut to what is left. Every cut and drop is counted."""
+def tokenize_preference(rows: list[Row], tokenizer, stop_ids, data_config, stats: DataStats):
+    """Preference rows as prompt_ids and, for pairs, chosen_ids and rejected_ids, for unpaired rows completion_ids
+    and label. Under data.truncation (error, drop or truncate) a row over data.max_length (prompt and longest
+    answer), or a prompt over data.max_prompt_length, is an error, dropped, or cut: the prompt keeps its end (the
+    turn being answered; the start, system turn included, goes) down to max_prompt_length, or else to what the
+    longest answer leaves but at least half of max_length, then answers are cut to what is left. Every cut and drop
+    is counted."""
     from datasets import Dataset
 
-    columns: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    unpaired = data_config.is_unpaired()
+    names = ("completion",) if unpaired else ("chosen", "rejected")
+    columns: dict[str, list] = {"prompt_ids": [], **{f"{name}_ids": [] for name in names}}
+    if unpaired:
+        columns["label"] = []
     kept: list[Row] = []
     limit, prompt_limit = data_config.max_length, data_config.max_prompt_length
     for row in rows:
         try:
-            prompt, chosen, rejected = render_preference(row.conversation, tokenizer, stop_ids)
+            prompt, answers = render_answers(row.conversation.prompt, row.conversation.answers(), tokenizer, stop_ids)
         except DataError as exc:
             raise DataError(f"{row.where}: {exc}") from None
-        longest = len(prompt) + max(len(chosen), len(rejected))
+        longest_answer = max(map(len, answers))
         prompt_over = prompt_limit is not None and len(prompt) > prompt_limit
-        if prompt_over or longest > limit:
+        if prompt_over or len(prompt) + longest_answer > limit:
             what = (f"prompt {len(prompt)} tokens (data.max_prompt_length={prompt_limit})" if prompt_over
-                    else f"prompt and answer {longest} tokens (data.max_length={limit})")
+                    else f"prompt and answer {len(prompt) + longest_answer} tokens (data.max_length={limit})")
             if data_config.truncation == "error":
                 raise DataError(f"{row.where}: {what}; raise the limit or set data.truncation to drop or truncate")
             if data_config.truncation == "drop":
                 stats.count_drop("too_long")
                 continue
-            keep = prompt_limit if prompt_limit is not None else max(limit // 2, limit - max(len(chosen), len(rejected)))
+            keep = prompt_limit if prompt_limit is not None else max(limit // 2, limit - longest_answer)
             if len(prompt) > keep:
                 prompt = prompt[len(prompt) - keep:]
                 stats.truncated_prompts += 1
             room = limit - len(prompt)
-            if len(chosen) > room or len(rejected) > room:
-                chosen, rejected = chosen[:room], rejected[:room]
+            if longest_answer > room:
+                answers = [answer[:room] for answer in answers]
                 stats.truncated += 1
                 stats.truncated_assistant += 1
-        if chosen == rejected:
+        if len(answers) == 2 and answers[0] == answers[1]:
             # Answers that differ in text may render to the same tokens (a template that trims), or become the same
             # once cut to data.max_length: such a pair teaches nothing.
             stats.count_drop("identical_answers")
             continue
         columns["prompt_ids"].append(prompt)
-        columns["chosen_ids"].append(chosen)
-        columns["rejected_ids"].append(rejected)
+        for name, answer in zip(names, answers):
+            columns[f"{name}_ids"].append(answer)
+        if unpaired:
+            columns["label"].append(row.conversation.desirable)
         kept.append(row)
     return Dataset.from_dict(columns), kept
 
@@ -248,8 +255,8 @@ def build_datasets(data_config, tokenizer, stop_ids, seed: int, cache_dir=None) 
     return bundle
 
 
-def _first_user_prompt(conversation: Conversation | Preference) -> str | None:
-    messages = conversation.prompt if isinstance(conversation, Preference) else conversation.messages
+def _first_user_prompt(conversation: Conversation | Preference | Unpaired) -> str | None:
+    messages = conversation.messages if isinstance(conversation, Conversation) else conversation.prompt
     return next((m.content for m in messages if m.role == "user"), None)
 
 
@@ -267,22 +274,26 @@ def _bundle(train, val, test, val_rows: list[Row], stats: DataStats) -> DataBund
         train=train,
         val=val if val is not None and len(val) else None,
         test=test,
-        val_prompts=[p for p in (_first_user_prompt(r.conversation) for r in val_rows) if p is not None],
+        # Unpaired preference rows repeat a prompt for each of its answers: each prompt once.
+        val_prompts=list(dict.fromkeys(p for p in (_first_user_prompt(r.conversation) for r in val_rows) if p is not None)),
         stats=stats,
     )
 
 
-def _pair_bundle(train, val, test, val_rows: list[Row], stats: DataStats) -> DataBundle:
-    """Preference splits: a row's length is its prompt and its longer answer; both answers are trained."""
-    columns = list(zip(train["prompt_ids"], train["chosen_ids"], train["rejected_ids"]))
-    _count_splits(stats, train, val, test, sorted(len(p) + max(len(c), len(r)) for p, c, r in columns))
-    stats.train_tokens = sum(len(p) * 2 + len(c) + len(r) for p, c, r in columns)
-    stats.trainable_tokens = sum(len(c) + len(r) for _, c, r in columns)
+def _preference_bundle(train, val, test, val_rows: list[Row], stats: DataStats) -> DataBundle:
+    """Preference splits: a row's length is its prompt and its longest answer; every answer is trained, each after
+    its own copy of the prompt."""
+    names = [name for name in train.column_names if name.endswith("_ids") and name != "prompt_ids"]
+    rows = list(zip(train["prompt_ids"], zip(*(train[name] for name in names))))
+    _count_splits(stats, train, val, test, sorted(len(p) + max(map(len, answers)) for p, answers in rows))
+    stats.train_tokens = sum(len(p) * len(answers) + sum(map(len, answers)) for p, answers in rows)
+    stats.trainable_tokens = sum(sum(map(len, answers)) for _, answers in rows)
+    kind = "rows" if names == ["completion_ids"] else "pairs"
     if stats.dropped:
-        log.warning("dropped pairs: %s", stats.dropped)
+        log.warning("dropped %s: %s", kind, stats.dropped)
     if stats.truncated or stats.truncated_prompts:
-        log.warning("%d prompts lost their start, %d pairs had answers cut to data.max_length (data.truncation: "
-                    "truncate)", stats.truncated_prompts, stats.truncated)
+        log.warning("%d prompts lost their start, %d %s had answers cut to data.max_length (data.truncation: "
+                    "truncate)", stats.truncated_prompts, stats.truncated, kind)
     return _bundle(train, val, test, val_rows, stats)
 
 
@@ -300,7 +311,7 @@ def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
         )
 
     preference = data_config.is_preference()
-    tokenize = tokenize_pairs if preference else tokenize_rows
+    tokenize = tokenize_preference if preference else tokenize_rows
     train, train_kept = tokenize(train_rows, tokenizer, stop_ids, data_config, stats)
     if len(train) == 0:
         raise DataError(
@@ -311,7 +322,7 @@ def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
     test, test_kept = tokenize(test_rows, tokenizer, stop_ids, data_config, stats) if test_rows else (None, [])
     refuse_emptied_sources(data_config, [*train_rows, *val_rows, *test_rows], [*train_kept, *val_kept, *test_kept])
     if preference:
-        return _pair_bundle(train, val, test, val_rows, stats)
+        return _preference_bundle(train, val, test, val_rows, stats)
     check_trainable(train, [r.where for r in train_kept], tokenizer, stop_ids, data_config)
 
     lengths = sorted(len(ids) for ids in train["input_ids"])

@@ -144,6 +144,9 @@ class Preference:
             return self
         return Preference((Message("system", prompt), *self.prompt), self.chosen, self.rejected)
 
+    def answers(self) -> dict[str, tuple[Message, ...]]:
+        return {"chosen": self.chosen, "rejected": self.rejected}
+
 
 def _turns(value, key: str, where: str, default_role: str, source) -> tuple[Message, ...]:
     """A string (one message of default_role) or a list of {role, content} messages."""
@@ -155,35 +158,73 @@ def _turns(value, key: str, where: str, default_role: str, source) -> tuple[Mess
     return _message_list(value, key, where)
 
 
-def from_preference(row: dict, where: str, source=None) -> Preference:
-    """{prompt, chosen, rejected}, each text or messages, or {messages, chosen, rejected} (messages = the prompt)."""
-    hint = _hint(source, "preference")
+def _prompt(row: dict, where: str, source, fmt: str) -> tuple[Message, ...]:
+    """The `prompt` field, or `messages` where there is no prompt: text or messages ending on a user turn."""
     prompt_key = _column(source, "prompt")
     if prompt_key not in row and _column(source, "messages") in row:
         prompt_key = _column(source, "messages")
     if prompt_key not in row:
         keys = ", ".join(sorted(map(str, row))) or "none"
         raise DataError(f"{where}: no {_column(source, 'prompt')!r} or {_column(source, 'messages')!r} field "
-                        f"(keys: {keys}); {hint}")
+                        f"(keys: {keys}); {_hint(source, fmt)}")
     prompt = _turns(row[prompt_key], prompt_key, where, "user", source)
     if not prompt or prompt[-1].role != "user":
         raise DataError(f"{where}: field {prompt_key!r} must end on a user turn, the one the answers reply to")
-    answers = []
-    for name in ("chosen", "rejected"):
-        key = _column(source, name)
-        if key not in row:
-            _field(row, key, str, where, hint)
-        turns = _turns(row[key], key, where, "assistant", source)
-        if prompt and turns and turns[: len(prompt)] == prompt and len(turns) > len(prompt):
-            turns = turns[len(prompt):]
-        if not turns or any(m.role != "assistant" for m in turns):
-            raise DataError(f"{where}: field {key!r} must hold the assistant answer only (text, or assistant messages)")
-        if not any(m.content.strip() for m in turns):
-            raise DataError(f"{where}: field {key!r} is empty; fill it in or drop the row")
-        answers.append(turns)
-    if answers[0] == answers[1]:
+    return prompt
+
+
+def _answer(row: dict, name: str, prompt: tuple[Message, ...], where: str, source, fmt: str) -> tuple[Message, ...]:
+    """An answer field: text, assistant messages, or the whole conversation with the prompt repeated first."""
+    key = _column(source, name)
+    if key not in row:
+        _field(row, key, str, where, _hint(source, fmt))
+    turns = _turns(row[key], key, where, "assistant", source)
+    if prompt and turns and turns[: len(prompt)] == prompt and len(turns) > len(prompt):
+        turns = turns[len(prompt):]
+    if not turns or any(m.role != "assistant" for m in turns):
+        raise DataError(f"{where}: field {key!r} must hold the assistant answer only (text, or assistant messages)")
+    if not any(m.content.strip() for m in turns):
+        raise DataError(f"{where}: field {key!r} is empty; fill it in or drop the row")
+    return turns
+
+
+def from_preference(row: dict, where: str, source=None) -> Preference:
+    """{prompt, chosen, rejected}, each text or messages, or {messages, chosen, rejected} (messages = the prompt)."""
+    prompt = _prompt(row, where, source, "preference")
+    chosen, rejected = (_answer(row, name, prompt, where, source, "preference") for name in ("chosen", "rejected"))
+    if chosen == rejected:
         raise DataError(f"{where}: chosen and rejected are the same answer, so the pair teaches nothing; drop the row")
-    return Preference(prompt, answers[0], answers[1])
+    return Preference(prompt, chosen, rejected)
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    """A prompt with one answer (assistant turns) labelled desirable or not: KTO's unpaired preference example."""
+
+    prompt: tuple[Message, ...]
+    completion: tuple[Message, ...]
+    desirable: bool
+
+    def with_system(self, prompt: str | None) -> "Unpaired":
+        if prompt is None or (self.prompt and self.prompt[0].role == "system"):
+            return self
+        return Unpaired((Message("system", prompt), *self.prompt), self.completion, self.desirable)
+
+    def answers(self) -> dict[str, tuple[Message, ...]]:
+        return {"completion": self.completion}
+
+
+def from_unpaired_preference(row: dict, where: str, source=None) -> Unpaired:
+    """{prompt, completion, label}: prompt and completion text or messages ({messages, ...} for the prompt too),
+    label true for a desirable answer and false for an undesirable one."""
+    prompt = _prompt(row, where, source, "unpaired_preference")
+    completion = _answer(row, "completion", prompt, where, source, "unpaired_preference")
+    key = _column(source, "label")
+    label = _field(row, key, object, where, _hint(source, "unpaired_preference"))
+    if not isinstance(label, bool):
+        raise DataError(f"{where}: field {key!r} is {label!r}; write true (a desirable answer) or false (an "
+                        "undesirable one)")
+    return Unpaired(prompt, completion, label)
 
 
 # The fields each format reads from a row (data.sources[].fields renames them), and its parser.
@@ -195,9 +236,11 @@ FORMAT_FIELDS = {
     "classification": ("text", "label"),
     "text": ("text",),
     "preference": ("prompt", "messages", "chosen", "rejected"),
+    "unpaired_preference": ("prompt", "messages", "completion", "label"),
 }
 
-PREFERENCE_FORMATS = frozenset({"preference"})
+# Formats of preference methods: pairs (every method) and unpaired, labelled answers (method kto).
+PREFERENCE_FORMATS = frozenset({"preference", "unpaired_preference"})
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -209,6 +252,7 @@ PARSERS = {
     "classification": from_classification,
     "text": from_text,
     "preference": from_preference,
+    "unpaired_preference": from_unpaired_preference,
 }
 
 

@@ -6,7 +6,7 @@ without generation markers. The turn is trained up to and including its end-of-t
 text after it (a newline, say) is never generated, so it is not trained.
 """
 
-from loraforge.data.formats import Conversation, Preference
+from loraforge.data.formats import Conversation, Message, Preference
 from loraforge.errors import DataError
 from loraforge.model.template import apply_template
 
@@ -87,32 +87,39 @@ def _render_chat(
 
 
 def render_preference(pair: Preference, tokenizer, stop_ids: frozenset[int]) -> tuple[list[int], list[int], list[int]]:
-    """(prompt, chosen, rejected) token ids. The prompt is the chat rendered up to the generation prompt; each
-    answer is what the template adds after it, up to and including its end-of-turn token, so training sees the
-    same prompt tokens on both sides and the same tokens a chat with the model would."""
+    """(prompt, chosen, rejected) token ids (render_answers)."""
+    prompt, (chosen, rejected) = render_answers(pair.prompt, pair.answers(), tokenizer, stop_ids)
+    return prompt, chosen, rejected
+
+
+def render_answers(prompt_turns: tuple[Message, ...], answers: dict[str, tuple[Message, ...]], tokenizer,
+                   stop_ids: frozenset[int]) -> tuple[list[int], list[list[int]]]:
+    """The prompt's token ids, the chat rendered up to the generation prompt, and each answer's: what the template
+    adds after the prompt, up to and including its end-of-turn token. Every answer follows the same prompt tokens,
+    the tokens a chat with the model would see."""
     _require_template(tokenizer)
-    prompt = _chat_ids(tokenizer, pair.prompt, add_generation_prompt=True)
+    prompt = _chat_ids(tokenizer, prompt_turns, add_generation_prompt=True)
     fulls, shared = [], len(prompt)
-    for name, turns in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-        full = _chat_ids(tokenizer, (*pair.prompt, *turns), add_generation_prompt=False)
+    for name, turns in answers.items():
+        full = _chat_ids(tokenizer, (*prompt_turns, *turns), add_generation_prompt=False)
         common = _common_prefix(prompt, full)
         if common < len(prompt) - _BOUNDARY:
             raise DataError(
                 f"the prompt's tokens differ once the {name} answer follows it (they part at token {common} of "
-                f"{len(prompt)}), so the two sides of the pair would not share a prompt; the chat template rewrites "
+                f"{len(prompt)}), so the answer would not follow the prompt a chat sees; the chat template rewrites "
                 "earlier turns, which preference training does not support"
             )
         fulls.append(full)
         shared = min(shared, common)
-    answers = []
+    rendered = []
     for full in fulls:
         end = len(full)
         for position in range(len(full) - 1, shared - 1, -1):
             if full[position] in stop_ids:
                 end = position + 1
                 break
-        answers.append(full[shared:end])
-    return prompt[:shared], answers[0], answers[1]
+        rendered.append(full[shared:end])
+    return prompt[:shared], rendered
 
 
 def _require_template(tokenizer) -> None:

@@ -36,7 +36,7 @@ def write_report(run_dir: Path, title: str, before: dict, after: dict, samples: 
             show = lambda d: fmt.format(d[key]) if d.get(key) is not None else "-"
             lines.append(f"| {name} | {show(before)} | {show(after)} |")
     if preference:
-        lines += ["", "## Preference accuracy (validation pairs)", "", preference]
+        lines += ["", "## Held-out preference (validation split)", "", preference]
     if test:
         lines += ["", "## Test split", "", f"With the fine-tuned weights, once, after training: {test}"]
     if (Path(run_dir) / rundir.LOSS_PLOT).is_file():

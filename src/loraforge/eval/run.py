@@ -6,14 +6,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from loraforge import rundir
-from loraforge.data.build import DataStats, assign_splits, load_rows, tokenize_pairs, tokenize_rows
+from loraforge.data.build import DataStats, assign_splits, load_rows, tokenize_preference, tokenize_rows
 from loraforge.data.packing import collator
 from loraforge.data.render import IGNORE
 from loraforge.errors import DataError
 from loraforge.eval.classify import predict_labels
 from loraforge.eval.generate import generate_batch
 from loraforge.eval.metrics import classification_metrics
-from loraforge.eval.preference import preference_line, preference_metrics
+from loraforge.eval.preference import held_out_kind, preference_line, preference_metrics
 
 
 def token_metrics(model, dataset, collate, batch_size: int = 8) -> dict:
@@ -117,9 +117,9 @@ def causal_rows_metrics(model, tokenizer, stop_ids, data_config, rows, max_new_t
     return found
 
 
-def pairs_preference_metrics(model, tokenizer, stop_ids, data_config, rows, beta: float, batch_size: int = 4) -> dict:
-    """Preference accuracy (eval/preference.py) on preference rows."""
-    dataset, _ = tokenize_pairs(rows, tokenizer, stop_ids, data_config, DataStats())
+def preference_rows_metrics(model, tokenizer, stop_ids, data_config, rows, beta: float, batch_size: int = 4) -> dict:
+    """Held-out preference (eval/preference.py) of pairs or unpaired rows."""
+    dataset, _ = tokenize_preference(rows, tokenizer, stop_ids, data_config, DataStats())
     return preference_metrics(model, dataset, tokenizer.pad_token_id, beta, batch_size)
 
 
@@ -140,9 +140,9 @@ def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = 
     config, model = run.config, run.model
     data_config, rows = eval_rows(config, data, split)
     if config.method != "sft":
-        found = pairs_preference_metrics(model, run.tokenizer, run.stop_ids, data_config, rows, config.preference.beta,
+        found = preference_rows_metrics(model, run.tokenizer, run.stop_ids, data_config, rows, config.preference.beta,
                                          config.train.eval_batch_size or config.train.batch_size)
-        return _write({"run_dir": str(run_dir), "data": name, "rows": found["pairs"], "preference": found},
+        return _write({"run_dir": str(run_dir), "data": name, "rows": found.get("pairs", found.get("rows")), "preference": found},
                       run_dir, data, split)
     variants = {"fine_tuned": nullcontext}
     if compare_base and hasattr(model, "disable_adapter"):
@@ -166,7 +166,8 @@ def _write(results: dict, run_dir: Path, data: str | None, split: str) -> dict:
 
 def format_results(results: dict) -> str:
     if "preference" in results:
-        return (f"{preference_line(results['preference'])}\n{results['rows']} pairs from {results['data']}; "
+        return (f"{preference_line(results['preference'])}\n{results['rows']} {held_out_kind(results['preference'])} "
+                f"from {results['data']}; "
                 f"written to {results['written_to']}")
     names = [n for n in ("base", "fine_tuned") if n in results]
     keys = ("loss", "perplexity", "token_accuracy", "exact_match", "contains", "rouge_l", "valid_json")

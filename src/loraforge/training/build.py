@@ -13,7 +13,7 @@ from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Printer
 from loraforge import rundir
 from loraforge.config import RunConfig
 from loraforge.data.packing import collator
-from loraforge.errors import ConfigError
+from loraforge.errors import ConfigError, DataError
 from loraforge.eval.generate import prompt_messages
 from loraforge.eval.metrics import classification_metrics
 from loraforge.model.adapters import apply_lora, load_trainable_adapter, make_fully_trainable, parameter_counts
@@ -176,15 +176,31 @@ def training_arguments(config: RunConfig, run_dir: Path, precision: str, has_eva
                      max_length=None, precompute_ref_log_probs=False, disable_dropout=True)
 
 
-def unpaired(pairs, seed: int):
-    """KTO's examples from preference pairs by TRL's unpairing (the chosen answer desirable, the rejected one not),
-    shuffled with the seed: KTO samples in dataset order, and unpairing puts every desirable example first."""
+def unpaired(rows, seed: int):
+    """KTO's examples, shuffled with the seed (KTO samples in dataset order): unpaired rows as they are, pairs by
+    TRL's unpairing (the chosen answer desirable, the rejected one not), which puts every desirable example first."""
     from trl import unpair_preference_dataset
 
-    if pairs is None:
+    if rows is None:
         return None
-    examples = unpair_preference_dataset(pairs.rename_columns({"chosen_ids": "chosen", "rejected_ids": "rejected"}))
-    return examples.rename_column("completion", "completion_ids").shuffle(seed=seed).flatten_indices()
+    if "label" not in rows.column_names:
+        rows = unpair_preference_dataset(rows.rename_columns({"chosen_ids": "chosen", "rejected_ids": "rejected"}))
+        rows = rows.rename_column("completion", "completion_ids")
+    return rows.shuffle(seed=seed).flatten_indices()
+
+
+def check_kto_batches(config: RunConfig, prepared: Prepared) -> None:
+    """KTO drops a partial batch, so a split whose examples fill no batch would train or evaluate nothing."""
+    if config.method != "kto":
+        return
+    splits = ((prepared.train, config.train.batch_size, "training", "train.batch_size"),
+              (prepared.val, config.train.eval_batch_size or config.train.batch_size, "validation", "train.eval_batch_size"))
+    for rows, size, split, setting in splits:
+        examples = 0 if rows is None else len(rows) if "label" in rows.column_names else 2 * len(rows)
+        if rows is not None and examples < size:
+            raise DataError(f"{examples} KTO {split} examples fill no batch of {size} (KTO drops a partial batch, so "
+                            f"nothing would be {'trained' if split == 'training' else 'evaluated'}); add rows, or "
+                            f"lower {setting} (at least 2)")
 
 
 def micro_batch_tokens(setting) -> int | None:

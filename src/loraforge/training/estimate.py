@@ -1,5 +1,6 @@
 """`loraforge estimate`: seconds per step, total time and peak memory of a config, before the long run
-(SFT or DPO: a DPO step computes both answers of each pair and a reference pass, all in the probe's times).
+(SFT or a preference method: a DPO step computes both answers of each pair and a reference pass, a KTO step each
+example and its KL example, all in the probe's times).
 
 A few real optimizer steps of the config give the peak memory, a fixed cost per step and the seconds per
 padded token (fitted on all but the first step), and the first step's extra time (a warm-up, counted once).
@@ -101,22 +102,27 @@ def run_estimate(config, probe_steps: int = 6) -> Estimate:
     measured_seconds, measured_tokens = result.timing["step_seconds"], result.timing["step_padded_tokens"]
     fixed, per_token = step_time_model(measured_seconds[1:], measured_tokens[1:])
 
-    lengths = _train_lengths(config)
     train = config.train
     accum = accumulation(train, 1)
-    steps = train.max_steps or math.ceil(train.num_epochs * len(lengths) / (train.batch_size * accum))
-    tokens = step_padded_tokens(lengths, train.batch_size, accum, train.group_by_length and config.method != "kto",
-                                config.data.packing, config.seed, steps)
+    if config.method == "kto":
+        prompts, answers = _kto_examples(config)
+        # KTO drops an epoch's partial last batch.
+        per_epoch, steps = optimizer_steps(train, len(prompts) // train.batch_size, accum)
+        tokens = kto_step_padded_tokens(prompts, answers, train.batch_size, accum, steps)
+    else:
+        lengths = _train_lengths(config)
+        per_epoch, steps = optimizer_steps(train, math.ceil(len(lengths) / train.batch_size), accum)
+        tokens = step_padded_tokens(lengths, train.batch_size, accum, train.group_by_length, config.data.packing,
+                                    config.seed, steps)
     if config.data.packing:
         tokens = [min(t, train.batch_size * accum * config.data.max_length) for t in tokens]
-    if config.method != "sft":
-        # A pair is two sequences, chosen and rejected, padded to one length (kto: an example and its KL example,
-        # another row's answer to the same prompt); the probe's step times already hold the reference pass.
+    if config.method in ("dpo", "orpo"):
+        # A pair is two sequences, chosen and rejected, padded to one length; the probe's step times already hold
+        # the reference pass.
         tokens = [2 * t for t in tokens]
     warm_up = measured_seconds[0] - (fixed + per_token * measured_tokens[0])
     step_seconds = [fixed + per_token * t for t in tokens]
     step_seconds[0] += max(warm_up, 0.0)
-    per_epoch = math.ceil(len(lengths) / (train.batch_size * accum))
     evaluations = (math.ceil(steps / per_epoch) if train.eval_every == "epoch" else steps // train.eval_every) + 1
     total = (result.timing["setup_seconds"] or 0.0) + sum(step_seconds) + evaluations * (result.timing["eval_seconds"] or 0.0)
     return Estimate(
@@ -130,12 +136,44 @@ def run_estimate(config, probe_steps: int = 6) -> Estimate:
     )
 
 
-def _train_lengths(config) -> list[int]:
+def optimizer_steps(train, batches: int, grad_accum: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps of the run) as transformers counts them: an epoch's last step takes the
+    batches that are left; train.max_steps, or the epochs' share of the steps, rounded up."""
+    per_epoch = max(math.ceil(batches / grad_accum), 1)
+    return per_epoch, train.max_steps or math.ceil(train.num_epochs * per_epoch)
+
+
+def kto_step_padded_tokens(prompts: list[list[int]], answers: list[list[int]], batch_size: int, grad_accum: int,
+                           steps: int) -> list[int]:
+    """Padded tokens of each KTO step: batches of batch_size consecutive examples (KTO samples in order; an epoch's
+    partial last batch is dropped), grad_accum of them a step (an epoch's last step takes what is left), each padded
+    to its longest row, and its KL batch: every prompt with the answer of the row before it (the first with the
+    last's), padded the same way."""
+    if len(prompts) < batch_size:
+        raise ConfigError([f"{len(prompts)} KTO training examples fill no batch of train.batch_size={batch_size}"])
+    per_batch = []
+    for start in range(0, len(prompts) - batch_size + 1, batch_size):
+        batch_prompts, batch_answers = prompts[start : start + batch_size], answers[start : start + batch_size]
+        kl_answers = batch_answers[-1:] + batch_answers[:-1]
+        per_batch.append(sum(batch_size * max(len(p) + len(a) for p, a in zip(batch_prompts, shown))
+                             for shown in (batch_answers, kl_answers)))
+    epoch = [sum(per_batch[i : i + grad_accum]) for i in range(0, len(per_batch), grad_accum)]
+    return (epoch * math.ceil(steps / len(epoch)))[:steps]
+
+
+def _prepared_train(config):
     unpacked = config.model_copy(update={"data": config.data.model_copy(update={"packing": False})})
-    train = prepare(unpacked).train
-    if config.method == "kto":
-        examples = unpaired(train, config.seed)
-        return [len(p) + len(c) for p, c in zip(examples["prompt_ids"], examples["completion_ids"])]
+    return prepare(unpacked).train
+
+
+def _kto_examples(config) -> tuple[list[list[int]], list[list[int]]]:
+    """The prompt and answer ids of a KTO run's training examples, in the order it draws them."""
+    examples = unpaired(_prepared_train(config), config.seed)
+    return list(examples["prompt_ids"]), list(examples["completion_ids"])
+
+
+def _train_lengths(config) -> list[int]:
+    train = _prepared_train(config)
     if config.method != "sft":
         return pair_lengths(train)
     return [len(ids) for ids in train["input_ids"]]

@@ -17,9 +17,9 @@ from torch.utils.tensorboard import SummaryWriter
 from loraforge import rundir
 from loraforge.config import RunConfig
 from loraforge.eval.generate import generate_batch, prompt_messages
-from loraforge.eval.preference import preference_line, preference_metrics
+from loraforge.eval.preference import held_out_kind, preference_line, preference_metrics
 from loraforge.eval.run import (causal_rows_metrics, classification_rows_metrics, eval_rows, has_test_split,
-                                pairs_preference_metrics)
+                                preference_rows_metrics)
 from loraforge.training.resume import rewind_metrics
 
 log = logging.getLogger("loraforge.train")
@@ -90,10 +90,10 @@ def evaluate_test(config: RunConfig, model, tokenizer, stop_ids, labels: list[st
         return None
     data_config, rows = eval_rows(config, None, "test")
     if config.method != "sft":
-        found = pairs_preference_metrics(model, tokenizer, stop_ids, data_config, rows, config.preference.beta,
+        found = preference_rows_metrics(model, tokenizer, stop_ids, data_config, rows, config.preference.beta,
                                          config.train.eval_batch_size or config.train.batch_size)
         log.info("test split: %s", preference_line(found))
-        found["rows"] = found["pairs"]
+        found["rows"] = found.get("pairs", found.get("rows"))
         return found
     if config.task == "classification":
         found = classification_rows_metrics(model, tokenizer, labels, rows, config.data.max_length)
@@ -108,12 +108,12 @@ def evaluate_test(config: RunConfig, model, tokenizer, stop_ids, labels: list[st
 
 
 def evaluate_pairs(config: RunConfig, model, prepared) -> dict | None:
-    """A preference run's preference accuracy on its validation pairs with the final weights (eval/preference.py)."""
+    """A preference run's held-out preference on its validation split with the final weights (eval/preference.py)."""
     if config.method == "sft" or prepared.val is None:
         return None
     found = preference_metrics(model, prepared.val, prepared.tokenizer.pad_token_id, config.preference.beta,
                                config.train.eval_batch_size or config.train.batch_size)
-    log.info("validation pairs: %s", preference_line(found))
+    log.info("validation %s: %s", held_out_kind(found), preference_line(found))
     return found
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.config import RunConfig
 from loraforge.eval.plots import plot_loss
-from loraforge.eval.preference import preference_line
+from loraforge.eval.preference import held_out_kind, preference_line
 from loraforge.eval.report import write_report
 from loraforge.training.evaluation import metric_values
 from loraforge.training.manifest import write_manifest
@@ -47,7 +47,7 @@ class TrainResult:
     weights: dict = field(default_factory=dict)
     # The test split's metrics with the final weights, when the run has a test split.
     test: dict | None = None
-    # A preference run's preference accuracy on its validation pairs (eval/preference.py).
+    # A preference run's held-out preference on its validation split (eval/preference.py).
     preference: dict | None = None
 
     def summary(self) -> str:
@@ -63,7 +63,7 @@ class TrainResult:
             if name in self.metrics:
                 lines.append(f"Eval {name}: {self.metrics[name]:.3f}")
         if self.preference:
-            lines.append(f"Validation pairs: {preference_line(self.preference)}")
+            lines.append(f"Validation {held_out_kind(self.preference)}: {preference_line(self.preference)}")
         if self.test:
             lines.append(f"Test ({self.test['rows']} rows): {test_line(self.test)}")
         speed = f", {self.tokens_per_s:.0f} tok/s" if self.tokens_per_s else ""
@@ -78,7 +78,8 @@ class TrainResult:
         return "\n".join(lines)
 
 
-TEST_METRICS = (("preference_accuracy", "preference accuracy"), ("chosen_more_likely", "chosen more likely"), ("loss", "loss"), ("perplexity", "perplexity"), ("token_accuracy", "token accuracy"),
+TEST_METRICS = (("preference_accuracy", "preference accuracy"), ("chosen_more_likely", "chosen more likely"),
+                ("label_accuracy", "label accuracy"), ("loss", "loss"), ("perplexity", "perplexity"), ("token_accuracy", "token accuracy"),
                 ("rouge_l", "ROUGE-L"), ("exact_match", "exact match"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
 
 

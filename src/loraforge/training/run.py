@@ -17,7 +17,8 @@ from loraforge.data.cache import cache_key
 from loraforge.errors import LoraforgeError, RunDirError
 from loraforge.model.precision import choose_precision
 from loraforge.training import evaluation, finish
-from loraforge.training.build import Built, build_trainer, check_optimizer, describe_batch, trainable_model, world_size
+from loraforge.training.build import (Built, build_trainer, check_kto_batches, check_optimizer, describe_batch,
+                                      trainable_model, world_size)
 from loraforge.training.checkpoints import bytes_to_write, latest_complete
 from loraforge.training.finish import TrainResult
 from loraforge.training.prepare import Prepared, prepare
@@ -68,6 +69,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     batch = describe_batch(config.train, world_size())
     set_seed(config.seed)
     prepared = prepare(config)
+    check_kto_batches(config, prepared)
     log.info("model %s (%s); data: %s", config.model.name, prepared.model_path, prepared.stats.summary())
     log.info("%s", batch)
     precision = choose_precision(config.precision, prepared.model_config)
