@@ -20,12 +20,13 @@ LAYERS = [
     ("loraforge.eval",),
     ("loraforge.training",),
     ("loraforge.export",),
+    ("loraforge.serve",),
     ("loraforge.chat", "loraforge.predict", "loraforge.preview", "loraforge.api"),
     ("loraforge.cli", "loraforge.__main__"),
 ]
 COMMANDS = {"loraforge.chat", "loraforge.predict", "loraforge.preview", "loraforge.api", "loraforge.cli"}
 HEAVY = {"torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate", "matplotlib", "gguf",
-         "rouge_score", "tensorboard"}
+         "rouge_score", "tensorboard", "fastapi", "starlette", "uvicorn"}
 
 
 def module_name(path: Path) -> str:

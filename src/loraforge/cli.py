@@ -142,6 +142,16 @@ def _chat(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from loraforge.serve.run import run_server
+
+    if args.max_batch < 1 or args.timeout <= 0:
+        raise LoraforgeError("--max-batch must be at least 1 and --timeout above 0")
+    run_server(args.run_dirs, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+               timeout_s=args.timeout)
+    return 0
+
+
 def _eval(args) -> int:
     from loraforge.eval.run import format_results, run_eval
 
@@ -284,6 +294,16 @@ def _add_run_commands(commands) -> None:
         sub.add_argument("run_dir")
         sub.add_argument("--type", choices=["f16", "q8_0"], default="q8_0", help="GGUF tensor type (default q8_0)")
         sub.set_defaults(func=func)
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server for one or more runs")
+    serve.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs to serve; a request's model names one by "
+                       "its directory name, or a base by its model name")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every request "
+                       "(default: the LORAFORGE_API_KEY environment variable, if set)")
+    serve.add_argument("--max-batch", type=int, default=32, help="requests generated together at most (default 32)")
+    serve.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take (default 300)")
+    serve.set_defaults(func=_serve)
     predict = commands.add_parser("predict", help="labels for texts from a classification run")
     predict.add_argument("run_dir", help="run directory of a task: classification run")
     source = predict.add_mutually_exclusive_group(required=True)

@@ -1,0 +1,196 @@
+"""Batched generation for `loraforge serve`: one worker thread takes the requests that are waiting, up to
+max_batch, and generates them together with transformers' generate, rows of different runs on one base in the
+same batch (PEFT's mixed adapter batches). Each row keeps its own sampling settings, seed, token limit and stop
+strings; its tokens go to its request as they come. A request that is cancelled (its client left, or its time
+ran out) stops its row at the next token. Requests that arrive while a batch runs wait for the next one."""
+
+import copy
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from loraforge.serve.models import BASE, Served
+
+log = logging.getLogger("loraforge.serve")
+
+
+@dataclass
+class Job:
+    served: Served
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None
+    # Called from the worker thread with ("delta", text) as text comes, then ("done", finish_reason) or
+    # ("error", message).
+    deliver: Callable[[tuple], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+    def take(self, token: int) -> None:
+        """One generated token: the end of the answer, or more text, cut at the first stop string."""
+        if self.finish_reason is not None:
+            return
+        if token in self.served.stop_ids:
+            self.finish("stop")
+            return
+        self.tokens.append(token)
+        text = self.served.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+        elif text.endswith("\ufffd"):
+            # A character split across tokens: wait for the rest of it.
+            text = self.text
+        if len(text) > len(self.text) and text.startswith(self.text):
+            self.deliver(("delta", text[len(self.text):]))
+            self.text = text
+        if cut >= 0:
+            self.finish("stop")
+        elif len(self.tokens) >= self.max_tokens:
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self.deliver(("done", reason))
+
+
+class Engine:
+    def __init__(self, max_batch: int = 32, gather_s: float = 0.02):
+        self.max_batch, self.gather_s = max_batch, gather_s
+        self.waiting: queue.Queue = queue.Queue()
+        self.batch_sizes: list[int] = []
+        # (finish reason, tokens generated) of each request, in the order they ended.
+        self.finished: list[tuple[str, int]] = []
+        self.running = 0
+        self._thread = threading.Thread(target=self._work, name="loraforge-serve-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.waiting.put(job)
+
+    def close(self) -> None:
+        self.waiting.put(None)
+        self._thread.join(timeout=30)
+
+    def _work(self) -> None:
+        while True:
+            first = self.waiting.get()
+            if first is None:
+                return
+            jobs = [first]
+            deadline = time.monotonic() + self.gather_s
+            while len(jobs) < self.max_batch:
+                try:
+                    job = self.waiting.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+                if job is None:
+                    self.waiting.put(None)
+                    break
+                jobs.append(job)
+            for batch in _batches([j for j in jobs if not j.cancelled.is_set()]):
+                self._run(batch)
+            for job in jobs:
+                job.finish("cancelled")
+                self.finished.append((job.finish_reason, len(job.tokens)))
+
+    def _run(self, jobs: list[Job]) -> None:
+        self.batch_sizes.append(len(jobs))
+        self.running = len(jobs)
+        try:
+            _generate(jobs)
+        except Exception as exc:  # a failed batch must not end the worker: its requests get the error
+            log.exception("generation failed")
+            for job in jobs:
+                if job.finish_reason is None:
+                    job.finish_reason = "error"
+                    job.deliver(("error", f"generation failed: {type(exc).__name__}: {exc}"))
+        finally:
+            self.running = 0
+
+
+def _batches(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs of one base together (each adapter on its own where the base cannot mix adapters in a batch)."""
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        base = job.served.base
+        key = (id(base), None if base.mixed_batches else job.served.adapter)
+        groups.setdefault(key, []).append(job)
+    return list(groups.values())
+
+
+def _generate(jobs: list[Job]) -> None:
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    base = jobs[0].served.base
+    model = base.model
+    pad = next((j.served.tokenizer.pad_token_id for j in jobs if j.served.tokenizer.pad_token_id is not None), 0)
+    width = max(len(j.prompt_ids) for j in jobs)
+    ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, job in enumerate(jobs):
+        ids[row, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
+        mask[row, width - len(job.prompt_ids):] = 1
+    generators = []
+    for job in jobs:
+        generator = torch.Generator()
+        generator.manual_seed(job.seed if job.seed is not None else torch.seed())
+        generators.append(generator)
+
+    class RowSampling(LogitsProcessor):
+        """Each row's own temperature and top_p, drawn with its own seeded generator; greedy picks the draw."""
+
+        def __call__(self, input_ids, scores):
+            for row, job in enumerate(jobs):
+                if job.temperature == 0 or job.finish_reason is not None:
+                    continue
+                probs = torch.softmax(scores[row].float() / job.temperature, dim=-1)
+                if job.top_p < 1:
+                    ordered, order = probs.sort(descending=True)
+                    outside = ordered.cumsum(-1) - ordered > job.top_p
+                    probs[order[outside]] = 0
+                token = torch.multinomial(probs, 1, generator=generators[row])
+                scores[row] = float("-inf")
+                scores[row, token] = 0
+            return scores
+
+    class RowEnd(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.tensor([job.finish_reason is not None or job.cancelled.is_set() for job in jobs],
+                                device=input_ids.device)
+
+    class RowStream(BaseStreamer):
+        def __init__(self):
+            self.prompt_seen = False
+
+        def put(self, value):
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            for job, token in zip(jobs, value.tolist()):
+                job.take(token)
+
+        def end(self):
+            pass
+
+    settings = copy.deepcopy(model.generation_config)
+    settings.update(max_new_tokens=max(j.max_tokens for j in jobs), do_sample=False, temperature=None, top_p=None,
+                    top_k=None, pad_token_id=pad, eos_token_id=sorted(set().union(*(j.served.stop_ids for j in jobs))))
+    extra = {"adapter_names": [j.served.adapter or BASE for j in jobs]} if base.adapters else {}
+    with torch.no_grad():
+        model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=settings,
+                       logits_processor=LogitsProcessorList([RowSampling()]),
+                       stopping_criteria=StoppingCriteriaList([RowEnd()]), streamer=RowStream(), **extra)
+    for job in jobs:
+        job.finish("cancelled" if job.cancelled.is_set() else "length")

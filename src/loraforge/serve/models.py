@@ -1,0 +1,103 @@
+"""What `loraforge serve` answers for: each run under its directory's name, and each base under its own name.
+Runs on the same base (same model, revision, quantization and layer variant) share one copy of it, each run a
+PEFT adapter on it; a run that trained every weight (adapter: full) is a model of its own."""
+
+import logging
+import resource
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraforge import rundir
+from loraforge.data.render import stop_token_ids
+from loraforge.errors import RunDirError
+from loraforge.model.load import load_for_run, load_model, load_tokenizer
+from loraforge.model.sources import resolve_model
+
+log = logging.getLogger("loraforge.serve")
+
+BASE = "__base__"
+
+
+@dataclass
+class Base:
+    """One loaded model: a base with the adapters of its runs (PEFT), or a fully fine-tuned model."""
+
+    model: object
+    context: int
+    mixed_batches: bool
+    adapters: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Served:
+    """A name a request's `model` may give: a run (its adapter on its base) or a base with every adapter off."""
+
+    name: str
+    base: Base
+    adapter: str | None
+    tokenizer: object
+    stop_ids: frozenset[int]
+    system_prompt: str | None
+    max_new_tokens: int
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _context(model) -> int:
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+
+
+def _base_key(config) -> tuple:
+    m = config.model
+    return (resolve_model(m.name), m.revision, config.quantization.model_dump_json(), m.attn_implementation,
+            config.lora.use_dora)
+
+
+def load_served(run_dirs: list[str]) -> dict[str, Served]:
+    """Every run of run_dirs by name, and each of their bases under its model name; logs the memory each takes."""
+    from peft import PeftModel
+
+    served: dict[str, Served] = {}
+    bases: dict[tuple, tuple[Base, str]] = {}
+    for folder in map(Path, run_dirs):
+        config = rundir.read_config(folder)
+        name = folder.resolve().name
+        if config.task != "causal_lm":
+            raise RunDirError(f"{folder} is a {config.task} run; serve answers chats, so give it causal_lm runs")
+        if name in served:
+            raise RunDirError(f"two runs are named {name!r} ({folder} and {served[name].name}); requests name a run "
+                              "by its directory's name, so rename one directory")
+        tokenizer = load_tokenizer(str(folder / rundir.TOKENIZER))
+        before = _rss_mb()
+        if (folder / rundir.MODEL / "config.json").is_file():
+            model = load_model(str(folder / rundir.MODEL)).eval()
+            base, adapter = Base(model, _context(model), mixed_batches=False), None
+            log.info("run %s: its own fine-tuned model, %.0f MB", name, _rss_mb() - before)
+        else:
+            rundir.check_adapter(folder / rundir.ADAPTER)
+            key = _base_key(config)
+            if key not in bases:
+                model = PeftModel.from_pretrained(load_for_run(config, key[0]), str(folder / rundir.ADAPTER),
+                                                  adapter_name=name).eval()
+                # PEFT runs rows of different adapters in one batch, except for DoRA layers.
+                bases[key] = (Base(model, _context(model), mixed_batches=not config.lora.use_dora), config.model.name)
+                log.info("base %s loaded with run %s: %.0f MB", config.model.name, name, _rss_mb() - before)
+            else:
+                bases[key][0].model.load_adapter(str(folder / rundir.ADAPTER), adapter_name=name)
+                log.info("run %s: an adapter on base %s, %.0f MB", name, bases[key][1], _rss_mb() - before)
+            base, adapter = bases[key][0], name
+            base.adapters.append(name)
+        served[name] = Served(name, base, adapter, tokenizer, stop_ids=stop_token_ids(tokenizer, base.model.generation_config),
+                              system_prompt=config.data.system_prompt, max_new_tokens=config.eval.max_new_tokens)
+    for base, model_name in bases.values():
+        if model_name in served:
+            raise RunDirError(f"a run directory is named {model_name!r}, the name its base answers under; rename it")
+        tokenizer = load_tokenizer(resolve_model(model_name))
+        served[model_name] = Served(model_name, base, None, tokenizer, stop_token_ids(tokenizer, base.model.generation_config),
+                                    system_prompt=None, max_new_tokens=next(
+                                        s.max_new_tokens for s in served.values() if s.base is base))
+    return served

@@ -1,0 +1,76 @@
+"""`loraforge serve`: load the runs, start the batching engine and the HTTP server (uvicorn)."""
+
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import time
+
+from loraforge.errors import LoraforgeError
+from loraforge.serve.app import build_app
+from loraforge.serve.engine import Engine
+from loraforge.serve.models import load_served
+
+log = logging.getLogger("loraforge.serve")
+
+API_KEY_ENV = "LORAFORGE_API_KEY"
+
+
+def build(run_dirs: list[str], api_key: str | None = None, max_batch: int = 32, timeout_s: float = 300.0):
+    """(the ASGI app, its engine, the served names) for the runs."""
+    served = load_served(run_dirs)
+    engine = Engine(max_batch=max_batch)
+    return build_app(served, engine, api_key, timeout_s), engine, list(served)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def run_server(run_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               max_batch: int = 32, timeout_s: float = 300.0) -> None:
+    import uvicorn
+
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    if not _is_loopback(host) and api_key is None:
+        log.warning("serving on %s without an API key: anyone who reaches this address can use the models; "
+                    "set --api-key or %s", host, API_KEY_ENV)
+    try:
+        socket.getaddrinfo(host, port)
+    except OSError as exc:
+        raise LoraforgeError(f"--host {host}: {exc}") from None
+    app, engine, names = build(run_dirs, api_key, max_batch, timeout_s)
+    log.info("serving %s at http://%s:%d/v1 (batches of up to %d)%s", ", ".join(names), host, port, max_batch,
+             "; requests need the API key" if api_key else "")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        engine.close()
+
+
+class Background:
+    """A server on 127.0.0.1 on a free port in a thread of this process, for tests and benchmarks."""
+
+    def __init__(self, app, ready_s: float = 30.0):
+        import uvicorn
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + ready_s
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server did not start within {ready_s:g} s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -1,0 +1,171 @@
+"""`loraforge serve` on two tiny llama runs that share one base, started on a free port on 127.0.0.1 and called
+with the real `openai` client: routing by run name, streaming, greedy answers equal to `loraforge chat`,
+concurrent clients batched with nothing mixed up, seeds, stop strings, and OpenAI-shaped 4xx errors."""
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from loraforge.config import load_config
+from loraforge.training.run import run_training
+from tests.conftest import write_tiny_config
+
+KEY = "test-key"
+WORDS = ["red", "green", "blue", "black", "white", "pink", "gray", "gold"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir):
+    """Two short runs on the same tiny base with different learning rates, so their adapters differ."""
+    folder = tmp_path_factory.mktemp("serve-runs")
+    config_path = write_tiny_config(folder, tiny_model_dir, "{max_steps: 8, batch_size: 4, save_every: null, "
+                                                            "eval_every: 1000}", max_new_tokens=6)
+    found = []
+    for name, rate in (("echo-a", 0.05), ("echo-b", 0.2)):
+        config = load_config(config_path, [f"output_dir={folder / name}", f"train.learning_rate={rate}",
+                                           "eval.sample_prompts=[]"])
+        run_training(config)
+        found.append(folder / name)
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    from loraforge.serve.run import Background, build
+
+    app, engine, names = build([str(r) for r in runs], api_key=KEY, max_batch=32, timeout_s=60)
+    background = Background(app)
+    yield background, engine, names
+    background.stop()
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server[0].url}/v1", api_key=KEY, timeout=60, max_retries=0)
+
+
+def chat(client, model, prompt, **kw):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                          temperature=kw.pop("temperature", 0), **kw)
+
+
+def test_both_runs_and_their_base_are_served_from_one_copy_of_the_base(runs, server, client, tiny_model_dir):
+    from loraforge.serve.models import load_served
+
+    _, _, names = server
+    assert names == ["echo-a", "echo-b", str(tiny_model_dir)]
+    assert [m.id for m in client.models.list().data] == names
+    served = load_served([str(r) for r in runs])
+    assert served["echo-a"].base is served["echo-b"].base is served[str(tiny_model_dir)].base
+    assert served["echo-a"].base.adapters == ["echo-a", "echo-b"]
+
+
+def test_greedy_answers_over_http_equal_loraforge_chat(runs, client, capsys):
+    from loraforge.chat import run_chat
+
+    for run in runs:
+        capsys.readouterr()
+        run_chat(run, prompt="Echo red")
+        expected = capsys.readouterr().out.strip()
+        answer = chat(client, run.name, "Echo red")
+        assert answer.choices[0].message.content == expected and expected
+        assert answer.model == run.name and answer.usage.completion_tokens >= 1
+        assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+
+
+def test_the_two_runs_answer_differently_and_stream_what_they_answer_whole(runs, client):
+    whole = {run.name: chat(client, run.name, "Echo blue", max_tokens=6) for run in runs}
+    assert whole["echo-a"].choices[0].message.content != whole["echo-b"].choices[0].message.content
+    for name, answer in whole.items():
+        chunks = list(chat(client, name, "Echo blue", max_tokens=6, stream=True))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed.strip() == answer.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason == answer.choices[0].finish_reason
+        assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+
+
+def test_completions_and_sampling_with_a_seed_repeat(client):
+    first = client.completions.create(model="echo-a", prompt="Echo gold", max_tokens=5, temperature=1.0, seed=7)
+    again = client.completions.create(model="echo-a", prompt="Echo gold", max_tokens=5, temperature=1.0, seed=7)
+    assert first.choices[0].text == again.choices[0].text and first.usage.completion_tokens == 5
+
+
+def test_a_stop_string_ends_the_answer_before_it(client):
+    full = chat(client, "echo-b", "Echo pink", max_tokens=6).choices[0].message.content
+    assert len(full) >= 3
+    stop = full[2:4]
+    cut = chat(client, "echo-b", "Echo pink", max_tokens=6, stop=[stop]).choices[0]
+    assert cut.message.content == full[: full.index(stop)].strip() and cut.finish_reason == "stop"
+
+
+def test_32_concurrent_clients_each_get_their_own_answer_in_shared_batches(server, client):
+    _, engine, _ = server
+    requests = [("echo-a" if i % 2 else "echo-b", f"Echo {WORDS[i % 8]}{'!' * (i // 8)}") for i in range(32)]
+    expected = [chat(client, model, prompt, max_tokens=4).choices[0].message.content for model, prompt in requests]
+    engine.batch_sizes.clear()
+    answers: list = [None] * 32
+    start = threading.Barrier(32)
+
+    def call(index):
+        start.wait(timeout=30)
+        model, prompt = requests[index]
+        answers[index] = chat(client, model, prompt, max_tokens=4).choices[0].message.content
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert answers == expected, "every client got the answer its own request gets alone"
+    assert sum(engine.batch_sizes) == 32 and max(engine.batch_sizes) > 1, "generated in shared batches"
+
+
+def test_a_client_that_leaves_frees_its_place(server, client):
+    _, engine, _ = server
+    engine.finished.clear()
+    with httpx.stream("POST", f"{server[0].url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "echo-a", "stream": True, "max_tokens": 400,
+                            "messages": [{"role": "user", "content": "Echo red"}]}, timeout=30) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())
+    deadline = time.monotonic() + 20
+    while not engine.finished and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.finished[0][0] == "cancelled"
+    assert engine.finished[0][1] < 400, "the abandoned row stopped instead of generating 400 tokens"
+
+
+@pytest.mark.parametrize("body, status, expected", [
+    (b"{not json", 400, "the body is not valid JSON"),
+    (b"[1, 2]", 400, "the body must be a JSON object"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model 'nope' is not served here"),
+    ({"model": "echo-a", "messages": "hi"}, 400, "messages must be a non-empty list"),
+    ({"model": "echo-a", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role is 'robot'"),
+    ({"model": "echo-a", "messages": [{"role": "user", "content": 3}]}, 400, "messages[0].content must be text"),
+    ({"model": "echo-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400,
+     "passes the model's context"),
+    ({"model": "echo-a", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400,
+     "temperature must be a number"),
+    ({"model": "echo-a", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n must be 1"),
+    ({"model": "echo-a", "messages": [{"role": "user", "content": "x" * (2 << 20)}]}, 413, "is over"),
+])
+def test_bad_requests_get_an_openai_error_and_a_4xx(server, body, status, expected):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{server[0].url}/v1/chat/completions", content=content, timeout=30,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert expected in error["message"] and error["type"]
+    assert httpx.get(f"{server[0].url}/health", timeout=10).json()["status"] == "ok", "the server lives on"
+
+
+def test_without_the_key_every_request_is_refused(server):
+    response = httpx.get(f"{server[0].url}/v1/models", timeout=10)
+    assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
+    assert httpx.get(f"{server[0].url}/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
