@@ -9,12 +9,15 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 from loraforge.serve.models import BASE, Served
 
 log = logging.getLogger("loraforge.serve")
+
+HISTORY = 1000
 
 
 @dataclass
@@ -67,9 +70,9 @@ class Engine:
     def __init__(self, max_batch: int = 32, gather_s: float = 0.02):
         self.max_batch, self.gather_s = max_batch, gather_s
         self.waiting: queue.Queue = queue.Queue()
-        self.batch_sizes: list[int] = []
-        # (finish reason, tokens generated) of each request, in the order they ended.
-        self.finished: list[tuple[str, int]] = []
+        # The latest batches' sizes, and (finish reason, tokens generated) of the latest requests to end.
+        self.batch_sizes: deque[int] = deque(maxlen=HISTORY)
+        self.finished: deque[tuple[str, int]] = deque(maxlen=HISTORY)
         self.running = 0
         self._thread = threading.Thread(target=self._work, name="loraforge-serve-engine", daemon=True)
         self._thread.start()

@@ -4,6 +4,7 @@ PEFT adapter on it; a run that trained every weight (adapter: full) is a model o
 
 import logging
 import resource
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +43,13 @@ class Served:
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+    """Resident memory now (Linux); elsewhere the peak so far, which still grows by what a load adds."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def _context(model) -> int:
