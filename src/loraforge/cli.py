@@ -12,8 +12,10 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import warnings
+from pathlib import Path
 
 from loraforge import __version__
 from loraforge.config import RunConfig, config_to_yaml, load_config
@@ -38,17 +40,19 @@ def launch_flags(args) -> list[str]:
 
 
 def torchrun_command(args, output_dir: str) -> list[str]:
-    """The torch.distributed.run command that runs this same `train` command in every process: standalone on a
-    free port for one machine, a c10d rendezvous at --master for several."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
+    """torchrun's (torch.distributed.run's) arguments that run this same `train` command in every process:
+    standalone on a free port for one machine, a c10d rendezvous at --master for several."""
+    command = ["--nproc-per-node", str(args.nproc)]
     if args.nnodes == 1:
-        command.append("--standalone")
+        command += ["--standalone", "--local-addr", "127.0.0.1"]
     else:
         command += ["--nnodes", str(args.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", args.master,
                     "--rdzv-id", "loraforge"]
         if args.node_rank is not None:
-            command += ["--node-rank", str(args.node_rank)]
-    again = ["-m", "loraforge", "train", args.config, *args.overrides, f"output_dir={output_dir}"]
+            # The rendezvous store lives with node 0, the node at --master, rather than with whichever node on
+            # the master's machine binds its port first, so the run's other nodes never outlive it.
+            command += ["--node-rank", str(args.node_rank), "--rdzv-conf", f"is_host={args.node_rank == 0}".lower()]
+    again = ["-m", "loraforge", "train", args.config, *_without_output_dir(args.overrides), f"output_dir={output_dir}"]
     if args.resume:
         again += ["--resume", args.resume]
     if args.allow_changes:
@@ -56,32 +60,53 @@ def torchrun_command(args, output_dir: str) -> list[str]:
     return command + again
 
 
+def _without_output_dir(overrides: list[str]) -> list[str]:
+    return [item for item in overrides if not item.startswith("output_dir=")]
+
+
 def _train(args) -> int:
     config = load_config(args.config, args.overrides)
-    if (args.nproc > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
-        if args.nnodes > 1 and not args.master:
-            raise ConfigError(["--nnodes above 1 needs --master HOST:PORT, the same on every node"])
-        if args.nnodes > 1 and "{time}" in config.output_dir:
-            raise ConfigError([f"output_dir {config.output_dir!r}: machines start at different times, so name the "
-                               "run directory (output_dir=runs/...) when training on several"])
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Filled in once here, so every process writes into the same run directory.
-        command = torchrun_command(args, expand_output_dir(config).output_dir)
-        os.environ[LAUNCH_FLAGS_ENV] = json.dumps(launch_flags(args))
-        os.execv(command[0], command)
     read_env_beside(args.config)
+    launched = "LOCAL_RANK" in os.environ
+    if (args.nproc > 1 or args.nnodes > 1) and not launched:
+        return _launch(args, config)
     from loraforge.training.run import TrainingStopped, run_training
 
     try:
-        launched = json.loads(os.environ.get(LAUNCH_FLAGS_ENV, "[]")) if "LOCAL_RANK" in os.environ else []
+        flags = json.loads(os.environ.get(LAUNCH_FLAGS_ENV, "[]")) if launched else []
         result = run_training(config, resume=args.resume, allow_changes=args.allow_changes,
-                              command=[args.config, *args.overrides, *launched])
+                              command=[args.config, *args.overrides, *flags])
     except TrainingStopped as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if _is_main() or exc.exit_code not in (130, 143):
+            print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     if result.samples is not None and _is_main():
         print(result.summary())
+    return 0
+
+
+def _launch(args, config: RunConfig) -> int:
+    if args.nnodes > 1 and not args.master:
+        raise ConfigError(["--nnodes above 1 needs --master HOST:PORT, the same on every node"])
+    if args.nnodes > 1 and "{time}" in config.output_dir:
+        raise ConfigError([f"output_dir {config.output_dir!r}: machines start at different times, so name the "
+                           "run directory (output_dir=runs/...) when training on several"])
+    # Filled in once here, so every process writes into the same run directory.
+    output_dir = expand_output_dir(config).output_dir
+    os.environ[LAUNCH_FLAGS_ENV] = json.dumps(launch_flags(args))
+    if args.nnodes == 1 and "lo" in {name for _, name in socket.if_nameindex()}:
+        # One machine: the processes' collectives talk over loopback, reachable from nowhere else.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    from loraforge.training.launch import launch
+    from loraforge.training.run import TrainingStopped, resume_command
+
+    hint = resume_command([args.config, *_without_output_dir(args.overrides), f"output_dir={output_dir}",
+                           *launch_flags(args)], Path(output_dir))
+    try:
+        launch(torchrun_command(args, output_dir), Path(output_dir), hint)
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

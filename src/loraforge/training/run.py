@@ -27,6 +27,9 @@ from loraforge.training.trainer import SignalStop
 
 log = logging.getLogger("loraforge.train")
 
+# What gloo's collectives say when a process they were waiting on is gone.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
+
 
 class TrainingStopped(LoraforgeError):
     """Training ended early: interrupted by a signal, or stopped by a non-finite loss."""
@@ -112,7 +115,16 @@ def train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, ch
     base_answers = evaluation.base_answers_before(config, built.model, prepared.tokenizer, prepared.stop_ids, chats)
     stop.install()
     began = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    except RuntimeError as exc:
+        if world_size() > 1 and any(sign in str(exc) for sign in PEER_LOST):
+            raise TrainingStopped(
+                f"another process of this run stopped ({_first_sentence(exc)}), so process rank "
+                f"{os.environ.get('RANK', '0')} stops too. Last complete checkpoint: "
+                f"{latest_complete(run_dir / rundir.CHECKPOINTS) or 'none'}. Resume with: "
+                f"{resume_command(command, run_dir)}", exit_code=1) from None
+        raise
     wall = time.perf_counter() - began
     stop.uninstall()
     _raise_if_stopped(config, trainer, stop, run_dir, command)
@@ -139,6 +151,14 @@ def _raise_if_stopped(config: RunConfig, trainer, stop: SignalStop, run_dir: Pat
             f"{latest_complete(run_dir / rundir.CHECKPOINTS)} written. Resume with: {resume_hint}",
             exit_code=130 if stop.received == "SIGINT" else 143,
         )
+
+
+def _first_sentence(exc: Exception) -> str:
+    """The gist of a collective's error: "[path/pair.cc:553] Connection closed by peer [addr]. More." -> the middle."""
+    text = str(exc).splitlines()[0]
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ", 1)[0]
 
 
 def resume_command(command: list[str] | None, run_dir: Path) -> str:

@@ -4,6 +4,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -299,7 +300,9 @@ class NanGuard(TrainerCallback):
 
 
 class SignalStop(TrainerCallback):
-    """SIGTERM or SIGINT: finish the optimizer step in flight, save a checkpoint, stop. A second SIGINT aborts."""
+    """SIGTERM or SIGINT: finish the optimizer step in flight, save a checkpoint, stop. A second SIGINT aborts.
+    With several processes, every step ends with the processes agreeing on the signal (a max-reduce of its
+    number): a signal reaching them at different moments still stops all of them after the same step."""
 
     def __init__(self):
         self.received: str | None = None
@@ -320,9 +323,16 @@ class SignalStop(TrainerCallback):
         if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
-        log.warning("%s received: finishing this step and writing a checkpoint (Ctrl-C again to abort)", self.received)
+        if int(os.environ.get("RANK", "0")) == 0:
+            log.warning("%s received: finishing this step and writing a checkpoint (Ctrl-C again to abort)",
+                        self.received)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            number = torch.tensor([signal.Signals[self.received].value if self.received else 0], device=args.device)
+            torch.distributed.all_reduce(number, op=torch.distributed.ReduceOp.MAX)
+            if number.item() and not self.received:
+                self.received = signal.Signals(int(number.item())).name
         if self.received:
             control.should_save = True
             control.should_evaluate = False

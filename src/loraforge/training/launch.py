@@ -1,0 +1,42 @@
+"""Several training processes through torchrun (torch.distributed.run), run in this process so that a process
+that fails, or a signal that stops them all, ends in one line naming which process, how it ended, the last
+complete checkpoint and the command that resumes: not torchrun's traceback."""
+
+import signal
+from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous.api import RendezvousError
+from torch.distributed.run import get_args_parser, run
+
+from loraforge import rundir
+from loraforge.training.checkpoints import latest_complete
+from loraforge.training.run import TrainingStopped
+
+
+def launch(torchrun_args: list[str], run_dir: Path, resume_hint: str) -> None:
+    """Run torchrun with these arguments; raise TrainingStopped when a process fails or a signal stops them."""
+    try:
+        run(get_args_parser().parse_args(torchrun_args))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode
+        how = f"was killed by {failure.signal_name()}" if code < 0 else f"exited with code {code}"
+        raise TrainingStopped(
+            f"process rank {rank} (pid {failure.pid}) {how}; torchrun stopped the other processes on this machine. "
+            f"{_where(run_dir)} Resume with: {resume_hint}",
+            exit_code=code if code in (130, 143) else 1,
+        ) from None
+    except RendezvousError as exc:
+        raise TrainingStopped(f"the rendezvous closed ({type(exc).__name__}): the node hosting it, node rank 0, stopped "
+                              f"or cannot be reached. {_where(run_dir)} Resume with: {resume_hint}", exit_code=1) from None
+    except SignalException as exc:
+        name = signal.Signals(exc.sigval).name
+        raise TrainingStopped(f"stopped by {name}: torchrun passed it on to every process. {_where(run_dir)} "
+                              f"Resume with: {resume_hint}", exit_code=130 if name == "SIGINT" else 143) from None
+
+
+def _where(run_dir: Path) -> str:
+    checkpoint = latest_complete(run_dir / rundir.CHECKPOINTS)
+    return f"Last complete checkpoint: {checkpoint}." if checkpoint else "No complete checkpoint was written yet."
