@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from loraforge import rundir
+from loraforge.errors import ConfigError
 from loraforge.training.checkpoints import complete_checkpoints, latest_complete, unusable
 from loraforge.training.run import run_training
 from tests.conftest import ROOT
@@ -161,6 +162,33 @@ def test_two_nodes_on_localhost_lose_a_process_keep_their_checkpoint_and_resume(
     steps = [step for step, _ in losses(run_dir)]
     assert steps[-1] == 30 and steps == sorted(set(steps)), "one line per step, carried on from the checkpoint"
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.integration
+def test_fsdp2_on_cpu_torch_shards_a_lora_model_but_accelerate_drops_the_plugin(tiny_model_dir, tmp_path,
+                                                                               private_network):
+    """What is and is not supported for FSDP2 on CPU (torch 2.13, accelerate 1.15), over gloo with 2 processes:
+    torch's fully_shard shards a LoRA model and trains it; accelerate, through which the HF Trainer would use it,
+    turns CPU processes into MULTI_CPU data parallel and drops the FSDP plugin. When accelerate starts keeping it,
+    this test fails and loraforge's refusal (check_sharding) can go."""
+    result = tmp_path / "fsdp.json"
+    done = subprocess.run([*private_network, sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--local-addr", "127.0.0.1", "--nproc-per-node", "2", str(Path(__file__).with_name("fsdp_cpu.py")),
+                           str(tiny_model_dir), str(result)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stderr[-4000:]
+    found = json.loads(result.read_text())
+    assert found["embedding_type"] == "DTensor" and found["embedding_rows_here"] * 2 == found["embedding_rows"]
+    assert found["lora_b_moved"] and found["losses"][-1] < found["losses"][0]
+    assert found["accelerate_distributed_type"] == "MULTI_CPU" and not found["accelerate_fsdp_plugin"]
+
+
+def test_fsdp_asked_through_accelerate_on_cpu_is_refused_before_anything_is_written(make_config, monkeypatch):
+    config, _ = make_config("fsdp")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match=r"FSDP .* needs CUDA GPUs: accelerate runs CPU processes as plain data "
+                                          r"parallel .* use `loraforge train CONFIG --nproc N` \(DDP\)"):
+        run_training(config)
+    assert not Path(config.output_dir).exists()
 
 
 def test_the_launcher_names_one_run_directory_for_every_process(make_config, capsys):

@@ -40,6 +40,17 @@ def check_optimizer(optimizer: str) -> None:
         raise ConfigError([f"train.optimizer: {optimizer} (bitsandbytes) needs a CUDA GPU; use adamw_torch on CPU"])
 
 
+def check_sharding() -> None:
+    """FSDP asked through `accelerate launch` (configs/launch/fsdp.yaml sets ACCELERATE_USE_FSDP) on a machine
+    without CUDA: accelerate shards only across accelerators, and its CPU processes (MULTI_CPU) drop the FSDP
+    plugin, so every process would hold the whole model while the log says FSDP. torch's fully_shard itself
+    runs on CPU over gloo (tests/training/test_scale_out.py); the HF Trainer cannot drive it there."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
+        raise ConfigError(["FSDP (accelerate launch with a distributed_type: FSDP config) needs CUDA GPUs: accelerate "
+                           "runs CPU processes as plain data parallel and drops the FSDP plugin, so each process "
+                           "would hold the whole model. On CPU use `loraforge train CONFIG --nproc N` (DDP)"])
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

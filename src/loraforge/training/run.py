@@ -17,8 +17,8 @@ from loraforge.data.cache import cache_key
 from loraforge.errors import LoraforgeError, RunDirError
 from loraforge.model.precision import choose_precision
 from loraforge.training import evaluation, finish
-from loraforge.training.build import (Built, build_trainer, check_kto_batches, check_optimizer, describe_batch,
-                                      trainable_model, world_size)
+from loraforge.training.build import (Built, build_trainer, check_kto_batches, check_optimizer, check_sharding,
+                                      describe_batch, trainable_model, world_size)
 from loraforge.training.checkpoints import bytes_to_write, latest_complete
 from loraforge.training.finish import TrainResult
 from loraforge.training.prepare import Prepared, prepare
@@ -69,6 +69,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     if checkpoint is None and is_main:
         rundir.ensure_free(config.output_dir)
     check_optimizer(config.train.optimizer)
+    check_sharding()
     batch = describe_batch(config.train, world_size())
     set_seed(config.seed)
     prepared = prepare(config)
