@@ -12,8 +12,9 @@ import argparse
 import json
 import logging
 import os
-import socket
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -94,9 +95,6 @@ def _launch(args, config: RunConfig) -> int:
     # Filled in once here, so every process writes into the same run directory.
     output_dir = expand_output_dir(config).output_dir
     os.environ[LAUNCH_FLAGS_ENV] = json.dumps(launch_flags(args))
-    if args.nnodes == 1 and "lo" in {name for _, name in socket.if_nameindex()}:
-        # One machine: the processes' collectives talk over loopback, reachable from nowhere else.
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     from loraforge.training.launch import launch
     from loraforge.training.run import TrainingStopped, resume_command
 
@@ -117,10 +115,31 @@ def _is_main() -> bool:
 def _estimate(args) -> int:
     config = load_config(args.config, args.overrides)
     read_env_beside(args.config)
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_estimate(args)
     from loraforge.training.estimate import run_estimate
 
-    estimate = run_estimate(config, probe_steps=args.probe_steps)
-    print(estimate.summary())
+    estimate = run_estimate(config, probe_steps=args.probe_steps, probe_dir=args.probe_dir)
+    if estimate is not None:
+        print(estimate.summary())
+    return 0
+
+
+def _launch_estimate(args) -> int:
+    """The probe as a real run of --nproc processes, in one directory they share, removed afterwards."""
+    from loraforge.training.launch import launch
+    from loraforge.training.run import TrainingStopped
+
+    probe_dir = tempfile.mkdtemp(prefix="loraforge-estimate-")
+    try:
+        launch(["--nproc-per-node", str(args.nproc), "--standalone", "--local-addr", "127.0.0.1", "-m", "loraforge",
+                "estimate", args.config, *args.overrides, "--probe-steps", str(args.probe_steps),
+                "--probe-dir", probe_dir])
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
     return 0
 
 
@@ -262,6 +281,9 @@ def _add_training(commands) -> None:
     estimate.add_argument("config")
     estimate.add_argument("overrides", **OVERRIDES)
     estimate.add_argument("--probe-steps", type=int, default=6, help="real steps measured (default 6)")
+    estimate.add_argument("--nproc", type=int, default=1, help="plan for N processes on this machine (as "
+                          "`train --nproc N`): the probe runs in N processes; memory and step time per process")
+    estimate.add_argument("--probe-dir", help=argparse.SUPPRESS)
     estimate.set_defaults(func=_estimate)
 
 

@@ -32,7 +32,7 @@ def train(tmp_path, *overrides):
         pytest.param(["lora.use_dora=true", "lora.use_rslora=true"], marks=pytest.mark.slow),
         pytest.param(["adapter=full", "train.learning_rate=2e-5"], marks=pytest.mark.slow),
         pytest.param(["model.variant=drop_layers", "model.drop_layers=[20,21,22]"], marks=pytest.mark.slow),
-        ["precision=bf16", "train.max_steps=2", "train.eval_every=2"],
+        pytest.param(["precision=bf16", "train.max_steps=2", "train.eval_every=2"], marks=pytest.mark.slow),
     ],
     ids=["qlora-4bit", "dora-rslora", "full", "drop-layers", "bf16"],
 )

@@ -85,7 +85,7 @@ def test_the_two_runs_answer_differently_and_stream_what_they_answer_whole(runs,
     for name, answer in whole.items():
         chunks = list(chat(client, name, "Echo blue", max_tokens=6, stream=True))
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert streamed.strip() == answer.choices[0].message.content
+        assert streamed == answer.choices[0].message.content, "streamed as sent whole: stripped"
         assert chunks[-1].choices[0].finish_reason == answer.choices[0].finish_reason
         assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
 
@@ -169,3 +169,96 @@ def test_without_the_key_every_request_is_refused(server):
     response = httpx.get(f"{server[0].url}/v1/models", timeout=10)
     assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
     assert httpx.get(f"{server[0].url}/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
+
+
+@pytest.mark.parametrize("text", ["  Hello world \n", "\n\n", "a", " a  b\tc \n", ""])
+def test_a_streamed_chat_answer_is_stripped_as_the_whole_one_is_at_every_split(text):
+    from loraforge.serve.app import Stripped
+
+    for first in range(len(text) + 1):
+        for second in range(first, len(text) + 1):
+            stream = Stripped()
+            pieces = [text[:first], text[first:second], text[second:]]
+            assert "".join(stream.feed(piece) for piece in pieces) == text.strip(), pieces
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_loraforge_serve_as_a_process_serves_a_dora_run_and_a_full_fine_tune_as_chat_answers_them(
+        tmp_path, tiny_model_dir, capsys):
+    """The command itself, in its own process: it starts, serves a DoRA adapter and a fully fine-tuned model
+    (which loads as a model of its own), answers each greedily as `loraforge chat` does, and stops on Ctrl-C."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from loraforge.chat import run_chat
+    from tests.conftest import ROOT
+
+    config_path = write_tiny_config(tmp_path, tiny_model_dir, "{max_steps: 4, batch_size: 4, save_every: null, "
+                                                              "eval_every: 1000}", max_new_tokens=6)
+    runs = {}
+    for name, settings in (("dora", ["lora.use_dora=true", "train.learning_rate=0.05"]),
+                           ("full", ["adapter=full", "train.learning_rate=0.01"])):
+        run_training(load_config(config_path, [f"output_dir={tmp_path / name}", "eval.sample_prompts=[]", *settings]))
+        runs[name] = tmp_path / name
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "loraforge", "serve", str(runs["dora"]), str(runs["full"]),
+                                "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        for name, run in runs.items():
+            capsys.readouterr()
+            run_chat(run, prompt="Echo red")
+            expected = capsys.readouterr().out.strip()
+            reply = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "model": name, "temperature": 0, "messages": [{"role": "user", "content": "Echo red"}]})
+            assert reply.status_code == 200, reply.text
+            answer = reply.json()
+            assert answer["choices"][0]["message"]["content"] == expected and expected, name
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    assert f"base {tiny_model_dir} loaded with run dora:" in err and "run full: its own fine-tuned model" in err
+    assert f"serving dora, full, {tiny_model_dir} at http://127.0.0.1:{port}/v1" in err
+
+
+def test_a_dora_run_and_its_base_answer_as_chat_does(tmp_path, tiny_model_dir, capsys):
+    """DoRA layers take no per-row adapter names: the server generates a DoRA run's rows apart from its base's."""
+    from loraforge.chat import run_chat
+    from loraforge.serve.run import Background, build
+
+    config_path = write_tiny_config(tmp_path, tiny_model_dir, "{max_steps: 4, batch_size: 4, save_every: null, "
+                                                              "eval_every: 1000}", max_new_tokens=6)
+    run = tmp_path / "dora"
+    run_training(load_config(config_path, [f"output_dir={run}", "eval.sample_prompts=[]", "lora.use_dora=true",
+                                           "train.learning_rate=0.05"]))
+    app, engine, names = build([str(run)], api_key=None, max_batch=8, timeout_s=60)
+    background = Background(app)
+    try:
+        capsys.readouterr()
+        run_chat(run, prompt="Echo red")
+        expected = capsys.readouterr().out.strip()
+        body = {"temperature": 0, "messages": [{"role": "user", "content": "Echo red"}]}
+        replies = [httpx.post(f"{background.url}/v1/chat/completions", json={**body, "model": name}, timeout=60)
+                   for name in names]
+    finally:
+        background.stop()
+        engine.close()
+    assert [r.status_code for r in replies] == [200, 200], replies[0].text
+    assert replies[0].json()["choices"][0]["message"]["content"] == expected and expected
+    assert names == ["dora", str(tiny_model_dir)]

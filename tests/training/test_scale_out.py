@@ -191,6 +191,29 @@ def test_fsdp_asked_through_accelerate_on_cpu_is_refused_before_anything_is_writ
     assert not Path(config.output_dir).exists()
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_estimate_plans_for_the_process_count(make_config, tmp_path, private_network):
+    """--nproc 2: the probe runs in two processes; a one-epoch run takes half the optimizer steps (each takes a
+    batch in each process), the padded tokens a step are each process's share, and the temporary probe directory
+    is gone afterwards."""
+    _, path = make_config("estimate")
+    settings = ["train.max_steps=null", "train.num_epochs=1", "train.grad_accum=1", "train.eval_every=1000",
+                "train.group_by_length=false"]
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    done = subprocess.run([*private_network, sys.executable, "-m", "loraforge", "estimate", str(path), *settings,
+                           "--probe-steps", "3", "--nproc", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**ENV, "TMPDIR": str(temp)})
+    assert done.returncode == 0, done.stderr[-4000:]
+    # 18 training rows in batches of 4: 5 batches, one epoch is 5 steps in one process, 3 in two.
+    assert "Estimate from 3 measured steps in 2 processes on this machine" in done.stdout
+    assert "\n  3 steps: about" in done.stdout and "padded tokens per step in each process" in done.stdout
+    assert "MB process RSS (the largest process)" in done.stdout
+    assert done.stdout.count("Estimate from") == 1, "rank 0 alone reports"
+    assert not list(temp.glob("loraforge-estimate-*")), "the probe's directory is removed"
+
+
 def test_the_launcher_names_one_run_directory_for_every_process(make_config, capsys):
     from loraforge.cli import build_parser, main, torchrun_command
 

@@ -216,6 +216,7 @@ def build_app(served: dict[str, Served], engine: Engine, api_key: str | None = N
 
     async def _stream(job: Job, events: asyncio.Queue, shape: "Shape", deadline: float):
         loop = asyncio.get_running_loop()
+        stripped = Stripped() if shape.chat else None
         try:
             yield _sse(shape.chunk(None, None, role=True))
             while True:
@@ -225,7 +226,9 @@ def build_app(served: dict[str, Served], engine: Engine, api_key: str | None = N
                     yield _sse(error_body(408, f"no answer within {api.timeout_s:g} s", kind="timeout"))
                     break
                 if event[0] == "delta":
-                    yield _sse(shape.chunk(event[1], None))
+                    text = stripped.feed(event[1]) if stripped else event[1]
+                    if text:
+                        yield _sse(shape.chunk(text, None))
                 elif event[0] == "error":
                     yield _sse(error_body(500, event[1], kind="server_error"))
                     break
@@ -241,6 +244,28 @@ def build_app(served: dict[str, Served], engine: Engine, api_key: str | None = N
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
+
+
+class Stripped:
+    """A streamed chat answer as the whole one is sent, stripped: leading whitespace dropped, trailing whitespace
+    held back until more text follows it, so it is never sent if nothing does."""
+
+    def __init__(self):
+        self.started = False
+        self.held = ""
+
+    def feed(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self.started = True
+        body = text.rstrip()
+        if not body:
+            self.held += text
+            return ""
+        out, self.held = self.held + body, text[len(body):]
+        return out
 
 
 class Shape:

@@ -4,6 +4,7 @@ same batch (PEFT's mixed adapter batches). Each row keeps its own sampling setti
 strings; its tokens go to its request as they come. A request that is cancelled (its client left, or its time
 ran out) stops its row at the next token. Requests that arrive while a batch runs wait for the next one."""
 
+import contextlib
 import copy
 import logging
 import queue
@@ -190,8 +191,16 @@ def _generate(jobs: list[Job]) -> None:
     settings = copy.deepcopy(model.generation_config)
     settings.update(max_new_tokens=max(j.max_tokens for j in jobs), do_sample=False, temperature=None, top_p=None,
                     top_k=None, pad_token_id=pad, eos_token_id=sorted(set().union(*(j.served.stop_ids for j in jobs))))
-    extra = {"adapter_names": [j.served.adapter or BASE for j in jobs]} if base.adapters else {}
-    with torch.no_grad():
+    extra, adapters = {}, contextlib.nullcontext()
+    if base.adapters and base.mixed_batches:
+        extra = {"adapter_names": [j.served.adapter or BASE for j in jobs]}
+    elif base.adapters:
+        # DoRA layers take no adapter_names: a batch holds one run's rows (or the base's), chosen before generating.
+        if jobs[0].served.adapter is None:
+            adapters = model.disable_adapter()
+        else:
+            model.set_adapter(jobs[0].served.adapter)
+    with torch.no_grad(), adapters:
         model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=settings,
                        logits_processor=LogitsProcessorList([RowSampling()]),
                        stopping_criteria=StoppingCriteriaList([RowEnd()]), streamer=RowStream(), **extra)

@@ -6,6 +6,10 @@ A few real optimizer steps of the config give the peak memory, a fixed cost per 
 padded token (fitted on all but the first step), and the first step's extra time (a warm-up, counted once).
 The config's own batches, built from the tokenized data in the order training draws them, give the padded
 tokens of each step of the run; the step times follow from the fit.
+
+With several processes (`--nproc N`, launched through torchrun like `train`) the probe is a real N-process run:
+its steps are timed and its memory taken per process, the largest process's peak reported; each step's padded
+tokens are the step's global batch shared evenly among the processes.
 """
 
 import math
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from loraforge.errors import ConfigError
-from loraforge.training.build import accumulation, unpaired
+from loraforge.training.build import accumulation, unpaired, world_size
 from loraforge.training.prepare import prepare
 from loraforge.training.run import run_training
 from loraforge.training.trainer import length_grouped_order, pair_lengths
@@ -32,14 +36,18 @@ class Estimate:
     padded_tokens_per_step: float
     probe_steps: int
     precision: str
+    processes: int = 1
 
     def summary(self) -> str:
         minutes = self.total_seconds / 60
+        where = "on this machine" if self.processes == 1 else f"in {self.processes} processes on this machine"
+        per = "" if self.processes == 1 else " in each process"
         return (
-            f"Estimate from {self.probe_steps} measured steps on this machine, in {self.precision}:\n"
-            f"  {self.seconds_per_step:.2f} s per optimizer step ({self.padded_tokens_per_step:.0f} padded tokens per step)\n"
+            f"Estimate from {self.probe_steps} measured steps {where}, in {self.precision}:\n"
+            f"  {self.seconds_per_step:.2f} s per optimizer step ({self.padded_tokens_per_step:.0f} padded tokens per "
+            f"step{per})\n"
             f"  {self.steps} steps: about {minutes:.1f} minutes in all, evaluations and loading included\n"
-            f"  peak memory: {self.peak_rss_mb:.0f} MB process RSS"
+            f"  peak memory: {self.peak_rss_mb:.0f} MB process RSS{'' if self.processes == 1 else ' (the largest process)'}"
         )
 
 
@@ -82,14 +90,16 @@ def step_time_model(seconds: list[float], tokens: list[int]) -> tuple[float, flo
     return 0.0, sum(seconds) / sum(tokens)
 
 
-def run_estimate(config, probe_steps: int = 6) -> Estimate:
+def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> Estimate | None:
+    """probe_dir: the probe run's directory, made and removed by the caller (one for every process of a launch);
+    by default a temporary one. None in a process other than rank 0, which alone has the timings."""
     if config.task != "causal_lm":
         raise ConfigError(["estimate covers task causal_lm; a classification run's steps are short, just start it"])
     if probe_steps < 3:
         raise ConfigError([f"--probe-steps {probe_steps}: use 3 or more (the first is a warm-up, the longest batch comes second)"])
 
     probe = config.model_copy(update={
-        "output_dir": tempfile.mkdtemp(prefix="loraforge-estimate-"),
+        "output_dir": probe_dir or tempfile.mkdtemp(prefix="loraforge-estimate-"),
         "train": config.train.model_copy(update={"max_steps": probe_steps, "num_epochs": None, "save_every": None,
                                                  "eval_every": 10**9}),
         "eval": config.eval.model_copy(update={"num_samples": 0, "samples_during_training": 0, "sample_prompts": []}),
@@ -98,22 +108,28 @@ def run_estimate(config, probe_steps: int = 6) -> Estimate:
     try:
         result = run_training(probe)
     finally:
-        shutil.rmtree(probe.output_dir, ignore_errors=True)
+        if probe_dir is None:
+            shutil.rmtree(probe.output_dir, ignore_errors=True)
+    peak_rss_mb = _largest_process_peak_mb()
+    if not result.timing:
+        return None
     measured_seconds, measured_tokens = result.timing["step_seconds"], result.timing["step_padded_tokens"]
     fixed, per_token = step_time_model(measured_seconds[1:], measured_tokens[1:])
 
-    train = config.train
-    accum = accumulation(train, 1)
+    train, processes = config.train, world_size()
+    accum = accumulation(train, processes)
     if config.method == "kto":
         prompts, answers = _kto_examples(config)
         # KTO drops an epoch's partial last batch.
-        per_epoch, steps = optimizer_steps(train, len(prompts) // train.batch_size, accum)
-        tokens = kto_step_padded_tokens(prompts, answers, train.batch_size, accum, steps)
+        per_epoch, steps = optimizer_steps(train, math.ceil(len(prompts) // train.batch_size / processes), accum)
+        tokens = kto_step_padded_tokens(prompts, answers, train.batch_size, accum * processes, steps)
     else:
         lengths = _train_lengths(config)
-        per_epoch, steps = optimizer_steps(train, math.ceil(len(lengths) / train.batch_size), accum)
-        tokens = step_padded_tokens(lengths, train.batch_size, accum, train.group_by_length, config.data.packing,
-                                    config.seed, steps)
+        per_epoch, steps = optimizer_steps(train, math.ceil(math.ceil(len(lengths) / train.batch_size) / processes),
+                                           accum)
+        tokens = step_padded_tokens(lengths, train.batch_size, accum * processes, train.group_by_length,
+                                    config.data.packing, config.seed, steps)
+    tokens = [t / processes for t in tokens]
     if config.data.packing:
         tokens = [min(t, train.batch_size * accum * config.data.max_length) for t in tokens]
     if config.method in ("dpo", "orpo"):
@@ -128,12 +144,21 @@ def run_estimate(config, probe_steps: int = 6) -> Estimate:
     return Estimate(
         seconds_per_step=sum(step_seconds) / steps,
         total_seconds=total,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_mb=peak_rss_mb,
         steps=steps,
         padded_tokens_per_step=sum(tokens) / steps,
         probe_steps=probe_steps,
         precision=result.precision,
+        processes=processes,
     )
+
+
+def _largest_process_peak_mb() -> float:
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64,
+                        device="cuda" if torch.cuda.is_available() else "cpu")
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    return peak.item()
 
 
 def optimizer_steps(train, batches: int, grad_accum: int) -> tuple[int, int]:

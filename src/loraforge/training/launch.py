@@ -2,7 +2,9 @@
 that fails, or a signal that stops them all, ends in one line naming which process, how it ended, the last
 complete checkpoint and the command that resumes: not torchrun's traceback."""
 
+import os
 import signal
+import socket
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -15,8 +17,12 @@ from loraforge.training.checkpoints import latest_complete
 from loraforge.training.run import TrainingStopped
 
 
-def launch(torchrun_args: list[str], run_dir: Path, resume_hint: str) -> None:
-    """Run torchrun with these arguments; raise TrainingStopped when a process fails or a signal stops them."""
+def launch(torchrun_args: list[str], run_dir: Path | None = None, resume_hint: str | None = None) -> None:
+    """Run torchrun with these arguments; raise TrainingStopped when a process fails or a signal stops them, saying
+    where the run's last checkpoint is and how to resume when given a run directory and a resume command."""
+    if "--standalone" in torchrun_args and "lo" in {name for _, name in socket.if_nameindex()}:
+        # One machine: the processes' collectives talk over loopback, reachable from nowhere else.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
         run(get_args_parser().parse_args(torchrun_args))
     except ChildFailedError as exc:
@@ -24,19 +30,22 @@ def launch(torchrun_args: list[str], run_dir: Path, resume_hint: str) -> None:
         code = failure.exitcode
         how = f"was killed by {failure.signal_name()}" if code < 0 else f"exited with code {code}"
         raise TrainingStopped(
-            f"process rank {rank} (pid {failure.pid}) {how}; torchrun stopped the other processes on this machine. "
-            f"{_where(run_dir)} Resume with: {resume_hint}",
+            f"process rank {rank} (pid {failure.pid}) {how}; torchrun stopped the other processes on this machine."
+            f"{_where(run_dir, resume_hint)}",
             exit_code=code if code in (130, 143) else 1,
         ) from None
     except RendezvousError as exc:
         raise TrainingStopped(f"the rendezvous closed ({type(exc).__name__}): the node hosting it, node rank 0, stopped "
-                              f"or cannot be reached. {_where(run_dir)} Resume with: {resume_hint}", exit_code=1) from None
+                              f"or cannot be reached.{_where(run_dir, resume_hint)}", exit_code=1) from None
     except SignalException as exc:
         name = signal.Signals(exc.sigval).name
-        raise TrainingStopped(f"stopped by {name}: torchrun passed it on to every process. {_where(run_dir)} "
-                              f"Resume with: {resume_hint}", exit_code=130 if name == "SIGINT" else 143) from None
+        raise TrainingStopped(f"stopped by {name}: torchrun passed it on to every process."
+                              f"{_where(run_dir, resume_hint)}", exit_code=130 if name == "SIGINT" else 143) from None
 
 
-def _where(run_dir: Path) -> str:
+def _where(run_dir: Path | None, resume_hint: str | None) -> str:
+    if run_dir is None:
+        return ""
     checkpoint = latest_complete(run_dir / rundir.CHECKPOINTS)
-    return f"Last complete checkpoint: {checkpoint}." if checkpoint else "No complete checkpoint was written yet."
+    found = f"Last complete checkpoint: {checkpoint}." if checkpoint else "No complete checkpoint was written yet."
+    return f" {found} Resume with: {resume_hint}"
