@@ -92,6 +92,9 @@ def _launch(args, config: RunConfig) -> int:
     if args.nnodes > 1 and "{time}" in config.output_dir:
         raise ConfigError([f"output_dir {config.output_dir!r}: machines start at different times, so name the "
                            "run directory (output_dir=runs/...) when training on several"])
+    from loraforge.training.build import accumulation
+
+    accumulation(config.train, args.nproc * args.nnodes)
     # Filled in once here, so every process writes into the same run directory.
     output_dir = expand_output_dir(config).output_dir
     os.environ[LAUNCH_FLAGS_ENV] = json.dumps(launch_flags(args))

@@ -42,7 +42,7 @@ def private_network():
             if probe.returncode == 0 and "UP" in probe.stdout or holder.poll() is not None:
                 break
             time.sleep(0.1)
-        reason = None if holder.poll() is None and probe.returncode == 0 else (probe.stderr or holder.stderr.read())
+        reason = None if holder.poll() is None and probe.returncode == 0 else (probe.stderr or "unshare failed")
     else:
         reason = "unshare, nsenter or ip is missing"
     if reason:
@@ -232,6 +232,9 @@ def test_the_launcher_names_one_run_directory_for_every_process(make_config, cap
     assert "--nnodes above 1 needs --master HOST:PORT" in capsys.readouterr().err
     assert main(["train", str(path), "output_dir=runs/{time}", "--nnodes", "2", "--master", "h:1"]) == 2
     assert "machines start at different times, so name the run directory" in capsys.readouterr().err
+    assert main(["train", str(path), "train.global_batch=12", "train.batch_size=4", "--nproc", "2"]) == 2
+    assert "train.global_batch: 12 is not a multiple of train.batch_size 4 x 2 process(es)" in capsys.readouterr().err, \
+        "refused before any process starts"
 
 
 def test_a_process_started_by_the_launcher_prints_a_resume_command_with_its_flags(make_config, monkeypatch):

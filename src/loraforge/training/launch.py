@@ -28,6 +28,8 @@ def launch(torchrun_args: list[str], run_dir: Path | None = None, resume_hint: s
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         code = failure.exitcode
+        if code == 2:
+            raise TrainingStopped(f"process rank {rank} stopped on the error printed above", exit_code=2) from None
         how = f"was killed by {failure.signal_name()}" if code < 0 else f"exited with code {code}"
         raise TrainingStopped(
             f"process rank {rank} (pid {failure.pid}) {how}; torchrun stopped the other processes on this machine."

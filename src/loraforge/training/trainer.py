@@ -324,16 +324,20 @@ class SignalStop(TrainerCallback):
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
         if int(os.environ.get("RANK", "0")) == 0:
-            log.warning("%s received: finishing this step and writing a checkpoint (Ctrl-C again to abort)",
-                        self.received)
+            # Launched processes have sessions of their own: a second Ctrl-C reaches only the launcher.
+            again = " (Ctrl-C again to abort)" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else ""
+            log.warning("%s received: finishing this step and writing a checkpoint%s", self.received, again)
 
     def on_step_end(self, args, state, control, **kwargs):
+        stop = self.received is not None
         if args.world_size > 1:
-            number = torch.tensor([signal.Signals[self.received].value if self.received else 0], device=args.device)
+            # Decided by the reduced number alone: a signal handled after the reduce waits for the next step's.
+            number = torch.tensor([signal.Signals[self.received].value if stop else 0], device=args.device)
             torch.distributed.all_reduce(number, op=torch.distributed.ReduceOp.MAX)
-            if number.item() and not self.received:
+            stop = bool(number.item())
+            if stop and not self.received:
                 self.received = signal.Signals(int(number.item())).name
-        if self.received:
+        if stop:
             control.should_save = True
             control.should_evaluate = False
             control.should_training_stop = True
