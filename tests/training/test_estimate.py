@@ -41,3 +41,26 @@ def test_estimate_cli(tiny_model_dir, tmp_path, capsys):
     auto = choose_precision("auto", load_model_config(str(tiny_model_dir))).chosen
     assert f"on this machine, in {auto}:" in out, "the planner measures in the precision training will pick"
     assert not (tmp_path / "runs").exists()
+
+
+def test_padded_tokens_of_the_busiest_process_follow_accelerates_sharding():
+    """Two processes: the batches of the length-grouped order go to the processes in turn (accelerate's own shard
+    of the batch sampler, used here as the reference), grad_accum of each process's a step; a step takes as long as
+    the process with more tokens in it."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from loraforge.training.trainer import SeededLengthGroupedSampler
+
+    lengths = [5 + (i * 37) % 61 for i in range(24)]
+    batch_size, grad_accum, seed = 3, 2, 11
+    per_process = []
+    for rank in range(2):
+        batches = BatchSampler(SeededLengthGroupedSampler(batch_size * grad_accum, lengths, seed), batch_size, False)
+        tokens = [len(b) * max(lengths[i] for i in b) for b in BatchSamplerShard(batches, 2, rank)]
+        per_process.append([sum(tokens[k : k + grad_accum]) for k in range(0, len(tokens), grad_accum)])
+    assert len(per_process[0]) == 2, "24 rows, batches of 3, 2 processes, 2 accumulated: 2 steps an epoch"
+    busiest = [max(a, b) for a, b in zip(*per_process)]
+    assert per_process[0] != per_process[1], "the processes' shares differ, so the busiest one matters"
+    assert step_padded_tokens(lengths, batch_size, grad_accum, True, False, seed, 2, processes=2) == busiest
+    assert step_padded_tokens(lengths, batch_size, grad_accum, True, False, seed, 4, processes=1)[:2] != busiest

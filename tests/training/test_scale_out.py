@@ -71,11 +71,13 @@ def test_two_processes_follow_the_one_process_loss_curve_at_the_same_global_batc
             "train.group_by_length=false", "lora.dropout=0.0", "train.eval_every=1000", "eval.num_samples=0"]
     one, path = make_config("one", *same)
     run_training(one)
-    two_dir = tmp_path / "two"
+    two_dir, temp = tmp_path / "two", tmp_path / "temp"
+    temp.mkdir()
     done = subprocess.run([*private_network, sys.executable, "-m", "loraforge", "train", str(path),
                            f"output_dir={two_dir}", *same, "--nproc", "2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**ENV, "TMPDIR": str(temp)})
     assert done.returncode == 0, done.stderr[-4000:]
+    assert not list(temp.iterdir()), "torchrun's log folder is removed"
     assert "global batch: 4 per pass x 1 accumulated x 2 process(es) = 8 examples per optimizer step" in done.stderr
     steps = [json.loads(l)["step"] for l in (two_dir / rundir.METRICS).read_text().splitlines() if '"loss"' in l]
     assert steps == [1, 2, 3, 4], "rank 0 alone writes metrics"
@@ -208,7 +210,7 @@ def test_estimate_plans_for_the_process_count(make_config, tmp_path, private_net
     assert done.returncode == 0, done.stderr[-4000:]
     # 18 training rows in batches of 4: 5 batches, one epoch is 5 steps in one process, 3 in two.
     assert "Estimate from 3 measured steps in 2 processes on this machine" in done.stdout
-    assert "\n  3 steps: about" in done.stdout and "padded tokens per step in each process" in done.stdout
+    assert "\n  3 steps: about" in done.stdout and "padded tokens per step in the busiest process" in done.stdout
     assert "MB process RSS (the largest process)" in done.stdout
     assert done.stdout.count("Estimate from") == 1, "rank 0 alone reports"
     assert not list(temp.glob("loraforge-estimate-*")), "the probe's directory is removed"
@@ -258,3 +260,22 @@ def test_a_process_started_by_the_launcher_prints_a_resume_command_with_its_flag
     monkeypatch.setenv(cli.LAUNCH_FLAGS_ENV, json_module.dumps(["--nproc", "2"]))
     assert cli.main(["train", str(path), "output_dir=runs/z"]) == 143
     assert seen["hint"] == f"loraforge train {path} output_dir=runs/z --nproc 2 --resume auto"
+
+
+def test_a_process_whose_peer_is_gone_stops_with_one_line_while_evaluating_too(tmp_path, monkeypatch):
+    from loraforge.training.run import TrainingStopped, stops_with_its_peers
+
+    run_dir = tmp_path / "run"
+    lost = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:41234. More text")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="Connection closed by peer"), stops_with_its_peers(run_dir, ["c.yaml"]):
+        raise lost
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(TrainingStopped) as stopped, stops_with_its_peers(run_dir, ["c.yaml"]):
+        raise lost
+    assert str(stopped.value).startswith("another process of this run stopped (")
+    assert "so process rank 1 stops too. Last complete checkpoint: none." in str(stopped.value)
+    assert str(stopped.value).endswith("Resume with: loraforge train c.yaml --resume auto")
+    with pytest.raises(ValueError), stops_with_its_peers(run_dir, ["c.yaml"]):
+        raise ValueError("not a lost peer")

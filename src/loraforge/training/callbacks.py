@@ -17,7 +17,8 @@ _DROP = {"num_input_tokens_seen", "train_tokens_per_second", "total_flos", "trai
 
 class ThroughputCallback(TrainerCallback):
     """Times optimizer steps only (evaluation excluded) and counts real, non-pad tokens; also when training began
-    and when its first step was done, for the planner and the bench."""
+    and when its first step was done, for the planner and the bench. A resumed run counts from where it resumed:
+    the steps and tokens of the run it carries on took time this process did not measure."""
 
     def __init__(self):
         self.train_began_at: float | None = None
@@ -28,9 +29,13 @@ class ThroughputCallback(TrainerCallback):
         self.tokens_per_s: float | None = None
         self.first_step_done_at: float | None = None
         self.step_seconds: list[float] = []
+        self.tokens_at_start = 0
+        self.step_at_start = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.train_began_at = time.perf_counter()
+        self.tokens_at_start = self._last_tokens = state.num_input_tokens_seen
+        self.step_at_start = state.global_step
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_start = time.perf_counter()
@@ -51,9 +56,16 @@ class ThroughputCallback(TrainerCallback):
             self._last_tokens, self._last_seconds = tokens, self.train_seconds
 
     def eta_seconds(self, state) -> float | None:
-        if not state.global_step:
+        done = state.global_step - self.step_at_start
+        if done <= 0:
             return None
-        return (state.max_steps - state.global_step) * self.train_seconds / state.global_step
+        return (state.max_steps - state.global_step) * self.train_seconds / done
+
+    def session_tokens_per_s(self, state) -> float | None:
+        """Real tokens per second of training over this process's steps."""
+        if not self.train_seconds:
+            return None
+        return (state.num_input_tokens_seen - self.tokens_at_start) / self.train_seconds
 
 
 class MetricsCallback(TrainerCallback):

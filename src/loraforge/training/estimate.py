@@ -8,8 +8,9 @@ The config's own batches, built from the tokenized data in the order training dr
 tokens of each step of the run; the step times follow from the fit.
 
 With several processes (`--nproc N`, launched through torchrun like `train`) the probe is a real N-process run:
-its steps are timed and its memory taken per process, the largest process's peak reported; each step's padded
-tokens are the step's global batch shared evenly among the processes.
+its steps are timed and its memory taken per process, the largest process's peak reported. The processes take
+the batches in turn, and a step lasts as long as its slowest process: each step counts the padded tokens of the
+process that computes the most in it.
 """
 
 import math
@@ -41,7 +42,7 @@ class Estimate:
     def summary(self) -> str:
         minutes = self.total_seconds / 60
         where = "on this machine" if self.processes == 1 else f"in {self.processes} processes on this machine"
-        per = "" if self.processes == 1 else " in each process"
+        per = "" if self.processes == 1 else " in the busiest process"
         return (
             f"Estimate from {self.probe_steps} measured steps {where}, in {self.precision}:\n"
             f"  {self.seconds_per_step:.2f} s per optimizer step ({self.padded_tokens_per_step:.0f} padded tokens per "
@@ -52,9 +53,10 @@ class Estimate:
 
 
 def step_padded_tokens(lengths: list[int], batch_size: int, grad_accum: int, group_by_length: bool,
-                       packed: bool, seed: int, steps: int) -> list[float]:
-    """Padded tokens each of the run's optimizer steps computes: under length grouping the very batches
-    training draws, epoch after epoch; in a random order or packed, the mean over an epoch for every step."""
+                       packed: bool, seed: int, steps: int, processes: int = 1) -> list[float]:
+    """Padded tokens each of the run's optimizer steps computes in a process (of several, the busiest): under
+    length grouping the very batches training draws, epoch after epoch; in a random order or packed, the mean
+    over an epoch for every step."""
     if packed or not group_by_length:
         if packed:
             per_batch = [sum(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)]
@@ -71,9 +73,18 @@ def step_padded_tokens(lengths: list[int], batch_size: int, grad_accum: int, gro
         order = length_grouped_order(lengths, batch_size * grad_accum, seed + epoch)
         per_batch = [len(order[k : k + batch_size]) * max(lengths[i] for i in order[k : k + batch_size])
                      for k in range(0, len(order), batch_size)]
-        tokens += [sum(per_batch[k : k + grad_accum]) for k in range(0, len(per_batch), grad_accum)]
+        tokens += busiest_process_steps(per_batch, grad_accum, processes)
         epoch += 1
     return tokens[:steps]
+
+
+def busiest_process_steps(per_batch: list[int], grad_accum: int, processes: int) -> list[int]:
+    """Tokens of each optimizer step of an epoch in the process that computes the most in it. The processes take
+    an epoch's batches in turn (batch k goes to process k mod N, as accelerate shards a data loader), grad_accum of
+    their own a step; the epoch's last step takes what is left."""
+    rounds = [per_batch[k : k + processes] for k in range(0, len(per_batch), processes)]
+    return [max(sum(r[p] for r in rounds[s : s + grad_accum] if p < len(r)) for p in range(processes))
+            for s in range(0, len(rounds), grad_accum)]
 
 
 def step_time_model(seconds: list[float], tokens: list[int]) -> tuple[float, float]:
@@ -120,16 +131,15 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
     accum = accumulation(train, processes)
     if config.method == "kto":
         prompts, answers = _kto_examples(config)
-        # KTO drops an epoch's partial last batch.
-        per_epoch, steps = optimizer_steps(train, math.ceil(len(prompts) // train.batch_size / processes), accum)
-        tokens = kto_step_padded_tokens(prompts, answers, train.batch_size, accum * processes, steps)
+        # KTO drops an epoch's partial last batch, and with several processes its partial last round of batches.
+        per_epoch, steps = optimizer_steps(train, len(prompts) // train.batch_size // processes, accum)
+        tokens = kto_step_padded_tokens(prompts, answers, train.batch_size, accum, steps, processes)
     else:
         lengths = _train_lengths(config)
         per_epoch, steps = optimizer_steps(train, math.ceil(math.ceil(len(lengths) / train.batch_size) / processes),
                                            accum)
-        tokens = step_padded_tokens(lengths, train.batch_size, accum * processes, train.group_by_length,
-                                    config.data.packing, config.seed, steps)
-    tokens = [t / processes for t in tokens]
+        tokens = step_padded_tokens(lengths, train.batch_size, accum, train.group_by_length, config.data.packing,
+                                    config.seed, steps, processes)
     if config.data.packing:
         tokens = [min(t, train.batch_size * accum * config.data.max_length) for t in tokens]
     if config.method in ("dpo", "orpo"):
@@ -169,9 +179,10 @@ def optimizer_steps(train, batches: int, grad_accum: int) -> tuple[int, int]:
 
 
 def kto_step_padded_tokens(prompts: list[list[int]], answers: list[list[int]], batch_size: int, grad_accum: int,
-                           steps: int) -> list[int]:
-    """Padded tokens of each KTO step: batches of batch_size consecutive examples (KTO samples in order; an epoch's
-    partial last batch is dropped), grad_accum of them a step (an epoch's last step takes what is left), each padded
+                           steps: int, processes: int = 1) -> list[int]:
+    """Padded tokens of each KTO step in a process (of several, the busiest): batches of batch_size consecutive
+    examples (KTO samples in order; an epoch's partial last batch, and its partial last round of batches over the
+    processes, are dropped), grad_accum of them a step (an epoch's last step takes what is left), each padded
     to its longest row, and its KL batch: every prompt with the answer of the row before it (the first with the
     last's), padded the same way."""
     if len(prompts) < batch_size:
@@ -182,7 +193,11 @@ def kto_step_padded_tokens(prompts: list[list[int]], answers: list[list[int]], b
         kl_answers = batch_answers[-1:] + batch_answers[:-1]
         per_batch.append(sum(batch_size * max(len(p) + len(a) for p, a in zip(batch_prompts, shown))
                              for shown in (batch_answers, kl_answers)))
-    epoch = [sum(per_batch[i : i + grad_accum]) for i in range(0, len(per_batch), grad_accum)]
+    per_batch = per_batch[: len(per_batch) // processes * processes]
+    if not per_batch:
+        raise ConfigError([f"{len(prompts)} KTO training examples fill no batch of train.batch_size={batch_size} in "
+                           f"each of {processes} processes"])
+    epoch = busiest_process_steps(per_batch, grad_accum, processes)
     return (epoch * math.ceil(steps / len(epoch)))[:steps]
 
 

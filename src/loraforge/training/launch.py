@@ -3,8 +3,10 @@ that fails, or a signal that stops them all, ends in one line naming which proce
 complete checkpoint and the command that resumes: not torchrun's traceback."""
 
 import os
+import shutil
 import signal
 import socket
+import tempfile
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -23,8 +25,11 @@ def launch(torchrun_args: list[str], run_dir: Path | None = None, resume_hint: s
     if "--standalone" in torchrun_args and "lo" in {name for _, name in socket.if_nameindex()}:
         # One machine: the processes' collectives talk over loopback, reachable from nowhere else.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # torchrun's per-launch folder of process logs and error files, removed afterwards (else one is left in TMPDIR
+    # per launch).
+    logs = tempfile.mkdtemp(prefix="loraforge-torchrun-")
     try:
-        run(get_args_parser().parse_args(torchrun_args))
+        run(get_args_parser().parse_args(["--log-dir", logs, *torchrun_args]))
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         code = failure.exitcode
@@ -43,6 +48,8 @@ def launch(torchrun_args: list[str], run_dir: Path | None = None, resume_hint: s
         name = signal.Signals(exc.sigval).name
         raise TrainingStopped(f"stopped by {name}: torchrun passed it on to every process."
                               f"{_where(run_dir, resume_hint)}", exit_code=130 if name == "SIGINT" else 143) from None
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 def _where(run_dir: Path | None, resume_hint: str | None) -> str:

@@ -5,6 +5,7 @@ import logging
 import os
 import shlex
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,27 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
 def train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, checkpoint: Path | None,
           stop: SignalStop, is_main: bool, command: list[str] | None) -> Trained:
     """Evaluate what must come first, train, stop cleanly on a signal or a non-finite loss, evaluate after."""
+    with stops_with_its_peers(run_dir, command):
+        return _train(config, prepared, built, run_dir, checkpoint, stop, is_main, command)
+
+
+@contextmanager
+def stops_with_its_peers(run_dir: Path, command: list[str] | None):
+    """One of several processes whose collective lost a peer (evaluating or training) stops with one line."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if world_size() > 1 and any(sign in str(exc) for sign in PEER_LOST):
+            raise TrainingStopped(
+                f"another process of this run stopped ({_first_sentence(exc)}), so process rank "
+                f"{os.environ.get('RANK', '0')} stops too. Last complete checkpoint: "
+                f"{latest_complete(run_dir / rundir.CHECKPOINTS) or 'none'}. Resume with: "
+                f"{resume_command(command, run_dir)}", exit_code=1) from None
+        raise
+
+
+def _train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, checkpoint: Path | None,
+           stop: SignalStop, is_main: bool, command: list[str] | None) -> Trained:
     trainer, has_val = built.trainer, prepared.val is not None
     before = evaluation.evaluate_before(trainer, config, has_val, checkpoint, run_dir, is_main)
     eval_seconds = before.get("eval_runtime")
@@ -116,16 +138,7 @@ def train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, ch
     base_answers = evaluation.base_answers_before(config, built.model, prepared.tokenizer, prepared.stop_ids, chats)
     stop.install()
     began = time.perf_counter()
-    try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
-    except RuntimeError as exc:
-        if world_size() > 1 and any(sign in str(exc) for sign in PEER_LOST):
-            raise TrainingStopped(
-                f"another process of this run stopped ({_first_sentence(exc)}), so process rank "
-                f"{os.environ.get('RANK', '0')} stops too. Last complete checkpoint: "
-                f"{latest_complete(run_dir / rundir.CHECKPOINTS) or 'none'}. Resume with: "
-                f"{resume_command(command, run_dir)}", exit_code=1) from None
-        raise
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     wall = time.perf_counter() - began
     stop.uninstall()
     _raise_if_stopped(config, trainer, stop, run_dir, command)
@@ -196,10 +209,9 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
     })
     finish.write_run_manifest(config, run_dir, fingerprints, built.trainable_parameters, trained.wall, checkpoint,
                               trainer.state.global_step, precision)
-    tokens_seen = trainer.state.num_input_tokens_seen
     return TrainResult(
         run_dir, trained.before.get("eval_loss"), trained.after.get("eval_loss"), trained.wall,
-        tokens_seen / throughput.train_seconds if throughput.train_seconds else None, samples,
+        throughput.session_tokens_per_s(trainer.state), samples,
         metrics=evaluation.metric_values(trained.after), precision=precision.chosen,
         total_seconds=time.perf_counter() - started, timing=timing, weights=trained.weights, test=test,
         preference=preference,
