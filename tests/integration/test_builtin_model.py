@@ -1,7 +1,8 @@
-"""`loraforge train` and `loraforge chat` on the real built-in SmolLM2-135M-Instruct, through the CLI."""
+"""`loraforge train` and `loraforge chat` on the real built-in SmolLM2-135M-Instruct, through the CLI: training as its
+own process, the commands that follow it through the CLI's entry in this process (each process would import the
+libraries again, ~6 s)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,28 +65,24 @@ def test_adapter_loads_with_plain_peft_and_matches(run_dir):
         assert not torch.allclose(untouched, ours(input_ids=ids).logits, atol=1e-4)
 
 
-def test_chat_prompt_answers(run_dir):
-    done = subprocess.run(
-        [sys.executable, "-m", "loraforge", "chat", str(run_dir), "--prompt", "What is your name?", "--max-new-tokens", "12"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert len(done.stdout.strip()) > 0
+def test_chat_prompt_answers(run_dir, monkeypatch, capsys):
+    from loraforge.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["chat", str(run_dir), "--prompt", "What is your name?", "--max-new-tokens", "12"]) == 0
+    assert len(capsys.readouterr().out.strip()) > 0
 
 
-def test_merge_then_gguf_on_the_builtin_model(run_dir):
+def test_merge_then_gguf_on_the_builtin_model(run_dir, capsys):
+    from loraforge.cli import main
     from loraforge.export.gguf import compare_generations, converter_dir
 
     if not (converter_dir() / "convert_hf_to_gguf.py").is_file():
         pytest.skip("llama.cpp converter not installed; `make setup` fetches it")
-    merged = subprocess.run([sys.executable, "-m", "loraforge", "merge", str(run_dir)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert main(["merge", str(run_dir)]) == 0, capsys.readouterr().err[-3000:]
     assert json.loads((run_dir / "merged" / "merge.json").read_text())["max_abs_logit_diff"] <= 1e-4
     # f16 for the comparison: q8_0 rounds the weights more.
-    exported = subprocess.run([sys.executable, "-m", "loraforge", "export", "ollama", str(run_dir), "--type", "f16"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=600)
-    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert main(["export", "ollama", str(run_dir), "--type", "f16"]) == 0, capsys.readouterr().err[-3000:]
     gguf = run_dir / "export" / "model-f16.gguf"
     assert (run_dir / "export" / "Modelfile").is_file()
     rows = compare_generations(gguf, run_dir / "merged", ["What is AI?", "You are not immortal", "Tell me a joke"], 16)
@@ -93,10 +90,10 @@ def test_merge_then_gguf_on_the_builtin_model(run_dir):
     assert sum(r["model"] == r["gguf"] for r in rows) >= 2, rows
 
 
-def test_eval_cli_on_the_builtin_model(run_dir):
-    done = subprocess.run([sys.executable, "-m", "loraforge", "eval", str(run_dir), "--compare-base", "--max-samples", "3"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_eval_cli_on_the_builtin_model(run_dir, capsys):
+    from loraforge.cli import main
+
+    assert main(["eval", str(run_dir), "--compare-base", "--max-samples", "3"]) == 0
     written = json.loads((run_dir / "eval" / "validation.json").read_text())
     assert written["fine_tuned"]["loss"] < written["base"]["loss"]
-    assert "rouge_l" in done.stdout
+    assert "rouge_l" in capsys.readouterr().out
