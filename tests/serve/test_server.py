@@ -187,7 +187,10 @@ def test_a_streamed_chat_answer_is_stripped_as_the_whole_one_is_at_every_split(t
 def test_loraforge_serve_as_a_process_serves_a_dora_run_and_a_full_fine_tune_as_chat_answers_them(
         tmp_path, tiny_model_dir, capsys):
     """The command itself, in its own process: it starts, serves a DoRA adapter and a fully fine-tuned model
-    (which loads as a model of its own), answers each greedily as `loraforge chat` does, and stops on Ctrl-C."""
+    (which loads as a model of its own), answers each greedily as `loraforge chat` does, and stops on Ctrl-C. A run
+    whose chat template never finishes rendering gets a 400 once the render time limit passes (the limit is a
+    timer signal, which only the main thread takes: the command serves from it), and the others answer after."""
+    import shutil
     import signal
     import socket
     import subprocess
@@ -203,10 +206,14 @@ def test_loraforge_serve_as_a_process_serves_a_dora_run_and_a_full_fine_tune_as_
                            ("full", ["adapter=full", "train.learning_rate=0.01"])):
         run_training(load_config(config_path, [f"output_dir={tmp_path / name}", "eval.sample_prompts=[]", *settings]))
         runs[name] = tmp_path / name
+    runs["looping"] = tmp_path / "looping"
+    shutil.copytree(runs["full"], runs["looping"])
+    (runs["looping"] / "tokenizer" / "chat_template.jinja").write_text(
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", encoding="utf-8")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "loraforge", "serve", str(runs["dora"]), str(runs["full"]),
+    process = subprocess.Popen([sys.executable, "-m", "loraforge", "serve", *map(str, runs.values()),
                                 "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -218,7 +225,12 @@ def test_loraforge_serve_as_a_process_serves_a_dora_run_and_a_full_fine_tune_as_
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        for name, run in runs.items():
+        began = time.monotonic()
+        looping = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "looping", "messages": [{"role": "user", "content": "Echo red"}]})
+        assert looping.status_code == 400 and time.monotonic() - began < 30, looping.text
+        assert "did not finish rendering one conversation in 10 s" in looping.json()["error"]["message"]
+        for name, run in list(runs.items())[:2]:
             capsys.readouterr()
             run_chat(run, prompt="Echo red")
             expected = capsys.readouterr().out.strip()
@@ -234,12 +246,18 @@ def test_loraforge_serve_as_a_process_serves_a_dora_run_and_a_full_fine_tune_as_
     assert process.returncode == 0, err[-3000:]
     assert "Traceback" not in err
     assert f"base {tiny_model_dir} loaded with run dora:" in err and "run full: its own fine-tuned model" in err
-    assert f"serving dora, full, {tiny_model_dir} at http://127.0.0.1:{port}/v1" in err
+    assert f"serving dora, full, looping, {tiny_model_dir} at http://127.0.0.1:{port}/v1" in err
 
 
 def test_a_dora_run_and_its_base_answer_as_chat_does(tmp_path, tiny_model_dir, capsys):
-    """DoRA layers take no per-row adapter names: the server generates a DoRA run's rows apart from its base's."""
+    """DoRA layers take no per-row adapter names: the server generates a DoRA run's rows apart from its base's. The
+    run answers as `loraforge chat` does; the base, with the adapter off, as the plain model does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from loraforge.chat import run_chat
+    from loraforge.model.load import load_tokenizer
+    from loraforge.model.template import apply_template
     from loraforge.serve.run import Background, build
 
     config_path = write_tiny_config(tmp_path, tiny_model_dir, "{max_steps: 4, batch_size: 4, save_every: null, "
@@ -262,3 +280,11 @@ def test_a_dora_run_and_its_base_answer_as_chat_does(tmp_path, tiny_model_dir, c
     assert [r.status_code for r in replies] == [200, 200], replies[0].text
     assert replies[0].json()["choices"][0]["message"]["content"] == expected and expected
     assert names == ["dora", str(tiny_model_dir)]
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompt = apply_template(tokenizer, [{"role": "user", "content": "Echo red"}], add_generation_prompt=True,
+                            tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        out = plain.generate(**prompt, max_new_tokens=6, do_sample=False)
+    base_answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert replies[1].json()["choices"][0]["message"]["content"] == base_answer and base_answer != expected
