@@ -362,3 +362,15 @@ def test_wandb_offline(make_config, tmp_path, monkeypatch):
     run_training(config)
     offline = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1 and offline[0].stat().st_size > 0
+
+
+def test_init_from_trains_with_this_runs_lora_dropout(make_config):
+    """The earlier run trained with dropout 0.1; this one asks for none, and gets none (not the adapter's 0.1)."""
+    short = ["train.max_steps=2", "train.eval_every=2", "train.save_every=2"]
+    first, _ = make_config("first", *short)
+    run_training(first)
+    second, _ = make_config("second", *short, f"init_from={first.output_dir}", "lora.dropout=0.0")
+    run_training(second)
+    saved = json.loads((Path(second.output_dir) / "adapter" / "adapter_config.json").read_text())
+    assert json.loads((Path(first.output_dir) / "adapter" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+    assert saved["lora_dropout"] == 0.0

@@ -51,13 +51,17 @@ def apply_lora(
     return get_peft_model(model, config)
 
 
-def load_trainable_adapter(model, adapter_dir, quantized: bool = False, gradient_checkpointing: bool = False):
-    """A saved LoRA adapter on the model, its weights trainable, to carry training on from it."""
-    from peft import PeftModel, prepare_model_for_kbit_training
+def load_trainable_adapter(model, adapter_dir, dropout: float, quantized: bool = False,
+                           gradient_checkpointing: bool = False):
+    """A saved LoRA adapter on the model, its weights trainable, to carry training on from it with this run's
+    dropout (not the dropout the adapter was trained with)."""
+    from peft import PeftConfig, PeftModel, prepare_model_for_kbit_training
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    settings = PeftConfig.from_pretrained(str(adapter_dir))
+    settings.lora_dropout = dropout
+    return PeftModel.from_pretrained(model, str(adapter_dir), config=settings, is_trainable=True)
 
 
 def make_fully_trainable(model):

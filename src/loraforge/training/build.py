@@ -114,7 +114,8 @@ def load_adapter_to_train(model, config: RunConfig, model_path):
         raise ConfigError([f"init_from: {source} was trained on another setup ({'; '.join(mismatched)}); use the "
                            "same model and lora settings as that run"])
     log.info("starting from the adapter of %s (init_from)", source)
-    model = load_trainable_adapter(model, source / rundir.ADAPTER, quantized=config.quantization.mode != "none",
+    model = load_trainable_adapter(model, source / rundir.ADAPTER, config.lora.dropout,
+                                   quantized=config.quantization.mode != "none",
                                    gradient_checkpointing=config.train.gradient_checkpointing)
     if config.method == "orpo":
         # DPO's trainer copies the starting adapter as its reference; ORPO's keeps none, so a frozen copy is loaded
