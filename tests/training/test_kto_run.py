@@ -66,7 +66,8 @@ def test_kto_learns_the_preference_and_reports_it(kto_run):
 def planned_padded_tokens(config, steps: int) -> list[int]:
     from loraforge.training.estimate import _kto_examples, kto_step_padded_tokens
 
-    return kto_step_padded_tokens(*_kto_examples(config), config.train.batch_size, config.train.grad_accum, steps)
+    return kto_step_padded_tokens(*_kto_examples(config), config.train.batch_size, config.train.grad_accum, steps,
+                                  config.data.max_length)
 
 
 def unpaired_maker(folder, tiny_model_dir):
@@ -165,3 +166,26 @@ def test_kto_resume_equals_a_straight_run(tmp_path, tiny_model_dir):
 def test_kto_settings_that_cannot_work_are_config_errors(tmp_path, tiny_model_dir, overrides, expected):
     with pytest.raises(ConfigError, match=expected):
         dpo_config_maker(tmp_path, tiny_model_dir)("never", "method=kto", *overrides)
+
+
+def test_kl_rows_are_cut_to_max_length_as_the_planner_counts_them(tmp_path, tiny_model_dir):
+    """A KL row is a prompt with another row's answer, so it can be longer than any row: with data.max_length at the
+    longest row, training cuts the longer KL rows to it, and the planner counts them cut."""
+    from loraforge.training.estimate import _kto_examples, kto_step_padded_tokens
+
+    rows = [{"prompt": f"Tell me about item {i}, " * (6 if i % 2 else 1), "completion": f"Item {i} " * (1 if i % 2 else 6),
+             "label": i % 3 != 0} for i in range(24)]
+    source = f"data.sources=[{{path: {write_jsonl(tmp_path / 'rows.jsonl', rows)}, format: unpaired_preference}}]"
+    make = dpo_config_maker(tmp_path, tiny_model_dir)
+    probe, _ = make("probe", *KTO, source)
+    prompts, answers = _kto_examples(probe)
+    longest_row = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    kl_rows = [len(prompts[i]) + len(answers[i - 1 if i % 4 else i + 3]) for i in range(len(prompts) // 4 * 4)]
+    assert max(kl_rows) > longest_row, "the data has KL rows longer than every row"
+    config, _ = make("cut", *KTO, source, f"data.max_length={longest_row}", "train.max_steps=3", "train.eval_every=3",
+                     "train.save_every=3")
+    assert _kto_examples(config) == (prompts, answers), "no row is cut"
+    result = run_training(config)
+    assert result.timing["step_padded_tokens"] == planned_padded_tokens(config, steps=3)
+    uncut = kto_step_padded_tokens(prompts, answers, 4, 1, 3, max_length=10**6)
+    assert planned_padded_tokens(config, steps=3) != uncut, "the cut KL rows count for less"

@@ -179,7 +179,9 @@ def training_arguments(config: RunConfig, run_dir: Path, precision: str, has_eva
         # batch of one row would pair it with itself); dropout off, as for DPO's reference pass.
         return KTOConfig(**{**settings, "train_sampling_strategy": "sequential", "dataloader_drop_last": True},
                          beta=config.preference.beta,
-                         max_length=None, precompute_ref_log_probs=False, disable_dropout=True)
+                         # Rows arrive cut to data.max_length; a KL row (a prompt with another row's answer) may be
+                         # longer, and is cut to it as well.
+                         max_length=config.data.max_length, precompute_ref_log_probs=False, disable_dropout=True)
     from trl import DPOConfig
 
     # Rows arrive tokenized and cut to data.max_length. Dropout off (TRL's default): the reference pass must be

@@ -133,7 +133,8 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
         prompts, answers = _kto_examples(config)
         # KTO drops an epoch's partial last batch, and with several processes its partial last round of batches.
         per_epoch, steps = optimizer_steps(train, len(prompts) // train.batch_size // processes, accum)
-        tokens = kto_step_padded_tokens(prompts, answers, train.batch_size, accum, steps, processes)
+        tokens = kto_step_padded_tokens(prompts, answers, train.batch_size, accum, steps, config.data.max_length,
+                                        processes)
     else:
         lengths = _train_lengths(config)
         per_epoch, steps = optimizer_steps(train, math.ceil(math.ceil(len(lengths) / train.batch_size) / processes),
@@ -179,19 +180,19 @@ def optimizer_steps(train, batches: int, grad_accum: int) -> tuple[int, int]:
 
 
 def kto_step_padded_tokens(prompts: list[list[int]], answers: list[list[int]], batch_size: int, grad_accum: int,
-                           steps: int, processes: int = 1) -> list[int]:
+                           steps: int, max_length: int, processes: int = 1) -> list[int]:
     """Padded tokens of each KTO step in a process (of several, the busiest): batches of batch_size consecutive
     examples (KTO samples in order; an epoch's partial last batch, and its partial last round of batches over the
     processes, are dropped), grad_accum of them a step (an epoch's last step takes what is left), each padded
     to its longest row, and its KL batch: every prompt with the answer of the row before it (the first with the
-    last's), padded the same way."""
+    last's), padded the same way and cut to max_length as training cuts it."""
     if len(prompts) < batch_size:
         raise ConfigError([f"{len(prompts)} KTO training examples fill no batch of train.batch_size={batch_size}"])
     per_batch = []
     for start in range(0, len(prompts) - batch_size + 1, batch_size):
         batch_prompts, batch_answers = prompts[start : start + batch_size], answers[start : start + batch_size]
         kl_answers = batch_answers[-1:] + batch_answers[:-1]
-        per_batch.append(sum(batch_size * max(len(p) + len(a) for p, a in zip(batch_prompts, shown))
+        per_batch.append(sum(batch_size * min(max(len(p) + len(a) for p, a in zip(batch_prompts, shown)), max_length)
                              for shown in (batch_answers, kl_answers)))
     per_batch = per_batch[: len(per_batch) // processes * processes]
     if not per_batch:
