@@ -23,6 +23,7 @@ from loraforge.config import RunConfig, config_to_yaml, load_config
 from loraforge.config.env import read_env_beside
 from loraforge.config.migrate import write_migrated
 from loraforge.config.output_dir import expand_output_dir
+from loraforge.data.formats import FORMAT_FIELDS
 from loraforge.errors import ConfigError, LoraforgeError
 
 
@@ -202,7 +203,10 @@ def _serve(args) -> int:
 def _eval(args) -> int:
     from loraforge.eval.run import format_results, run_eval
 
-    print(format_results(run_eval(args.run_dir, args.data, args.compare_base, args.max_samples, args.split)))
+    if args.data_format and not args.data:
+        raise ConfigError(["--format names the format of a --data file; give --data FILE with it"])
+    print(format_results(run_eval(args.run_dir, args.data, args.compare_base, args.max_samples, args.split,
+                                  args.data_format)))
     return 0
 
 
@@ -326,9 +330,12 @@ def _add_run_commands(commands) -> None:
     evaluate = commands.add_parser("eval", help="loss, perplexity, token accuracy and generation metrics of a run")
     evaluate.add_argument("run_dir", help="run directory of a causal_lm run")
     which = evaluate.add_mutually_exclusive_group()
-    which.add_argument("--data", help="a data file in the run's source format (default: the run's validation split)")
+    which.add_argument("--data", help="a data file, in the run's source format unless --format says another "
+                                      "(default: the run's validation split)")
     which.add_argument("--split", choices=["val", "test"], default="val",
                        help="the run's held-out split to evaluate, drawn as training drew it (default val)")
+    evaluate.add_argument("--format", dest="data_format", choices=sorted(FORMAT_FIELDS),
+                          help="the --data file's format (default: the format of the run's sources)")
     evaluate.add_argument("--compare-base", action="store_true", help="evaluate the base model the same way, side by side")
     evaluate.add_argument("--max-samples", type=int, default=32, help="rows answered for generation metrics (default 32)")
     evaluate.set_defaults(func=_eval)

@@ -65,3 +65,29 @@ def test_eval_on_another_file(train_tiny, tmp_path):
     assert results["rows"] == 3 and results["fine_tuned"]["samples"] == 2
     assert results["fine_tuned"]["examples"][0]["reference"] == "teal teal"
     assert (Path(config.output_dir) / "eval" / "held_out.json").is_file()
+
+
+def test_eval_reads_a_data_file_in_the_format_given(train_tiny, tmp_path, capsys):
+    """A run trained on messages evaluates the same conversations written as alpaca rows with --format alpaca, to
+    the same loss; without --format the file is read as messages and refused with its line; --format needs --data."""
+    from loraforge.cli import main
+    from tests.conftest import ECHO_ROWS, write_jsonl
+
+    config, _ = train_tiny("train.max_steps=2")
+    rows = ECHO_ROWS[:6]
+    as_messages = write_jsonl(tmp_path / "messages.jsonl", rows)
+    as_alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [
+        {"instruction": r["messages"][0]["content"], "input": "", "output": r["messages"][1]["content"]} for r in rows])
+    assert main(["eval", config.output_dir, "--data", str(as_messages), "--max-samples", "0"]) == 0
+    assert main(["eval", config.output_dir, "--data", str(as_alpaca), "--format", "alpaca", "--max-samples", "0"]) == 0
+    written = {name: json.loads((Path(config.output_dir) / "eval" / f"{name}.json").read_text())
+               for name in ("messages", "alpaca")}
+    assert written["alpaca"]["rows"] == written["messages"]["rows"] == 6
+    assert written["alpaca"]["fine_tuned"]["loss"] == pytest.approx(written["messages"]["fine_tuned"]["loss"], rel=1e-6)
+    capsys.readouterr()
+    assert main(["eval", config.output_dir, "--data", str(as_alpaca), "--max-samples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{as_alpaca}:1: no 'messages' field" in err and "read as format messages; a file in another format: give " \
+        "it with --format" in err
+    assert main(["eval", config.output_dir, "--format", "alpaca"]) == 2
+    assert "--format names the format of a --data file; give --data FILE with it" in capsys.readouterr().err

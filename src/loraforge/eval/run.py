@@ -6,6 +6,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from loraforge import rundir
+from loraforge.config.data_section import DataSource
 from loraforge.data.build import DataStats, assign_splits, load_rows, tokenize_preference, tokenize_rows
 from loraforge.data.packing import collator
 from loraforge.data.render import IGNORE
@@ -68,9 +69,9 @@ def has_test_split(config) -> bool:
     return config.data.test_fraction > 0 or any(s.split == "test" for s in config.data.sources)
 
 
-def eval_rows(config, data: str | None, split: str = "val"):
+def eval_rows(config, data: str | None, split: str = "val", data_format: str | None = None):
     """(data config, rows) to evaluate: the run's validation or test split, as training drew it, or every row
-    of `data`."""
+    of `data`, read in data_format (by default the format of the run's sources, when they share one)."""
     if data is None:
         data_config = config.data
         system = data_config.system_prompt if config.task == "causal_lm" else None  # as classify.py builds rows
@@ -81,11 +82,22 @@ def eval_rows(config, data: str | None, split: str = "val"):
             raise DataError(f"the run has no {SPLIT_FILES[split]} split: set data.test_fraction or give a source with "
                             f"split: {split} when training, or evaluate a file with --data")
         return data_config, chosen
-    source = config.data.sources[0].model_copy(update={"path": data, "split": "train", "weight": 1.0})
+    formats = sorted({s.format.value for s in config.data.sources})
+    if data_format is None and len(formats) > 1:
+        raise DataError(f"--data {data}: the run trained on sources of several formats ({', '.join(formats)}); "
+                        "say which one this file is in with --format")
+    data_format = data_format or formats[0]
+    like = next((s for s in config.data.sources if s.format.value == data_format), None)
+    if like is None:
+        like = DataSource(path=data, format=data_format)
+    source = like.model_copy(update={"path": data, "split": "train", "weight": 1.0})
     data_config = config.data.model_copy(update={"sources": [source], "val_fraction": 0.0, "test_fraction": 0.0,
                                                  "packing": False})
     system = data_config.system_prompt if config.task == "causal_lm" else None
-    rows = load_rows(data_config.sources, system, data_config.on_bad_row, DataStats())
+    try:
+        rows = load_rows(data_config.sources, system, data_config.on_bad_row, DataStats())
+    except DataError as exc:
+        raise DataError(f"{exc} (read as format {data_format}; a file in another format: give it with --format)") from None
     return data_config, rows["train"]
 
 
@@ -124,21 +136,21 @@ def preference_rows_metrics(model, tokenizer, stop_ids, data_config, rows, beta:
 
 
 def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = False, max_samples: int = 32,
-             split: str = "val") -> dict:
+             split: str = "val", data_format: str | None = None) -> dict:
     """Metrics of a finished run on its validation or test split, or on a data file; written to
     RUN_DIR/eval/<split or file>.json."""
     run_dir = Path(run_dir)
     name = data or f"{SPLIT_FILES[split]} split"
     if rundir.read_config(run_dir).task == "classification":
         run = rundir.load_run(run_dir, task="classification")
-        _, rows = eval_rows(run.config, data, split)
+        _, rows = eval_rows(run.config, data, split, data_format)
         results = {"run_dir": str(run_dir), "data": name, "rows": len(rows),
                    "fine_tuned": classification_rows_metrics(run.model, run.tokenizer, run.labels, rows,
                                                              run.config.data.max_length)}
         return _write(results, run_dir, data, split)
     run = rundir.load_run(run_dir, task="causal_lm")
     config, model = run.config, run.model
-    data_config, rows = eval_rows(config, data, split)
+    data_config, rows = eval_rows(config, data, split, data_format)
     if config.method != "sft":
         found = preference_rows_metrics(model, run.tokenizer, run.stop_ids, data_config, rows, config.preference.beta,
                                          config.train.eval_batch_size or config.train.batch_size)
