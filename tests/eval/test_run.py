@@ -89,5 +89,9 @@ def test_eval_reads_a_data_file_in_the_format_given(train_tiny, tmp_path, capsys
     err = capsys.readouterr().err
     assert f"{as_alpaca}:1: no 'messages' field" in err and "read as format messages; a file in another format: give " \
         "it with --format" in err
+    assert main(["eval", config.output_dir, "--data", str(as_alpaca), "--format", "preference"]) == 2
+    assert "--format preference: this run (method sft) evaluates rows of format alpaca or" in capsys.readouterr().err
+    assert main(["eval", config.output_dir, "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "give it with --format" not in capsys.readouterr().err, "the hint is for rows of another format only"
     assert main(["eval", config.output_dir, "--format", "alpaca"]) == 2
     assert "--format names the format of a --data file; give --data FILE with it" in capsys.readouterr().err

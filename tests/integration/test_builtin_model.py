@@ -66,8 +66,12 @@ def test_adapter_loads_with_plain_peft_and_matches(run_dir):
 
 
 def test_chat_prompt_answers(run_dir, monkeypatch, capsys):
+    import huggingface_hub.constants
+
     from loraforge.cli import main
 
+    # Read once, at import: the environment variable alone would not make this process offline.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["chat", str(run_dir), "--prompt", "What is your name?", "--max-new-tokens", "12"]) == 0
     assert len(capsys.readouterr().out.strip()) > 0

@@ -52,15 +52,18 @@ def test_padded_tokens_of_the_busiest_process_follow_accelerates_sharding():
 
     from loraforge.training.trainer import SeededLengthGroupedSampler
 
-    lengths = [5 + (i * 37) % 61 for i in range(24)]
     batch_size, grad_accum, seed = 3, 2, 11
-    per_process = []
-    for rank in range(2):
-        batches = BatchSampler(SeededLengthGroupedSampler(batch_size * grad_accum, lengths, seed), batch_size, False)
-        tokens = [len(b) * max(lengths[i] for i in b) for b in BatchSamplerShard(batches, 2, rank)]
-        per_process.append([sum(tokens[k : k + grad_accum]) for k in range(0, len(tokens), grad_accum)])
-    assert len(per_process[0]) == 2, "24 rows, batches of 3, 2 processes, 2 accumulated: 2 steps an epoch"
-    busiest = [max(a, b) for a, b in zip(*per_process)]
-    assert per_process[0] != per_process[1], "the processes' shares differ, so the busiest one matters"
-    assert step_padded_tokens(lengths, batch_size, grad_accum, True, False, seed, 2, processes=2) == busiest
-    assert step_padded_tokens(lengths, batch_size, grad_accum, True, False, seed, 4, processes=1)[:2] != busiest
+    for rows, steps in ((24, 2), (20, 2)):
+        lengths = [5 + (i * 37) % 61 for i in range(rows)]
+        per_process = []
+        for rank in range(2):
+            batches = BatchSampler(SeededLengthGroupedSampler(batch_size * grad_accum, lengths, seed), batch_size, False)
+            tokens = [len(b) * max(lengths[i] for i in b) for b in BatchSamplerShard(batches, 2, rank)]
+            per_process.append([sum(tokens[k : k + grad_accum]) for k in range(0, len(tokens), grad_accum)])
+        # 24 rows: 8 batches of 3, 4 rounds over 2 processes; 20 rows: 7 batches, the last of 2 rows, which
+        # accelerate completes, and an eighth made of rows from the epoch's start.
+        assert len(per_process[0]) == steps
+        busiest = [max(a, b) for a, b in zip(*per_process)]
+        assert per_process[0] != per_process[1], "the processes' shares differ, so the busiest one matters"
+        assert step_padded_tokens(lengths, batch_size, grad_accum, True, False, seed, steps, processes=2) == busiest
+        assert step_padded_tokens(lengths, batch_size, grad_accum, True, False, seed, steps, processes=1) != busiest

@@ -210,7 +210,7 @@ def test_estimate_plans_for_the_process_count(make_config, tmp_path, private_net
     assert done.returncode == 0, done.stderr[-4000:]
     # 18 training rows in batches of 4: 5 batches, one epoch is 5 steps in one process, 3 in two.
     assert "Estimate from 3 measured steps in 2 processes on this machine" in done.stdout
-    assert "\n  3 steps: about" in done.stdout and "padded tokens per step in the busiest process" in done.stdout
+    assert "\n  3 steps: about" in done.stdout and "padded tokens per step per process" in done.stdout
     assert "MB process RSS (the largest process)" in done.stdout
     assert done.stdout.count("Estimate from") == 1, "rank 0 alone reports"
     assert not list(temp.glob("loraforge-estimate-*")), "the probe's directory is removed"

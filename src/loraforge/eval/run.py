@@ -8,6 +8,7 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.config.data_section import DataSource
 from loraforge.data.build import DataStats, assign_splits, load_rows, tokenize_preference, tokenize_rows
+from loraforge.data.formats import FORMAT_FIELDS, PREFERENCE_FORMATS
 from loraforge.data.packing import collator
 from loraforge.data.render import IGNORE
 from loraforge.errors import DataError
@@ -87,6 +88,11 @@ def eval_rows(config, data: str | None, split: str = "val", data_format: str | N
         raise DataError(f"--data {data}: the run trained on sources of several formats ({', '.join(formats)}); "
                         "say which one this file is in with --format")
     data_format = data_format or formats[0]
+    readable = readable_formats(config)
+    if data_format not in readable:
+        kind = f"method {config.method}" if config.task == "causal_lm" else f"task {config.task}"
+        raise DataError(f"--format {data_format}: this run ({kind}) evaluates rows of format "
+                        f"{' or '.join(sorted(readable))}")
     like = next((s for s in config.data.sources if s.format.value == data_format), None)
     if like is None:
         like = DataSource(path=data, format=data_format)
@@ -97,8 +103,21 @@ def eval_rows(config, data: str | None, split: str = "val", data_format: str | N
     try:
         rows = load_rows(data_config.sources, system, data_config.on_bad_row, DataStats())
     except DataError as exc:
+        if f"format={data_format}" not in str(exc):
+            raise
         raise DataError(f"{exc} (read as format {data_format}; a file in another format: give it with --format)") from None
     return data_config, rows["train"]
+
+
+def readable_formats(config) -> set[str]:
+    """The data formats whose rows a run of this kind evaluates."""
+    if config.task == "classification":
+        return {"classification"}
+    if config.method == "kto":
+        return set(PREFERENCE_FORMATS)
+    if config.method != "sft":
+        return {"preference"}
+    return set(FORMAT_FIELDS) - PREFERENCE_FORMATS - {"classification"}
 
 
 def classification_rows_metrics(model, tokenizer, labels: list[str], rows, max_length: int) -> dict:

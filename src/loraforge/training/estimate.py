@@ -42,7 +42,7 @@ class Estimate:
     def summary(self) -> str:
         minutes = self.total_seconds / 60
         where = "on this machine" if self.processes == 1 else f"in {self.processes} processes on this machine"
-        per = "" if self.processes == 1 else " in the busiest process"
+        per = "" if self.processes == 1 else " per process"
         return (
             f"Estimate from {self.probe_steps} measured steps {where}, in {self.precision}:\n"
             f"  {self.seconds_per_step:.2f} s per optimizer step ({self.padded_tokens_per_step:.0f} padded tokens per "
@@ -70,12 +70,21 @@ def step_padded_tokens(lengths: list[int], batch_size: int, grad_accum: int, gro
     tokens: list[float] = []
     epoch = 0
     while len(tokens) < steps:
-        order = length_grouped_order(lengths, batch_size * grad_accum, seed + epoch)
+        order = evened(length_grouped_order(lengths, batch_size * grad_accum, seed + epoch), batch_size, processes)
         per_batch = [len(order[k : k + batch_size]) * max(lengths[i] for i in order[k : k + batch_size])
                      for k in range(0, len(order), batch_size)]
         tokens += busiest_process_steps(per_batch, grad_accum, processes)
         epoch += 1
     return tokens[:steps]
+
+
+def evened(order: list[int], batch_size: int, processes: int) -> list[int]:
+    """An epoch's order as several processes draw it: accelerate completes a short last batch, and a last round with
+    fewer batches than processes, with rows from the start of the epoch."""
+    if processes == 1:
+        return order
+    missing = -len(order) % (batch_size * processes)
+    return order + (order * math.ceil(missing / len(order)))[:missing]
 
 
 def busiest_process_steps(per_batch: list[int], grad_accum: int, processes: int) -> list[int]:

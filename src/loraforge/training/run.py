@@ -201,7 +201,8 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
         "train_seconds": round(throughput.train_seconds, 2),
         "wall_seconds": round(trained.wall, 2),
         "first_step_seconds": round(timing["first_step_seconds"], 2) if timing["first_step_seconds"] else None,
-        "real_tokens": trainer.state.num_input_tokens_seen,
+        # This process's tokens, as train_seconds and padded_tokens count them (a resumed run's earlier ones are not).
+        "real_tokens": trainer.state.num_input_tokens_seen - throughput.tokens_at_start,
         "padded_tokens": trainer.padded_tokens,
         "weights": {k: v for k, v in trained.weights.items() if k != "checkpoint"},
         "test": test,
