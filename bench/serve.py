@@ -73,11 +73,6 @@ def load(url: str, models: list[str], clients: int, requests: int, max_tokens: i
             "tokens_per_s": round(tokens[0] / wall, 1)}
 
 
-class _Stopped:
-    def is_finished(self):
-        raise RuntimeError("transformers' continuous batching stopped without an answer")
-
-
 def engines(served, prompts: list[list[int]], max_tokens: int, gap_s: float) -> dict[str, dict]:
     """Seconds until each prompt's answer is done, and generated tokens/s, for loraforge's engine and for
     transformers' continuous batching, the prompts submitted gap_s apart, each engine warmed up by one prompt."""
@@ -118,21 +113,34 @@ def engines(served, prompts: list[list[int]], max_tokens: int, gap_s: float) -> 
         manager = model.base_model.model.init_continuous_batching(generation_config=settings)
         manager.start()
         try:
-            manager.add_request(list(prompts[0]), max_new_tokens=2)
-            while not (manager.get_result(timeout=600) or _Stopped()).is_finished():
+            manager.add_request(list(prompts[0]), request_id="warm-up", max_new_tokens=2)
+            for _ in manager.request_id_iter("warm-up"):
                 pass
-            submitted, latencies, tokens = {}, [], 0
+            submitted, latencies, tokens = {}, [], [0]
+
+            def collect() -> None:
+                """Each answer timed when it is done, while prompts are still being submitted."""
+                while len(latencies) < len(prompts):
+                    result = manager.get_result(timeout=600)
+                    if result is None:
+                        return
+                    if result.is_finished():
+                        latencies.append(time.perf_counter() - submitted[result.request_id])
+                        generated = result.generated_tokens
+                        # Its stop token is in the list; loraforge counts answers without it.
+                        tokens[0] += len(generated) - (1 if generated and generated[-1] in served.stop_ids else 0)
+
+            reader = threading.Thread(target=collect)
             started = time.perf_counter()
-            for ids in prompts:
-                submitted[manager.add_request(list(ids), max_new_tokens=max_tokens)] = time.perf_counter()
+            reader.start()
+            for index, ids in enumerate(prompts):
+                submitted[f"prompt-{index}"] = time.perf_counter()
+                manager.add_request(list(ids), request_id=f"prompt-{index}", max_new_tokens=max_tokens)
                 time.sleep(gap_s)
-            while len(latencies) < len(prompts):
-                result = manager.get_result(timeout=600)
-                if result is None:
-                    raise RuntimeError("transformers' continuous batching stopped without an answer")
-                if result.is_finished():
-                    latencies.append(time.perf_counter() - submitted[result.request_id])
-                    tokens += len(result.generated_tokens)
+            reader.join(timeout=1800)
+            if len(latencies) < len(prompts):
+                raise RuntimeError("transformers' continuous batching stopped without every answer")
+            tokens = tokens[0]
             theirs = summary(latencies, tokens, time.perf_counter() - started)
         finally:
             manager.stop(block=True, timeout=30)
