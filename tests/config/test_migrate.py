@@ -75,6 +75,35 @@ def test_an_unseen_json_config_with_other_names_and_unknown_keys(tmp_path, monke
     assert config["precision"] == "bf16" and config["lora"] == {"r": 4, "alpha": 8}
 
 
+def test_a_trl_preference_script_config_migrates_to_its_method(tmp_path, monkeypatch):
+    """TRL's DPO and KTO scripts are the method: the config names none, the data's shape says which; beta and the
+    loss (a name, or TRL's list of one) are carried; a loss loraforge does not train is listed, not dropped."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Say hi", "chosen": "hi", "rejected": "no"}] * 8)
+    write_jsonl(tmp_path / "labelled.jsonl", [{"prompt": "Say hi", "completion": "hi", "label": True}] * 8)
+    dpo = tmp_path / "dpo.yaml"
+    dpo.write_text("model_name_or_path: smollm2-135m-instruct\ndataset_name: pairs.jsonl\nbeta: '0.2'\n"
+                   "loss_type: [ipo]\nlearning_rate: 5.0e-7\nmax_length: 256\n")
+    migration, _ = write_migrated(dpo, tmp_path / "dpo-migrated.yaml")
+    every_key_is_listed(dpo, migration)
+    config = load_config(tmp_path / "dpo-migrated.yaml")
+    assert (config.method, config.preference.beta, config.preference.loss_type) == ("dpo", 0.2, "ipo")
+    assert config.data.sources[0].format.value == "preference" and config.data.max_length == 256
+    assert any(note.startswith("method dpo: the data holds pairs") for note in migration.notes)
+
+    kto = tmp_path / "kto.yaml"
+    kto.write_text("model_name_or_path: smollm2-135m-instruct\ndataset_name: labelled.jsonl\nloss_type: apo_zero\n")
+    migration, _ = write_migrated(kto, tmp_path / "kto-migrated.yaml")
+    every_key_is_listed(kto, migration)
+    assert load_config(tmp_path / "kto-migrated.yaml").method == "kto"
+    assert dict(migration.rows)["loss_type"].startswith("not carried: 'apo_zero' is not one of")
+
+    orpo = tmp_path / "orpo.yaml"
+    orpo.write_text("base_model: smollm2-135m-instruct\nrl: orpo\ndataset_path: pairs.jsonl\n")
+    migration, _ = write_migrated(orpo, tmp_path / "orpo-migrated.yaml")
+    assert load_config(tmp_path / "orpo-migrated.yaml").method == "orpo", "a method the source names is kept"
+
+
 def test_cli_writes_once_and_never_over_an_existing_file(tmp_path, capsys):
     source = SEED_FILES[0]
     out = tmp_path / "lf.yaml"

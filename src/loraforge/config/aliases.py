@@ -50,6 +50,7 @@ ALIASES = {
     "use_dora": "lora.use_dora",
     "use_rslora": "lora.use_rslora",
     "max_seq_length": "data.max_length",
+    "max_length": "data.max_length",
     "max_seq_len": "data.max_length",
     "cutoff_len": "data.max_length",
     "sequence_len": "data.max_length",
@@ -72,6 +73,11 @@ ALIASES = {
     "mlflow_experiment_name": "tracking.mlflow.experiment",
     "experiment_name": "tracking.mlflow.experiment",
     "log_level": "logging.level",
+    "beta": "preference.beta",
+    "dpo_beta": "preference.beta",
+    "rl_beta": "preference.beta",
+    "loss_type": "preference.loss_type",
+    "rl": "method",
 }
 
 

@@ -44,7 +44,10 @@ SCHEDULERS = {"cosine", "linear", "constant", "constant_with_warmup"}
 OPTIMIZERS = {"adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"}
 TRACKERS = {"tensorboard", "wandb", "mlflow"}
 NUMERIC = ("train.", "lora.r", "lora.alpha", "lora.dropout", "data.max_length", "data.val_fraction",
-           "data.test_fraction", "seed")
+           "data.test_fraction", "seed", "preference.beta")
+LOSS_TYPES = {"sigmoid", "hinge", "ipo"}
+# The method a script's data implies when its config names none (TRL's DPO and KTO scripts are the method).
+METHOD_OF_FORMAT = {"preference": "dpo", "unpaired_preference": "kto"}
 PLACEHOLDER_DATA = "data/train.jsonl"
 # A step count that a strategy key can override ("epoch" or "no").
 STEP_COUNTS = {"save_steps": ("save_strategy",), "eval_steps": ("eval_strategy", "evaluation_strategy"),
@@ -257,6 +260,13 @@ def _truncation(migration, dotted, value, names):
     migration.skip(dotted, "loraforge drops longer rows by default and counts them (data.truncation: drop)")
 
 
+def _loss_type(migration, dotted, value, names):
+    """TRL takes DPO's loss as a name or a list of names (weighted together); loraforge trains one."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    _choice("preference.loss_type", LOSS_TYPES)(migration, dotted, value, names)
+
+
 def _use_lora(migration, dotted, value, names):
     migration.carry(dotted, "adapter", "lora" if value else "full")
 
@@ -274,6 +284,7 @@ SPECIAL = {
     "num_train_epochs": _epochs, "epochs": _epochs, "warmup_ratio": _warmup_ratio, "warmup_steps": _warmup_steps,
     "max_steps": _max_steps,
     "metric_for_best_model": _best_metric, "truncation": _truncation, "use_lora": _use_lora, "lora_r": _lora_r,
+    "loss_type": _loss_type, "rl": _choice("method", {"dpo", "orpo", "kto"}),
 }
 
 
@@ -299,6 +310,12 @@ def _data_source(migration: Migration, names: dict, where: dict) -> None:
         migration.notes.append(f"the source names no data file ({', '.join(splits)}); data.sources holds "
                                f"{PLACEHOLDER_DATA} in the messages format as a placeholder: point it at your data")
     migration.config.setdefault("data", {})["sources"] = sources
+    implied = {METHOD_OF_FORMAT[s["format"]] for s in sources if s["format"] in METHOD_OF_FORMAT}
+    if "method" not in migration.config and len(implied) == 1:
+        method = implied.pop()
+        migration.config["method"] = method
+        migration.notes.append(f"method {method}: the data holds {'pairs' if method == 'dpo' else 'labelled answers'} "
+                               "and the source names no method (orpo and kto also train on pairs)")
 
 
 def infer_format(path: Path, names: dict) -> tuple[str, dict, str]:
@@ -313,7 +330,10 @@ def infer_format(path: Path, names: dict) -> tuple[str, dict, str]:
         return "messages", {}, f"{path} not found: assumed, check it"
     if label_column and label_column in row:
         return "classification", _fields({"text": text_column or "text", "label": label_column}), f"first row of {path}"
-    for fmt, needed in (("messages", {"messages"}), ("alpaca", {"instruction", "output"}), ("sharegpt", {"conversations"})):
+    for fmt, needed in (("preference", {"chosen", "rejected"}), ("messages", {"messages"}),
+                        ("alpaca", {"instruction", "output"}), ("sharegpt", {"conversations"}),
+                        ("unpaired_preference", {"prompt", "completion", "label"}),
+                        ("prompt_completion", {"prompt", "completion"})):
         if needed <= set(row):
             return fmt, {}, f"first row of {path} has {sorted(needed)}"
     column = text_column or "text"
