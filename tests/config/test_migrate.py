@@ -89,13 +89,14 @@ def test_a_trl_preference_script_config_migrates_to_its_method(tmp_path, monkeyp
     config = load_config(tmp_path / "dpo-migrated.yaml")
     assert (config.method, config.preference.beta, config.preference.loss_type) == ("dpo", 0.2, "ipo")
     assert config.data.sources[0].format.value == "preference" and config.data.max_length == 256
-    assert any(note.startswith("method dpo: the data holds pairs") for note in migration.notes)
+    assert any(note.startswith("method dpo: the data holds pairs (orpo and kto") for note in migration.notes)
 
     kto = tmp_path / "kto.yaml"
     kto.write_text("model_name_or_path: smollm2-135m-instruct\ndataset_name: labelled.jsonl\nloss_type: apo_zero\n")
     migration, _ = write_migrated(kto, tmp_path / "kto-migrated.yaml")
     every_key_is_listed(kto, migration)
     assert load_config(tmp_path / "kto-migrated.yaml").method == "kto"
+    assert "method kto: the data holds answers labelled good or bad and the source names no method" in migration.notes
     assert dict(migration.rows)["loss_type"].startswith("not carried: 'apo_zero' is not one of")
 
     orpo = tmp_path / "orpo.yaml"

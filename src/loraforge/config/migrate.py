@@ -314,8 +314,8 @@ def _data_source(migration: Migration, names: dict, where: dict) -> None:
     if "method" not in migration.config and len(implied) == 1:
         method = implied.pop()
         migration.config["method"] = method
-        migration.notes.append(f"method {method}: the data holds {'pairs' if method == 'dpo' else 'labelled answers'} "
-                               "and the source names no method (orpo and kto also train on pairs)")
+        held = "pairs (orpo and kto also train on pairs)" if method == "dpo" else "answers labelled good or bad"
+        migration.notes.append(f"method {method}: the data holds {held} and the source names no method")
 
 
 def infer_format(path: Path, names: dict) -> tuple[str, dict, str]:
