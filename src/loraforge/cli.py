@@ -193,10 +193,10 @@ def _chat(args) -> int:
 def _serve(args) -> int:
     from loraforge.serve.run import run_server
 
-    if args.max_batch < 1 or args.timeout <= 0:
+    if (args.max_batch is not None and args.max_batch < 1) or args.timeout <= 0:
         raise LoraforgeError("--max-batch must be at least 1 and --timeout above 0")
     run_server(args.run_dirs, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-               timeout_s=args.timeout)
+               timeout_s=args.timeout, engine=args.engine)
     return 0
 
 
@@ -358,8 +358,14 @@ def _add_run_commands(commands) -> None:
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every request "
                        "(default: the LORAFORGE_API_KEY environment variable, if set)")
-    serve.add_argument("--max-batch", type=int, default=32, help="requests generated together at most (default 32)")
-    serve.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take (default 300)")
+    serve.add_argument("--max-batch", type=int, default=None, help="requests generated together at most (default 32; "
+                       "vLLM's own with --engine vllm)")
+    serve.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take (default 300; "
+                       "loraforge's engine only)")
+    serve.add_argument("--engine", choices=["auto", "hf", "vllm"], default="auto",
+                       help="hf: transformers and PEFT in this process; vllm: vLLM's server on CUDA, each run a LoRA "
+                       "module; auto (default): vllm where it is installed, CUDA is there and it can serve the "
+                       "runs, else hf")
     serve.set_defaults(func=_serve)
     predict = commands.add_parser("predict", help="labels for texts from a classification run")
     predict.add_argument("run_dir", help="run directory of a task: classification run")

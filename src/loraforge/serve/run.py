@@ -11,13 +11,16 @@ from loraforge.errors import LoraforgeError
 from loraforge.serve.app import build_app
 from loraforge.serve.engine import Engine
 from loraforge.serve.models import load_served
+from loraforge.serve.vllm_server import become_vllm, choose
 
 log = logging.getLogger("loraforge.serve")
 
 API_KEY_ENV = "LORAFORGE_API_KEY"
+DEFAULT_MAX_BATCH = 32
 
 
-def build(run_dirs: list[str], api_key: str | None = None, max_batch: int = 32, timeout_s: float = 300.0):
+def build(run_dirs: list[str], api_key: str | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+          timeout_s: float = 300.0):
     """(the ASGI app, its engine, the served names) for the runs."""
     served = load_served(run_dirs)
     engine = Engine(max_batch=max_batch)
@@ -32,7 +35,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_server(run_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               max_batch: int = 32, timeout_s: float = 300.0) -> None:
+               max_batch: int | None = None, timeout_s: float = 300.0, engine: str = "auto") -> None:
     import uvicorn
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
@@ -43,6 +46,10 @@ def run_server(run_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, a
         socket.getaddrinfo(host, port)
     except OSError as exc:
         raise LoraforgeError(f"--host {host}: {exc}") from None
+    chosen, vllm_args = choose(engine, run_dirs, host, port, max_batch)
+    if chosen == "vllm":
+        become_vllm(vllm_args, api_key)
+    max_batch = max_batch or DEFAULT_MAX_BATCH
     app, engine, names = build(run_dirs, api_key, max_batch, timeout_s)
     log.info("serving %s at http://%s:%d/v1 (batches of up to %d)%s", ", ".join(names), host, port, max_batch,
              "; requests need the API key" if api_key else "")

@@ -1,0 +1,130 @@
+"""`loraforge serve --engine vllm|auto`: the `vllm serve` command built from real run directories, the runs vLLM
+could not answer for as they trained refused with the reason, auto falling back to loraforge's engine here (no
+CUDA), and the command started in loraforge's place (a stand-in `vllm` program records what it was given)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from loraforge.cli import main
+from loraforge.config import load_config
+from loraforge.errors import LoraforgeError
+from loraforge.model.load import load_tokenizer
+from loraforge.model.sources import resolve_model
+from loraforge.serve.vllm_server import Unfit, choose, command, machine_lacks
+from loraforge.training.run import run_training
+from tests.conftest import save_tiny_llama, write_tiny_config
+
+
+def option(args: list[str], name: str) -> list[str]:
+    """The values after `name`, up to the next option."""
+    start = args.index(name) + 1
+    end = next((i for i in range(start, len(args)) if args[i].startswith("--")), len(args))
+    return args[start:end]
+
+
+@pytest.fixture(scope="module")
+def odd_runs(tmp_path_factory, tiny_model_dir, tokenizer):
+    """One-step runs that vLLM cannot serve beside the echo runs as they trained, by what makes each so."""
+    folder = tmp_path_factory.mktemp("vllm-odd")
+    config_path = write_tiny_config(folder, tiny_model_dir, "{max_steps: 1, batch_size: 4, save_every: null, "
+                                                            "eval_every: 1000}")
+    other_base = save_tiny_llama(folder / "model-1", tokenizer, seed=1)
+    template = tokenizer.chat_template
+    tokenizer.chat_template = template.replace("SmolLM", "Tiny")
+    assert tokenizer.chat_template != template, "the other template's default system prompt names another model"
+    try:
+        other_template = save_tiny_llama(folder / "model-2", tokenizer, seed=2)
+    finally:
+        tokenizer.chat_template = template
+    found = {}
+    for name, settings in (("dora", ["lora.use_dora=true"]), ("system", ["data.system_prompt=Answer briefly."]),
+                           ("on-other-base", [f"model.name={other_base}"]),
+                           ("other-template", [f"model.name={other_template}"]), ("full", ["adapter=full"])):
+        run_training(load_config(config_path, [f"output_dir={folder / name}", "eval.sample_prompts=[]", *settings]))
+        found[name] = folder / name
+    return found
+
+
+def test_runs_on_one_base_become_lora_modules_of_one_vllm_server_under_the_names_loraforge_serves(runs, tiny_model_dir):
+    args = command([str(r) for r in runs], "127.0.0.1", 8011, 16)
+    assert args[:2] == ["serve", resolve_model(str(tiny_model_dir))]
+    assert option(args, "--served-model-name") == [str(tiny_model_dir)], "the base answers under its model name"
+    modules = dict(item.split("=", 1) for item in option(args, "--lora-modules"))
+    assert list(modules) == ["echo-a", "echo-b"]
+    for run in runs:
+        adapter = Path(modules[run.name])
+        assert adapter == run.resolve() / "adapter" and (adapter / "adapter_config.json").is_file()
+        assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    assert option(args, "--max-lora-rank") == ["8"], "the smallest rank vLLM takes that holds r=4"
+    assert option(args, "--max-loras") == ["2"] and "--enable-lora" in args
+    served_tokenizer = load_tokenizer(option(args, "--tokenizer")[0])
+    assert served_tokenizer.chat_template == load_tokenizer(str(runs[0] / "tokenizer")).chat_template
+    assert option(args, "--host") == ["127.0.0.1"] and option(args, "--port") == ["8011"]
+    assert option(args, "--max-num-seqs") == ["16"] and option(args, "--generation-config") == ["vllm"]
+    assert "--quantization" not in args and "--revision" not in args
+
+
+def test_a_full_fine_tune_alone_is_served_as_its_own_model(odd_runs):
+    args = command([str(odd_runs["full"])], "127.0.0.1", 8011, 4)
+    assert args[:2] == ["serve", str(odd_runs["full"].resolve() / "model")]
+    assert option(args, "--served-model-name") == ["full"] and "--enable-lora" not in args
+
+
+@pytest.mark.parametrize("odd, expected", [
+    ("dora", "run dora is a DoRA run (lora.use_dora), which vLLM does not serve"),
+    ("system", "run system has a system prompt (data.system_prompt)"),
+    ("on-other-base", "the runs are on different bases"),
+    ("other-template", "the runs' tokenizers or chat templates differ"),
+    ("full", "run full trained every weight, so it is a model of its own"),
+])
+def test_runs_vllm_would_not_answer_as_they_trained_are_refused_with_the_reason(runs, odd_runs, odd, expected):
+    with pytest.raises(Unfit, match="use --engine hf|start one `loraforge serve") as refused:
+        command([str(runs[0]), str(odd_runs[odd])], "127.0.0.1", 8011, 4)
+    assert expected in str(refused.value)
+
+
+@pytest.mark.skipif(machine_lacks() is None, reason="CUDA and vLLM are here: auto picks vLLM")
+def test_without_cuda_or_vllm_auto_serves_with_loraforge_engine_and_vllm_is_refused(runs, caplog, capsys):
+    lacks = machine_lacks()
+    with caplog.at_level("INFO", logger="loraforge.serve"):
+        assert choose("auto", [str(r) for r in runs], "127.0.0.1", 8011, 4) == ("hf", None)
+    assert f"engine auto -> hf: {lacks}" in caplog.text
+    with pytest.raises(LoraforgeError, match="--engine vllm: .*use --engine hf"):
+        choose("vllm", [str(r) for r in runs], "127.0.0.1", 8011, 4)
+    assert main(["serve", "--engine", "vllm", str(runs[0])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --engine vllm: {lacks}") and "Traceback" not in err
+
+
+def test_serve_engine_vllm_starts_vllm_in_its_place_with_the_key_in_its_environment(runs, tmp_path):
+    """A machine with CUDA and vLLM, as far as loraforge can tell: torch reports a CUDA device, a `vllm` package
+    imports and a `vllm` program (this stand-in) is on PATH."""
+    stand_in = tmp_path / "bin" / "vllm"
+    stand_in.parent.mkdir()
+    stand_in.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, os, sys
+        json.dump({{"argv": sys.argv[1:], "key": os.environ.get("VLLM_API_KEY")}}, open({str(tmp_path / "got.json")!r}, "w"))
+        sys.exit(7)
+        """))
+    stand_in.chmod(0o755)
+    (tmp_path / "site" / "vllm").mkdir(parents=True)
+    (tmp_path / "site" / "vllm" / "__init__.py").write_text("")
+    script = ("import sys, torch, loraforge.serve.run; torch.cuda.is_available = lambda: True; "
+              "from loraforge.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "PATH": f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *sys.path]), "LORAFORGE_API_KEY": "secret"}
+    done = subprocess.run([sys.executable, "-c", script, "serve", *map(str, runs), "--port", "8012"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 7, done.stderr
+    got = json.loads((tmp_path / "got.json").read_text())
+    assert got["argv"] == command([str(r) for r in runs], "127.0.0.1", 8012)
+    assert "--max-num-seqs" not in got["argv"], "vLLM batches as many as it sees fit unless --max-batch says"
+    assert got["key"] == "secret" and "secret" not in " ".join(got["argv"])
+    assert "engine auto -> vllm" in done.stderr and "engine vllm: vllm serve " in done.stderr
