@@ -67,9 +67,10 @@ def test_eval_on_another_file(train_tiny, tmp_path):
     assert (Path(config.output_dir) / "eval" / "held_out.json").is_file()
 
 
-def test_eval_reads_a_data_file_in_the_format_given(train_tiny, tmp_path, capsys):
+def test_eval_reads_a_data_file_in_the_format_given(train_tiny, tmp_path, capsys, monkeypatch):
     """A run trained on messages evaluates the same conversations written as alpaca rows with --format alpaca, to
     the same loss; without --format the file is read as messages and refused with its line; --format needs --data."""
+    from loraforge import rundir
     from loraforge.cli import main
     from tests.conftest import ECHO_ROWS, write_jsonl
 
@@ -85,6 +86,8 @@ def test_eval_reads_a_data_file_in_the_format_given(train_tiny, tmp_path, capsys
     assert written["alpaca"]["rows"] == written["messages"]["rows"] == 6
     assert written["alpaca"]["fine_tuned"]["loss"] == pytest.approx(written["messages"]["fine_tuned"]["loss"], rel=1e-6)
     capsys.readouterr()
+    loads = []
+    monkeypatch.setattr(rundir, "load_run", lambda *a, **k: loads.append(a) or pytest.fail("loaded the model"))
     assert main(["eval", config.output_dir, "--data", str(as_alpaca), "--max-samples", "0"]) == 2
     err = capsys.readouterr().err
     assert f"{as_alpaca}:1: no 'messages' field" in err and "read as format messages; a file in another format: give " \
@@ -95,3 +98,4 @@ def test_eval_reads_a_data_file_in_the_format_given(train_tiny, tmp_path, capsys
     assert "give it with --format" not in capsys.readouterr().err, "the hint is for rows of another format only"
     assert main(["eval", config.output_dir, "--format", "alpaca"]) == 2
     assert "--format names the format of a --data file; give --data FILE with it" in capsys.readouterr().err
+    assert loads == [], "each file was refused before the model was loaded"

@@ -160,16 +160,17 @@ def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = 
     RUN_DIR/eval/<split or file>.json."""
     run_dir = Path(run_dir)
     name = data or f"{SPLIT_FILES[split]} split"
-    if rundir.read_config(run_dir).task == "classification":
+    # The rows are read before the model is loaded, so a file that cannot be evaluated is refused at once.
+    saved = rundir.read_config(run_dir)
+    data_config, rows = eval_rows(saved, data, split, data_format)
+    if saved.task == "classification":
         run = rundir.load_run(run_dir, task="classification")
-        _, rows = eval_rows(run.config, data, split, data_format)
         results = {"run_dir": str(run_dir), "data": name, "rows": len(rows),
                    "fine_tuned": classification_rows_metrics(run.model, run.tokenizer, run.labels, rows,
                                                              run.config.data.max_length)}
         return _write(results, run_dir, data, split)
     run = rundir.load_run(run_dir, task="causal_lm")
     config, model = run.config, run.model
-    data_config, rows = eval_rows(config, data, split, data_format)
     if config.method != "sft":
         found = preference_rows_metrics(model, run.tokenizer, run.stop_ids, data_config, rows, config.preference.beta,
                                          config.train.eval_batch_size or config.train.batch_size)
