@@ -12,13 +12,10 @@ from pathlib import Path
 import pytest
 
 from loraforge.cli import main
-from loraforge.config import load_config
 from loraforge.errors import LoraforgeError
-from loraforge.model.load import load_tokenizer
 from loraforge.model.sources import resolve_model
+from loraforge.serve import vllm_server
 from loraforge.serve.vllm_server import Unfit, choose, command, machine_lacks
-from loraforge.training.run import run_training
-from tests.conftest import save_tiny_llama, write_tiny_config
 
 
 def option(args: list[str], name: str) -> list[str]:
@@ -28,34 +25,11 @@ def option(args: list[str], name: str) -> list[str]:
     return args[start:end]
 
 
-@pytest.fixture(scope="module")
-def odd_runs(tmp_path_factory, tiny_model_dir, tokenizer):
-    """One-step runs that vLLM cannot serve beside the echo runs as they trained, by what makes each so."""
-    folder = tmp_path_factory.mktemp("vllm-odd")
-    config_path = write_tiny_config(folder, tiny_model_dir, "{max_steps: 1, batch_size: 4, save_every: null, "
-                                                            "eval_every: 1000}")
-    other_base = save_tiny_llama(folder / "model-1", tokenizer, seed=1)
-    template = tokenizer.chat_template
-    tokenizer.chat_template = template.replace("SmolLM", "Tiny")
-    assert tokenizer.chat_template != template, "the other template's default system prompt names another model"
-    try:
-        other_template = save_tiny_llama(folder / "model-2", tokenizer, seed=2)
-    finally:
-        tokenizer.chat_template = template
-    found = {}
-    for name, settings in (("dora", ["lora.use_dora=true"]), ("system", ["data.system_prompt=Answer briefly."]),
-                           ("on-other-base", [f"model.name={other_base}"]),
-                           ("other-template", [f"model.name={other_template}"]), ("full", ["adapter=full"])):
-        run_training(load_config(config_path, [f"output_dir={folder / name}", "eval.sample_prompts=[]", *settings]))
-        found[name] = folder / name
-    return found
-
-
 def test_runs_on_one_base_become_lora_modules_of_one_vllm_server_under_the_names_loraforge_serves(runs, tiny_model_dir):
     args = command([str(r) for r in runs], "127.0.0.1", 8011, 16)
     assert args[:2] == ["serve", resolve_model(str(tiny_model_dir))]
     assert option(args, "--served-model-name") == [str(tiny_model_dir)], "the base answers under its model name"
-    modules = dict(item.split("=", 1) for item in option(args, "--lora-modules"))
+    modules = {m["name"]: m["path"] for m in map(json.loads, option(args, "--lora-modules"))}
     assert list(modules) == ["echo-a", "echo-b"]
     for run in runs:
         adapter = Path(modules[run.name])
@@ -63,8 +37,7 @@ def test_runs_on_one_base_become_lora_modules_of_one_vllm_server_under_the_names
         assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
     assert option(args, "--max-lora-rank") == ["8"], "the smallest rank vLLM takes that holds r=4"
     assert option(args, "--max-loras") == ["2"] and "--enable-lora" in args
-    served_tokenizer = load_tokenizer(option(args, "--tokenizer")[0])
-    assert served_tokenizer.chat_template == load_tokenizer(str(runs[0] / "tokenizer")).chat_template
+    assert option(args, "--tokenizer") == [str(runs[0].resolve() / "tokenizer")]
     assert option(args, "--host") == ["127.0.0.1"] and option(args, "--port") == ["8011"]
     assert option(args, "--max-num-seqs") == ["16"] and option(args, "--generation-config") == ["vllm"]
     assert "--quantization" not in args and "--revision" not in args
@@ -82,11 +55,36 @@ def test_a_full_fine_tune_alone_is_served_as_its_own_model(odd_runs):
     ("on-other-base", "the runs are on different bases"),
     ("other-template", "the runs' tokenizers or chat templates differ"),
     ("full", "run full trained every weight, so it is a model of its own"),
+    ("biases", "run biases trained biases (lora.bias all)"),
+    ("layers-dropped", "run layers-dropped trained on its base with layers removed (model.variant drop_layers)"),
 ])
 def test_runs_vllm_would_not_answer_as_they_trained_are_refused_with_the_reason(runs, odd_runs, odd, expected):
     with pytest.raises(Unfit, match="use --engine hf|start one `loraforge serve") as refused:
         command([str(runs[0]), str(odd_runs[odd])], "127.0.0.1", 8011, 4)
     assert expected in str(refused.value)
+
+
+def test_auto_on_a_machine_with_cuda_and_vllm_still_serves_runs_vllm_cannot_with_loraforge_engine(
+        runs, odd_runs, monkeypatch, caplog):
+    monkeypatch.setattr(vllm_server, "machine_lacks", lambda: None)
+    with caplog.at_level("INFO", logger="loraforge.serve"):
+        assert choose("auto", [str(runs[0]), str(odd_runs["dora"])], "127.0.0.1", 8011) == ("hf", None)
+        assert choose("auto", [str(r) for r in runs], "127.0.0.1", 8011)[0] == "vllm"
+    assert "engine auto -> hf: run dora is a DoRA run" in caplog.text
+    assert "engine auto -> vllm: CUDA and vLLM are here" in caplog.text
+
+
+def test_runs_on_one_model_loaded_as_several_bases_are_served_together_and_the_base_answers_once(
+        runs, odd_runs, tiny_model_dir):
+    """loraforge's engine: a run with layers removed gets a base of its own (it shared the whole one before), a
+    DoRA run too (PEFT cannot mix DoRA rows in a batch), and the model answers under its name once, whole."""
+    from loraforge.serve.models import load_served
+
+    served = load_served([str(odd_runs["layers-dropped"]), str(runs[0]), str(odd_runs["dora"])])
+    assert list(served) == ["layers-dropped", "echo-a", "dora", str(tiny_model_dir)]
+    assert len({id(s.base) for s in served.values()}) == 3
+    assert len(served["layers-dropped"].base.model.base_model.model.model.layers) == 1
+    assert served[str(tiny_model_dir)].base is served["echo-a"].base and served[str(tiny_model_dir)].adapter is None
 
 
 @pytest.mark.skipif(machine_lacks() is None, reason="CUDA and vLLM are here: auto picks vLLM")
@@ -126,5 +124,6 @@ def test_serve_engine_vllm_starts_vllm_in_its_place_with_the_key_in_its_environm
     got = json.loads((tmp_path / "got.json").read_text())
     assert got["argv"] == command([str(r) for r in runs], "127.0.0.1", 8012)
     assert "--max-num-seqs" not in got["argv"], "vLLM batches as many as it sees fit unless --max-batch says"
+    assert [json.loads(m)["name"] for m in option(got["argv"], "--lora-modules")] == ["echo-a", "echo-b"]
     assert got["key"] == "secret" and "secret" not in " ".join(got["argv"])
     assert "engine auto -> vllm" in done.stderr and "engine vllm: vllm serve " in done.stderr

@@ -60,7 +60,7 @@ def _context(model) -> int:
 def _base_key(config) -> tuple:
     m = config.model
     return (resolve_model(m.name), m.revision, config.quantization.model_dump_json(), m.attn_implementation,
-            config.lora.use_dora)
+            config.lora.use_dora, m.variant, tuple(m.drop_layers), m.keep_layers)
 
 
 def load_served(run_dirs: list[str]) -> dict[str, Served]:
@@ -99,7 +99,11 @@ def load_served(run_dirs: list[str]) -> dict[str, Served]:
             base.adapters.append(name)
         served[name] = Served(name, base, adapter, tokenizer, stop_ids=stop_token_ids(tokenizer, base.model.generation_config),
                               system_prompt=config.data.system_prompt, max_new_tokens=config.eval.max_new_tokens)
-    for base, model_name in bases.values():
+    # A model loaded as several bases (runs with and without DoRA, or with layers removed) answers once under its
+    # name, from a base with all its layers where there is one.
+    for key, (base, model_name) in sorted(bases.items(), key=lambda item: item[0][5] != "original"):
+        if model_name in served and served[model_name].adapter is None and served[model_name].base.adapters:
+            continue
         if model_name in served:
             raise RunDirError(f"a run directory is named {model_name!r}, the name its base answers under; rename it")
         tokenizer = load_tokenizer(resolve_model(model_name))

@@ -43,7 +43,7 @@ def machine_lacks() -> str | None:
 
 def _program() -> str | None:
     beside_python = str(Path(sys.executable).parent)
-    return shutil.which("vllm", path=os.pathsep.join([beside_python, os.environ.get("PATH", "")]))
+    return shutil.which("vllm", path=os.pathsep.join([os.environ.get("PATH", ""), beside_python]))
 
 
 def _tokenizer_identity(folder: Path) -> tuple:
@@ -58,6 +58,9 @@ def _rank(adapter: Path, name: str) -> int:
     if settings.get("use_dora"):
         raise Unfit(f"run {name} is a DoRA run (lora.use_dora), which vLLM does not serve; use --engine hf, or "
                     f"`loraforge merge` it and serve the merged model")
+    if settings.get("bias", "none") != "none":
+        raise Unfit(f"run {name} trained biases (lora.bias {settings['bias']}), which vLLM's LoRA loader does not "
+                    "take; use --engine hf")
     if settings.get("modules_to_save"):
         raise Unfit(f"run {name} trains whole modules too ({', '.join(settings['modules_to_save'])}, "
                     f"lora.modules_to_save), which vLLM's LoRA loader refuses; use --engine hf")
@@ -74,8 +77,12 @@ def command(run_dirs: list[str], host: str, port: int, max_batch: int | None = N
         if names.count(name) > 1:
             raise Unfit(f"two runs are named {name!r}; requests name a run by its directory's name, so rename one")
         if config.data.system_prompt:
-            raise Unfit(f"run {name} has a system prompt (data.system_prompt), which vLLM cannot add for one run "
-                        "among others; use --engine hf, or have clients send it as the first message")
+            raise Unfit(f"run {name} has a system prompt (data.system_prompt), and vLLM adds no system prompt of a "
+                        "model's own; use --engine hf, or have clients send it as the first message")
+        if config.model.variant != "original":
+            raise Unfit(f"run {name} trained on its base with layers removed (model.variant {config.model.variant}), "
+                        "and vLLM would load the whole base; use --engine hf, or `loraforge merge` it and serve "
+                        "the merged model")
     first = _tokenizer_identity(runs[0][0])
     if any(_tokenizer_identity(folder) != first for folder, _ in runs[1:]):
         raise Unfit("the runs' tokenizers or chat templates differ, and vLLM takes one per server; "
@@ -88,13 +95,13 @@ def command(run_dirs: list[str], host: str, port: int, max_batch: int | None = N
     if full:
         args = ["serve", str(runs[0][0] / rundir.MODEL), "--served-model-name", names[0], "--tokenizer", tokenizer]
     else:
-        bases = {(resolve_model(c.model.name), c.model.revision, c.quantization.mode) for _, c in runs}
+        bases = {(resolve_model(c.model.name), c.model.revision, c.quantization.model_dump_json()) for _, c in runs}
         if len(bases) > 1:
             raise Unfit("the runs are on different bases (" + ", ".join(sorted({c.model.name for _, c in runs}))
                         + ") and vLLM serves one base per server; start one `loraforge serve --engine vllm` per "
                         "base, each on its own --port")
-        (path, revision, quantization), = bases
-        base_name = runs[0][1].model.name
+        (path, revision, _), = bases
+        base_name, quantization = runs[0][1].model.name, runs[0][1].quantization.mode
         if base_name in names:
             raise Unfit(f"a run directory is named {base_name!r}, the name its base answers under; rename it")
         if quantization == "8bit":
@@ -108,11 +115,14 @@ def command(run_dirs: list[str], host: str, port: int, max_batch: int | None = N
         args = ["serve", path, "--served-model-name", base_name, "--tokenizer", tokenizer,
                 "--enable-lora", "--max-loras", str(len(runs)),
                 "--max-lora-rank", str(next(r for r in LORA_RANKS if r >= rank)),
-                "--lora-modules", *(f"{name}={folder / rundir.ADAPTER}" for (folder, _), name in zip(runs, names))]
+                "--lora-modules", *(json.dumps({"name": name, "path": str(folder / rundir.ADAPTER)})
+                                    for (folder, _), name in zip(runs, names))]
         if revision:
             args += ["--revision", revision]
         if quantization == "4bit":
             args += ["--quantization", "bitsandbytes"]
+    if any(config.model.trust_remote_code for _, config in runs):
+        args.append("--trust-remote-code")
     # Sampling defaults as loraforge's engine has them (temperature 1, top_p 1), not the model's generation config.
     args += ["--generation-config", "vllm", "--host", host, "--port", str(port)]
     return args if max_batch is None else [*args, "--max-num-seqs", str(max_batch)]
@@ -149,6 +159,7 @@ def become_vllm(args: list[str], api_key: str | None) -> None:
     if program is None:
         raise LoraforgeError("--engine vllm: the vllm command is not on PATH")
     env = dict(os.environ)
+    env.pop(API_KEY_ENV, None)
     if api_key:
         env[API_KEY_ENV] = api_key
     log.info("engine vllm: %s%s", shlex.join(["vllm", *args]),
