@@ -94,7 +94,9 @@ def _launch(args, config: RunConfig) -> int:
         raise ConfigError([f"output_dir {config.output_dir!r}: machines start at different times, so name the "
                            "run directory (output_dir=runs/...) when training on several"])
     from loraforge.training.build import accumulation
+    from loraforge.training.run import check_processes
 
+    check_processes(config, args.nproc * args.nnodes)
     accumulation(config.train, args.nproc * args.nnodes)
     # Filled in once here, so every process writes into the same run directory.
     output_dir = expand_output_dir(config).output_dir

@@ -15,7 +15,7 @@ from loraforge import rundir
 from loraforge.config import RunConfig, write_resolved
 from loraforge.config.output_dir import expand_output_dir
 from loraforge.data.cache import cache_key
-from loraforge.errors import LoraforgeError, RunDirError
+from loraforge.errors import ConfigError, LoraforgeError, RunDirError
 from loraforge.model.precision import choose_precision
 from loraforge.training import evaluation, finish
 from loraforge.training.build import (Built, build_trainer, check_kto_batches, check_optimizer, check_sharding,
@@ -51,6 +51,16 @@ class Trained:
     weights: dict
 
 
+def check_processes(config: RunConfig, processes: int) -> None:
+    """Preference methods train in one process: under several, TRL's preference trainers were measured to step each
+    process on its own share of the batch, its gradients never averaged with the others' (the adapter saved equals
+    one trained on rank 0's rows alone), so the run would silently learn from part of its data."""
+    if processes > 1 and config.method != "sft":
+        raise ConfigError([f"method {config.method} runs in one process: under {processes} processes its gradients "
+                           "are not averaged across them (each process would learn from its share of the batch "
+                           "alone); drop --nproc/--nnodes, or train method sft"])
+
+
 def run_training(config: RunConfig, resume: str | None = None, allow_changes: bool = False,
                  command: list[str] | None = None) -> TrainResult:
     """Train from a config; with resume ("auto" or a checkpoint folder), carry on a run from its checkpoint.
@@ -70,6 +80,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     if checkpoint is None and is_main:
         rundir.ensure_free(config.output_dir)
     check_optimizer(config.train.optimizer)
+    check_processes(config, world_size())
     check_sharding()
     batch = describe_batch(config.train, world_size())
     set_seed(config.seed)
