@@ -27,6 +27,7 @@ class Base:
     context: int
     mixed_batches: bool
     adapters: list[str] = field(default_factory=list)
+    all_layers: bool = True
 
 
 @dataclass
@@ -90,7 +91,8 @@ def load_served(run_dirs: list[str]) -> dict[str, Served]:
                 model = PeftModel.from_pretrained(load_for_run(config, key[0]), str(folder / rundir.ADAPTER),
                                                   adapter_name=name).eval()
                 # PEFT runs rows of different adapters in one batch, except for DoRA layers.
-                bases[key] = (Base(model, _context(model), mixed_batches=not config.lora.use_dora), config.model.name)
+                bases[key] = (Base(model, _context(model), mixed_batches=not config.lora.use_dora,
+                                   all_layers=config.model.variant == "original"), config.model.name)
                 log.info("base %s loaded with run %s: %.0f MB", config.model.name, name, _rss_mb() - before)
             else:
                 bases[key][0].model.load_adapter(str(folder / rundir.ADAPTER), adapter_name=name)
@@ -101,7 +103,7 @@ def load_served(run_dirs: list[str]) -> dict[str, Served]:
                               system_prompt=config.data.system_prompt, max_new_tokens=config.eval.max_new_tokens)
     # A model loaded as several bases (runs with and without DoRA, or with layers removed) answers once under its
     # name, from a base with all its layers where there is one.
-    for key, (base, model_name) in sorted(bases.items(), key=lambda item: item[0][5] != "original"):
+    for base, model_name in sorted(bases.values(), key=lambda pair: not pair[0].all_layers):
         if model_name in served and served[model_name].adapter is None and served[model_name].base.adapters:
             continue
         if model_name in served:

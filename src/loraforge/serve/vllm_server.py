@@ -20,7 +20,6 @@ from loraforge.model.sources import resolve_model
 
 log = logging.getLogger("loraforge.serve")
 
-ENGINES = ("auto", "hf", "vllm")
 # The values vLLM's --max-lora-rank accepts.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 API_KEY_ENV = "VLLM_API_KEY"
