@@ -101,8 +101,8 @@ def test_without_cuda_or_vllm_auto_serves_with_loraforge_engine_and_vllm_is_refu
 
 
 def test_serve_engine_vllm_starts_vllm_in_its_place_with_the_key_in_its_environment(runs, tmp_path):
-    """A machine with CUDA and vLLM, as far as loraforge can tell: torch reports a CUDA device, a `vllm` package
-    imports and a `vllm` program (this stand-in) is on PATH."""
+    """A machine with CUDA and vLLM, as far as loraforge can tell: torch reports a CUDA device and a `vllm` program
+    (this stand-in, as vLLM installed in an environment of its own would be) is on PATH."""
     stand_in = tmp_path / "bin" / "vllm"
     stand_in.parent.mkdir()
     stand_in.write_text(textwrap.dedent(f"""\
@@ -112,12 +112,10 @@ def test_serve_engine_vllm_starts_vllm_in_its_place_with_the_key_in_its_environm
         sys.exit(7)
         """))
     stand_in.chmod(0o755)
-    (tmp_path / "site" / "vllm").mkdir(parents=True)
-    (tmp_path / "site" / "vllm" / "__init__.py").write_text("")
     script = ("import sys, torch, loraforge.serve.run; torch.cuda.is_available = lambda: True; "
               "from loraforge.cli import main; sys.exit(main(sys.argv[1:]))")
     env = {**os.environ, "PATH": f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *sys.path]), "LORAFORGE_API_KEY": "secret"}
+           "PYTHONPATH": os.pathsep.join(sys.path), "LORAFORGE_API_KEY": "secret"}
     done = subprocess.run([sys.executable, "-c", script, "serve", *map(str, runs), "--port", "8012"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 7, done.stderr

@@ -4,7 +4,6 @@ tokenizer and chat template; no system prompt of a run's own) and starts vLLM in
 module under the run's directory name. `--engine auto` takes vLLM where it is installed, CUDA is there and the
 runs fit, and loraforge's own engine otherwise, saying why."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -30,11 +29,14 @@ class Unfit(LoraforgeError):
 
 
 def machine_lacks() -> str | None:
-    """What this machine lacks to run vLLM, or None."""
+    """What this machine lacks to run vLLM, or None. vLLM pins torch and transformers versions of its own (vLLM 0.33:
+    torch 2.14, transformers < 5.21), so it lives in an environment of its own: only its `vllm` program is looked for,
+    on PATH or beside this Python."""
     import torch
 
-    if importlib.util.find_spec("vllm") is None or _program() is None:
-        return "vLLM is not installed (pip install vllm, on a machine with CUDA)"
+    if _program() is None:
+        return ("the vllm program is not on PATH (install vLLM in an environment of its own, on a machine with CUDA, "
+                "and put its bin folder on PATH)")
     if not torch.cuda.is_available():
         return "no CUDA device"
     return None
