@@ -12,12 +12,12 @@ The CLI calls these same functions.
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraforge import rundir
 from loraforge.config import RunConfig, load_config
 from loraforge.config.env import read_env_beside
 from loraforge.eval.generate import generate_batch, prompt_messages
 from loraforge.eval.run import run_eval
 from loraforge.export.merge import MergeResult, run_merge
+from loraforge.trained import load_run
 from loraforge.training.finish import TrainResult
 from loraforge.training.run import run_training
 
@@ -60,7 +60,7 @@ def merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult:
 
 def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
     """Greedy answers of a fine-tuned chat run to each prompt, with the run's template and system prompt."""
-    run = rundir.load_run(run_dir, task="causal_lm")
+    run = load_run(run_dir, task="causal_lm")
     config = run.config
     chats = [prompt_messages(p, config.data.system_prompt) for p in prompts]
     return generate_batch(run.model, run.tokenizer, chats, max_new_tokens or config.eval.max_new_tokens, run.stop_ids)

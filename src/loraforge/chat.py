@@ -3,8 +3,8 @@
 import sys
 from pathlib import Path
 
-from loraforge import rundir
 from loraforge.eval.generate import generate, prompt_messages
+from loraforge.trained import load_run
 
 HELP = "Type a message; /reset clears the conversation, /exit (or Ctrl-D) leaves."
 
@@ -12,7 +12,7 @@ HELP = "Type a message; /reset clears the conversation, /exit (or Ctrl-D) leaves
 def run_chat(run_dir: str | Path, prompt: str | None = None, max_new_tokens: int | None = None) -> None:
     from transformers import TextStreamer
 
-    run = rundir.load_run(run_dir, task="causal_lm")
+    run = load_run(run_dir, task="causal_lm")
     config, model, tokenizer, stop_ids = run.config, run.model, run.tokenizer, run.stop_ids
     limit = max_new_tokens or config.eval.max_new_tokens
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -24,7 +24,7 @@ from loraforge.config.env import read_env_beside
 from loraforge.config.migrate import write_migrated
 from loraforge.config.output_dir import expand_output_dir
 from loraforge.data.formats import FORMAT_FIELDS
-from loraforge.errors import ConfigError, LoraforgeError
+from loraforge.errors import ConfigError, LoraforgeError, TrainingStopped
 
 
 # The launcher's flags, handed by the launching `train` to every process it starts, for the resume command.
@@ -72,7 +72,7 @@ def _train(args) -> int:
     launched = "LOCAL_RANK" in os.environ
     if (args.nproc > 1 or args.nnodes > 1) and not launched:
         return _launch(args, config)
-    from loraforge.training.run import TrainingStopped, run_training
+    from loraforge.training.run import run_training
 
     try:
         flags = json.loads(os.environ.get(LAUNCH_FLAGS_ENV, "[]")) if launched else []
@@ -93,16 +93,14 @@ def _launch(args, config: RunConfig) -> int:
     if args.nnodes > 1 and "{time}" in config.output_dir:
         raise ConfigError([f"output_dir {config.output_dir!r}: machines start at different times, so name the "
                            "run directory (output_dir=runs/...) when training on several"])
-    from loraforge.training.build import accumulation
-    from loraforge.training.run import check_processes
+    from loraforge.training.batch import accumulation
 
-    check_processes(config, args.nproc * args.nnodes)
     accumulation(config.train, args.nproc * args.nnodes)
     # Filled in once here, so every process writes into the same run directory.
     output_dir = expand_output_dir(config).output_dir
     os.environ[LAUNCH_FLAGS_ENV] = json.dumps(launch_flags(args))
     from loraforge.training.launch import launch
-    from loraforge.training.run import TrainingStopped, resume_command
+    from loraforge.training.resume import resume_command
 
     hint = resume_command([args.config, *_without_output_dir(args.overrides), f"output_dir={output_dir}",
                            *launch_flags(args)], Path(output_dir))
@@ -134,7 +132,6 @@ def _estimate(args) -> int:
 def _launch_estimate(args) -> int:
     """The probe as a real run of --nproc processes, in one directory they share, removed afterwards."""
     from loraforge.training.launch import launch
-    from loraforge.training.run import TrainingStopped
 
     probe_dir = tempfile.mkdtemp(prefix="loraforge-estimate-")
     try:

@@ -31,3 +31,11 @@ class RunDirError(LoraforgeError):
 
 class ExportError(LoraforgeError):
     """A merge or export that cannot be done as asked; says what to change."""
+
+
+class TrainingStopped(LoraforgeError):
+    """Training ended early: interrupted by a signal, stopped by a non-finite loss, or one of its processes failed."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

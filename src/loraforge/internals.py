@@ -18,12 +18,14 @@ CHECKED_AGAINST = {"transformers": "5.23", "bitsandbytes": "0.50", "trl": "1.16"
 
 
 class TrainerHooks:
-    """Three private steps of HF's Trainer behind public hooks (transformers 5.23), for any Trainer subclass:
+    """Private steps of HF's Trainer behind public hooks (transformers 5.23), for any Trainer subclass:
 
     - `_get_train_sampler` builds the training sampler: `train_sampler(default)` may replace it;
     - `_save_checkpoint` writes checkpoint-N under args.output_dir: `save_checkpoint(write)` wraps it, and
       `write()` runs HF's own writer;
-    - `_load_from_checkpoint` loads a checkpoint's weights into the model: `load_checkpoint_weights`.
+    - `_load_from_checkpoint` loads a checkpoint's weights into the model: `load_checkpoint_weights`;
+    - `train()` wraps the model for data parallelism unless `evaluate()` prepared it first:
+      `evaluate_before_training`.
     """
 
     def train_sampler(self, default):
@@ -40,6 +42,18 @@ class TrainerHooks:
 
     def _save_checkpoint(self, model, trial):
         self.save_checkpoint(lambda: super(TrainerHooks, self)._save_checkpoint(model, trial))
+
+    def evaluate_before_training(self) -> dict:
+        """`evaluate()` before `train()`, with the model wrapped for training first under several processes.
+
+        HF's evaluate() on a model not yet prepared prepares it for evaluation only (accelerate marks it prepared,
+        unwrapped), and train() then never wraps it in DistributedDataParallel: each process would step on its own
+        gradients, never averaged, with no error. train() keeps a `model_wrapped` that is already wrapped, so the
+        model is wrapped here as train() would wrap it (FSDP and DeepSpeed are prepared by evaluate() as for
+        training, with the optimizer, and are left to it)."""
+        if self.args.world_size > 1 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            self.model_wrapped = self.accelerator.prepare_model(self.model)
+        return self.evaluate()
 
 
 class HookedTrainer(TrainerHooks, Trainer):

@@ -4,9 +4,9 @@ import json
 import sys
 from pathlib import Path
 
-from loraforge import rundir
 from loraforge.errors import DataError
 from loraforge.eval.classify import predict_labels
+from loraforge.trained import load_run
 
 
 def read_texts(path: str) -> list[str]:
@@ -34,7 +34,7 @@ def read_texts(path: str) -> list[str]:
 def run_predict(run_dir: str, text: str | None = None, file: str | None = None, stream=None) -> list[dict]:
     stream = stream or sys.stdout
     texts = [text] if text is not None else read_texts(file)
-    run = rundir.load_run(run_dir, task="classification")
+    run = load_run(run_dir, task="classification")
     results = predict_labels(run.model, run.tokenizer, run.labels, texts, run.config.data.max_length)
     for result in results:
         if text is not None:

@@ -1,16 +1,10 @@
 """The run directory: what a run writes, where, and how later commands read it back."""
 
-import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge.config import RunConfig, load_config
-from loraforge.config.schema import QuantizationConfig
-from loraforge.data.render import stop_token_ids
 from loraforge.errors import RunDirError
-from loraforge.model.load import load_for_run, load_model, load_tokenizer
-from loraforge.model.sources import resolve_model
 
 RESOLVED = "resolved.yaml"
 ADAPTER = "adapter"
@@ -90,20 +84,6 @@ def read_config(run_dir: str | Path) -> RunConfig:
     return load_config(run_dir / RESOLVED)
 
 
-# The command that fits a run of each task, for refusing the wrong one.
-COMMAND_FOR = {"causal_lm": "loraforge chat {run_dir}", "classification": "loraforge predict {run_dir} --text ..."}
-
-
-@dataclass
-class LoadedRun:
-    run_dir: Path
-    config: RunConfig
-    model: object
-    tokenizer: object
-    stop_ids: frozenset[int]
-    labels: list[str] | None
-
-
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -115,33 +95,3 @@ def check_adapter(folder: Path) -> None:
     if missing:
         raise RunDirError(f"{folder} lacks {' and '.join(missing)}, so the adapter cannot be loaded; copy the run "
                           "again or train it again (a checkpoint under checkpoints/ holds the same files)")
-
-
-def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = True) -> LoadedRun:
-    """The trained model of a run, rebuilt as it was trained (same base, quantization and layer variant) with
-    weights in fp32, in eval mode, with the run's tokenizer, stop ids and labels.
-
-    task: refuse a run of another task, naming the command that fits it. quantized=False loads the base
-    unquantized, as merging needs plain float weights."""
-    from peft import PeftModel
-
-    run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    if task is not None and config.task != task:
-        raise RunDirError(f"{run_dir} is a {config.task} run; use `{COMMAND_FOR[config.task].format(run_dir=run_dir)}`")
-    labels = json.loads((run_dir / LABELS).read_text(encoding="utf-8")) if config.task == "classification" else None
-    tokenizer = load_tokenizer(str(run_dir / TOKENIZER))
-    if (run_dir / MODEL / "config.json").is_file():
-        model = load_model(str(run_dir / MODEL), task=config.task, labels=labels)
-    else:
-        as_trained = config if quantized else config.model_copy(update={"quantization": QuantizationConfig()})
-        check_adapter(run_dir / ADAPTER)
-        base = load_for_run(as_trained, resolve_model(config.model.name), labels=labels)
-        model = PeftModel.from_pretrained(base, str(run_dir / ADAPTER))
-        if config.method != "sft" and (run_dir / ADAPTER / REFERENCE / "adapter_config.json").is_file():
-            # The reference a preference run was tuned against (its starting adapter), for preference accuracy.
-            model.load_adapter(str(run_dir / ADAPTER / REFERENCE), adapter_name=REFERENCE)
-            model.set_adapter("default")
-    model.eval()
-    stop_ids = stop_token_ids(tokenizer, model.generation_config) if config.task == "causal_lm" else frozenset()
-    return LoadedRun(run_dir, config, model, tokenizer, stop_ids, labels)

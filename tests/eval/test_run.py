@@ -70,7 +70,7 @@ def test_eval_on_another_file(train_tiny, tmp_path):
 def test_eval_reads_a_data_file_in_the_format_given(train_tiny, tmp_path, capsys, monkeypatch):
     """A run trained on messages evaluates the same conversations written as alpaca rows with --format alpaca, to
     the same loss; without --format the file is read as messages and refused with its line; --format needs --data."""
-    from loraforge import rundir
+    from loraforge.eval import run as eval_run
     from loraforge.cli import main
     from tests.conftest import ECHO_ROWS, write_jsonl
 
@@ -87,7 +87,7 @@ def test_eval_reads_a_data_file_in_the_format_given(train_tiny, tmp_path, capsys
     assert written["alpaca"]["fine_tuned"]["loss"] == pytest.approx(written["messages"]["fine_tuned"]["loss"], rel=1e-6)
     capsys.readouterr()
     loads = []
-    monkeypatch.setattr(rundir, "load_run", lambda *a, **k: loads.append(a) or pytest.fail("loaded the model"))
+    monkeypatch.setattr(eval_run, "load_run", lambda *a, **k: loads.append(a) or pytest.fail("loaded the model"))
     assert main(["eval", config.output_dir, "--data", str(as_alpaca), "--max-samples", "0"]) == 2
     err = capsys.readouterr().err
     assert f"{as_alpaca}:1: no 'messages' field" in err and "read as format messages; a file in another format: give " \

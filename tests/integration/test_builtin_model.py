@@ -49,7 +49,7 @@ def test_adapter_loads_with_plain_peft_and_matches(run_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraforge.rundir import load_run
+    from loraforge.trained import load_run
 
     adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(adapter_config["base_model_name_or_path"])

@@ -51,7 +51,7 @@ def test_qlora_8bit_learns(tmp_path, smollm_path, monkeypatch):
 
 @pytest.mark.slow
 def test_keep_layers_run_reloads_with_the_same_layer_count(tmp_path, smollm_path, monkeypatch):
-    from loraforge.rundir import load_run
+    from loraforge.trained import load_run
 
     monkeypatch.chdir(ROOT)
     config, _ = train(tmp_path, "model.variant=keep_layers", "model.keep_layers=24", "train.max_steps=2", "train.eval_every=2")

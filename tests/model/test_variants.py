@@ -164,7 +164,7 @@ def test_layer_variant_errors(tiny_model_dir):
 
 
 def test_variant_run_is_rebuilt_by_chat(train_tiny):
-    from loraforge.rundir import load_run
+    from loraforge.trained import load_run
 
     config, _ = train_tiny("model.variant=drop_layers", "model.drop_layers=[1]")
     assert json.loads((Path(config.output_dir) / "adapter" / "adapter_config.json").read_text())

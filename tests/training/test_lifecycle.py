@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from loraforge import rundir
-from loraforge.errors import ConfigError, RunDirError
+from loraforge.errors import ConfigError, RunDirError, TrainingStopped
 from loraforge.training.checkpoints import MARKER, complete_checkpoints, latest_complete
-from loraforge.training.run import TrainingStopped, run_training
+from loraforge.training.run import run_training
 from loraforge.training.trainer import CheckpointError
 from tests.conftest import ECHO_ROWS, ROOT
 from tests.training.conftest import losses

@@ -16,6 +16,7 @@ from loraforge.eval.classify import predict_labels
 from loraforge.eval.generate import generate_batch
 from loraforge.eval.metrics import classification_metrics
 from loraforge.eval.preference import held_out_kind, preference_line, preference_metrics
+from loraforge.trained import load_run
 
 
 def token_metrics(model, dataset, collate, batch_size: int = 8) -> dict:
@@ -164,12 +165,12 @@ def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = 
     saved = rundir.read_config(run_dir)
     data_config, rows = eval_rows(saved, data, split, data_format)
     if saved.task == "classification":
-        run = rundir.load_run(run_dir, task="classification")
+        run = load_run(run_dir, task="classification")
         results = {"run_dir": str(run_dir), "data": name, "rows": len(rows),
                    "fine_tuned": classification_rows_metrics(run.model, run.tokenizer, run.labels, rows,
                                                              run.config.data.max_length)}
         return _write(results, run_dir, data, split)
-    run = rundir.load_run(run_dir, task="causal_lm")
+    run = load_run(run_dir, task="causal_lm")
     config, model = run.config, run.model
     if config.method != "sft":
         found = preference_rows_metrics(model, run.tokenizer, run.stop_ids, data_config, rows, config.preference.beta,

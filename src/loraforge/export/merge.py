@@ -9,6 +9,7 @@ from loraforge import rundir
 from loraforge.errors import RunDirError
 from loraforge.model.load import load_model
 from loraforge.model.template import apply_template
+from loraforge.trained import load_run
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult
     out_dir = Path(out) if out else run_dir / rundir.MERGED
     rundir.refuse_foreign(out_dir, "--out", ours="merge.json")
     # A quantized run merges onto the unquantized base: merged weights must be plain floats to be saved and reused.
-    run = rundir.load_run(run_dir, quantized=False)
+    run = load_run(run_dir, quantized=False)
     config, model, tokenizer, labels = run.config, run.model, run.tokenizer, run.labels
     inputs = probe_inputs(tokenizer, config.task)
     # The check runs its forward passes in float64 (fp32 -> fp64 -> fp32 is exact), so what it measures is

@@ -18,6 +18,7 @@ from loraforge.eval.generate import prompt_messages
 from loraforge.eval.metrics import classification_metrics
 from loraforge.model.adapters import apply_lora, load_trainable_adapter, make_fully_trainable, parameter_counts
 from loraforge.model.load import load_for_run
+from loraforge.training.batch import accumulation, world_size
 from loraforge.training.callbacks import MetricsCallback, SampleCallback, ThroughputCallback
 from loraforge.training.prepare import Prepared
 from loraforge.training.trainer import (LoraforgeTrainer, NanGuard, OddsRatioTrainer, PaddedTokensPerStep,
@@ -49,27 +50,6 @@ def check_sharding() -> None:
         raise ConfigError(["FSDP (accelerate launch with a distributed_type: FSDP config) needs CUDA GPUs: accelerate "
                            "runs CPU processes as plain data parallel and drops the FSDP plugin, so each process "
                            "would hold the whole model. On CPU use `loraforge train CONFIG --nproc N` (DDP)"])
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def accumulation(train, processes: int) -> int:
-    """Micro-batches accumulated per optimizer step: train.grad_accum, or what train.global_batch needs."""
-    if train.global_batch is None:
-        return train.grad_accum
-    per_pass = train.batch_size * processes
-    if train.global_batch % per_pass:
-        raise ConfigError([f"train.global_batch: {train.global_batch} is not a multiple of train.batch_size "
-                           f"{train.batch_size} x {processes} process(es) = {per_pass}; change one of them"])
-    return train.global_batch // per_pass
-
-
-def describe_batch(train, processes: int) -> str:
-    steps = accumulation(train, processes)
-    return (f"global batch: {train.batch_size} per pass x {steps} accumulated x {processes} process(es) = "
-            f"{train.batch_size * steps * processes} examples per optimizer step")
 
 
 def trainable_model(config: RunConfig, prepared: Prepared, precision: str):

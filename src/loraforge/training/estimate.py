@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from loraforge.errors import ConfigError
-from loraforge.training.build import accumulation, unpaired, world_size
+from loraforge.training.batch import accumulation, world_size
+from loraforge.training.build import unpaired
 from loraforge.training.prepare import prepare
 from loraforge.training.run import run_training
 from loraforge.training.trainer import length_grouped_order, pair_lengths

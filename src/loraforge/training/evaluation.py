@@ -40,7 +40,7 @@ def evaluate_before(trainer, config: RunConfig, has_val: bool, checkpoint: Path 
         return {}
     if checkpoint is not None:
         return {k: v for k, v in first.items() if k.startswith("eval_")} if first else {}
-    before = trainer.evaluate()
+    before = trainer.evaluate_before_training()
     log.info("eval loss before training: %.4f", before["eval_loss"])
     return before
 

@@ -15,8 +15,8 @@ from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.run import get_args_parser, run
 
 from loraforge import rundir
+from loraforge.errors import TrainingStopped
 from loraforge.training.checkpoints import latest_complete
-from loraforge.training.run import TrainingStopped
 
 
 def launch(torchrun_args: list[str], run_dir: Path | None = None, resume_hint: str | None = None) -> None:

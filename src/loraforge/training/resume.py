@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shlex
 from pathlib import Path
 
 from loraforge import rundir
@@ -98,3 +99,9 @@ def rewind_metrics(metrics_path: Path, checkpoint: Path) -> dict | None:
     kept = [r for r in records if r.get("step", 0) <= step]
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     return next((r for r in kept if r.get("step") == 0 and "eval_loss" in r), None)
+
+
+def resume_command(command: list[str] | None, run_dir: Path) -> str:
+    """The train command line that carries this run on: the same config and overrides, then --resume auto."""
+    args = list(command) if command else ["CONFIG", f"output_dir={run_dir}"]
+    return shlex.join(["loraforge", "train", *args, "--resume", "auto"])

@@ -3,7 +3,6 @@ train → finish (artifacts, report, summary). Each stage is a function of its o
 
 import logging
 import os
-import shlex
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,29 +14,23 @@ from loraforge import rundir
 from loraforge.config import RunConfig, write_resolved
 from loraforge.config.output_dir import expand_output_dir
 from loraforge.data.cache import cache_key
-from loraforge.errors import ConfigError, LoraforgeError, RunDirError
+from loraforge.errors import RunDirError, TrainingStopped
 from loraforge.model.precision import choose_precision
 from loraforge.training import evaluation, finish
+from loraforge.training.batch import describe_batch, world_size
 from loraforge.training.build import (Built, build_trainer, check_kto_batches, check_optimizer, check_sharding,
-                                      describe_batch, trainable_model, world_size)
+                                      trainable_model)
 from loraforge.training.checkpoints import bytes_to_write, latest_complete
 from loraforge.training.finish import TrainResult
 from loraforge.training.prepare import Prepared, prepare
-from loraforge.training.resume import check_compatible, config_fingerprint, find_checkpoint, refuse_finished
+from loraforge.training.resume import (check_compatible, config_fingerprint, find_checkpoint, refuse_finished,
+                                      resume_command)
 from loraforge.training.trainer import SignalStop
 
 log = logging.getLogger("loraforge.train")
 
 # What gloo's collectives say when a process they were waiting on is gone.
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
-
-
-class TrainingStopped(LoraforgeError):
-    """Training ended early: interrupted by a signal, or stopped by a non-finite loss."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass
@@ -49,16 +42,6 @@ class Trained:
     eval_seconds: float | None
     wall: float
     weights: dict
-
-
-def check_processes(config: RunConfig, processes: int) -> None:
-    """Preference methods train in one process: under several, TRL's preference trainers were measured to step each
-    process on its own share of the batch, its gradients never averaged with the others' (the adapter saved equals
-    one trained on rank 0's rows alone), so the run would silently learn from part of its data."""
-    if processes > 1 and config.method != "sft":
-        raise ConfigError([f"method {config.method} runs in one process: under {processes} processes its gradients "
-                           "are not averaged across them (each process would learn from its share of the batch "
-                           "alone); drop --nproc/--nnodes, or train method sft"])
 
 
 def run_training(config: RunConfig, resume: str | None = None, allow_changes: bool = False,
@@ -80,7 +63,6 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     if checkpoint is None and is_main:
         rundir.ensure_free(config.output_dir)
     check_optimizer(config.train.optimizer)
-    check_processes(config, world_size())
     check_sharding()
     batch = describe_batch(config.train, world_size())
     set_seed(config.seed)
@@ -184,12 +166,6 @@ def _first_sentence(exc: Exception) -> str:
     if text.startswith("[") and "] " in text:
         text = text.split("] ", 1)[1]
     return text.split(". ", 1)[0]
-
-
-def resume_command(command: list[str] | None, run_dir: Path) -> str:
-    """The train command line that carries this run on: the same config and overrides, then --resume auto."""
-    args = list(command) if command else ["CONFIG", f"output_dir={run_dir}"]
-    return shlex.join(["loraforge", "train", *args, "--resume", "auto"])
 
 
 def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Trained, run_dir: Path,
