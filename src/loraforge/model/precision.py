@@ -122,14 +122,29 @@ def choose_cuda(requested: str) -> Precision:
     return Precision(requested, requested, "set in the config")
 
 
+def shared_by_every_process(choice: Precision) -> Precision:
+    """Process rank 0's choice, in every process of a run whose process group is up. Each process times its own
+    probe, on cores its peers share, and measured choices differed between two processes of one run; processes
+    holding the model in different dtypes then wait for each other forever at their first collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return choice
+    shared = [choice]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def choose_precision(requested: str, model_config=None) -> Precision:
     """The dtype to train in on this machine; model_config (its hidden and intermediate sizes) shapes the probe.
+    Under several processes with their process group up, every process takes process rank 0's choice.
 
     On CPU the probe runs a bf16 matmul, which fixes oneDNN's cache sizes for the process: apply the CPU memory
     settings before calling this."""
     import torch
 
     choice = choose_cuda(requested) if torch.cuda.is_available() else choose_cpu(requested, model_config)
+    choice = shared_by_every_process(choice)
     if requested == "auto":
         log.info("precision auto -> %s: %s", choice.chosen, choice.reason)
     return choice

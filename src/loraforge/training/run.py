@@ -70,6 +70,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     check_kto_batches(config, prepared)
     log.info("model %s (%s); data: %s", config.model.name, prepared.model_path, prepared.stats.summary())
     log.info("%s", batch)
+    join_cpu_processes()
     precision = choose_precision(config.precision, prepared.model_config)
     model = trainable_model(config, prepared, precision.chosen)
     fingerprints = {"config": config_fingerprint(config),
@@ -96,6 +97,18 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
+
+
+def join_cpu_processes() -> None:
+    """Several CPU processes bring their process group up before the precision is chosen, so that they all take
+    rank 0's measured choice (on CUDA every process reads the same answer from its GPU). It is the group HF's
+    TrainingArguments would bring up later (gloo, as `PartialState(cpu=True)`), which then finds it up."""
+    import torch
+
+    if world_size() > 1 and not torch.cuda.is_available():
+        from accelerate import PartialState
+
+        PartialState(cpu=True)
 
 
 def train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, checkpoint: Path | None,
