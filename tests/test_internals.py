@@ -106,3 +106,21 @@ def test_kto_private_pieces_keep_their_shape():
     assert 'examples["KL_completion_ids"] = [examples["completion_ids"][-1]] + examples["completion_ids"][:-1]' in prepare
     assert "batch_size=args.per_device_train_batch_size" in prepare, "the KL pairing HookedKTOTrainer repeats"
     assert 'self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}' in inspect.getsource(KTOTrainer)
+
+
+@pytest.mark.parametrize("sharding", ["is_fsdp_enabled", "is_deepspeed_enabled"])
+def test_evaluating_before_training_under_fsdp_or_deepspeed_is_refused_before_any_evaluation(sharding):
+    """FSDP and DeepSpeed prepare the model with its optimizer, which evaluate() does not have: HF's evaluation
+    then stops in accelerate (FSDP2) or DeepSpeed (ZeRO-2) with their own errors, so the hook refuses first."""
+    from types import SimpleNamespace
+
+    from loraforge.errors import ConfigError
+
+    stand_in = SimpleNamespace(args=SimpleNamespace(world_size=2), is_fsdp_enabled=False, is_deepspeed_enabled=False,
+                               evaluate=lambda: pytest.fail("evaluated"))
+    setattr(stand_in, sharding, True)
+    with pytest.raises(ConfigError, match="evaluates before training.*launch it with DDP"):
+        internals.TrainerHooks.evaluate_before_training(stand_in)
+    stand_in.args.world_size = 1
+    setattr(stand_in, "evaluate", lambda: {"eval_loss": 1.0})
+    assert internals.TrainerHooks.evaluate_before_training(stand_in) == {"eval_loss": 1.0}

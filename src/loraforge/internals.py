@@ -12,6 +12,8 @@ from trl import DPOTrainer, KTOTrainer
 from trl.experimental.orpo import ORPOTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from loraforge.errors import ConfigError
+
 # The label HF and TRL give tokens that carry no loss.
 IGNORE = -100
 CHECKED_AGAINST = {"transformers": "5.23", "bitsandbytes": "0.50", "trl": "1.16"}
@@ -49,9 +51,15 @@ class TrainerHooks:
         HF's evaluate() on a model not yet prepared prepares it for evaluation only (accelerate marks it prepared,
         unwrapped), and train() then never wraps it in DistributedDataParallel: each process would step on its own
         gradients, never averaged, with no error. train() keeps a `model_wrapped` that is already wrapped, so the
-        model is wrapped here as train() would wrap it (FSDP and DeepSpeed are prepared by evaluate() as for
-        training, with the optimizer, and are left to it)."""
-        if self.args.world_size > 1 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+        model is wrapped here as train() would wrap it. FSDP and DeepSpeed prepare the model together with the
+        optimizer, which evaluate() does not have (accelerate refuses FSDP2 a model alone; DeepSpeed below ZeRO-3
+        has no inference mode): refused, before any step, with what to change."""
+        if self.args.world_size > 1 and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            raise ConfigError([f"this run evaluates before training (a preference method, init_from, trained "
+                               f"lora.bias or full fine-tuning), which {'FSDP' if self.is_fsdp_enabled else 'DeepSpeed'}"
+                               " cannot do before its first step; launch it with DDP (loraforge train --nproc N, or "
+                               "accelerate launch without an FSDP or DeepSpeed config), or set data.val_fraction=0"])
+        if self.args.world_size > 1:
             self.model_wrapped = self.accelerator.prepare_model(self.model)
         return self.evaluate()
 
