@@ -94,7 +94,7 @@ def test_every_process_trains_in_the_precision_rank_0_measured(private_network):
     assert [out.split("CHOSE ")[-1].strip() for out, _ in outputs] == ["bf16", "bf16"]
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_two_processes_follow_the_one_process_loss_curve_at_the_same_global_batch(make_config, tmp_path,
                                                                                   private_network):
     same = ["train.max_steps=4", "train.save_every=2", "train.global_batch=8", "train.batch_size=4",
@@ -133,19 +133,23 @@ def test_a_run_that_evaluates_before_training_averages_its_gradients_across_proc
             "train.eval_every=2", "train.save_every=2", "eval.num_samples=0", "precision=fp32"]
     one, path = dpo_config_maker(tmp_path, tiny_model_dir)("one", *same)
     run_training(one)
-    two_dir = tmp_path / "two"
+    two_dir, temp = tmp_path / "two", tmp_path / "temp"
+    temp.mkdir()
     done = subprocess.run([*private_network, sys.executable, "-m", "loraforge", "train", str(path),
                            f"output_dir={two_dir}", *same, "--nproc", "2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**ENV, "TMPDIR": str(temp)})
     assert done.returncode == 0, done.stderr[-4000:]
+    assert not list(temp.iterdir()), "torchrun's log folder is removed"
     assert "global batch: 4 per pass x 1 accumulated x 2 process(es) = 8 examples per optimizer step" in done.stderr
+    assert [c.name for c in complete_checkpoints(two_dir / rundir.CHECKPOINTS)] == ["checkpoint-2"]
+    assert done.stdout.count("Run directory:") == 1
 
     def steps(run_dir):
         return [json.loads(line) for line in (Path(run_dir) / rundir.METRICS).read_text().splitlines()]
 
     assert any(r.get("step") == 0 and "eval_loss" in r for r in steps(two_dir)), "evaluated before training"
     trained = [[(r["loss"], r["grad_norm"]) for r in steps(d) if "grad_norm" in r] for d in (one.output_dir, two_dir)]
-    assert len(trained[0]) == 2
+    assert len(trained[0]) == 2 and len(trained[1]) == 2, "rank 0 alone writes metrics"
     assert [v for pair in trained[1] for v in pair] == pytest.approx([v for pair in trained[0] for v in pair], rel=1e-4)
     adapters = [load_file(Path(d) / rundir.ADAPTER / "adapter_model.safetensors") for d in (one.output_dir, two_dir)]
     assert adapters[0].keys() == adapters[1].keys()
