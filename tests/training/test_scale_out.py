@@ -68,13 +68,15 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
 AGREE = """\
 import sys
+
+import torch
 from loraforge.model import precision
-from loraforge.training.run import join_cpu_processes
 
 fp32, bf16 = map(float, sys.argv[1:3])
 precision.matmul_gflops = lambda tokens, width, depth, dtype: bf16 if dtype == "bfloat16" else fp32
-join_cpu_processes()
+precision.join_cpu_processes()
 print("CHOSE", precision.choose_precision("auto").chosen)
+torch.distributed.destroy_process_group()
 """
 
 

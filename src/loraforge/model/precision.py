@@ -8,6 +8,7 @@ times a short matmul of the model's own shapes in both dtypes and takes bf16 onl
 
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -120,6 +121,18 @@ def choose_cuda(requested: str) -> Precision:
     if requested == "bf16" and not bf16:
         raise ConfigError(["precision: bf16 is not supported by this GPU; use fp16 or auto"])
     return Precision(requested, requested, "set in the config")
+
+
+def join_cpu_processes() -> None:
+    """Several CPU processes bring their process group up before the precision is chosen, so that they all take
+    rank 0's measured choice (on CUDA every process reads the same answer from its GPU). It is the group HF's
+    TrainingArguments would bring up later (gloo, as `PartialState(cpu=True)`), which then finds it up."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        from accelerate import PartialState
+
+        PartialState(cpu=True)
 
 
 def shared_by_every_process(choice: Precision) -> Precision:

@@ -15,7 +15,7 @@ from loraforge.config import RunConfig, write_resolved
 from loraforge.config.output_dir import expand_output_dir
 from loraforge.data.cache import cache_key
 from loraforge.errors import RunDirError, TrainingStopped
-from loraforge.model.precision import choose_precision
+from loraforge.model.precision import choose_precision, join_cpu_processes
 from loraforge.training import evaluation, finish
 from loraforge.training.batch import describe_batch, world_size
 from loraforge.training.build import (Built, build_trainer, check_kto_batches, check_optimizer, check_sharding,
@@ -97,18 +97,6 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
-
-
-def join_cpu_processes() -> None:
-    """Several CPU processes bring their process group up before the precision is chosen, so that they all take
-    rank 0's measured choice (on CUDA every process reads the same answer from its GPU). It is the group HF's
-    TrainingArguments would bring up later (gloo, as `PartialState(cpu=True)`), which then finds it up."""
-    import torch
-
-    if world_size() > 1 and not torch.cuda.is_available():
-        from accelerate import PartialState
-
-        PartialState(cpu=True)
 
 
 def train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, checkpoint: Path | None,
