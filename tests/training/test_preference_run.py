@@ -63,7 +63,9 @@ def adapter(run_dir, sub=""):
 def dpo_run(tmp_path_factory, tiny_model_dir):
     """One DPO run on the tiny llama, shared by the tests that only read it."""
     folder = tmp_path_factory.mktemp("dpo-run")
-    config, _ = dpo_config_maker(folder, tiny_model_dir)("dpo")
+    # fp32: its tests compare training's figures with `loraforge eval`'s, which loads in fp32, and auto picks bf16
+    # even for the tiny model's probe on some CPUs with native bf16.
+    config, _ = dpo_config_maker(folder, tiny_model_dir)("dpo", "precision=fp32")
     return config, run_training(config)
 
 
