@@ -96,6 +96,23 @@ def test_every_process_trains_in_the_precision_rank_0_measured(private_network):
     assert [out.split("CHOSE ")[-1].strip() for out, _ in outputs] == ["bf16", "bf16"]
 
 
+def train_in_two_processes(path: Path, tmp_path: Path, overrides: list[str], private_network: list[str],
+                           checkpoints: list[str]) -> Path:
+    """`loraforge train --nproc 2` at a global batch of 4 per pass x 2 processes: one set of files written by rank
+    0 (the checkpoints named, one summary), torchrun's log folder removed from TMPDIR. Returns the run directory."""
+    two_dir, temp = tmp_path / "two", tmp_path / "temp"
+    temp.mkdir()
+    done = subprocess.run([*private_network, sys.executable, "-m", "loraforge", "train", str(path),
+                           f"output_dir={two_dir}", *overrides, "--nproc", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**ENV, "TMPDIR": str(temp)})
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert not list(temp.iterdir()), "torchrun's log folder is removed"
+    assert "global batch: 4 per pass x 1 accumulated x 2 process(es) = 8 examples per optimizer step" in done.stderr
+    assert [c.name for c in complete_checkpoints(two_dir / rundir.CHECKPOINTS)] == checkpoints
+    assert done.stdout.count("Run directory:") == 1
+    return two_dir
+
+
 @pytest.mark.slow
 def test_two_processes_follow_the_one_process_loss_curve_at_the_same_global_batch(make_config, tmp_path,
                                                                                   private_network):
@@ -103,18 +120,9 @@ def test_two_processes_follow_the_one_process_loss_curve_at_the_same_global_batc
             "train.group_by_length=false", "lora.dropout=0.0", "train.eval_every=1000", "eval.num_samples=0"]
     one, path = make_config("one", *same)
     run_training(one)
-    two_dir, temp = tmp_path / "two", tmp_path / "temp"
-    temp.mkdir()
-    done = subprocess.run([*private_network, sys.executable, "-m", "loraforge", "train", str(path),
-                           f"output_dir={two_dir}", *same, "--nproc", "2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**ENV, "TMPDIR": str(temp)})
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert not list(temp.iterdir()), "torchrun's log folder is removed"
-    assert "global batch: 4 per pass x 1 accumulated x 2 process(es) = 8 examples per optimizer step" in done.stderr
+    two_dir = train_in_two_processes(path, tmp_path, same, private_network, ["checkpoint-2", "checkpoint-4"])
     steps = [json.loads(l)["step"] for l in (two_dir / rundir.METRICS).read_text().splitlines() if '"loss"' in l]
     assert steps == [1, 2, 3, 4], "rank 0 alone writes metrics"
-    assert [c.name for c in complete_checkpoints(two_dir / rundir.CHECKPOINTS)] == ["checkpoint-2", "checkpoint-4"]
-    assert done.stdout.count("Run directory:") == 1
     # The same 8 examples a step (one process accumulates 2 batches of 4, two take one each), gradients averaged:
     # the curves agree but for the rounding of sums taken in another order, which Adam at lr 0.01 grows a little
     # step by step (measured: 5e-4 relative at step 4); the tolerance stated is 1e-3 relative.
@@ -135,16 +143,7 @@ def test_a_run_that_evaluates_before_training_averages_its_gradients_across_proc
             "train.eval_every=2", "train.save_every=2", "eval.num_samples=0", "precision=fp32"]
     one, path = dpo_config_maker(tmp_path, tiny_model_dir)("one", *same)
     run_training(one)
-    two_dir, temp = tmp_path / "two", tmp_path / "temp"
-    temp.mkdir()
-    done = subprocess.run([*private_network, sys.executable, "-m", "loraforge", "train", str(path),
-                           f"output_dir={two_dir}", *same, "--nproc", "2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**ENV, "TMPDIR": str(temp)})
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert not list(temp.iterdir()), "torchrun's log folder is removed"
-    assert "global batch: 4 per pass x 1 accumulated x 2 process(es) = 8 examples per optimizer step" in done.stderr
-    assert [c.name for c in complete_checkpoints(two_dir / rundir.CHECKPOINTS)] == ["checkpoint-2"]
-    assert done.stdout.count("Run directory:") == 1
+    two_dir = train_in_two_processes(path, tmp_path, same, private_network, ["checkpoint-2"])
 
     def steps(run_dir):
         return [json.loads(line) for line in (Path(run_dir) / rundir.METRICS).read_text().splitlines()]
