@@ -18,6 +18,7 @@ from loraforge.eval.generate import prompt_messages
 from loraforge.eval.metrics import classification_metrics
 from loraforge.model.adapters import apply_lora, load_trainable_adapter, make_fully_trainable, parameter_counts
 from loraforge.model.load import load_for_run
+from loraforge.model.swiglu import fuse_gated_mlps
 from loraforge.training.batch import accumulation, world_size
 from loraforge.training.callbacks import MetricsCallback, SampleCallback, ThroughputCallback
 from loraforge.training.prepare import Prepared
@@ -72,6 +73,7 @@ def trainable_model(config: RunConfig, prepared: Prepared, precision: str):
     if config.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         # Checkpointed blocks need an input that requires grad, which a frozen embedding does not give.
         model.enable_input_require_grads()
+    fuse_gated_mlps(model)
     return model
 
 
