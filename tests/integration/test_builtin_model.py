@@ -21,7 +21,7 @@ def run_dir(tmp_path_factory, smollm_path) -> Path:
     command = [
         sys.executable, "-m", "loraforge", "train", str(ROOT / "configs" / "default.yaml"),
         "train.max_steps=8", "train.batch_size=4", "train.eval_every=8", "train.logging_steps=4",
-        "train.learning_rate=5e-4", "data.val_fraction=0.02", "eval.max_new_tokens=16", f"output_dir={out}",
+        "train.learning_rate=5e-4", "data.val_fraction=0.02", "eval.max_new_tokens=8", f"output_dir={out}",
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -89,12 +89,15 @@ def test_merge_then_gguf_on_the_builtin_model(run_dir, capsys):
     assert main(["export", "ollama", str(run_dir), "--type", "f16"]) == 0, capsys.readouterr().err[-3000:]
     gguf = run_dir / "export" / "model-f16.gguf"
     assert (run_dir / "export" / "Modelfile").is_file()
-    rows = compare_generations(gguf, run_dir / "merged", ["What is AI?", "You are not immortal", "Tell me a joke"], 16)
+    rows = compare_generations(gguf, run_dir / "merged", ["What is AI?", "You are not immortal", "Tell me a joke"], 8)
     assert all(r["top1_agreement"] >= 0.85 and r["max_abs_logit_diff"] < 0.25 for r in rows), rows
     assert sum(r["model"] == r["gguf"] for r in rows) >= 2, rows
 
 
+@pytest.mark.slow
 def test_eval_cli_on_the_builtin_model(run_dir, capsys):
+    """The tiny model runs `eval --compare-base` in make test (tests/eval/test_run.py); test_loss_goes_down checks
+    the built-in model's own before/after evaluation."""
     from loraforge.cli import main
 
     assert main(["eval", str(run_dir), "--compare-base", "--max-samples", "3"]) == 0
