@@ -60,9 +60,23 @@ def test_row_slices_cut_whole_rows_within_the_token_budget(batch):
     assert row_slices(batch, rows * length) == [batch], "a batch within the budget runs whole"
     pieces = row_slices(batch, length)
     assert [p["input_ids"].shape[0] for p in pieces] == [1] * rows
-    for key in ("input_ids", "attention_mask", "labels"):
-        assert torch.equal(torch.cat([p[key] for p in pieces]), batch[key])
     assert [p["input_ids"].shape[0] for p in row_slices(batch, 1)] == [1] * rows, "at least one row per slice"
+
+
+def test_row_slices_drop_the_padding_columns_of_each_slice(batch):
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    assert len(set(lengths)) == len(lengths), "the fixture's rows differ in length"
+    for row, piece in enumerate(row_slices(batch, 1)):
+        assert bool(piece["attention_mask"].all()), "a one-row slice is cut to its own length"
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(piece[key][0], batch[key][row, : lengths[row]]), key
+        assert bool((batch["labels"][row, lengths[row] :] == IGNORE).all()), "only untrained padding is cut"
+    order = sorted(range(len(lengths)), key=lambda r: lengths[r])
+    shortest_first = {k: v[order] for k, v in batch.items()}
+    together, longest = row_slices(shortest_first, 2 * batch["input_ids"].shape[1])
+    assert together["input_ids"].shape == (2, lengths[order[1]]), "a slice is as long as its longest row"
+    assert not bool(together["attention_mask"].all()), "a shorter row in it keeps its mask"
+    assert longest["input_ids"].shape == (1, lengths[order[2]])
 
 
 def test_skipping_peft_input_casts_under_autocast_changes_nothing(tiny_model_dir, batch):

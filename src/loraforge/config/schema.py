@@ -94,7 +94,8 @@ class TrainConfig(Section):
     )
     micro_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         "auto", description="Most padded tokens in one forward and backward pass: a batch of long samples beyond it "
-        "runs as slices of whole rows, with the same gradient. Bounds peak memory on CPU (make bench compares "
+        "runs as slices of whole rows, with the same gradient, and a single row longer than it recomputes its layers' "
+        "activations in backward. Bounds peak memory on CPU (make bench compares "
         "256, 512 and no limit side by side). auto: 256 on CPU, no limit on a GPU; null: every batch whole."
     )
     learning_rate: float = Field(2.0e-4, gt=0, description="Peak learning rate.")

@@ -20,6 +20,7 @@ from loraforge.internals import HookedDPOTrainer, HookedKTOTrainer, HookedORPOTr
 from loraforge.rundir import REFERENCE
 from loraforge.training.checkpoints import PREFIX, STAGING, latest_complete, publish, rotate
 from loraforge.training.loss import trained_positions_loss, trained_tokens_per_row
+from loraforge.training.recompute import recomputed_layers
 
 log = logging.getLogger("loraforge.train")
 
@@ -58,16 +59,32 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
 
 
 def row_slices(inputs: dict, max_tokens: int) -> list[dict]:
-    """The batch cut into runs of whole rows of at most max_tokens padded tokens (at least one row each)."""
+    """The batch cut into runs of whole rows of at most max_tokens padded tokens (at least one row each), each cut
+    to its own longest row: a slice's padding columns are never computed, and a slice with none needs no mask
+    (transformers then takes SDPA's causal kernel, which keeps no attention weights for backward)."""
     rows, length = inputs["input_ids"].shape
     per_slice = max(1, max_tokens // length)
     if per_slice >= rows:
         return [inputs]
-    return [
+    pieces = [
         {k: v[start : start + per_slice] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v
          for k, v in inputs.items()}
         for start in range(0, rows, per_slice)
     ]
+    return [without_padding_columns(piece) for piece in pieces]
+
+
+def without_padding_columns(inputs: dict) -> dict:
+    """Right-padded rows cut after the last column any of them attends to."""
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return inputs
+    length = mask.shape[1]
+    used = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else length
+    if used == length:
+        return inputs
+    return {k: v[:, :used] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == length else v
+            for k, v in inputs.items()}
 
 
 def pair_lengths(pairs) -> list[int]:
@@ -186,14 +203,16 @@ class LoraforgeTrainer(RunLifecycle, HookedTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         """A micro-batch over micro_batch_tokens padded tokens runs as row slices, one forward and backward each.
         The causal loss is a sum over the step's trained tokens divided by num_items_in_batch, so the slices'
-        gradients add up to those of the whole micro-batch while the activations of one slice only are alive."""
-        pieces = [inputs]
-        if self.causal_lm and self.micro_batch_tokens and num_items_in_batch is not None:
-            pieces = row_slices(inputs, self.micro_batch_tokens)
+        gradients add up to those of the whole micro-batch while the activations of one slice only are alive.
+        A single row longer than the budget recomputes its layers in backward (training/recompute.py)."""
+        budget = self.micro_batch_tokens if self.causal_lm and num_items_in_batch is not None else None
+        pieces = row_slices(inputs, budget) if budget else [inputs]
         loss = None
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+            too_long = budget is not None and piece["input_ids"].numel() > budget
+            with (contextlib.nullcontext() if last else self.accelerator.no_sync(model),
+                  recomputed_layers(self.accelerator.unwrap_model(model), active=too_long)):
                 piece_loss = super().training_step(model, piece, num_items_in_batch)
             loss = piece_loss if loss is None else loss + piece_loss
         return loss
