@@ -96,6 +96,37 @@ def test_every_process_trains_in_the_precision_rank_0_measured(private_network):
     assert [out.split("CHOSE ")[-1].strip() for out, _ in outputs] == ["bf16", "bf16"]
 
 
+JOIN_AND_LEAVE = """\
+import os
+
+from loraforge.model import precision
+
+precision.join_cpu_processes()
+os._exit(1)
+"""
+
+
+def test_a_process_whose_peer_is_gone_before_the_precision_is_agreed_stops_with_one_line(make_config, tmp_path,
+                                                                                        private_network):
+    """Rank 1 joins the process group and dies; rank 0, the real `loraforge train`, then finds its peer gone at the
+    broadcast of its precision: one line naming what happened and the resume command, no traceback."""
+    _, path = make_config("unused")
+    port = free_port()
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    run_dir = tmp_path / "run"
+    rank0 = subprocess.Popen([*private_network, sys.executable, "-m", "loraforge", "train", str(path),
+                              f"output_dir={run_dir}"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={**env, "RANK": "0", "LOCAL_RANK": "0"})
+    rank1 = subprocess.run([*private_network, sys.executable, "-c", JOIN_AND_LEAVE], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120, env={**env, "RANK": "1", "LOCAL_RANK": "1"})
+    assert rank1.returncode == 1, rank1.stderr[-2000:]
+    _, err = rank0.communicate(timeout=120)
+    assert rank0.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "another process of this run stopped (" in err and "so process rank 0 stops too" in err, err[-3000:]
+    assert f"Resume with: loraforge train {path} output_dir={run_dir} --resume auto" in err
+
+
 def train_in_two_processes(path: Path, tmp_path: Path, overrides: list[str], private_network: list[str],
                            checkpoints: list[str]) -> Path:
     """`loraforge train --nproc 2` at a global batch of 4 per pass x 2 processes: one set of files written by rank

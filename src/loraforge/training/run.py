@@ -70,8 +70,9 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     check_kto_batches(config, prepared)
     log.info("model %s (%s); data: %s", config.model.name, prepared.model_path, prepared.stats.summary())
     log.info("%s", batch)
-    join_cpu_processes()
-    precision = choose_precision(config.precision, prepared.model_config)
+    with stops_with_its_peers(Path(config.output_dir), command):
+        join_cpu_processes()
+        precision = choose_precision(config.precision, prepared.model_config)
     model = trainable_model(config, prepared, precision.chosen)
     fingerprints = {"config": config_fingerprint(config),
                     "data": cache_key(config.data, config.seed, prepared.tokenizer, prepared.stop_ids)}
@@ -108,7 +109,8 @@ def train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, ch
 
 @contextmanager
 def stops_with_its_peers(run_dir: Path, command: list[str] | None):
-    """One of several processes whose collective lost a peer (evaluating or training) stops with one line."""
+    """One of several processes whose collective lost a peer (agreeing on the precision, evaluating or training)
+    stops with one line."""
     try:
         yield
     except RuntimeError as exc:
