@@ -185,3 +185,66 @@ def test_eval_loss_is_the_mean_over_trained_tokens_whatever_the_batch_size(tiny_
                                    data_collator=collator(tokenizer, packed=False))
         found.append(trainer.evaluate()["eval_loss"])
     assert found == pytest.approx([expected] * 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_chunked_head_loss_matches_the_models_own_loss_and_keeps_no_logits(tiny_model_dir, batch, monkeypatch,
+                                                                          precision):
+    """In training the chunked loss stands in for a frozen head: the model's own loss and LoRA gradients (fp32, and
+    a bf16 model whose forward runs under autocast) while autograd keeps no tensor of the vocabulary's width; chunks of 7 positions make
+    several."""
+    from accelerate.utils import convert_outputs_to_fp32
+    from peft import LoraConfig, get_peft_model
+
+    from loraforge.training import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "CHUNK", 7)
+    trained = int((next_token_targets(batch["labels"]) != IGNORE).sum())
+    assert trained > 2 * loss_module.CHUNK
+    results = []
+    for chunked in (False, True):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32 if precision == "fp32"
+                                                    else torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"],
+                                                init_lora_weights=False))
+        model.train()
+        if precision == "bf16":
+            # As accelerate runs a bf16 model: its forward under autocast, its outputs cast to fp32, the loss outside.
+            model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
+        widths = set()
+
+        def keep(tensor):
+            widths.add(tensor.shape[-1] if tensor.dim() else 0)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            if chunked:
+                assert loss_module.chunkable_head(model) is model.get_output_embeddings()
+                loss, _ = trained_positions_loss(model, batch, num_items_in_batch=torch.tensor(3 * trained))
+            else:
+                loss = model(**batch).loss / 3
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad},
+                        model.config.vocab_size in widths))
+    (own_loss, own_grads, own_kept_logits), (loss, grads, kept_logits) = results
+    assert own_kept_logits and not kept_logits
+    assert loss == pytest.approx(own_loss, rel=1e-6 if precision == "fp32" else 1e-2)
+    for name, grad in own_grads.items():
+        if precision == "fp32":
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        else:
+            torch.testing.assert_close(grads[name], grad, rtol=5e-2, atol=1e-3, msg=name)
+
+
+def test_the_head_is_not_chunked_where_it_trains_or_outside_training(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    from loraforge.training.loss import chunkable_head
+
+    assert chunkable_head(model) is None, "a model in eval mode"
+    model.train()
+    assert chunkable_head(model) is None, "a head that trains (every weight of a freshly loaded model does)"
+    model.requires_grad_(False)
+    assert chunkable_head(model) is model.get_output_embeddings()
+    with torch.no_grad():
+        assert chunkable_head(model) is None, "without gradients"
