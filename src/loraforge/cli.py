@@ -38,6 +38,8 @@ def launch_flags(args) -> list[str]:
         flags += ["--nnodes", str(args.nnodes), "--master", args.master]
         if args.node_rank is not None:
             flags += ["--node-rank", str(args.node_rank)]
+    if args.shutdown_timeout is not None:
+        flags += ["--shutdown-timeout", str(args.shutdown_timeout)]
     return flags
 
 
@@ -54,6 +56,8 @@ def torchrun_command(args, output_dir: str) -> list[str]:
             # The rendezvous store lives with node 0, the node at --master, rather than with whichever node on
             # the master's machine binds its port first, so the run's other nodes never outlive it.
             command += ["--node-rank", str(args.node_rank), "--rdzv-conf", f"is_host={args.node_rank == 0}".lower()]
+    if args.shutdown_timeout is not None:
+        command += ["--shutdown-timeout", str(args.shutdown_timeout)]
     again = ["-m", "loraforge", "train", args.config, *_without_output_dir(args.overrides), f"output_dir={output_dir}"]
     if args.resume:
         again += ["--resume", args.resume]
@@ -70,6 +74,9 @@ def _train(args) -> int:
     config = load_config(args.config, args.overrides)
     read_env_beside(args.config)
     launched = "LOCAL_RANK" in os.environ
+    if args.shutdown_timeout is not None and (args.shutdown_timeout < 0 or (args.nproc == 1 and args.nnodes == 1)):
+        raise ConfigError([f"--shutdown-timeout {args.shutdown_timeout}: give 0 or more seconds, with --nproc or "
+                           "--nnodes above 1 (torchrun's grace for its processes; a single process has none)"])
     if (args.nproc > 1 or args.nnodes > 1) and not launched:
         return _launch(args, config)
     from loraforge.training.run import run_training
@@ -282,6 +289,9 @@ def _add_training(commands) -> None:
     train.add_argument("--nnodes", type=int, default=1, help="machines taking part; run the same command on each")
     train.add_argument("--node-rank", type=int, help="this machine's rank among --nnodes (optional with c10d)")
     train.add_argument("--master", metavar="HOST:PORT", help="rendezvous address, the same on every node")
+    train.add_argument("--shutdown-timeout", type=int, metavar="SECONDS",
+                       help="after a signal or a failed process, how long torchrun lets the processes finish their "
+                       "step and checkpoint before it kills them (torchrun's default: 30)")
     train.set_defaults(func=_train)
     estimate = commands.add_parser("estimate", help="predict seconds per step, total time and peak memory of a config")
     estimate.add_argument("config")

@@ -317,7 +317,7 @@ def test_estimate_plans_for_the_process_count(make_config, tmp_path, private_net
 
 
 def test_the_launcher_names_one_run_directory_for_every_process(make_config, capsys):
-    from loraforge.cli import build_parser, main, torchrun_command
+    from loraforge.cli import build_parser, launch_flags, main, torchrun_command
 
     _, path = make_config("launch")
     one = build_parser().parse_args(["train", str(path), "lora.r=2", "--nproc", "2"])
@@ -330,6 +330,15 @@ def test_the_launcher_names_one_run_directory_for_every_process(make_config, cap
     assert ["--rdzv-endpoint", "10.0.0.1:29500"] == command[command.index("--rdzv-endpoint"):][:2]
     assert command[-3:] == ["output_dir=runs/y", "--resume", "auto"]
     assert command[command.index("--node-rank"):][:4] == ["--node-rank", "1", "--rdzv-conf", "is_host=false"]
+    assert "--shutdown-timeout" not in command, "torchrun's own default unless asked"
+    graced = build_parser().parse_args(["train", str(path), "--nproc", "2", "--shutdown-timeout", "110"])
+    command = torchrun_command(graced, "runs/g")
+    assert command[command.index("--shutdown-timeout"):][:2] == ["--shutdown-timeout", "110"]
+    from torch.distributed.run import get_args_parser
+    assert get_args_parser().parse_args(command).shutdown_timeout == 110, "torchrun reads it"
+    assert launch_flags(graced)[-2:] == ["--shutdown-timeout", "110"], "the resume command repeats it"
+    assert main(["train", str(path), "--shutdown-timeout", "60"]) == 2
+    assert "--shutdown-timeout 60: give 0 or more seconds, with --nproc or --nnodes above 1" in capsys.readouterr().err
     assert main(["train", str(path), "--nnodes", "2"]) == 2
     assert "--nnodes above 1 needs --master HOST:PORT" in capsys.readouterr().err
     assert main(["train", str(path), "output_dir=runs/{time}", "--nnodes", "2", "--master", "h:1"]) == 2
