@@ -127,6 +127,48 @@ def test_a_process_whose_peer_is_gone_before_the_precision_is_agreed_stops_with_
     assert f"Resume with: loraforge train {path} output_dir={run_dir} --resume auto" in err
 
 
+DIES_EVALUATING = """\
+import os
+import sys
+
+import transformers
+
+from loraforge.cli import main
+
+
+def die(*args, **kwargs):
+    os._exit(1)
+
+
+transformers.Trainer.evaluation_loop = die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_process_whose_peer_dies_evaluating_stops_with_one_line_and_its_checkpoint(make_config, tmp_path,
+                                                                                    private_network):
+    """Both processes train the real `loraforge train` to step 4, where rank 1 dies as its evaluation starts; rank 0
+    finds its peer gone in the evaluation's first collective: one line naming the last complete checkpoint
+    (step 3) and the resume command, no traceback."""
+    _, path = make_config("unused")
+    port = free_port()
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    run_dir = tmp_path / "run"
+    train = ["train", str(path), f"output_dir={run_dir}", "train.max_steps=6"]
+    rank0 = subprocess.Popen([*private_network, sys.executable, "-m", "loraforge", *train], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**env, "RANK": "0", "LOCAL_RANK": "0"})
+    rank1 = subprocess.run([*private_network, sys.executable, "-c", DIES_EVALUATING, *train], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, env={**env, "RANK": "1", "LOCAL_RANK": "1"})
+    assert rank1.returncode == 1, rank1.stderr[-2000:]
+    _, err = rank0.communicate(timeout=300)
+    assert rank0.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "another process of this run stopped (" in err and "so process rank 0 stops too" in err, err[-3000:]
+    checkpoint = run_dir / rundir.CHECKPOINTS / "checkpoint-3"
+    assert f"Last complete checkpoint: {checkpoint}." in err
+    assert latest_complete(run_dir / rundir.CHECKPOINTS) == checkpoint and unusable(checkpoint) is None
+
+
 def train_in_two_processes(path: Path, tmp_path: Path, overrides: list[str], private_network: list[str],
                            checkpoints: list[str]) -> Path:
     """`loraforge train --nproc 2` at a global batch of 4 per pass x 2 processes: one set of files written by rank
@@ -386,7 +428,7 @@ def test_a_process_started_by_the_launcher_prints_a_resume_command_with_its_flag
     assert seen["hint"] == f"loraforge train {path} output_dir=runs/z --nproc 2 --resume auto"
 
 
-def test_a_process_whose_peer_is_gone_stops_with_one_line_while_evaluating_too(tmp_path, monkeypatch):
+def test_only_a_lost_peer_of_a_run_of_several_processes_becomes_one_line(tmp_path, monkeypatch):
     from loraforge.errors import TrainingStopped
     from loraforge.training.run import stops_with_its_peers
 
