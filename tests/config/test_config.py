@@ -38,6 +38,18 @@ def test_launch_configs_are_valid_accelerate_configs(path):
     assert config.num_processes >= 2 and config.distributed_type
 
 
+def test_accelerate_launch_starts_one_process_on_cpu_however_many_its_config_asks_for(tmp_path):
+    """Why configs/launch holds no CPU config, and the README sends CPU users to --nproc: a MULTI_CPU config with
+    num_processes 2 starts one plain process (no WORLD_SIZE), which would train alone under a two-process name."""
+    config = write(tmp_path / "multi_cpu.yaml", "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\n"
+                   "num_processes: 2\nnum_machines: 1\nmachine_rank: 0\nmixed_precision: 'no'\nuse_cpu: true\n")
+    script = write(tmp_path / "world.py", "import os\nprint('world size', os.environ.get('WORLD_SIZE', 1))\n")
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+                           str(config), str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [line for line in done.stdout.splitlines() if line.startswith("world size")] == ["world size 1"]
+
+
 @pytest.mark.parametrize("path", [p for p in LAUNCH_CONFIGS if "deepspeed" in p.name], ids=lambda p: p.name)
 def test_deepspeed_launch_configs_build_accelerates_plugin_and_leave_the_batch_to_the_config(path):
     """CUDA-only (deepspeed is not installed here), so the check stops at accelerate's plugin: it must build, and

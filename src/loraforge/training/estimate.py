@@ -39,17 +39,21 @@ class Estimate:
     probe_steps: int
     precision: str
     processes: int = 1
+    peak_gpu_mb: float | None = None
 
     def summary(self) -> str:
         minutes = self.total_seconds / 60
         where = "on this machine" if self.processes == 1 else f"in {self.processes} processes on this machine"
         per = "" if self.processes == 1 else " per process"
+        largest = "" if self.processes == 1 else " (the largest process)"
         return (
             f"Estimate from {self.probe_steps} measured steps {where}, in {self.precision}:\n"
             f"  {self.seconds_per_step:.2f} s per optimizer step ({self.padded_tokens_per_step:.0f} padded tokens per "
             f"step{per})\n"
             f"  {self.steps} steps: about {minutes:.1f} minutes in all, evaluations and loading included\n"
-            f"  peak memory: {self.peak_rss_mb:.0f} MB process RSS{'' if self.processes == 1 else ' (the largest process)'}"
+            f"  peak memory: {self.peak_rss_mb:.0f} MB process RSS{largest}"
+            + ("" if self.peak_gpu_mb is None else
+               f"\n  peak GPU memory: {self.peak_gpu_mb:.0f} MB reserved by PyTorch{largest}")
         )
 
 
@@ -131,7 +135,7 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
     finally:
         if probe_dir is None:
             shutil.rmtree(probe.output_dir, ignore_errors=True)
-    peak_rss_mb = _largest_process_peak_mb()
+    peak_rss_mb, peak_gpu_mb = _largest_process_peaks_mb()
     if not result.timing:
         return None
     measured_seconds, measured_tokens = result.timing["step_seconds"], result.timing["step_padded_tokens"]
@@ -171,15 +175,21 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
         probe_steps=probe_steps,
         precision=result.precision,
         processes=processes,
+        peak_gpu_mb=peak_gpu_mb,
     )
 
 
-def _largest_process_peak_mb() -> float:
-    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64,
-                        device="cuda" if torch.cuda.is_available() else "cpu")
+def _largest_process_peaks_mb() -> tuple[float, float | None]:
+    """(peak RSS, peak GPU memory PyTorch reserved or None without CUDA), each the largest over the processes: under
+    FSDP or DeepSpeed (`accelerate launch`) that is the sharded run's own, measured."""
+    cuda = torch.cuda.is_available()
+    peaks = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          torch.cuda.max_memory_reserved() / 2**20 if cuda else 0.0],
+                         dtype=torch.float64, device="cuda" if cuda else "cpu")
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-    return peak.item()
+        torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+    rss, gpu = peaks.tolist()
+    return rss, gpu if cuda else None
 
 
 def optimizer_steps(train, batches: int, grad_accum: int) -> tuple[int, int]:
