@@ -50,6 +50,9 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     command: the config path and overrides this run was started with, for the resume command it prints."""
     started = time.perf_counter()
     is_main = int(os.environ.get("RANK", "0")) == 0
+    if not is_main:
+        # Every process computes the same summaries; rank 0 tells them, the others speak only to warn.
+        logging.getLogger("loraforge").setLevel(logging.WARNING)
     if resume and "{time}" in config.output_dir:
         raise RunDirError(f"output_dir {config.output_dir!r} names a new directory at every start; to resume, "
                                  "name the run's directory: output_dir=runs/... --resume auto")
