@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import set_seed
+from transformers.utils import logging as transformers_logging
 
 from loraforge import rundir
 from loraforge.config import RunConfig, write_resolved
@@ -51,8 +52,10 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     started = time.perf_counter()
     is_main = int(os.environ.get("RANK", "0")) == 0
     if not is_main:
-        # Every process computes the same summaries; rank 0 tells them, the others speak only to warn.
+        # Every process computes the same summaries and loads the same weights; rank 0 tells of them, the others
+        # speak only to warn.
         logging.getLogger("loraforge").setLevel(logging.WARNING)
+        transformers_logging.disable_progress_bar()
     if resume and "{time}" in config.output_dir:
         raise RunDirError(f"output_dir {config.output_dir!r} names a new directory at every start; to resume, "
                                  "name the run's directory: output_dir=runs/... --resume auto")
