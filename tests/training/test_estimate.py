@@ -1,6 +1,7 @@
 """The fit planner: its batch model against what training really computed, and the CLI."""
 
 import pytest
+import torch
 
 from loraforge.training.estimate import step_padded_tokens
 
@@ -35,8 +36,6 @@ def test_estimate_cli(tiny_model_dir, tmp_path, capsys):
     assert main(["estimate", str(config), "--probe-steps", "3"]) == 0
     out = capsys.readouterr().out
     assert "s per optimizer step" in out and "50 steps: about" in out and "MB process RSS" in out
-    import torch
-
     assert ("MB reserved by PyTorch" in out) == torch.cuda.is_available(), "GPU memory where the probe ran on a GPU"
     from loraforge.model.load import load_model_config
     from loraforge.model.precision import choose_precision
