@@ -1,5 +1,6 @@
 """The run directory: what a run writes, where, and how later commands read it back."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -82,6 +83,18 @@ def read_config(run_dir: str | Path) -> RunConfig:
             "the run did not complete"
         )
     return load_config(run_dir / RESOLVED)
+
+
+def trained_precision(run_dir: str | Path) -> str:
+    """The dtype a run's frozen weights trained in (manifest.json), as its end-of-training evaluation measured
+    them: bf16, or fp32 for anything else (fp16 GPU runs too: fp16 on a CPU is a slow fallback) and for runs
+    without a readable manifest."""
+    try:
+        manifest = json.loads((Path(run_dir) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "fp32"
+    precision = manifest.get("precision") if isinstance(manifest, dict) else None
+    return "bf16" if isinstance(precision, dict) and precision.get("chosen") == "bf16" else "fp32"
 
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

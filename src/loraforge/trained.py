@@ -3,6 +3,7 @@ predict, merge, the Python API). Kept apart from rundir.py, which the launcher a
 any model library."""
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +29,22 @@ class LoadedRun:
     tokenizer: object
     stop_ids: frozenset[int]
     labels: list[str] | None
+    precision: str = "fp32"
+
+    def computing(self):
+        """The context the trainer computed a run's figures in: a bf16 run's forward runs under bf16 autocast
+        (accelerate wraps it so), LoRA and head included, so evaluating without it measures another model."""
+        if self.precision != "bf16":
+            return nullcontext()
+        import torch
+
+        return torch.autocast(device_type=self.model.device.type, dtype=torch.bfloat16)
 
 
-def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = True) -> LoadedRun:
+def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = True,
+             precision: str = "fp32") -> LoadedRun:
     """The trained model of a run, rebuilt as it was trained (same base, quantization and layer variant) with
-    weights in fp32, in eval mode, with the run's tokenizer, stop ids and labels.
+    frozen weights in `precision` (fp32 unless asked), in eval mode, with the run's tokenizer, stop ids and labels.
 
     task: refuse a run of another task, naming the command that fits it. quantized=False loads the base
     unquantized, as merging needs plain float weights."""
@@ -47,7 +59,7 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
     else:
         as_trained = config if quantized else config.model_copy(update={"quantization": QuantizationConfig()})
         check_adapter(run_dir / ADAPTER)
-        base = load_for_run(as_trained, resolve_model(config.model.name), labels=labels)
+        base = load_for_run(as_trained, resolve_model(config.model.name), precision, labels=labels)
         model = PeftModel.from_pretrained(base, str(run_dir / ADAPTER))
         if config.method != "sft" and (run_dir / ADAPTER / REFERENCE / "adapter_config.json").is_file():
             # The reference a preference run was tuned against (its starting adapter), for preference accuracy.
@@ -55,4 +67,4 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
             model.set_adapter("default")
     model.eval()
     stop_ids = stop_token_ids(tokenizer, model.generation_config) if config.task == "causal_lm" else frozenset()
-    return LoadedRun(run_dir, config, model, tokenizer, stop_ids, labels)
+    return LoadedRun(run_dir, config, model, tokenizer, stop_ids, labels, precision)

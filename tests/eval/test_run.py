@@ -32,12 +32,13 @@ def test_eval_command_compares_base_and_fine_tuned(train_tiny, capsys):
     assert 0 <= tuned["token_accuracy"] <= 1 and tuned["token_accuracy"] >= base["token_accuracy"]
 
 
-def test_a_test_split_is_evaluated_once_after_training_and_again_by_eval(train_tiny, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_test_split_is_evaluated_once_after_training_and_again_by_eval(train_tiny, capsys, precision):
     from loraforge.cli import main
     from loraforge.errors import DataError
 
     config, result = train_tiny("train.max_steps=2", "data.test_fraction=0.25", "eval.test_generations=3",
-                                "precision=fp32")  # as eval loads it: auto may take bf16 on a CPU with native bf16
+                                f"precision={precision}")
     run = Path(config.output_dir)
     test = json.loads((run / "eval.json").read_text())["test"]
     assert test["rows"] == 6 and test["samples"] == 3, "24 rows: 6 held out for test, then validation from the rest"
@@ -48,8 +49,10 @@ def test_a_test_split_is_evaluated_once_after_training_and_again_by_eval(train_t
 
     assert main(["eval", str(run), "--split", "test"]) == 0
     again = json.loads((run / "eval" / "test.json").read_text())["fine_tuned"]
-    assert again["loss"] == pytest.approx(test["loss"], rel=1e-5), "the same rows and weights as at the end of training"
-    assert "6 rows from test split" in capsys.readouterr().out
+    assert again["loss"] == pytest.approx(test["loss"], rel=1e-5), (
+        "the same rows and weights, in the same precision, as at the end of training")
+    assert json.loads((run / "eval" / "test.json").read_text())["precision"] == precision
+    assert f"6 rows from test split, computed in {precision} as trained" in capsys.readouterr().out
 
     plain, _ = train_tiny("train.max_steps=1")
     with pytest.raises(DataError, match="the run has no test split: set data.test_fraction"):
@@ -100,3 +103,18 @@ def test_eval_reads_a_data_file_in_the_format_given(train_tiny, tmp_path, capsys
     assert main(["eval", config.output_dir, "--format", "alpaca"]) == 2
     assert "--format names the format of a --data file; give --data FILE with it" in capsys.readouterr().err
     assert loads == [], "each file was refused before the model was loaded"
+
+
+def test_eval_takes_the_trained_precision_from_the_manifest_and_fp32_without_one(tmp_path):
+    from loraforge import rundir
+
+    manifest = tmp_path / rundir.MANIFEST
+    assert rundir.trained_precision(tmp_path) == "fp32", "no manifest"
+    for written, expected in [({"precision": {"requested": "auto", "chosen": "bf16"}}, "bf16"),
+                              ({"precision": {"requested": "auto", "chosen": "fp32"}}, "fp32"),
+                              ({"precision": {"requested": "auto", "chosen": "fp16"}}, "fp32"),
+                              ({"precision": "bf16"}, "fp32"), ([], "fp32")]:
+        manifest.write_text(json.dumps(written))
+        assert rundir.trained_precision(tmp_path) == expected, written
+    manifest.write_text('{"precision": {"chosen": "bf1')
+    assert rundir.trained_precision(tmp_path) == "fp32", "a truncated manifest"

@@ -158,35 +158,40 @@ def preference_rows_metrics(model, tokenizer, stop_ids, data_config, rows, beta:
 def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = False, max_samples: int = 32,
              split: str = "val", data_format: str | None = None) -> dict:
     """Metrics of a finished run on its validation or test split, or on a data file; written to
-    RUN_DIR/eval/<split or file>.json."""
+    RUN_DIR/eval/<split or file>.json. Computed in the precision the run trained in (manifest.json), so that they
+    are the figures its end-of-training evaluation (eval.json) measured."""
     run_dir = Path(run_dir)
     name = data or f"{SPLIT_FILES[split]} split"
     # The rows are read before the model is loaded, so a file that cannot be evaluated is refused at once.
     saved = rundir.read_config(run_dir)
     data_config, rows = eval_rows(saved, data, split, data_format)
-    if saved.task == "classification":
-        run = load_run(run_dir, task="classification")
-        results = {"run_dir": str(run_dir), "data": name, "rows": len(rows),
-                   "fine_tuned": classification_rows_metrics(run.model, run.tokenizer, run.labels, rows,
-                                                             run.config.data.max_length)}
-        return _write(results, run_dir, data, split)
-    run = load_run(run_dir, task="causal_lm")
+    precision = rundir.trained_precision(run_dir)
+    run = load_run(run_dir, task="classification" if saved.task == "classification" else "causal_lm",
+                   precision=precision)
+    with run.computing():
+        results = _measure(run, data_config, rows, compare_base, max_samples)
+    return _write({"run_dir": str(run_dir), "data": name, "precision": precision, **results}, run_dir, data, split)
+
+
+def _measure(run, data_config, rows, compare_base: bool, max_samples: int) -> dict:
     config, model = run.config, run.model
+    if config.task == "classification":
+        return {"rows": len(rows), "fine_tuned": classification_rows_metrics(model, run.tokenizer, run.labels, rows,
+                                                                          config.data.max_length)}
     if config.method != "sft":
         found = preference_rows_metrics(model, run.tokenizer, run.stop_ids, data_config, rows, config.preference.beta,
                                          config.train.eval_batch_size or config.train.batch_size)
-        return _write({"run_dir": str(run_dir), "data": name, "rows": found.get("pairs", found.get("rows")), "preference": found},
-                      run_dir, data, split)
+        return {"rows": found.get("pairs", found.get("rows")), "preference": found}
     variants = {"fine_tuned": nullcontext}
     if compare_base and hasattr(model, "disable_adapter"):
         variants = {"base": model.disable_adapter, **variants}
-    results = {"run_dir": str(run_dir), "data": name}
+    results = {}
     for variant, context in variants.items():
         with context():
             results[variant] = causal_rows_metrics(model, run.tokenizer, run.stop_ids, data_config, rows,
                                                    config.eval.max_new_tokens, max_samples)
     results["rows"] = results["fine_tuned"]["rows"]
-    return _write(results, run_dir, data, split)
+    return results
 
 
 def _write(results: dict, run_dir: Path, data: str | None, split: str) -> dict:
@@ -200,7 +205,7 @@ def _write(results: dict, run_dir: Path, data: str | None, split: str) -> dict:
 def format_results(results: dict) -> str:
     if "preference" in results:
         return (f"{preference_line(results['preference'])}\n{results['rows']} {held_out_kind(results['preference'])} "
-                f"from {results['data']}; "
+                f"from {results['data']}, computed in {results['precision']} as trained; "
                 f"written to {results['written_to']}")
     names = [n for n in ("base", "fine_tuned") if n in results]
     keys = ("loss", "perplexity", "token_accuracy", "exact_match", "contains", "rouge_l", "valid_json")
@@ -209,5 +214,6 @@ def format_results(results: dict) -> str:
     lines = [f"{'metric':<16}" + "".join(f"{n:>14}" for n in names)]
     for key in keys:
         lines.append(f"{key:<16}" + "".join(f"{results[n][key]:>14.4f}" for n in names))
-    lines.append(f"{results['rows']} rows from {results['data']}; written to {results['written_to']}")
+    lines.append(f"{results['rows']} rows from {results['data']}, computed in {results['precision']} as trained; "
+                 f"written to {results['written_to']}")
     return "\n".join(lines)
