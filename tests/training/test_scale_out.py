@@ -448,3 +448,21 @@ def test_only_a_lost_peer_of_a_run_of_several_processes_becomes_one_line(tmp_pat
     assert str(stopped.value).endswith("Resume with: loraforge train c.yaml --resume auto")
     with pytest.raises(ValueError), stops_with_its_peers(run_dir, ["c.yaml"]):
         raise ValueError("not a lost peer")
+
+
+def test_nccl_reports_a_lost_peer_as_one_line_too(tmp_path, monkeypatch):
+    """NCCL's error in a process whose peer exited (ProcessGroupNCCL raises it as DistBackendError)."""
+    from torch.distributed import DistBackendError
+
+    from loraforge.errors import TrainingStopped
+    from loraforge.training.run import stops_with_its_peers
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    lost = DistBackendError("NCCL error in: /pytorch/torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:3763, remote "
+                            "process exited or there was a network error, NCCL version 2.28.8\nncclRemoteError: A "
+                            "call failed possibly due to a network error or a remote process exiting prematurely.")
+    with pytest.raises(TrainingStopped) as stopped, stops_with_its_peers(tmp_path / "run", ["c.yaml"]):
+        raise lost
+    assert str(stopped.value).startswith("another process of this run stopped (remote process exited or there was "
+                                         "a network error), so process rank 0 stops too.")

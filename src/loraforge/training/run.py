@@ -31,7 +31,8 @@ from loraforge.training.trainer import SignalStop
 log = logging.getLogger("loraforge.train")
 
 # What gloo's collectives say when a process they were waiting on is gone.
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
+# What a collective raises in a process whose peer is gone: gloo's socket errors, NCCL's ncclRemoteError.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote process exited or there was a network error")
 
 
 @dataclass
@@ -170,10 +171,13 @@ def _raise_if_stopped(config: RunConfig, trainer, stop: SignalStop, run_dir: Pat
 
 
 def _first_sentence(exc: Exception) -> str:
-    """The gist of a collective's error: "[path/pair.cc:553] Connection closed by peer [addr]. More." -> the middle."""
+    """The gist of a collective's error: "[path/pair.cc:553] Connection closed by peer [addr]. More." and "NCCL
+    error in: path.cpp:3763, remote process exited or there was a network error, NCCL version 2.28.8" -> the middle."""
     text = str(exc).splitlines()[0]
     if text.startswith("[") and "] " in text:
         text = text.split("] ", 1)[1]
+    if text.startswith("NCCL error") and ", " in text:
+        text = text.split(", ", 1)[1].split(", NCCL version", 1)[0]
     return text.split(". ", 1)[0]
 
 
