@@ -39,6 +39,7 @@ CANDIDATES = {
     "precision fp32": ["precision=fp32"],
     "precision bf16": ["precision=bf16"],
     "micro_batch_tokens 128": ["train.micro_batch_tokens=128"],
+    "precision fp32, micro_batch_tokens 128": ["precision=fp32", "train.micro_batch_tokens=128"],
 }
 QUIET = ["train.eval_every=100000", "train.save_every=null", "eval.num_samples=0", "eval.samples_during_training=0",
          "report_to=[]", "data.val_fraction=0.05"]
@@ -266,10 +267,11 @@ def markdown(report: dict) -> str:
               f"seed_style: {default['real_tokens_per_s'] / seed['real_tokens_per_s']:.1f}x real tokens/s, peak RSS "
               f"{default['peak_rss_mb'] / seed['peak_rss_mb']:.0%}, eval loss {default['eval_loss'] / seed['eval_loss'] - 1:+.2%}.",
               "", "Candidates, side by side in the same run:", "",
-              "| candidate | real tok/s | s/step | peak RSS MB | eval loss (fp32) | first step s* |",
-              "| --- | --- | --- | --- | --- | --- |"]
+              "| candidate | real tok/s | vs seed | s/step | peak RSS MB | of seed's RSS | eval loss (fp32) | first step s* |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, run in report["fastest_candidates"].items():
-        lines.append(f"| {label} | {run['real_tokens_per_s']} | {run['seconds_per_step']} | {run['peak_rss_mb']} | "
+        lines.append(f"| {label} | {run['real_tokens_per_s']} | {run['real_tokens_per_s'] / seed['real_tokens_per_s']:.1f}x | "
+                     f"{run['seconds_per_step']} | {run['peak_rss_mb']} | {run['peak_rss_mb'] / seed['peak_rss_mb']:.0%} | "
                      f"{run['eval_loss']} | {run['first_step_s']} |")
     e = report["estimate_vs_measured"]
     lines += ["", f"`loraforge estimate` for the default run: {e['predicted_seconds_per_step']} s/step predicted, "

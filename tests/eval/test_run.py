@@ -16,18 +16,19 @@ def test_generation_metrics():
     assert 0 < found["rouge_l"] < 1
 
 
-def test_eval_command_compares_base_and_fine_tuned(train_tiny, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_eval_command_compares_base_and_fine_tuned(train_tiny, capsys, precision):
     from loraforge.cli import main
 
-    config, result = train_tiny()
+    config, result = train_tiny(f"precision={precision}")
     assert main(["eval", config.output_dir, "--compare-base", "--max-samples", "4"]) == 0
     out = capsys.readouterr().out
     assert "perplexity" in out and "rouge_l" in out and "fine_tuned" in out and "base" in out
     written = json.loads((Path(config.output_dir) / "eval" / "validation.json").read_text())
     tuned, base = written["fine_tuned"], written["base"]
     assert written["rows"] == 6 and tuned["samples"] == 4
-    assert tuned["loss"] == pytest.approx(result.eval_after, rel=0.05), "same validation split as training"
-    assert base["loss"] == pytest.approx(result.eval_before, rel=0.05)
+    assert tuned["loss"] == pytest.approx(result.eval_after, rel=1e-5), "same validation split, same precision"
+    assert base["loss"] == pytest.approx(result.eval_before, rel=1e-5)
     assert tuned["perplexity"] == pytest.approx(2.718281828 ** tuned["loss"], rel=1e-6)
     assert 0 <= tuned["token_accuracy"] <= 1 and tuned["token_accuracy"] >= base["token_accuracy"]
 
