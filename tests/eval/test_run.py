@@ -119,3 +119,19 @@ def test_eval_takes_the_trained_precision_from_the_manifest_and_fp32_without_one
         assert rundir.trained_precision(tmp_path) == expected, written
     manifest.write_text('{"precision": {"chosen": "bf1')
     assert rundir.trained_precision(tmp_path) == "fp32", "a truncated manifest"
+
+
+def test_eval_of_a_bf16_run_warns_where_the_cpu_only_emulates_bf16(train_tiny, caplog, monkeypatch):
+    import loraforge.eval.run as eval_run
+    from loraforge.model.precision import cpu_bf16_features
+
+    config, _ = train_tiny("train.max_steps=1", "precision=bf16")
+    slow = "this CPU has no native bf16 and emulates it"
+    with caplog.at_level("WARNING", logger="loraforge"):
+        run_eval(config.output_dir)
+    assert (slow in caplog.text) == (not any(cpu_bf16_features().values())), "as this CPU reports its features"
+    caplog.clear()
+    monkeypatch.setattr(eval_run, "cpu_bf16_features", lambda: {"avx512_bf16": False, "amx_bf16": False})
+    with caplog.at_level("WARNING", logger="loraforge"):
+        assert run_eval(config.output_dir)["precision"] == "bf16"
+    assert slow in caplog.text

@@ -1,6 +1,7 @@
 """`loraforge eval`: loss, perplexity and token accuracy, then generation metrics against references."""
 
 import json
+import logging
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,7 +17,10 @@ from loraforge.eval.classify import predict_labels
 from loraforge.eval.generate import generate_batch
 from loraforge.eval.metrics import classification_metrics
 from loraforge.eval.preference import held_out_kind, preference_line, preference_metrics
+from loraforge.model.precision import cpu_bf16_features
 from loraforge.trained import load_run
+
+log = logging.getLogger(__name__)
 
 
 def token_metrics(model, dataset, collate, batch_size: int = 8) -> dict:
@@ -166,6 +170,9 @@ def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = 
     saved = rundir.read_config(run_dir)
     data_config, rows = eval_rows(saved, data, split, data_format)
     precision = rundir.trained_precision(run_dir)
+    if precision == "bf16" and not any(cpu_bf16_features().values()):
+        log.warning("%s trained in bf16 (manifest.json), so eval computes in bf16 to repeat its figures; this CPU has "
+                    "no native bf16 and emulates it, several times slower than fp32", run_dir)
     run = load_run(run_dir, task="classification" if saved.task == "classification" else "causal_lm",
                    precision=precision)
     with run.computing():
