@@ -32,6 +32,9 @@ class EvalResult:
     # "fine_tuned" and, with compare_base, "base": metric name -> value (and a few examples).
     metrics: dict[str, dict]
     written_to: Path
+    # What the figures were computed in, and what the run trained in (None without its manifest.json).
+    precision: str = "fp32"
+    trained_precision: str | None = None
 
 
 def train(config: RunConfig | str | Path, overrides: list[str] | tuple[str, ...] = (), resume: str | None = None,
@@ -46,11 +49,13 @@ def train(config: RunConfig | str | Path, overrides: list[str] | tuple[str, ...]
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, split: str = "val", compare_base: bool = False,
-             max_samples: int = 32) -> EvalResult:
-    """Metrics of a finished run on its validation or test split, or on a data file in the run's format."""
-    found = run_eval(run_dir, data, compare_base, max_samples, split)
+             max_samples: int = 32, precision: str | None = None) -> EvalResult:
+    """Metrics of a finished run on its validation or test split, or on a data file in the run's format, computed
+    in the precision the run trained in unless `precision` ("fp32" or "bf16") says otherwise."""
+    found = run_eval(run_dir, data, compare_base, max_samples, split, precision=precision)
     metrics = {name: found[name] for name in ("base", "fine_tuned") if name in found}
-    return EvalResult(Path(run_dir), found["data"], found["rows"], metrics, Path(found["written_to"]))
+    return EvalResult(Path(run_dir), found["data"], found["rows"], metrics, Path(found["written_to"]),
+                      found["precision"], found["trained_precision"])
 
 
 def merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult:

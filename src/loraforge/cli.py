@@ -212,7 +212,7 @@ def _eval(args) -> int:
     if args.data_format and not args.data:
         raise ConfigError(["--format names the format of a --data file; give --data FILE with it"])
     print(format_results(run_eval(args.run_dir, args.data, args.compare_base, args.max_samples, args.split,
-                                  args.data_format)))
+                                  args.data_format, args.precision)))
     return 0
 
 
@@ -347,6 +347,9 @@ def _add_run_commands(commands) -> None:
                           help="the --data file's format (default: the format of the run's sources)")
     evaluate.add_argument("--compare-base", action="store_true", help="evaluate the base model the same way, side by side")
     evaluate.add_argument("--max-samples", type=int, default=32, help="rows answered for generation metrics (default 32)")
+    evaluate.add_argument("--precision", choices=["fp32", "bf16"],
+                          help="compute in this precision instead of the run's own (manifest.json), which repeats "
+                               "eval.json's figures")
     evaluate.set_defaults(func=_eval)
     merge = commands.add_parser("merge", help="fold the adapter into its base; save a model plain transformers loads")
     merge.add_argument("run_dir", help="run directory of a LoRA run")

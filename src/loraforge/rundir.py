@@ -85,16 +85,16 @@ def read_config(run_dir: str | Path) -> RunConfig:
     return load_config(run_dir / RESOLVED)
 
 
-def trained_precision(run_dir: str | Path) -> str:
-    """The dtype a run's frozen weights trained in (manifest.json), as its end-of-training evaluation measured
-    them: bf16, or fp32 for anything else (fp16 GPU runs too: fp16 on a CPU is a slow fallback) and for runs
-    without a readable manifest."""
+def trained_precision(run_dir: str | Path) -> str | None:
+    """The precision a run trained in (manifest.json's chosen one: fp32, bf16 or fp16); None without a readable
+    manifest."""
     try:
         manifest = json.loads((Path(run_dir) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return "fp32"
+        return None
     precision = manifest.get("precision") if isinstance(manifest, dict) else None
-    return "bf16" if isinstance(precision, dict) and precision.get("chosen") == "bf16" else "fp32"
+    chosen = precision.get("chosen") if isinstance(precision, dict) else None
+    return chosen if chosen in ("fp32", "bf16", "fp16") else None
 
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

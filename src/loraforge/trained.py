@@ -3,11 +3,11 @@ predict, merge, the Python API). Kept apart from rundir.py, which the launcher a
 any model library."""
 
 import json
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import MethodType
 
-from peft import PeftModel
+from peft import PeftModel, prepare_model_for_kbit_training
 
 from loraforge.config import RunConfig
 from loraforge.config.schema import QuantizationConfig
@@ -31,21 +31,15 @@ class LoadedRun:
     labels: list[str] | None
     precision: str = "fp32"
 
-    def computing(self):
-        """The context the trainer computed a run's figures in: a bf16 run's forward runs under bf16 autocast
-        (accelerate wraps it so), LoRA and head included, so evaluating without it measures another model."""
-        if self.precision != "bf16":
-            return nullcontext()
-        import torch
-
-        return torch.autocast(device_type=self.model.device.type, dtype=torch.bfloat16)
-
 
 def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = True,
              precision: str = "fp32") -> LoadedRun:
-    """The trained model of a run, rebuilt as it was trained (same base, quantization and layer variant) with
-    frozen weights in `precision` (fp32 unless asked), in eval mode, with the run's tokenizer, stop ids and labels.
+    """The trained model of a run, rebuilt as it was trained (same base, quantization and layer variant), in eval
+    mode, with the run's tokenizer, stop ids and labels.
 
+    precision bf16 rebuilds a bf16 run as training computed it: frozen weights in bf16 and the model's forward
+    under bf16 autocast, as accelerate wraps it (generate() calls the inner model, outside it, as in training).
+    fp32, the default, is how plain transformers serves the adapter.
     task: refuse a run of another task, naming the command that fits it. quantized=False loads the base
     unquantized, as merging needs plain float weights."""
     run_dir = Path(run_dir)
@@ -60,11 +54,25 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
         as_trained = config if quantized else config.model_copy(update={"quantization": QuantizationConfig()})
         check_adapter(run_dir / ADAPTER)
         base = load_for_run(as_trained, resolve_model(config.model.name), precision, labels=labels)
+        if as_trained.quantization.mode != "none":
+            # As training prepared it: the weights bitsandbytes does not quantize (embeddings, norms, head) in fp32.
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         model = PeftModel.from_pretrained(base, str(run_dir / ADAPTER))
         if config.method != "sft" and (run_dir / ADAPTER / REFERENCE / "adapter_config.json").is_file():
             # The reference a preference run was tuned against (its starting adapter), for preference accuracy.
             model.load_adapter(str(run_dir / ADAPTER / REFERENCE), adapter_name=REFERENCE)
             model.set_adapter("default")
     model.eval()
+    if precision == "bf16":
+        _autocast_forward(model)
     stop_ids = stop_token_ids(tokenizer, model.generation_config) if config.task == "causal_lm" else frozenset()
     return LoadedRun(run_dir, config, model, tokenizer, stop_ids, labels, precision)
+
+
+def _autocast_forward(model) -> None:
+    """The wrapping accelerate gives a bf16 run's model while it trains (Accelerator.prepare_model)."""
+    import torch
+    from accelerate.utils import convert_outputs_to_fp32
+
+    autocast = torch.autocast(device_type=model.device.type, dtype=torch.bfloat16)
+    model.forward = MethodType(convert_outputs_to_fp32(autocast(model.forward.__func__)), model)

@@ -48,11 +48,14 @@ def test_a_test_split_is_evaluated_once_after_training_and_again_by_eval(train_t
     assert "## Test split" in (run / "report.md").read_text()
     assert result.metrics is not None and json.loads((run / "eval.json").read_text())["data"]["test_rows"] == 6
 
-    assert main(["eval", str(run), "--split", "test"]) == 0
+    assert main(["eval", str(run), "--split", "test", "--max-samples", "3"]) == 0
     again = json.loads((run / "eval" / "test.json").read_text())["fine_tuned"]
     assert again["loss"] == pytest.approx(test["loss"], rel=1e-5), (
         "the same rows and weights, in the same precision, as at the end of training")
-    assert json.loads((run / "eval" / "test.json").read_text())["precision"] == precision
+    assert again["examples"] == test["examples"] and again["rouge_l"] == test["rouge_l"], (
+        "answers generated as training generated them (its forward's autocast does not reach generate())")
+    written = json.loads((run / "eval" / "test.json").read_text())
+    assert written["precision"] == written["trained_precision"] == precision
     assert f"6 rows from test split, computed in {precision} as trained" in capsys.readouterr().out
 
     plain, _ = train_tiny("train.max_steps=1")
@@ -106,32 +109,52 @@ def test_eval_reads_a_data_file_in_the_format_given(train_tiny, tmp_path, capsys
     assert loads == [], "each file was refused before the model was loaded"
 
 
-def test_eval_takes_the_trained_precision_from_the_manifest_and_fp32_without_one(tmp_path):
+def test_the_trained_precision_is_read_from_the_manifest_and_none_without_one(tmp_path):
     from loraforge import rundir
 
     manifest = tmp_path / rundir.MANIFEST
-    assert rundir.trained_precision(tmp_path) == "fp32", "no manifest"
+    assert rundir.trained_precision(tmp_path) is None, "no manifest"
     for written, expected in [({"precision": {"requested": "auto", "chosen": "bf16"}}, "bf16"),
                               ({"precision": {"requested": "auto", "chosen": "fp32"}}, "fp32"),
-                              ({"precision": {"requested": "auto", "chosen": "fp16"}}, "fp32"),
-                              ({"precision": "bf16"}, "fp32"), ([], "fp32")]:
+                              ({"precision": {"requested": "auto", "chosen": "fp16"}}, "fp16"),
+                              ({"precision": {"chosen": "int3"}}, None), ({"precision": "bf16"}, None), ([], None)]:
         manifest.write_text(json.dumps(written))
         assert rundir.trained_precision(tmp_path) == expected, written
     manifest.write_text('{"precision": {"chosen": "bf1')
-    assert rundir.trained_precision(tmp_path) == "fp32", "a truncated manifest"
+    assert rundir.trained_precision(tmp_path) is None, "a truncated manifest"
 
 
-def test_eval_of_a_bf16_run_warns_where_the_cpu_only_emulates_bf16(train_tiny, caplog, monkeypatch):
+def test_eval_of_a_bf16_run_warns_where_bf16_is_slower_and_computes_in_fp32_when_asked(train_tiny, caplog,
+                                                                                          monkeypatch, capsys):
     import loraforge.eval.run as eval_run
-    from loraforge.model.precision import cpu_bf16_features
+    from loraforge import rundir
+    from loraforge.cli import main
+    from loraforge.errors import ConfigError
+    from loraforge.model.precision import cpu_speeds
+    from transformers import AutoConfig
 
     config, _ = train_tiny("train.max_steps=1", "precision=bf16")
-    slow = "this CPU has no native bf16 and emulates it"
+    run = Path(config.output_dir)
+    slow = "this CPU runs bf16 matmuls slower than fp32"
     with caplog.at_level("WARNING", logger="loraforge"):
-        run_eval(config.output_dir)
-    assert (slow in caplog.text) == (not any(cpu_bf16_features().values())), "as this CPU reports its features"
+        found = run_eval(run)
+    assert found["precision"] == "bf16"
+    speeds = cpu_speeds(AutoConfig.from_pretrained(config.model.name))
+    assert (slow in caplog.text) == (speeds["bf16_gflops"] < speeds["fp32_gflops"]), "as this CPU measured"
+    for bf16, fp32, warned in [(50.0, 250.0, True), (400.0, 200.0, False)]:
+        caplog.clear()
+        monkeypatch.setattr(eval_run, "cpu_speeds", lambda _config, b=bf16, f=fp32: {"bf16_gflops": b, "fp32_gflops": f})
+        with caplog.at_level("WARNING", logger="loraforge"):
+            assert run_eval(run)["precision"] == "bf16"
+        assert (slow in caplog.text) == warned and ("--precision fp32 is faster" in caplog.text) == warned
+
     caplog.clear()
-    monkeypatch.setattr(eval_run, "cpu_bf16_features", lambda: {"avx512_bf16": False, "amx_bf16": False})
     with caplog.at_level("WARNING", logger="loraforge"):
-        assert run_eval(config.output_dir)["precision"] == "bf16"
-    assert slow in caplog.text
+        assert main(["eval", str(run), "--precision", "fp32"]) == 0
+    assert slow not in caplog.text
+    assert "computed in fp32 (trained in bf16)" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="precision 'fp16': eval computes in fp32 or bf16"):
+        run_eval(run, precision="fp16")
+    (run / rundir.MANIFEST).unlink()
+    assert main(["eval", str(run)]) == 0
+    assert "computed in fp32 (no manifest.json says how it trained)" in capsys.readouterr().out

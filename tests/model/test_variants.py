@@ -22,6 +22,25 @@ def test_qlora_4bit_trains_on_cpu_with_evaluation_between_steps(train_tiny):
     assert all(w.abs().sum() > 0 for n, w in adapter_weights(config).items() if "lora_B" in n)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_eval_of_a_qlora_run_repeats_its_end_of_training_figures(train_tiny, precision):
+    """peft prepares a 4-bit model for training with its unquantized weights (embeddings, norms, head) in fp32;
+    eval rebuilds it the same way, in the precision it trained in."""
+    from loraforge.eval.run import run_eval
+
+    config, _ = train_tiny("quantization=4bit", f"precision={precision}", "train.max_steps=2",
+                           "data.test_fraction=0.25", "eval.test_generations=0")
+    test = json.loads((Path(config.output_dir) / "eval.json").read_text())["test"]
+    again = run_eval(config.output_dir, split="test", max_samples=0)
+    assert again["precision"] == precision
+    assert again["fine_tuned"]["loss"] == pytest.approx(test["loss"], rel=1e-5)
+    from loraforge.trained import load_run
+
+    model = load_run(config.output_dir, precision=precision).model
+    assert {p.dtype for p in model.parameters() if type(p).__name__ != "Params4bit"} == {torch.float32}, (
+        "what bitsandbytes leaves unquantized is fp32, as in training")
+
+
 def test_evaluation_does_not_break_4bit_training_gradients(tiny_model_dir):
     """bitsandbytes repacks 4-bit weights for CPU inference on the first eval forward; training after that
     got zero gradients. loraforge turns the repack off, so gradients are the same with or without an eval."""

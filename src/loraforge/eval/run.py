@@ -12,12 +12,12 @@ from loraforge.data.build import DataStats, assign_splits, load_rows, tokenize_p
 from loraforge.data.formats import FORMAT_FIELDS, PREFERENCE_FORMATS
 from loraforge.data.packing import collator
 from loraforge.data.render import IGNORE
-from loraforge.errors import DataError
+from loraforge.errors import ConfigError, DataError
 from loraforge.eval.classify import predict_labels
 from loraforge.eval.generate import generate_batch
 from loraforge.eval.metrics import classification_metrics
 from loraforge.eval.preference import held_out_kind, preference_line, preference_metrics
-from loraforge.model.precision import cpu_bf16_features
+from loraforge.model.precision import cpu_speeds
 from loraforge.trained import load_run
 
 log = logging.getLogger(__name__)
@@ -160,24 +160,42 @@ def preference_rows_metrics(model, tokenizer, stop_ids, data_config, rows, beta:
 
 
 def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = False, max_samples: int = 32,
-             split: str = "val", data_format: str | None = None) -> dict:
+             split: str = "val", data_format: str | None = None, precision: str | None = None) -> dict:
     """Metrics of a finished run on its validation or test split, or on a data file; written to
-    RUN_DIR/eval/<split or file>.json. Computed in the precision the run trained in (manifest.json), so that they
-    are the figures its end-of-training evaluation (eval.json) measured."""
+    RUN_DIR/eval/<split or file>.json. Computed as the run trained (manifest.json: bf16, or else fp32), so that
+    they repeat its end-of-training evaluation (eval.json), unless `precision` says otherwise."""
+    if precision not in (None, "fp32", "bf16"):
+        raise ConfigError([f"precision {precision!r}: eval computes in fp32 or bf16 (or, left out, as the run trained)"])
     run_dir = Path(run_dir)
     name = data or f"{SPLIT_FILES[split]} split"
     # The rows are read before the model is loaded, so a file that cannot be evaluated is refused at once.
     saved = rundir.read_config(run_dir)
     data_config, rows = eval_rows(saved, data, split, data_format)
-    precision = rundir.trained_precision(run_dir)
-    if precision == "bf16" and not any(cpu_bf16_features().values()):
-        log.warning("%s trained in bf16 (manifest.json), so eval computes in bf16 to repeat its figures; this CPU has "
-                    "no native bf16 and emulates it, several times slower than fp32", run_dir)
+    trained = rundir.trained_precision(run_dir)
+    precision = precision or ("bf16" if trained == "bf16" else "fp32")
     run = load_run(run_dir, task="classification" if saved.task == "classification" else "causal_lm",
                    precision=precision)
-    with run.computing():
-        results = _measure(run, data_config, rows, compare_base, max_samples)
-    return _write({"run_dir": str(run_dir), "data": name, "precision": precision, **results}, run_dir, data, split)
+    if precision == "bf16" and run.model.device.type == "cpu":
+        _warn_if_bf16_is_slower(run.model.config)
+    results = _measure(run, data_config, rows, compare_base, max_samples)
+    return _write({"run_dir": str(run_dir), "data": name, "precision": precision, "trained_precision": trained,
+                   **results}, run_dir, data, split)
+
+
+def _warn_if_bf16_is_slower(model_config) -> None:
+    speeds = cpu_speeds(model_config)
+    if speeds["bf16_gflops"] < speeds["fp32_gflops"]:
+        log.warning("eval computes in bf16, as the run trained, to repeat its figures; this CPU runs bf16 matmuls "
+                    "slower than fp32 (bf16 %.0f vs fp32 %.0f GFLOP/s): --precision fp32 is faster, its figures "
+                    "differ a little from eval.json's", speeds["bf16_gflops"], speeds["fp32_gflops"])
+
+
+def computed_as(results: dict) -> str:
+    """How the figures were computed, against how the run trained."""
+    precision, trained = results["precision"], results.get("trained_precision")
+    if precision == trained:
+        return f"computed in {precision} as trained"
+    return f"computed in {precision} ({f'trained in {trained}' if trained else 'no manifest.json says how it trained'})"
 
 
 def _measure(run, data_config, rows, compare_base: bool, max_samples: int) -> dict:
@@ -212,7 +230,7 @@ def _write(results: dict, run_dir: Path, data: str | None, split: str) -> dict:
 def format_results(results: dict) -> str:
     if "preference" in results:
         return (f"{preference_line(results['preference'])}\n{results['rows']} {held_out_kind(results['preference'])} "
-                f"from {results['data']}, computed in {results['precision']} as trained; "
+                f"from {results['data']}, {computed_as(results)}; "
                 f"written to {results['written_to']}")
     names = [n for n in ("base", "fine_tuned") if n in results]
     keys = ("loss", "perplexity", "token_accuracy", "exact_match", "contains", "rouge_l", "valid_json")
@@ -221,6 +239,6 @@ def format_results(results: dict) -> str:
     lines = [f"{'metric':<16}" + "".join(f"{n:>14}" for n in names)]
     for key in keys:
         lines.append(f"{key:<16}" + "".join(f"{results[n][key]:>14.4f}" for n in names))
-    lines.append(f"{results['rows']} rows from {results['data']}, computed in {results['precision']} as trained; "
+    lines.append(f"{results['rows']} rows from {results['data']}, {computed_as(results)}; "
                  f"written to {results['written_to']}")
     return "\n".join(lines)
