@@ -29,7 +29,8 @@ class EvalResult:
     run_dir: Path
     data: str
     rows: int
-    # "fine_tuned" and, with compare_base, "base": metric name -> value (and a few examples).
+    # "fine_tuned" and, with compare_base, "base" (a preference run: "preference"): metric name -> value (and a
+    # few examples).
     metrics: dict[str, dict]
     written_to: Path
     # What the figures were computed in, and what the run trained in (None without its manifest.json).
@@ -53,7 +54,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, split: str = "val", c
     """Metrics of a finished run on its validation or test split, or on a data file in the run's format, computed
     in the precision the run trained in unless `precision` ("fp32" or "bf16") says otherwise."""
     found = run_eval(run_dir, data, compare_base, max_samples, split, precision=precision)
-    metrics = {name: found[name] for name in ("base", "fine_tuned") if name in found}
+    metrics = {name: found[name] for name in ("base", "fine_tuned", "preference") if name in found}
     return EvalResult(Path(run_dir), found["data"], found["rows"], metrics, Path(found["written_to"]),
                       found["precision"], found["trained_precision"])
 

@@ -169,6 +169,7 @@ def test_a_nan_loss_stops_a_dpo_run_without_checkpointing_it(make_dpo, monkeypat
 
 
 def test_eval_merge_and_chat_work_on_a_dpo_run(dpo_run, capsys):
+    import loraforge
     from loraforge.chat import run_chat
     from loraforge.eval.run import format_results, run_eval
     from loraforge.export.merge import run_merge
@@ -179,6 +180,7 @@ def test_eval_merge_and_chat_work_on_a_dpo_run(dpo_run, capsys):
     assert f"preference accuracy {written['preference_accuracy']:.3f} (starting model 0.5)" in format_results(results)
     assert written == pytest.approx(json.loads((run / rundir.EVAL).read_text())["preference"]), (
         "eval of the saved run (adapter and adapter/ref) measures what training measured")
+    assert loraforge.evaluate(run).metrics == {"preference": pytest.approx(written)}, "the Python API returns them"
     merged = run_merge(run)
     assert (merged.out_dir / "config.json").is_file() and merged.max_abs_logit_diff < 1e-3
     capsys.readouterr()
