@@ -29,7 +29,6 @@ class LoadedRun:
     tokenizer: object
     stop_ids: frozenset[int]
     labels: list[str] | None
-    precision: str = "fp32"
 
 
 def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = True,
@@ -66,7 +65,7 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
     if precision == "bf16":
         _autocast_forward(model)
     stop_ids = stop_token_ids(tokenizer, model.generation_config) if config.task == "causal_lm" else frozenset()
-    return LoadedRun(run_dir, config, model, tokenizer, stop_ids, labels, precision)
+    return LoadedRun(run_dir, config, model, tokenizer, stop_ids, labels)
 
 
 def _autocast_forward(model) -> None:

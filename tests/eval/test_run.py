@@ -16,11 +16,10 @@ def test_generation_metrics():
     assert 0 < found["rouge_l"] < 1
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_eval_command_compares_base_and_fine_tuned(train_tiny, capsys, precision):
+def test_eval_command_compares_base_and_fine_tuned(train_tiny, capsys):
     from loraforge.cli import main
 
-    config, result = train_tiny(f"precision={precision}")
+    config, result = train_tiny("precision=fp32")  # bf16 agreement: the test split's test below
     assert main(["eval", config.output_dir, "--compare-base", "--max-samples", "4"]) == 0
     out = capsys.readouterr().out
     assert "perplexity" in out and "rouge_l" in out and "fine_tuned" in out and "base" in out

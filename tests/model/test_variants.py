@@ -22,12 +22,12 @@ def test_qlora_4bit_trains_on_cpu_with_evaluation_between_steps(train_tiny):
     assert all(w.abs().sum() > 0 for n, w in adapter_weights(config).items() if "lora_B" in n)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_eval_of_a_qlora_run_repeats_its_end_of_training_figures(train_tiny, precision):
+def test_eval_of_a_qlora_run_repeats_its_end_of_training_figures(train_tiny):
     """peft prepares a 4-bit model for training with its unquantized weights (embeddings, norms, head) in fp32;
-    eval rebuilds it the same way, in the precision it trained in."""
+    eval rebuilds it the same way, in the precision it trained in (bf16 here, on any CPU)."""
     from loraforge.eval.run import run_eval
 
+    precision = "bf16"
     config, _ = train_tiny("quantization=4bit", f"precision={precision}", "train.max_steps=2",
                            "data.test_fraction=0.25", "eval.test_generations=0")
     test = json.loads((Path(config.output_dir) / "eval.json").read_text())["test"]

@@ -30,7 +30,6 @@ from loraforge.training.trainer import SignalStop
 
 log = logging.getLogger("loraforge.train")
 
-# What gloo's collectives say when a process they were waiting on is gone.
 # What a collective raises in a process whose peer is gone: gloo's socket errors, NCCL's ncclRemoteError.
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote process exited or there was a network error")
 
