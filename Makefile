@@ -33,11 +33,14 @@ demo: setup
 	$(BIN)/loraforge estimate configs/default.yaml --probe-steps 4
 	$(BIN)/loraforge train configs/default.yaml
 
+# Two workers, each module's tests on one of them (its module fixtures built once), each at its share of the cores.
+PYTEST := $(BIN)/python -m pytest -n 2 --dist loadscope --durations=15
+
 test: setup
-	$(BIN)/python -m pytest -m "not slow" --durations=15
+	$(PYTEST) -m "not slow"
 
 test-all: setup
-	$(BIN)/python -m pytest --durations=15
+	$(PYTEST)
 
 # Side-by-side throughput, memory and eval loss against the common script; not part of `make test`.
 bench: setup

@@ -1,9 +1,20 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers) each worker, and every process its tests start, gets its
+    share of the cores: two workers each at as many torch threads as cores run slower than one. Set before any
+    test module imports torch, which reads it once."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
 
 
 @pytest.fixture(scope="session")
