@@ -105,8 +105,29 @@ def test_resume_needs_a_complete_checkpoint(make_config, tmp_path):
     config, _ = make_config("never")
     with pytest.raises(RunDirError, match="holds no run"):
         run_training(config, resume="auto")
+    half = tmp_path / "never" / rundir.CHECKPOINTS / "checkpoint-3"
+    half.mkdir(parents=True)
     with pytest.raises(RunDirError, match="not a complete checkpoint"):
-        run_training(config, resume=str(tmp_path))
+        run_training(config, resume=str(half))
+    with pytest.raises(RunDirError, match="no such checkpoint folder; use --resume auto"):
+        run_training(config, resume=str(tmp_path / "never" / rundir.CHECKPOINTS / "checkpoint-9"))
+
+
+def test_a_checkpoint_of_another_run_is_refused_and_both_runs_stay_as_they_were(make_config, tmp_path):
+    donor, _ = make_config("donor")
+    run_training(donor)
+    other, _ = make_config("other", "train.max_steps=3")
+    run_training(other)
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    foreign = Path(donor.output_dir) / rundir.CHECKPOINTS / "checkpoint-6"
+    for name in ("other", "fresh"):
+        target, _ = make_config(name, "train.max_steps=9")
+        with pytest.raises(RunDirError) as info:
+            run_training(target, resume=str(foreign))
+        assert f"belongs to the run in {Path(donor.output_dir).resolve()}, not to output_dir" in str(info.value)
+        assert f"output_dir={Path(donor.output_dir).resolve()}" in str(info.value) and "init_from" in str(info.value)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files, "no file written or changed"
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(make_config, monkeypatch, tmp_path):

@@ -25,6 +25,14 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
     run_dir = Path(run_dir)
     if resume != "auto":
         path = Path(resume)
+        if not path.is_dir():
+            raise RunDirError(f"--resume {path}: no such checkpoint folder; use --resume auto for the newest "
+                              f"complete checkpoint of {run_dir}")
+        if path.resolve().parent != (run_dir / rundir.CHECKPOINTS).resolve():
+            owner = path.resolve().parent.parent
+            raise RunDirError(f"--resume {path}: that checkpoint belongs to the run in {owner}, not to output_dir "
+                              f"{run_dir}; resume that run with output_dir={owner}, or start a new run from its "
+                              "adapter with init_from")
         if not (path / "COMPLETE").is_file():
             raise RunDirError(f"--resume {path}: not a complete checkpoint (no COMPLETE marker); use --resume auto")
         reason = unusable(path)
