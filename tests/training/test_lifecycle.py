@@ -1,6 +1,7 @@
 """Run lifecycle on the tiny llama: exact resume, signals, crashes and full disks while saving, NaN, tracking."""
 
 import errno
+import os
 import json
 import shlex
 import shutil
@@ -383,6 +384,23 @@ def test_wandb_offline(make_config, tmp_path, monkeypatch):
     run_training(config)
     offline = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1 and offline[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
+def test_a_tracker_that_cannot_start_is_refused_before_the_run_directory_is_made(make_config, tmp_path, tracker):
+    """In a process of its own: both libraries keep their login and store in globals that earlier tests set."""
+    pytest.importorskip(tracker)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MLFLOW_"))}
+    env.update(NETRC=str(tmp_path / "no-netrc"), HOME=str(tmp_path))  # no `wandb login` on record
+    if tracker == "mlflow":
+        env["MLFLOW_TRACKING_URI"] = "./mlruns"  # a folder store, which mlflow 3 refuses unless told otherwise
+    config, path = make_config("tracked")
+    done = subprocess.run([sys.executable, "-m", "loraforge", "train", str(path), f"output_dir={config.output_dir}",
+                           f"report_to=[{tracker}]"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    expected = {"wandb": "report_to: wandb cannot log in", "mlflow": "report_to: mlflow cannot open its tracking store"}
+    assert done.returncode == 2 and expected[tracker] in done.stderr, done.stderr[-2000:]
+    assert f"leave {tracker} out of report_to" in done.stderr and "Traceback" not in done.stderr
+    assert not Path(config.output_dir).exists(), "refused before anything is written"
 
 
 def test_init_from_trains_with_this_runs_lora_dropout(make_config):

@@ -26,6 +26,7 @@ from loraforge.training.finish import TrainResult
 from loraforge.training.prepare import Prepared, prepare
 from loraforge.training.resume import (check_compatible, config_fingerprint, find_checkpoint, refuse_finished,
                                       resume_command)
+from loraforge.training.trackers import check_trackers
 from loraforge.training.trainer import SignalStop
 
 log = logging.getLogger("loraforge.train")
@@ -68,6 +69,8 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         refuse_finished(Path(config.output_dir), checkpoint, config.train.max_steps)
     if checkpoint is None and is_main:
         rundir.ensure_free(config.output_dir)
+    if is_main:
+        check_trackers(config.report_to)
     check_optimizer(config.train.optimizer)
     check_sharding()
     batch = describe_batch(config.train, world_size())
