@@ -87,7 +87,7 @@ def case_merge_into_a_foreign_folder(tmp_path, workspace):
     target.mkdir()
     (target / "config.json").write_text('{"mine": true}\n')
     return (["merge", run, "--out", target], tmp_path, 2,
-            [f"--out {target} already holds files loraforge did not write (config.json)"])
+            [f"--out {target} holds files loraforge did not write, or that changed since it wrote them (config.json)"])
 
 
 def case_resume_a_finished_run(tmp_path, workspace):

@@ -26,7 +26,8 @@ LAYERS = [
 ]
 COMMANDS = {"loraforge.chat", "loraforge.predict", "loraforge.preview", "loraforge.api", "loraforge.cli"}
 HEAVY = {"torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate", "matplotlib", "gguf",
-         "rouge_score", "tensorboard", "fastapi", "starlette", "uvicorn"}
+         "rouge_score", "tensorboard", "fastapi", "starlette", "uvicorn",
+         "wandb", "mlflow"}
 
 
 def module_name(path: Path) -> str:

@@ -64,3 +64,25 @@ def test_ollama_modelfile(exported, capsys):
     assert text.startswith(f"FROM ./{gguf.name}\n")
     assert "<|im_start|>{{ .Role }}" in text and 'PARAMETER stop "<|im_end|>"' in text
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
+
+
+def test_a_second_export_rewrites_its_own_files_only_and_redoes_a_damaged_merge(exported, capsys):
+    from loraforge.cli import main
+    from loraforge.export import ledger
+
+    config, gguf = exported
+    run = Path(config.output_dir)
+    assert main(["export", "ollama", config.output_dir, "--type", "f16"]) == 0
+    modelfile = gguf.parent / "Modelfile"
+    modelfile.write_text(modelfile.read_text() + "PARAMETER temperature 0.2\n")
+    edited = modelfile.read_bytes()
+    assert main(["export", "ollama", config.output_dir, "--type", "f16"]) == 2
+    assert "changed since it wrote them (Modelfile)" in capsys.readouterr().err
+    assert modelfile.read_bytes() == edited, "a hand-edited Modelfile is kept"
+
+    (run / "merged" / "model.safetensors").unlink()  # the state a merge stopped before its weights leaves
+    assert run_export_gguf(config.output_dir, "f16") == gguf
+    assert ledger.written(run / "merged", "merge.json") and (run / "merged" / "model.safetensors").is_file()
+    from gguf import GGUFReader
+
+    assert len(GGUFReader(str(gguf)).tensors) > 0, "converted from the merge redone, not from an empty folder"

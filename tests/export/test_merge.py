@@ -64,3 +64,35 @@ def test_full_run_has_nothing_to_merge(train_tiny):
     config, _ = train_tiny("adapter=full", "train.max_steps=2")
     with pytest.raises(RunDirError, match="already merged"):
         run_merge(config.output_dir)
+
+
+def test_a_stopped_merge_is_redone_and_another_runs_or_edited_files_are_refused(train_tiny, monkeypatch):
+    from loraforge.errors import ExportError
+    from loraforge.export import ledger, merge
+
+    a, _ = train_tiny("train.max_steps=2")
+    b, _ = train_tiny("train.max_steps=3")
+    run_a, run_b = Path(a.output_dir), Path(b.output_dir)
+    merged = run_a / "merged"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # as a signal would, once the weights are saved and before merge.json
+
+    with monkeypatch.context() as patch:
+        patch.setattr(merge, "load_model", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            run_merge(run_a)
+    assert (merged / "model.safetensors").is_file() and not (merged / "merge.json").exists()
+    assert not ledger.written(merged, "model.safetensors"), "a stopped merge is not taken for a finished one"
+    assert run_merge(run_a).max_abs_logit_diff <= 1e-4, "the next merge redoes it in the same folder"
+    assert ledger.written(merged, "merge.json") and ledger.written(merged, "model.safetensors")
+
+    files = {p: p.read_bytes() for p in merged.iterdir()}
+    with pytest.raises(ExportError, match="holds the merged model of another run"):
+        run_merge(run_b, merged)
+    template = merged / "chat_template.jinja"
+    template.write_text(template.read_text() + "{# my edit #}")
+    files[template] = template.read_bytes()
+    with pytest.raises(ExportError, match=r"did not write, or that changed since it wrote them \(chat_template.jinja\)"):
+        run_merge(run_a)
+    assert {p: p.read_bytes() for p in merged.iterdir()} == files, "nothing rewritten"

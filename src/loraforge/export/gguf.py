@@ -8,7 +8,8 @@ from pathlib import Path
 
 from loraforge import rundir
 from loraforge.errors import ExportError
-from loraforge.export.merge import run_merge
+from loraforge.export import ledger
+from loraforge.export.merge import merged_from, run_merge
 from loraforge.model.template import apply_template
 
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -25,7 +26,7 @@ def model_source(run_dir: Path) -> Path:
     if (run_dir / rundir.MODEL / "config.json").is_file():
         return run_dir / rundir.MODEL
     merged = run_dir / rundir.MERGED
-    if not (merged / "config.json").is_file():
+    if not (ledger.intact(merged) and merged_from(merged) == run_dir.resolve()):
         run_merge(run_dir, merged)
     return merged
 
@@ -49,7 +50,8 @@ def run_export_gguf(run_dir: str | Path, kind: str = "q8_0") -> Path:
         )
     source = model_source(run_dir)
     out = gguf_path(run_dir, kind)
-    out.parent.mkdir(exist_ok=True)
+    record = out.parent / f"{out.stem}.json"
+    ledger.claim(out.parent, [out.name, record.name], "export")
     done = subprocess.run(
         [sys.executable, str(script), str(source), "--outfile", str(out), "--outtype", kind],
         capture_output=True, text=True,
@@ -60,11 +62,12 @@ def run_export_gguf(run_dir: str | Path, kind: str = "q8_0") -> Path:
     expected = (source / "chat_template.jinja").read_text(encoding="utf-8") if (source / "chat_template.jinja").is_file() else None
     if expected is not None and template != expected:
         raise ExportError(f"{out} holds another chat template than the model's tokenizer; the export is not usable")
-    (out.parent / f"{out.stem}.json").write_text(
+    record.write_text(
         json.dumps({"source": str(source), "type": kind, "converter": f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
                     "chat_template_embedded": template is not None}, indent=2) + "\n",
         encoding="utf-8",
     )
+    ledger.record(out.parent, [out.name, record.name])
     return out
 
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge import rundir
-from loraforge.errors import RunDirError
+from loraforge.errors import ExportError, RunDirError
+from loraforge.export import ledger
 from loraforge.model.load import load_model
 from loraforge.model.template import apply_template
 from loraforge.trained import load_run
@@ -14,6 +15,7 @@ from loraforge.trained import load_run
 log = logging.getLogger(__name__)
 
 PROBES = ("Hello! Who are you?", "Write one sentence about the sea.")
+MERGE_RECORD = "merge.json"
 
 
 @dataclass
@@ -27,6 +29,14 @@ class MergeResult:
             f"Merged model: {self.out_dir} ({self.num_hidden_layers} layers)\n"
             f"Max |logit difference| merged (fp32 weights, saved and reloaded) vs adapter: {self.max_abs_logit_diff:.2e}"
         )
+
+
+def merged_from(folder: Path) -> Path | None:
+    """The run whose merged model folder holds (its merge.json, written last), or None."""
+    try:
+        return Path(json.loads((Path(folder) / MERGE_RECORD).read_text(encoding="utf-8"))["run_dir"]).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def probe_inputs(tokenizer, task: str):
@@ -47,7 +57,11 @@ def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult
     if not (run_dir / rundir.ADAPTER / "adapter_config.json").is_file():
         raise RunDirError(f"{run_dir} holds a full model ({rundir.MODEL}/), not an adapter: it is already merged")
     out_dir = Path(out) if out else run_dir / rundir.MERGED
-    rundir.refuse_foreign(out_dir, "--out", ours="merge.json")
+    source = merged_from(out_dir)
+    if source is not None and source != run_dir.resolve():
+        raise ExportError(f"--out {out_dir} holds the merged model of another run ({source}); choose another folder "
+                          "so that run's exports keep their weights")
+    ledger.claim(out_dir, None, "--out")
     # A quantized run merges onto the unquantized base: merged weights must be plain floats to be saved and reused.
     run = load_run(run_dir, quantized=False)
     config, model, tokenizer, labels = run.config, run.model, run.tokenizer, run.labels
@@ -67,9 +81,10 @@ def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult
     with torch.no_grad():
         diff = (reloaded(**inputs).logits - reference).abs().max().item()
     result = MergeResult(out_dir, diff, reloaded.config.num_hidden_layers)
-    (out_dir / "merge.json").write_text(
-        json.dumps({"run_dir": str(run_dir), "max_abs_logit_diff": diff, "probes": list(PROBES)}, indent=2) + "\n",
-        encoding="utf-8",
+    (out_dir / MERGE_RECORD).write_text(
+        json.dumps({"run_dir": str(run_dir.resolve()), "max_abs_logit_diff": diff, "probes": list(PROBES)}, indent=2)
+        + "\n", encoding="utf-8",
     )
+    ledger.record(out_dir, None)
     log.info("merged into %s; max |logit diff| %.2e", out_dir, diff)
     return result

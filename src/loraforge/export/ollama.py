@@ -4,6 +4,7 @@ from pathlib import Path
 
 from loraforge import rundir
 from loraforge.errors import ExportError
+from loraforge.export import ledger
 from loraforge.export.gguf import gguf_path, run_export_gguf
 from loraforge.model.load import load_model_config, load_tokenizer
 from loraforge.model.sources import resolve_model
@@ -49,12 +50,14 @@ def run_export_ollama(run_dir: str | Path, kind: str = "q8_0") -> Path:
     run_dir = Path(run_dir)
     config = rundir.read_config(run_dir)
     gguf = gguf_path(run_dir, kind)
-    if not gguf.is_file():
+    if not ledger.written(gguf.parent, gguf.name):
         gguf = run_export_gguf(run_dir, kind)
     tokenizer = load_tokenizer(str(run_dir / rundir.TOKENIZER))
     base = resolve_model(config.model.name)
     stop_ids = model_stop_ids(tokenizer, base, load_model_config(base, config.model.revision), config.model.revision)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in sorted(stop_ids)]
     path = gguf.parent / "Modelfile"
+    ledger.claim(path.parent, [path.name], "export")
     path.write_text(modelfile(gguf.name, tokenizer, config.data.system_prompt, stops), encoding="utf-8")
+    ledger.record(path.parent, [path.name])
     return path

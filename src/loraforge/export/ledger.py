@@ -1,0 +1,82 @@
+"""Which files of an output folder loraforge wrote, so that a second merge or export rewrites them and nothing else.
+
+Each folder keeps a ledger: the sha256 of every file it wrote, and the names being written now. A file that is not in
+the ledger, or whose content changed since (a hand-edited Modelfile or chat template), is never overwritten. Names
+still marked as being written belong to a merge or export that was stopped midway; the next one redoes them.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+from loraforge.errors import ExportError
+
+LEDGER = ".loraforge-files.json"
+EVERY_FILE = "*"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read(folder: Path) -> dict:
+    try:
+        ledger = json.loads((folder / LEDGER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"writing": [], "files": {}}
+    return ledger if isinstance(ledger, dict) else {"writing": [], "files": {}}
+
+
+def written(folder: Path, name: str) -> bool:
+    """True where loraforge finished writing folder/name and it is unchanged since."""
+    ledger = read(Path(folder))
+    writing, recorded = ledger.get("writing", []), ledger.get("files", {}).get(name)
+    path = Path(folder) / name
+    return (recorded is not None and EVERY_FILE not in writing and name not in writing and path.is_file()
+            and sha256(path) == recorded)
+
+
+def intact(folder: Path) -> bool:
+    """True where loraforge finished writing the folder and every file it wrote there is present and unchanged."""
+    files = read(Path(folder)).get("files", {})
+    return bool(files) and all(written(folder, name) for name in files)
+
+
+def claim(folder: Path, names: list[str] | None, key: str) -> None:
+    """Refuse to write `names` into folder (None: a whole new set of files, so every file there) if one of them is a
+    file loraforge did not write or one changed since; then mark them as being written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"{key} {folder} is a file; give a folder path")
+    ledger = read(folder)
+    writing, files = set(ledger.get("writing", [])), ledger.get("files", {})
+    present = [p.name for p in sorted(folder.iterdir()) if p.name != LEDGER] if folder.is_dir() else []
+    targets = present if names is None else [name for name in names if name in present]
+    others = [name for name in targets if EVERY_FILE not in writing and name not in writing
+              and files.get(name) != sha256(folder / name)]
+    if others:
+        raise ExportError(f"{key} {folder} holds files loraforge did not write, or that changed since it wrote them "
+                          f"({', '.join(others[:5])}); move them away or choose another folder: loraforge never "
+                          "overwrites a file it did not write")
+    folder.mkdir(parents=True, exist_ok=True)
+    _write(folder, sorted(writing | ({EVERY_FILE} if names is None else set(names))), files)
+
+
+def record(folder: Path, names: list[str] | None) -> None:
+    """Mark `names` (None: every file now in folder, and only those) as written, with their content's hash."""
+    folder = Path(folder)
+    ledger = read(folder)
+    files = {} if names is None else dict(ledger.get("files", {}))
+    written = [p.name for p in folder.iterdir() if p.name != LEDGER and p.is_file()] if names is None else names
+    files.update({name: sha256(folder / name) for name in written})
+    writing = [] if names is None else [n for n in ledger.get("writing", []) if n not in written]
+    _write(folder, writing, files)
+
+
+def _write(folder: Path, writing: list[str], files: dict) -> None:
+    (folder / LEDGER).write_text(json.dumps({"writing": writing, "files": files}, indent=2, sort_keys=True) + "\n",
+                                 encoding="utf-8")
