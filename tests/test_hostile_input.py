@@ -185,6 +185,29 @@ def case_adapter_missing_its_weights(tmp_path, workspace):
             [f"{run / 'adapter'} lacks adapter_model.safetensors or adapter_model.bin"])
 
 
+def case_adapter_cut_short(tmp_path, workspace):
+    run = copy_run(workspace, f"cut-{tmp_path.name}")
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    return (["merge", run], run, 2, [f"{weights} cannot be read", "damaged or cut short"])
+
+
+def case_run_without_its_tokenizer(tmp_path, workspace):
+    run = copy_run(workspace, f"notok-{tmp_path.name}")
+    shutil.rmtree(run / "tokenizer")
+    return ["eval", run], run, 2, [f"{run} lacks its tokenizer/ folder"]
+
+
+def case_chat_answer_of_no_length(tmp_path, workspace):
+    run = copy_run(workspace, f"short-{tmp_path.name}")
+    return ["chat", run, "--prompt", "hi", "--max-new-tokens", "-5"], run, 2, ["--max-new-tokens: -5: give 1 or more"]
+
+
+def case_serve_port_out_of_range(tmp_path, workspace):
+    run = copy_run(workspace, f"port-{tmp_path.name}")
+    return ["serve", run, "--port", "99999"], run, 2, ["--port: 99999: give 1 to 65535"]
+
+
 def case_output_dir_that_cannot_be_made(tmp_path, workspace):
     _, config = workspace
     (tmp_path / "plain-file").write_text("x\n")
@@ -208,7 +231,8 @@ CASES = [case_duplicate_keys, case_not_utf8, case_config_is_a_directory, case_ou
          case_billion_laughs, case_alias_containing_itself, case_template_that_never_ends, case_template_that_raises,
          case_template_syntax_error, case_template_reaching_for_globals, case_model_folder_that_is_not_a_model,
          case_custom_model_code_without_trust, case_malformed_hub_id, case_adapter_missing_its_weights,
-         case_output_dir_that_cannot_be_made, case_validation_source_emptied_by_filtering]
+         case_adapter_cut_short, case_run_without_its_tokenizer, case_chat_answer_of_no_length,
+         case_serve_port_out_of_range, case_output_dir_that_cannot_be_made, case_validation_source_emptied_by_filtering]
 
 
 def name_of(case) -> str:

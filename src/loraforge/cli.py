@@ -31,6 +31,22 @@ from loraforge.errors import ConfigError, LoraforgeError, TrainingStopped
 LAUNCH_FLAGS_ENV = "LORAFORGE_LAUNCH_FLAGS"
 
 
+def at_least(minimum: int, maximum: int | None = None):
+    """An argparse type: a whole number from minimum (to maximum)."""
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"{value}: give {minimum} to {maximum}" if maximum is not None
+                                             else f"{value}: give {minimum} or more")
+        return value
+
+    return whole
+
+
 def launch_flags(args) -> list[str]:
     """The `train` flags that launched several processes, as a resume command must repeat them."""
     flags = ["--nproc", str(args.nproc)]
@@ -326,7 +342,7 @@ def _add_config_and_data(commands) -> None:
     preview = data_commands.add_parser("preview", help="samples with trained tokens highlighted, then data stats")
     preview.add_argument("config")
     preview.add_argument("overrides", **OVERRIDES)
-    preview.add_argument("-n", type=int, default=3, help="how many samples to show (default 3)")
+    preview.add_argument("-n", type=at_least(1), default=3, help="how many samples to show (default 3)")
     preview.set_defaults(func=_data_preview)
 
 
@@ -334,7 +350,7 @@ def _add_run_commands(commands) -> None:
     chat = commands.add_parser("chat", help="chat with a fine-tuned run (streaming), or answer one --prompt")
     chat.add_argument("run_dir", help="run directory written by `loraforge train`")
     chat.add_argument("--prompt", help="answer this one prompt and exit")
-    chat.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: eval.max_new_tokens)")
+    chat.add_argument("--max-new-tokens", type=at_least(1), default=None, help="longest answer (default: eval.max_new_tokens)")
     chat.set_defaults(func=_chat)
     evaluate = commands.add_parser("eval", help="loss, perplexity, token accuracy and generation metrics of a run")
     evaluate.add_argument("run_dir", help="run directory of a causal_lm run")
@@ -346,7 +362,7 @@ def _add_run_commands(commands) -> None:
     evaluate.add_argument("--format", dest="data_format", choices=sorted(FORMAT_FIELDS),
                           help="the --data file's format (default: the format of the run's sources)")
     evaluate.add_argument("--compare-base", action="store_true", help="evaluate the base model the same way, side by side")
-    evaluate.add_argument("--max-samples", type=int, default=32, help="rows answered for generation metrics (default 32)")
+    evaluate.add_argument("--max-samples", type=at_least(0), default=32, help="rows answered for generation metrics (default 32)")
     evaluate.add_argument("--precision", choices=["fp32", "bf16"],
                           help="compute in this precision instead of the run's own (manifest.json), which repeats "
                                "eval.json's figures")
@@ -367,7 +383,7 @@ def _add_run_commands(commands) -> None:
     serve.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs to serve; a request's model names one by "
                        "its directory name, or a base by its model name")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--port", type=at_least(1, 65535), default=8000, help="port (default 8000)")
     serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every request "
                        "(default: the LORAFORGE_API_KEY environment variable, if set)")
     serve.add_argument("--max-batch", type=int, default=None, help="requests generated together at most (default 32; "

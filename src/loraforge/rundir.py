@@ -34,9 +34,12 @@ def ensure_free(output_dir: str | Path) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"output_dir {run_dir} is a file; set output_dir to a directory path")
     if (run_dir / RESOLVED).exists():
+        checkpoints = run_dir / CHECKPOINTS
+        carry_on = (" To carry it on from its newest checkpoint, add --resume auto."
+                    if checkpoints.is_dir() and any(checkpoints.iterdir()) else "")
         raise RunDirError(
             f"{run_dir} already holds a run ({RESOLVED} is there); set output_dir to a new directory "
-            f"(for example output_dir={run_dir}-2) or delete the old one"
+            f"(for example output_dir={run_dir}-2) or delete the old one.{carry_on}"
         )
     refuse_foreign(run_dir, "output_dir")
     return run_dir

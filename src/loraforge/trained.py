@@ -8,6 +8,7 @@ from pathlib import Path
 from types import MethodType
 
 from peft import PeftModel, prepare_model_for_kbit_training
+from safetensors import SafetensorError, safe_open
 
 from loraforge.config import RunConfig
 from loraforge.config.schema import QuantizationConfig
@@ -46,12 +47,16 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
     if task is not None and config.task != task:
         raise RunDirError(f"{run_dir} is a {config.task} run; use `{COMMAND_FOR[config.task].format(run_dir=run_dir)}`")
     labels = json.loads((run_dir / LABELS).read_text(encoding="utf-8")) if config.task == "classification" else None
+    if not (run_dir / TOKENIZER).is_dir():
+        raise RunDirError(f"{run_dir} lacks its {TOKENIZER}/ folder (the tokenizer and chat template it trained "
+                          "with); copy the run again, whole")
     tokenizer = load_tokenizer(str(run_dir / TOKENIZER))
     if (run_dir / MODEL / "config.json").is_file():
         model = load_model(str(run_dir / MODEL), task=config.task, labels=labels)
     else:
         as_trained = config if quantized else config.model_copy(update={"quantization": QuantizationConfig()})
         check_adapter(run_dir / ADAPTER)
+        check_weights_readable(run_dir / ADAPTER)
         base = load_for_run(as_trained, resolve_model(config.model.name), precision, labels=labels)
         if as_trained.quantization.mode != "none":
             # As training prepared it: the weights bitsandbytes does not quantize (embeddings, norms, head) in fp32.
@@ -66,6 +71,19 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
         _autocast_forward(model)
     stop_ids = stop_token_ids(tokenizer, model.generation_config) if config.task == "causal_lm" else frozenset()
     return LoadedRun(run_dir, config, model, tokenizer, stop_ids, labels)
+
+
+def check_weights_readable(folder: Path) -> None:
+    """The adapter's safetensors file whole (a copy cut short fails here, not in a traceback deep inside PEFT)."""
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        return
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            weights.keys()
+    except (SafetensorError, OSError) as exc:
+        raise RunDirError(f"{path} cannot be read ({exc}): the file is damaged or cut short; copy the run again, or "
+                          "take the adapter from the checkpoint it came from (checkpoints/)") from None
 
 
 def _autocast_forward(model) -> None:

@@ -145,8 +145,10 @@ def test_same_seed_same_losses(tiny_run, tmp_path):
 def test_existing_run_directory_is_not_overwritten(tiny_run):
     config, _, _ = tiny_run
     before = (Path(config.output_dir) / rundir.METRICS).read_bytes()
-    with pytest.raises(RunDirError, match="already holds a run"):
+    assert any((Path(config.output_dir) / rundir.CHECKPOINTS).iterdir())
+    with pytest.raises(RunDirError, match="already holds a run") as info:
         run_training(config)
+    assert "To carry it on from its newest checkpoint, add --resume auto." in str(info.value)
     assert (Path(config.output_dir) / rundir.METRICS).read_bytes() == before
 
 

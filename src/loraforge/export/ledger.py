@@ -50,6 +50,16 @@ def claim(folder: Path, names: list[str] | None, key: str) -> None:
     """Refuse to write `names` into folder (None: a whole new set of files, so every file there) if one of them is a
     file loraforge did not write or one changed since; then mark them as being written."""
     folder = Path(folder)
+    check(folder, names, key)
+    ledger = read(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write(folder, sorted(set(ledger.get("writing", [])) | ({EVERY_FILE} if names is None else set(names))),
+           ledger.get("files", {}))
+
+
+def check(folder: Path, names: list[str] | None, key: str) -> None:
+    """claim's refusal alone, writing nothing."""
+    folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ExportError(f"{key} {folder} is a file; give a folder path")
     ledger = read(folder)
@@ -62,8 +72,6 @@ def claim(folder: Path, names: list[str] | None, key: str) -> None:
         raise ExportError(f"{key} {folder} holds files loraforge did not write, or that changed since it wrote them "
                           f"({', '.join(others[:5])}); move them away or choose another folder: loraforge never "
                           "overwrites a file it did not write")
-    folder.mkdir(parents=True, exist_ok=True)
-    _write(folder, sorted(writing | ({EVERY_FILE} if names is None else set(names))), files)
 
 
 def record(folder: Path, names: list[str] | None) -> None:

@@ -61,7 +61,7 @@ def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult
     if source is not None and source != run_dir.resolve():
         raise ExportError(f"--out {out_dir} holds the merged model of another run ({source}); choose another folder "
                           "so that run's exports keep their weights")
-    ledger.claim(out_dir, None, "--out")
+    ledger.check(out_dir, None, "--out")
     # A quantized run merges onto the unquantized base: merged weights must be plain floats to be saved and reused.
     run = load_run(run_dir, quantized=False)
     config, model, tokenizer, labels = run.config, run.model, run.tokenizer, run.labels
@@ -72,6 +72,7 @@ def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult
         reference = model.double()(**inputs).logits
     model.float()
     merged = model.merge_and_unload()
+    ledger.claim(out_dir, None, "--out")
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     if labels is not None:
