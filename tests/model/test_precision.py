@@ -96,6 +96,8 @@ def test_probe_uses_the_model_shape():
     config = LlamaConfig(hidden_size=8192, intermediate_size=28672)
     assert precision_module.probe_shape(config) == (2048, 2048)
     assert precision_module.probe_shape(LlamaConfig(hidden_size=576, intermediate_size=1536)) == (1536, 576)
+    assert precision_module.probe_shape(LlamaConfig(hidden_size=64, intermediate_size=128)) == (512, 512), (
+        "a tiny model's product is too short to time")
     assert matmul_gflops(16, 32, 64, "float32", repeats=1) > 0
 
 

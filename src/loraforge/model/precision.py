@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 BF16_MIN_SPEEDUP = 1.3
 PROBE_TOKENS = 256
 PROBE_MAX_WIDTH = 2048
+PROBE_MIN_WIDTH = 512
 PROBE_REPEATS = 5
 
 
@@ -72,10 +73,12 @@ def matmul_gflops(tokens: int, width: int, depth: int, dtype_name: str, repeats:
 
 
 def probe_shape(model_config) -> tuple[int, int]:
-    """(width, depth) of the model's MLP up-projection, capped so that timing it stays well under a second."""
+    """(width, depth) of the model's MLP up-projection, capped so that timing it stays well under a second, and at
+    least PROBE_MIN_WIDTH: a tiny test model's product takes microseconds, too short to time either dtype."""
     hidden = getattr(model_config, "hidden_size", None) or 1024
     intermediate = getattr(model_config, "intermediate_size", None) or 4 * hidden
-    return min(intermediate, PROBE_MAX_WIDTH), min(hidden, PROBE_MAX_WIDTH)
+    return (min(max(intermediate, PROBE_MIN_WIDTH), PROBE_MAX_WIDTH),
+            min(max(hidden, PROBE_MIN_WIDTH), PROBE_MAX_WIDTH))
 
 
 def cpu_speeds(model_config=None) -> dict:
@@ -100,7 +103,7 @@ def choose_cpu(requested: str, model_config=None) -> Precision:
     if requested == "fp32":
         return Precision(requested, "fp32", "set in the config")
     speeds = cpu_speeds(model_config)
-    speedup = speeds["bf16_gflops"] / speeds["fp32_gflops"]
+    speedup = speeds["bf16_gflops"] / max(speeds["fp32_gflops"], 0.1)
     faster = speedup >= BF16_MIN_SPEEDUP
     if requested == "bf16":
         if not faster:
