@@ -157,3 +157,33 @@ def test_eval_of_a_bf16_run_warns_where_bf16_is_slower_and_computes_in_fp32_when
     (run / rundir.MANIFEST).unlink()
     assert main(["eval", str(run)]) == 0
     assert "computed in fp32 (no manifest.json says how it trained)" in capsys.readouterr().out
+
+
+def test_eval_reads_the_run_data_from_where_it_trained_and_refuses_a_changed_file(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
+    from loraforge.config import load_config
+    from loraforge.errors import DataError
+    from loraforge.training.run import run_training
+    from tests.conftest import ECHO_ROWS, write_jsonl, write_tiny_config
+
+    trained_in, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    trained_in.mkdir(), elsewhere.mkdir()
+    config_path = write_tiny_config(trained_in, tiny_model_dir, "{max_steps: 2, batch_size: 4, save_every: null}")
+    config_path.write_text(config_path.read_text().replace(str(trained_in / "echo.jsonl"), "echo.jsonl"))
+    monkeypatch.chdir(trained_in)
+    config = load_config(config_path, [f"output_dir={trained_in / 'run'}", "precision=fp32"])
+    assert config.data.sources[0].path == "echo.jsonl"
+    run_training(config)
+    after = json.loads((trained_in / "run" / "eval.json").read_text())["eval_loss_after"]
+
+    monkeypatch.chdir(elsewhere)
+    write_jsonl(elsewhere / "echo.jsonl", list(reversed(ECHO_ROWS)))  # same name, other rows
+    assert run_eval(trained_in / "run", max_samples=0)["fine_tuned"]["loss"] == pytest.approx(after, rel=1e-5)
+
+    write_jsonl(trained_in / "echo.jsonl", ECHO_ROWS[:-1])
+    with pytest.raises(DataError, match=r"echo.jsonl \(data.sources path echo.jsonl of .*\) has changed since the "
+                                        r"run trained on it.*--data"):
+        run_eval(trained_in / "run", max_samples=0)
+    (trained_in / "echo.jsonl").unlink()
+    with pytest.raises(DataError, match="is not there"):
+        run_eval(trained_in / "run", max_samples=0)

@@ -9,6 +9,7 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.config.data_section import DataSource
 from loraforge.data.build import DataStats, assign_splits, load_rows, tokenize_preference, tokenize_rows
+from loraforge.data.cache import file_digest
 from loraforge.data.formats import FORMAT_FIELDS, PREFERENCE_FORMATS
 from loraforge.data.packing import collator
 from loraforge.data.render import IGNORE
@@ -73,6 +74,30 @@ SPLIT_FILES = {"val": "validation", "test": "test"}
 
 def has_test_split(config) -> bool:
     return config.data.test_fraction > 0 or any(s.split == "test" for s in config.data.sources)
+
+
+def sources_as_trained(run_dir: Path, config):
+    """The run's config with its data files found where it trained (relative paths start from the folder it trained
+    in, as manifest.json records), refused where a file is gone or changed: its held-out rows would not be the ones
+    the run held out."""
+    try:
+        manifest = json.loads((Path(run_dir) / rundir.MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return config
+    trained_files, cwd = manifest.get("data_files") or {}, manifest.get("cwd")
+    sources = []
+    for source in config.data.sources:
+        digest = trained_files.get(source.path)
+        if digest is None or str(digest).startswith("hub:"):
+            sources.append(source)
+            continue
+        path = Path(cwd) / source.path if cwd and not Path(source.path).is_absolute() else Path(source.path)
+        if not path.is_file() or file_digest(path) != digest:
+            state = "is not there" if not path.is_file() else "has changed since the run trained on it"
+            raise DataError(f"{path} (data.sources path {source.path} of {run_dir}) {state}, so the run's "
+                            "held-out rows cannot be drawn again; evaluate a file as it is with --data")
+        sources.append(source.model_copy(update={"path": str(path)}))
+    return config.model_copy(update={"data": config.data.model_copy(update={"sources": sources})})
 
 
 def eval_rows(config, data: str | None, split: str = "val", data_format: str | None = None):
@@ -170,6 +195,8 @@ def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = 
     name = data or f"{SPLIT_FILES[split]} split"
     # The rows are read before the model is loaded, so a file that cannot be evaluated is refused at once.
     saved = rundir.read_config(run_dir)
+    if data is None:
+        saved = sources_as_trained(run_dir, saved)
     data_config, rows = eval_rows(saved, data, split, data_format)
     trained = rundir.trained_precision(run_dir)
     precision = precision or ("bf16" if trained == "bf16" else "fp32")

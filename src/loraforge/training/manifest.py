@@ -68,6 +68,7 @@ def write_manifest(path: Path, config, fingerprints: dict, trainable: int, wall_
         "hardware": hardware(),
         "seed": config.seed,
         "data_files": data_fingerprints(config.data.sources),
+        "cwd": os.getcwd(),  # where the relative paths of data_files (as the config gives them) start
         "fingerprints": fingerprints,
         "trainable_parameters": trainable,
         "wall_seconds": round(wall_seconds, 2),
