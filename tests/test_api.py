@@ -2,6 +2,7 @@
 (tiny) run, returning typed results that agree with the CLI."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,11 @@ from tests.conftest import ROOT, write_tiny_config
 
 def test_import_is_instant_and_the_api_loads_on_first_use():
     probe = ("import sys, loraforge; assert 'torch' not in sys.modules, 'import loraforge pulled in torch'; "
-             "loraforge.train; assert 'torch' in sys.modules; print(sorted(n for n in dir(loraforge) if not n.startswith('_')))")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+             "loraforge.train; assert 'torch' in sys.modules; "
+             "from huggingface_hub import constants; assert constants.HF_HUB_DISABLE_TELEMETRY, 'telemetry on'; "
+             "print(sorted(n for n in dir(loraforge) if not n.startswith('_')))")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_TELEMETRY"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     listed = ast.literal_eval(done.stdout.strip().splitlines()[-1])
     assert {"evaluate", "generate", "load_config", "merge", "train", "TrainResult", "EvalResult"} <= set(listed)
@@ -42,6 +46,7 @@ def test_train_evaluate_generate_and_merge_from_python(tmp_path, tiny_model_dir,
     capsys.readouterr()
     assert main(["chat", str(result.run_dir), "--prompt", "Echo blue"]) == 0
     assert answers[1] == capsys.readouterr().out.strip(), "the same greedy answer as `loraforge chat --prompt`"
+    assert loraforge.generate(result.run_dir, "Echo blue") == answers[1], "one prompt, one answer"
 
     merged = loraforge.merge(result.run_dir)
     assert isinstance(merged, loraforge.MergeResult) and Path(merged.out_dir, "config.json").is_file()

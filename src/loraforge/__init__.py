@@ -4,7 +4,12 @@
 they load on first use, so `import loraforge` stays instant and the command line starts fast.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# Telemetry none, for the command line and the Python API alike: set before huggingface_hub reads it at its import.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 API = ("EvalResult", "MergeResult", "TrainResult", "evaluate", "generate", "load_config", "merge", "train")
 

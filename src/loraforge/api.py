@@ -64,9 +64,12 @@ def merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult:
     return run_merge(run_dir, out)
 
 
-def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
-    """Greedy answers of a fine-tuned chat run to each prompt, with the run's template and system prompt."""
+def generate(run_dir: str | Path, prompts: str | list[str], max_new_tokens: int | None = None) -> str | list[str]:
+    """Greedy answers of a fine-tuned chat run, with the run's template and system prompt: one answer to one
+    prompt, a list of answers to a list of prompts."""
     run = load_run(run_dir, task="causal_lm")
     config = run.config
-    chats = [prompt_messages(p, config.data.system_prompt) for p in prompts]
-    return generate_batch(run.model, run.tokenizer, chats, max_new_tokens or config.eval.max_new_tokens, run.stop_ids)
+    chats = [prompt_messages(p, config.data.system_prompt) for p in ([prompts] if isinstance(prompts, str) else prompts)]
+    answers = generate_batch(run.model, run.tokenizer, chats, max_new_tokens or config.eval.max_new_tokens,
+                             run.stop_ids)
+    return answers[0] if isinstance(prompts, str) else answers
