@@ -288,7 +288,9 @@ def test_refused_with_a_message_and_nothing_written(name, outcomes):
 @pytest.mark.parametrize("damage, said", [
     (lambda checkpoint: (checkpoint / "optimizer.pt").unlink(), "optimizer.pt missing"),
     (lambda checkpoint: (checkpoint / "COMPLETE").write_text("{not json"), "is not the JSON loraforge writes"),
-], ids=["optimizer-missing", "corrupt-marker"])
+    (lambda checkpoint: (checkpoint / "optimizer.pt").write_bytes((checkpoint / "optimizer.pt").read_bytes()[:1000]),
+     "optimizer.pt is 1000 bytes"),
+], ids=["optimizer-missing", "corrupt-marker", "optimizer-cut-short"])
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(workspace, tmp_path, damage, said):
     run = copy_run(workspace, f"damaged-{tmp_path.name}")
     damage(run / "checkpoints" / "checkpoint-4")

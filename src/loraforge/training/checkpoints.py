@@ -1,7 +1,7 @@
 """Checkpoints that are complete or absent: written aside, marked, renamed into place, rotated.
 
 A checkpoint is `checkpoints/checkpoint-N/` holding a COMPLETE marker (JSON: step, config and data
-fingerprints). Anything else in `checkpoints/` (a `.staging-*` folder left by a crash, a folder without
+fingerprints, the size of every file written). Anything else in `checkpoints/` (a `.staging-*` folder left by a crash, a folder without
 the marker) is never resumed from.
 """
 
@@ -60,7 +60,13 @@ def unusable(checkpoint: Path) -> str | None:
     missing = [name for name in NEEDED if not (checkpoint / name).is_file()]
     if not any((checkpoint / name).is_file() for name in WEIGHTS):
         missing.append(" or ".join(WEIGHTS))
-    return f"{', '.join(missing)} missing" if missing else None
+    if missing:
+        return f"{', '.join(missing)} missing"
+    sizes = marker.get("sizes") if isinstance(marker.get("sizes"), dict) else {}
+    changed = [f"{name} is {(checkpoint / name).stat().st_size if (checkpoint / name).is_file() else 'no'} bytes, "
+               f"{size} when written" for name, size in sorted(sizes.items())
+               if not (checkpoint / name).is_file() or (checkpoint / name).stat().st_size != size]
+    return f"{'; '.join(changed[:3])} (cut short or changed since)" if changed else None
 
 
 def latest_complete(folder: Path) -> Path | None:
@@ -80,8 +86,9 @@ def read_marker(checkpoint: Path) -> dict:
 def publish(staged: Path, final: Path, info: dict) -> Path:
     """Mark a fully written checkpoint complete and move it into place in one rename."""
     marker = staged / MARKER
+    sizes = {str(p.relative_to(staged)): p.stat().st_size for p in staged.rglob("*") if p.is_file()}
     with marker.open("w", encoding="utf-8") as fh:
-        json.dump(info, fh)
+        json.dump({**info, "sizes": sizes}, fh)
         fh.flush()
         os.fsync(fh.fileno())
     if final.exists():
