@@ -302,3 +302,14 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(workspace, 
     assert said in done.stderr
     assert f"resuming from {run / 'checkpoints' / 'checkpoint-2'}" in done.stderr
     assert json.loads((run / "manifest.json").read_text())["steps"] == 6
+
+
+def test_ctrl_c_while_the_libraries_load_ends_with_one_line(monkeypatch, capsys):
+    from loraforge import cli
+
+    def interrupted():
+        raise KeyboardInterrupt  # Ctrl-C in the first second, while torch is being imported
+
+    monkeypatch.setattr(cli, "tune_process", interrupted)
+    assert cli.main(["train", "any.yaml"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"

@@ -419,9 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if args.command in COMPUTING:
-        tune_process()
     try:
+        if args.command in COMPUTING:
+            tune_process()
         return args.func(args)
     except LoraforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
