@@ -57,6 +57,7 @@ def test_classifier_learns_a_separable_task_and_predicts(train_tiny, tmp_path, c
     assert report["metrics_after"]["macro_f1"] >= 0.85
     assert report["eval_loss_after"] < report["eval_loss_before"]
     assert any("score" in name for name in _adapter_names(run)), "the classification head is trained and saved"
+    assert result.summary().splitlines()[-1] == f"Label a text with it: loraforge predict {run} --text TEXT"
 
     assert main(["predict", str(run), "--text", "The show was awful"]) == 0
     label, probability = capsys.readouterr().out.strip().split("\t")

@@ -2,6 +2,7 @@
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,9 @@ def test_eval_json_records_before_and_after(tiny_run):
     assert report["data"]["train_rows"] == 18 and report["data"]["val_rows"] == 6
     assert report["samples"][0]["prompt"] == "Echo red"
     assert "Eval loss:" in result.summary() and str(result.run_dir) in result.summary()
+    assert result.summary().splitlines()[-1] == f"Chat with it: loraforge chat {result.run_dir}"
+    spaced = replace(result, run_dir=Path("runs/my run"))
+    assert spaced.summary().splitlines()[-1] == "Chat with it: loraforge chat 'runs/my run'", "pastes into a shell"
 
 
 def test_adapter_moved_and_base_stayed(tiny_run, tiny_model_dir):

@@ -2,6 +2,7 @@
 curves, report.md, manifest.json) and the summary printed at the end."""
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class TrainResult:
     test: dict | None = None
     # A preference run's held-out preference on its validation split (eval/preference.py).
     preference: dict | None = None
+    task: str = "causal_lm"
 
     def summary(self) -> str:
         lines = [f"Run directory: {self.run_dir}"]
@@ -74,7 +76,10 @@ class TrainResult:
             lines.append(f"Prompt:     {sample['prompt']}")
             lines.append(f"Base:       {sample['base']}")
             lines.append(f"Fine-tuned: {sample['finetuned']}")
-        lines.append(f"Chat with it: loraforge chat {self.run_dir}")
+        if self.task == "classification":
+            lines.append(f"Label a text with it: loraforge predict {shlex.quote(str(self.run_dir))} --text TEXT")
+        else:
+            lines.append(f"Chat with it: loraforge chat {shlex.quote(str(self.run_dir))}")
         return "\n".join(lines)
 
 

@@ -217,7 +217,7 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
         throughput.session_tokens_per_s(trainer.state), samples,
         metrics=evaluation.metric_values(trained.after), precision=precision.chosen,
         total_seconds=time.perf_counter() - started, timing=timing, weights=trained.weights, test=test,
-        preference=preference,
+        preference=preference, task=config.task,
     )
 
 
