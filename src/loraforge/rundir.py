@@ -81,9 +81,14 @@ def read_config(run_dir: str | Path) -> RunConfig:
     if not (run_dir / RESOLVED).is_file():
         raise RunDirError(f"{run_dir} is not a run directory: {RESOLVED} is missing; pass the output_dir of a training run")
     if not (run_dir / ADAPTER / "adapter_config.json").is_file() and not (run_dir / MODEL / "config.json").is_file():
+        checkpoints = sorted((p for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if p.name[11:].isdigit()),
+                             key=lambda p: int(p.name[11:]))
+        state = (f"it stopped at or after {checkpoints[-1].name}: carry it on to its end with `loraforge train CONFIG "
+                 f"output_dir={run_dir} --resume auto`" if checkpoints else
+                 "it is still training, or stopped before its first checkpoint (train.save_every)")
         raise RunDirError(
-            f"{run_dir} has no finished adapter ({ADAPTER}/adapter_config.json) or model ({MODEL}/config.json); "
-            "the run did not complete"
+            f"{run_dir} has no finished adapter ({ADAPTER}/adapter_config.json) or model ({MODEL}/config.json): "
+            f"the run did not complete; {state}"
         )
     return load_config(run_dir / RESOLVED)
 
