@@ -96,3 +96,25 @@ def test_a_stopped_merge_is_redone_and_another_runs_or_edited_files_are_refused(
     with pytest.raises(ExportError, match=r"did not write, or that changed since it wrote them \(chat_template.jinja\)"):
         run_merge(run_a)
     assert {p: p.read_bytes() for p in merged.iterdir()} == files, "nothing rewritten"
+
+
+def test_the_merged_template_adds_the_runs_system_prompt_as_training_did(train_tiny):
+    from transformers import AutoTokenizer
+
+    from loraforge.eval.generate import prompt_messages
+    from loraforge.model.load import load_tokenizer
+
+    config, _ = train_tiny("train.max_steps=1", "data.system_prompt='Answer in \"two\" words; no more.'")
+    run = Path(config.output_dir)
+    run_merge(run)
+    merged = AutoTokenizer.from_pretrained(run / "merged")
+    trained = load_tokenizer(str(run / "tokenizer"))
+    as_chat = trained.apply_chat_template(prompt_messages("Echo red", config.data.system_prompt), tokenize=False,
+                                          add_generation_prompt=True)
+    assert config.data.system_prompt == 'Answer in "two" words; no more.' and config.data.system_prompt in as_chat
+    plain = [{"role": "user", "content": "Echo red"}]
+    assert merged.apply_chat_template(plain, tokenize=False, add_generation_prompt=True) == as_chat, (
+        "a chat without a system message gets the run's, as `loraforge chat` renders it")
+    own = [{"role": "system", "content": "Be loud."}, *plain]
+    assert (merged.apply_chat_template(own, tokenize=False, add_generation_prompt=True)
+            == trained.apply_chat_template(own, tokenize=False, add_generation_prompt=True)), "a system message given wins"

@@ -9,7 +9,7 @@ from loraforge import rundir
 from loraforge.errors import ExportError, RunDirError
 from loraforge.export import ledger
 from loraforge.model.load import load_model
-from loraforge.model.template import apply_template
+from loraforge.model.template import apply_template, with_default_system
 from loraforge.trained import load_run
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,9 @@ def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult
     merged = model.merge_and_unload()
     ledger.claim(out_dir, None, "--out")
     merged.save_pretrained(out_dir)
+    system = config.data.system_prompt if config.task == "causal_lm" else None
+    if system is not None and tokenizer.chat_template:
+        tokenizer.chat_template = with_default_system(tokenizer.chat_template, system)
     tokenizer.save_pretrained(out_dir)
     if labels is not None:
         (out_dir / rundir.LABELS).write_text(json.dumps(labels), encoding="utf-8")

@@ -7,6 +7,7 @@ as Jinja exceptions, so every render here is bounded in time and turns a failure
 template and the fix.
 """
 
+import json
 import signal
 import threading
 import weakref
@@ -40,6 +41,14 @@ def set_template(tokenizer, value: str) -> None:
     text = template_text(value)
     tokenizer.chat_template = text
     _ORIGINS[tokenizer] = (text, "data.chat_template" if text == value else f"data.chat_template ({value})")
+
+
+def with_default_system(template: str, system_prompt: str) -> str:
+    """The chat template, with system_prompt as the system message of a chat that brings none: data.system_prompt
+    as training put it into every conversation, so a merged model or GGUF answers as `loraforge chat` does."""
+    default = ("{%- if not messages or messages[0]['role'] != 'system' %}{%- set messages = [{'role': 'system', "
+               f"'content': {json.dumps(system_prompt, ensure_ascii=False)}}}] + messages %}}{{%- endif %}}")
+    return default + template
 
 
 def template_origin(tokenizer) -> str:
