@@ -24,6 +24,7 @@ from loraforge.config.env import read_env_beside
 from loraforge.config.migrate import write_migrated
 from loraforge.config.output_dir import expand_output_dir
 from loraforge.data.formats import FORMAT_FIELDS
+from loraforge.data.sources import missing_files
 from loraforge.errors import ConfigError, LoraforgeError, TrainingStopped
 
 
@@ -170,7 +171,10 @@ def _launch_estimate(args) -> int:
 
 
 def _config_validate(args) -> int:
-    load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)
+    missing = missing_files(config.data.sources)
+    if missing:
+        raise ConfigError(missing, source=str(args.config))
     print(f"{args.config}: valid")
     return 0
 

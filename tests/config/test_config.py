@@ -281,10 +281,14 @@ def test_cli_show_prints_resolved_yaml(tmp_path, capsys):
     assert shown == yaml.safe_load(config_to_yaml(load_config(path, ["lora.r=4"])))
 
 
-def test_cli_validate_exit_codes(tmp_path, capsys):
+def test_cli_validate_exit_codes(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     good = write(tmp_path / "good.yaml", MINIMAL)
     bad = write(tmp_path / "bad.yaml", MINIMAL + "seeed: 1\n")
-    assert main(["config", "validate", str(good)]) == 0
+    assert main(["config", "validate", str(good)]) == 2, "d.jsonl is not there yet"
+    assert f"data.sources[0].path: d.jsonl: data file not found (cwd is {tmp_path})" in capsys.readouterr().err
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    assert main(["config", "validate", str(good), "data.sources=[{path: d.jsonl}, {path: owner/hub-set}]"]) == 0
     assert main(["config", "validate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:4: seeed: unknown key; did you mean 'seed'?" in err

@@ -13,6 +13,16 @@ class BadRow(DataError):
     """A row that cannot be parsed; skipped with data.on_bad_row=skip."""
 
 
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def missing_files(sources) -> list[str]:
+    """One line per data.sources entry naming a local file that is not there (hub datasets are not checked)."""
+    return [f"data.sources[{i}].path: {source.path}: data file not found (cwd is {Path.cwd()})"
+            for i, source in enumerate(sources)
+            if Path(source.path).suffix.lower() in FILE_SUFFIXES and not Path(source.path).is_file()]
+
+
 def read_rows(path: str, hub_split: str = "train"):
     """Yield (where, row) pairs; `where` is "file:line" for JSONL/CSV, "file: row N" otherwise.
 
@@ -21,7 +31,7 @@ def read_rows(path: str, hub_split: str = "train"):
     """
     file = Path(path)
     suffix = file.suffix.lower()
-    if suffix in (".jsonl", ".json", ".csv", ".parquet"):
+    if suffix in FILE_SUFFIXES:
         if not file.is_file():
             raise DataError(f"{file}: data file not found (cwd is {Path.cwd()}); fix data.sources[].path")
         if file.stat().st_size == 0:
