@@ -208,6 +208,13 @@ def case_serve_port_out_of_range(tmp_path, workspace):
     return ["serve", run, "--port", "99999"], run, 2, ["--port: 99999: give 1 to 65535"]
 
 
+def case_merge_out_is_a_file(tmp_path, workspace):
+    run = copy_run(workspace, f"outfile-{tmp_path.name}")
+    target = tmp_path / "afile"
+    target.write_text("mine\n")
+    return ["merge", run, "--out", target], tmp_path, 2, [f"--out {target} is a file; give a folder path"]
+
+
 def case_chat_with_a_run_stopped_midway(tmp_path, workspace):
     run = copy_run(workspace, f"stopped-{tmp_path.name}")
     shutil.rmtree(run / "adapter")  # a run stopped after its checkpoints, before its final weights
@@ -240,7 +247,7 @@ CASES = [case_duplicate_keys, case_not_utf8, case_config_is_a_directory, case_ou
          case_template_syntax_error, case_template_reaching_for_globals, case_model_folder_that_is_not_a_model,
          case_custom_model_code_without_trust, case_malformed_hub_id, case_adapter_missing_its_weights,
          case_adapter_cut_short, case_run_without_its_tokenizer, case_chat_answer_of_no_length,
-         case_serve_port_out_of_range, case_chat_with_a_run_stopped_midway, case_output_dir_that_cannot_be_made, case_validation_source_emptied_by_filtering]
+         case_serve_port_out_of_range, case_merge_out_is_a_file, case_chat_with_a_run_stopped_midway, case_output_dir_that_cannot_be_made, case_validation_source_emptied_by_filtering]
 
 
 def name_of(case) -> str:

@@ -187,3 +187,17 @@ def test_eval_reads_the_run_data_from_where_it_trained_and_refuses_a_changed_fil
     (trained_in / "echo.jsonl").unlink()
     with pytest.raises(DataError, match="is not there"):
         run_eval(trained_in / "run", max_samples=0)
+
+
+def test_eval_says_when_compare_base_has_no_base_to_measure_and_refuses_an_unknown_split(train_tiny, caplog):
+    import logging
+
+    from loraforge.errors import ConfigError
+
+    config, _ = train_tiny("train.max_steps=1", "adapter=full", "precision=fp32")
+    with caplog.at_level(logging.WARNING, logger="loraforge.eval.run"):
+        found = run_eval(config.output_dir, compare_base=True, max_samples=0)
+    assert set(found) >= {"fine_tuned"} and "base" not in found
+    assert "--compare-base: eval measures no base model for a full fine-tune (no adapter to switch off)" in caplog.text
+    with pytest.raises(ConfigError, match="split 'train': eval draws the run's held-out split val or test"):
+        run_eval(config.output_dir, split="train")

@@ -273,3 +273,17 @@ def test_a_dora_run_and_its_base_answer_as_chat_does(tmp_path, tiny_model_dir, c
         out = plain.generate(**prompt, max_new_tokens=6, do_sample=False)
     base_answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert replies[1].json()["choices"][0]["message"]["content"] == base_answer and base_answer != expected
+
+
+def test_a_port_already_taken_is_refused_before_any_model_loads(tmp_path):
+    import socket
+
+    from loraforge.errors import LoraforgeError
+    from loraforge.serve.run import run_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(LoraforgeError, match=rf"--port {port}: 127.0.0.1:{port} cannot be listened on .*--port"):
+            run_server([str(tmp_path / "no-such-run")], port=port, engine="hf")

@@ -191,6 +191,9 @@ def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = 
     they repeat its end-of-training evaluation (eval.json), unless `precision` says otherwise."""
     if precision not in (None, "fp32", "bf16"):
         raise ConfigError([f"precision {precision!r}: eval computes in fp32 or bf16 (or, left out, as the run trained)"])
+    if split not in SPLIT_FILES:
+        raise ConfigError([f"split {split!r}: eval draws the run's held-out split {' or '.join(SPLIT_FILES)}; "
+                           "evaluate other rows as a file with data"])
     run_dir = Path(run_dir)
     name = data or f"{SPLIT_FILES[split]} split"
     # The rows are read before the model is loaded, so a file that cannot be evaluated is refused at once.
@@ -204,6 +207,10 @@ def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = 
                    precision=precision)
     if precision == "bf16" and run.model.device.type == "cpu":
         _warn_if_bf16_is_slower(run.model.config)
+    if compare_base and not (saved.task == "causal_lm" and saved.method == "sft" and hasattr(run.model, "disable_adapter")):
+        kind = ("a classification run" if saved.task == "classification" else f"a {saved.method} run"
+                if saved.method != "sft" else "a full fine-tune (no adapter to switch off)")
+        log.warning("--compare-base: eval measures no base model for %s; only the run's own figures follow", kind)
     results = _measure(run, data_config, rows, compare_base, max_samples)
     return _write({"run_dir": str(run_dir), "data": name, "precision": precision, "trained_precision": trained,
                    **results}, run_dir, data, split)

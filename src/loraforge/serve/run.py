@@ -46,6 +46,7 @@ def run_server(run_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, a
         socket.getaddrinfo(host, port)
     except OSError as exc:
         raise LoraforgeError(f"--host {host}: {exc}") from None
+    refuse_a_taken_port(host, port)
     chosen, vllm_args = choose(engine, run_dirs, host, port, max_batch)
     if chosen == "vllm":
         become_vllm(vllm_args, api_key)
@@ -57,6 +58,18 @@ def run_server(run_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, a
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         engine.close()
+
+
+def refuse_a_taken_port(host: str, port: int) -> None:
+    """Before the models load: a port another program listens on fails only once uvicorn binds it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise LoraforgeError(f"--port {port}: {host}:{port} cannot be listened on ({exc.strerror}); another "
+                                 "program may hold it: choose another with --port") from None
 
 
 class Background:
