@@ -55,6 +55,16 @@ def test_bad_row_names_file_line_and_field(tmp_path, case):
     assert "data.sources[0]" in message and "on_bad_row=skip" in message
 
 
+def test_every_bad_row_is_counted_in_one_error_and_the_first_five_listed(tmp_path):
+    lines = [GOOD, "{broken", GOOD, *[json.dumps({"prompt": f"x{i}"}) for i in range(6)], GOOD]
+    path = write(tmp_path, lines)
+    with pytest.raises(DataError) as info:
+        load(path)
+    message = str(info.value)
+    assert message.startswith("7 bad rows, the first 5:\n") and message.endswith("set data.on_bad_row=skip to drop such rows")
+    assert [f"{path}:{n}:" in message for n in (2, 4, 5, 6, 7, 8, 9)] == [True] * 5 + [False] * 2
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_row_is_skipped_counted_and_listed(tmp_path, case):
     lines, fmt, expected = CASES[case]

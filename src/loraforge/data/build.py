@@ -28,6 +28,7 @@ class Row:
 def load_rows(sources, system_prompt: str | None, on_bad_row: str, stats: DataStats) -> dict[str, list[Row]]:
     """Every row of every source, parsed; bad rows raise, or are skipped and counted with on_bad_row=skip."""
     splits: dict[str, list[Row]] = {"train": [], "val": [], "test": []}
+    refused: list[str] = []
     for index, source in enumerate(sources):
         parse = PARSERS[source.format.value]
         read = bad = 0
@@ -39,20 +40,27 @@ def load_rows(sources, system_prompt: str | None, on_bad_row: str, stats: DataSt
                 conversation = parse(row, where, source)
             except DataError as exc:
                 message = f"{exc} (data.sources[{index}], format={source.format.value})"
-                if on_bad_row == "error":
-                    raise DataError(message + "; set data.on_bad_row=skip to drop such rows") from None
                 bad += 1
+                if on_bad_row == "error":
+                    refused.append(message)
+                    continue
                 if len(stats.bad_row_examples) < SHOWN_BAD_ROWS:
                     stats.bad_row_examples.append(message)
                 continue
             splits[source.split].append(Row(where, conversation.with_system(system_prompt), index))
         if read == 0:
             raise DataError(f"{source.path}: no rows (data.sources[{index}]); the file holds only blank lines")
-        if read == bad:
+        if read == bad and on_bad_row == "skip":
             raise DataError(f"{source.path}: all {read} rows are bad (data.sources[{index}]); first: {stats.bad_row_examples[0]}")
         stats.rows_read += read
         stats.bad_rows += bad
         stats.per_source[source.path] = {"read": read, "bad": bad}
+    if len(refused) == 1:
+        raise DataError(f"{refused[0]}; set data.on_bad_row=skip to drop such rows")
+    if refused:
+        shown = "\n  ".join(refused[:SHOWN_BAD_ROWS])
+        raise DataError(f"{len(refused)} bad rows, the first {min(len(refused), SHOWN_BAD_ROWS)}:\n  {shown}\nfix "
+                        "them, or set data.on_bad_row=skip to drop such rows")
     if stats.bad_rows:
         log.warning("%d bad rows skipped (data.on_bad_row=skip); first ones:\n  %s", stats.bad_rows,
                     "\n  ".join(stats.bad_row_examples))
