@@ -55,6 +55,18 @@ def test_bad_row_names_file_line_and_field(tmp_path, case):
     assert "data.sources[0]" in message and "on_bad_row=skip" in message
 
 
+@pytest.mark.parametrize("row, fmt, named", [
+    ({"instruction": "Say hi", "input": "", "output": "hi"}, "messages", "alpaca"),
+    ({"conversations": [{"from": "human", "value": "hi"}]}, "messages", "sharegpt"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "alpaca", "messages"),
+    ({"text": "good film", "label": "pos"}, "prompt_completion", "classification"),
+])
+def test_a_row_of_another_format_names_that_format(tmp_path, row, fmt, named):
+    path = write(tmp_path, [json.dumps(row)])
+    with pytest.raises(DataError, match=f"these are the fields of format {named}: set data.sources\\[\\].format: {named}"):
+        load(path, fmt)
+
+
 def test_every_bad_row_is_counted_in_one_error_and_the_first_five_listed(tmp_path):
     lines = [GOOD, "{broken", GOOD, *[json.dumps({"prompt": f"x{i}"}) for i in range(6)], GOOD]
     path = write(tmp_path, lines)

@@ -256,9 +256,35 @@ PARSERS = {
 }
 
 
+# The fields a row must have to be read in each format, for naming the format a row of another one is in.
+REQUIRED_FIELDS = {
+    "messages": {"messages"},
+    "sharegpt": {"conversations"},
+    "alpaca": {"instruction", "output"},
+    "prompt_completion": {"prompt", "completion"},
+    "classification": {"text", "label"},
+    "text": {"text"},
+    "preference": {"chosen", "rejected"},
+    "unpaired_preference": {"completion", "label"},
+}
+
+
+# The field a format's rows open with: a row without it is more likely of another format than missing one field.
+LEADING_FIELDS = {"messages", "conversations", "instruction", "prompt", "text", "chosen"}
+
+
+def format_of(keys) -> str | None:
+    """The format whose required fields a row with these keys has, the most specific first; None if none."""
+    matching = [name for name, needed in REQUIRED_FIELDS.items() if needed <= set(keys)]
+    return max(matching, key=lambda name: len(REQUIRED_FIELDS[name]), default=None)
+
+
 def _field(row: dict, name: str, kind: type, where: str, hint: str):
     if name not in row:
         keys = ", ".join(sorted(map(str, row))) or "none"
+        other = format_of(row) if name in LEADING_FIELDS else None
+        if other is not None:
+            hint = f"these are the fields of format {other}: set data.sources[].format: {other}, or {hint}"
         raise DataError(f"{where}: no {name!r} field (keys: {keys}); {hint}")
     value = row[name]
     if not isinstance(value, kind):
