@@ -69,7 +69,8 @@ def generate(run_dir: str | Path, prompts: str | list[str], max_new_tokens: int 
     prompt, a list of answers to a list of prompts."""
     run = load_run(run_dir, task="causal_lm")
     config = run.config
-    chats = [prompt_messages(p, config.data.system_prompt) for p in ([prompts] if isinstance(prompts, str) else prompts)]
+    asked = [prompts] if isinstance(prompts, str) else prompts
+    chats = [prompt_messages(p, config.data.system_prompt) for p in asked]
     answers = generate_batch(run.model, run.tokenizer, chats, max_new_tokens or config.eval.max_new_tokens,
                              run.stop_ids)
     return answers[0] if isinstance(prompts, str) else answers

@@ -207,7 +207,8 @@ def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = 
                    precision=precision)
     if precision == "bf16" and run.model.device.type == "cpu":
         _warn_if_bf16_is_slower(run.model.config)
-    if compare_base and not (saved.task == "causal_lm" and saved.method == "sft" and hasattr(run.model, "disable_adapter")):
+    base_measured = saved.task == "causal_lm" and saved.method == "sft" and hasattr(run.model, "disable_adapter")
+    if compare_base and not base_measured:
         kind = ("a classification run" if saved.task == "classification" else f"a {saved.method} run"
                 if saved.method != "sft" else "a full fine-tune (no adapter to switch off)")
         log.warning("--compare-base: eval measures no base model for %s; only the run's own figures follow", kind)

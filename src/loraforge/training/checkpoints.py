@@ -1,8 +1,8 @@
 """Checkpoints that are complete or absent: written aside, marked, renamed into place, rotated.
 
 A checkpoint is `checkpoints/checkpoint-N/` holding a COMPLETE marker (JSON: step, config and data
-fingerprints, the size of every file written). Anything else in `checkpoints/` (a `.staging-*` folder left by a crash, a folder without
-the marker) is never resumed from.
+fingerprints, the size of every file written). Anything else in `checkpoints/` (a `.staging-*` folder left by
+a crash, a folder without the marker) is never resumed from.
 """
 
 import json
