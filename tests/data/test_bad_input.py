@@ -177,3 +177,25 @@ def test_unknown_file_type(tmp_path):
     path.write_text("hello")
     with pytest.raises(DataError, match=r"d.txt: not a .jsonl, .json, .csv or .parquet file"):
         load(path)
+
+
+def csv_file(tmp_path, rows):
+    path = tmp_path / "qa.csv"
+    path.write_text("\n".join(["instruction,output", *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_csv_rows_that_do_not_parse_name_their_line(tmp_path):
+    good = [f"What is {i}?,{i}" for i in range(20)]
+    middle = csv_file(tmp_path, good[:11] + ["What is 2+2?,4, I think"] + good[11:])
+    with pytest.raises(DataError, match=rf"{middle}:13: Expected 2 fields in line 13, saw 3; a field that holds a comma "
+                                        r"must be quoted"):
+        load(middle, "alpaca")
+    first = csv_file(tmp_path, ["What is 2+2?,4, I think", *good])
+    with pytest.raises(DataError, match=rf"{first}:2: more fields than the header names \(instruction, output\)"):
+        load(first, "alpaca")
+    header_only = csv_file(tmp_path, [])
+    with pytest.raises(DataError, match=rf"{header_only}: no rows under its header"):
+        load(header_only, "alpaca")
+    rows, _ = load(csv_file(tmp_path, ['"What is 2+2?","4, I think"', *good]), "alpaca")
+    assert rows["train"][0].conversation.messages[-1].content == "4, I think", "a quoted comma stays in its field"

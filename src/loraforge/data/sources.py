@@ -2,6 +2,7 @@
 Parquet and hub datasets through `datasets`."""
 
 import json
+import re
 from pathlib import Path
 
 from loraforge.errors import DataError
@@ -95,10 +96,28 @@ def _via_datasets(file: Path, kind: str):
     try:
         table = load_dataset(kind, data_files=str(file), split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise DataError(f"{file}: cannot be read as {kind}: {exc}") from None
+        cause = _root_cause(exc)
+        if "corresponds to no data" in cause:
+            raise DataError(f"{file}: no rows under its header; point data.sources[].path at a file with rows") from None
+        line = re.search(r"in line (\d+)", cause) if kind == "csv" else None
+        if line is not None:
+            raise DataError(f"{file}:{line.group(1)}: {cause.split('error: ')[-1].strip()}; a field that holds a comma "
+                            'must be quoted ("like, this")') from None
+        raise DataError(f"{file}: cannot be read as {kind}: {cause}") from None
+    if kind == "csv" and "__index_level_0__" in table.column_names:
+        header = [name for name in table.column_names if name != "__index_level_0__"]
+        raise DataError(f"{file}:2: more fields than the header names ({', '.join(header)}), so every column would "
+                        'shift by one; a field that holds a comma must be quoted ("like, this")')
     for index, row in enumerate(table):
         where = f"{file}:{index + 2}" if kind == "csv" else f"{file}: row {index}"
         yield where, _decode_nested(row)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception's message: datasets wraps the parser's own, which names the line."""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    return str(exc)
 
 
 def _hub(name: str, split: str):
