@@ -75,6 +75,21 @@ def test_an_unseen_json_config_with_other_names_and_unknown_keys(tmp_path, monke
     assert config["precision"] == "bf16" and config["lora"] == {"r": 4, "alpha": 8}
 
 
+def test_a_data_path_beside_the_script_config_is_written_as_seen_from_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seeds = tmp_path / "seeds"
+    (seeds / "data").mkdir(parents=True)
+    write_jsonl(seeds / "data" / "pairs.jsonl", [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}] * 3)
+    source = seeds / "trl.yaml"
+    source.write_text("model_name_or_path: smollm2-135m-instruct\ndataset_path: data/pairs.jsonl\n")
+    migration = migrate(source)
+    assert migration.config["data"]["sources"] == [{"path": "seeds/data/pairs.jsonl", "format": "preference"}]
+    assert any("data/pairs.jsonl is not in this folder but beside" in note and "written as seeds/data/pairs.jsonl" in note
+               for note in migration.notes)
+    monkeypatch.chdir(seeds)
+    assert migrate(source).config["data"]["sources"][0]["path"] == "data/pairs.jsonl", "found here: kept as given"
+
+
 def test_a_trl_preference_script_config_migrates_to_its_method(tmp_path, monkeypatch):
     """TRL's DPO and KTO scripts are the method: the config names none, the data's shape says which; beta and the
     loss (a name, or TRL's list of one) are carried; a loss loraforge does not train is listed, not dropped."""

@@ -3,6 +3,7 @@
 config. Every source key is either carried to a loraforge key or listed with the reason it is not."""
 
 import json
+import os
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -134,7 +135,7 @@ def migrate(path: str | Path) -> Migration:
     migration = Migration({})
     for key, value in found:
         _carry_one(migration, key, value, names)
-    _data_source(migration, names, where)
+    _data_source(migration, names, where, path)
     _layer_variant(migration, names, where)
     return migration
 
@@ -288,15 +289,20 @@ SPECIAL = {
 }
 
 
-def _data_source(migration: Migration, names: dict, where: dict) -> None:
+def _data_source(migration: Migration, names: dict, where: dict, origin: Path) -> None:
     splits = {"train_file": "train", "data_path": "train", "dataset_path": "train", "dataset_name": "train",
               "validation_file": "val", "test_file": "test"}
     sources = []
     for name, split in splits.items():
         if not names.get(name):
             continue
-        source = {"path": str(names[name])}
-        fmt, fields, why = infer_format(Path(str(names[name])), names)  # read from the cwd, as training reads it
+        given = Path(str(names[name]))
+        path = _found_beside(given, origin)
+        if path != given:
+            migration.notes.append(f"{where[name]}: {given} is not in this folder but beside {origin}: written as "
+                                   f"{path} (loraforge reads data paths from the folder it runs in)")
+        source = {"path": str(path)}
+        fmt, fields, why = infer_format(path, names)  # read from the cwd, as training reads it
         source["format"] = fmt
         if fields:
             source["fields"] = fields
@@ -316,6 +322,15 @@ def _data_source(migration: Migration, names: dict, where: dict) -> None:
         migration.config["method"] = method
         held = "pairs (orpo and kto also train on pairs)" if method == "dpo" else "answers labelled good or bad"
         migration.notes.append(f"method {method}: the data holds {held} and the source names no method")
+
+
+def _found_beside(given: Path, origin: Path) -> Path:
+    """A relative data path as the working folder sees it: scripts often read it from the config's folder, so a
+    file found there, and not here, is given by its path from here."""
+    beside = origin.parent / given
+    if given.is_absolute() or given.exists() or not beside.is_file():
+        return given
+    return Path(os.path.relpath(beside))
 
 
 def infer_format(path: Path, names: dict) -> tuple[str, dict, str]:
