@@ -32,6 +32,17 @@ def test_eval_command_compares_base_and_fine_tuned(train_tiny, capsys):
     assert 0 <= tuned["token_accuracy"] <= 1 and tuned["token_accuracy"] >= base["token_accuracy"]
 
 
+def test_eval_of_a_bf16_run_repeats_its_validation_loss(train_tiny):
+    """bf16 sums depend on how rows are batched and padded: eval batches the validation rows as the trainer did."""
+    config, result = train_tiny("precision=bf16", "train.max_steps=2", "train.eval_every=2",
+                                rows=[{"messages": [{"role": "user", "content": "Echo " + "word " * (i % 7)},
+                                                    {"role": "assistant", "content": "ok " * (1 + i % 5)}]}
+                                      for i in range(40)])
+    found = run_eval(config.output_dir, max_samples=0)
+    assert found["precision"] == "bf16"
+    assert found["fine_tuned"]["loss"] == pytest.approx(result.eval_after, rel=1e-5)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_test_split_is_evaluated_once_after_training_and_again_by_eval(train_tiny, capsys, precision):
     from loraforge.cli import main
