@@ -18,14 +18,15 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from loraforge import __version__
+from loraforge import __version__, rundir
 from loraforge.config import RunConfig, config_to_yaml, load_config
 from loraforge.config.env import read_env_beside
 from loraforge.config.migrate import write_migrated
 from loraforge.config.output_dir import expand_output_dir
 from loraforge.data.formats import FORMAT_FIELDS
 from loraforge.data.sources import missing_files
-from loraforge.errors import ConfigError, LoraforgeError, TrainingStopped
+from loraforge.errors import ConfigError, LoraforgeError, ModelError, RunDirError, TrainingStopped
+from loraforge.model.sources import BUILTIN, check_model_name
 
 
 # The launcher's flags, handed by the launching `train` to every process it starts, for the resume command.
@@ -171,10 +172,22 @@ def _launch_estimate(args) -> int:
 
 
 def _config_validate(args) -> int:
+    """The config's keys and values, then what train would find missing seconds later: data files, a model folder,
+    the run init_from names."""
     config = load_config(args.config, args.overrides)
-    missing = missing_files(config.data.sources)
-    if missing:
-        raise ConfigError(missing, source=str(args.config))
+    problems = missing_files(config.data.sources)
+    try:
+        if config.model.name not in BUILTIN:
+            check_model_name(config.model.name)
+    except ModelError as exc:
+        problems.append(str(exc))
+    if config.init_from is not None:
+        try:
+            rundir.read_config(config.init_from)
+        except RunDirError as exc:
+            problems.append(f"init_from: {exc}")
+    if problems:
+        raise ConfigError(problems, source=str(args.config))
     print(f"{args.config}: valid")
     return 0
 

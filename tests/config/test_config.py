@@ -289,6 +289,10 @@ def test_cli_validate_exit_codes(tmp_path, capsys, monkeypatch):
     assert f"data.sources[0].path: d.jsonl: data file not found (cwd is {tmp_path})" in capsys.readouterr().err
     (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
     assert main(["config", "validate", str(good), "data.sources=[{path: d.jsonl}, {path: owner/hub-set}]"]) == 0
+    assert main(["config", "validate", str(good), "model.name=./no-model", f"init_from={tmp_path / 'no-run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err and f"model.name: folder ./no-model not found (cwd is {tmp_path})" in err
+    assert f"init_from: {tmp_path / 'no-run'} is not a run directory" in err
     assert main(["config", "validate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:4: seeed: unknown key; did you mean 'seed'?" in err
