@@ -5,22 +5,14 @@ the ledger, or whose content changed since (a hand-edited Modelfile or chat temp
 still marked as being written belong to a merge or export that was stopped midway; the next one redoes them.
 """
 
-import hashlib
 import json
 from pathlib import Path
 
+from loraforge.data.cache import file_digest as sha256
 from loraforge.errors import ExportError
 
 LEDGER = ".loraforge-files.json"
 EVERY_FILE = "*"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read(folder: Path) -> dict:
@@ -79,9 +71,9 @@ def record(folder: Path, names: list[str] | None) -> None:
     folder = Path(folder)
     ledger = read(folder)
     files = {} if names is None else dict(ledger.get("files", {}))
-    written = [p.name for p in folder.iterdir() if p.name != LEDGER and p.is_file()] if names is None else names
-    files.update({name: sha256(folder / name) for name in written})
-    writing = [] if names is None else [n for n in ledger.get("writing", []) if n not in written]
+    done = [p.name for p in folder.iterdir() if p.name != LEDGER and p.is_file()] if names is None else names
+    files.update({name: sha256(folder / name) for name in done})
+    writing = [] if names is None else [n for n in ledger.get("writing", []) if n not in done]
     _write(folder, writing, files)
 
 
