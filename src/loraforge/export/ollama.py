@@ -11,9 +11,10 @@ from loraforge.model.sources import resolve_model
 from loraforge.model.template import apply_template
 from loraforge.training.prepare import model_stop_ids
 
-CHATML_GO_TEMPLATE = """{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}{{- range .Messages }}<|im_start|>{{ .Role }}
+# Ollama passes the Modelfile's SYSTEM as the first of .Messages when a chat brings no system message, and every
+# system message stays in .Messages besides being joined into .System: the template renders .Messages alone, as
+# Ollama's own chatml template does, or the system text would appear twice.
+CHATML_GO_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>
 {{ end }}<|im_start|>assistant
 """
