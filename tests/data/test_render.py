@@ -131,3 +131,10 @@ def test_message_marked_train_false_is_masked(tokenizer):
     assert [tokenizer.decode(s) for s in spans(ids, labels)] == ["Two.<|im_end|>"]
     ids, labels = render(multi_turn(), tokenizer, stop_token_ids(tokenizer), "assistant")
     assert [tokenizer.decode(s) for s in spans(ids, labels)] == ["One.<|im_end|>", "Two.<|im_end|>"]
+
+
+def test_an_opening_assistant_turn_trains_its_text_not_the_default_system_prompt_or_header(tokenizer):
+    conversation = chat(("assistant", "Hello! How can I help?"), ("user", "Say hi"), ("assistant", "hi"))
+    ids, labels = render(conversation, tokenizer, stop_token_ids(tokenizer))
+    assert "SmolLM" in tokenizer.decode(ids), "the template's default system prompt is rendered"
+    assert [tokenizer.decode(s) for s in spans(ids, labels)] == ["Hello! How can I help?<|im_end|>", "hi<|im_end|>"]

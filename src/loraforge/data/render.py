@@ -69,7 +69,7 @@ def _render_chat(
     for index, message in enumerate(messages):
         if message.role != "assistant" or message.train is False or (last_only and index != last):
             continue
-        prompt = _chat_ids(tokenizer, messages[:index], add_generation_prompt=True) if index else []
+        prompt = _chat_ids(tokenizer, messages[:index], add_generation_prompt=True) if index else _opening(tokenizer)
         through = _chat_ids(tokenizer, messages[: index + 1], add_generation_prompt=False)
         start = _common_prefix(prompt, through)
         end = _common_prefix(through, full)
@@ -84,6 +84,14 @@ def _render_chat(
                 break
         labels[start:end] = full[start:end]
     return full, labels
+
+
+def _opening(tokenizer) -> list[int]:
+    """What a template puts before an assistant turn that opens the chat (its default system message, the role
+    header): the tokens two renders of such a turn share when only their content differs."""
+    first, second = (_chat_ids(tokenizer, [Message("assistant", text)], add_generation_prompt=False)
+                     for text in ("x", "y"))
+    return first[: _common_prefix(first, second)]
 
 
 def render_preference(pair: Preference, tokenizer, stop_ids: frozenset[int]) -> tuple[list[int], list[int], list[int]]:
