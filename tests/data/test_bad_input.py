@@ -188,14 +188,37 @@ def csv_file(tmp_path, rows):
 def test_csv_rows_that_do_not_parse_name_their_line(tmp_path):
     good = [f"What is {i}?,{i}" for i in range(20)]
     middle = csv_file(tmp_path, good[:11] + ["What is 2+2?,4, I think"] + good[11:])
-    with pytest.raises(DataError, match=rf"{middle}:13: Expected 2 fields in line 13, saw 3; a field that holds a comma "
-                                        r"must be quoted"):
+    with pytest.raises(DataError, match=rf"{middle}:13: 3 fields where the header names 2 \(instruction, output\); a "
+                                        r"field that holds a comma must be quoted"):
         load(middle, "alpaca")
     first = csv_file(tmp_path, ["What is 2+2?,4, I think", *good])
-    with pytest.raises(DataError, match=rf"{first}:2: more fields than the header names \(instruction, output\)"):
+    with pytest.raises(DataError, match=rf"{first}:2: 3 fields where the header names 2"):
         load(first, "alpaca")
+    rows, stats = load(first, "alpaca", on_bad_row="skip")
+    assert len(rows["train"]) == 20 and stats.bad_rows == 1
     header_only = csv_file(tmp_path, [])
     with pytest.raises(DataError, match=rf"{header_only}: no rows under its header"):
         load(header_only, "alpaca")
     rows, _ = load(csv_file(tmp_path, ['"What is 2+2?","4, I think"', *good]), "alpaca")
     assert rows["train"][0].conversation.messages[-1].content == "4, I think", "a quoted comma stays in its field"
+    multi_line = csv_file(tmp_path, ['"Say\ntwo lines",ok', "What is 2+2?,4, I think"])
+    with pytest.raises(DataError, match=rf"{multi_line}:4: 3 fields"):
+        load(multi_line, "alpaca")
+
+
+def test_csv_cells_are_the_text_the_file_holds(tmp_path):
+    numbers = csv_file(tmp_path, [f"What is {i} plus {i}?,{2 * i}" for i in range(3)])
+    rows, _ = load(numbers, "alpaca")
+    assert [r.conversation.messages[-1].content for r in rows["train"]] == ["0", "2", "4"]
+    extraction = csv_file(tmp_path, ['Who is it?,"{""name"": ""Bob"", ""age"": 3}"', 'Primes?,"[2, 3, 5]"', "Missing?,NA"])
+    rows, _ = load(extraction, "alpaca")
+    assert [r.conversation.messages[-1].content for r in rows["train"]] == ['{"name": "Bob", "age": 3}', "[2, 3, 5]", "NA"]
+    codes = tmp_path / "codes.csv"
+    codes.write_text("text,label\nfine,01\nbroken,02\n", encoding="utf-8")
+    rows, _ = load(codes, "classification", labels=["01", "02"])
+    assert [r.conversation.label for r in rows["train"]] == ["01", "02"]
+    chats = tmp_path / "chats.csv"
+    chats.write_text('messages\n"[{""role"": ""user"", ""content"": ""Hi""}, {""role"": ""assistant"", ""content"": '
+                     '""[1, 2]""}]"\n', encoding="utf-8")
+    rows, _ = load(chats, "messages")
+    assert [m.content for m in rows["train"][0].conversation.messages] == ["Hi", "[1, 2]"]

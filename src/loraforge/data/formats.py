@@ -4,6 +4,7 @@ Each takes the row, where it came from ("file.jsonl:12") and the source's settin
 names, labels); a bad row raises DataError naming where, the field and the fix.
 """
 
+import json
 from dataclasses import dataclass
 
 from loraforge.errors import DataError
@@ -149,7 +150,11 @@ class Preference:
 
 
 def _turns(value, key: str, where: str, default_role: str, source) -> tuple[Message, ...]:
-    """A string (one message of default_role) or a list of {role, content} messages."""
+    """A string (one message of default_role) or a list of {role, content} messages, also as JSON text (a CSV cell)."""
+    if isinstance(value, str):
+        decoded = _json_list(value)
+        if isinstance(decoded, list) and all(isinstance(item, dict) and "role" in item for item in decoded):
+            value = decoded
     if isinstance(value, str):
         return (Message(default_role, value),)
     if not isinstance(value, list):
@@ -216,11 +221,13 @@ class Unpaired:
 
 def from_unpaired_preference(row: dict, where: str, source=None) -> Unpaired:
     """{prompt, completion, label}: prompt and completion text or messages ({messages, ...} for the prompt too),
-    label true for a desirable answer and false for an undesirable one."""
+    label true for a desirable answer and false for an undesirable one (also as the text true or false: a CSV cell)."""
     prompt = _prompt(row, where, source, "unpaired_preference")
     completion = _answer(row, "completion", prompt, where, source, "unpaired_preference")
     key = _column(source, "label")
     label = _field(row, key, object, where, _hint(source, "unpaired_preference"))
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+        label = label.strip().lower() == "true"
     if not isinstance(label, bool):
         raise DataError(f"{where}: field {key!r} is {label!r}; write true (a desirable answer) or false (an "
                         "undesirable one)")
@@ -287,9 +294,22 @@ def _field(row: dict, name: str, kind: type, where: str, hint: str):
             hint = f"these are the fields of format {other}: set data.sources[].format: {other}, or {hint}"
         raise DataError(f"{where}: no {name!r} field (keys: {keys}); {hint}")
     value = row[name]
+    if kind is list and isinstance(value, str):
+        value = _json_list(value)
     if not isinstance(value, kind):
         raise DataError(f"{where}: field {name!r} is {type(value).__name__}, expected {kind.__name__}; {hint}")
     return value
+
+
+def _json_list(text: str) -> list | str:
+    """A list written as JSON text (a CSV cell is text), or the text itself when it is not one."""
+    if not text.lstrip().startswith("["):
+        return text
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return items if isinstance(items, list) else text
 
 
 def _checked(messages: tuple[Message, ...], where: str, key: str) -> Conversation:

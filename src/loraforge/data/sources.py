@@ -1,8 +1,8 @@
-"""Rows out of a source, each with where it came from: JSONL/JSON by hand (for line numbers), CSV,
-Parquet and hub datasets through `datasets`."""
+"""Rows out of a source, each with where it came from: JSONL/JSON by hand and CSV through the csv module (for
+line numbers, and every CSV cell as the text it is), Parquet and hub datasets through `datasets`."""
 
+import csv
 import json
-import re
 from pathlib import Path
 
 from loraforge.errors import DataError
@@ -41,8 +41,10 @@ def read_rows(path: str, hub_split: str = "train"):
         yield from _jsonl(file)
     elif suffix == ".json":
         yield from _json(file)
-    elif suffix in (".csv", ".parquet"):
-        yield from _via_datasets(file, suffix[1:])
+    elif suffix == ".csv":
+        yield from _csv(file)
+    elif suffix == ".parquet":
+        yield from _parquet(file)
     elif file.exists() or "/" not in path or path.startswith((".", "/")):
         raise DataError(
             f"{path}: not a .jsonl, .json, .csv or .parquet file, nor a hub dataset name (owner/name); "
@@ -90,31 +92,53 @@ def _json(file: Path):
         yield f"{file}: row {index}", row
 
 
-def _via_datasets(file: Path, kind: str):
+def _csv(file: Path):
+    """Each row as {header name: cell text}: "4", "01", "NA" and a JSON-looking cell stay the text the file holds
+    (the formats decode a JSON list where they want one); a row is named by the line it starts on."""
+    rows = 0
+    try:
+        with file.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"{file}:1: no header line naming the columns")
+            for name in header:
+                if header.count(name) > 1:
+                    raise DataError(f"{file}:1: column {name!r} is named twice in the header; rename one")
+            line = reader.line_num + 1
+            for cells in reader:
+                where, line = f"{file}:{line}", reader.line_num + 1
+                if not cells:
+                    continue
+                rows += 1
+                if len(cells) != len(header):
+                    yield where, BadRow(f"{where}: {len(cells)} fields where the header names {len(header)} "
+                                        f"({', '.join(header)}); a field that holds a comma must be quoted "
+                                        '("like, this")')
+                else:
+                    yield where, dict(zip(header, cells))
+    except csv.Error as exc:
+        raise DataError(f"{file}:{reader.line_num}: not valid CSV ({exc}); a field that holds a quote or a line break "
+                        'must be quoted, with quotes inside doubled ("say ""hi""")') from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{file}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    if rows == 0:
+        raise DataError(f"{file}: no rows under its header; point data.sources[].path at a file with rows")
+
+
+def _parquet(file: Path):
     from datasets import load_dataset
 
     try:
-        table = load_dataset(kind, data_files=str(file), split="train")
+        table = load_dataset("parquet", data_files=str(file), split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
-        cause = _root_cause(exc)
-        if "corresponds to no data" in cause:
-            raise DataError(f"{file}: no rows under its header; point data.sources[].path at a file with rows") from None
-        line = re.search(r"in line (\d+)", cause) if kind == "csv" else None
-        if line is not None:
-            raise DataError(f"{file}:{line.group(1)}: {cause.split('error: ')[-1].strip()}; a field that holds a comma "
-                            'must be quoted ("like, this")') from None
-        raise DataError(f"{file}: cannot be read as {kind}: {cause}") from None
-    if kind == "csv" and "__index_level_0__" in table.column_names:
-        header = [name for name in table.column_names if name != "__index_level_0__"]
-        raise DataError(f"{file}:2: more fields than the header names ({', '.join(header)}), so every column would "
-                        'shift by one; a field that holds a comma must be quoted ("like, this")')
+        raise DataError(f"{file}: cannot be read as parquet: {_root_cause(exc)}") from None
     for index, row in enumerate(table):
-        where = f"{file}:{index + 2}" if kind == "csv" else f"{file}: row {index}"
-        yield where, _decode_nested(row)
+        yield f"{file}: row {index}", row
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The innermost exception's message: datasets wraps the parser's own, which names the line."""
+    """The innermost exception's message: datasets wraps the reader's own."""
     while (exc.__cause__ or exc.__context__) is not None:
         exc = exc.__cause__ or exc.__context__
     return str(exc)
@@ -129,16 +153,3 @@ def _hub(name: str, split: str):
         raise DataError(f"{name}: cannot load this hub dataset ({type(exc).__name__}: {exc}); offline runs need a local file") from None
     for index, row in enumerate(table):
         yield f"{name}: row {index}", row
-
-
-def _decode_nested(row: dict) -> dict:
-    """CSV cells holding JSON lists (a messages column, say) become lists."""
-    out = {}
-    for key, value in row.items():
-        if isinstance(value, str) and value[:1] in "[{":
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass
-        out[key] = value
-    return out
