@@ -116,6 +116,18 @@ def test_a_validation_source_emptied_by_filtering_is_an_error_naming_it(tmp_path
         build(tokenizer, config)
 
 
+def test_a_validation_split_emptied_by_filtering_is_an_error(tmp_path, tokenizer, chat_rows):
+    path = write_jsonl(tmp_path / "d.jsonl", chat_rows)
+    held_out = build(tokenizer, data_config(path, max_length=128, val_fraction=0.1)).val_prompts
+    assert held_out
+    rows = [{"messages": [r["messages"][0], {"role": "assistant", "content": "long " * 300}]}
+            if r["messages"][0]["content"] in held_out else r for r in chat_rows]
+    write_jsonl(path, rows)
+    with pytest.raises(DataError, match=rf"all {len(held_out)} validation rows were dropped \(longer than "
+                                        r"data.max_length=128.*no validation loss"):
+        build(tokenizer, data_config(path, max_length=128, val_fraction=0.1))
+
+
 def test_rows_in_both_train_and_validation_are_counted_and_dedupe_drops_them(tmp_path, tokenizer, chat_rows, caplog):
     train = write_jsonl(tmp_path / "train.jsonl", chat_rows[:12] + chat_rows[:3] + chat_rows[14:16])
     val = write_jsonl(tmp_path / "val.jsonl", chat_rows[14:18])

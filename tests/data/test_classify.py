@@ -42,6 +42,27 @@ def test_label_set_and_weights():
         class_weights(["a"], labels, {"z": 1.0})
 
 
+def test_source_weights_apply_and_an_emptied_validation_split_is_refused(tmp_path, tokenizer):
+    from loraforge.config.data_section import DataConfig
+    from loraforge.config.schema import ClassificationConfig
+    from loraforge.data.classify import build_classification
+    from tests.conftest import write_jsonl
+
+    path = write_jsonl(tmp_path / "r.jsonl", reviews(20))
+    long = write_jsonl(tmp_path / "long.jsonl", [{"text": "The film was great " * 20, "label": "positive"}] * 3)
+
+    def build(*sources, val_fraction=0.2):
+        config = DataConfig.model_validate({"sources": [{"format": "classification", **s} for s in sources],
+                                            "val_fraction": val_fraction, "max_length": 32, "cache": False})
+        return build_classification(config, ClassificationConfig(), tokenizer, seed=0)
+
+    train, val, *_ = build({"path": str(path)})
+    assert (len(train), len(val)) == (16, 4)
+    assert len(build({"path": str(path), "weight": 3})[0]) == 48, "data.sources[].weight repeats the rows, as for chat"
+    with pytest.raises(DataError, match=r"all 3 validation rows were dropped \(longer than data.max_length=32"):
+        build({"path": str(path)}, {"path": str(long), "split": "val"})
+
+
 def test_classifier_learns_a_separable_task_and_predicts(train_tiny, tmp_path, capsys):
     from loraforge.cli import main
 

@@ -248,6 +248,19 @@ def refuse_emptied_sources(data_config, before: list[Row], after: list[Row]) -> 
         )
 
 
+def refuse_emptied_splits(data_config, splits: dict[str, tuple[int, int]]) -> None:
+    """A validation or test split drawn with rows and left with none after tokenization is an error: the run
+    would go on without that evaluation, and eval_every would do nothing. splits: name -> (rows drawn, rows kept)."""
+    for name, (drawn, kept) in splits.items():
+        if drawn and not kept:
+            raise DataError(
+                f"all {drawn} {name} rows were dropped (longer than data.max_length={data_config.max_length}, "
+                f"or nothing to train under data.masking={data_config.masking.value}), so the run would have no "
+                f"{name} loss; raise data.max_length, set data.truncation: truncate, or draw more rows (data.val_fraction"
+                ", data.test_fraction)"
+            )
+
+
 def build_datasets(data_config, tokenizer, stop_ids, seed: int, cache_dir=None) -> DataBundle:
     """Tokenized splits; with data.cache and a cache_dir, reused when every input is unchanged."""
     if not (data_config.cache and cache_dir):
@@ -329,6 +342,8 @@ def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
     val, val_kept = tokenize(val_rows, tokenizer, stop_ids, data_config, stats) if val_rows else (None, [])
     test, test_kept = tokenize(test_rows, tokenizer, stop_ids, data_config, stats) if test_rows else (None, [])
     refuse_emptied_sources(data_config, [*train_rows, *val_rows, *test_rows], [*train_kept, *val_kept, *test_kept])
+    refuse_emptied_splits(data_config, {"validation": (len(val_rows), len(val_kept)),
+                                        "test": (len(test_rows), len(test_kept))})
     if preference:
         return _preference_bundle(train, val, test, val_rows, stats)
     check_trainable(train, [r.where for r in train_kept], tokenizer, stop_ids, data_config)

@@ -3,7 +3,7 @@
 import logging
 from collections import Counter
 
-from loraforge.data.build import DataStats, assign_splits, load_rows
+from loraforge.data.build import DataStats, apply_weights, assign_splits, load_rows, refuse_emptied_splits
 from loraforge.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ def build_classification(data_config, classification, tokenizer, seed: int):
     stats = DataStats()
     splits = load_rows(data_config.sources, None, data_config.on_bad_row, stats)
     train_rows, val_rows, test_rows = assign_splits(splits, data_config, seed, stats)
+    train_rows = apply_weights(train_rows, [s.weight for s in data_config.sources], seed)
     labels = label_set([r.conversation.label for r in train_rows], classification.labels)
     label_ids = {label: i for i, label in enumerate(labels)}
 
@@ -64,7 +65,11 @@ def build_classification(data_config, classification, tokenizer, seed: int):
         return Dataset.from_dict(columns)
 
     train = encode(train_rows)
+    if len(train) == 0:
+        raise DataError(f"no training rows left of {len(train_rows)}: dropped {stats.dropped}; raise data.max_length "
+                        f"(now {data_config.max_length}) or set data.truncation: truncate")
     val = encode(val_rows) if val_rows else None
+    refuse_emptied_splits(data_config, {"validation": (len(val_rows), len(val) if val is not None else 0)})
     weights = class_weights([r.conversation.label for r in train_rows], labels, classification.class_weights)
     stats.train_rows, stats.val_rows, stats.test_rows = len(train), len(val) if val is not None else 0, len(test_rows)
     stats.train_tokens = sum(len(x) for x in train["input_ids"])
