@@ -334,3 +334,16 @@ def test_a_best_metric_the_task_does_not_report_is_refused_before_any_work(tmp_p
     assert "train.best_metric: 'eval_acuracy' is not a metric a causal_lm run reports; use one of eval_loss" in err
     assert not (tmp_path / "run").exists()
     assert load_config(config, ["train.best_metric=loss"]).train.best_metric == "loss"
+
+
+def test_true_false_is_no_number_and_quoted_text_is_text(tmp_path):
+    path = write(tmp_path / "c.yaml", MINIMAL + "train:\n  max_steps: 3\n  eval_every: yes\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ["lora.r=true", "lora.dropout=on", "data.system_prompt=Yes"])
+    text = "\n".join(error.value.problems)
+    assert len(error.value.problems) == 4, text
+    for where in (f"{path}:6: train.eval_every", "'lora.r=true': lora.r", "'lora.dropout=on': lora.dropout",
+                  "'data.system_prompt=Yes': data.system_prompt"):
+        assert f"{where}: this key takes no true/false" in text, where
+    config = load_config(path, ["train.eval_every=5", "data.system_prompt='Yes'", "data.dedupe=yes"])
+    assert (config.data.system_prompt, config.data.dedupe) == ("Yes", True)
