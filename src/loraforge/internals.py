@@ -5,9 +5,12 @@ the version it was checked against, and tests/test_internals.py fails loudly whe
 rest of loraforge reaches them only through this module.
 """
 
+import os
+
 import bitsandbytes as bnb
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 from trl import DPOTrainer, KTOTrainer
 from trl.experimental.orpo import ORPOTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -38,6 +41,13 @@ class TrainerHooks:
 
     def load_checkpoint_weights(self, checkpoint: str) -> None:
         self._load_from_checkpoint(checkpoint)
+
+    def restore_without_training(self, checkpoint: str) -> None:
+        """A checkpoint's weights and TrainerState, with no step taken: train(resume_from_checkpoint=...) from a
+        checkpoint at max_steps in the middle of an epoch trains one step more (transformers 5.23 checks
+        max_steps only after a step)."""
+        self.load_checkpoint_weights(checkpoint)
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
 
     def _get_train_sampler(self, train_dataset=None):
         return self.train_sampler(super()._get_train_sampler(train_dataset))

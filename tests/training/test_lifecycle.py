@@ -76,6 +76,21 @@ def test_resume_in_the_second_epoch_equals_straight_run(make_config, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_stopped_after_its_last_step_resumes_to_its_end_without_another_step(make_config, tmp_path):
+    straight, _ = make_config("straight3")
+    run_training(straight)
+    branch_from(Path(straight.output_dir), 8, tmp_path / "resumed3")
+    resumed, _ = make_config("resumed3")
+    result = run_training(resumed, resume="auto")
+    assert losses(tmp_path / "resumed3") == losses(straight.output_dir), "18 rows / batch 4: step 8 is mid-epoch"
+    assert [c.name for c in complete_checkpoints(tmp_path / "resumed3" / rundir.CHECKPOINTS)] == ["checkpoint-8"]
+    assert json.loads((tmp_path / "resumed3" / rundir.MANIFEST).read_text())["steps"] == 8
+    a, b = adapter(straight.output_dir), adapter(tmp_path / "resumed3")
+    assert all(torch.equal(a[k], b[k]) for k in a), "the last checkpoint's weights, no step more"
+    assert result.eval_after == pytest.approx(json.loads((Path(straight.output_dir) / "eval.json").read_text())
+                                               ["eval_loss_after"], rel=1e-6)
+
+
 def test_resume_refuses_another_config_unless_allowed(make_config):
     config, _ = make_config("run")
     run_training(config)

@@ -21,7 +21,7 @@ from loraforge.training import evaluation, finish
 from loraforge.training.batch import describe_batch, world_size
 from loraforge.training.build import (Built, build_trainer, check_kto_batches, check_optimizer, check_sharding,
                                       trainable_model)
-from loraforge.training.checkpoints import bytes_to_write, latest_complete
+from loraforge.training.checkpoints import bytes_to_write, latest_complete, step_of
 from loraforge.training.finish import TrainResult
 from loraforge.training.prepare import Prepared, prepare
 from loraforge.training.resume import (check_compatible, config_fingerprint, find_checkpoint, refuse_finished,
@@ -143,7 +143,11 @@ def _train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, c
     base_answers = evaluation.base_answers_before(config, built.model, prepared.tokenizer, prepared.stop_ids, chats)
     stop.install()
     began = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    if checkpoint is not None and config.train.max_steps is not None and step_of(checkpoint) >= config.train.max_steps:
+        log.info("%s is the run's last step: nothing left to train", checkpoint.name)
+        trainer.restore_without_training(str(checkpoint))
+    else:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     wall = time.perf_counter() - began
     stop.uninstall()
     _raise_if_stopped(config, trainer, stop, run_dir, command)
