@@ -1,6 +1,7 @@
 """The run directory: what a run writes, where, and how later commands read it back."""
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,23 @@ MANIFEST = "manifest.json"
 TENSORBOARD = "tensorboard"
 # Written first into every run directory loraforge creates: what holds it is loraforge's to write.
 CLAIM = ".loraforge-run"
+
+log = logging.getLogger(__name__)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line that is not one (the last, torn when a run was killed while writing
+    it) is left out with a warning, so resume, plots and summaries go on with the rest."""
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            record = None
+            log.warning("%s:%d: not a whole record (a run stopped while writing it?); left out", path, number)
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def ensure_free(output_dir: str | Path) -> Path:

@@ -91,6 +91,18 @@ def test_a_run_stopped_after_its_last_step_resumes_to_its_end_without_another_st
                                                ["eval_loss_after"], rel=1e-6)
 
 
+def test_a_torn_last_metrics_line_is_left_out_on_resume(make_config, tmp_path, caplog):
+    straight, _ = make_config("straight4")
+    run_training(straight)
+    branch_from(Path(straight.output_dir), 3, tmp_path / "resumed4")
+    with (tmp_path / "resumed4" / rundir.METRICS).open("a") as fh:
+        fh.write('{"step": 5, "loss": 10.70')
+    resumed, _ = make_config("resumed4")
+    run_training(resumed, resume="auto")
+    assert losses(tmp_path / "resumed4") == losses(straight.output_dir)
+    assert f"{rundir.METRICS}:" in caplog.text and "not a whole record" in caplog.text
+
+
 def test_resume_refuses_another_config_unless_allowed(make_config):
     config, _ = make_config("run")
     run_training(config)

@@ -1,15 +1,15 @@
 """Loss curves as PNG, drawn from metrics.jsonl."""
 
-import json
 from pathlib import Path
+
+from loraforge.rundir import read_metrics
 
 
 def read_loss_series(metrics_path: str | Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """(train, eval) lists of (step, loss) from metrics.jsonl, in step order (the step-0 evaluation of a LoRA
     run is written at the end)."""
     train, evaluation = [], []
-    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+    for record in read_metrics(metrics_path):
         if "loss" in record:
             train.append((record["step"], record["loss"]))
         if "eval_loss" in record:

@@ -135,7 +135,7 @@ def evaluate_base_after(trainer, model, config: RunConfig, run_dir: Path, is_mai
 def record_step_zero(metrics_path: Path, tensorboard_dir: Path | None, metrics: dict) -> None:
     """The base evaluation as the step-0 record of metrics.jsonl and TensorBoard, unless one is there."""
     if metrics_path.is_file() and any(
-        r.get("step") == 0 and "eval_loss" in r for r in map(json.loads, metrics_path.read_text(encoding="utf-8").splitlines())
+        r.get("step") == 0 and "eval_loss" in r for r in rundir.read_metrics(metrics_path)
     ):
         return
     record = {"step": 0, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}, "tokens_seen": 0}

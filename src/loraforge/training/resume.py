@@ -103,7 +103,7 @@ def rewind_metrics(metrics_path: Path, checkpoint: Path) -> dict | None:
     if not metrics_path.is_file():
         return None
     step = step_of(Path(checkpoint))
-    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = rundir.read_metrics(metrics_path)
     kept = [r for r in records if r.get("step", 0) <= step]
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     return next((r for r in kept if r.get("step") == 0 and "eval_loss" in r), None)
