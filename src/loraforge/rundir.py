@@ -1,8 +1,10 @@
 """The run directory: what a run writes, where, and how later commands read it back."""
 
+import fcntl
 import json
 import logging
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from loraforge.config import RunConfig, load_config
@@ -92,6 +94,19 @@ def create(output_dir: str | Path) -> Path:
         raise RunDirError(f"output_dir {run_dir} cannot be written ({exc.strerror}: {exc.filename}); choose a "
                           "directory you can write to") from None
     return run_dir
+
+
+@contextmanager
+def in_use(run_dir: Path):
+    """This process trains in run_dir: a second train or resume of it is refused while this one lasts. The lock is
+    the kernel's (flock on the claim file), so it goes with the process however it ends."""
+    with (run_dir / CLAIM).open("a", encoding="utf-8") as claim:
+        try:
+            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(f"{run_dir} is in use: another loraforge process is training in it; wait for it to end "
+                              "(or stop it), then carry the run on with --resume auto") from None
+        yield
 
 
 def read_config(run_dir: str | Path) -> RunConfig:

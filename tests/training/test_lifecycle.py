@@ -103,6 +103,28 @@ def test_a_torn_last_metrics_line_is_left_out_on_resume(make_config, tmp_path, c
     assert f"{rundir.METRICS}:" in caplog.text and "not a whole record" in caplog.text
 
 
+def test_a_run_directory_in_use_is_refused_to_a_second_process(make_config, tmp_path):
+    straight, _ = make_config("straight5")
+    run_training(straight)
+    branch_from(Path(straight.output_dir), 3, tmp_path / "resumed5")
+    resumed, _ = make_config("resumed5")
+    with rundir.in_use(tmp_path / "resumed5"):
+        with pytest.raises(RunDirError, match=r"resumed5 is in use: another loraforge process is training in it"):
+            run_training(resumed, resume="auto")
+    assert losses(tmp_path / "resumed5") == [r for r in losses(straight.output_dir) if r[0] <= 4], "nothing written"
+    run_training(resumed, resume="auto")
+    assert losses(tmp_path / "resumed5") == losses(straight.output_dir), "resumed once the other process let go"
+
+    starting = tmp_path / "new6"
+    starting.mkdir()
+    (starting / rundir.CLAIM).write_text("")
+    fresh, _ = make_config("new6")
+    with rundir.in_use(starting):
+        with pytest.raises(RunDirError, match=r"new6 is in use"):
+            run_training(fresh)
+    assert not (starting / rundir.RESOLVED).exists()
+
+
 def test_resume_refuses_another_config_unless_allowed(make_config):
     config, _ = make_config("run")
     run_training(config)

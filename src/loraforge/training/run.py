@@ -4,7 +4,7 @@ train → finish (artifacts, report, summary). Each stage is a function of its o
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,44 +69,49 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         refuse_finished(Path(config.output_dir), checkpoint, config.train.max_steps)
     if checkpoint is None and is_main:
         rundir.ensure_free(config.output_dir)
-    if is_main:
-        check_trackers(config.report_to)
-    check_optimizer(config.train.optimizer)
-    check_sharding()
-    batch = describe_batch(config.train, world_size())
-    set_seed(config.seed)
-    prepared = prepare(config)
-    check_kto_batches(config, prepared)
-    log.info("model %s (%s); data: %s", config.model.name, prepared.model_path, prepared.stats.summary())
-    log.info("%s", batch)
-    with stops_with_its_peers(Path(config.output_dir), command):
-        join_cpu_processes()
-        precision = choose_precision(config.precision, prepared.model_config)
-    model = trainable_model(config, prepared, precision.chosen)
-    fingerprints = {"config": config_fingerprint(config),
-                    "data": cache_key(config.data, config.seed, prepared.tokenizer, prepared.stop_ids)}
-    if checkpoint is not None:
-        check_compatible(config, checkpoint, fingerprints, allow_changes)
-    if is_main:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        written = sum(p.stat().st_size for p in Path(config.output_dir).rglob("*") if p.is_file()) if checkpoint else 0
-        rundir.check_space(config.output_dir, max(bytes_to_write(config.train, trainable) - written, 0))
-    run_dir = rundir.create(config.output_dir) if checkpoint is None and is_main else Path(config.output_dir)
-    handler = _log_to_file(run_dir / rundir.LOG, config.logging.level) if is_main else None
-    stop = SignalStop()
-    try:
+    with ExitStack() as held:
+        if checkpoint is not None and is_main:
+            held.enter_context(rundir.in_use(Path(config.output_dir)))
         if is_main:
-            write_resolved(config, run_dir)
-        built = build_trainer(config, prepared, model, run_dir, precision.chosen, fingerprints, stop)
-        trained = train(config, prepared, built, run_dir, checkpoint, stop, is_main, command)
-        if not is_main:
-            return TrainResult(run_dir, trained.before.get("eval_loss"), trained.after.get("eval_loss"), trained.wall, None)
-        return finish_run(config, prepared, built, trained, run_dir, checkpoint, fingerprints, precision, started)
-    finally:
-        stop.uninstall()
-        if handler is not None:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
+            check_trackers(config.report_to)
+        check_optimizer(config.train.optimizer)
+        check_sharding()
+        batch = describe_batch(config.train, world_size())
+        set_seed(config.seed)
+        prepared = prepare(config)
+        check_kto_batches(config, prepared)
+        log.info("model %s (%s); data: %s", config.model.name, prepared.model_path, prepared.stats.summary())
+        log.info("%s", batch)
+        with stops_with_its_peers(Path(config.output_dir), command):
+            join_cpu_processes()
+            precision = choose_precision(config.precision, prepared.model_config)
+        model = trainable_model(config, prepared, precision.chosen)
+        fingerprints = {"config": config_fingerprint(config),
+                        "data": cache_key(config.data, config.seed, prepared.tokenizer, prepared.stop_ids)}
+        if checkpoint is not None:
+            check_compatible(config, checkpoint, fingerprints, allow_changes)
+        if is_main:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            written = sum(p.stat().st_size for p in Path(config.output_dir).rglob("*") if p.is_file()) if checkpoint else 0
+            rundir.check_space(config.output_dir, max(bytes_to_write(config.train, trainable) - written, 0))
+        run_dir = rundir.create(config.output_dir) if checkpoint is None and is_main else Path(config.output_dir)
+        if checkpoint is None and is_main:
+            held.enter_context(rundir.in_use(run_dir))
+        handler = _log_to_file(run_dir / rundir.LOG, config.logging.level) if is_main else None
+        stop = SignalStop()
+        try:
+            if is_main:
+                write_resolved(config, run_dir)
+            built = build_trainer(config, prepared, model, run_dir, precision.chosen, fingerprints, stop)
+            trained = train(config, prepared, built, run_dir, checkpoint, stop, is_main, command)
+            if not is_main:
+                return TrainResult(run_dir, trained.before.get("eval_loss"), trained.after.get("eval_loss"), trained.wall, None)
+            return finish_run(config, prepared, built, trained, run_dir, checkpoint, fingerprints, precision, started)
+        finally:
+            stop.uninstall()
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
 
 
 def train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, checkpoint: Path | None,
