@@ -82,7 +82,7 @@ def test_truncate_cuts_and_counts_cut_assistant_turns(tmp_path, tokenizer, chat_
     bundle = build(tokenizer, data_config(path, max_length=64, truncation="truncate", val_fraction=0.0))
     assert bundle.stats.truncated == 1
     assert bundle.stats.truncated_assistant == 1
-    assert bundle.stats.dropped == {"no_trainable_tokens": 1}, "the cut prompt left nothing to train"
+    assert bundle.stats.dropped == {"answer_beyond_max_length": 1}, "the cut prompt left nothing to train"
     assert bundle.stats.train_rows == 5
     assert max(len(ids) for ids in bundle.train["input_ids"]) == 64
 
@@ -92,6 +92,23 @@ def test_truncation_error_names_the_row(tmp_path, tokenizer, chat_rows):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(DataError, match=rf"{path}:3: \d+ tokens, more than data.max_length=64.*data.truncation"):
         build(tokenizer, data_config(path, max_length=64, truncation="error", val_fraction=0.0))
+
+
+def test_a_row_the_template_cannot_mask_is_named(tmp_path, tokenizer, chat_rows):
+    import copy
+
+    unstable = copy.deepcopy(tokenizer)
+    unstable.chat_template = "{% for m in messages %}{{ m['role'] }}{{ loop.length }}: {{ m['content'] }}\n{% endfor %}"
+    path = write_jsonl(tmp_path / "d.jsonl", chat_rows[:3])
+    with pytest.raises(DataError, match=rf"{path}:1: the chat template renders message 1 differently"):
+        build(unstable, data_config(path, val_fraction=0.0))
+
+
+def test_sources_weighted_down_to_no_rows_say_so(tmp_path, tokenizer, chat_rows):
+    path = write_jsonl(tmp_path / "d.jsonl", chat_rows)
+    with pytest.raises(DataError, match=r"no training rows left of 0: .*no training rows came out of the sources "
+                                        r"\(data.sources\[\].weight rounds"):
+        build(tokenizer, data_config({"path": str(path), "weight": 0.01}, val_fraction=0.0))
 
 
 def test_rows_with_nothing_to_train_are_dropped(tmp_path, tokenizer, chat_rows):

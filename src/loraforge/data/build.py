@@ -154,7 +154,11 @@ def tokenize_rows(rows: list[Row], tokenizer, stop_ids, data_config, stats: Data
     kept: list[Row] = []
     limit = data_config.max_length
     for row in rows:
-        ids, labels = render(row.conversation, tokenizer, stop_ids, data_config.masking.value)
+        try:
+            ids, labels = render(row.conversation, tokenizer, stop_ids, data_config.masking.value)
+        except DataError as exc:
+            raise DataError(f"{row.where}: {exc}") from None
+        cut = False
         if len(ids) > limit:
             if data_config.truncation == "error":
                 raise DataError(
@@ -165,12 +169,12 @@ def tokenize_rows(rows: list[Row], tokenizer, stop_ids, data_config, stats: Data
                 stats.count_drop("too_long")
                 continue
             cut_assistant = any(label != IGNORE for label in labels[limit:])
-            ids, labels = ids[:limit], labels[:limit]
+            ids, labels, cut = ids[:limit], labels[:limit], True
             if any(label != IGNORE for label in labels[1:]):
                 stats.truncated += 1
                 stats.truncated_assistant += cut_assistant
         if all(label == IGNORE for label in labels[1:]):
-            stats.count_drop("no_trainable_tokens")
+            stats.count_drop("answer_beyond_max_length" if cut else "no_trainable_tokens")
             continue
         columns["input_ids"].append(ids)
         columns["attention_mask"].append([1] * len(ids))
@@ -337,7 +341,9 @@ def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
     if len(train) == 0:
         raise DataError(
             f"no training rows left of {len(train_rows)}: dropped {stats.dropped}; "
-            f"raise data.max_length (now {data_config.max_length}) or check data.masking"
+            + (f"raise data.max_length (now {data_config.max_length}) or check data.masking" if train_rows else
+               "no training rows came out of the sources (data.sources[].weight rounds a source to round(weight x "
+               "rows), and data.dedupe drops training rows that are also validation or test rows)")
         )
     val, val_kept = tokenize(val_rows, tokenizer, stop_ids, data_config, stats) if val_rows else (None, [])
     test, test_kept = tokenize(test_rows, tokenizer, stop_ids, data_config, stats) if test_rows else (None, [])
