@@ -24,7 +24,7 @@ from loraforge.config.env import read_env_beside
 from loraforge.config.migrate import write_migrated
 from loraforge.config.output_dir import expand_output_dir
 from loraforge.data.formats import FORMAT_FIELDS
-from loraforge.data.sources import missing_files
+from loraforge.data.sources import source_problems
 from loraforge.errors import ConfigError, LoraforgeError, ModelError, RunDirError, TrainingStopped
 from loraforge.model.sources import BUILTIN, check_model_name
 
@@ -172,10 +172,17 @@ def _launch_estimate(args) -> int:
 
 
 def _config_validate(args) -> int:
-    """The config's keys and values, then what train would find missing seconds later: data files, a model folder,
-    the run init_from names."""
+    """The config's keys and values, then what train would find missing seconds later: data files, a chat template
+    file, a model folder, the run init_from names."""
     config = load_config(args.config, args.overrides)
-    problems = missing_files(config.data.sources)
+    problems = source_problems(config.data.sources)
+    if config.data.chat_template is not None:
+        from loraforge.model.template import template_text
+
+        try:
+            template_text(config.data.chat_template)
+        except ModelError as exc:
+            problems.append(str(exc))
     try:
         if config.model.name not in BUILTIN:
             check_model_name(config.model.name)

@@ -293,6 +293,12 @@ def test_cli_validate_exit_codes(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "2 problem(s)" in err and f"model.name: folder ./no-model not found (cwd is {tmp_path})" in err
     assert f"init_from: {tmp_path / 'no-run'} is not a run directory" in err
+    (tmp_path / "notes.txt").write_text("a\n")
+    assert main(["config", "validate", str(good), "data.sources=[{path: notes.txt, format: text}]",
+                 "data.chat_template=nofile.jinja"]) == 2
+    err = capsys.readouterr().err
+    assert "data.sources[0].path: notes.txt: not a .jsonl, .json, .csv or .parquet file" in err
+    assert "data.chat_template: 'nofile.jinja' is neither a Jinja template" in err
     assert main(["config", "validate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:4: seeed: unknown key; did you mean 'seed'?" in err

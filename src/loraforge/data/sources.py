@@ -17,11 +17,23 @@ class BadRow(DataError):
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
-def missing_files(sources) -> list[str]:
-    """One line per data.sources entry naming a local file that is not there (hub datasets are not checked)."""
-    return [f"data.sources[{i}].path: {source.path}: data file not found (cwd is {Path.cwd()})"
-            for i, source in enumerate(sources)
-            if Path(source.path).suffix.lower() in FILE_SUFFIXES and not Path(source.path).is_file()]
+def source_problems(sources) -> list[str]:
+    """One line per data.sources entry naming a local file that is not there or not of a type loraforge reads (hub
+    datasets are not checked)."""
+    problems = []
+    for i, source in enumerate(sources):
+        path = Path(source.path)
+        if path.suffix.lower() in FILE_SUFFIXES and not path.is_file():
+            problems.append(f"data.sources[{i}].path: {source.path}: data file not found (cwd is {Path.cwd()})")
+        elif path.suffix.lower() not in FILE_SUFFIXES and _local(source.path):
+            problems.append(f"data.sources[{i}].path: {source.path}: not a .jsonl, .json, .csv or .parquet file, nor a "
+                            "hub dataset name (owner/name)")
+    return problems
+
+
+def _local(path: str) -> bool:
+    """A path meant as a local file rather than a hub dataset name (owner/name)."""
+    return Path(path).exists() or "/" not in path or path.startswith((".", "/"))
 
 
 def read_rows(path: str, hub_split: str = "train"):
@@ -45,7 +57,7 @@ def read_rows(path: str, hub_split: str = "train"):
         yield from _csv(file)
     elif suffix == ".parquet":
         yield from _parquet(file)
-    elif file.exists() or "/" not in path or path.startswith((".", "/")):
+    elif _local(path):
         raise DataError(
             f"{path}: not a .jsonl, .json, .csv or .parquet file, nor a hub dataset name (owner/name); "
             "fix data.sources[].path"
