@@ -75,6 +75,30 @@ def test_an_unseen_json_config_with_other_names_and_unknown_keys(tmp_path, monke
     assert config["precision"] == "bf16" and config["lora"] == {"r": 4, "alpha": 8}
 
 
+@pytest.mark.parametrize("flat, expected", [
+    ({"adapter": "full", "precision": "bf16", "num_epochs": 2, "system_prompt": "Be brief", "max_prompt_length": 64},
+     {"adapter": "full", "precision": "bf16", "train": {"num_epochs": 2},
+      "data": {"system_prompt": "Be brief", "max_prompt_length": 64}}),
+    ({"quantization": "8bit"}, {"quantization": "8bit"}),
+    ({"adapter": "qlora"}, {"adapter": "lora", "quantization": "4bit"}),
+    ({"load_in_4bit": True}, {"quantization": "4bit"}),
+    ({"load_in_8bit": True, "load_in_4bit": False}, {"quantization": "8bit"}),
+], ids=["loraforge-names", "quantization", "axolotl-qlora", "load_in_4bit", "load_in_8bit"])
+def test_loraforge_and_quantization_names_in_a_flat_config_are_carried(tmp_path, monkeypatch, flat, expected):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
+                                                        {"role": "assistant", "content": "Hello"}]}] * 4)
+    source = tmp_path / "flat.yaml"
+    source.write_text(yaml.safe_dump({"model_name": "smollm2-135m-instruct", "dataset_path": "chat.jsonl", **flat}))
+    migration, _ = write_migrated(source, tmp_path / "out.yaml")
+    every_key_is_listed(source, migration)
+    assert not [row for row in migration.rows if "unknown to loraforge" in row[1]], migration.table()
+    carried = {k: v for k, v in migration.config.items() if k not in ("model",)}
+    carried["data"] = {k: v for k, v in carried["data"].items() if k != "sources"}
+    assert carried == {"data": {}, **expected}
+    load_config(tmp_path / "out.yaml")
+
+
 def test_a_data_path_beside_the_script_config_is_written_as_seen_from_the_working_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     seeds = tmp_path / "seeds"

@@ -78,6 +78,14 @@ ALIASES = {
     "rl_beta": "preference.beta",
     "loss_type": "preference.loss_type",
     "rl": "method",
+    # loraforge's own names, as a flat script config may hold them
+    "adapter": "adapter",
+    "precision": "precision",
+    "quantization": "quantization",
+    "num_epochs": "train.num_epochs",
+    "max_prompt_length": "data.max_prompt_length",
+    "system_prompt": "data.system_prompt",
+    "chat_template": "data.chat_template",
 }
 
 

@@ -272,6 +272,20 @@ def _use_lora(migration, dotted, value, names):
     migration.carry(dotted, "adapter", "lora" if value else "full")
 
 
+def _load_in_bits(migration, dotted, value, names):
+    if not value:
+        return migration.skip(dotted, "false: the base loads unquantized")
+    migration.carry(dotted, "quantization", "8bit" if dotted.endswith("8bit") else "4bit")
+
+
+def _adapter(migration, dotted, value, names):
+    """Axolotl's adapter: lora, or qlora (LoRA on a 4-bit base); loraforge's own lora or full."""
+    if value == "qlora":
+        migration.carry(dotted, "quantization", "4bit")
+        value = "lora"
+    _choice("adapter", {"lora", "full"})(migration, dotted, value, names)
+
+
 def _lora_r(migration, dotted, value, names):
     migration.carry(dotted, "lora.r", _number(value))
 
@@ -286,6 +300,8 @@ SPECIAL = {
     "max_steps": _max_steps,
     "metric_for_best_model": _best_metric, "truncation": _truncation, "use_lora": _use_lora, "lora_r": _lora_r,
     "loss_type": _loss_type, "rl": _choice("method", {"dpo", "orpo", "kto"}),
+    "load_in_4bit": _load_in_bits, "load_in_8bit": _load_in_bits, "adapter": _adapter, "precision": _precision,
+    "num_epochs": _epochs,
 }
 
 
