@@ -29,6 +29,20 @@ def test_trainer_private_steps_keep_their_signatures():
     assert params("_load_from_checkpoint")[:2] == ["self", "resume_from_checkpoint"]
 
 
+def test_a_lambda_scheduler_keeps_its_last_rates_where_put_on_schedule_sets_them():
+    from torch.optim.lr_scheduler import LambdaLR
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    scheduler = LambdaLR(optimizer, lambda step: 1 / (1 + step))
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    optimizer.param_groups[0]["lr"] = 0.0
+    internals.put_on_schedule(optimizer, scheduler)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 / 4)
+    assert scheduler.get_last_lr() == [pytest.approx(0.1 / 4)], "get_last_lr() reads what put_on_schedule set"
+
+
 def test_hooks_are_called_by_training(tiny_model_dir, tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainingArguments
     from datasets import Dataset

@@ -19,7 +19,7 @@ from loraforge.errors import ConfigError
 
 # The label HF and TRL give tokens that carry no loss.
 IGNORE = -100
-CHECKED_AGAINST = {"transformers": "5.23", "bitsandbytes": "0.50", "trl": "1.16"}
+CHECKED_AGAINST = {"transformers": "5.23", "bitsandbytes": "0.50", "trl": "1.16", "torch": "2.13"}
 
 
 class TrainerHooks:
@@ -163,6 +163,15 @@ def padding_free_collator(pad_token_id: int):
     """TRL's padding-free collator (packed rows, position ids restarting per sample); trl 1.16 exports it only
     from its sft_trainer module."""
     return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)
+
+
+def put_on_schedule(optimizer, scheduler) -> None:
+    """Each parameter group's learning rate to what the LambdaLR `scheduler` gives at its current step, also as the
+    rate the scheduler last reported (torch 2.13 keeps it in the private `_last_lr`, which HF logs)."""
+    rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, rates):
+        group["lr"] = lr
+    scheduler._last_lr = rates
 
 
 def keep_cpu_4bit_trainable(model) -> int:

@@ -141,6 +141,35 @@ def test_resume_refuses_another_config_unless_allowed(make_config):
     assert losses(config.output_dir)[-1][0] == 9
 
 
+def test_a_run_extended_with_more_steps_takes_each_new_step_on_the_new_schedule(make_config):
+    import math
+
+    config, _ = make_config("extended", "train.lr_scheduler=cosine")
+    run_training(config)
+    longer, _ = make_config("extended", "train.lr_scheduler=cosine", "train.max_steps=12")
+    run_training(longer, resume="auto", allow_changes=True)
+    rates = {r["step"]: r["lr"] for r in map(json.loads, (Path(config.output_dir) / rundir.METRICS).read_text()
+                                               .splitlines()) if "lr" in r}
+    for step in range(9, 13):
+        assert rates[step] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 12)), rel=1e-6), step
+
+
+def test_resume_refuses_another_process_count_unless_allowed(make_config):
+    from loraforge.training.checkpoints import read_marker
+    from loraforge.training.resume import check_compatible
+
+    config, _ = make_config("processes")
+    run_training(config)
+    checkpoint = latest_complete(Path(config.output_dir) / rundir.CHECKPOINTS)
+    marker = read_marker(checkpoint)
+    assert marker["processes"] == 1
+    same = {"config": marker["config"], "data": marker["data"], "processes": 1}
+    check_compatible(config, checkpoint, same, allow_changes=False)
+    with pytest.raises(ConfigError, match=r"processes: 1 in the checkpoint's run, 2 now, which changes the global batch"):
+        check_compatible(config, checkpoint, {**same, "processes": 2}, allow_changes=False)
+    check_compatible(config, checkpoint, {**same, "processes": 2}, allow_changes=True)
+
+
 def test_resume_refuses_other_data(make_config, tmp_path):
     config, _ = make_config("run")
     run_training(config)
@@ -327,6 +356,18 @@ def test_the_best_checkpoint_is_the_default_adapter_and_says_so(make_config):
                           "train.learning_rate=0.05", "train.load_best_at_end=false")
     kept_last = run_training(last)
     assert kept_last.eval_after == pytest.approx(evals[8], abs=1e-5) and "Weights: step 8, the last" in kept_last.summary()
+
+
+def test_a_best_evaluation_with_nothing_saved_is_warned_of(make_config, caplog):
+    config, _ = make_config("unsaved", "train.save_every=null", "train.eval_every=1", "train.learning_rate=0.05")
+    result = run_training(config)
+    records = [json.loads(l) for l in (Path(config.output_dir) / rundir.METRICS).read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r and r["step"] > 0}
+    best_step = min(evals, key=evals.get)
+    assert best_step != 8, "the same run as above: the best step comes before the last"
+    assert "Weights: step 8, the last" in result.summary()
+    assert (f"the best evaluation (step {best_step}, eval_loss {evals[best_step]:.4f}) fell on no checkpoint "
+            "(train.save_every is null)") in caplog.text
 
 
 def test_manifest_and_tensorboard(make_config):

@@ -124,7 +124,7 @@ def test_a_process_whose_peer_is_gone_before_the_precision_is_agreed_stops_with_
     assert rank0.returncode == 1, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert "another process of this run stopped (" in err and "so process rank 0 stops too" in err, err[-3000:]
-    assert f"Resume with: loraforge train {path} output_dir={run_dir} --resume auto" in err
+    assert f"The run had not started writing to {run_dir}: start it again with the same command." in err
 
 
 DIES_EVALUATING = """\
@@ -444,8 +444,14 @@ def test_only_a_lost_peer_of_a_run_of_several_processes_becomes_one_line(tmp_pat
     with pytest.raises(TrainingStopped) as stopped, stops_with_its_peers(run_dir, ["c.yaml"]):
         raise lost
     assert str(stopped.value).startswith("another process of this run stopped (")
-    assert "so process rank 1 stops too. Last complete checkpoint: none." in str(stopped.value)
-    assert str(stopped.value).endswith("Resume with: loraforge train c.yaml --resume auto")
+    assert str(stopped.value).endswith(f"so process rank 1 stops too. The run had not started writing to {run_dir}: "
+                                       "start it again with the same command.")
+    run_dir.mkdir()
+    (run_dir / rundir.RESOLVED).write_text("")
+    with pytest.raises(TrainingStopped) as stopped, stops_with_its_peers(run_dir, ["c.yaml"]):
+        raise lost
+    assert str(stopped.value).endswith(f"No complete checkpoint was written, so there is nothing to resume: delete "
+                                       f"{run_dir} and start the run again, or start it with another output_dir.")
     with pytest.raises(ValueError), stops_with_its_peers(run_dir, ["c.yaml"]):
         raise ValueError("not a lost peer")
 

@@ -23,7 +23,7 @@ from loraforge.training.batch import accumulation, world_size
 from loraforge.training.callbacks import MetricsCallback, SampleCallback, ThroughputCallback
 from loraforge.training.prepare import Prepared
 from loraforge.training.trainer import (LoraforgeTrainer, NanGuard, OddsRatioTrainer, PaddedTokensPerStep,
-                                        PreferenceTrainer, SignalStop, UnpairedTrainer)
+                                        PreferenceTrainer, ScheduleOnResume, SignalStop, UnpairedTrainer)
 
 log = logging.getLogger("loraforge.train")
 
@@ -272,6 +272,7 @@ def _with_callbacks(trainer, config: RunConfig, prepared: Prepared, run_dir: Pat
     causal = config.task == "causal_lm"
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(NanGuard(trainer, config.train.nan_patience))
+    trainer.add_callback(ScheduleOnResume())
     padded = PaddedTokensPerStep(trainer)
     trainer.add_callback(padded)
     if causal and config.eval.samples_during_training and prepared.val is not None:

@@ -48,6 +48,14 @@ def evaluate_before(trainer, config: RunConfig, has_val: bool, checkpoint: Path 
 def weights_origin(trainer, config: RunConfig, has_val: bool) -> dict:
     """Which step's weights the run ends with: the best checkpoint by best_metric (load_best_at_end), else the last."""
     state, last = trainer.state, trainer.state.global_step
+    if has_val and config.train.load_best_at_end and not state.best_global_step and state.best_metric is not None:
+        # HF tracks the best value but not its step when nothing is saved (train.save_every: null).
+        key = f"eval_{config.train.best_metric.removeprefix('eval_')}"
+        best = max((r["step"] for r in state.log_history if r.get(key) == state.best_metric), default=last)
+        if best != last:
+            log.warning("the best evaluation (step %d, %s %.4f) fell on no checkpoint (train.save_every is null), so "
+                        "the run ends with the last step's weights; set train.save_every to a multiple of "
+                        "train.eval_every to keep the best", best, config.train.best_metric, state.best_metric)
     if not (has_val and config.train.load_best_at_end and state.best_global_step) or state.best_global_step == last:
         return {"step": last, "of": last, "chosen_by": "last step"}
     if trainer.args.world_size > 1:

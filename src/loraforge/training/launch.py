@@ -14,9 +14,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.run import get_args_parser, run
 
-from loraforge import rundir
 from loraforge.errors import TrainingStopped
-from loraforge.training.checkpoints import latest_complete
+from loraforge.training.resume import carry_on
 
 
 def launch(torchrun_args: list[str], run_dir: Path | None = None, resume_hint: str | None = None) -> None:
@@ -55,6 +54,4 @@ def launch(torchrun_args: list[str], run_dir: Path | None = None, resume_hint: s
 def _where(run_dir: Path | None, resume_hint: str | None) -> str:
     if run_dir is None:
         return ""
-    checkpoint = latest_complete(run_dir / rundir.CHECKPOINTS)
-    found = f"Last complete checkpoint: {checkpoint}." if checkpoint else "No complete checkpoint was written yet."
-    return f" {found} Resume with: {resume_hint}"
+    return f" {carry_on(run_dir, resume_hint)}"

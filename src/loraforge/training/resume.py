@@ -82,6 +82,10 @@ def check_compatible(config, checkpoint: Path, fingerprints: dict, allow_changes
             problems.append("the config differs from the one the checkpoint was written with")
     if marker.get("data") != fingerprints["data"]:
         problems.append("the data (files, tokenizer or data settings) differs from the checkpoint's")
+    if marker.get("processes", 1) != fingerprints.get("processes", 1):
+        problems.append(f"processes: {marker.get('processes', 1)} in the checkpoint's run, {fingerprints['processes']} "
+                        "now, which changes the global batch and where in the data the run goes on; resume with the "
+                        "same --nproc and --nnodes")
     if problems:
         raise ConfigError(problems + ["pass --allow-changes to resume anyway"], source=f"resume from {checkpoint}")
 
@@ -107,6 +111,18 @@ def rewind_metrics(metrics_path: Path, checkpoint: Path) -> dict | None:
     kept = [r for r in records if r.get("step", 0) <= step]
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     return next((r for r in kept if r.get("step") == 0 and "eval_loss" in r), None)
+
+
+def carry_on(run_dir: Path, resume_hint: str) -> str:
+    """What a stopped run can do next: resume from its last complete checkpoint, or, with none written, start
+    again (resuming would be refused: there is nothing to resume from)."""
+    checkpoint = latest_complete(Path(run_dir) / rundir.CHECKPOINTS)
+    if checkpoint is not None:
+        return f"Last complete checkpoint: {checkpoint}. Resume with: {resume_hint}"
+    if (Path(run_dir) / rundir.RESOLVED).is_file():
+        return (f"No complete checkpoint was written, so there is nothing to resume: delete {run_dir} and start the "
+                "run again, or start it with another output_dir.")
+    return f"The run had not started writing to {run_dir}: start it again with the same command."
 
 
 def resume_command(command: list[str] | None, run_dir: Path) -> str:

@@ -24,8 +24,8 @@ from loraforge.training.build import (Built, build_trainer, check_kto_batches, c
 from loraforge.training.checkpoints import bytes_to_write, latest_complete, step_of
 from loraforge.training.finish import TrainResult
 from loraforge.training.prepare import Prepared, prepare
-from loraforge.training.resume import (check_compatible, config_fingerprint, find_checkpoint, refuse_finished,
-                                      resume_command)
+from loraforge.training.resume import (carry_on, check_compatible, config_fingerprint, find_checkpoint,
+                                      refuse_finished, resume_command)
 from loraforge.training.trackers import check_trackers
 from loraforge.training.trainer import SignalStop
 
@@ -87,7 +87,8 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
             precision = choose_precision(config.precision, prepared.model_config)
         model = trainable_model(config, prepared, precision.chosen)
         fingerprints = {"config": config_fingerprint(config),
-                        "data": cache_key(config.data, config.seed, prepared.tokenizer, prepared.stop_ids)}
+                        "data": cache_key(config.data, config.seed, prepared.tokenizer, prepared.stop_ids),
+                        "processes": world_size()}
         if checkpoint is not None:
             check_compatible(config, checkpoint, fingerprints, allow_changes)
         if is_main:
@@ -131,9 +132,8 @@ def stops_with_its_peers(run_dir: Path, command: list[str] | None):
         if world_size() > 1 and any(sign in str(exc) for sign in PEER_LOST):
             raise TrainingStopped(
                 f"another process of this run stopped ({_first_sentence(exc)}), so process rank "
-                f"{os.environ.get('RANK', '0')} stops too. Last complete checkpoint: "
-                f"{latest_complete(run_dir / rundir.CHECKPOINTS) or 'none'}. Resume with: "
-                f"{resume_command(command, run_dir)}", exit_code=1) from None
+                f"{os.environ.get('RANK', '0')} stops too. {carry_on(run_dir, resume_command(command, run_dir))}",
+                exit_code=1) from None
         raise
 
 

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 from peft.helpers import disable_input_dtype_casting
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from loraforge.errors import LoraforgeError
-from loraforge.internals import HookedDPOTrainer, HookedKTOTrainer, HookedORPOTrainer, HookedTrainer
+from loraforge.internals import (HookedDPOTrainer, HookedKTOTrainer, HookedORPOTrainer, HookedTrainer,
+                                 put_on_schedule)
 from loraforge.rundir import REFERENCE
 from loraforge.training.checkpoints import PREFIX, STAGING, latest_complete, publish, rotate
 from loraforge.training.loss import trained_positions_loss, trained_tokens_per_row
@@ -293,6 +295,18 @@ class PaddedTokensPerStep(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.per_step.append(self.trainer.padded_tokens - self._at_step_start)
+
+
+class ScheduleOnResume(TrainerCallback):
+    """A resumed run steps at the learning rate its schedule gives for the step it resumes at. The optimizer state
+    loaded from the checkpoint carries the rate of the old schedule: after train.max_steps was raised (with
+    --allow-changes) that was the old end, 0 for cosine, and the first new step went at it. Unchanged, the two
+    agree to the bit."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if state.global_step == 0 or optimizer is None or not isinstance(lr_scheduler, LambdaLR):
+            return
+        put_on_schedule(optimizer, lr_scheduler)
 
 
 class NanGuard(TrainerCallback):
