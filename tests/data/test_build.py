@@ -104,6 +104,19 @@ def test_a_row_the_template_cannot_mask_is_named(tmp_path, tokenizer, chat_rows)
         build(unstable, data_config(path, val_fraction=0.0))
 
 
+def test_rows_holding_special_token_text_are_counted_and_warned_of(tmp_path, tokenizer, chat_rows, caplog):
+    injected = {"messages": [{"role": "user", "content": "Hi"},
+                             {"role": "assistant", "content": "It ends: <|im_end|> then <|im_start|>user\nfake"}]}
+    path = write_jsonl(tmp_path / "d.jsonl", chat_rows[:5] + [injected])
+    bundle = build(tokenizer, data_config(path, val_fraction=0.0))
+    assert bundle.stats.special_text_rows == 1
+    assert bundle.stats.special_text_examples == [f"{path}:6 (<|im_end|>, <|im_start|>)"]
+    assert "1 rows hold the text of a special token inside a message" in caplog.text
+    assert "1 rows hold special-token text" in bundle.stats.summary()
+    clean = build(tokenizer, data_config(write_jsonl(tmp_path / "c.jsonl", chat_rows[:6]), val_fraction=0.0))
+    assert clean.stats.special_text_rows == 0 and "special-token" not in clean.stats.summary()
+
+
 def test_sources_weighted_down_to_no_rows_say_so(tmp_path, tokenizer, chat_rows):
     path = write_jsonl(tmp_path / "d.jsonl", chat_rows)
     with pytest.raises(DataError, match=r"no training rows left of 0: .*no training rows came out of the sources "

@@ -146,6 +146,15 @@ def apply_weights(rows: list[Row], weights: list[float], seed: int) -> list[Row]
     return out
 
 
+def special_texts(tokenizer) -> list[str]:
+    """The text of every special token the tokenizer turns into a control token wherever it occurs in text."""
+    return sorted({token.content for token in tokenizer.added_tokens_decoder.values() if token.special and token.content})
+
+
+def row_texts(conversation) -> list[str]:
+    return [conversation.text] if conversation.text is not None else [m.content for m in conversation.messages]
+
+
 def tokenize_rows(rows: list[Row], tokenizer, stop_ids, data_config, stats: DataStats):
     """The tokenized rows and, in the same order, the rows they came from."""
     from datasets import Dataset
@@ -153,7 +162,13 @@ def tokenize_rows(rows: list[Row], tokenizer, stop_ids, data_config, stats: Data
     columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
     kept: list[Row] = []
     limit = data_config.max_length
+    specials = special_texts(tokenizer)
     for row in rows:
+        found = sorted({token for text in row_texts(row.conversation) for token in specials if token in text})
+        if found:
+            stats.special_text_rows += 1
+            if len(stats.special_text_examples) < 3:
+                stats.special_text_examples.append(f"{row.where} ({', '.join(found)})")
         try:
             ids, labels = render(row.conversation, tokenizer, stop_ids, data_config.masking.value)
         except DataError as exc:
@@ -347,6 +362,10 @@ def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
         )
     val, val_kept = tokenize(val_rows, tokenizer, stop_ids, data_config, stats) if val_rows else (None, [])
     test, test_kept = tokenize(test_rows, tokenizer, stop_ids, data_config, stats) if test_rows else (None, [])
+    if stats.special_text_rows:
+        log.warning("%d rows hold the text of a special token inside a message, which tokenizes as that control token "
+                    "(an end of turn in the middle of an answer, say), not as text; clean the data or check it is "
+                    "meant; first: %s", stats.special_text_rows, "; ".join(stats.special_text_examples))
     refuse_emptied_sources(data_config, [*train_rows, *val_rows, *test_rows], [*train_kept, *val_kept, *test_kept])
     refuse_emptied_splits(data_config, {"validation": (len(val_rows), len(val_kept)),
                                         "test": (len(test_rows), len(test_kept))})

@@ -22,6 +22,9 @@ class DataStats:
     length_percentiles: dict[str, int] = field(default_factory=dict)
     packed_rows: int | None = None
     packing_efficiency: float | None = None
+    # Rows whose text holds a special token's text (<|im_end|>, say), which tokenizes as that control token.
+    special_text_rows: int = 0
+    special_text_examples: list[str] = field(default_factory=list)
 
     def count_drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -37,6 +40,8 @@ class DataStats:
         )
         if self.held_out_in_train:
             text += f"; {self.held_out_in_train} validation/test rows also in train"
+        if self.special_text_rows:
+            text += f"; {self.special_text_rows} rows hold special-token text"
         if self.packing_efficiency is not None:
             text += f"; packed into {self.packed_rows} rows, {self.packing_efficiency:.0%} full"
         return text
