@@ -289,6 +289,7 @@ def test_nan_loss_stops_and_is_never_checkpointed(make_config, monkeypatch):
     assert latest_complete(run / rundir.CHECKPOINTS).name == "checkpoint-4"
     assert not (run / rundir.ADAPTER).exists()
     assert any(r[0] == 5 and r[1] != r[1] for r in losses(run)), "the NaN is logged, not filtered out"
+    assert str(info.value) in (run / rundir.LOG).read_text(), "the run's end is in train.log too"
 
 
 def test_nan_patience_counts_steps_in_a_row_and_names_the_first(make_config, monkeypatch):

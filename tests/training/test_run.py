@@ -53,7 +53,10 @@ def test_run_directory_holds_every_output(tiny_run):
                  "tokenizer/chat_template.jinja", rundir.RESOLVED, rundir.METRICS, rundir.LOG, rundir.EVAL):
         assert (run / name).is_file(), name
     assert load_config(run / rundir.RESOLVED) == config
-    assert "trainable parameters" in (run / rundir.LOG).read_text()
+    log = (run / rundir.LOG).read_text()
+    assert "trainable parameters" in log
+    for before_the_directory in ("data: ", "global batch: ", "precision "):
+        assert before_the_directory in log.split("trainable parameters")[0], before_the_directory
 
 
 def test_loss_curve_png_is_drawn_from_the_metrics(tiny_run):

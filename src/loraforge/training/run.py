@@ -2,6 +2,7 @@
 train → finish (artifacts, report, summary). Each stage is a function of its own module; this one orders them."""
 
 import logging
+import logging.handlers
 import os
 import time
 from contextlib import ExitStack, contextmanager
@@ -70,6 +71,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     if checkpoint is None and is_main:
         rundir.ensure_free(config.output_dir)
     with ExitStack() as held:
+        early = held.enter_context(_held_log(config.logging.level)) if is_main else None
         if checkpoint is not None and is_main:
             held.enter_context(rundir.in_use(Path(config.output_dir)))
         if is_main:
@@ -98,7 +100,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         run_dir = rundir.create(config.output_dir) if checkpoint is None and is_main else Path(config.output_dir)
         if checkpoint is None and is_main:
             held.enter_context(rundir.in_use(run_dir))
-        handler = _log_to_file(run_dir / rundir.LOG, config.logging.level) if is_main else None
+        handler = _log_to_file(run_dir / rundir.LOG, config.logging.level, early) if is_main else None
         stop = SignalStop()
         try:
             if is_main:
@@ -108,6 +110,10 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
             if not is_main:
                 return TrainResult(run_dir, trained.before.get("eval_loss"), trained.after.get("eval_loss"), trained.wall, None)
             return finish_run(config, prepared, built, trained, run_dir, checkpoint, fingerprints, precision, started)
+        except TrainingStopped as exc:
+            if handler is not None:
+                handler.handle(logging.LogRecord("loraforge", logging.ERROR, __file__, 0, str(exc), None, None))
+            raise
         finally:
             stop.uninstall()
             if handler is not None:
@@ -230,10 +236,29 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
     )
 
 
-def _log_to_file(path: Path, level: str = "INFO") -> logging.Handler:
+@contextmanager
+def _held_log(level: str):
+    """What the run logs before its directory exists (the data summary, the batch, the precision chosen), held for
+    train.log."""
+    memory = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
+    memory.setLevel(level)
+    logging.getLogger().addHandler(memory)
+    logging.getLogger("loraforge").setLevel(level)
+    try:
+        yield memory
+    finally:
+        logging.getLogger().removeHandler(memory)
+        memory.close()
+
+
+def _log_to_file(path: Path, level: str = "INFO", early: logging.handlers.MemoryHandler | None = None) -> logging.Handler:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(level)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if early is not None:
+        logging.getLogger().removeHandler(early)
+        early.setTarget(handler)
+        early.flush()
     logging.getLogger().addHandler(handler)
     logging.getLogger("loraforge").setLevel(level)
     return handler
