@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from loraforge.errors import LoraforgeError
-from loraforge.internals import (HookedDPOTrainer, HookedKTOTrainer, HookedORPOTrainer, HookedTrainer,
+from loraforge.internals import (IGNORE, HookedDPOTrainer, HookedKTOTrainer, HookedORPOTrainer, HookedTrainer,
                                  put_on_schedule)
 from loraforge.rundir import REFERENCE
 from loraforge.training.checkpoints import PREFIX, STAGING, latest_complete, publish, rotate
@@ -184,8 +184,16 @@ class LoraforgeTrainer(RunLifecycle, HookedTrainer):
         per_token_eval = not model.training and self._trained_per_row is not None and "position_ids" not in inputs
         if per_token_eval:
             # HF averages the batches' losses weighted by rows; dividing each batch's sum by rows x the split's
-            # trained tokens per row makes that average the mean over every trained token of the split.
-            num_items_in_batch = inputs["labels"].shape[0] * self._trained_per_row
+            # trained tokens per row makes that average the mean over every trained token of the split. Rows that
+            # pad out the last batches of several processes are masked and not counted: gather_for_metrics drops
+            # their losses, but not what they would add to their batch's.
+            rows = inputs["labels"].shape[0]
+            real = self._split_rows_in_batch(rows)
+            if real < rows:
+                labels = inputs["labels"].clone()
+                labels[real:] = IGNORE
+                inputs = {**inputs, "labels": labels}
+            num_items_in_batch = max(real, 1) * self._trained_per_row
         device = self.args.device.type
         with disable_input_dtype_casting(model, active=torch.is_autocast_enabled(device)):
             loss, outputs = trained_positions_loss(model, inputs, num_items_in_batch,
@@ -194,9 +202,18 @@ class LoraforgeTrainer(RunLifecycle, HookedTrainer):
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    def _split_rows_in_batch(self, rows: int) -> int:
+        """How many rows of this process's next evaluation batch are the split's own. accelerate deals batch k to
+        process k % world size and completes the last ones with rows from the split's start (even_batches)."""
+        first = (self._eval_batches * self.args.world_size + self.args.process_index) * self.args.eval_batch_size
+        self._eval_batches += 1
+        return max(0, min(rows, self._eval_rows - first))
+
     def evaluation_loop(self, dataloader, *args, **kwargs):
-        """Causal eval loss is the mean over the split's trained tokens, whatever the batch size and order."""
+        """Causal eval loss is the mean over the split's trained tokens, whatever the batch size, order and number of
+        processes."""
         self._trained_per_row = trained_tokens_per_row(dataloader.dataset) if self.causal_lm else None
+        self._eval_rows, self._eval_batches = len(dataloader.dataset), 0
         try:
             return super().evaluation_loop(dataloader, *args, **kwargs)
         finally:
