@@ -353,3 +353,18 @@ def test_true_false_is_no_number_and_quoted_text_is_text(tmp_path):
         assert f"{where}: this key takes no true/false" in text, where
     config = load_config(path, ["train.eval_every=5", "data.system_prompt='Yes'", "data.dedupe=yes"])
     assert (config.data.system_prompt, config.data.dedupe) == ("Yes", True)
+
+
+def test_a_mapping_override_merges_and_problems_it_makes_name_the_command_line(tmp_path):
+    path = write(tmp_path / "c.yaml", MINIMAL + "train:\n  batch_size: 2\n  warmup_ratio: 0.1\n  max_steps: 6\n")
+    config = load_config(path, ["train={num_epochs: 2}"])
+    assert (config.train.num_epochs, config.train.max_steps) == (2, None), "num_epochs replaces max_steps, as in a layer"
+    assert (config.train.batch_size, config.train.warmup_ratio) == (2, 0.1), "the file's other train keys stay"
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ["train.max_steps="])
+    assert error.value.problems == [f"command line 'train.max_steps=' (over {path}:4): train: set train.max_steps or "
+                                    "train.num_epochs"]
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ["train.num_epochs=2", "train.max_steps=4"])
+    assert error.value.problems[0].startswith("command line 'train.max_steps=4', command line 'train.num_epochs=2' "
+                                              f"(over {path}:4): train: train.max_steps (4) and train.num_epochs (2)")

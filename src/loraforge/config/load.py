@@ -224,14 +224,24 @@ def _apply_override(data: dict, origins: dict[Key, str], item: str) -> str | Non
         else:
             node[last] = value
     elif isinstance(node, dict):
-        node[last] = value
+        # A mapping merges key by key into the one it overrides, as a config's layer over its extends parent.
+        node[last] = _merge(node[last], value, origins, {}, tuple(parts)) if isinstance(value, dict) and isinstance(
+            node.get(last), dict) else value
     else:
         return f"override {item!r}: {_dotted(tuple(parts[:-1]))} is not a mapping"
     where = f"command line {item!r}"
     for end in range(1, len(parts)):
         origins.setdefault(tuple(parts[:end]), where)
-    origins[tuple(parts)] = where
+    for key in _keys_within(value, tuple(parts)):
+        origins[key] = where
     return None
+
+
+def _keys_within(value, key: Key) -> list[Key]:
+    """key and the key of everything a mapping value holds under it."""
+    if not isinstance(value, dict):
+        return [key]
+    return [key] + [inner for name, child in value.items() for inner in _keys_within(child, (*key, name))]
 
 
 def _dotted(key: Key) -> str:
@@ -251,6 +261,10 @@ def _origin(key: Key, origins: dict[Key, str], default: str) -> str:
 def _describe(err: dict, origins: dict[Key, str], default: str) -> str:
     loc: Key = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "literal["))))
     where = _origin(loc, origins, default)
+    overridden = sorted({origin for k, origin in origins.items()
+                         if k[: len(loc)] == loc and len(k) > len(loc) and origin.startswith("command line")})
+    if overridden and not where.startswith("command line"):
+        where = f"{', '.join(overridden)} (over {where})"
     key = _dotted(loc)
     kind = err["type"]
     if kind == "extra_forbidden":
