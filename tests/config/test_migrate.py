@@ -233,3 +233,17 @@ def test_every_migrated_seed_config_trains_two_steps(source, tmp_path, deep_tiny
                                                        f"output_dir={tmp_path / 'run'}", "eval.num_samples=0"])
     result = run_training(config)
     assert json.loads((result.run_dir / "manifest.json").read_text())["steps"] == 2
+
+
+def test_fractions_of_the_run_as_step_counts_are_listed_and_a_script_config_given_to_train_points_at_migrate(tmp_path):
+    source = tmp_path / "args.yaml"
+    source.write_text("model_name_or_path: smollm2-135m-instruct\nlogging_steps: 0.1\nsave_steps: 0.25\n"
+                      "eval_steps: 20\nlearning_rate: 1.0e-4\n")
+    rows = dict(migrate(source).rows)
+    assert rows["logging_steps"].startswith("not carried: 0.1: a fraction of the run's steps")
+    assert rows["save_steps"].startswith("not carried: 0.25: a fraction of the run's steps")
+    assert rows["eval_steps"] == "train.eval_every: 20"
+    with pytest.raises(ConfigError) as error:
+        load_config(source)
+    assert error.value.problems[-1] == (f"{source}: 5 keys are named as a fine-tuning script names them: "
+                                        f"`loraforge config migrate {source}` writes the loraforge config they mean")

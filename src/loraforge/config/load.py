@@ -12,6 +12,8 @@ from loraforge.config.schema import ONE_OF, RunConfig
 from loraforge.errors import ConfigError
 
 Key = tuple[str | int, ...]
+# This many keys named as a script names them make a config one to migrate rather than to fix key by key.
+SCRIPT_SHAPED = 3
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -31,6 +33,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
         problems.extend(_describe(err, origins, str(path)) for err in exc.errors())
+        script_names = [err for err in exc.errors() if err["type"] == "extra_forbidden"
+                        and alias_of(str(err["loc"][-1])) not in (None, _dotted(tuple(err["loc"])))]
+        if len(script_names) >= SCRIPT_SHAPED:
+            problems.append(f"{path}: {len(script_names)} keys are named as a fine-tuning script names them: "
+                            f"`loraforge config migrate {path}` writes the loraforge config they mean")
         config = None
     if problems:
         raise ConfigError(problems, source=str(path))

@@ -152,6 +152,9 @@ def _carry_one(migration: Migration, key: tuple[str, ...], value, names: dict) -
     overriding = [s for s in STEP_COUNTS.get(name, ()) if names.get(s) in ("epoch", "no")]
     if overriding:
         return migration.skip(dotted, f"{overriding[0]} is {names[overriding[0]]!r}, so the step count does not apply")
+    if name in STEP_COUNTS and isinstance(_number(value), float) and 0 < _number(value) < 1:
+        return migration.skip(dotted, f"{value}: a fraction of the run's steps, as HF reads a value below 1; "
+                                      "loraforge takes a step count")
     handler = SPECIAL.get(name)
     if handler is not None:
         return handler(migration, dotted, value, names)
