@@ -1,6 +1,9 @@
 """`loraforge data preview`: samples as the model sees them, trained tokens marked, then the data stats."""
 
+import logging
 import sys
+from collections import Counter
+from contextlib import contextmanager
 
 from loraforge.data.build import DataStats, load_rows, tokenize_preference, tokenize_rows
 from loraforge.data.render import IGNORE
@@ -33,7 +36,9 @@ def format_sample(ids: list[int], labels: list[int], tokenizer, color: bool) -> 
     return "".join(out)
 
 
-def format_stats(stats, max_length: int) -> str:
+def format_stats(stats, max_length: int, label_counts: dict[str, int] | None = None) -> str:
+    """label_counts: a classification run's training rows per label, in place of trained tokens (a classifier
+    trains on its label, not on tokens)."""
     lines = [
         f"rows read           {stats.rows_read}",
         f"bad rows skipped    {stats.bad_rows}",
@@ -45,7 +50,8 @@ def format_stats(stats, max_length: int) -> str:
         "token length        " + ", ".join(f"{k} {v}" for k, v in stats.length_percentiles.items())
         + f" (max_length {max_length})",
         f"trained tokens      {stats.trainable_tokens} of {stats.train_tokens} "
-        f"({stats.trainable_tokens / max(stats.train_tokens, 1):.1%})",
+        f"({stats.trainable_tokens / max(stats.train_tokens, 1):.1%})" if label_counts is None else
+        "training labels     " + ", ".join(f"{label} {count}" for label, count in label_counts.items()),
     ]
     if stats.packing_efficiency is not None:
         lines.append(f"packing             {stats.packed_rows} rows, {stats.packing_efficiency:.1%} of their tokens used")
@@ -62,8 +68,11 @@ def run_preview(config, n: int, stream=None) -> None:
     prepared = prepare(config, cache=False)
     tokenizer, stop_ids = prepared.tokenizer, prepared.stop_ids
 
+    if config.task == "classification":
+        return _preview_classification(prepared, config, n, stream)
     shown_stats = DataStats()
-    rows = load_rows(config.data.sources, config.data.system_prompt, config.data.on_bad_row, shown_stats)
+    with _quiet("loraforge.data"):  # prepare() has said what reading the sources found
+        rows = load_rows(config.data.sources, config.data.system_prompt, config.data.on_bad_row, shown_stats)
     first = (rows["train"] or rows["val"])[:n]
     legend = f"{GREEN}trained{RESET} {DIM}masked{RESET}" if color else f"{OPEN}trained{CLOSE} masked"
     if config.data.is_preference():
@@ -86,3 +95,28 @@ def run_preview(config, n: int, stream=None) -> None:
         print(f"\n--- {shown[index].where} ({len(samples[index]['input_ids'])} tokens)", file=stream)
         print(format_sample(samples[index]["input_ids"], samples[index]["labels"], tokenizer, color), file=stream)
     print("\n" + format_stats(prepared.stats, config.data.max_length), file=stream)
+
+
+def _preview_classification(prepared, config, n: int, stream) -> None:
+    """A classifier reads the text alone, no chat template, and learns its label."""
+    train = prepared.train
+    print(f"{min(n, len(train))} samples (text as the classifier reads it, then its label):", file=stream)
+    for index in range(min(n, len(train))):
+        ids = train[index]["input_ids"]
+        print(f"\n--- training row {index} ({len(ids)} tokens), label {prepared.labels[train[index]['labels']]}",
+              file=stream)
+        print(prepared.tokenizer.decode(ids), file=stream)
+    counts = Counter(prepared.labels[label] for label in train["labels"])
+    print("\n" + format_stats(prepared.stats, config.data.max_length, {l: counts[l] for l in prepared.labels}),
+          file=stream)
+
+
+@contextmanager
+def _quiet(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

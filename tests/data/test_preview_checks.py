@@ -155,3 +155,26 @@ def test_preview_of_unpaired_rows_shows_each_answer_with_its_label(smollm_path, 
     assert f"--- {rows}:1 desirable (" in text and f"--- {rows}:2 undesirable (" in text
     assert "What is AI?<|im_end|>\n<|im_start|>assistant\n[[A branch of computer science.<|im_end|>]]" in text
     assert "[[Squirrels<|im_end|>]]" in text and "rows read           2" in text
+
+
+def test_preview_of_a_classification_run_shows_the_text_the_classifier_reads_and_its_labels(tiny_model_dir, tmp_path,
+                                                                                            capsys, caplog):
+    import re
+
+    from loraforge.cli import main
+
+    rows = [{"text": f"The film was {'great' if i % 3 else 'awful'}", "label": "pos" if i % 3 else "neg"}
+            for i in range(12)]
+    data = write_jsonl(tmp_path / "c.jsonl", rows + ["not json"])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {tiny_model_dir}}}\ntask: classification\ndata:\n  sources: [{{path: {data}, "
+                      "format: classification}]\n  cache: false\n  val_fraction: 0.25\n  on_bad_row: skip\n")
+    assert main(["data", "preview", str(config), "-n", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("2 samples (text as the classifier reads it, then its label):")
+    assert "<|im_start|>" not in captured.out, "no chat template: the classifier reads the text alone"
+    assert "), label pos\nThe film was great" in captured.out or "), label neg\nThe film was awful" in captured.out
+    counts = re.search(r"training labels     neg (\d+), pos (\d+)\n", captured.out)
+    assert counts and int(counts[1]) + int(counts[2]) == 9, "the 9 training rows of 12, by label"
+    assert "trained tokens" not in captured.out and "p50 4" in captured.out
+    assert sum("bad rows skipped" in r.getMessage() for r in caplog.records) == 1, "said once, not again by preview"

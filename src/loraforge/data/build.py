@@ -300,7 +300,7 @@ def _first_user_prompt(conversation: Conversation | Preference | Unpaired) -> st
     return next((m.content for m in messages if m.role == "user"), None)
 
 
-def _count_splits(stats: DataStats, train, val, test, lengths: list[int]) -> None:
+def count_splits(stats: DataStats, train, val, test, lengths: list[int]) -> None:
     """Rows per split and the training rows' length percentiles (lengths sorted)."""
     stats.train_rows = len(train)
     stats.val_rows = len(val) if val is not None else 0
@@ -325,7 +325,7 @@ def _preference_bundle(train, val, test, val_rows: list[Row], stats: DataStats) 
     its own copy of the prompt."""
     names = [name for name in train.column_names if name.endswith("_ids") and name != "prompt_ids"]
     rows = list(zip(train["prompt_ids"], zip(*(train[name] for name in names))))
-    _count_splits(stats, train, val, test, sorted(len(p) + max(map(len, answers)) for p, answers in rows))
+    count_splits(stats, train, val, test, sorted(len(p) + max(map(len, answers)) for p, answers in rows))
     stats.train_tokens = sum(len(p) * len(answers) + sum(map(len, answers)) for p, answers in rows)
     stats.trainable_tokens = sum(sum(map(len, answers)) for _, answers in rows)
     kind = "rows" if names == ["completion_ids"] else "pairs"
@@ -374,7 +374,7 @@ def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
     check_trainable(train, [r.where for r in train_kept], tokenizer, stop_ids, data_config)
 
     lengths = sorted(len(ids) for ids in train["input_ids"])
-    _count_splits(stats, train, val, test, lengths)
+    count_splits(stats, train, val, test, lengths)
     stats.train_tokens = sum(lengths)
     stats.trainable_tokens = sum(sum(1 for t in x if t != IGNORE) for x in train["labels"])
     if len(data_config.sources) > 1:

@@ -36,7 +36,7 @@ class DataStats:
             f"{self.rows_read} rows read, {self.bad_rows} bad rows skipped, "
             f"{self.train_rows} train / {self.val_rows} validation / {self.test_rows} test; dropped: {dropped}; "
             f"{self.truncated} truncated{f', {self.truncated_prompts} prompts cut' if self.truncated_prompts else ''}; "
-            f"{self.train_tokens} train tokens, {ratio:.0%} of them trained"
+            f"{self.train_tokens} train tokens" + (f", {ratio:.0%} of them trained" if self.trainable_tokens else "")
         )
         if self.held_out_in_train:
             text += f"; {self.held_out_in_train} validation/test rows also in train"

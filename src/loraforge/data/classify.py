@@ -3,7 +3,8 @@
 import logging
 from collections import Counter
 
-from loraforge.data.build import DataStats, apply_weights, assign_splits, load_rows, refuse_emptied_splits
+from loraforge.data.build import (DataStats, apply_weights, assign_splits, count_splits, load_rows,
+                                  refuse_emptied_splits)
 from loraforge.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def build_classification(data_config, classification, tokenizer, seed: int):
     val = encode(val_rows) if val_rows else None
     refuse_emptied_splits(data_config, {"validation": (len(val_rows), len(val) if val is not None else 0)})
     weights = class_weights([r.conversation.label for r in train_rows], labels, classification.class_weights)
-    stats.train_rows, stats.val_rows, stats.test_rows = len(train), len(val) if val is not None else 0, len(test_rows)
+    count_splits(stats, train, val, None, sorted(len(x) for x in train["input_ids"]))
+    stats.test_rows = len(test_rows)
     stats.train_tokens = sum(len(x) for x in train["input_ids"])
     return train, val, labels, weights, stats
