@@ -69,3 +69,12 @@ def test_padded_tokens_of_the_busiest_process_follow_accelerates_sharding():
         assert per_process[0] != per_process[1], "the processes' shares differ, so the busiest one matters"
         assert step_padded_tokens(lengths, batch_size, grad_accum, True, False, seed, steps, processes=2) == busiest
         assert step_padded_tokens(lengths, batch_size, grad_accum, True, False, seed, steps, processes=1) != busiest
+
+
+def test_a_short_run_is_estimated_in_seconds_and_a_long_one_in_minutes():
+    from loraforge.training.estimate import Estimate
+
+    short = Estimate(0.5, 20.0, 900.0, 6, 400.0, 4, "fp32").summary()
+    assert "6 steps: about 20 seconds in all, evaluations and model loading included" in short
+    long = Estimate(1.4, 162.0, 2039.0, 100, 440.0, 4, "fp32").summary()
+    assert "100 steps: about 2.7 minutes in all" in long

@@ -42,7 +42,8 @@ class Estimate:
     peak_gpu_mb: float | None = None
 
     def summary(self) -> str:
-        minutes = self.total_seconds / 60
+        total = (f"{self.total_seconds:.0f} seconds" if self.total_seconds < 120 else
+                 f"{self.total_seconds / 60:.1f} minutes")
         where = "on this machine" if self.processes == 1 else f"in {self.processes} processes on this machine"
         per = "" if self.processes == 1 else " per process"
         largest = "" if self.processes == 1 else " (the largest process)"
@@ -50,7 +51,8 @@ class Estimate:
             f"Estimate from {self.probe_steps} measured steps {where}, in {self.precision}:\n"
             f"  {self.seconds_per_step:.2f} s per optimizer step ({self.padded_tokens_per_step:.0f} padded tokens per "
             f"step{per})\n"
-            f"  {self.steps} steps: about {minutes:.1f} minutes in all, evaluations and loading included\n"
+            f"  {self.steps} steps: about {total} in all, evaluations and model loading included (not the "
+            "few seconds Python takes to start)\n"
             f"  peak memory: {self.peak_rss_mb:.0f} MB process RSS{largest}"
             + ("" if self.peak_gpu_mb is None else
                f"\n  peak GPU memory: {self.peak_gpu_mb:.0f} MB reserved by PyTorch{largest}")

@@ -68,8 +68,9 @@ class TrainResult:
             lines.append(f"Validation {held_out_kind(self.preference)}: {preference_line(self.preference)}")
         if self.test:
             lines.append(f"Test ({self.test['rows']} rows): {test_line(self.test)}")
-        speed = f", {self.tokens_per_s:.0f} tok/s" if self.tokens_per_s else ""
-        lines.append(f"Training time: {self.train_seconds:.0f}s{speed}" + (f" ({self.precision})" if self.precision else ""))
+        speed = f"; {self.tokens_per_s:.0f} tok/s in its steps" if self.tokens_per_s else ""
+        lines.append(f"Training time: {self.train_seconds:.0f}s with its evaluations{speed}"
+                     + (f" ({self.precision})" if self.precision else ""))
         if self.total_seconds is not None:
             lines.append(f"Total time: {self.total_seconds:.0f}s (loading, training, evaluation, samples, report)")
         for sample in self.samples:
