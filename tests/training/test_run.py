@@ -188,6 +188,10 @@ def test_output_dir_fills_in_model_data_and_time_and_resuming_needs_the_real_nam
     templated = load_config(config_path, [f"output_dir={tmp_path}/{{model}}-{{data}}-{{time}}", "train.max_steps=1"])
     assert expand_output_dir(templated, datetime(2026, 1, 2, 3, 4, 5)).output_dir == \
         f"{tmp_path}/{tiny_model_dir.name}-echo-20260102-030405"
+    (tmp_path / f"{tiny_model_dir.name}-echo-20260102-030405").mkdir()
+    (tmp_path / f"{tiny_model_dir.name}-echo-20260102-030405-2").mkdir()
+    assert expand_output_dir(templated, datetime(2026, 1, 2, 3, 4, 5)).output_dir == \
+        f"{tmp_path}/{tiny_model_dir.name}-echo-20260102-030405-3", "a run started in the same second gets its own"
     result = run_training(templated)
     assert re.fullmatch(rf"{re.escape(tiny_model_dir.name)}-echo-\d{{8}}-\d{{6}}", result.run_dir.name), result.run_dir
     assert load_config(result.run_dir / rundir.RESOLVED).output_dir == str(result.run_dir), "resolved.yaml names it"

@@ -8,14 +8,19 @@ from loraforge.config.schema import RunConfig
 
 
 def expand_output_dir(config: RunConfig, now: datetime | None = None) -> RunConfig:
-    """The config with {model}, {data} and {time} of output_dir filled in."""
+    """The config with {model}, {data} and {time} of output_dir filled in; where {time} names a directory that is
+    already there (another run started in the same second), -2, -3, ... is added to it."""
     if "{" not in config.output_dir:
         return config
     source = config.data.sources[0].path
     values = {"model": _slug(Path(config.model.name.rstrip("/")).name),
               "data": _slug(Path(source).stem if Path(source).suffix else Path(source).name),
               "time": (now or datetime.now()).strftime("%Y%m%d-%H%M%S")}
-    return config.model_copy(update={"output_dir": config.output_dir.format(**values)})
+    expanded = config.output_dir.format(**values)
+    if "{time}" in config.output_dir:
+        expanded = next(name for name in (expanded, *(f"{expanded}-{n}" for n in range(2, 10_000)))
+                        if not Path(name).exists())
+    return config.model_copy(update={"output_dir": expanded})
 
 
 def _slug(text: str) -> str:

@@ -271,8 +271,8 @@ OUTPUT_DIR_FIELDS = ("model", "data", "time")
 class RunConfig(Section):
     output_dir: str = Field(
         "runs/{model}-{data}-{time}", description="Run directory that receives everything the run writes. {model} "
-        "(the model's name), {data} (the first data file's name) and {time} (when the run starts) are filled in, so "
-        "two runs never collide; resuming names the directory itself."
+        "(the model's name), {data} (the first data file's name) and {time} (when the run starts) are filled in, and "
+        "-2, -3, ... added where a run started in the same second holds the name; resuming names the directory itself."
     )
     seed: int = Field(42, ge=0, lt=2**32, description="Seed for the data split, LoRA initialisation and data order.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to fine-tune.")
