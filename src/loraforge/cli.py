@@ -27,6 +27,7 @@ from loraforge.data.formats import FORMAT_FIELDS
 from loraforge.data.sources import source_problems
 from loraforge.errors import ConfigError, LoraforgeError, ModelError, RunDirError, TrainingStopped
 from loraforge.model.sources import BUILTIN, check_model_name
+from loraforge.model.template import template_text
 
 
 # The launcher's flags, handed by the launching `train` to every process it starts, for the resume command.
@@ -177,8 +178,6 @@ def _config_validate(args) -> int:
     config = load_config(args.config, args.overrides)
     problems = source_problems(config.data.sources)
     if config.data.chat_template is not None:
-        from loraforge.model.template import template_text
-
         try:
             template_text(config.data.chat_template)
         except ModelError as exc:
