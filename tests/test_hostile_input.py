@@ -97,6 +97,22 @@ def case_resume_a_finished_run(tmp_path, workspace):
             [f"{run} is already complete at step 4", "raise train.max_steps above 4"])
 
 
+def case_resume_past_max_steps(tmp_path, workspace):
+    run = copy_run(workspace, f"stopped-{tmp_path.name}")
+    (run / "manifest.json").unlink()  # stopped after its last checkpoint, before it finished
+    _, config = workspace
+    return (["train", config, f"output_dir={run}", "train.max_steps=3", "--resume", "auto", "--allow-changes"], run, 2,
+            ["checkpoint-4 is past train.max_steps=3", "train.max_steps of at least 4"])
+
+
+def case_extend_a_finished_run_by_epochs(tmp_path, workspace):
+    run = copy_run(workspace, f"epochs-{tmp_path.name}")
+    _, config = workspace
+    return (["train", config, f"output_dir={run}", "train.max_steps=null", "train.num_epochs=3", "--resume", "auto"],
+            run, 2, [f"{run} is already complete at step 4", "a run counted in epochs is carried on by steps: set "
+                     "train.max_steps above 4"])
+
+
 def case_unknown_target_module(tmp_path, workspace):
     _, config = workspace
     out = tmp_path / "run"
@@ -242,6 +258,7 @@ def case_validation_source_emptied_by_filtering(tmp_path, workspace):
 
 CASES = [case_duplicate_keys, case_not_utf8, case_config_is_a_directory, case_output_dir_holds_other_files,
          case_output_dir_is_a_file, case_merge_into_a_foreign_folder, case_resume_a_finished_run,
+         case_resume_past_max_steps, case_extend_a_finished_run_by_epochs,
          case_unknown_target_module, case_misspelt_builtin_model, case_template_path_naming_no_file,
          case_billion_laughs, case_alias_containing_itself, case_template_that_never_ends, case_template_that_raises,
          case_template_syntax_error, case_template_reaching_for_globals, case_model_folder_that_is_not_a_model,

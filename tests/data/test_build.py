@@ -117,6 +117,14 @@ def test_rows_holding_special_token_text_are_counted_and_warned_of(tmp_path, tok
     assert clean.stats.special_text_rows == 0 and "special-token" not in clean.stats.summary()
 
 
+def test_a_source_weighted_down_to_no_rows_beside_others_is_warned_of(tmp_path, tokenizer, chat_rows, caplog):
+    small = write_jsonl(tmp_path / "small.jsonl", chat_rows[:10])
+    main = write_jsonl(tmp_path / "main.jsonl", chat_rows[10:])
+    bundle = build(tokenizer, data_config({"path": str(small), "weight": 0.01}, {"path": str(main)}, val_fraction=0.0))
+    assert bundle.stats.per_source[str(small)]["train_after_weight"] == 0 and bundle.stats.train_rows == 14
+    assert f"{small} (data.sources[0]) gives no training rows: weight 0.01 of its 10 rows rounds to none" in caplog.text
+
+
 def test_sources_weighted_down_to_no_rows_say_so(tmp_path, tokenizer, chat_rows):
     path = write_jsonl(tmp_path / "d.jsonl", chat_rows)
     with pytest.raises(DataError, match=r"no training rows left of 0: .*no training rows came out of the sources "

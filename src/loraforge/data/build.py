@@ -344,11 +344,14 @@ def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
     if stats.held_out_in_train:
         log.warning("%d validation/test rows are also training rows (exact duplicates), so evaluation is optimistic; "
                     "data.dedupe: true drops them from training", stats.held_out_in_train)
-    train_rows = apply_weights(train_rows, [s.weight for s in data_config.sources], seed)
-    for source in data_config.sources:
-        stats.per_source[source.path]["train_after_weight"] = sum(
-            1 for r in train_rows if data_config.sources[r.source] is source
-        )
+    weighted = apply_weights(train_rows, [s.weight for s in data_config.sources], seed)
+    for index, source in enumerate(data_config.sources):
+        had, kept = (sum(1 for r in rows if r.source == index) for rows in (train_rows, weighted))
+        stats.per_source[source.path]["train_after_weight"] = kept
+        if had and not kept:
+            log.warning("%s (data.sources[%d]) gives no training rows: weight %g of its %d rows rounds to none; raise "
+                        "its weight", source.path, index, source.weight, had)
+    train_rows = weighted
 
     preference = data_config.is_preference()
     tokenize = tokenize_preference if preference else tokenize_rows
@@ -381,8 +384,9 @@ def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
         for path, counts in stats.per_source.items():
             log.info("source %s: %s", path, ", ".join(f"{k} {v}" for k, v in counts.items()))
     if stats.dropped:
-        log.warning("dropped samples: %s (data.truncation=%s, data.max_length=%d)", stats.dropped,
-                    data_config.truncation, data_config.max_length)
+        limits = (f" (data.truncation={data_config.truncation}, data.max_length={data_config.max_length})"
+                  if "too_long" in stats.dropped else "")
+        log.warning("dropped samples: %s%s", stats.dropped, limits)
     if stats.truncated_assistant:
         log.warning("%d samples lost part of an assistant turn to truncation; raise data.max_length", stats.truncated_assistant)
 

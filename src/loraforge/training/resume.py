@@ -61,8 +61,10 @@ def refuse_finished(run_dir: Path, checkpoint: Path, max_steps: int | None) -> N
     except (OSError, ValueError, KeyError, TypeError):
         return
     if max_steps is None or max_steps <= steps:
+        how = ("a run counted in epochs is carried on by steps: set train.max_steps" if max_steps is None else
+               "raise train.max_steps")
         raise RunDirError(f"{run_dir} is already complete at step {steps} (checkpoint {Path(checkpoint).name}); "
-                          f"raise train.max_steps above {steps} (with --allow-changes) to continue it, or start a new run with "
+                          f"{how} above {steps} (with --allow-changes) to continue it, or start a new run with "
                           "another output_dir")
 
 
@@ -81,7 +83,8 @@ def check_compatible(config, checkpoint: Path, fingerprints: dict, allow_changes
         if not problems:
             problems.append("the config differs from the one the checkpoint was written with")
     if marker.get("data") != fingerprints["data"]:
-        problems.append("the data (files, tokenizer or data settings) differs from the checkpoint's")
+        problems.append("the data (files, tokenizer or data settings, or how this version of loraforge tokenizes "
+                        "them) differs from the checkpoint's")
     if marker.get("processes", 1) != fingerprints.get("processes", 1):
         problems.append(f"processes: {marker.get('processes', 1)} in the checkpoint's run, {fingerprints['processes']} "
                         "now, which changes the global batch and where in the data the run goes on; resume with the "

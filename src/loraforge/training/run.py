@@ -68,6 +68,10 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     checkpoint = find_checkpoint(Path(config.output_dir), resume) if resume else None
     if checkpoint is not None:
         refuse_finished(Path(config.output_dir), checkpoint, config.train.max_steps)
+        if config.train.max_steps is not None and step_of(checkpoint) > config.train.max_steps:
+            raise RunDirError(f"{checkpoint.name} is past train.max_steps={config.train.max_steps}; resume with "
+                              f"train.max_steps of at least {step_of(checkpoint)}, or take an earlier checkpoint with "
+                              "--resume CHECKPOINT")
     if checkpoint is None and is_main:
         rundir.ensure_free(config.output_dir)
     with ExitStack() as held:
