@@ -15,7 +15,9 @@ default config's validation split. Writes bench/results/<date>.json and .md.
 Run: make bench   (or .venv/bin/python bench/compare.py [STEPS])
 """
 
+import ctypes.util
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -41,6 +43,13 @@ CANDIDATES = {
     "micro_batch_tokens 128": ["train.micro_batch_tokens=128"],
     "precision fp32, micro_batch_tokens 128": ["precision=fp32", "train.micro_batch_tokens=128"],
 }
+# An allocator is not a setting of the config: measured beside the candidates where the system has it (Debian's
+# libjemalloc2; nothing pip installs brings it), loaded before the process starts, never taken as "fastest".
+JEMALLOC = ctypes.util.find_library("jemalloc")
+ALLOCATOR_CANDIDATES = {
+    "precision fp32, jemalloc (freed pages kept 1 s)": (["precision=fp32"], {
+        "LD_PRELOAD": JEMALLOC, "MALLOC_CONF": "dirty_decay_ms:1000,muzzy_decay_ms:0"}),
+} if JEMALLOC else {}
 QUIET = ["train.eval_every=100000", "train.save_every=null", "eval.num_samples=0", "eval.samples_during_training=0",
          "report_to=[]", "data.val_fraction=0.05"]
 
@@ -151,9 +160,9 @@ def child(name: str, steps: int, overrides: list[str], launched_at: float) -> No
     print("RESULT " + json.dumps(found), flush=True)
 
 
-def measure(name: str, steps: int, overrides: list[str]) -> dict:
+def measure(name: str, steps: int, overrides: list[str], env: dict | None = None) -> dict:
     done = subprocess.run([sys.executable, __file__, "--child", name, str(steps), json.dumps(overrides), str(time.time())],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
     line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
     if done.returncode != 0 or line is None:
         raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -198,6 +207,9 @@ def main(steps: int = 20) -> None:
     best = max(candidates, key=lambda k: candidates[k]["real_tokens"] / candidates[k]["train_seconds"])
     runs.append(summarise("fastest", candidates[best], steps, flops_token, peaks, CANDIDATES[best]))
     tried = {label: summarise(label, r, steps, flops_token, peaks, CANDIDATES[label]) for label, r in candidates.items()}
+    for label, (overrides, env) in ALLOCATOR_CANDIDATES.items():
+        tried[label] = summarise(label, measure(label, steps, overrides, env), steps, flops_token, peaks,
+                                 [*overrides, *(f"{k}={v}" for k, v in env.items())])
     predicted = measure("estimate", steps, [])
     default = runs[1]
     auto = candidates[DEFAULT]["precision_record"]
