@@ -128,6 +128,14 @@ def test_bad_rows_skip_weights_and_splits_work_as_for_chat_data(tmp_path, tokeni
         build_datasets(config.model_copy(update={"on_bad_row": "error"}), tokenizer, stop_token_ids(tokenizer), 0)
 
 
+def test_pairs_holding_special_token_text_are_counted(tmp_path, tokenizer):
+    rows = pair_rows(5) + [{"prompt": "Say bye", "chosen": "Bye.<|im_end|>", "rejected": "No."}]
+    bundle = build_datasets(pairs_config(write_jsonl(tmp_path / "p.jsonl", rows)), tokenizer,
+                            stop_token_ids(tokenizer), 0)
+    assert bundle.stats.special_text_rows == 1
+    assert bundle.stats.special_text_examples == [f"{tmp_path / 'p.jsonl'}:6 (<|im_end|>)"]
+
+
 def test_preference_pairs_survive_the_cache(tmp_path, tokenizer):
     rows = write_jsonl(tmp_path / "p.jsonl", pair_rows(6))
     config = pairs_config(rows).model_copy(update={"cache": True})

@@ -151,8 +151,19 @@ def special_texts(tokenizer) -> list[str]:
     return sorted({token.content for token in tokenizer.added_tokens_decoder.values() if token.special and token.content})
 
 
-def row_texts(conversation) -> list[str]:
-    return [conversation.text] if conversation.text is not None else [m.content for m in conversation.messages]
+def row_texts(record) -> list[str]:
+    """Every text a record holds: a conversation's messages (or its text), a preference row's prompt and answers."""
+    if hasattr(record, "answers"):
+        return [m.content for turns in (record.prompt, *record.answers().values()) for m in turns]
+    return [record.text] if record.text is not None else [m.content for m in record.messages]
+
+
+def note_special_text(row: Row, specials: list[str], stats: DataStats) -> None:
+    found = sorted({token for text in row_texts(row.conversation) for token in specials if token in text})
+    if found:
+        stats.special_text_rows += 1
+        if len(stats.special_text_examples) < 3:
+            stats.special_text_examples.append(f"{row.where} ({', '.join(found)})")
 
 
 def tokenize_rows(rows: list[Row], tokenizer, stop_ids, data_config, stats: DataStats):
@@ -164,11 +175,7 @@ def tokenize_rows(rows: list[Row], tokenizer, stop_ids, data_config, stats: Data
     limit = data_config.max_length
     specials = special_texts(tokenizer)
     for row in rows:
-        found = sorted({token for text in row_texts(row.conversation) for token in specials if token in text})
-        if found:
-            stats.special_text_rows += 1
-            if len(stats.special_text_examples) < 3:
-                stats.special_text_examples.append(f"{row.where} ({', '.join(found)})")
+        note_special_text(row, specials, stats)
         try:
             ids, labels = render(row.conversation, tokenizer, stop_ids, data_config.masking.value)
         except DataError as exc:
@@ -214,7 +221,9 @@ def tokenize_preference(rows: list[Row], tokenizer, stop_ids, data_config, stats
         columns["label"] = []
     kept: list[Row] = []
     limit, prompt_limit = data_config.max_length, data_config.max_prompt_length
+    specials = special_texts(tokenizer)
     for row in rows:
+        note_special_text(row, specials, stats)
         try:
             prompt, answers = render_answers(row.conversation.prompt, row.conversation.answers(), tokenizer, stop_ids)
         except DataError as exc:
