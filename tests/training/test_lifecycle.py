@@ -504,3 +504,30 @@ def test_init_from_trains_with_this_runs_lora_dropout(make_config):
     saved = json.loads((Path(second.output_dir) / "adapter" / "adapter_config.json").read_text())
     assert json.loads((Path(first.output_dir) / "adapter" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
     assert saved["lora_dropout"] == 0.0
+
+
+def test_ctrl_c_while_loading_or_finishing_says_what_the_run_left(make_config, monkeypatch):
+    from loraforge.training import run as run_module
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    loading, path = make_config("ctrl-c-loading")
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "prepare", interrupt)
+        with pytest.raises(TrainingStopped) as stopped:
+            run_training(loading, command=[str(path)])
+    assert stopped.value.exit_code == 130
+    assert str(stopped.value) == (f"interrupted. The run had not started writing to {loading.output_dir}: start it "
+                                  "again with the same command.")
+
+    finishing, _ = make_config("ctrl-c-finishing")
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "finish_run", interrupt)
+        with pytest.raises(TrainingStopped) as stopped:
+            run_training(finishing, command=[str(path), f"output_dir={finishing.output_dir}"])
+    last = latest_complete(Path(finishing.output_dir) / rundir.CHECKPOINTS)
+    assert str(stopped.value) == (f"interrupted. Last complete checkpoint: {last}. Resume with: loraforge train "
+                                  f"{path} output_dir={finishing.output_dir} --resume auto")
+    run_training(finishing, resume="auto")
+    assert (Path(finishing.output_dir) / rundir.ADAPTER).is_dir(), "the printed command finishes the run"

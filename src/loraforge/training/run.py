@@ -75,6 +75,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     if checkpoint is None and is_main:
         rundir.ensure_free(config.output_dir)
     with ExitStack() as held:
+        held.enter_context(_interrupt_says_what_next(Path(config.output_dir), command))
         early = held.enter_context(_held_log(config.logging.level)) if is_main else None
         if checkpoint is not None and is_main:
             held.enter_context(rundir.in_use(Path(config.output_dir)))
@@ -238,6 +239,17 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
         total_seconds=time.perf_counter() - started, timing=timing, weights=trained.weights, test=test,
         preference=preference, task=config.task,
     )
+
+
+@contextmanager
+def _interrupt_says_what_next(run_dir: Path, command: list[str] | None):
+    """Ctrl-C while the run loads or finishes (in training it stops the run at the end of its step), or a second
+    Ctrl-C: what the run left and the command that goes on from there."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise TrainingStopped(f"interrupted. {carry_on(run_dir, resume_command(command, run_dir))}",
+                              exit_code=130) from None
 
 
 @contextmanager
