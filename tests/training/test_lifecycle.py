@@ -125,7 +125,7 @@ def test_a_run_directory_in_use_is_refused_to_a_second_process(make_config, tmp_
     assert not (starting / rundir.RESOLVED).exists()
 
 
-def test_resume_refuses_another_config_unless_allowed(make_config):
+def test_resume_refuses_another_config_unless_allowed(make_config, caplog):
     config, _ = make_config("run")
     run_training(config)
     changed, _ = make_config("run", "train.learning_rate=0.02", "train.max_steps=9")
@@ -139,6 +139,7 @@ def test_resume_refuses_another_config_unless_allowed(make_config):
     more, _ = make_config("run", "train.max_steps=9", "train.learning_rate=0.02")
     run_training(more, resume="auto", allow_changes=True)
     assert losses(config.output_dir)[-1][0] == 9
+    assert "with changes (--allow-changes):\n  train.learning_rate: 0.01 in the checkpoint's run, 0.02 now" in caplog.text
 
 
 def test_a_run_extended_with_more_steps_takes_each_new_step_on_the_new_schedule(make_config):

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import shlex
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from loraforge import rundir
 from loraforge.config import load_config
 from loraforge.errors import ConfigError, RunDirError
 from loraforge.training.checkpoints import latest_complete, read_marker, step_of, unusable
+
+log = logging.getLogger(__name__)
 
 IGNORED_ON_RESUME = ("output_dir",)
 
@@ -69,9 +72,8 @@ def refuse_finished(run_dir: Path, checkpoint: Path, max_steps: int | None) -> N
 
 
 def check_compatible(config, checkpoint: Path, fingerprints: dict, allow_changes: bool) -> None:
-    """Refuse to resume with another config or other data, unless allowed; list what differs."""
-    if allow_changes:
-        return
+    """Refuse to resume with another config or other data, unless allowed; list what differs (as a warning when
+    allowed)."""
     marker = read_marker(checkpoint)
     problems = []
     if marker.get("config") != fingerprints["config"]:
@@ -89,7 +91,9 @@ def check_compatible(config, checkpoint: Path, fingerprints: dict, allow_changes
         problems.append(f"processes: {marker.get('processes', 1)} in the checkpoint's run, {fingerprints['processes']} "
                         "now, which changes the global batch and where in the data the run goes on; resume with the "
                         "same --nproc and --nnodes")
-    if problems:
+    if problems and allow_changes:
+        log.warning("resuming from %s with changes (--allow-changes):\n  %s", checkpoint, "\n  ".join(problems))
+    elif problems:
         raise ConfigError(problems + ["pass --allow-changes to resume anyway"], source=f"resume from {checkpoint}")
 
 
