@@ -14,7 +14,7 @@ from pathlib import Path
 
 from loraforge.config import RunConfig, load_config
 from loraforge.config.env import read_env_beside
-from loraforge.eval.generate import generate_batch, prompt_messages
+from loraforge.eval.generate import generate_batch, prompt_for
 from loraforge.eval.run import run_eval
 from loraforge.export.merge import MergeResult, run_merge
 from loraforge.trained import load_run
@@ -70,7 +70,7 @@ def generate(run_dir: str | Path, prompts: str | list[str], max_new_tokens: int 
     run = load_run(run_dir, task="causal_lm")
     config = run.config
     asked = [prompts] if isinstance(prompts, str) else prompts
-    chats = [prompt_messages(p, config.data.system_prompt) for p in asked]
+    chats = [prompt_for(p, config.data) for p in asked]
     answers = generate_batch(run.model, run.tokenizer, chats, max_new_tokens or config.eval.max_new_tokens,
                              run.stop_ids)
     return answers[0] if isinstance(prompts, str) else answers

@@ -243,3 +243,61 @@ def test_training_with_packing_runs_and_learns(tiny_run, tmp_path):
     report = json.loads((Path(packed.output_dir) / rundir.EVAL).read_text())
     assert report["data"]["packed_rows"] < report["data"]["train_rows"]
     assert result.eval_after < result.eval_before
+
+
+def test_plain_text_run_on_a_model_without_chat_template_samples_as_text(tmp_path, tokenizer, capsys, monkeypatch):
+    """Continued pretraining on format text needs no chat template: the samples during and after training, chat and
+    the API continue the prompt's text, tokenized as training tokenized its rows."""
+    import loraforge
+    import loraforge.chat as chat
+    from tests.conftest import save_tiny_llama
+
+    bare = save_tiny_llama(tmp_path / "bare", tokenizer)
+    saved = json.loads((bare / "tokenizer_config.json").read_text())
+    saved.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(saved))
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (bare / name).unlink(missing_ok=True)
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": f"The colour of the {w} sky is {w}."}
+                                                 for w in ["red", "green", "blue", "gold"] * 6])
+    config_path = tmp_path / "text.yaml"
+    config_path.write_text(
+        f"model: {{name: {bare}}}\nlora: {{r: 4, alpha: 8}}\n"
+        f"data: {{sources: [{{path: {data}, format: text}}], val_fraction: 0.25, cache: false}}\n"
+        "train: {max_steps: 2, batch_size: 4, eval_every: 1, save_every: null}\n"
+        "eval: {sample_prompts: [The colour of the], max_new_tokens: 2, samples_during_training: 1}\nreport_to: []\n",
+        encoding="utf-8")
+    config = load_config(config_path, [f"output_dir={tmp_path / 'run'}"])
+    result = run_training(config)
+
+    run_dir = Path(config.output_dir)
+    assert (run_dir / rundir.ADAPTER / "adapter_config.json").is_file()
+    assert [s["prompt"] for s in result.samples] == ["The colour of the"]
+    during = [r for r in rundir.read_metrics(run_dir / rundir.METRICS) if "samples" in r]
+    assert during and during[-1]["samples"][0]["prompt"] == "The colour of the"
+
+    asked = []
+    real = chat.generate
+    monkeypatch.setattr(chat, "generate", lambda model, tok, prompt, *a, **k: asked.append(prompt) or real(model, tok, prompt, *a, **k))
+    assert main(["chat", str(run_dir), "--prompt", "The colour of the", "--max-new-tokens", "2"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("The red\n/exit\n"))
+    assert main(["chat", str(run_dir), "--max-new-tokens", "2"]) == 0
+    assert asked == ["The colour of the", "The red"]
+    assert "continued> " in capsys.readouterr().out
+    assert len(loraforge.generate(run_dir, ["The colour of the", "The"], max_new_tokens=2)) == 2
+
+
+def test_a_sample_prompt_the_template_cannot_render_fails_before_training(train_tiny, tmp_path, monkeypatch):
+    from loraforge.internals import HookedTrainer
+    from loraforge.model.template import TemplateError
+
+    trained = []
+    monkeypatch.setattr(HookedTrainer, "train", lambda self, *a, **k: trained.append(1))
+    refusing = ("{% for m in messages %}{% if 'Forbidden' in m.content %}{{ raise_exception('no Forbidden') }}"
+                "{% endif %}{{ m.role }}: {{ m.content }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")
+    for asked in ("eval.sample_prompts=[Forbidden]", "eval.samples_during_training=0"), \
+                 ("eval.sample_prompts=[Forbidden]", "eval.samples_during_training=1", "eval.num_samples=0"):
+        with pytest.raises(TemplateError, match="no Forbidden"):
+            train_tiny(f"data.chat_template={json.dumps(refusing)}", *asked)
+    assert trained == []

@@ -1,4 +1,5 @@
-"""Greedy generation from a chat prompt, optionally streamed."""
+"""Greedy generation from a prompt, optionally streamed. A prompt is a chat (a list of messages, rendered by the
+chat template with the assistant's turn opened) or, for a run trained on plain text only, the text to continue."""
 
 from loraforge.model.template import apply_template
 
@@ -8,12 +9,34 @@ def prompt_messages(prompt: str, system_prompt: str | None) -> list[dict]:
     return [*messages, {"role": "user", "content": prompt}]
 
 
-def generate(model, tokenizer, messages: list[dict], max_new_tokens: int, stop_ids, streamer=None) -> str:
+def plain_text_run(data_config) -> bool:
+    """Every source is format text: the run learned to continue text, with no chat template involved."""
+    return all(source.format.value == "text" for source in data_config.sources)
+
+
+def prompt_for(prompt: str, data_config) -> str | list[dict]:
+    """What a run is asked: the text itself after plain-text training, else a chat with the run's system prompt."""
+    return prompt if plain_text_run(data_config) else prompt_messages(prompt, data_config.system_prompt)
+
+
+def prompt_text(prompt: str | list[dict]) -> str:
+    """What was asked, for records: the text, or the chat's last message."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """A text is tokenized as training tokenized its rows (BOS where the tokenizer adds it, no EOS)."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    text = apply_template(tokenizer, prompt, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def generate(model, tokenizer, prompt: str | list[dict], max_new_tokens: int, stop_ids, streamer=None) -> str:
     import torch
 
-    inputs = apply_template(
-        tokenizer, messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    ).to(model.device)
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=model.device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     model.eval()
     with torch.no_grad():
         output = model.generate(
@@ -28,9 +51,9 @@ def generate(model, tokenizer, messages: list[dict], max_new_tokens: int, stop_i
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
-def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, stop_ids,
+def generate_batch(model, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int, stop_ids,
                    batch_size: int = 8) -> list[str]:
-    """Greedy answers for several chats at once, left-padded so every prompt ends where generation starts."""
+    """Greedy answers for several prompts at once, left-padded so every prompt ends where generation starts."""
     import torch
 
     answers = []
@@ -38,10 +61,10 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
     tokenizer.padding_side = "left"
     model.eval()
     try:
-        for start in range(0, len(conversations), batch_size):
-            chunk = conversations[start : start + batch_size]
-            texts = [apply_template(tokenizer, c, tokenize=False, add_generation_prompt=True) for c in chunk]
-            inputs = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(model.device)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            ids = [{"input_ids": prompt_ids(tokenizer, prompt)} for prompt in chunk]
+            inputs = tokenizer.pad(ids, padding=True, return_tensors="pt").to(model.device)
             with torch.no_grad():
                 output = model.generate(
                     **inputs,

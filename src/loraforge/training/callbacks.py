@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from loraforge.eval.generate import generate_batch
+from loraforge.eval.generate import generate_batch, prompt_text
 
 log = logging.getLogger("loraforge.train")
 
@@ -113,7 +113,7 @@ def _duration(seconds: float | None) -> str:
 class SampleCallback(TrainerCallback):
     """At each evaluation, answers a few prompts with the model as it is, into metrics.jsonl and TensorBoard."""
 
-    def __init__(self, path: Path, chats: list[list[dict]], max_new_tokens: int, stop_ids):
+    def __init__(self, path: Path, chats: list[str | list[dict]], max_new_tokens: int, stop_ids):
         self.path = Path(path)
         self.chats = chats
         self.max_new_tokens = max_new_tokens
@@ -124,7 +124,7 @@ class SampleCallback(TrainerCallback):
         if not self.chats or model is None or not state.is_world_process_zero:
             return
         answers = generate_batch(model, processing_class, self.chats, self.max_new_tokens, self.stop_ids)
-        samples = [{"prompt": c[-1]["content"], "answer": a} for c, a in zip(self.chats, answers)]
+        samples = [{"prompt": prompt_text(c), "answer": a} for c, a in zip(self.chats, answers)]
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps({"step": state.global_step, "samples": samples}) + "\n")
         writer = getattr(self.tensorboard, "tb_writer", None)

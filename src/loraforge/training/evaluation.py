@@ -16,7 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from loraforge import rundir
 from loraforge.config import RunConfig
-from loraforge.eval.generate import generate_batch, prompt_messages
+from loraforge.eval.generate import generate_batch, prompt_for, prompt_ids, prompt_text
 from loraforge.eval.preference import held_out_kind, preference_line, preference_metrics
 from loraforge.eval.run import (causal_rows_metrics, classification_rows_metrics, eval_rows, has_test_split,
                                 preference_rows_metrics)
@@ -166,11 +166,15 @@ def metric_values(metrics: dict) -> dict:
     return values
 
 
-def sample_chats(config: RunConfig, val_prompts: list[str]) -> list[list[dict]]:
+def sample_chats(config: RunConfig, val_prompts: list[str], tokenizer) -> list[str | list[dict]]:
+    """The prompts the run answers at its end, each rendered once now, so a template that cannot render them
+    fails before training rather than after."""
     if config.task != "causal_lm":
         return []
-    prompts = list(config.eval.sample_prompts) or val_prompts[: config.eval.num_samples]
-    return [prompt_messages(p, config.data.system_prompt) for p in prompts]
+    prompts = [prompt_for(p, config.data) for p in list(config.eval.sample_prompts) or val_prompts[: config.eval.num_samples]]
+    for prompt in prompts:
+        prompt_ids(tokenizer, prompt)
+    return prompts
 
 
 def base_answers_before(config: RunConfig, model, tokenizer, stop_ids, chats: list[list[dict]]) -> list[str] | None:
@@ -189,4 +193,4 @@ def sample_answers(config: RunConfig, model, tokenizer, stop_ids, chats: list[li
         with model.disable_adapter():
             base = generate_batch(model, tokenizer, chats, limit, stop_ids)
     tuned = generate_batch(model, tokenizer, chats, limit, stop_ids) if chats else []
-    return [{"prompt": c[-1]["content"], "base": b, "finetuned": t} for c, b, t in zip(chats, base or [], tuned)]
+    return [{"prompt": prompt_text(c), "base": b, "finetuned": t} for c, b, t in zip(chats, base or [], tuned)]

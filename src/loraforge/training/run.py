@@ -155,7 +155,7 @@ def _train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, c
     eval_seconds = before.get("eval_runtime")
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
-    chats = evaluation.sample_chats(config, prepared.val_prompts) if is_main else []
+    chats = evaluation.sample_chats(config, prepared.val_prompts, prepared.tokenizer) if is_main else []
     base_answers = evaluation.base_answers_before(config, built.model, prepared.tokenizer, prepared.stop_ids, chats)
     stop.install()
     began = time.perf_counter()
