@@ -89,6 +89,58 @@ def test_a_stop_string_ends_the_answer_before_it(client):
     assert cut.message.content == full[: full.index(stop)].strip() and cut.finish_reason == "stop"
 
 
+@pytest.mark.parametrize("text, stop", [("graygraygray", "yg"), ("graygraygray", "ray"), ("gray gray gray", "gray g"),
+                                        ("gray gray gray", "rayx"), ("gray gray gray", "y"), ("gray gray", "ay g")])
+def test_text_that_may_begin_a_stop_string_is_held_back_until_it_is_known(tokenizer, text, stop):
+    """A stop string that starts inside a token: what was streamed before the cut is never taken back, so the
+    start of a possible stop string waits for the next tokens."""
+    from types import SimpleNamespace
+
+    from loraforge.serve.engine import Job
+
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    streamed, ends = [], []
+    job = Job(SimpleNamespace(stop_ids=frozenset(), tokenizer=tokenizer), [], max_tokens=100, temperature=0,
+              top_p=1, stop=[stop], seed=None,
+              deliver=lambda event: (streamed if event[0] == "delta" else ends).append(event[1]))
+    for token in tokens:
+        job.take(token)
+    job.finish("length")
+    expected = text[: text.index(stop)] if stop in text else text
+    assert "".join(streamed) == job.text == expected
+    assert ends == ["stop" if stop in text else "length"]
+
+
+def test_a_temperature_near_zero_answers_as_greedy_does_beside_other_requests(server, client):
+    greedy = chat(client, "echo-a", "Echo gray", max_tokens=4).choices[0].message.content
+    answers = [None, None]
+
+    def call(index, temperature):
+        answers[index] = chat(client, "echo-a", "Echo gray", max_tokens=4, temperature=temperature, seed=3)
+
+    threads = [threading.Thread(target=call, args=(0, 1e-40)), threading.Thread(target=call, args=(1, 1.0))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert answers[0].choices[0].message.content == greedy
+    assert answers[1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_n_null_and_parameters_that_ask_for_nothing_get_one_answer(server):
+    response = httpx.post(f"{server[0].url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                          json={"model": "echo-a", "n": None, "max_tokens": 2, "logprobs": False, "presence_penalty": 0,
+                                "frequency_penalty": 0.0, "tools": [], "response_format": {"type": "text"},
+                                "messages": [{"role": "user", "content": "Echo red"}]})
+    assert response.status_code == 200 and len(response.json()["choices"]) == 1
+
+
+def test_a_completion_prompt_too_long_names_prompt(server):
+    response = httpx.post(f"{server[0].url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                          json={"model": "echo-a", "prompt": "red " * 2000})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
 def test_32_concurrent_clients_each_get_their_own_answer_in_shared_batches(server, client):
     _, engine, _ = server
     requests = [("echo-a" if i % 2 else "echo-b", f"Echo {WORDS[i % 8]}{'!' * (i // 8)}") for i in range(32)]
@@ -139,6 +191,16 @@ def test_a_client_that_leaves_frees_its_place(server, client):
      "temperature must be a number"),
     ({"model": "echo-a", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n must be 1"),
     ({"model": "echo-a", "messages": [{"role": "user", "content": "x" * (2 << 20)}]}, 413, "is over"),
+    ({"model": "echo-a", "messages": [{"role": "user", "content": "hi"}], "seed": 10**20}, 400,
+     "seed must be an integer from 0 to"),
+    (b"[" * 100_000, 400, "nested too deeply"),
+    ({"model": "echo-a", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400,
+     "logprobs is not supported by this server"),
+    ({"model": "echo-a", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     400, "response_format is not supported"),
+    ({"model": "echo-a", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, 400,
+     "presence_penalty is not supported"),
+    (b'{"max_tokens": ' + b"1" * 5001 + b"}", 400, "the body is not valid JSON"),
 ])
 def test_bad_requests_get_an_openai_error_and_a_4xx(server, body, status, expected):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -287,3 +349,50 @@ def test_a_port_already_taken_is_refused_before_any_model_loads(tmp_path):
         port = taken.getsockname()[1]
         with pytest.raises(LoraforgeError, match=rf"--port {port}: 127.0.0.1:{port} cannot be listened on .*--port"):
             run_server([str(tmp_path / "no-such-run")], port=port, engine="hf")
+
+
+def test_a_completion_prompt_is_tokenized_as_plain_text_training_tokenized_its_rows(tmp_path, tokenizer, smollm_path):
+    """With a tokenizer that puts BOS before every text (as Llama's and Mistral's do), a plain-text run trained on
+    BOS + text; /v1/completions asks it the same way."""
+    import shutil
+
+    from loraforge.data.render import render
+    from loraforge.data.formats import Conversation
+    from loraforge.model.load import load_tokenizer
+    from loraforge.serve.run import Background, build
+    from tests.conftest import save_tiny_llama, write_jsonl
+
+    with_bos = tmp_path / "with-bos-tokenizer"
+    with_bos.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{smollm_path}/{name}", with_bos / name)
+    spec = json.loads((with_bos / "tokenizer.json").read_text())
+    bos = tokenizer.bos_token
+    spec["post_processor"] = {"type": "TemplateProcessing",
+                              "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                       {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_token_id], "tokens": [bos]}}}
+    (with_bos / "tokenizer.json").write_text(json.dumps(spec))
+    bos_tokenizer = load_tokenizer(str(with_bos))
+    model = save_tiny_llama(tmp_path / "model", bos_tokenizer)
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": f"The {w} sky."} for w in WORDS * 2])
+    config = tmp_path / "text.yaml"
+    config.write_text(f"model: {{name: {model}}}\nlora: {{r: 4, alpha: 8}}\n"
+                      f"data: {{sources: [{{path: {data}, format: text}}], val_fraction: 0.25, cache: false}}\n"
+                      "train: {max_steps: 1, batch_size: 4, save_every: null, eval_every: 1000}\n"
+                      "eval: {sample_prompts: []}\nreport_to: []\n", encoding="utf-8")
+    run = tmp_path / "text-run"
+    run_training(load_config(config, [f"output_dir={run}"]))
+    trained_ids, _ = render(Conversation(text="The red sky"), load_tokenizer(str(run / "tokenizer")), frozenset())
+    assert trained_ids[0] == tokenizer.bos_token_id
+    app, engine, _ = build([str(run)], max_batch=4, timeout_s=60)
+    background = Background(app)
+    try:
+        reply = httpx.post(f"{background.url}/v1/completions", timeout=60,
+                           json={"model": "text-run", "prompt": "The red sky", "max_tokens": 1, "temperature": 0})
+    finally:
+        background.stop()
+        engine.close()
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["prompt_tokens"] == len(trained_ids) - 1, "training's ids without the EOS it appends"

@@ -7,12 +7,18 @@ import secrets
 import time
 
 from loraforge.errors import LoraforgeError
+from loraforge.eval.generate import prompt_ids
 from loraforge.model.template import apply_template
 from loraforge.serve.engine import Engine, Job
 from loraforge.serve.models import Served
 
 MAX_BODY_BYTES = 1 << 20
 ROLES = ("system", "user", "assistant")
+# OpenAI parameters this server does not carry out, with the values that ask for nothing (clients send those).
+NOT_SUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+                 "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+                 "function_call": (None, "none"), "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
+                 "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "suffix": (None, "")}
 
 
 class ApiError(Exception):
@@ -34,12 +40,12 @@ def _number(body: dict, key: str, default: float, low: float, high: float) -> fl
     return float(value)
 
 
-def _integer(body: dict, key: str, default, low: int) -> int | None:
+def _integer(body: dict, key: str, default, low: int, high: int = 2**63 - 1) -> int | None:
     value = body.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ApiError(400, f"{key} must be an integer of at least {low}, got {value!r}", key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ApiError(400, f"{key} must be an integer from {low} to {high}, got {value!r}", key)
     return value
 
 
@@ -86,18 +92,22 @@ class Api:
                            "model", "model_not_found")
         return self.served[name]
 
-    def job(self, body: dict, served: Served, prompt_ids: list[int], deliver) -> Job:
-        if body.get("n", 1) != 1:
+    def job(self, body: dict, served: Served, ids: list[int], deliver, asked: str) -> Job:
+        """asked: the request's field that holds the prompt (messages or prompt), named when it is too long."""
+        for key, nothing in NOT_SUPPORTED.items():
+            if body.get(key) not in nothing:
+                raise ApiError(400, f"{key} is not supported by this server; leave it out", key)
+        if body.get("n") not in (None, 1):
             raise ApiError(400, "n must be 1: one answer per request", "n")
-        room = served.base.context - len(prompt_ids)
+        room = served.base.context - len(ids)
         max_tokens = _integer(body, "max_tokens", None, 1) or _integer(body, "max_completion_tokens", None, 1)
         if max_tokens is not None and max_tokens > room:
-            raise ApiError(400, f"max_tokens {max_tokens} with a prompt of {len(prompt_ids)} tokens passes the model's "
+            raise ApiError(400, f"max_tokens {max_tokens} with a prompt of {len(ids)} tokens passes the model's "
                                 f"context of {served.base.context} tokens; ask for at most {max(room, 0)}", "max_tokens")
         if room < 1:
-            raise ApiError(400, f"the prompt's {len(prompt_ids)} tokens fill the model's context of "
-                                f"{served.base.context}; shorten it", "messages")
-        return Job(served, prompt_ids, max_tokens or min(served.max_new_tokens, room),
+            raise ApiError(400, f"the prompt's {len(ids)} tokens fill the model's context of "
+                                f"{served.base.context}; shorten it", asked)
+        return Job(served, ids, max_tokens or min(served.max_new_tokens, room),
                    temperature=_number(body, "temperature", 1.0, 0, 2), top_p=_number(body, "top_p", 1.0, 0.0001, 1),
                    stop=_stop(body), seed=_integer(body, "seed", None, 0), deliver=deliver)
 
@@ -143,8 +153,10 @@ def build_app(served: dict[str, Served], engine: Engine, api_key: str | None = N
                 raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and numbers past Python's digit limit
             raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         return body
@@ -167,11 +179,11 @@ def build_app(served: dict[str, Served], engine: Engine, api_key: str | None = N
         if served.system_prompt is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": served.system_prompt}, *messages]
         try:
-            prompt_ids = list(apply_template(served.tokenizer, messages, add_generation_prompt=True, tokenize=True,
-                                             return_dict=True)["input_ids"])
+            ids = list(apply_template(served.tokenizer, messages, add_generation_prompt=True, tokenize=True,
+                                      return_dict=True)["input_ids"])
         except LoraforgeError as exc:
             raise ApiError(400, str(exc), "messages") from None
-        return await respond(request, body, served, prompt_ids, chat=True)
+        return await respond(request, body, served, ids, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -182,17 +194,17 @@ def build_app(served: dict[str, Served], engine: Engine, api_key: str | None = N
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "prompt must be a non-empty string", "prompt")
-        prompt_ids = served.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return await respond(request, body, served, prompt_ids, chat=False)
+        return await respond(request, body, served, prompt_ids(served.tokenizer, prompt), chat=False)
 
-    async def respond(request: Request, body: dict, served: Served, prompt_ids: list[int], chat: bool):
+    async def respond(request: Request, body: dict, served: Served, ids: list[int], chat: bool):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = api.job(body, served, prompt_ids, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        job = api.job(body, served, ids, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                      "messages" if chat else "prompt")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "stream must be true or false", "stream")
-        shape = Shape(served.name, chat, len(prompt_ids))
+        shape = Shape(served.name, chat, len(ids))
         engine.submit(job)
         deadline = loop.time() + api.timeout_s
         if stream:

@@ -39,32 +39,45 @@ class Job:
     finish_reason: str | None = None
 
     def take(self, token: int) -> None:
-        """One generated token: the end of the answer, or more text, cut at the first stop string."""
+        """One generated token: the end of the answer, or more text. Text that may be the start of a stop string
+        is held back until the next tokens show whether it is, and so is a character split across tokens."""
         if self.finish_reason is not None:
             return
         if token in self.served.stop_ids:
             self.finish("stop")
             return
         self.tokens.append(token)
-        text = self.served.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text = text[:cut]
-        elif text.endswith("\ufffd"):
-            # A character split across tokens: wait for the rest of it.
-            text = self.text
-        if len(text) > len(self.text) and text.startswith(self.text):
-            self.deliver(("delta", text[len(self.text):]))
-            self.text = text
-        if cut >= 0:
+        text, stopped = self._answer()
+        if stopped:
             self.finish("stop")
         elif len(self.tokens) >= self.max_tokens:
             self.finish("length")
+        elif not text.endswith("\ufffd"):
+            self._send(text[: len(text) - _stop_prefix(text, self.stop)])
 
     def finish(self, reason: str) -> None:
+        """The answer ends: what was held back goes out (cut before a stop string), then the reason."""
         if self.finish_reason is None:
+            self._send(self._answer()[0].rstrip("\ufffd"))
             self.finish_reason = reason
             self.deliver(("done", reason))
+
+    def _answer(self) -> tuple[str, bool]:
+        """The text so far, cut before the first stop string in it, and whether there was one."""
+        text = self.served.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        return (text[:cut], True) if cut >= 0 else (text, False)
+
+    def _send(self, text: str) -> None:
+        if len(text) > len(self.text) and text.startswith(self.text):
+            self.deliver(("delta", text[len(self.text):]))
+            self.text = text
+
+
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """How many characters at the end of text begin one of the stop strings."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
 
 
 class Engine:
@@ -159,7 +172,9 @@ def _generate(jobs: list[Job]) -> None:
             for row, job in enumerate(jobs):
                 if job.temperature == 0 or job.finish_reason is not None:
                     continue
-                probs = torch.softmax(scores[row].float() / job.temperature, dim=-1)
+                logits = scores[row].float()
+                # Shifted so the largest is 0: a temperature near 0 sends the rest to -inf, not inf/nan.
+                probs = torch.softmax((logits - logits.max()) / job.temperature, dim=-1)
                 if job.top_p < 1:
                     ordered, order = probs.sort(descending=True)
                     outside = ordered.cumsum(-1) - ordered > job.top_p
