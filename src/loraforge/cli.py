@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -273,7 +274,7 @@ def _export_ollama(args) -> int:
     from loraforge.export.ollama import run_export_ollama
 
     path = run_export_ollama(args.run_dir, args.type)
-    print(f"Modelfile written: {path}\nRun it with: cd {path.parent} && ollama create my-model -f Modelfile")
+    print(f"Modelfile written: {path}\nRun it with: cd {shlex.quote(str(path.parent))} && ollama create my-model -f Modelfile")
     return 0
 
 

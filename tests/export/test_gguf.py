@@ -86,3 +86,39 @@ def test_a_second_export_rewrites_its_own_files_only_and_redoes_a_damaged_merge(
     from gguf import GGUFReader
 
     assert len(GGUFReader(str(gguf)).tensors) > 0, "converted from the merge redone, not from an empty folder"
+
+
+def test_export_refuses_what_it_cannot_write_before_it_merges(train_tiny):
+    from loraforge.errors import ExportError
+    from loraforge.export.ollama import run_export_ollama
+
+    config, _ = train_tiny("train.max_steps=1")
+    run = Path(config.output_dir)
+    (run / "export").mkdir()
+    (run / "export" / "model-f16.gguf").write_text("my own file")
+    with pytest.raises(ExportError, match=r"did not write.*\(model-f16.gguf\); move them away: loraforge never"):
+        run_export_gguf(run, "f16")
+    assert not (run / "merged").exists(), "nothing merged for an export that is refused"
+
+    quoted, _ = train_tiny("train.max_steps=1", "data.system_prompt='Say \"\"\"hi\"\"\"'")
+    with pytest.raises(ExportError, match='the system prompt holds """'):
+        run_export_ollama(quoted.output_dir, "f16")
+    assert not (Path(quoted.output_dir) / "merged").exists() and not (Path(quoted.output_dir) / "export").exists()
+
+
+def test_ollama_export_converts_again_after_the_run_trained_further(train_tiny):
+    from loraforge.config import load_config
+    from loraforge.export.gguf import gguf_is_current
+    from loraforge.export.ollama import run_export_ollama
+    from loraforge.training.run import run_training
+
+    config, _ = train_tiny("train.max_steps=2", "train.save_every=2")
+    run = Path(config.output_dir)
+    run_export_ollama(run, "f16")
+    gguf = run / "export" / "model-f16.gguf"
+    first = gguf.read_bytes()
+    assert gguf_is_current(run, "f16")
+    run_training(load_config(run / "resolved.yaml", ["train.max_steps=4"]), resume="auto", allow_changes=True)
+    assert not gguf_is_current(run, "f16")
+    run_export_ollama(run, "f16")
+    assert gguf.read_bytes() != first and gguf_is_current(run, "f16")

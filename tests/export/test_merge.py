@@ -118,3 +118,61 @@ def test_the_merged_template_adds_the_runs_system_prompt_as_training_did(train_t
     own = [{"role": "system", "content": "Be loud."}, *plain]
     assert (merged.apply_chat_template(own, tokenize=False, add_generation_prompt=True)
             == trained.apply_chat_template(own, tokenize=False, add_generation_prompt=True)), "a system message given wins"
+
+
+def test_a_run_trained_further_is_merged_again_and_a_moved_or_copied_run_keeps_its_merge(train_tiny, tmp_path):
+    import shutil
+
+    from loraforge.export.gguf import model_source
+    from loraforge.export.merge import merge_record
+
+    config, _ = train_tiny("train.max_steps=2", "train.save_every=2")
+    run = Path(config.output_dir)
+    merged = model_source(run)
+    first = (merged / "model.safetensors").read_bytes()
+
+    copy = tmp_path / "copied run"
+    shutil.copytree(run, copy)
+    record = (copy / "merged" / "merge.json").read_bytes()
+    assert model_source(copy) == copy / "merged"
+    assert (copy / "merged" / "merge.json").read_bytes() == record, "the copy's merge is its own: not redone"
+    assert run_merge(copy).max_abs_logit_diff <= 1e-4, "merging the copy again is not refused as another run's"
+
+    from loraforge.config import load_config
+    from loraforge.training.run import run_training
+
+    further = load_config(Path(config.output_dir) / "resolved.yaml", ["train.max_steps=4"])
+    run_training(further, resume="auto", allow_changes=True)
+    assert model_source(run) == merged
+    assert (merged / "model.safetensors").read_bytes() != first, "the merge is redone from the adapter trained further"
+    assert merge_record(merged)["run_dir"] == str(run.resolve())
+
+
+def test_a_full_fine_tune_saves_a_model_folder_that_answers_with_the_runs_system_prompt(train_tiny):
+    from transformers import AutoTokenizer
+
+    config, _ = train_tiny("adapter=full", "train.max_steps=1", "data.system_prompt=Answer in two words.")
+    model_dir = Path(config.output_dir) / "model"
+    plain = AutoTokenizer.from_pretrained(model_dir)
+    rendered = plain.apply_chat_template([{"role": "user", "content": "Echo red"}], tokenize=False)
+    assert "Answer in two words." in rendered
+    from loraforge.model.load import load_tokenizer
+
+    assert "Answer in two words." not in (load_tokenizer(str(Path(config.output_dir) / "tokenizer")).chat_template or "")
+
+
+def test_an_out_folder_holding_a_folder_or_that_cannot_be_made_is_refused_before_the_model_loads(train_tiny, tmp_path,
+                                                                                               monkeypatch):
+    from loraforge.errors import ExportError
+    from loraforge.export import merge
+
+    config, _ = train_tiny("train.max_steps=1")
+    monkeypatch.setattr(merge, "load_run", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
+    holding = tmp_path / "holding"
+    (holding / "sub").mkdir(parents=True)
+    with pytest.raises(ExportError, match=r"holds files loraforge did not write.*\(sub\)"):
+        run_merge(config.output_dir, holding)
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(ExportError, match="cannot be made: .*a-file is a file"):
+        run_merge(config.output_dir, tmp_path / "a-file" / "merged")
+    assert (tmp_path / "a-file").read_text() == "mine"

@@ -9,7 +9,7 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.errors import ExportError
 from loraforge.export import ledger
-from loraforge.export.merge import merged_from, run_merge
+from loraforge.export.merge import merged_is_current, run_digest, run_merge
 from loraforge.model.template import apply_template
 
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -26,9 +26,27 @@ def model_source(run_dir: Path) -> Path:
     if (run_dir / rundir.MODEL / "config.json").is_file():
         return run_dir / rundir.MODEL
     merged = run_dir / rundir.MERGED
-    if not (ledger.intact(merged) and merged_from(merged) == run_dir.resolve()):
+    if not merged_is_current(merged, run_dir):
         run_merge(run_dir, merged)
     return merged
+
+
+def gguf_is_current(run_dir: Path, kind: str) -> bool:
+    """RUN_DIR/export holds this kind of GGUF, whole, made from the run as it is now."""
+    out = gguf_path(run_dir, kind)
+    record = out.parent / f"{out.stem}.json"
+    if not (ledger.written(out.parent, out.name) and ledger.written(out.parent, record.name)):
+        return False
+    try:
+        return json.loads(record.read_text(encoding="utf-8")).get("run_digest") == run_digest(run_dir)
+    except ValueError:
+        return False
+
+
+def refuse_other_tasks(run_dir: Path) -> None:
+    config = rundir.read_config(run_dir)
+    if config.task != "causal_lm":
+        raise ExportError(f"{run_dir} is a {config.task} run; GGUF export is for causal language models")
 
 
 def gguf_path(run_dir: Path, kind: str) -> Path:
@@ -37,9 +55,7 @@ def gguf_path(run_dir: Path, kind: str) -> Path:
 
 def run_export_gguf(run_dir: str | Path, kind: str = "q8_0") -> Path:
     run_dir = Path(run_dir)
-    config = rundir.read_config(run_dir)
-    if config.task != "causal_lm":
-        raise ExportError(f"{run_dir} is a {config.task} run; GGUF export is for causal language models")
+    refuse_other_tasks(run_dir)
     if kind not in TYPES:
         raise ExportError(f"--type {kind}: choose one of {', '.join(TYPES)}")
     script = converter_dir() / "convert_hf_to_gguf.py"
@@ -48,9 +64,10 @@ def run_export_gguf(run_dir: str | Path, kind: str = "q8_0") -> Path:
             f"llama.cpp's converter is not at {script}; run `make setup`, or fetch it from the "
             f"llama-cpp-python=={LLAMA_CPP_PYTHON} source distribution and set LORAFORGE_LLAMA_CPP to its llama.cpp folder"
         )
-    source = model_source(run_dir)
     out = gguf_path(run_dir, kind)
     record = out.parent / f"{out.stem}.json"
+    ledger.check(out.parent, [out.name, record.name], "export")
+    source = model_source(run_dir)
     ledger.claim(out.parent, [out.name, record.name], "export")
     done = subprocess.run(
         [sys.executable, str(script), str(source), "--outfile", str(out), "--outtype", kind],
@@ -63,8 +80,9 @@ def run_export_gguf(run_dir: str | Path, kind: str = "q8_0") -> Path:
     if expected is not None and template != expected:
         raise ExportError(f"{out} holds another chat template than the model's tokenizer; the export is not usable")
     record.write_text(
-        json.dumps({"source": str(source), "type": kind, "converter": f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
-                    "chat_template_embedded": template is not None}, indent=2) + "\n",
+        json.dumps({"source": str(source.resolve()), "run_digest": run_digest(run_dir), "type": kind,
+                    "converter": f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "chat_template_embedded": template is not None},
+                   indent=2) + "\n",
         encoding="utf-8",
     )
     ledger.record(out.parent, [out.name, record.name])

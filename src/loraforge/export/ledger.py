@@ -6,6 +6,7 @@ still marked as being written belong to a merge or export that was stopped midwa
 """
 
 import json
+import os
 from pathlib import Path
 
 from loraforge.data.cache import file_digest as sha256
@@ -44,9 +45,12 @@ def claim(folder: Path, names: list[str] | None, key: str) -> None:
     folder = Path(folder)
     check(folder, names, key)
     ledger = read(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write(folder, sorted(set(ledger.get("writing", [])) | ({EVERY_FILE} if names is None else set(names))),
-           ledger.get("files", {}))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write(folder, sorted(set(ledger.get("writing", [])) | ({EVERY_FILE} if names is None else set(names))),
+               ledger.get("files", {}))
+    except OSError as exc:
+        raise ExportError(f"{key} {folder} cannot be written to ({exc.strerror or exc}); {_writable_fix(key)}") from None
 
 
 def check(folder: Path, names: list[str] | None, key: str) -> None:
@@ -54,16 +58,35 @@ def check(folder: Path, names: list[str] | None, key: str) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ExportError(f"{key} {folder} is a file; give a folder path")
+    _check_writable(folder, key)
     ledger = read(folder)
     writing, files = set(ledger.get("writing", [])), ledger.get("files", {})
     present = [p.name for p in sorted(folder.iterdir()) if p.name != LEDGER] if folder.is_dir() else []
     targets = present if names is None else [name for name in names if name in present]
-    others = [name for name in targets if EVERY_FILE not in writing and name not in writing
-              and files.get(name) != sha256(folder / name)]
+    others = [name for name in targets if not (folder / name).is_file() or (
+        EVERY_FILE not in writing and name not in writing and files.get(name) != sha256(folder / name))]
     if others:
+        elsewhere = "" if key == "export" else " or choose another folder"
         raise ExportError(f"{key} {folder} holds files loraforge did not write, or that changed since it wrote them "
-                          f"({', '.join(others[:5])}); move them away or choose another folder: loraforge never "
+                          f"({', '.join(others[:5])}); move them away{elsewhere}: loraforge never "
                           "overwrites a file it did not write")
+
+
+def _check_writable(folder: Path, key: str) -> None:
+    """The folder, or the nearest folder above it that exists (where it would be made), takes new files."""
+    there = folder
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():
+        raise ExportError(f"{key} {folder} cannot be made: {there} is a file; give a folder path")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise ExportError(f"{key} {folder} cannot be written to ({there} is not writable by this user); "
+                          f"{_writable_fix(key)}")
+
+
+def _writable_fix(key: str) -> str:
+    return ("make the run directory writable, or export a writable copy of the run" if key == "export"
+            else "give a folder this user can write")
 
 
 def record(folder: Path, names: list[str] | None) -> None:

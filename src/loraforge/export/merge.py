@@ -1,15 +1,17 @@
 """`loraforge merge`: the adapter folded into its base, saved as a model plain transformers loads."""
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge import rundir
+from loraforge.data.cache import file_digest
 from loraforge.errors import ExportError, RunDirError
 from loraforge.export import ledger
 from loraforge.model.load import load_model
-from loraforge.model.template import apply_template, with_default_system
+from loraforge.model.template import apply_template, save_for_plain_use
 from loraforge.trained import load_run
 
 log = logging.getLogger(__name__)
@@ -31,12 +33,31 @@ class MergeResult:
         )
 
 
-def merged_from(folder: Path) -> Path | None:
-    """The run whose merged model folder holds (its merge.json, written last), or None."""
+def merge_record(folder: Path) -> dict:
+    """What the merged model folder was made from (its merge.json, written last); {} when there is none."""
     try:
-        return Path(json.loads((Path(folder) / MERGE_RECORD).read_text(encoding="utf-8"))["run_dir"]).resolve()
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        record = json.loads((Path(folder) / MERGE_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def run_digest(run_dir: Path) -> str:
+    """What a run's exports are made of: its trained weights (adapter or full model), its tokenizer and its system
+    prompt. It changes when the run trains further, and not when the run directory is moved or copied."""
+    run_dir = Path(run_dir)
+    digest = hashlib.sha256()
+    for folder in (rundir.ADAPTER, rundir.MODEL, rundir.TOKENIZER):
+        for path in sorted((run_dir / folder).rglob("*")):
+            if path.is_file():
+                digest.update(f"{path.relative_to(run_dir)}\0{file_digest(path)}\0".encode())
+    digest.update(json.dumps(rundir.read_config(run_dir).data.system_prompt).encode())
+    return digest.hexdigest()
+
+
+def merged_is_current(folder: Path, run_dir: Path) -> bool:
+    """The folder holds this run's merge as the run is now, whole and unchanged since it was written."""
+    return ledger.intact(folder) and merge_record(folder).get("run_digest") == run_digest(run_dir)
 
 
 def probe_inputs(tokenizer, task: str):
@@ -57,10 +78,12 @@ def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult
     if not (run_dir / rundir.ADAPTER / "adapter_config.json").is_file():
         raise RunDirError(f"{run_dir} holds a full model ({rundir.MODEL}/), not an adapter: it is already merged")
     out_dir = Path(out) if out else run_dir / rundir.MERGED
-    source = merged_from(out_dir)
-    if source is not None and source != run_dir.resolve():
+    source = merge_record(out_dir).get("run_dir")
+    own = out_dir.resolve() == (run_dir / rundir.MERGED).resolve()
+    if source is not None and not own and Path(source).resolve() != run_dir.resolve():
         raise ExportError(f"--out {out_dir} holds the merged model of another run ({source}); choose another folder "
                           "so that run's exports keep their weights")
+    digest = run_digest(run_dir)
     ledger.check(out_dir, None, "--out")
     # A quantized run merges onto the unquantized base: merged weights must be plain floats to be saved and reused.
     run = load_run(run_dir, quantized=False)
@@ -74,10 +97,7 @@ def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult
     merged = model.merge_and_unload()
     ledger.claim(out_dir, None, "--out")
     merged.save_pretrained(out_dir)
-    system = config.data.system_prompt if config.task == "causal_lm" else None
-    if system is not None and tokenizer.chat_template:
-        tokenizer.chat_template = with_default_system(tokenizer.chat_template, system)
-    tokenizer.save_pretrained(out_dir)
+    save_for_plain_use(tokenizer, out_dir, config.data.system_prompt if config.task == "causal_lm" else None)
     if labels is not None:
         (out_dir / rundir.LABELS).write_text(json.dumps(labels), encoding="utf-8")
 
@@ -86,7 +106,8 @@ def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult
         diff = (reloaded(**inputs).logits - reference).abs().max().item()
     result = MergeResult(out_dir, diff, reloaded.config.num_hidden_layers)
     (out_dir / MERGE_RECORD).write_text(
-        json.dumps({"run_dir": str(run_dir.resolve()), "max_abs_logit_diff": diff, "probes": list(PROBES)}, indent=2)
+        json.dumps({"run_dir": str(run_dir.resolve()), "run_digest": digest, "max_abs_logit_diff": diff,
+                    "probes": list(PROBES)}, indent=2)
         + "\n", encoding="utf-8",
     )
     ledger.record(out_dir, None)

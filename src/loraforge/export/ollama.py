@@ -5,7 +5,7 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.errors import ExportError
 from loraforge.export import ledger
-from loraforge.export.gguf import gguf_path, run_export_gguf
+from loraforge.export.gguf import gguf_is_current, gguf_path, refuse_other_tasks, run_export_gguf
 from loraforge.model.load import load_model_config, load_tokenizer
 from loraforge.model.sources import resolve_model
 from loraforge.model.template import apply_template
@@ -41,6 +41,9 @@ def modelfile(gguf_name: str, tokenizer, system_prompt: str | None, stop_tokens:
         )
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{CHATML_GO_TEMPLATE}"""']
     system = system_prompt if system_prompt is not None else default_system(tokenizer)
+    if system is not None and '"""' in system:
+        raise ExportError('the system prompt holds """, which ends a Modelfile\'s SYSTEM text early and which a '
+                          "Modelfile cannot escape; write its SYSTEM line by hand")
     if system is not None:
         lines.append(f'SYSTEM """{system}"""')
     lines += [f'PARAMETER stop "{token}"' for token in stop_tokens]
@@ -48,17 +51,22 @@ def modelfile(gguf_name: str, tokenizer, system_prompt: str | None, stop_tokens:
 
 
 def run_export_ollama(run_dir: str | Path, kind: str = "q8_0") -> Path:
+    """The Modelfile is checked (ChatML template, a SYSTEM text it can hold, no file of someone else's in its place)
+    before the GGUF it names is written; a GGUF made from the run as it is now is reused."""
     run_dir = Path(run_dir)
+    refuse_other_tasks(run_dir)
     config = rundir.read_config(run_dir)
-    gguf = gguf_path(run_dir, kind)
-    if not ledger.written(gguf.parent, gguf.name):
-        gguf = run_export_gguf(run_dir, kind)
     tokenizer = load_tokenizer(str(run_dir / rundir.TOKENIZER))
     base = resolve_model(config.model.name)
     stop_ids = model_stop_ids(tokenizer, base, load_model_config(base, config.model.revision), config.model.revision)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in sorted(stop_ids)]
+    gguf = gguf_path(run_dir, kind)
+    text = modelfile(gguf.name, tokenizer, config.data.system_prompt, stops)
     path = gguf.parent / "Modelfile"
+    ledger.check(path.parent, [path.name], "export")
+    if not gguf_is_current(run_dir, kind):
+        run_export_gguf(run_dir, kind)
     ledger.claim(path.parent, [path.name], "export")
-    path.write_text(modelfile(gguf.name, tokenizer, config.data.system_prompt, stops), encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
     ledger.record(path.parent, [path.name])
     return path

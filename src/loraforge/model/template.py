@@ -51,6 +51,18 @@ def with_default_system(template: str, system_prompt: str) -> str:
     return default + template
 
 
+def save_for_plain_use(tokenizer, folder: Path, system_prompt: str | None) -> None:
+    """Save the tokenizer into a model folder that others load without loraforge (a merge, a full fine-tune, what
+    GGUF is converted from): a chat without a system message gets the run's system prompt, as in training."""
+    original = tokenizer.chat_template
+    if system_prompt is not None and original:
+        tokenizer.chat_template = with_default_system(original, system_prompt)
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.chat_template = original
+
+
 def template_origin(tokenizer) -> str:
     text, origin = _ORIGINS.get(tokenizer, (None, None))
     if origin is not None and text == tokenizer.chat_template:

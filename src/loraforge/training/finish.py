@@ -11,6 +11,7 @@ from loraforge.config import RunConfig
 from loraforge.eval.plots import plot_loss
 from loraforge.eval.preference import held_out_kind, preference_line
 from loraforge.eval.report import write_report
+from loraforge.model.template import save_for_plain_use
 from loraforge.training.evaluation import metric_values
 from loraforge.training.manifest import write_manifest
 
@@ -112,7 +113,8 @@ def method_name(config: RunConfig) -> str:
 def save_model(config: RunConfig, model, tokenizer, run_dir: Path, labels: list[str] | None) -> None:
     if config.adapter == "full":
         model.save_pretrained(run_dir / rundir.MODEL)
-        tokenizer.save_pretrained(run_dir / rundir.MODEL)
+        save_for_plain_use(tokenizer, run_dir / rundir.MODEL,
+                           config.data.system_prompt if config.task == "causal_lm" else None)
     else:
         model.save_pretrained(run_dir / rundir.ADAPTER)
     tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
