@@ -139,6 +139,16 @@ def _launch(args, config: RunConfig) -> int:
     return 0
 
 
+def _one_or_more(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
+    return value
+
+
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -147,7 +157,7 @@ def _estimate(args) -> int:
     config = load_config(args.config, args.overrides)
     read_env_beside(args.config)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return _launch_estimate(args)
+        return _launch_estimate(args, config)
     from loraforge.training.estimate import run_estimate
 
     estimate = run_estimate(config, probe_steps=args.probe_steps, probe_dir=args.probe_dir)
@@ -156,9 +166,12 @@ def _estimate(args) -> int:
     return 0
 
 
-def _launch_estimate(args) -> int:
+def _launch_estimate(args, config: RunConfig) -> int:
     """The probe as a real run of --nproc processes, in one directory they share, removed afterwards."""
+    from loraforge.training.batch import accumulation
     from loraforge.training.launch import launch
+
+    accumulation(config.train, args.nproc)
 
     probe_dir = tempfile.mkdtemp(prefix="loraforge-estimate-")
     try:
@@ -324,9 +337,9 @@ def _add_training(commands) -> None:
                        help="carry on the run in output_dir from its newest complete checkpoint (auto) or from CHECKPOINT")
     train.add_argument("--allow-changes", action="store_true",
                        help="with --resume: resume even though the config or data differ from the checkpoint's")
-    train.add_argument("--nproc", type=int, default=1, help="processes on this machine, launched through torchrun "
+    train.add_argument("--nproc", type=_one_or_more, default=1, help="processes on this machine, launched through torchrun "
                        "(one per GPU; on CPU each takes a share of the cores)")
-    train.add_argument("--nnodes", type=int, default=1, help="machines taking part; run the same command on each")
+    train.add_argument("--nnodes", type=_one_or_more, default=1, help="machines taking part; run the same command on each")
     train.add_argument("--node-rank", type=int, help="this machine's rank among --nnodes (optional with c10d)")
     train.add_argument("--master", metavar="HOST:PORT", help="rendezvous address, the same on every node")
     train.add_argument("--shutdown-timeout", type=int, metavar="SECONDS",
@@ -337,7 +350,7 @@ def _add_training(commands) -> None:
     estimate.add_argument("config")
     estimate.add_argument("overrides", **OVERRIDES)
     estimate.add_argument("--probe-steps", type=int, default=6, help="real steps measured (default 6)")
-    estimate.add_argument("--nproc", type=int, default=1, help="plan for N processes on this machine (as "
+    estimate.add_argument("--nproc", type=_one_or_more, default=1, help="plan for N processes on this machine (as "
                           "`train --nproc N`): the probe runs in N processes; memory and step time per process")
     estimate.add_argument("--probe-dir", help=argparse.SUPPRESS)
     estimate.set_defaults(func=_estimate)

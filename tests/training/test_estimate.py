@@ -78,3 +78,49 @@ def test_a_short_run_is_estimated_in_seconds_and_a_long_one_in_minutes():
     assert "6 steps: about 20 seconds in all, evaluations and model loading included" in short
     long = Estimate(1.4, 162.0, 2039.0, 100, 440.0, 4, "fp32").summary()
     assert "100 steps: about 2.7 minutes in all" in long
+
+
+def test_a_packed_run_is_planned_from_its_packed_rows(train_tiny):
+    """data.packing: train.batch_size counts packed rows, and an epoch has as many steps as those rows fill."""
+    from loraforge.training.estimate import run_estimate
+
+    config, result = train_tiny("data.packing=true", "data.max_length=128", "train.batch_size=2", "train.max_steps=null",
+                                "train.num_epochs=1", "train.eval_every=1000", "data.val_fraction=0.1")
+    trained = result.timing["step_padded_tokens"]
+    planned = run_estimate(config.model_copy(update={"output_dir": config.output_dir + "-probe"}), probe_steps=3)
+    assert planned.steps == len(trained) > 1
+    assert planned.padded_tokens_per_step == pytest.approx(sum(trained) / len(trained), rel=1e-6)
+
+
+@pytest.mark.parametrize("steps, every", [(5, 2), (4, 2), (3, 5)])
+def test_the_planned_evaluations_are_the_ones_training_runs(train_tiny, steps, every):
+    import json
+    from pathlib import Path
+
+    from loraforge.training.estimate import evaluations
+
+    config, _ = train_tiny(f"train.max_steps={steps}", f"train.eval_every={every}", "train.save_every=null",
+                           "eval.samples_during_training=0")
+    records = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert evaluations(config.train, steps, per_epoch=100) == sum("eval_loss" in r for r in records)
+
+
+def test_process_counts_below_one_and_a_global_batch_the_processes_cannot_share_are_refused_before_launching(
+        tmp_path, capsys, monkeypatch, tiny_model_dir):
+    from loraforge.cli import main
+    from loraforge.training import launch
+    from tests.conftest import ECHO_ROWS, write_jsonl
+
+    monkeypatch.setattr(launch, "launch", lambda *a, **k: pytest.fail("torchrun was started"))
+    data = write_jsonl(tmp_path / "d.jsonl", ECHO_ROWS)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {tiny_model_dir}}}\ndata: {{sources: [{{path: {data}}}], cache: false}}\n"
+                      "train: {max_steps: 5, batch_size: 4, global_batch: 12}\n")
+    for command in (["estimate", str(config), "--nproc", "0"], ["train", str(config), "--nproc", "-2"],
+                    ["train", str(config), "--nnodes", "0"]):
+        with pytest.raises(SystemExit) as stopped:
+            main(command)
+        assert stopped.value.code == 2
+        assert "give a whole number of 1 or more" in capsys.readouterr().err
+    assert main(["estimate", str(config), "--nproc", "2"]) == 2
+    assert "train.global_batch: 12 is not a multiple of train.batch_size 4 x 2 process(es)" in capsys.readouterr().err

@@ -157,8 +157,6 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
                                            accum)
         tokens = step_padded_tokens(lengths, train.batch_size, accum, train.group_by_length, config.data.packing,
                                     config.seed, steps, processes)
-    if config.data.packing:
-        tokens = [min(t, train.batch_size * accum * config.data.max_length) for t in tokens]
     if config.method in ("dpo", "orpo"):
         # A pair is two sequences, chosen and rejected, padded to one length; the probe's step times already hold
         # the reference pass.
@@ -166,8 +164,8 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
     warm_up = measured_seconds[0] - (fixed + per_token * measured_tokens[0])
     step_seconds = [fixed + per_token * t for t in tokens]
     step_seconds[0] += max(warm_up, 0.0)
-    evaluations = (math.ceil(steps / per_epoch) if train.eval_every == "epoch" else steps // train.eval_every) + 1
-    total = (result.timing["setup_seconds"] or 0.0) + sum(step_seconds) + evaluations * (result.timing["eval_seconds"] or 0.0)
+    total = ((result.timing["setup_seconds"] or 0.0) + sum(step_seconds)
+             + evaluations(train, steps, per_epoch) * (result.timing["eval_seconds"] or 0.0))
     return Estimate(
         seconds_per_step=sum(step_seconds) / steps,
         total_seconds=total,
@@ -179,6 +177,14 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
         processes=processes,
         peak_gpu_mb=peak_gpu_mb,
     )
+
+
+def evaluations(train, steps: int, per_epoch: int) -> int:
+    """The base model's evaluation, then the periodic ones, and a last one after a last step that is not one of
+    those."""
+    if train.eval_every == "epoch":
+        return 1 + math.ceil(steps / per_epoch)
+    return 1 + steps // train.eval_every + (steps % train.eval_every > 0)
 
 
 def _largest_process_peaks_mb() -> tuple[float, float | None]:
@@ -236,6 +242,9 @@ def _kto_examples(config) -> tuple[list[list[int]], list[list[int]]]:
 
 
 def _train_lengths(config) -> list[int]:
+    """The lengths of the rows training draws its batches from: packed rows where data.packing packs them."""
+    if config.data.packing:
+        return [len(ids) for ids in prepare(config).train["input_ids"]]
     train = _prepared_train(config)
     if config.method != "sft":
         return pair_lengths(train)
