@@ -25,14 +25,20 @@ def read_texts(path: str) -> list[str]:
                 raise DataError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise DataError(f"{file}:{number}: expected an object with a \"text\" field")
+            if not row["text"].strip():
+                raise DataError(f"{file}:{number}: the text is empty; a label needs some text to go on")
             texts.append(row["text"])
         else:
             texts.append(line)
+    if not texts:
+        raise DataError(f"{file}: holds no texts; give one per line (or a \"text\" field per line in .jsonl)")
     return texts
 
 
 def run_predict(run_dir: str, text: str | None = None, file: str | None = None, stream=None) -> list[dict]:
     stream = stream or sys.stdout
+    if text is not None and not text.strip():
+        raise DataError("--text is empty; a label needs some text to go on")
     texts = [text] if text is not None else read_texts(file)
     run = load_run(run_dir, task="classification")
     results = predict_labels(run.model, run.tokenizer, run.labels, texts, run.config.data.max_length)

@@ -134,3 +134,26 @@ def test_chat_refuses_a_classification_run_and_predict_a_chat_run(train_tiny, ca
     config, _ = train_tiny("train.max_steps=2")
     assert main(["predict", config.output_dir, "--text", "x"]) == 2
     assert "use `loraforge chat" in capsys.readouterr().err
+
+
+def test_macro_f1_leaves_out_labels_neither_in_the_data_nor_predicted():
+    found = classification_metrics([0, 1], [0, 1], ["pos", "neg", "neutral"])
+    assert found["macro_f1"] == 1.0 and found["f1_per_label"] == {"pos": 1.0, "neg": 1.0, "neutral": None}
+    predicted_only = classification_metrics([0, 2], [0, 1], ["pos", "neg", "neutral"])
+    assert predicted_only["macro_f1"] == pytest.approx(1 / 3), "a label predicted but absent counts, with F1 0"
+
+
+def test_predict_refuses_an_empty_text_with_where_it_is(train_tiny, tmp_path, capsys):
+    from loraforge.cli import main
+
+    config, _ = train_tiny("train.max_steps=1")
+    assert main(["predict", config.output_dir, "--text", "  "]) == 2
+    assert "--text is empty" in capsys.readouterr().err
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "fine"}\n{"text": ""}\n', encoding="utf-8")
+    assert main(["predict", config.output_dir, "--file", str(texts)]) == 2
+    assert f"{texts}:2: the text is empty" in capsys.readouterr().err
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n", encoding="utf-8")
+    assert main(["predict", config.output_dir, "--file", str(blank)]) == 2
+    assert f"{blank}: holds no texts" in capsys.readouterr().err

@@ -212,3 +212,37 @@ def test_eval_says_when_compare_base_has_no_base_to_measure_and_refuses_an_unkno
     assert "--compare-base: eval measures no base model for a full fine-tune (no adapter to switch off)" in caplog.text
     with pytest.raises(ConfigError, match="split 'train': eval draws the run's held-out split val or test"):
         run_eval(config.output_dir, split="train")
+
+
+@pytest.mark.parametrize("output, reference, expected", [
+    ("привет мир", "привет мир", 1.0), ("你好世界", "你好世界", 1.0), ("你好", "你好世界", 2 / 3),
+    ("Ça va très bien", "ça va bien", 2 * 1.0 * 0.75 / 1.75), ("The answer is 42.", "the answer: 42", 6 / 7)])
+def test_rouge_l_counts_words_of_every_script(output, reference, expected):
+    assert generation_metrics([output], [reference])["rouge_l"] == pytest.approx(expected)
+
+
+def test_generation_metrics_leave_the_callers_logging_alone_and_are_absent_without_answers():
+    import logging
+
+    from loraforge.eval.run import format_results
+
+    handlers = list(logging.getLogger().handlers)
+    generation_metrics(["a b"], ["a c"])
+    assert logging.getLogger().handlers == handlers, "a later logging.basicConfig of the user's still works"
+    assert generation_metrics([], []) == {"samples": 0}
+    shown = format_results({"fine_tuned": {"loss": 1.5, "perplexity": 4.48, "token_accuracy": 0.5, "samples": 0},
+                            "rows": 3, "data": "d.jsonl", "written_to": "x.json", "precision": "fp32"})
+    assert "rouge_l" in shown and "n/a" in shown.split("rouge_l")[1].splitlines()[0]
+
+
+def test_eval_data_with_an_answer_and_no_prompt_is_measured_and_not_asked(train_tiny, tmp_path, capsys):
+    from loraforge.cli import main
+    from tests.conftest import write_jsonl
+
+    config, _ = train_tiny("train.max_steps=1")
+    rows = write_jsonl(tmp_path / "rows.jsonl", [
+        {"messages": [{"role": "assistant", "content": "red red"}]},
+        {"messages": [{"role": "user", "content": "Echo blue"}, {"role": "assistant", "content": "blue blue"}]}])
+    assert main(["eval", config.output_dir, "--data", str(rows)]) == 0
+    written = json.loads((Path(config.output_dir) / "eval" / "rows.json").read_text())
+    assert written["rows"] == 2 and written["fine_tuned"]["samples"] == 1

@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -47,11 +48,25 @@ def token_metrics(model, dataset, collate, batch_size: int = 8) -> dict:
             "tokens": tokens}
 
 
+class Words:
+    """ROUGE's tokens: lower-cased words of any script, and each Chinese or Japanese character on its own (those
+    scripts put no spaces between words). rouge_score's default tokenizer keeps a-z and 0-9 only, so any other
+    script scored 0 against itself."""
+
+    PATTERN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+
+    def tokenize(self, text: str) -> list[str]:
+        return self.PATTERN.findall(text.lower())
+
+
 def generation_metrics(outputs: list[str], references: list[str]) -> dict:
+    """Exact match, contains, ROUGE-L and valid JSON over the answers; only the count where there are none."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    n = max(len(outputs), 1)
+    if not outputs:
+        return {"samples": 0}
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=Words())
+    n = len(outputs)
 
     def valid_json(text: str) -> bool:
         try:
@@ -165,7 +180,8 @@ def causal_rows_metrics(model, tokenizer, stop_ids, data_config, rows, max_new_t
     """Loss, perplexity and token accuracy over the rows, and generation metrics of greedy answers to up to
     max_samples of them against their last assistant message."""
     dataset, _ = tokenize_rows(rows, tokenizer, stop_ids, data_config, DataStats())
-    chats = [r for r in rows if r.conversation.messages and r.conversation.messages[-1].role == "assistant"]
+    # Rows whose last message is an answer to something: an assistant message alone has no prompt to answer.
+    chats = [r for r in rows if len(r.conversation.messages) > 1 and r.conversation.messages[-1].role == "assistant"]
     chats = chats[:max_samples]
     prompts = [[{"role": m.role, "content": m.content} for m in r.conversation.messages[:-1]] for r in chats]
     references = [r.conversation.messages[-1].content for r in chats]
@@ -273,7 +289,8 @@ def format_results(results: dict) -> str:
         keys = ("accuracy", "macro_f1")
     lines = [f"{'metric':<16}" + "".join(f"{n:>14}" for n in names)]
     for key in keys:
-        lines.append(f"{key:<16}" + "".join(f"{results[n][key]:>14.4f}" for n in names))
+        lines.append(f"{key:<16}" + "".join(f"{results[n][key]:>14.4f}" if key in results[n] else f"{'n/a':>14}"
+                                            for n in names))
     lines.append(f"{results['rows']} rows from {results['data']}, {computed_as(results)}; "
                  f"written to {results['written_to']}")
     return "\n".join(lines)
