@@ -55,3 +55,37 @@ def test_train_evaluate_generate_and_merge_from_python(tmp_path, tiny_model_dir,
     config = loraforge.load_config(config_file, [f"output_dir={tmp_path / 'again'}"])
     with pytest.raises(TypeError, match="overrides apply to a config file"):
         loraforge.train(config, ["train.max_steps=1"])
+
+
+def test_train_leaves_the_callers_environment_and_logging_as_they_were(tmp_path, tiny_model_dir, monkeypatch):
+    import logging
+
+    config_file = write_tiny_config(tmp_path, tiny_model_dir, "{max_steps: 1, batch_size: 4, save_every: null}")
+    (tmp_path / ".env").write_text("LORAFORGE_TEST_TRACKER_KEY=from-dotenv\n", encoding="utf-8")
+    monkeypatch.setenv("WANDB_PROJECT", "mine")
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    monkeypatch.delenv("LORAFORGE_TEST_TRACKER_KEY", raising=False)
+    seen = {}
+    from loraforge.training import run as run_module
+
+    real = run_module.build_trainer
+
+    def spy(*args, **kwargs):
+        seen.update({name: os.environ.get(name) for name in
+                     ("WANDB_PROJECT", "TENSORBOARD_LOGGING_DIR", "LORAFORGE_TEST_TRACKER_KEY")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "build_trainer", spy)
+    level = logging.getLogger("loraforge").level
+    loraforge.train(config_file, [f"output_dir={tmp_path / 'run'}", "tracking.wandb.project=theirs"])
+    assert seen == {"WANDB_PROJECT": "theirs", "TENSORBOARD_LOGGING_DIR": str(tmp_path / "run" / "tensorboard"),
+                    "LORAFORGE_TEST_TRACKER_KEY": "from-dotenv"}, "the run sees its own settings"
+    assert os.environ["WANDB_PROJECT"] == "mine"
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ and "LORAFORGE_TEST_TRACKER_KEY" not in os.environ
+    assert logging.getLogger("loraforge").level == level
+
+
+def test_star_import_gives_the_api():
+    names: dict = {}
+    exec("from loraforge import *", names)
+    assert {"train", "evaluate", "generate", "merge", "load_config", "TrainResult"} <= set(names)

@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 API = ("EvalResult", "MergeResult", "TrainResult", "evaluate", "generate", "load_config", "merge", "train")
+__all__ = list(API)
 
 
 def __getattr__(name: str):

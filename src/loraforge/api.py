@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge.config import RunConfig, load_config
-from loraforge.config.env import read_env_beside
+from loraforge.config.env import env_beside, scoped_environment
 from loraforge.eval.generate import generate_batch, prompt_for
 from loraforge.eval.run import run_eval
 from loraforge.export.merge import MergeResult, run_merge
@@ -40,13 +40,17 @@ class EvalResult:
 
 def train(config: RunConfig | str | Path, overrides: list[str] | tuple[str, ...] = (), resume: str | None = None,
           allow_changes: bool = False) -> TrainResult:
-    """Train from a RunConfig or a config file (with KEY=VALUE overrides); resume: "auto" or a checkpoint folder."""
+    """Train from a RunConfig or a config file (with KEY=VALUE overrides); resume: "auto" or a checkpoint folder.
+    The variables of a .env beside the config file hold for the run only. Python's, NumPy's and torch's global
+    random generators are seeded with config.seed, as transformers' Trainer seeds them."""
+    found = {}
     if not isinstance(config, RunConfig):
         path, config = config, load_config(config, overrides)
-        read_env_beside(path)
+        found = env_beside(path)
     elif overrides:
         raise TypeError("overrides apply to a config file; pass the path, or change the RunConfig with model_copy")
-    return run_training(config, resume=resume, allow_changes=allow_changes)
+    with scoped_environment(found):
+        return run_training(config, resume=resume, allow_changes=allow_changes)
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, split: str = "val", compare_base: bool = False,

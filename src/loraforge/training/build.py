@@ -230,9 +230,6 @@ def build_trainer(config: RunConfig, prepared: Prepared, model, run_dir: Path, p
     causal = config.task == "causal_lm"
     loss, metrics = (None, None) if causal else classification_loss_and_metrics(prepared)
     throughput = ThroughputCallback()
-    # TensorBoardCallback reads its folder from the environment when the trainer is built.
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / rundir.TENSORBOARD)
-    os.environ.update(config.tracking.environment())
     if config.method != "sft":
         kto = config.method == "kto"
         trainer = {"dpo": PreferenceTrainer, "orpo": OddsRatioTrainer, "kto": UnpairedTrainer}[config.method](

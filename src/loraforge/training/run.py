@@ -14,6 +14,7 @@ from transformers.utils import logging as transformers_logging
 
 from loraforge import rundir
 from loraforge.config import RunConfig, write_resolved
+from loraforge.config.env import scoped_environment
 from loraforge.config.output_dir import expand_output_dir
 from loraforge.data.cache import cache_key
 from loraforge.errors import RunDirError, TrainingStopped
@@ -75,6 +76,11 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     if checkpoint is None and is_main:
         rundir.ensure_free(config.output_dir)
     with ExitStack() as held:
+        held.callback(logging.getLogger("loraforge").setLevel, logging.getLogger("loraforge").level)
+        # TensorBoardCallback reads its folder from the environment when the trainer is built, the trackers their
+        # project names when the run begins; the caller's own variables come back at the end.
+        held.enter_context(scoped_environment({"TENSORBOARD_LOGGING_DIR": str(Path(config.output_dir) / rundir.TENSORBOARD),
+                                               **config.tracking.environment()}))
         held.enter_context(_interrupt_says_what_next(Path(config.output_dir), command))
         early = held.enter_context(_held_log(config.logging.level)) if is_main else None
         if checkpoint is not None and is_main:
