@@ -247,3 +247,55 @@ def test_fractions_of_the_run_as_step_counts_are_listed_and_a_script_config_give
         load_config(source)
     assert error.value.problems[-1] == (f"{source}: 5 keys are named as a fine-tuning script names them: "
                                         f"`loraforge config migrate {source}` writes the loraforge config they mean")
+
+
+def test_values_loraforge_refuses_beside_the_method_are_listed_not_carried_and_the_rest_migrates(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    source = tmp_path / "dpo.yaml"
+    source.write_text("model_name_or_path: smollm2-135m-instruct\nlora_dropout: 0.05\nlora_r: 8\n"
+                      "metric_for_best_model: accuracy\ntrain_file: pairs.jsonl\n")
+    migration, text = write_migrated(source, tmp_path / "out.yaml")
+    rows = dict(migration.rows)
+    assert rows["lora_dropout"].startswith("not carried: lora.dropout 0.05: method dpo runs without dropout")
+    assert rows["metric_for_best_model"].startswith("not carried: train.best_metric: 'eval_accuracy' is not a metric")
+    config = load_config(tmp_path / "out.yaml")
+    assert config.method == "dpo" and config.lora.r == 8 and config.lora.dropout == 0.0
+    every_key_is_listed(source, migration)
+
+
+def test_peft_seq_cls_and_trls_text_field_say_what_the_data_is(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "reviews.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}])
+    write_jsonl(tmp_path / "corpus.jsonl", [{"content": "Some text to continue."}])
+    classifier = tmp_path / "cls.yaml"
+    classifier.write_text("model_name_or_path: smollm2-135m-instruct\ntask_type: SEQ_CLS\ntrain_file: reviews.jsonl\n")
+    migration, _ = write_migrated(classifier, tmp_path / "cls-out.yaml")
+    config = load_config(tmp_path / "cls-out.yaml")
+    assert config.task == "classification" and config.data.sources[0].format.value == "classification"
+    sft = tmp_path / "sft.yaml"
+    sft.write_text("model_name_or_path: smollm2-135m-instruct\ndataset_text_field: content\ntrain_file: corpus.jsonl\n")
+    migration, _ = write_migrated(sft, tmp_path / "sft-out.yaml")
+    source = load_config(tmp_path / "sft-out.yaml").data.sources[0]
+    assert source.format.value == "text" and source.fields == {"text": "content"}
+
+
+def test_unreadable_sources_and_outputs_are_messages_naming_the_file(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"model_name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin.yaml:1: not UTF-8 text"):
+        migrate(latin)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("learning_rate: 1e-4\nlearning_rate: 2e-4\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml:2: learning_rate is given twice \(first at .*twice.yaml:1\)"):
+        migrate(twice)
+    twice_json = tmp_path / "twice.json"
+    twice_json.write_text('{"learning_rate": 1e-4, "learning_rate": 2e-4}')
+    with pytest.raises(ConfigError, match="'learning_rate' is given twice"):
+        migrate(twice_json)
+    with pytest.raises(ConfigError, match="is a directory"):
+        migrate(tmp_path)
+    good = tmp_path / "good.yaml"
+    good.write_text("model_name: smollm2-135m-instruct\n")
+    with pytest.raises(ConfigError, match=r"latin.yaml is a file, not a folder"):
+        write_migrated(good, latin / "out.yaml")

@@ -59,7 +59,7 @@ def _read_with_parents(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[
     if resolved in stack:
         chain = " -> ".join(str(p) for p in (*stack, resolved))
         raise ConfigError([f"extends forms a cycle: {chain}; remove one of these extends"], source=str(stack[0]))
-    data, origins = _read_one(path)
+    data, origins = read_yaml_file(path)
     if "extends" in data and "_extends" in data:
         raise ConfigError([f"{origins[('_extends',)]}: _extends and extends (at {origins[('extends',)]}) are the same "
                            "key; keep one"], source=str(path))
@@ -82,7 +82,9 @@ def _read_with_parents(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[
     return merged, {**parent_origins, **origins}
 
 
-def _read_one(path: Path) -> tuple[dict, dict[Key, str]]:
+def read_yaml_file(path: Path) -> tuple[dict, dict[Key, str]]:
+    """One YAML file's mapping and the file:line of each key: refused, naming file and line, when it is not UTF-8,
+    not YAML, not a mapping, gives a key twice, or expands past what a config needs."""
     if path.is_dir():
         raise ConfigError([f"config {path} is a directory; pass the YAML file inside it"], source=str(path))
     if not path.is_file():

@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from loraforge.config.aliases import alias_of
-from loraforge.config.load import check_expansion
+from loraforge.config.load import read_yaml_file
 from loraforge.config.schema import RunConfig
 from loraforge.errors import ConfigError
 
@@ -32,11 +32,11 @@ NOT_CARRIED = {
     "low_cpu_mem_usage": "transformers 5 always loads weights this way",
     "use_cpu": "loraforge trains on the GPU when there is one, else on the CPU",
     "padding": "loraforge pads each batch to its longest row: the same gradient, less compute",
-    "task_type": "task: causal_lm is loraforge's default (classification data sets task: classification)",
     "greater_is_better": "loraforge knows it from train.best_metric: higher is better except for losses",
     "log_file": "every run writes train.log in its run directory",
     "log_to_file": "every run writes train.log in its run directory",
     "text_column": "used to infer data.sources[0].format and fields",
+    "dataset_text_field": "used to infer data.sources[0].format and fields",
     "label_column": "used to infer data.sources[0].format and fields",
 }
 DTYPES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16",
@@ -61,6 +61,8 @@ class Migration:
     config: dict
     rows: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # loraforge key -> the index of its row
+    carried: dict[str, int] = field(default_factory=dict)
 
     def carry(self, source: str, key: str, value) -> None:
         if isinstance(value, (date, datetime)):
@@ -70,7 +72,21 @@ class Migration:
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
+        self.carried[key] = len(self.rows)
         self.rows.append((source, f"{key}: {json.dumps(value, default=str)}"))
+
+    def withdraw(self, key: str, why: str) -> None:
+        """A carried key that loraforge refuses in this config: left out, its row saying why."""
+        parts = key.split(".")
+        nodes = [self.config]
+        for part in parts[:-1]:
+            nodes.append(nodes[-1][part])
+        del nodes[-1][parts[-1]]
+        for depth in range(len(parts) - 1, 0, -1):  # a section left empty goes too
+            if not nodes[depth]:
+                del nodes[depth - 1][parts[depth - 1]]
+        row = self.carried.pop(key)
+        self.rows[row] = (self.rows[row][0], f"not carried: {why}")
 
     def skip(self, source: str, why: str) -> None:
         self.rows.append((source, f"not carried: {why}"))
@@ -84,29 +100,47 @@ def read_script_config(path: Path, stack: tuple[Path, ...] = ()) -> dict:
     """The file's keys with its `_extends` (or `extends`) parents merged under them, mappings key by key."""
     if path.resolve() in stack:
         raise ConfigError([f"_extends forms a cycle at {path}"], source=str(path))
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError([f"{path} not found" + (f" (named by _extends in {stack[-1]})" if stack else "")],
                           source=str(path))
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            check_expansion(yaml.compose(text, Loader=yaml.SafeLoader), path)
-            data = yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError([f"{path}: cannot be read as {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"],
-                          source=str(path)) from None
-    except RecursionError:
-        raise ConfigError([f"{path}: nested too deeply to read"], source=str(path)) from None
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}: the top level must be a mapping of keys"], source=str(path))
+    data = _read_json(path) if path.suffix.lower() == ".json" else read_yaml_file(path)[0]
     parent = data.pop("_extends", None) or data.pop("extends", None)
     if parent is None:
         return data
     if not isinstance(parent, str):
         raise ConfigError([f"{path}: _extends must name one file, got {parent!r}"], source=str(path))
     return _merge(read_script_config(path.parent / parent, (*stack, path.resolve())), data)
+
+
+def _read_json(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError([f"{path} is a directory; pass the config file inside it"], source=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#x} at offset {exc.start}); save the "
+                           "file as UTF-8"], source=str(path)) from None
+    except OSError as exc:
+        raise ConfigError([f"{path} cannot be read: {exc.strerror}"], source=str(path)) from None
+
+    def refuse_twice(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ConfigError([f"{path}: {key!r} is given twice in one object; JSON readers keep only the last "
+                                   "one: merge them into one"], source=str(path))
+            seen[key] = value
+        return seen
+
+    try:
+        data = json.loads(text, object_pairs_hook=refuse_twice)
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"{path}:{exc.lineno}: cannot be read as JSON: {exc.msg}"], source=str(path)) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply to read"], source=str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of keys"], source=str(path))
+    return data
 
 
 def _merge(parent: dict, child: dict) -> dict:
@@ -289,6 +323,15 @@ def _adapter(migration, dotted, value, names):
     _choice("adapter", {"lora", "full"})(migration, dotted, value, names)
 
 
+def _task_type(migration, dotted, value, names):
+    """PEFT's task type: SEQ_CLS trains a classifier, CAUSAL_LM is loraforge's default."""
+    if value == "SEQ_CLS":
+        return migration.carry(dotted, "task", "classification")
+    if value == "CAUSAL_LM":
+        return migration.skip(dotted, "task: causal_lm is loraforge's default")
+    migration.skip(dotted, f"{value!r}: loraforge trains causal_lm (CAUSAL_LM) and classification (SEQ_CLS)")
+
+
 def _lora_r(migration, dotted, value, names):
     migration.carry(dotted, "lora.r", _number(value))
 
@@ -304,7 +347,7 @@ SPECIAL = {
     "metric_for_best_model": _best_metric, "truncation": _truncation, "use_lora": _use_lora, "lora_r": _lora_r,
     "loss_type": _loss_type, "rl": _choice("method", {"dpo", "orpo", "kto"}),
     "load_in_4bit": _load_in_bits, "load_in_8bit": _load_in_bits, "adapter": _adapter, "precision": _precision,
-    "num_epochs": _epochs,
+    "num_epochs": _epochs, "task_type": _task_type,
 }
 
 
@@ -354,7 +397,8 @@ def _found_beside(given: Path, origin: Path) -> Path:
 
 def infer_format(path: Path, names: dict) -> tuple[str, dict, str]:
     """(format, fields, why) of a data file, from its first row when it can be read, else from the config."""
-    text_column, label_column = names.get("text_column"), names.get("label_column")
+    text_column = names.get("text_column") or names.get("dataset_text_field")
+    label_column = names.get("label_column") or ("label" if names.get("task_type") == "SEQ_CLS" else None)
     row = _first_row(path)
     if row is None:
         if label_column:
@@ -421,14 +465,32 @@ def _layer_variant(migration: Migration, names: dict, where: dict) -> None:
 
 
 def migrated_yaml(migration: Migration, source: Path) -> str:
-    """The migrated config as YAML, once it validates; ConfigError listing what does not."""
-    try:
-        RunConfig.model_validate(migration.config)
-    except ValidationError as exc:
-        raise ConfigError([f"migrated {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()],
-                          source=str(source)) from None
+    """The migrated config as YAML, once it validates. A carried value that loraforge refuses beside the others
+    (dropout for DPO, a metric the method does not report) is left out with the reason in its row; ConfigError for
+    a value wrong in itself, or a refusal no carried key explains."""
+    while True:
+        try:
+            RunConfig.model_validate(migration.config)
+            break
+        except ValidationError as exc:
+            explained = {key: err["msg"].removeprefix("Value error, ") for err in exc.errors()
+                         for key in [_key_of(err, migration.carried)] if key is not None}
+            if not explained:
+                raise ConfigError([f"migrated {'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                                   for err in exc.errors()], source=str(source)) from None
+            for key, why in explained.items():
+                migration.withdraw(key, why)
     head = f"# Migrated from {source} by `loraforge config migrate`; every source key is listed in its output.\n"
     return head + yaml.safe_dump(migration.config, sort_keys=False, allow_unicode=True)
+
+
+def _key_of(error: dict, carried: dict[str, int]) -> str | None:
+    """The carried key that a check across keys refuses in this config (its message names the key). None for a value
+    wrong in itself (the error is at the key): the source is wrong there, and the migration says so."""
+    if ".".join(str(p) for p in error["loc"]) in carried:
+        return None
+    named = [key for key in carried if key in error["msg"]]
+    return max(named, key=len) if named else None
 
 
 def write_migrated(source: str | Path, out: str | Path | None) -> tuple[Migration, str]:
@@ -440,7 +502,15 @@ def write_migrated(source: str | Path, out: str | Path | None) -> tuple[Migratio
         if out.exists():
             raise ConfigError([f"--out {out} already exists; loraforge never overwrites a file it did not write: "
                                "choose a new name"], source=str(source))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("x", encoding="utf-8") as handle:
-            handle.write(text)
+        blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ConfigError([f"--out {out}: {blocking} is a file, not a folder; choose another path"],
+                              source=str(source))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with out.open("x", encoding="utf-8") as handle:
+                handle.write(text)
+        except OSError as exc:
+            raise ConfigError([f"--out {out} cannot be written ({exc.strerror or exc}); choose a path in a folder "
+                               "you can write"], source=str(source)) from None
     return migration, text
