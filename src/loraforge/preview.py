@@ -5,7 +5,7 @@ import sys
 from collections import Counter
 from contextlib import contextmanager
 
-from loraforge.data.build import DataStats, load_rows, tokenize_preference, tokenize_rows
+from loraforge.data.build import DataStats, split_rows, tokenize_preference, tokenize_rows
 from loraforge.data.render import IGNORE
 from loraforge.training.prepare import prepare
 
@@ -72,13 +72,16 @@ def run_preview(config, n: int, stream=None) -> None:
         return _preview_classification(prepared, config, n, stream)
     shown_stats = DataStats()
     with _quiet("loraforge.data"):  # prepare() has said what reading the sources found
-        rows = load_rows(config.data.sources, config.data.system_prompt, config.data.on_bad_row, shown_stats)
-    first = (rows["train"] or rows["val"])[:n]
+        train_rows, val_rows, _ = split_rows(config.data, config.seed, shown_stats)
+    split = "training" if train_rows else "validation"
     legend = f"{GREEN}trained{RESET} {DIM}masked{RESET}" if color else f"{OPEN}trained{CLOSE} masked"
+    tokenize = tokenize_preference if config.data.is_preference() else tokenize_rows
+    rows, shown = _first_kept(train_rows or val_rows, n, lambda chunk: tokenize(chunk, tokenizer, stop_ids, config.data,
+                                                                                 shown_stats))
     if config.data.is_preference():
-        rows, shown = tokenize_preference(first, tokenizer, stop_ids, config.data, shown_stats)
         unpaired = config.data.is_unpaired()
-        print(f"{len(rows)} {'unpaired rows' if unpaired else 'pairs'} ({legend}):", file=stream)
+        print(f"{len(rows)} {split} {'unpaired rows' if unpaired else 'pairs'}, as training draws them ({legend}):",
+              file=stream)
         for found, row in zip(rows, shown):
             prompt = found["prompt_ids"]
             sides = ({"desirable" if found["label"] else "undesirable": "completion_ids"} if unpaired
@@ -89,12 +92,24 @@ def run_preview(config, n: int, stream=None) -> None:
                 print(format_sample(prompt + answer, [IGNORE] * len(prompt) + answer, tokenizer, color), file=stream)
         print("\n" + format_stats(prepared.stats, config.data.max_length), file=stream)
         return
-    samples, shown = tokenize_rows(first, tokenizer, stop_ids, config.data, shown_stats)
-    print(f"{len(samples)} samples ({legend}):", file=stream)
-    for index in range(len(samples)):
-        print(f"\n--- {shown[index].where} ({len(samples[index]['input_ids'])} tokens)", file=stream)
-        print(format_sample(samples[index]["input_ids"], samples[index]["labels"], tokenizer, color), file=stream)
+    print(f"{len(rows)} {split} samples, as training draws them ({legend}):", file=stream)
+    for sample, row in zip(rows, shown):
+        print(f"\n--- {row.where} ({len(sample['input_ids'])} tokens)", file=stream)
+        print(format_sample(sample["input_ids"], sample["labels"], tokenizer, color), file=stream)
     print("\n" + format_stats(prepared.stats, config.data.max_length), file=stream)
+
+
+def _first_kept(rows: list, n: int, tokenize) -> tuple[list[dict], list]:
+    """The first n rows that tokenize into samples (rows dropped as too long, say, are passed over), and theirs."""
+    samples, kept = [], []
+    step = max(n, 16)
+    for start in range(0, len(rows), step):
+        if len(samples) >= n:
+            break
+        dataset, chunk_kept = tokenize(rows[start : start + step])
+        samples += [dataset[i] for i in range(len(dataset))]
+        kept += chunk_kept
+    return samples[:n], kept[:n]
 
 
 def _preview_classification(prepared, config, n: int, stream) -> None:

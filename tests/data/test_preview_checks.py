@@ -132,7 +132,7 @@ def test_collator_that_masks_by_pad_id_is_caught(tokenizer, tmp_path, chat_rows,
 
 def test_preview_of_the_bundled_pairs_shows_both_answers_trained(smollm_path, monkeypatch, tmp_path):
     text = preview_shipped("dpo", 1, smollm_path, monkeypatch, tmp_path)
-    assert text.startswith("1 pairs ([[trained]] masked):")
+    assert text.startswith("1 training pairs, as training draws them ([[trained]] masked):")
     assert "--- data/chatterbot_pref_en.jsonl:1 chosen" in text and "--- data/chatterbot_pref_en.jsonl:1 rejected" in text
     assert "What is AI?<|im_end|>\n<|im_start|>assistant\n[[Artificial Intelligence is the branch" in text
     assert "[[Squirrels<|im_end|>]]" in text, "the rejected answer is trained (pushed down) through its end of turn"
@@ -151,7 +151,7 @@ def test_preview_of_unpaired_rows_shows_each_answer_with_its_label(smollm_path, 
     out = io.StringIO()
     run_preview(config, n=2, stream=out)
     text = out.getvalue()
-    assert text.startswith("2 unpaired rows ([[trained]] masked):")
+    assert text.startswith("2 training unpaired rows, as training draws them ([[trained]] masked):")
     assert f"--- {rows}:1 desirable (" in text and f"--- {rows}:2 undesirable (" in text
     assert "What is AI?<|im_end|>\n<|im_start|>assistant\n[[A branch of computer science.<|im_end|>]]" in text
     assert "[[Squirrels<|im_end|>]]" in text and "rows read           2" in text
@@ -178,3 +178,28 @@ def test_preview_of_a_classification_run_shows_the_text_the_classifier_reads_and
     assert counts and int(counts[1]) + int(counts[2]) == 9, "the 9 training rows of 12, by label"
     assert "trained tokens" not in captured.out and "p50 4" in captured.out
     assert sum("bad rows skipped" in r.getMessage() for r in caplog.records) == 1, "said once, not again by preview"
+
+
+def test_preview_shows_the_training_rows_training_keeps(tiny_model_dir, tmp_path, capsys, chat_rows):
+    """Rows dropped as too long are passed over and validation rows are not shown as training samples."""
+    import re
+
+    from loraforge.cli import main
+    from loraforge.config import load_config
+    from loraforge.data.build import DataStats, split_rows
+
+    long = [{"messages": [{"role": "user", "content": "Tell me everything " + "word " * 80},
+                          {"role": "assistant", "content": "No."}]} for _ in range(3)]
+    data = write_jsonl(tmp_path / "d.jsonl", long + chat_rows)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {tiny_model_dir}}}\ndata:\n  sources: [{{path: {data}}}]\n  cache: false\n"
+                      "  max_length: 64\n  val_fraction: 0.25\n")
+    assert main(["data", "preview", str(config), "-n", "3"]) == 0
+    out = capsys.readouterr().out
+    shown = re.findall(r"^--- (\S+) ", out, flags=re.M)
+    assert out.startswith("3 training samples") and len(shown) == 3
+    loaded = load_config(config)
+    train, val, _ = split_rows(loaded.data, loaded.seed, DataStats())
+    assert not {f"{data}:{n}" for n in (1, 2, 3)} & set(shown), "the rows training drops are not shown"
+    assert not {r.where for r in val} & set(shown), "validation rows are not shown as training samples"
+    assert set(shown) <= {r.where for r in train}

@@ -346,8 +346,8 @@ def _preference_bundle(train, val, test, val_rows: list[Row], stats: DataStats) 
     return _bundle(train, val, test, val_rows, stats)
 
 
-def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
-    stats = DataStats()
+def split_rows(data_config, seed: int, stats: DataStats) -> tuple[list[Row], list[Row], list[Row]]:
+    """(train, validation, test) rows as training draws them: read, split, deduplicated and weighted, in order."""
     splits = load_rows(data_config.sources, data_config.system_prompt, data_config.on_bad_row, stats)
     train_rows, val_rows, test_rows = assign_splits(splits, data_config, seed, stats)
     if stats.held_out_in_train:
@@ -360,7 +360,12 @@ def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
         if had and not kept:
             log.warning("%s (data.sources[%d]) gives no training rows: weight %g of its %d rows rounds to none; raise "
                         "its weight", source.path, index, source.weight, had)
-    train_rows = weighted
+    return weighted, val_rows, test_rows
+
+
+def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
+    stats = DataStats()
+    train_rows, val_rows, test_rows = split_rows(data_config, seed, stats)
 
     preference = data_config.is_preference()
     tokenize = tokenize_preference if preference else tokenize_rows
