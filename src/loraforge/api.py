@@ -54,10 +54,11 @@ def train(config: RunConfig | str | Path, overrides: list[str] | tuple[str, ...]
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, split: str = "val", compare_base: bool = False,
-             max_samples: int = 32, precision: str | None = None) -> EvalResult:
-    """Metrics of a finished run on its validation or test split, or on a data file in the run's format, computed
-    in the precision the run trained in unless `precision` ("fp32" or "bf16") says otherwise."""
-    found = run_eval(run_dir, data, compare_base, max_samples, split, precision=precision)
+             max_samples: int = 32, precision: str | None = None, data_format: str | None = None) -> EvalResult:
+    """Metrics of a finished run on its validation or test split, or on a data file in the run's format (or in
+    data_format, which a run trained on several formats needs), computed in the precision the run trained in
+    unless `precision` ("fp32" or "bf16") says otherwise."""
+    found = run_eval(run_dir, data, compare_base, max_samples, split, data_format, precision)
     metrics = {name: found[name] for name in ("base", "fine_tuned", "preference") if name in found}
     return EvalResult(Path(run_dir), found["data"], found["rows"], metrics, Path(found["written_to"]),
                       found["precision"], found["trained_precision"])

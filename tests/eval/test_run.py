@@ -82,7 +82,7 @@ def test_eval_on_another_file(train_tiny, tmp_path):
     results = run_eval(config.output_dir, data=str(data), max_samples=2)
     assert results["rows"] == 3 and results["fine_tuned"]["samples"] == 2
     assert results["fine_tuned"]["examples"][0]["reference"] == "teal teal"
-    assert (Path(config.output_dir) / "eval" / "held_out.json").is_file()
+    assert Path(results["written_to"]).is_file() and Path(results["written_to"]).name.startswith("data-held_out-")
 
 
 def test_eval_reads_a_data_file_in_the_format_given(train_tiny, tmp_path, capsys, monkeypatch):
@@ -99,7 +99,7 @@ def test_eval_reads_a_data_file_in_the_format_given(train_tiny, tmp_path, capsys
         {"instruction": r["messages"][0]["content"], "input": "", "output": r["messages"][1]["content"]} for r in rows])
     assert main(["eval", config.output_dir, "--data", str(as_messages), "--max-samples", "0"]) == 0
     assert main(["eval", config.output_dir, "--data", str(as_alpaca), "--format", "alpaca", "--max-samples", "0"]) == 0
-    written = {name: json.loads((Path(config.output_dir) / "eval" / f"{name}.json").read_text())
+    written = {name: json.loads(next((Path(config.output_dir) / "eval").glob(f"data-{name}-*.json")).read_text())
                for name in ("messages", "alpaca")}
     assert written["alpaca"]["rows"] == written["messages"]["rows"] == 6
     assert written["alpaca"]["fine_tuned"]["loss"] == pytest.approx(written["messages"]["fine_tuned"]["loss"], rel=1e-6)
@@ -244,5 +244,33 @@ def test_eval_data_with_an_answer_and_no_prompt_is_measured_and_not_asked(train_
         {"messages": [{"role": "assistant", "content": "red red"}]},
         {"messages": [{"role": "user", "content": "Echo blue"}, {"role": "assistant", "content": "blue blue"}]}])
     assert main(["eval", config.output_dir, "--data", str(rows)]) == 0
-    written = json.loads((Path(config.output_dir) / "eval" / "rows.json").read_text())
+    written = json.loads(next((Path(config.output_dir) / "eval").glob("data-rows-*.json")).read_text())
     assert written["rows"] == 2 and written["fine_tuned"]["samples"] == 1
+
+
+def test_results_of_files_named_alike_or_like_a_split_are_kept_apart(train_tiny, tmp_path):
+    import loraforge
+    from tests.conftest import write_jsonl
+
+    config, _ = train_tiny("train.max_steps=1")
+    split = loraforge.evaluate(config.output_dir, max_samples=0)
+    rows = [{"messages": [{"role": "user", "content": "Echo teal"}, {"role": "assistant", "content": "teal teal"}]}]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = loraforge.evaluate(config.output_dir, data=str(write_jsonl(tmp_path / "a" / "validation.jsonl", rows)),
+                               max_samples=0)
+    second = loraforge.evaluate(config.output_dir, data=str(write_jsonl(tmp_path / "b" / "validation.jsonl", rows * 2)),
+                                max_samples=0)
+    assert len({split.written_to, first.written_to, second.written_to}) == 3
+    assert json.loads(split.written_to.read_text())["rows"] == split.rows == 6
+    assert json.loads(first.written_to.read_text())["rows"] == 1 and json.loads(second.written_to.read_text())["rows"] == 2
+
+
+def test_the_api_evaluates_a_file_in_the_format_given(train_tiny, tmp_path):
+    import loraforge
+    from tests.conftest import write_jsonl
+
+    config, _ = train_tiny("train.max_steps=1")
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Echo teal", "input": "", "output": "teal teal"}])
+    found = loraforge.evaluate(config.output_dir, data=str(alpaca), data_format="alpaca", max_samples=0)
+    assert found.rows == 1 and found.metrics["fine_tuned"]["loss"] > 0

@@ -1,5 +1,6 @@
 """`loraforge eval`: loss, perplexity and token accuracy, then generation metrics against references."""
 
+import hashlib
 import json
 import logging
 import math
@@ -203,7 +204,7 @@ def preference_rows_metrics(model, tokenizer, stop_ids, data_config, rows, beta:
 def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = False, max_samples: int = 32,
              split: str = "val", data_format: str | None = None, precision: str | None = None) -> dict:
     """Metrics of a finished run on its validation or test split, or on a data file; written to
-    RUN_DIR/eval/<split or file>.json. Computed as the run trained (manifest.json: bf16, or else fp32), so that
+    RUN_DIR/eval (result_path). Computed as the run trained (manifest.json: bf16, or else fp32), so that
     they repeat its end-of-training evaluation (eval.json), unless `precision` says otherwise."""
     if precision not in (None, "fp32", "bf16"):
         raise ConfigError([f"precision {precision!r}: eval computes in fp32 or bf16 (or, left out, as the run trained)"])
@@ -270,8 +271,17 @@ def _measure(run, data_config, rows, compare_base: bool, max_samples: int) -> di
     return results
 
 
+def result_path(run_dir: Path, data: str | None, split: str) -> Path:
+    """RUN_DIR/eval/validation.json or test.json for a split; for a file, its name and a digest of its full path,
+    so that files of one name in different folders, or named like a split, keep their results apart."""
+    if data is None:
+        return run_dir / "eval" / f"{SPLIT_FILES[split]}.json"
+    where = hashlib.sha256(str(Path(data).resolve()).encode()).hexdigest()[:8]
+    return run_dir / "eval" / f"data-{Path(data).stem}-{where}.json"
+
+
 def _write(results: dict, run_dir: Path, data: str | None, split: str) -> dict:
-    out = run_dir / "eval" / f"{Path(data).stem if data else SPLIT_FILES[split]}.json"
+    out = result_path(run_dir, data, split)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     results["written_to"] = str(out)
