@@ -139,16 +139,6 @@ def _launch(args, config: RunConfig) -> int:
     return 0
 
 
-def _one_or_more(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
-    return value
-
-
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -337,9 +327,9 @@ def _add_training(commands) -> None:
                        help="carry on the run in output_dir from its newest complete checkpoint (auto) or from CHECKPOINT")
     train.add_argument("--allow-changes", action="store_true",
                        help="with --resume: resume even though the config or data differ from the checkpoint's")
-    train.add_argument("--nproc", type=_one_or_more, default=1, help="processes on this machine, launched through torchrun "
+    train.add_argument("--nproc", type=at_least(1), default=1, help="processes on this machine, launched through torchrun "
                        "(one per GPU; on CPU each takes a share of the cores)")
-    train.add_argument("--nnodes", type=_one_or_more, default=1, help="machines taking part; run the same command on each")
+    train.add_argument("--nnodes", type=at_least(1), default=1, help="machines taking part; run the same command on each")
     train.add_argument("--node-rank", type=int, help="this machine's rank among --nnodes (optional with c10d)")
     train.add_argument("--master", metavar="HOST:PORT", help="rendezvous address, the same on every node")
     train.add_argument("--shutdown-timeout", type=int, metavar="SECONDS",
@@ -350,7 +340,7 @@ def _add_training(commands) -> None:
     estimate.add_argument("config")
     estimate.add_argument("overrides", **OVERRIDES)
     estimate.add_argument("--probe-steps", type=int, default=6, help="real steps measured (default 6)")
-    estimate.add_argument("--nproc", type=_one_or_more, default=1, help="plan for N processes on this machine (as "
+    estimate.add_argument("--nproc", type=at_least(1), default=1, help="plan for N processes on this machine (as "
                           "`train --nproc N`): the probe runs in N processes; memory and step time per process")
     estimate.add_argument("--probe-dir", help=argparse.SUPPRESS)
     estimate.set_defaults(func=_estimate)
