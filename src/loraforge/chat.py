@@ -3,7 +3,9 @@
 import sys
 from pathlib import Path
 
-from loraforge.eval.generate import generate, plain_text_run, prompt_for, prompt_messages
+from loraforge.errors import ModelError
+from loraforge.eval.generate import generate, plain_text_run, prompt_for, prompt_ids, prompt_messages
+from loraforge.model.load import context_length
 from loraforge.trained import load_run
 
 HELP = "Type a message; /reset clears the conversation, /exit (or Ctrl-D) leaves."
@@ -18,8 +20,18 @@ def run_chat(run_dir: str | Path, prompt: str | None = None, max_new_tokens: int
     config, model, tokenizer, stop_ids = run.config, run.model, run.tokenizer, run.stop_ids
     limit = max_new_tokens or config.eval.max_new_tokens
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    context = context_length(model.config)
+
+    def room(asked) -> int:
+        return context - len(prompt_ids(tokenizer, asked))
+
     if prompt is not None:
-        generate(model, tokenizer, prompt_for(prompt, config.data), limit, stop_ids, streamer)
+        asked = prompt_for(prompt, config.data)
+        if limit > room(asked):
+            raise ModelError(f"an answer of up to {limit} tokens (--max-new-tokens, or the run's eval.max_new_tokens) "
+                             f"after this prompt passes the model's context of {context} tokens; ask for at most "
+                             f"{max(room(asked), 0)}, or shorten the prompt")
+        generate(model, tokenizer, asked, limit, stop_ids, streamer)
         return
     plain = plain_text_run(config.data)
     print(TEXT_HELP if plain else HELP, file=sys.stderr)
@@ -38,10 +50,25 @@ def run_chat(run_dir: str | Path, prompt: str | None = None, max_new_tokens: int
         if not line:
             continue
         if plain:
+            if limit > room(line):
+                print(f"(that text and an answer of up to {limit} tokens pass the model's context of {context} "
+                      "tokens; shorten it)", file=sys.stderr)
+                continue
             print("continued> ", end="", flush=True)
             generate(model, tokenizer, line, limit, stop_ids, streamer)
             continue
         history.append({"role": "user", "content": line})
+        first = 1 if history[0]["role"] == "system" else 0
+        if limit > room(history) and len(history) - first > 1:
+            while limit > room(history) and len(history) - first > 1:
+                del history[first : first + 2]
+            print(f"(the conversation passed the model's context of {context} tokens: its oldest turns are left "
+                  "out)", file=sys.stderr)
+        if limit > room(history):
+            history.pop()
+            print(f"(that message and an answer of up to {limit} tokens pass the model's context of {context} "
+                  "tokens; shorten it)", file=sys.stderr)
+            continue
         print("assistant> ", end="", flush=True)
         answer = generate(model, tokenizer, history, limit, stop_ids, streamer)
         history.append({"role": "assistant", "content": answer})

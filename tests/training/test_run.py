@@ -301,3 +301,28 @@ def test_a_sample_prompt_the_template_cannot_render_fails_before_training(train_
         with pytest.raises(TemplateError, match="no Forbidden"):
             train_tiny(f"data.chat_template={json.dumps(refusing)}", *asked)
     assert trained == []
+
+
+def test_chat_keeps_prompt_and_answer_within_the_models_context(tiny_run, capsys, monkeypatch):
+    """The tiny llama takes 1024 positions: a one-shot answer that would pass them is refused before generating; a
+    conversation that grows past them leaves its oldest turns out."""
+    import loraforge.chat as chat
+
+    config, _, _ = tiny_run
+    assert main(["chat", config.output_dir, "--prompt", "Echo red", "--max-new-tokens", "3000"]) == 2
+    assert "passes the model's context of 1024 tokens; ask for at most" in capsys.readouterr().err
+
+    sizes = []
+    real = chat.generate
+
+    def spy(model, tokenizer, messages, limit, *args, **kwargs):
+        sizes.append(len(messages))
+        return real(model, tokenizer, messages, 2, *args, **kwargs)
+
+    monkeypatch.setattr(chat, "generate", spy)
+    long_line = "Echo " + "red " * 300
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{long_line}\n{long_line}\n{long_line}\n{'red ' * 1100}\n/exit\n"))
+    assert main(["chat", config.output_dir, "--max-new-tokens", "100"]) == 0
+    err = capsys.readouterr().err
+    assert "its oldest turns are left out" in err and "that message and an answer of up to 100 tokens pass" in err
+    assert sizes[0] == 1 and max(sizes) < 5 and len(sizes) == 3

@@ -77,6 +77,12 @@ def load_model(
     return model
 
 
+def context_length(model_config) -> int:
+    """The most positions the model takes: prompt and answer together."""
+    return (getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+            or 2048)
+
+
 def load_model_config(path: str, revision: str | None = None, trust_remote_code: bool = False):
     """The model's config alone (sizes, architecture), without its weights."""
     from transformers import AutoConfig

@@ -11,7 +11,7 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.data.render import stop_token_ids
 from loraforge.errors import RunDirError
-from loraforge.model.load import load_for_run, load_model, load_tokenizer
+from loraforge.model.load import context_length, load_for_run, load_model, load_tokenizer
 from loraforge.model.sources import resolve_model
 
 log = logging.getLogger("loraforge.serve")
@@ -53,11 +53,6 @@ def _rss_mb() -> float:
         return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def _context(model) -> int:
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
-
-
 def _base_key(config) -> tuple:
     m = config.model
     return (resolve_model(m.name), m.revision, config.quantization.model_dump_json(), m.attn_implementation,
@@ -82,7 +77,7 @@ def load_served(run_dirs: list[str]) -> dict[str, Served]:
         before = _rss_mb()
         if (folder / rundir.MODEL / "config.json").is_file():
             model = load_model(str(folder / rundir.MODEL)).eval()
-            base, adapter = Base(model, _context(model), mixed_batches=False), None
+            base, adapter = Base(model, context_length(model.config), mixed_batches=False), None
             log.info("run %s: its own fine-tuned model, %.0f MB", name, _rss_mb() - before)
         else:
             rundir.check_adapter(folder / rundir.ADAPTER)
@@ -91,7 +86,7 @@ def load_served(run_dirs: list[str]) -> dict[str, Served]:
                 model = PeftModel.from_pretrained(load_for_run(config, key[0]), str(folder / rundir.ADAPTER),
                                                   adapter_name=name).eval()
                 # PEFT runs rows of different adapters in one batch, except for DoRA layers.
-                bases[key] = (Base(model, _context(model), mixed_batches=not config.lora.use_dora,
+                bases[key] = (Base(model, context_length(model.config), mixed_batches=not config.lora.use_dora,
                                    all_layers=config.model.variant == "original"), config.model.name)
                 log.info("base %s loaded with run %s: %.0f MB", config.model.name, name, _rss_mb() - before)
             else:
