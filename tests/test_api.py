@@ -89,3 +89,16 @@ def test_star_import_gives_the_api():
     names: dict = {}
     exec("from loraforge import *", names)
     assert {"train", "evaluate", "generate", "merge", "load_config", "TrainResult"} <= set(names)
+
+
+def test_api_arguments_of_the_wrong_kind_are_messages(tmp_path, tiny_model_dir):
+    from loraforge.errors import ConfigError
+
+    config_file = write_tiny_config(tmp_path, tiny_model_dir, "{max_steps: 1, batch_size: 4}")
+    assert loraforge.load_config(config_file, None).lora.r == 4
+    assert loraforge.load_config(config_file, "lora.r=8").lora.r == 8, "one string is one override"
+    with pytest.raises(ConfigError, match="override 8: give KEY=VALUE text"):
+        loraforge.load_config(config_file, ["lora.r=4", 8])
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="max_new_tokens .*: give a whole number of 1 or more"):
+            loraforge.generate(tmp_path / "not-even-a-run", "hi", max_new_tokens=bad)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from loraforge.config import RunConfig, load_config
 from loraforge.config.env import env_beside, scoped_environment
+from loraforge.errors import ConfigError
 from loraforge.eval.generate import generate_batch, prompt_for
 from loraforge.eval.run import run_eval
 from loraforge.export.merge import MergeResult, run_merge
@@ -72,6 +73,10 @@ def merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult:
 def generate(run_dir: str | Path, prompts: str | list[str], max_new_tokens: int | None = None) -> str | list[str]:
     """Greedy answers of a fine-tuned chat run, with the run's template and system prompt: one answer to one
     prompt, a list of answers to a list of prompts."""
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
+        raise ConfigError([f"max_new_tokens {max_new_tokens!r}: give a whole number of 1 or more (or leave it out for "
+                           "the run's eval.max_new_tokens)"])
     run = load_run(run_dir, task="causal_lm")
     config = run.config
     asked = [prompts] if isinstance(prompts, str) else prompts

@@ -16,9 +16,15 @@ Key = tuple[str | int, ...]
 SCRIPT_SHAPED = 3
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a config file with its parents and overrides; every problem is raised at once as ConfigError."""
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] | str | None = ()) -> RunConfig:
+    """Read a config file with its parents and overrides (KEY=VALUE strings; one string is one override); every
+    problem is raised at once as ConfigError."""
     path = Path(path)
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides or ())
+    strange = [item for item in overrides if not isinstance(item, str)]
+    if strange:
+        raise ConfigError([f"override {item!r}: give KEY=VALUE text, e.g. 'lora.r=8'" for item in strange],
+                          source=str(path))
     data, origins = _read_with_parents(path, stack=())
     problems: list[str] = []
     overridden: dict = {}
