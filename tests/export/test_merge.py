@@ -176,3 +176,23 @@ def test_an_out_folder_holding_a_folder_or_that_cannot_be_made_is_refused_before
     with pytest.raises(ExportError, match="cannot be made: .*a-file is a file"):
         run_merge(config.output_dir, tmp_path / "a-file" / "merged")
     assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_a_16_bit_base_is_merged_into_a_model_of_its_size(tmp_path, tokenizer):
+    from safetensors import safe_open
+
+    from loraforge.config import load_config
+    from loraforge.training.run import run_training
+    from tests.conftest import save_tiny_llama, write_tiny_config
+
+    base = save_tiny_llama(tmp_path / "bf16-base", tokenizer)
+    plain = plain_load(base).to(torch.bfloat16)
+    plain.save_pretrained(base)
+    config_path = write_tiny_config(tmp_path, base, "{max_steps: 2, batch_size: 4, save_every: null}")
+    run_training(load_config(config_path, [f"output_dir={tmp_path / 'run'}", "precision=fp32"]))
+    result = run_merge(tmp_path / "run")
+    assert result.dtype == "bfloat16" and "bfloat16 weights" in result.summary()
+    with safe_open(str(result.out_dir / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
+    assert json.loads((result.out_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    assert result.max_abs_logit_diff < 0.05, "bf16 rounding of the merged weights, measured against the adapter"

@@ -10,7 +10,8 @@ from loraforge import rundir
 from loraforge.data.cache import file_digest
 from loraforge.errors import ExportError, RunDirError
 from loraforge.export import ledger
-from loraforge.model.load import load_model
+from loraforge.model.load import load_model, load_model_config
+from loraforge.model.sources import resolve_model
 from loraforge.model.template import apply_template, save_for_plain_use
 from loraforge.trained import load_run
 
@@ -25,11 +26,14 @@ class MergeResult:
     out_dir: Path
     max_abs_logit_diff: float
     num_hidden_layers: int
+    # The weights' dtype as saved: the base checkpoint's where it is 16-bit, else float32.
+    dtype: str = "float32"
 
     def summary(self) -> str:
         return (
-            f"Merged model: {self.out_dir} ({self.num_hidden_layers} layers)\n"
-            f"Max |logit difference| merged (fp32 weights, saved and reloaded) vs adapter: {self.max_abs_logit_diff:.2e}"
+            f"Merged model: {self.out_dir} ({self.num_hidden_layers} layers, {self.dtype} as the base stores them)\n"
+            f"Max |logit difference| merged ({self.dtype} weights, saved and reloaded) vs adapter: "
+            f"{self.max_abs_logit_diff:.2e}"
         )
 
 
@@ -58,6 +62,16 @@ def run_digest(run_dir: Path) -> str:
 def merged_is_current(folder: Path, run_dir: Path) -> bool:
     """The folder holds this run's merge as the run is now, whole and unchanged since it was written."""
     return ledger.intact(folder) and merge_record(folder).get("run_digest") == run_digest(run_dir)
+
+
+def stored_dtype(config):
+    """The dtype the base checkpoint stores its weights in, where it is a 16-bit one: the merge is saved in it, as
+    large as the base, not twice as large in fp32."""
+    import torch
+
+    base = load_model_config(resolve_model(config.model.name), config.model.revision, config.model.trust_remote_code)
+    dtype = getattr(base, "dtype", None)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 def probe_inputs(tokenizer, task: str):
@@ -95,6 +109,9 @@ def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult
         reference = model.double()(**inputs).logits
     model.float()
     merged = model.merge_and_unload()
+    stored = stored_dtype(config)
+    if stored is not None:
+        merged.to(stored)
     ledger.claim(out_dir, None, "--out")
     merged.save_pretrained(out_dir)
     save_for_plain_use(tokenizer, out_dir, config.data.system_prompt if config.task == "causal_lm" else None)
@@ -104,9 +121,10 @@ def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult
     reloaded = load_model(str(out_dir), task=config.task, labels=labels).eval().double()
     with torch.no_grad():
         diff = (reloaded(**inputs).logits - reference).abs().max().item()
-    result = MergeResult(out_dir, diff, reloaded.config.num_hidden_layers)
+    dtype = str(stored or torch.float32).removeprefix("torch.")
+    result = MergeResult(out_dir, diff, reloaded.config.num_hidden_layers, dtype)
     (out_dir / MERGE_RECORD).write_text(
-        json.dumps({"run_dir": str(run_dir.resolve()), "run_digest": digest, "max_abs_logit_diff": diff,
+        json.dumps({"run_dir": str(run_dir.resolve()), "run_digest": digest, "dtype": dtype, "max_abs_logit_diff": diff,
                     "probes": list(PROBES)}, indent=2)
         + "\n", encoding="utf-8",
     )
