@@ -8,7 +8,7 @@ from loraforge.eval.generate import generate, plain_text_run, prompt_for, prompt
 from loraforge.model.load import context_length
 from loraforge.trained import load_run
 
-HELP = "Type a message; /reset clears the conversation, /exit (or Ctrl-D) leaves."
+HELP = "Type a message; Ctrl-C stops an answer, /reset clears the conversation, /exit (or Ctrl-D) leaves."
 TEXT_HELP = ("This run was trained on plain text: each line you type is continued on its own (no conversation); "
              "/exit (or Ctrl-D) leaves.")
 
@@ -70,5 +70,10 @@ def run_chat(run_dir: str | Path, prompt: str | None = None, max_new_tokens: int
                   "tokens; shorten it)", file=sys.stderr)
             continue
         print("assistant> ", end="", flush=True)
-        answer = generate(model, tokenizer, history, limit, stop_ids, streamer)
+        try:
+            answer = generate(model, tokenizer, history, limit, stop_ids, streamer)
+        except KeyboardInterrupt:
+            history.pop()
+            print("\n(answer stopped; that message is left out of the conversation)", file=sys.stderr)
+            continue
         history.append({"role": "assistant", "content": answer})

@@ -157,3 +157,16 @@ def test_predict_refuses_an_empty_text_with_where_it_is(train_tiny, tmp_path, ca
     blank.write_text("\n\n", encoding="utf-8")
     assert main(["predict", config.output_dir, "--file", str(blank)]) == 2
     assert f"{blank}: holds no texts" in capsys.readouterr().err
+
+
+def test_loading_a_causal_checkpoint_as_a_classifier_says_nothing_of_the_head_loraforge_trains(tiny_model_dir, capfd):
+    import logging
+
+    from loraforge.model.load import NewHeadReport, load_model
+
+    load_model(str(tiny_model_dir), task="classification", labels=["neg", "pos"])
+    assert "LOAD REPORT" not in capfd.readouterr().err
+    other = ("LlamaForSequenceClassification LOAD REPORT from: x\nKey | Status | \n----+----\n"
+             "score.weight | MISSING | \nmodel.norm.weight | UNEXPECTED | \n")
+    record = logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 0, other, None, None)
+    assert NewHeadReport().filter(record), "a report with anything else in it is shown"

@@ -326,3 +326,23 @@ def test_chat_keeps_prompt_and_answer_within_the_models_context(tiny_run, capsys
     err = capsys.readouterr().err
     assert "its oldest turns are left out" in err and "that message and an answer of up to 100 tokens pass" in err
     assert sizes[0] == 1 and max(sizes) < 5 and len(sizes) == 3
+
+
+def test_ctrl_c_during_an_answer_stops_it_and_the_chat_goes_on(tiny_run, capsys, monkeypatch):
+    import loraforge.chat as chat
+
+    config, _, _ = tiny_run
+    seen = []
+    real = chat.generate
+
+    def stopped_once(model, tokenizer, messages, *args, **kwargs):
+        seen.append([m["content"] for m in messages])
+        if len(seen) == 1:
+            raise KeyboardInterrupt
+        return real(model, tokenizer, messages, *args, **kwargs)
+
+    monkeypatch.setattr(chat, "generate", stopped_once)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Echo red\nEcho blue\n/exit\n"))
+    assert main(["chat", config.output_dir, "--max-new-tokens", "2"]) == 0
+    assert seen == [["Echo red"], ["Echo blue"]], "the stopped message is not part of the next turn"
+    assert "answer stopped" in capsys.readouterr().err

@@ -65,6 +65,9 @@ def load_model(
             label2id={label: i for i, label in enumerate(labels)},
         )
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    quiet = NewHeadReport()
+    reporter = logging.getLogger("transformers.modeling_utils")
+    reporter.addFilter(quiet)
     try:
         model = auto.from_pretrained(path, **kwargs)
     except OSError as exc:
@@ -72,9 +75,25 @@ def load_model(
             f"cannot load model {path!r}: {exc}. Use a built-in name (smollm2-135m-instruct), "
             "a local folder, or a hub id while online (model.name)"
         ) from None
+    finally:
+        reporter.removeFilter(quiet)
     if task == "classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
     return model
+
+
+class NewHeadReport(logging.Filter):
+    """Leaves out transformers' load report when all it says is that the classification head is missing from a causal
+    LM checkpoint: loraforge trains that head with the adapter, and a run's adapter brings it back."""
+
+    HEADS = ("score", "classifier")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "LOAD REPORT" not in text:
+            return True
+        rows = [[cell.strip() for cell in line.split("|")] for line in text.splitlines() if "|" in line][1:]
+        return not (rows and all(row[1] == "MISSING" and row[0].split(".")[0] in self.HEADS for row in rows))
 
 
 def context_length(model_config) -> int:
