@@ -71,8 +71,8 @@ def merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult:
 
 
 def generate(run_dir: str | Path, prompts: str | list[str], max_new_tokens: int | None = None) -> str | list[str]:
-    """Greedy answers of a fine-tuned chat run, with the run's template and system prompt: one answer to one
-    prompt, a list of answers to a list of prompts."""
+    """Greedy answers of a fine-tuned run, with the run's template and system prompt (a plain-text run continues
+    each prompt's text): one answer to one prompt, a list of answers to a list of prompts."""
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                        or max_new_tokens < 1):
         raise ConfigError([f"max_new_tokens {max_new_tokens!r}: give a whole number of 1 or more (or leave it out for "

@@ -10,7 +10,7 @@ from loraforge.trained import load_run
 
 HELP = "Type a message; Ctrl-C stops an answer, /reset clears the conversation, /exit (or Ctrl-D) leaves."
 TEXT_HELP = ("This run was trained on plain text: each line you type is continued on its own (no conversation); "
-             "/exit (or Ctrl-D) leaves.")
+             "Ctrl-C stops a continuation, /exit (or Ctrl-D) leaves.")
 
 
 def run_chat(run_dir: str | Path, prompt: str | None = None, max_new_tokens: int | None = None) -> None:
@@ -22,20 +22,32 @@ def run_chat(run_dir: str | Path, prompt: str | None = None, max_new_tokens: int
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     context = context_length(model.config)
 
-    def room(asked) -> int:
-        return context - len(prompt_ids(tokenizer, asked))
+    def too_long(asked) -> str | None:
+        """Why asked, with an answer of up to `limit` tokens, does not fit the model's context; None when it fits."""
+        room = context - len(prompt_ids(tokenizer, asked))
+        if limit <= room:
+            return None
+        return (f"it and an answer of up to {limit} tokens (--max-new-tokens, or the run's eval.max_new_tokens) pass "
+                f"the model's context of {context} tokens; shorten it, or ask for at most {max(room, 0)} tokens")
+
+    def answer(asked) -> str | None:
+        """The streamed answer; None when Ctrl-C stopped it."""
+        try:
+            return generate(model, tokenizer, asked, limit, stop_ids, streamer)
+        except KeyboardInterrupt:
+            print("\n(answer stopped)", file=sys.stderr)
+            return None
 
     if prompt is not None:
         asked = prompt_for(prompt, config.data)
-        if limit > room(asked):
-            raise ModelError(f"an answer of up to {limit} tokens (--max-new-tokens, or the run's eval.max_new_tokens) "
-                             f"after this prompt passes the model's context of {context} tokens; ask for at most "
-                             f"{max(room(asked), 0)}, or shorten the prompt")
+        if too_long(asked):
+            raise ModelError(f"--prompt: {too_long(asked)}")
         generate(model, tokenizer, asked, limit, stop_ids, streamer)
         return
     plain = plain_text_run(config.data)
     print(TEXT_HELP if plain else HELP, file=sys.stderr)
     history = prompt_messages("", config.data.system_prompt)[:-1]
+    first = len(history)  # the system message, kept when old turns are left out
     while True:
         try:
             line = input("you> ").strip()
@@ -45,35 +57,30 @@ def run_chat(run_dir: str | Path, prompt: str | None = None, max_new_tokens: int
         if line in ("/exit", "/quit"):
             return
         if line == "/reset":
-            history = history[:1] if history and history[0]["role"] == "system" else []
+            del history[first:]
             continue
         if not line:
             continue
         if plain:
-            if limit > room(line):
-                print(f"(that text and an answer of up to {limit} tokens pass the model's context of {context} "
-                      "tokens; shorten it)", file=sys.stderr)
+            if too_long(line):
+                print(f"(that text: {too_long(line)})", file=sys.stderr)
                 continue
             print("continued> ", end="", flush=True)
-            generate(model, tokenizer, line, limit, stop_ids, streamer)
+            answer(line)
             continue
         history.append({"role": "user", "content": line})
-        first = 1 if history[0]["role"] == "system" else 0
-        if limit > room(history) and len(history) - first > 1:
-            while limit > room(history) and len(history) - first > 1:
+        if too_long(history) and len(history) - first > 1:
+            while too_long(history) and len(history) - first > 1:
                 del history[first : first + 2]
             print(f"(the conversation passed the model's context of {context} tokens: its oldest turns are left "
                   "out)", file=sys.stderr)
-        if limit > room(history):
+        if too_long(history):
+            print(f"(that message: {too_long(history)})", file=sys.stderr)
             history.pop()
-            print(f"(that message and an answer of up to {limit} tokens pass the model's context of {context} "
-                  "tokens; shorten it)", file=sys.stderr)
             continue
         print("assistant> ", end="", flush=True)
-        try:
-            answer = generate(model, tokenizer, history, limit, stop_ids, streamer)
-        except KeyboardInterrupt:
+        said = answer(history)
+        if said is None:
             history.pop()
-            print("\n(answer stopped; that message is left out of the conversation)", file=sys.stderr)
             continue
-        history.append({"role": "assistant", "content": answer})
+        history.append({"role": "assistant", "content": said})

@@ -197,7 +197,7 @@ def test_hostile_script_configs_are_messages(tmp_path):
 def test_a_migrated_config_that_would_not_validate_is_not_written(tmp_path):
     source = tmp_path / "bad.yaml"
     source.write_text("model_name: smollm2-135m-instruct\nlearning_rate: -1\ntrain_file: d.jsonl\n")
-    with pytest.raises(ConfigError, match="migrated train.learning_rate"):
+    with pytest.raises(ConfigError, match=r"learning_rate \(carried to train.learning_rate\): "):
         write_migrated(source, tmp_path / "out.yaml")
     assert not (tmp_path / "out.yaml").exists()
 
@@ -262,6 +262,10 @@ def test_values_loraforge_refuses_beside_the_method_are_listed_not_carried_and_t
     config = load_config(tmp_path / "out.yaml")
     assert config.method == "dpo" and config.lora.r == 8 and config.lora.dropout == 0.0
     every_key_is_listed(source, migration)
+    source.write_text(source.read_text().replace("metric_for_best_model: accuracy", "metric_for_best_model: blue"))
+    with pytest.raises(ConfigError, match=r"metric_for_best_model \(carried to train.best_metric\): .*'eval_blue'"):
+        write_migrated(source, tmp_path / "blue.yaml")
+    assert not (tmp_path / "blue.yaml").exists(), "a metric no run reports is wrong in itself: nothing written"
 
 
 def test_peft_seq_cls_and_trls_text_field_say_what_the_data_is(tmp_path, monkeypatch):

@@ -159,14 +159,25 @@ def test_predict_refuses_an_empty_text_with_where_it_is(train_tiny, tmp_path, ca
     assert f"{blank}: holds no texts" in capsys.readouterr().err
 
 
-def test_loading_a_causal_checkpoint_as_a_classifier_says_nothing_of_the_head_loraforge_trains(tiny_model_dir, capfd):
+def test_loading_a_causal_checkpoint_as_a_classifier_says_nothing_of_the_head_loraforge_trains(tiny_model_dir):
     import logging
 
     from loraforge.model.load import NewHeadReport, load_model
 
-    load_model(str(tiny_model_dir), task="classification", labels=["neg", "pos"])
-    assert "LOAD REPORT" not in capfd.readouterr().err
-    other = ("LlamaForSequenceClassification LOAD REPORT from: x\nKey | Status | \n----+----\n"
-             "score.weight | MISSING | \nmodel.norm.weight | UNEXPECTED | \n")
-    record = logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 0, other, None, None)
-    assert NewHeadReport().filter(record), "a report with anything else in it is shown"
+    reporter = logging.getLogger("transformers.modeling_utils")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    reporter.addHandler(handler)
+    try:
+        load_model(str(tiny_model_dir), task="classification", labels=["neg", "pos"])
+    finally:
+        reporter.removeHandler(handler)
+    assert not [m for m in seen if "LOAD REPORT" in m]
+
+    def shown(text: str) -> bool:
+        return NewHeadReport().filter(logging.LogRecord(reporter.name, logging.WARNING, __file__, 0, text, None, None))
+
+    head = "LlamaForSequenceClassification LOAD REPORT from: x\nKey | Status | \n----+----\n"
+    assert not shown(head + "score.weight | \x1b[31mMISSING\x1b[0m | \n"), "coloured as in a terminal"
+    assert shown(head + "score.weight | MISSING | \nmodel.norm.weight | UNEXPECTED | \n"), "anything else is shown"

@@ -216,19 +216,20 @@ def test_eval_says_when_compare_base_has_no_base_to_measure_and_refuses_an_unkno
 
 @pytest.mark.parametrize("output, reference, expected", [
     ("привет мир", "привет мир", 1.0), ("你好世界", "你好世界", 1.0), ("你好", "你好世界", 2 / 3),
-    ("Ça va très bien", "ça va bien", 2 * 1.0 * 0.75 / 1.75), ("The answer is 42.", "the answer: 42", 6 / 7)])
+    ("Ça va très bien", "ça va bien", 2 * 1.0 * 0.75 / 1.75), ("The answer is 42.", "the answer: 42", 6 / 7),
+    ("हिन्दी भाषा", "हिन्दी भाषा", 1.0), ("हिन्दी", "हिन्द", 0.0)])
 def test_rouge_l_counts_words_of_every_script(output, reference, expected):
     assert generation_metrics([output], [reference])["rouge_l"] == pytest.approx(expected)
 
 
-def test_generation_metrics_leave_the_callers_logging_alone_and_are_absent_without_answers():
+def test_generation_metrics_leave_the_callers_logging_alone_and_are_absent_without_answers(monkeypatch):
     import logging
 
     from loraforge.eval.run import format_results
 
-    handlers = list(logging.getLogger().handlers)
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a script that has not configured logging yet
     generation_metrics(["a b"], ["a c"])
-    assert logging.getLogger().handlers == handlers, "a later logging.basicConfig of the user's still works"
+    assert logging.root.handlers == [], "a later logging.basicConfig of the user's still works"
     assert generation_metrics([], []) == {"samples": 0}
     shown = format_results({"fine_tuned": {"loss": 1.5, "perplexity": 4.48, "token_accuracy": 0.5, "samples": 0},
                             "rows": 3, "data": "d.jsonl", "written_to": "x.json", "precision": "fp32"})

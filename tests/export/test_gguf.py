@@ -109,6 +109,7 @@ def test_export_refuses_what_it_cannot_write_before_it_merges(train_tiny):
 def test_ollama_export_converts_again_after_the_run_trained_further(train_tiny):
     from loraforge.config import load_config
     from loraforge.export.gguf import gguf_is_current
+    from loraforge.export.merge import run_digest
     from loraforge.export.ollama import run_export_ollama
     from loraforge.training.run import run_training
 
@@ -117,8 +118,8 @@ def test_ollama_export_converts_again_after_the_run_trained_further(train_tiny):
     run_export_ollama(run, "f16")
     gguf = run / "export" / "model-f16.gguf"
     first = gguf.read_bytes()
-    assert gguf_is_current(run, "f16")
+    assert gguf_is_current(run, "f16", run_digest(run))
     run_training(load_config(run / "resolved.yaml", ["train.max_steps=4"]), resume="auto", allow_changes=True)
-    assert not gguf_is_current(run, "f16")
+    assert not gguf_is_current(run, "f16", run_digest(run))
     run_export_ollama(run, "f16")
-    assert gguf.read_bytes() != first and gguf_is_current(run, "f16")
+    assert gguf.read_bytes() != first and gguf_is_current(run, "f16", run_digest(run))

@@ -118,7 +118,7 @@ def test_a_temperature_near_zero_answers_as_greedy_does_beside_other_requests(se
     def call(index, temperature):
         answers[index] = chat(client, "echo-a", "Echo gray", max_tokens=4, temperature=temperature, seed=3)
 
-    threads = [threading.Thread(target=call, args=(0, 1e-40)), threading.Thread(target=call, args=(1, 1.0))]
+    threads = [threading.Thread(target=call, args=(0, 1e-320)), threading.Thread(target=call, args=(1, 1.0))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -194,6 +194,8 @@ def test_a_client_that_leaves_frees_its_place(server, client):
     ({"model": "echo-a", "messages": [{"role": "user", "content": "hi"}], "seed": 10**20}, 400,
      "seed must be an integer from 0 to"),
     (b"[" * 100_000, 400, "nested too deeply"),
+    ({"model": "echo-a", "messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 300]}, 400,
+     "up to 4 strings of 1 to 256 characters"),
     ({"model": "echo-a", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400,
      "logprobs is not supported by this server"),
     ({"model": "echo-a", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},

@@ -278,11 +278,18 @@ def test_plain_text_run_on_a_model_without_chat_template_samples_as_text(tmp_pat
 
     asked = []
     real = chat.generate
-    monkeypatch.setattr(chat, "generate", lambda model, tok, prompt, *a, **k: asked.append(prompt) or real(model, tok, prompt, *a, **k))
+
+    def spy(model, tok, prompt, *a, **k):
+        asked.append(prompt)
+        if prompt == "Stop me":
+            raise KeyboardInterrupt
+        return real(model, tok, prompt, *a, **k)
+
+    monkeypatch.setattr(chat, "generate", spy)
     assert main(["chat", str(run_dir), "--prompt", "The colour of the", "--max-new-tokens", "2"]) == 0
-    monkeypatch.setattr("sys.stdin", io.StringIO("The red\n/exit\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Stop me\nThe red\n/exit\n"))
     assert main(["chat", str(run_dir), "--max-new-tokens", "2"]) == 0
-    assert asked == ["The colour of the", "The red"]
+    assert asked == ["The colour of the", "Stop me", "The red"], "Ctrl-C stops one continuation, not the session"
     assert "continued> " in capsys.readouterr().out
     assert len(loraforge.generate(run_dir, ["The colour of the", "The"], max_new_tokens=2)) == 2
 
@@ -310,7 +317,7 @@ def test_chat_keeps_prompt_and_answer_within_the_models_context(tiny_run, capsys
 
     config, _, _ = tiny_run
     assert main(["chat", config.output_dir, "--prompt", "Echo red", "--max-new-tokens", "3000"]) == 2
-    assert "passes the model's context of 1024 tokens; ask for at most" in capsys.readouterr().err
+    assert "--prompt: it and an answer of up to 3000 tokens" in capsys.readouterr().err
 
     sizes = []
     real = chat.generate
@@ -324,7 +331,9 @@ def test_chat_keeps_prompt_and_answer_within_the_models_context(tiny_run, capsys
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{long_line}\n{long_line}\n{long_line}\n{'red ' * 1100}\n/exit\n"))
     assert main(["chat", config.output_dir, "--max-new-tokens", "100"]) == 0
     err = capsys.readouterr().err
-    assert "its oldest turns are left out" in err and "that message and an answer of up to 100 tokens pass" in err
+    assert "its oldest turns are left out" in err
+    assert "(that message: it and an answer of up to 100 tokens (--max-new-tokens, or the run's eval.max_new_tokens) " \
+           "pass the model's context of 1024 tokens" in err
     assert sizes[0] == 1 and max(sizes) < 5 and len(sizes) == 3
 
 

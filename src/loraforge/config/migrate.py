@@ -13,8 +13,9 @@ from pydantic import ValidationError
 
 from loraforge.config.aliases import alias_of
 from loraforge.config.load import read_yaml_file
-from loraforge.config.schema import RunConfig
+from loraforge.config.schema import EVAL_METRICS, RunConfig
 from loraforge.errors import ConfigError
+from loraforge.rundir import file_in_the_way
 
 # Section names scripts use, by the loraforge section their keys most likely belong to.
 SECTIONS = {"model": "model", "dataset": "data", "data": "data", "training": "train", "train": "train",
@@ -474,23 +475,39 @@ def migrated_yaml(migration: Migration, source: Path) -> str:
             break
         except ValidationError as exc:
             explained = {key: err["msg"].removeprefix("Value error, ") for err in exc.errors()
-                         for key in [_key_of(err, migration.carried)] if key is not None}
+                         for key in [_withdrawable(err, migration)] if key is not None}
             if not explained:
-                raise ConfigError([f"migrated {'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-                                   for err in exc.errors()], source=str(source)) from None
+                raise ConfigError([_refusal(err, migration) for err in exc.errors()], source=str(source)) from None
             for key, why in explained.items():
                 migration.withdraw(key, why)
     head = f"# Migrated from {source} by `loraforge config migrate`; every source key is listed in its output.\n"
     return head + yaml.safe_dump(migration.config, sort_keys=False, allow_unicode=True)
 
 
-def _key_of(error: dict, carried: dict[str, int]) -> str | None:
-    """The carried key that a check across keys refuses in this config (its message names the key). None for a value
-    wrong in itself (the error is at the key): the source is wrong there, and the migration says so."""
-    if ".".join(str(p) for p in error["loc"]) in carried:
-        return None
-    named = [key for key in carried if key in error["msg"]]
-    return max(named, key=len) if named else None
+def _refusal(error: dict, migration: Migration) -> str:
+    """A validation error of the migrated config, named by the source key it came from where one is known."""
+    at = ".".join(str(p) for p in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    named = [key for key in migration.carried if key == at or key in message]
+    if not named:
+        return f"the migrated config{f' ({at})' if at else ''}: {message}"
+    key = max(named, key=len)
+    return f"{migration.rows[migration.carried[key]][0]} (carried to {key}): {message}"
+
+
+def _withdrawable(error: dict, migration: Migration) -> str | None:
+    """The carried key a check across keys refuses, where the script's value is right for the script: LoRA dropout
+    under a preference method (TRL applies it; loraforge's reference pass must not), or a metric that another task
+    or method reports. None for anything else: a value wrong in itself stops the migration."""
+    value = {"lora.dropout": migration.config.get("lora", {}).get("dropout"),
+             "train.best_metric": migration.config.get("train", {}).get("best_metric")}
+    reported = {metric for metrics in EVAL_METRICS.values() for metric in metrics}
+    if "lora.dropout" in migration.carried and f"lora.dropout {value['lora.dropout']}" in error["msg"]:
+        return "lora.dropout"
+    if ("train.best_metric" in migration.carried and value["train.best_metric"] in reported
+            and "train.best_metric" in error["msg"]):
+        return "train.best_metric"
+    return None
 
 
 def write_migrated(source: str | Path, out: str | Path | None) -> tuple[Migration, str]:
@@ -502,7 +519,7 @@ def write_migrated(source: str | Path, out: str | Path | None) -> tuple[Migratio
         if out.exists():
             raise ConfigError([f"--out {out} already exists; loraforge never overwrites a file it did not write: "
                                "choose a new name"], source=str(source))
-        blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        blocking = file_in_the_way(out)
         if blocking is not None:
             raise ConfigError([f"--out {out}: {blocking} is a file, not a folder; choose another path"],
                               source=str(source))

@@ -24,6 +24,15 @@ def prompt_text(prompt: str | list[dict]) -> str:
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
+def asked_of(prompts: list[str], data_config, tokenizer) -> list[str | list[dict]]:
+    """What a run is asked for each prompt, each rendered once now: a template that cannot render one fails here,
+    before training, rather than at an evaluation during it or after it."""
+    asked = [prompt_for(prompt, data_config) for prompt in prompts]
+    for prompt in asked:
+        prompt_ids(tokenizer, prompt)
+    return asked
+
+
 def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     """A text is tokenized as training tokenized its rows (BOS where the tokenizer adds it, no EOS)."""
     if isinstance(prompt, str):

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import re
+import unicodedata
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -50,14 +51,25 @@ def token_metrics(model, dataset, collate, batch_size: int = 8) -> dict:
 
 
 class Words:
-    """ROUGE's tokens: lower-cased words of any script, and each Chinese or Japanese character on its own (those
-    scripts put no spaces between words). rouge_score's default tokenizer keeps a-z and 0-9 only, so any other
-    script scored 0 against itself."""
+    """ROUGE's tokens: lower-cased words of any script (letters, digits and the marks that combine with them: Indic
+    vowel signs, Arabic vowels), and each Chinese or Japanese character on its own (those scripts put no spaces
+    between words). rouge_score's default tokenizer keeps a-z and 0-9 only, so any other script scored 0 against
+    itself."""
 
-    PATTERN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+    ONE_CHARACTER = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
     def tokenize(self, text: str) -> list[str]:
-        return self.PATTERN.findall(text.lower())
+        words, word = [], ""
+        for char in text.lower():
+            if self.ONE_CHARACTER.match(char):
+                words += [word, char] if word else [char]
+                word = ""
+            elif unicodedata.category(char)[0] in "LNM":
+                word += char
+            elif word:
+                words.append(word)
+                word = ""
+        return words + [word] if word else words
 
 
 def generation_metrics(outputs: list[str], references: list[str]) -> dict:

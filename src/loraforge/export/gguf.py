@@ -21,24 +21,25 @@ def converter_dir() -> Path:
     return Path(os.environ.get("LORAFORGE_LLAMA_CPP") or Path(sys.prefix) / "share" / "loraforge" / "llama.cpp")
 
 
-def model_source(run_dir: Path) -> Path:
-    """A folder holding the full model and its tokenizer: RUN_DIR/model for full runs, else RUN_DIR/merged."""
+def model_source(run_dir: Path, digest: str | None = None) -> Path:
+    """A folder holding the full model and its tokenizer: RUN_DIR/model for full runs, else RUN_DIR/merged, merged
+    again unless it holds the run as it is now (digest: its run_digest, where the caller has it)."""
     if (run_dir / rundir.MODEL / "config.json").is_file():
         return run_dir / rundir.MODEL
     merged = run_dir / rundir.MERGED
-    if not merged_is_current(merged, run_dir):
+    if not merged_is_current(merged, run_dir, digest):
         run_merge(run_dir, merged)
     return merged
 
 
-def gguf_is_current(run_dir: Path, kind: str) -> bool:
-    """RUN_DIR/export holds this kind of GGUF, whole, made from the run as it is now."""
+def gguf_is_current(run_dir: Path, kind: str, digest: str) -> bool:
+    """RUN_DIR/export holds this kind of GGUF, whole, made from the run as it is now (its run_digest)."""
     out = gguf_path(run_dir, kind)
     record = out.parent / f"{out.stem}.json"
     if not (ledger.written(out.parent, out.name) and ledger.written(out.parent, record.name)):
         return False
     try:
-        return json.loads(record.read_text(encoding="utf-8")).get("run_digest") == run_digest(run_dir)
+        return json.loads(record.read_text(encoding="utf-8")).get("run_digest") == digest
     except ValueError:
         return False
 
@@ -53,7 +54,8 @@ def gguf_path(run_dir: Path, kind: str) -> Path:
     return Path(run_dir) / rundir.EXPORT / f"model-{kind}.gguf"
 
 
-def run_export_gguf(run_dir: str | Path, kind: str = "q8_0") -> Path:
+def run_export_gguf(run_dir: str | Path, kind: str = "q8_0", digest: str | None = None) -> Path:
+    """digest: the run's run_digest, where the caller has it (it hashes the run's weights)."""
     run_dir = Path(run_dir)
     refuse_other_tasks(run_dir)
     if kind not in TYPES:
@@ -67,7 +69,8 @@ def run_export_gguf(run_dir: str | Path, kind: str = "q8_0") -> Path:
     out = gguf_path(run_dir, kind)
     record = out.parent / f"{out.stem}.json"
     ledger.check(out.parent, [out.name, record.name], "export")
-    source = model_source(run_dir)
+    digest = digest or run_digest(run_dir)
+    source = model_source(run_dir, digest)
     ledger.claim(out.parent, [out.name, record.name], "export")
     done = subprocess.run(
         [sys.executable, str(script), str(source), "--outfile", str(out), "--outtype", kind],
@@ -80,7 +83,7 @@ def run_export_gguf(run_dir: str | Path, kind: str = "q8_0") -> Path:
     if expected is not None and template != expected:
         raise ExportError(f"{out} holds another chat template than the model's tokenizer; the export is not usable")
     record.write_text(
-        json.dumps({"source": str(source.resolve()), "run_digest": run_digest(run_dir), "type": kind,
+        json.dumps({"source": str(source.resolve()), "run_digest": digest, "type": kind,
                     "converter": f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "chat_template_embedded": template is not None},
                    indent=2) + "\n",
         encoding="utf-8",

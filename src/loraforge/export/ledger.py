@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from loraforge.data.cache import file_digest as sha256
+from loraforge.rundir import file_in_the_way
 from loraforge.errors import ExportError
 
 LEDGER = ".loraforge-files.json"
@@ -74,11 +75,10 @@ def check(folder: Path, names: list[str] | None, key: str) -> None:
 
 def _check_writable(folder: Path, key: str) -> None:
     """The folder, or the nearest folder above it that exists (where it would be made), takes new files."""
-    there = folder
-    while not there.exists() and there != there.parent:
-        there = there.parent
-    if not there.is_dir():
-        raise ExportError(f"{key} {folder} cannot be made: {there} is a file; give a folder path")
+    blocking = file_in_the_way(folder)
+    if blocking is not None:
+        raise ExportError(f"{key} {folder} cannot be made: {blocking} is a file; give a folder path")
+    there = next(above for above in (folder, *folder.parents) if above.exists())
     if not os.access(there, os.W_OK | os.X_OK):
         raise ExportError(f"{key} {folder} cannot be written to ({there} is not writable by this user); "
                           f"{_writable_fix(key)}")

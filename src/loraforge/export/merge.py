@@ -59,9 +59,10 @@ def run_digest(run_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def merged_is_current(folder: Path, run_dir: Path) -> bool:
-    """The folder holds this run's merge as the run is now, whole and unchanged since it was written."""
-    return ledger.intact(folder) and merge_record(folder).get("run_digest") == run_digest(run_dir)
+def merged_is_current(folder: Path, run_dir: Path, digest: str | None = None) -> bool:
+    """The folder holds this run's merge as the run is now (digest: its run_digest, where the caller has it), whole
+    and unchanged since it was written."""
+    return ledger.intact(folder) and merge_record(folder).get("run_digest") == (digest or run_digest(run_dir))
 
 
 def stored_dtype(config):

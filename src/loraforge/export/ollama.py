@@ -6,6 +6,7 @@ from loraforge import rundir
 from loraforge.errors import ExportError
 from loraforge.export import ledger
 from loraforge.export.gguf import gguf_is_current, gguf_path, refuse_other_tasks, run_export_gguf
+from loraforge.export.merge import run_digest
 from loraforge.model.load import load_model_config, load_tokenizer
 from loraforge.model.sources import resolve_model
 from loraforge.model.template import apply_template
@@ -64,8 +65,9 @@ def run_export_ollama(run_dir: str | Path, kind: str = "q8_0") -> Path:
     text = modelfile(gguf.name, tokenizer, config.data.system_prompt, stops)
     path = gguf.parent / "Modelfile"
     ledger.check(path.parent, [path.name], "export")
-    if not gguf_is_current(run_dir, kind):
-        run_export_gguf(run_dir, kind)
+    digest = run_digest(run_dir)
+    if not gguf_is_current(run_dir, kind, digest):
+        run_export_gguf(run_dir, kind, digest)
     ledger.claim(path.parent, [path.name], "export")
     path.write_text(text, encoding="utf-8")
     ledger.record(path.parent, [path.name])

@@ -1,6 +1,7 @@
 """The one place that loads models and tokenizers and picks their dtype and device."""
 
 import logging
+import re
 
 from loraforge.errors import ModelError
 from loraforge.internals import keep_cpu_4bit_trainable
@@ -89,7 +90,7 @@ class NewHeadReport(logging.Filter):
     HEADS = ("score", "classifier")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
+        text = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # colours, in a terminal
         if "LOAD REPORT" not in text:
             return True
         rows = [[cell.strip() for cell in line.split("|")] for line in text.splitlines() if "|" in line][1:]

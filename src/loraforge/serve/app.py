@@ -8,11 +8,11 @@ import time
 
 from loraforge.errors import LoraforgeError
 from loraforge.eval.generate import prompt_ids
-from loraforge.model.template import apply_template
 from loraforge.serve.engine import Engine, Job
 from loraforge.serve.models import Served
 
 MAX_BODY_BYTES = 1 << 20
+MAX_STOP = 256
 ROLES = ("system", "user", "assistant")
 # OpenAI parameters this server does not carry out, with the values that ask for nothing (clients send those).
 NOT_SUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
@@ -54,8 +54,9 @@ def _stop(body: dict) -> list[str]:
     if value is None:
         return []
     stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-        raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", "stop")
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP
+                                                                 for s in stops):
+        raise ApiError(400, f"stop must be a string or a list of up to 4 strings of 1 to {MAX_STOP} characters", "stop")
     return stops
 
 
@@ -179,8 +180,7 @@ def build_app(served: dict[str, Served], engine: Engine, api_key: str | None = N
         if served.system_prompt is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": served.system_prompt}, *messages]
         try:
-            ids = list(apply_template(served.tokenizer, messages, add_generation_prompt=True, tokenize=True,
-                                      return_dict=True)["input_ids"])
+            ids = prompt_ids(served.tokenizer, messages)
         except LoraforgeError as exc:
             raise ApiError(400, str(exc), "messages") from None
         return await respond(request, body, served, ids, chat=True)

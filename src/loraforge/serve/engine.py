@@ -172,8 +172,8 @@ def _generate(jobs: list[Job]) -> None:
             for row, job in enumerate(jobs):
                 if job.temperature == 0 or job.finish_reason is not None:
                     continue
-                logits = scores[row].float()
-                # Shifted so the largest is 0: a temperature near 0 sends the rest to -inf, not inf/nan.
+                logits = scores[row].double()
+                # Shifted so the largest is 0, in float64: a temperature near 0 sends the rest to -inf, not inf/nan.
                 probs = torch.softmax((logits - logits.max()) / job.temperature, dim=-1)
                 if job.top_p < 1:
                     ordered, order = probs.sort(descending=True)

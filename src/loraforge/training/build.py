@@ -14,7 +14,7 @@ from loraforge import rundir
 from loraforge.config import RunConfig
 from loraforge.data.packing import collator
 from loraforge.errors import ConfigError, DataError
-from loraforge.eval.generate import prompt_for, prompt_ids
+from loraforge.eval.generate import asked_of
 from loraforge.eval.metrics import classification_metrics
 from loraforge.model.adapters import apply_lora, load_trainable_adapter, make_fully_trainable, parameter_counts
 from loraforge.model.load import load_for_run
@@ -274,10 +274,8 @@ def _with_callbacks(trainer, config: RunConfig, prepared: Prepared, run_dir: Pat
     trainer.add_callback(padded)
     if causal and config.eval.samples_during_training and prepared.val is not None:
         prompts = (list(config.eval.sample_prompts) or prepared.val_prompts)[: config.eval.samples_during_training]
-        asked = [prompt_for(p, config.data) for p in prompts]
-        for prompt in asked:
-            prompt_ids(prepared.tokenizer, prompt)
-        sampler = SampleCallback(run_dir / rundir.METRICS, asked, config.eval.max_new_tokens, prepared.stop_ids)
+        sampler = SampleCallback(run_dir / rundir.METRICS, asked_of(prompts, config.data, prepared.tokenizer),
+                                 config.eval.max_new_tokens, prepared.stop_ids)
         sampler.tensorboard = next((c for c in trainer.callback_handler.callbacks
                                     if type(c).__name__ == "TensorBoardCallback"), None)
         trainer.add_callback(sampler)

@@ -16,7 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from loraforge import rundir
 from loraforge.config import RunConfig
-from loraforge.eval.generate import generate_batch, prompt_for, prompt_ids, prompt_text
+from loraforge.eval.generate import asked_of, generate_batch, prompt_text
 from loraforge.eval.preference import held_out_kind, preference_line, preference_metrics
 from loraforge.eval.run import (causal_rows_metrics, classification_rows_metrics, eval_rows, has_test_split,
                                 preference_rows_metrics)
@@ -167,14 +167,10 @@ def metric_values(metrics: dict) -> dict:
 
 
 def sample_chats(config: RunConfig, val_prompts: list[str], tokenizer) -> list[str | list[dict]]:
-    """The prompts the run answers at its end, each rendered once now, so a template that cannot render them
-    fails before training rather than after."""
+    """What the run answers at its end (eval.sample_prompts, or the first validation prompts)."""
     if config.task != "causal_lm":
         return []
-    prompts = [prompt_for(p, config.data) for p in list(config.eval.sample_prompts) or val_prompts[: config.eval.num_samples]]
-    for prompt in prompts:
-        prompt_ids(tokenizer, prompt)
-    return prompts
+    return asked_of(list(config.eval.sample_prompts) or val_prompts[: config.eval.num_samples], config.data, tokenizer)
 
 
 def base_answers_before(config: RunConfig, model, tokenizer, stop_ids, chats: list[list[dict]]) -> list[str] | None:
