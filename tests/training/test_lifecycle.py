@@ -532,3 +532,20 @@ def test_ctrl_c_while_loading_or_finishing_says_what_the_run_left(make_config, m
                                   f"{path} output_dir={finishing.output_dir} --resume auto")
     run_training(finishing, resume="auto")
     assert (Path(finishing.output_dir) / rundir.ADAPTER).is_dir(), "the printed command finishes the run"
+
+
+def test_with_patience_no_checkpoint_is_written_from_weights_a_nan_step_updated(make_config, monkeypatch):
+    from loraforge.training.trainer import LoraforgeTrainer
+
+    config, _ = make_config("nan-patient", "train.nan_patience=3", "train.save_every=1")
+    real = LoraforgeTrainer.compute_loss
+
+    def poisoned_from_step_3(self, model, inputs, *args, **kwargs):
+        loss = real(self, model, inputs, *args, **kwargs)
+        return loss * float("nan") if model.training and self.state.global_step >= 2 else loss
+
+    monkeypatch.setattr(LoraforgeTrainer, "compute_loss", poisoned_from_step_3)
+    with pytest.raises(TrainingStopped, match="at step 3") as info:
+        run_training(config)
+    run = Path(config.output_dir)
+    assert latest_complete(run / rundir.CHECKPOINTS).name == "checkpoint-2" and "checkpoint-2" in str(info.value)

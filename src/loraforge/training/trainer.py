@@ -327,7 +327,8 @@ class ScheduleOnResume(TrainerCallback):
 
 
 class NanGuard(TrainerCallback):
-    """Stops after `patience` optimizer steps in a row with a non-finite loss; no checkpoint is saved after."""
+    """Stops after `patience` optimizer steps in a row with a non-finite loss. From the first of them no checkpoint
+    is saved (its update has most likely made the weights NaN too), unless a finite step shows they recovered."""
 
     def __init__(self, trainer: LoraforgeTrainer, patience: int):
         self.trainer = trainer
@@ -337,14 +338,14 @@ class NanGuard(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if not self.trainer.step_had_nonfinite_loss:
             self.bad_steps = 0
+            self.trainer.poisoned_step = None
             return
         self.trainer.step_had_nonfinite_loss = False
         self.bad_steps += 1
         if self.bad_steps == 1:
-            self.first_bad_step = state.global_step
+            self.trainer.poisoned_step = state.global_step
+        control.should_save = False
         if self.bad_steps >= self.patience:
-            self.trainer.poisoned_step = self.first_bad_step
-            control.should_save = False
             control.should_evaluate = False
             control.should_training_stop = True
 
