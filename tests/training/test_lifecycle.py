@@ -155,6 +155,34 @@ def test_a_run_extended_with_more_steps_takes_each_new_step_on_the_new_schedule(
         assert rates[step] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 12)), rel=1e-6), step
 
 
+def test_a_learning_rate_changed_on_resume_is_the_one_the_new_steps_take(make_config):
+    import math
+
+    config, _ = make_config("new-rate", "train.lr_scheduler=cosine", "train.max_steps=6", "train.weight_decay=0.0")
+    run_training(config)
+    changed, _ = make_config("new-rate", "train.lr_scheduler=cosine", "train.max_steps=10", "train.learning_rate=0.001",
+                             "train.weight_decay=0.1")
+    seen = {}
+    from loraforge.training.trainer import ScheduleOnResume
+
+    real = ScheduleOnResume.on_train_begin
+
+    def spy(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        real(self, args, state, control, optimizer=optimizer, lr_scheduler=lr_scheduler, **kwargs)
+        seen["decay"] = [group["weight_decay"] for group in optimizer.param_groups]
+
+    ScheduleOnResume.on_train_begin = spy
+    try:
+        run_training(changed, resume="auto", allow_changes=True)
+    finally:
+        ScheduleOnResume.on_train_begin = real
+    rates = {r["step"]: r["lr"] for r in map(json.loads, (Path(config.output_dir) / rundir.METRICS).read_text()
+                                               .splitlines()) if "lr" in r}
+    for step in range(7, 11):
+        assert rates[step] == pytest.approx(0.001 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 10)), rel=1e-6), step
+    assert seen["decay"][0] == 0.1 and seen["decay"][-1] == 0.0
+
+
 def test_resume_refuses_another_process_count_unless_allowed(make_config):
     from loraforge.training.checkpoints import read_marker
     from loraforge.training.resume import check_compatible

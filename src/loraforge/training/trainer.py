@@ -318,11 +318,17 @@ class ScheduleOnResume(TrainerCallback):
     """A resumed run steps at the learning rate its schedule gives for the step it resumes at. The optimizer state
     loaded from the checkpoint carries the rate of the old schedule: after train.max_steps was raised (with
     --allow-changes) that was the old end, 0 for cosine, and the first new step went at it. Unchanged, the two
-    agree to the bit."""
+    agree to the bit. The schedule's peak and the weight decay are the config's (--allow-changes may have changed
+    them), not the checkpoint's: HF groups the decayed parameters first, the others after at no decay."""
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         if state.global_step == 0 or optimizer is None or not isinstance(lr_scheduler, LambdaLR):
             return
+        lr_scheduler.base_lrs = [args.learning_rate] * len(lr_scheduler.base_lrs)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = args.learning_rate
+        if len(optimizer.param_groups) == 2:
+            optimizer.param_groups[0]["weight_decay"] = args.weight_decay
         put_on_schedule(optimizer, lr_scheduler)
 
 
