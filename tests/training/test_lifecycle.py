@@ -361,6 +361,16 @@ def test_early_stopping(make_config):
     assert losses(config.output_dir)[-1][0] == 3, "no eval improves by 100, so the third evaluation stops it"
 
 
+def test_a_resumed_run_carries_on_its_count_of_evaluations_without_improvement(make_config):
+    settings = ["train.eval_every=1", "train.save_every=1", "train.early_stopping.patience=3",
+                "train.early_stopping.min_delta=100"]
+    config, _ = make_config("early-resumed", *settings, "train.max_steps=2")
+    run_training(config)
+    longer, _ = make_config("early-resumed", *settings)
+    run_training(longer, resume="auto", allow_changes=True)
+    assert losses(config.output_dir)[-1][0] == 4, "stopped at the same step as a run never stopped"
+
+
 def test_the_best_checkpoint_is_the_default_adapter_and_says_so(make_config):
     config, _ = make_config("best", "train.save_every=1", "train.eval_every=1", "train.keep_last=2",
                             "train.learning_rate=0.05")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorWithPadding, EarlyStoppingCallback, PrinterCallback, TrainingArguments
+from transformers import DataCollatorWithPadding, PrinterCallback, TrainingArguments
 
 from loraforge import rundir
 from loraforge.config import RunConfig
@@ -22,7 +22,7 @@ from loraforge.model.swiglu import fuse_gated_mlps
 from loraforge.training.batch import accumulation, world_size
 from loraforge.training.callbacks import MetricsCallback, SampleCallback, ThroughputCallback
 from loraforge.training.prepare import Prepared
-from loraforge.training.trainer import (LoraforgeTrainer, NanGuard, OddsRatioTrainer, PaddedTokensPerStep,
+from loraforge.training.trainer import (EarlyStopping, LoraforgeTrainer, NanGuard, OddsRatioTrainer, PaddedTokensPerStep,
                                         PreferenceTrainer, ScheduleOnResume, SignalStop, UnpairedTrainer)
 
 log = logging.getLogger("loraforge.train")
@@ -282,5 +282,5 @@ def _with_callbacks(trainer, config: RunConfig, prepared: Prepared, run_dir: Pat
     trainer.add_callback(stop)
     early = config.train.early_stopping
     if early.patience is not None and prepared.val is not None:
-        trainer.add_callback(EarlyStoppingCallback(early.patience, early.min_delta))
+        trainer.add_callback(EarlyStopping(early.patience, early.min_delta))
     return Built(trainer, model, throughput, padded, trainable)

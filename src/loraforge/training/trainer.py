@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from peft.helpers import disable_input_dtype_casting
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import TrainerCallback
+from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from loraforge.errors import LoraforgeError
@@ -330,6 +330,17 @@ class ScheduleOnResume(TrainerCallback):
         if len(optimizer.param_groups) == 2:
             optimizer.param_groups[0]["weight_decay"] = args.weight_decay
         put_on_schedule(optimizer, lr_scheduler)
+
+
+class EarlyStopping(EarlyStoppingCallback):
+    """transformers' early stopping, whose count of evaluations without improvement a resumed run carries on from
+    its checkpoint (transformers restores it only with every other callback's and the control's state). Its warning
+    that the best model will not be loaded does not hold here: the run ends with its best checkpoint."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__) or state.stateful_callbacks.get("EarlyStoppingCallback")
+        if state.global_step > 0 and isinstance(saved, dict):
+            self.early_stopping_patience_counter = saved.get("attributes", {}).get("early_stopping_patience_counter", 0)
 
 
 class NanGuard(TrainerCallback):
