@@ -31,3 +31,32 @@ def test_all_linear_targets_every_projection(tiny_model_dir):
     model = apply_lora(load_model(str(tiny_model_dir)), r=2, alpha=4, dropout=0.0, target_modules="all-linear", bias="none")
     wrapped = {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad}
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_module_names_that_match_nothing_or_a_tied_head_are_refused(tiny_model_dir):
+    import pytest
+
+    from loraforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"lora.modules_to_save: \['lm_heads'\] are not modules of this model"):
+        apply_lora(load_model(str(tiny_model_dir)), r=4, alpha=8, dropout=0.0, target_modules=["q_proj"], bias="none",
+                   modules_to_save=["lm_heads"])
+    with pytest.raises(ConfigError, match="lm_head shares its weights with the input embeddings"):
+        apply_lora(load_model(str(tiny_model_dir)), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "lm_head"],
+                   bias="none")
+
+
+def test_full_layers_trained_beside_lora_are_trained_in_fp32_over_a_bf16_base(train_tiny):
+    """A bf16 lm_head copy rounds small updates away; the run trains and saves it in fp32."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    config, _ = train_tiny("precision=bf16", "lora.modules_to_save=[lm_head]", "train.max_steps=1")
+    assert config.lora.modules_to_save == ["lm_head"], "the config's own list is left as it was given"
+    resolved = (Path(config.output_dir) / "resolved.yaml").read_text()
+    assert "model.embed_tokens" not in resolved
+    with safe_open(str(Path(config.output_dir) / "adapter" / "adapter_model.safetensors"), "pt") as saved:
+        dtypes = {name: saved.get_tensor(name).dtype for name in saved.keys()}
+    heads = {name: dtype for name, dtype in dtypes.items() if "lora_" not in name}
+    assert heads and set(heads.values()) == {torch.float32}, heads

@@ -41,13 +41,22 @@ def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def as_trained(model):
+    """A model with bf16 weights (a bf16 run's, as it trains) generates under bf16 autocast, as its forward runs in
+    training, where its fp32 layers (LoRA's, a head trained in full) meet bf16 activations."""
+    import torch
+
+    bf16 = any(param.dtype == torch.bfloat16 for param in model.parameters())
+    return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def generate(model, tokenizer, prompt: str | list[dict], max_new_tokens: int, stop_ids, streamer=None) -> str:
     import torch
 
     ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=model.device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), as_trained(model):
         output = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
@@ -74,7 +83,7 @@ def generate_batch(model, tokenizer, prompts: list[str | list[dict]], max_new_to
             chunk = prompts[start : start + batch_size]
             ids = [{"input_ids": prompt_ids(tokenizer, prompt)} for prompt in chunk]
             inputs = tokenizer.pad(ids, padding=True, return_tensors="pt").to(model.device)
-            with torch.no_grad():
+            with torch.no_grad(), as_trained(model):
                 output = model.generate(
                     **inputs,
                     max_new_tokens=max_new_tokens,

@@ -40,15 +40,39 @@ def apply_lora(
         ensure_weight_tying=bool(modules_to_save),
         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
     )
+    names = [name for name, _ in model.named_modules()]
+
+    def missing(wanted: list[str]) -> list[str]:
+        return [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+
     if isinstance(target_modules, list):
-        names = [name for name, _ in model.named_modules()]
-        unknown = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        unknown = missing(target_modules)
         if unknown:
             linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                              if isinstance(module, torch.nn.Linear)})
             raise ConfigError([f"lora.target_modules: {unknown} are not modules of this model; its linear layers "
                                f"are {linear} (or use all-linear)"])
+        if "lm_head" in target_modules and getattr(model.config, "tie_word_embeddings", False):
+            raise ConfigError(["lora.target_modules: lm_head shares its weights with the input embeddings in this "
+                               "model (tie_word_embeddings), so LoRA on it cannot be merged into one matrix; train it "
+                               "in full with lora.modules_to_save: [lm_head], or leave it out"])
+    unknown = missing(modules_to_save or [])
+    if unknown:
+        raise ConfigError([f"lora.modules_to_save: {unknown} are not modules of this model; give names of its modules "
+                           "(lm_head, embed_tokens; score for classification)"])
     return get_peft_model(model, config)
+
+
+def trained_in_fp32(model):
+    """Every weight the adapter trains in fp32, over a base in bf16: besides LoRA's own (which peft keeps in fp32),
+    the full layers trained beside it (modules_to_save, a classification head, biases) are copies in the base's
+    dtype, where small Adam updates round away (at lr 2e-5 most entries of a bf16 lm_head never move)."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
 
 
 def load_trainable_adapter(model, adapter_dir, dropout: float, quantized: bool = False,

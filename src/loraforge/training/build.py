@@ -16,7 +16,8 @@ from loraforge.data.packing import collator
 from loraforge.errors import ConfigError, DataError
 from loraforge.eval.generate import asked_of
 from loraforge.eval.metrics import classification_metrics
-from loraforge.model.adapters import apply_lora, load_trainable_adapter, make_fully_trainable, parameter_counts
+from loraforge.model.adapters import (apply_lora, load_trainable_adapter, make_fully_trainable, parameter_counts,
+                                      trained_in_fp32)
 from loraforge.model.load import load_for_run
 from loraforge.model.swiglu import fuse_gated_mlps
 from loraforge.training.batch import accumulation, world_size
@@ -62,14 +63,14 @@ def trainable_model(config: RunConfig, prepared: Prepared, precision: str):
     if config.adapter == "full":
         model = make_fully_trainable(model)
     elif config.init_from is not None:
-        model = load_adapter_to_train(model, config, prepared.model_path)
+        model = trained_in_fp32(load_adapter_to_train(model, config, prepared.model_path))
     else:
         lora = config.lora
-        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
-                           bias=lora.bias, use_dora=lora.use_dora, use_rslora=lora.use_rslora,
-                           modules_to_save=lora.modules_to_save, task=config.task,
-                           quantized=config.quantization.mode != "none",
-                           gradient_checkpointing=config.train.gradient_checkpointing)
+        model = trained_in_fp32(apply_lora(
+            model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules, bias=lora.bias,
+            use_dora=lora.use_dora, use_rslora=lora.use_rslora, modules_to_save=list(lora.modules_to_save or []) or None,
+            task=config.task, quantized=config.quantization.mode != "none",
+            gradient_checkpointing=config.train.gradient_checkpointing))
     if config.train.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         # Checkpointed blocks need an input that requires grad, which a frozen embedding does not give.
         model.enable_input_require_grads()

@@ -19,6 +19,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from loraforge.errors import LoraforgeError
 from loraforge.internals import (IGNORE, HookedDPOTrainer, HookedKTOTrainer, HookedORPOTrainer, HookedTrainer,
                                  put_on_schedule)
+from loraforge.model.adapters import trained_in_fp32
 from loraforge.rundir import REFERENCE
 from loraforge.training.checkpoints import PREFIX, STAGING, latest_complete, publish, rotate
 from loraforge.training.loss import trained_positions_loss, trained_tokens_per_row
@@ -249,10 +250,8 @@ class PairLifecycle(RunLifecycle):
         model = self.accelerator.unwrap_model(self.model)
         if not reference_adapter and REFERENCE in getattr(model, "peft_config", {}):
             model.delete_adapter(REFERENCE)
-        for param in model.parameters():
-            # TRL casts a quantized model's adapter to bf16; an SFT run keeps it in fp32, and so does this one.
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
+        # TRL casts a quantized model's adapter to bf16; an SFT run keeps it in fp32, and so does this one.
+        trained_in_fp32(model)
 
     def train_sampler(self, sampler):
         if not self.group_by_length:
