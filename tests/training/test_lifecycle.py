@@ -192,7 +192,7 @@ def test_resume_refuses_another_process_count_unless_allowed(make_config):
     checkpoint = latest_complete(Path(config.output_dir) / rundir.CHECKPOINTS)
     marker = read_marker(checkpoint)
     assert marker["processes"] == 1
-    same = {"config": marker["config"], "data": marker["data"], "processes": 1}
+    same = {"config": marker["config"], "data": marker["data"], "processes": 1, "precision": marker["precision"]}
     check_compatible(config, checkpoint, same, allow_changes=False)
     with pytest.raises(ConfigError, match=r"processes: 1 in the checkpoint's run, 2 now, which changes the global batch"):
         check_compatible(config, checkpoint, {**same, "processes": 2}, allow_changes=False)
@@ -587,3 +587,23 @@ def test_with_patience_no_checkpoint_is_written_from_weights_a_nan_step_updated(
         run_training(config)
     run = Path(config.output_dir)
     assert latest_complete(run / rundir.CHECKPOINTS).name == "checkpoint-2" and "checkpoint-2" in str(info.value)
+
+
+def test_precision_auto_resumes_in_the_dtype_the_run_trained_in(make_config, monkeypatch):
+    from loraforge.model import precision as precision_module
+    from loraforge.training.checkpoints import read_marker
+
+    config, _ = make_config("auto-kept", "precision=auto", "train.max_steps=3")
+    run_training(config)
+    run = Path(config.output_dir)
+    trained_in = read_marker(latest_complete(run / rundir.CHECKPOINTS))["precision"]
+    other = "fp32" if trained_in == "bf16" else "bf16"
+    monkeypatch.setattr(precision_module, "choose_cpu", lambda requested, model_config=None: pytest.fail(
+        f"measured again; it would pick {other} on a busy machine"))
+    longer, _ = make_config("auto-kept", "precision=auto", "train.max_steps=5")
+    result = run_training(longer, resume="auto", allow_changes=True)
+    assert result.precision == trained_in
+    monkeypatch.undo()
+    forced, _ = make_config("auto-kept", f"precision={other}", "train.max_steps=6")
+    with pytest.raises(ConfigError, match=f"precision: {trained_in} in the checkpoint's run, {other} now"):
+        run_training(forced, resume="auto")

@@ -9,6 +9,7 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.config import load_config
 from loraforge.errors import ConfigError, RunDirError
+from loraforge.model.precision import Precision
 from loraforge.training.checkpoints import latest_complete, read_marker, step_of, unusable
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ def check_compatible(config, checkpoint: Path, fingerprints: dict, allow_changes
     if marker.get("data") != fingerprints["data"]:
         problems.append("the data (files, tokenizer or data settings, or how this version of loraforge tokenizes "
                         "them) differs from the checkpoint's")
+    if "precision" in marker and marker["precision"] != fingerprints.get("precision"):
+        problems.append(f"precision: {marker['precision']} in the checkpoint's run, {fingerprints.get('precision')} now, "
+                        "so the steps that follow compute differently from those before")
     if marker.get("processes", 1) != fingerprints.get("processes", 1):
         problems.append(f"processes: {marker.get('processes', 1)} in the checkpoint's run, {fingerprints['processes']} "
                         "now, which changes the global batch and where in the data the run goes on; resume with the "
@@ -95,6 +99,18 @@ def check_compatible(config, checkpoint: Path, fingerprints: dict, allow_changes
         log.warning("resuming from %s with changes (--allow-changes):\n  %s", checkpoint, "\n  ".join(problems))
     elif problems:
         raise ConfigError(problems + ["pass --allow-changes to resume anyway"], source=f"resume from {checkpoint}")
+
+
+def resumed_precision(requested: str, checkpoint: Path | None) -> Precision | None:
+    """precision auto, resumed: the dtype the checkpoint's run trained in (recorded in its marker), not a new
+    measurement, which on a busy or another machine may choose differently. None where there is none to keep."""
+    if requested != "auto" or checkpoint is None:
+        return None
+    chosen = read_marker(checkpoint).get("precision")
+    if chosen is None:
+        return None
+    log.info("precision auto -> %s: the run resumed from %s trained in it", chosen, Path(checkpoint).name)
+    return Precision(requested, chosen, f"the run resumed from {Path(checkpoint).name} trained in it")
 
 
 def _flat(data, prefix: str = "") -> dict:

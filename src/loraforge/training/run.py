@@ -27,7 +27,7 @@ from loraforge.training.checkpoints import bytes_to_write, latest_complete, step
 from loraforge.training.finish import TrainResult
 from loraforge.training.prepare import Prepared, prepare
 from loraforge.training.resume import (carry_on, check_compatible, config_fingerprint, find_checkpoint,
-                                      refuse_finished, resume_command)
+                                      refuse_finished, resume_command, resumed_precision)
 from loraforge.training.trackers import check_trackers
 from loraforge.training.trainer import SignalStop
 
@@ -97,11 +97,12 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         log.info("%s", batch)
         with stops_with_its_peers(Path(config.output_dir), command):
             join_cpu_processes()
-            precision = choose_precision(config.precision, prepared.model_config)
+            precision = (resumed_precision(config.precision, checkpoint)
+                         or choose_precision(config.precision, prepared.model_config))
         model = trainable_model(config, prepared, precision.chosen)
         fingerprints = {"config": config_fingerprint(config),
                         "data": cache_key(config.data, config.seed, prepared.tokenizer, prepared.stop_ids),
-                        "processes": world_size()}
+                        "processes": world_size(), "precision": precision.chosen}
         if checkpoint is not None:
             check_compatible(config, checkpoint, fingerprints, allow_changes)
         if is_main:
