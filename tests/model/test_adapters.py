@@ -60,3 +60,20 @@ def test_full_layers_trained_beside_lora_are_trained_in_fp32_over_a_bf16_base(tr
         dtypes = {name: saved.get_tensor(name).dtype for name in saved.keys()}
     heads = {name: dtype for name, dtype in dtypes.items() if "lora_" not in name}
     assert heads and set(heads.values()) == {torch.float32}, heads
+
+
+def test_what_the_libraries_refuse_at_load_is_a_message(tiny_model_dir, tmp_path):
+    import pytest
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from loraforge.errors import ConfigError, ModelError
+
+    with pytest.raises(ModelError, match="attn_implementation 'flash_attention_2' .* needs a package"):
+        load_model(str(tiny_model_dir), attn_implementation="flash_attention_2")
+    T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
+                                        vocab_size=100)).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ModelError, match="for causal language modelling: .*use a decoder model"):
+        load_model(str(tmp_path / "t5"))
+    with pytest.raises(ConfigError, match="lora.target_modules: Target module LlamaRMSNorm"):
+        apply_lora(load_model(str(tiny_model_dir)), r=4, alpha=8, dropout=0.0, target_modules=["input_layernorm"],
+                   bias="none")

@@ -60,7 +60,11 @@ def apply_lora(
     if unknown:
         raise ConfigError([f"lora.modules_to_save: {unknown} are not modules of this model; give names of its modules "
                            "(lm_head, embed_tokens; score for classification)"])
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # a target peft cannot wrap: a norm, a whole block
+        raise ConfigError([f"lora.target_modules: {str(exc).splitlines()[0]}; name linear layers (q_proj, v_proj, ...) "
+                           "or use all-linear"]) from None
 
 
 def trained_in_fp32(model):

@@ -76,6 +76,13 @@ def load_model(
             f"cannot load model {path!r}: {exc}. Use a built-in name (smollm2-135m-instruct), "
             "a local folder, or a hub id while online (model.name)"
         ) from None
+    except ImportError as exc:
+        raise ModelError(f"model.attn_implementation {attn_implementation!r} (or the model's own code) needs a package "
+                         f"that is not installed: {str(exc).splitlines()[0]}; install it, or use sdpa") from None
+    except ValueError as exc:
+        kind = "sequence classification" if task == "classification" else "causal language modelling"
+        raise ModelError(f"cannot load model {path!r} for {kind}: {str(exc).splitlines()[0][:300]}; use a decoder "
+                         "model (llama, qwen2, mistral, gemma, phi3, ...)") from None
     finally:
         reporter.removeFilter(quiet)
     if task == "classification" and model.config.pad_token_id is None:
