@@ -607,3 +607,30 @@ def test_precision_auto_resumes_in_the_dtype_the_run_trained_in(make_config, mon
     forced, _ = make_config("auto-kept", f"precision={other}", "train.max_steps=6")
     with pytest.raises(ConfigError, match=f"precision: {trained_in} in the checkpoint's run, {other} now"):
         run_training(forced, resume="auto")
+
+
+def test_the_last_step_is_logged_when_it_is_not_a_multiple_of_logging_steps(make_config):
+    config, _ = make_config("last-logged", "train.logging_steps=4", "train.max_steps=6")
+    run_training(config)
+    assert [step for step, _ in losses(config.output_dir)] == [4, 6]
+
+
+def test_a_signal_mid_epoch_saves_once_and_does_not_evaluate_the_cut_epoch(make_config, monkeypatch):
+    from loraforge.training.trainer import SignalStop
+
+    real = SignalStop.on_step_end
+
+    def signalled_at_step_2(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            self.received = "SIGTERM"
+        return real(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(SignalStop, "on_step_end", signalled_at_step_2)
+    config, _ = make_config("signal-epochs", "train.num_epochs=2", "train.eval_every=epoch", "train.save_every=epoch")
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM"):
+        run_training(config)
+    run = Path(config.output_dir)
+    records = [json.loads(line) for line in (run / rundir.METRICS).read_text().splitlines()]
+    assert 2 not in [r["step"] for r in records if "eval_loss" in r], "no evaluation of the epoch the signal cut short"
+    written = [line for line in (run / rundir.LOG).read_text().splitlines() if line.endswith("checkpoint-2 written")]
+    assert len(written) == 1, written

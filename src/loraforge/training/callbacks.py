@@ -69,11 +69,16 @@ class ThroughputCallback(TrainerCallback):
 
 
 class MetricsCallback(TrainerCallback):
-    """Appends one JSON object per log event to metrics.jsonl and prints a progress line."""
+    """Appends one JSON object per log event to metrics.jsonl and prints a progress line. The last step is logged
+    too when it is not a multiple of logging_steps, so the curves and the progress reach the end."""
 
     def __init__(self, path: Path, throughput: ThroughputCallback):
         self.path = Path(path)
         self.throughput = throughput
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:
+            control.should_log = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

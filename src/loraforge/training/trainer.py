@@ -408,3 +408,10 @@ class SignalStop(TrainerCallback):
             control.should_save = True
             control.should_evaluate = False
             control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        """The epoch a signal cut short is not evaluated or saved as if it had ended: its step's checkpoint is
+        written already."""
+        if self.received is not None:
+            control.should_evaluate = False
+            control.should_save = False
