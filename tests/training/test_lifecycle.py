@@ -634,3 +634,14 @@ def test_a_signal_mid_epoch_saves_once_and_does_not_evaluate_the_cut_epoch(make_
     assert 2 not in [r["step"] for r in records if "eval_loss" in r], "no evaluation of the epoch the signal cut short"
     written = [line for line in (run / rundir.LOG).read_text().splitlines() if line.endswith("checkpoint-2 written")]
     assert len(written) == 1, written
+
+
+def test_resuming_from_a_checkpoint_a_run_already_went_on_from_is_refused(make_config):
+    config, _ = make_config("went-on")
+    run_training(config)
+    run = Path(config.output_dir)
+    before = sorted(p.name for p in (run / rundir.CHECKPOINTS).iterdir())
+    longer, _ = make_config("went-on", "train.max_steps=10")
+    with pytest.raises(RunDirError, match="checkpoint-6, checkpoint-8 went on from it already"):
+        run_training(longer, resume=str(run / rundir.CHECKPOINTS / "checkpoint-3"), allow_changes=True)
+    assert sorted(p.name for p in (run / rundir.CHECKPOINTS).iterdir()) == before

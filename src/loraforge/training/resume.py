@@ -10,7 +10,7 @@ from loraforge import rundir
 from loraforge.config import load_config
 from loraforge.errors import ConfigError, RunDirError
 from loraforge.model.precision import Precision
-from loraforge.training.checkpoints import latest_complete, read_marker, step_of, unusable
+from loraforge.training.checkpoints import complete_checkpoints, latest_complete, read_marker, step_of, unusable
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,12 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
         if reason is not None:
             raise RunDirError(f"--resume {path}: cannot resume from it: {reason}; use --resume auto to take the "
                               "newest checkpoint that is whole")
+        newer = [c.name for c in complete_checkpoints(path.parent) if step_of(c) > step_of(path)]
+        if newer:
+            raise RunDirError(f"--resume {path}: {', '.join(newer)} went on from it already; resuming here would "
+                              "leave them beside the new steps' checkpoints (--resume auto and keep_last would take "
+                              f"them for this run's); move them out of {path.parent} first, or start a new run from "
+                              f"this checkpoint's adapter with init_from")
         return path
     if not (run_dir / rundir.RESOLVED).is_file():
         raise RunDirError(f"--resume: {run_dir} holds no run ({rundir.RESOLVED} missing); check output_dir")
