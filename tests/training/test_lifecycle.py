@@ -645,3 +645,9 @@ def test_resuming_from_a_checkpoint_a_run_already_went_on_from_is_refused(make_c
     with pytest.raises(RunDirError, match="checkpoint-6, checkpoint-8 went on from it already"):
         run_training(longer, resume=str(run / rundir.CHECKPOINTS / "checkpoint-3"), allow_changes=True)
     assert sorted(p.name for p in (run / rundir.CHECKPOINTS).iterdir()) == before
+
+
+def test_early_stopping_without_a_validation_split_says_it_cannot_stop(make_config, caplog):
+    config, _ = make_config("early-blind", "data.val_fraction=0", "train.early_stopping.patience=2", "train.max_steps=2")
+    run_training(config)
+    assert "train.early_stopping.patience 2: this run has no validation split" in caplog.text

@@ -284,4 +284,8 @@ def _with_callbacks(trainer, config: RunConfig, prepared: Prepared, run_dir: Pat
     early = config.train.early_stopping
     if early.patience is not None and prepared.val is not None:
         trainer.add_callback(EarlyStopping(early.patience, early.min_delta))
+    elif early.patience is not None:
+        log.warning("train.early_stopping.patience %d: this run has no validation split to judge improvement on "
+                    "(data.val_fraction is 0 and no source has split: val), so it trains to its last step",
+                    early.patience)
     return Built(trainer, model, throughput, padded, trainable)
