@@ -73,11 +73,6 @@ def refuse_foreign(folder: Path, key: str, ours: str = CLAIM) -> None:
                           "or new directory: loraforge never overwrites or adds to files it did not write")
 
 
-def file_in_the_way(path: Path) -> Path | None:
-    """The file standing where a folder above path would have to be, or None."""
-    return next((above for above in Path(path).parents if above.exists() and not above.is_dir()), None)
-
-
 def check_space(output_dir: str | Path, needed: int) -> None:
     """Refuse a run whose files would not fit on the disk of output_dir, before it starts, not at its last save."""
     existing = Path(output_dir).absolute()

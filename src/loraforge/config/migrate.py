@@ -15,7 +15,7 @@ from loraforge.config.aliases import alias_of
 from loraforge.config.load import read_yaml_file
 from loraforge.config.schema import EVAL_METRICS, RunConfig
 from loraforge.errors import ConfigError
-from loraforge.rundir import file_in_the_way
+from loraforge.config.output_dir import file_in_the_way
 
 # Section names scripts use, by the loraforge section their keys most likely belong to.
 SECTIONS = {"model": "model", "dataset": "data", "data": "data", "training": "train", "train": "train",

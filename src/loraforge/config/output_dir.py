@@ -1,4 +1,5 @@
-"""output_dir's {model}, {data} and {time}, filled in once when a run starts."""
+"""Where outputs go: output_dir's {model}, {data} and {time}, filled in once when a run starts, and a file standing where
+a folder of an output path would have to be made."""
 
 import re
 from datetime import datetime
@@ -25,3 +26,8 @@ def expand_output_dir(config: RunConfig, now: datetime | None = None) -> RunConf
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "x"
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The file standing where a folder above path would have to be, or None."""
+    return next((above for above in Path(path).parents if above.exists() and not above.is_dir()), None)

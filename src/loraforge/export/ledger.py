@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from loraforge.data.cache import file_digest as sha256
-from loraforge.rundir import file_in_the_way
+from loraforge.config.output_dir import file_in_the_way
 from loraforge.errors import ExportError
 
 LEDGER = ".loraforge-files.json"
