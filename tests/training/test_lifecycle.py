@@ -545,6 +545,15 @@ def test_init_from_trains_with_this_runs_lora_dropout(make_config):
     assert saved["lora_dropout"] == 0.0
 
 
+def test_init_from_a_run_that_dropped_other_layers_is_refused(make_config):
+    short = ["train.max_steps=1", "train.save_every=null", "model.variant=drop_layers"]
+    first, _ = make_config("dropped-0", *short, "model.drop_layers=[0]")
+    run_training(first)
+    second, _ = make_config("dropped-1", *short, "model.drop_layers=[1]", f"init_from={first.output_dir}")
+    with pytest.raises(ConfigError, match=r"model.drop_layers \[0\] there, \[1\] here"):
+        run_training(second)
+
+
 def test_ctrl_c_while_loading_or_finishing_says_what_the_run_left(make_config, monkeypatch):
     from loraforge.training import run as run_module
 

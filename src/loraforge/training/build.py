@@ -89,6 +89,8 @@ def load_adapter_to_train(model, config: RunConfig, model_path):
     mismatched = [f"{name} {a!r} there, {b!r} here" for name, a, b in (
         ("model.name", earlier.model.name, config.model.name),
         ("model.variant", earlier.model.variant, config.model.variant),
+        ("model.drop_layers", earlier.model.drop_layers, config.model.drop_layers),
+        ("model.keep_layers", earlier.model.keep_layers, config.model.keep_layers),
         ("quantization.mode", earlier.quantization.mode, config.quantization.mode),
         ("task", earlier.task, config.task)) if a != b]
     ours, theirs = config.lora.model_dump(exclude={"dropout"}), earlier.lora.model_dump(exclude={"dropout"})
