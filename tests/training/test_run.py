@@ -199,6 +199,27 @@ def test_output_dir_fills_in_model_data_and_time_and_resuming_needs_the_real_nam
         run_training(templated, resume="auto")
 
 
+def chat_asked(monkeypatch, stop_at: str | None = None, answer_tokens: int | None = None) -> list:
+    """What `loraforge chat` asks the model, call by call (a copy of the chat, or the text); a prompt whose last
+    words are stop_at is interrupted as Ctrl-C would; answer_tokens caps the answers (the limit is still checked)."""
+    import copy
+
+    import loraforge.chat as chat
+
+    asked = []
+    real = chat.generate
+
+    def spy(model, tokenizer, prompt, limit, *args, **kwargs):
+        asked.append(copy.deepcopy(prompt))
+        said = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        if stop_at is not None and said == stop_at:
+            raise KeyboardInterrupt
+        return real(model, tokenizer, prompt, answer_tokens or limit, *args, **kwargs)
+
+    monkeypatch.setattr(chat, "generate", spy)
+    return asked
+
+
 def test_cli_chat_prompt_answers_once(tiny_run, capsys):
     config, _, _ = tiny_run
     assert main(["chat", config.output_dir, "--prompt", "Echo red", "--max-new-tokens", "3"]) == 0
@@ -207,19 +228,10 @@ def test_cli_chat_prompt_answers_once(tiny_run, capsys):
 
 def test_cli_chat_repl_keeps_history_and_resets(tiny_run, capsys, monkeypatch):
     config, _, _ = tiny_run
-    seen = []
-    import loraforge.chat as chat
-
-    real = chat.generate
-
-    def spy(model, tokenizer, messages, *args, **kwargs):
-        seen.append([m["role"] for m in messages])
-        return real(model, tokenizer, messages, *args, **kwargs)
-
-    monkeypatch.setattr(chat, "generate", spy)
+    asked = chat_asked(monkeypatch)
     monkeypatch.setattr("sys.stdin", io.StringIO("Echo red\nEcho blue\n/reset\nEcho gold\n/exit\n"))
     assert main(["chat", config.output_dir, "--max-new-tokens", "2"]) == 0
-    assert seen == [["user"], ["user", "assistant", "user"], ["user"]]
+    assert [[m["role"] for m in chat] for chat in asked] == [["user"], ["user", "assistant", "user"], ["user"]]
     assert capsys.readouterr().out.count("assistant> ") == 3
 
 
@@ -249,7 +261,6 @@ def test_plain_text_run_on_a_model_without_chat_template_samples_as_text(tmp_pat
     """Continued pretraining on format text needs no chat template: the samples during and after training, chat and
     the API continue the prompt's text, tokenized as training tokenized its rows."""
     import loraforge
-    import loraforge.chat as chat
     from tests.conftest import save_tiny_llama
 
     bare = save_tiny_llama(tmp_path / "bare", tokenizer)
@@ -276,16 +287,7 @@ def test_plain_text_run_on_a_model_without_chat_template_samples_as_text(tmp_pat
     during = [r for r in rundir.read_metrics(run_dir / rundir.METRICS) if "samples" in r]
     assert during and during[-1]["samples"][0]["prompt"] == "The colour of the"
 
-    asked = []
-    real = chat.generate
-
-    def spy(model, tok, prompt, *a, **k):
-        asked.append(prompt)
-        if prompt == "Stop me":
-            raise KeyboardInterrupt
-        return real(model, tok, prompt, *a, **k)
-
-    monkeypatch.setattr(chat, "generate", spy)
+    asked = chat_asked(monkeypatch, stop_at="Stop me")
     assert main(["chat", str(run_dir), "--prompt", "The colour of the", "--max-new-tokens", "2"]) == 0
     monkeypatch.setattr("sys.stdin", io.StringIO("Stop me\nThe red\n/exit\n"))
     assert main(["chat", str(run_dir), "--max-new-tokens", "2"]) == 0
@@ -313,20 +315,11 @@ def test_a_sample_prompt_the_template_cannot_render_fails_before_training(train_
 def test_chat_keeps_prompt_and_answer_within_the_models_context(tiny_run, capsys, monkeypatch):
     """The tiny llama takes 1024 positions: a one-shot answer that would pass them is refused before generating; a
     conversation that grows past them leaves its oldest turns out."""
-    import loraforge.chat as chat
-
     config, _, _ = tiny_run
     assert main(["chat", config.output_dir, "--prompt", "Echo red", "--max-new-tokens", "3000"]) == 2
     assert "--prompt: it and an answer of up to 3000 tokens" in capsys.readouterr().err
 
-    sizes = []
-    real = chat.generate
-
-    def spy(model, tokenizer, messages, limit, *args, **kwargs):
-        sizes.append(len(messages))
-        return real(model, tokenizer, messages, 2, *args, **kwargs)
-
-    monkeypatch.setattr(chat, "generate", spy)
+    asked = chat_asked(monkeypatch, answer_tokens=2)
     long_line = "Echo " + "red " * 300
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{long_line}\n{long_line}\n{long_line}\n{'red ' * 1100}\n/exit\n"))
     assert main(["chat", config.output_dir, "--max-new-tokens", "100"]) == 0
@@ -334,24 +327,15 @@ def test_chat_keeps_prompt_and_answer_within_the_models_context(tiny_run, capsys
     assert "its oldest turns are left out" in err
     assert "(that message: it and an answer of up to 100 tokens (--max-new-tokens, or the run's eval.max_new_tokens) " \
            "pass the model's context of 1024 tokens" in err
+    sizes = [len(chat) for chat in asked]
     assert sizes[0] == 1 and max(sizes) < 5 and len(sizes) == 3
 
 
 def test_ctrl_c_during_an_answer_stops_it_and_the_chat_goes_on(tiny_run, capsys, monkeypatch):
-    import loraforge.chat as chat
-
     config, _, _ = tiny_run
-    seen = []
-    real = chat.generate
-
-    def stopped_once(model, tokenizer, messages, *args, **kwargs):
-        seen.append([m["content"] for m in messages])
-        if len(seen) == 1:
-            raise KeyboardInterrupt
-        return real(model, tokenizer, messages, *args, **kwargs)
-
-    monkeypatch.setattr(chat, "generate", stopped_once)
+    asked = chat_asked(monkeypatch, stop_at="Echo red")
     monkeypatch.setattr("sys.stdin", io.StringIO("Echo red\nEcho blue\n/exit\n"))
     assert main(["chat", config.output_dir, "--max-new-tokens", "2"]) == 0
-    assert seen == [["Echo red"], ["Echo blue"]], "the stopped message is not part of the next turn"
+    assert [[m["content"] for m in chat] for chat in asked] == [["Echo red"], ["Echo blue"]], \
+        "the stopped message is not part of the next turn"
     assert "answer stopped" in capsys.readouterr().err
