@@ -183,6 +183,7 @@ def train_in_two_processes(path: Path, tmp_path: Path, overrides: list[str], pri
     assert "global batch: 4 per pass x 1 accumulated x 2 process(es) = 8 examples per optimizer step" in done.stderr
     assert [c.name for c in complete_checkpoints(two_dir / rundir.CHECKPOINTS)] == checkpoints
     assert done.stdout.count("Run directory:") == 1
+    assert "find_unused_parameters=True was specified" not in done.stderr, "every trained LoRA weight takes part"
     return two_dir
 
 

@@ -145,6 +145,7 @@ def training_arguments(config: RunConfig, run_dir: Path, precision: str, has_eva
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False if config.adapter == "lora" else None,
         train_sampling_strategy="group_by_length" if train.group_by_length and config.method == "sft" else "random",
     )
     if config.method == "sft":
