@@ -398,3 +398,85 @@ def test_a_completion_prompt_is_tokenized_as_plain_text_training_tokenized_its_r
         engine.close()
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["prompt_tokens"] == len(trained_ids) - 1, "training's ids without the EOS it appends"
+
+
+def test_a_request_that_fails_inside_a_batch_gets_a_500_and_the_others_their_answers(runs, caplog):
+    """One prompt makes the model's forward raise at every step after the first of any batch it is in, after each
+    row has streamed a token: that request alone gets a 500 with OpenAI's error body and one logged traceback; the
+    others in its batch, streamed or whole, get the answers they get alone."""
+    import logging
+
+    import torch
+
+    from loraforge.eval.generate import prompt_ids
+    from loraforge.serve.app import build_app
+    from loraforge.serve.engine import Engine
+    from loraforge.serve.models import load_served
+    from loraforge.serve.run import Background
+
+    served = load_served([str(r) for r in runs])
+    engine = Engine(max_batch=8, gather_s=0)
+    background = Background(build_app(served, engine, timeout_s=60))
+    url = f"{background.url}/v1/chat/completions"
+    asked = [("echo-a", "Echo red", False), ("echo-b", "Echo blue", False), ("echo-a", "Echo green", True),
+             ("echo-b", "Echo gold", True), ("echo-a", "Echo zebra xylophone", False)]
+
+    def ask(index):
+        model, prompt, stream = asked[index]
+        body = {"model": model, "temperature": 0, "max_tokens": 6, "stream": stream,
+                "messages": [{"role": "user", "content": prompt}]}
+        if not stream:
+            return httpx.post(url, json=body, timeout=60)
+        with httpx.stream("POST", url, json=body, timeout=60) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        return "".join(e["choices"][0]["delta"].get("content", "") for e in events if e.get("choices"))
+
+    poison = set(prompt_ids(served["echo-a"].tokenizer, [{"role": "user", "content": asked[-1][1]}]))
+    for model, prompt, _ in asked[:-1]:
+        poison -= set(prompt_ids(served[model].tokenizer, [{"role": "user", "content": prompt}]))
+    poison = torch.tensor(sorted(poison))
+    batch = {"poisoned": False}
+
+    def fail_with_the_poisoned_prompt(module, args):
+        if args[0].shape[1] > 1:
+            batch["poisoned"] = bool(torch.isin(args[0], poison).any())
+        elif batch["poisoned"]:
+            raise RuntimeError("injected failure")
+
+    try:
+        alone = [ask(i) for i in range(len(asked))]
+        assert alone[-1].json()["usage"]["completion_tokens"] == 6, "the poisoned request needs a step after each batch's first"
+        hook = served["echo-a"].base.model.get_input_embeddings().register_forward_pre_hook(fail_with_the_poisoned_prompt)
+        engine.gather_s = 2.0
+        engine.batch_sizes.clear()
+        answers = [None] * len(asked)
+        start = threading.Barrier(len(asked))
+
+        def call(index):
+            start.wait(timeout=30)
+            answers[index] = ask(index)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(asked))]
+        with caplog.at_level(logging.WARNING, logger="loraforge.serve"):
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+        hook.remove()
+        assert not any(thread.is_alive() for thread in threads)
+    finally:
+        background.stop()
+        engine.close()
+    assert engine.batch_sizes[0] == len(asked), "the five requests shared one batch"
+    failed = answers[-1]
+    assert failed.status_code == 500
+    assert failed.json()["error"] == {"message": "generation failed: RuntimeError: injected failure",
+                                      "type": "server_error", "param": None, "code": 500}
+    for index, (_, _, stream) in enumerate(asked[:-1]):
+        got, expected = answers[index], alone[index]
+        if not stream:
+            assert got.status_code == 200, got.text
+            got, expected = got.json()["choices"][0]["message"]["content"], expected.json()["choices"][0]["message"]["content"]
+        assert got == expected and expected, asked[index]
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and str(tracebacks[0].exc_info[1]) == "injected failure"

@@ -2,7 +2,10 @@
 max_batch, and generates them together with transformers' generate, rows of different runs on one base in the
 same batch (PEFT's mixed adapter batches). Each row keeps its own sampling settings, seed, token limit and stop
 strings; its tokens go to its request as they come. A request that is cancelled (its client left, or its time
-ran out) stops its row at the next token. Requests that arrive while a batch runs wait for the next one."""
+ran out) stops its row at the next token. Requests that arrive while a batch runs wait for the next one.
+
+A batch that fails is split in two, each half going on from the tokens its rows already have, until the row that
+fails is alone: that request alone gets the error."""
 
 import contextlib
 import copy
@@ -34,6 +37,8 @@ class Job:
     # ("error", message).
     deliver: Callable[[tuple], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # The row's own torch.Generator, made at its first batch and kept if it goes on in another.
+    generator: object = None
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -125,14 +130,23 @@ class Engine:
         self.running = len(jobs)
         try:
             _generate(jobs)
-        except Exception as exc:  # a failed batch must not end the worker: its requests get the error
-            log.exception("generation failed")
-            for job in jobs:
-                if job.finish_reason is None:
-                    job.finish_reason = "error"
-                    job.deliver(("error", f"generation failed: {type(exc).__name__}: {exc}"))
+            return
+        except Exception as exc:  # a failed batch must not end the worker, nor fail the rows that did not fail it
+            failure = exc
         finally:
             self.running = 0
+        left = [j for j in jobs if j.finish_reason is None and not j.cancelled.is_set()]
+        if len(jobs) > 1:
+            log.warning("a batch of %d rows failed (%s: %s); its %d unfinished rows go on in two halves",
+                        len(jobs), type(failure).__name__, failure, len(left))
+            for half in (left[: len(left) // 2], left[len(left) // 2 :]):
+                if half:
+                    self._run(half)
+            return
+        log.error("generation failed for a request to %s", jobs[0].served.name, exc_info=failure)
+        for job in left:
+            job.finish_reason = "error"
+            job.deliver(("error", f"generation failed: {type(failure).__name__}: {failure}"))
 
 
 def _batches(jobs: list[Job]) -> list[list[Job]]:
@@ -153,17 +167,18 @@ def _generate(jobs: list[Job]) -> None:
     base = jobs[0].served.base
     model = base.model
     pad = next((j.served.tokenizer.pad_token_id for j in jobs if j.served.tokenizer.pad_token_id is not None), 0)
-    width = max(len(j.prompt_ids) for j in jobs)
+    # A row that goes on from a failed batch starts from its prompt and the tokens it already has.
+    prompts = [j.prompt_ids + j.tokens for j in jobs]
+    width = max(map(len, prompts))
     ids = torch.full((len(jobs), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for row, job in enumerate(jobs):
-        ids[row, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
-        mask[row, width - len(job.prompt_ids):] = 1
-    generators = []
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
     for job in jobs:
-        generator = torch.Generator()
-        generator.manual_seed(job.seed if job.seed is not None else torch.seed())
-        generators.append(generator)
+        if job.generator is None:
+            job.generator = torch.Generator()
+            job.generator.manual_seed(job.seed if job.seed is not None else torch.seed())
 
     class RowSampling(LogitsProcessor):
         """Each row's own temperature and top_p, drawn with its own seeded generator; greedy picks the draw."""
@@ -179,7 +194,7 @@ def _generate(jobs: list[Job]) -> None:
                     ordered, order = probs.sort(descending=True)
                     outside = ordered.cumsum(-1) - ordered > job.top_p
                     probs[order[outside]] = 0
-                token = torch.multinomial(probs, 1, generator=generators[row])
+                token = torch.multinomial(probs, 1, generator=job.generator)
                 scores[row] = float("-inf")
                 scores[row, token] = 0
             return scores
@@ -204,8 +219,9 @@ def _generate(jobs: list[Job]) -> None:
             pass
 
     settings = copy.deepcopy(model.generation_config)
-    settings.update(max_new_tokens=max(j.max_tokens for j in jobs), do_sample=False, temperature=None, top_p=None,
-                    top_k=None, pad_token_id=pad, eos_token_id=sorted(set().union(*(j.served.stop_ids for j in jobs))))
+    settings.update(max_new_tokens=max(j.max_tokens - len(j.tokens) for j in jobs), do_sample=False, temperature=None,
+                    top_p=None, top_k=None, pad_token_id=pad,
+                    eos_token_id=sorted(set().union(*(j.served.stop_ids for j in jobs))))
     extra, adapters = {}, contextlib.nullcontext()
     if base.adapters and base.mixed_batches:
         extra = {"adapter_names": [j.served.adapter or BASE for j in jobs]}
