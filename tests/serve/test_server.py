@@ -445,8 +445,9 @@ def test_a_request_that_fails_inside_a_batch_gets_a_500_and_the_others_their_ans
 
     try:
         alone = [ask(i) for i in range(len(asked))]
-        assert alone[-1].json()["usage"]["completion_tokens"] == 6, "the poisoned request needs a step after each batch's first"
-        hook = served["echo-a"].base.model.get_input_embeddings().register_forward_pre_hook(fail_with_the_poisoned_prompt)
+        assert alone[-1].json()["usage"]["completion_tokens"] == 6, "a step after each batch's first, where it fails"
+        embeddings = served["echo-a"].base.model.get_input_embeddings()
+        hook = embeddings.register_forward_pre_hook(fail_with_the_poisoned_prompt)
         engine.gather_s = 2.0
         engine.batch_sizes.clear()
         answers = [None] * len(asked)
@@ -476,7 +477,7 @@ def test_a_request_that_fails_inside_a_batch_gets_a_500_and_the_others_their_ans
         got, expected = answers[index], alone[index]
         if not stream:
             assert got.status_code == 200, got.text
-            got, expected = got.json()["choices"][0]["message"]["content"], expected.json()["choices"][0]["message"]["content"]
+            got, expected = (r.json()["choices"][0]["message"]["content"] for r in (got, expected))
         assert got == expected and expected, asked[index]
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 1 and str(tracebacks[0].exc_info[1]) == "injected failure"
