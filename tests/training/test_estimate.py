@@ -124,3 +124,26 @@ def test_process_counts_below_one_and_a_global_batch_the_processes_cannot_share_
         assert "give 1 or more" in capsys.readouterr().err
     assert main(["estimate", str(config), "--nproc", "2"]) == 2
     assert "train.global_batch: 12 is not a multiple of train.batch_size 4 x 2 process(es)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("save_every", [3, None])
+def test_the_work_after_the_last_step_is_planned_as_the_run_does_it(train_tiny, save_every):
+    """A learning rate too small to change the weights gives equal evaluations at steps 3 and 6, so the best is step
+    3: with a checkpoint there the run ends with it, evaluated once more; without one it ends with step 6. The plan
+    counts that evaluation, the sample answers and the test split's rows and answers as the run has them."""
+    import json
+    from pathlib import Path
+
+    from loraforge.training.estimate import run_estimate
+
+    config, _ = train_tiny("train.learning_rate=1e-30", "train.eval_every=3", f"train.save_every={save_every or 'null'}",
+                           "data.test_fraction=0.25", "eval.test_generations=4")
+    done = json.loads((Path(config.output_dir) / "eval.json").read_text())
+    planned = run_estimate(config.model_copy(update={"output_dir": config.output_dir + "-probe"}), probe_steps=3)
+    after = planned.after
+    assert after.best_evaluations == (done["weights"]["step"] != done["weights"]["of"]) == (save_every is not None)
+    assert after.sample_answers == 2 * len(done["samples"]) == 2, "Echo red, by the base (adapter off) and the run"
+    assert (after.test_rows, after.test_answers) == (done["test"]["rows"], done["test"]["samples"]) == (6, 4)
+    summary = planned.summary()
+    assert "2 sample answers: " in summary and "test split, 6 rows and 4 answers: " in summary
+    assert ("the best checkpoint evaluated again" in summary) == (save_every is not None)

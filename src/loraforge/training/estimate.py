@@ -7,6 +7,12 @@ padded token (fitted on all but the first step), and the first step's extra time
 The config's own batches, built from the tokenized data in the order training draws them, give the padded
 tokens of each step of the run; the step times follow from the fit.
 
+After the last step a run may evaluate its best checkpoint again, answers the sample prompts (with the base too,
+where switching the adapter off gives it back; else the base answered before training, in the set-up time), and
+evaluates its test split (a preference run also its validation pairs). The probe does the same with the same
+prompts and rows, and its times are added; the best checkpoint's evaluation is one more validation evaluation,
+planned wherever the run can end with an earlier checkpoint than its last step.
+
 With several processes (`--nproc N`, launched through torchrun like `train`) the probe is a real N-process run:
 its steps are timed and its memory taken per process, the largest process's peak reported. The processes take
 the batches in turn, and a step lasts as long as its slowest process: each step counts the padded tokens of the
@@ -17,16 +23,59 @@ import math
 import resource
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from loraforge.errors import ConfigError
 from loraforge.training.batch import accumulation, world_size
 from loraforge.training.build import unpaired
+from loraforge.training.evaluation import adapter_off_is_base
 from loraforge.training.prepare import prepare
 from loraforge.training.run import run_training
 from loraforge.training.trainer import length_grouped_order, pair_lengths
+
+
+@dataclass
+class AfterLastStep:
+    """What a run does after its last step, each part counted in the estimate's total."""
+
+    best_evaluations: int = 0
+    best_seconds: float = 0.0
+    sample_answers: int = 0
+    samples_seconds: float = 0.0
+    test_rows: int = 0
+    test_answers: int = 0
+    test_seconds: float = 0.0
+    validation_rows: int = 0
+    pairs_seconds: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.best_seconds + self.samples_seconds + self.test_seconds + self.pairs_seconds
+
+    def lines(self) -> list[str]:
+        parts = []
+        if self.best_evaluations:
+            parts.append(f"the best checkpoint evaluated again: {_duration(self.best_seconds)} (when the best "
+                         "evaluation is not the last step's)")
+        if self.sample_answers:
+            parts.append(f"{self.sample_answers} sample answers: {_duration(self.samples_seconds)}")
+        if self.test_rows:
+            answers = f" and {self.test_answers} answers" if self.test_answers else ""
+            parts.append(f"test split, {self.test_rows} rows{answers}: {_duration(self.test_seconds)}")
+        if self.validation_rows:
+            parts.append(f"held-out preference, {self.validation_rows} validation rows: "
+                         f"{_duration(self.pairs_seconds)}")
+        if not parts:
+            return []
+        return [f"after the last step, in the total: {_duration(self.seconds)}", *(f"  {p}" for p in parts)]
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 120:
+        return f"{seconds / 60:.1f} minutes"
+    return f"{seconds:.0f} second{'' if round(seconds) == 1 else 's'}"
 
 
 @dataclass
@@ -40,10 +89,10 @@ class Estimate:
     precision: str
     processes: int = 1
     peak_gpu_mb: float | None = None
+    after: AfterLastStep = field(default_factory=AfterLastStep)
 
     def summary(self) -> str:
-        total = (f"{self.total_seconds:.0f} seconds" if self.total_seconds < 120 else
-                 f"{self.total_seconds / 60:.1f} minutes")
+        total = _duration(self.total_seconds)
         where = "on this machine" if self.processes == 1 else f"in {self.processes} processes on this machine"
         per = "" if self.processes == 1 else " per process"
         largest = "" if self.processes == 1 else " (the largest process)"
@@ -52,8 +101,9 @@ class Estimate:
             f"  {self.seconds_per_step:.2f} s per optimizer step ({self.padded_tokens_per_step:.0f} padded tokens per "
             f"step{per})\n"
             f"  {self.steps} steps: about {total} in all, evaluations and model loading included (not the "
-            "few seconds Python takes to start)\n"
-            f"  peak memory: {self.peak_rss_mb:.0f} MB process RSS{largest}"
+            "few seconds Python takes to start)"
+            + "".join(f"\n  {line}" for line in self.after.lines())
+            + f"\n  peak memory: {self.peak_rss_mb:.0f} MB process RSS{largest}"
             + ("" if self.peak_gpu_mb is None else
                f"\n  peak GPU memory: {self.peak_gpu_mb:.0f} MB reserved by PyTorch{largest}")
         )
@@ -129,7 +179,7 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
         "output_dir": probe_dir or tempfile.mkdtemp(prefix="loraforge-estimate-"),
         "train": config.train.model_copy(update={"max_steps": probe_steps, "num_epochs": None, "save_every": None,
                                                  "eval_every": 10**9}),
-        "eval": config.eval.model_copy(update={"num_samples": 0, "samples_during_training": 0, "sample_prompts": []}),
+        "eval": config.eval.model_copy(update={"samples_during_training": 0}),
         "report_to": [],
     })
     try:
@@ -164,8 +214,10 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
     warm_up = measured_seconds[0] - (fixed + per_token * measured_tokens[0])
     step_seconds = [fixed + per_token * t for t in tokens]
     step_seconds[0] += max(warm_up, 0.0)
+    after = after_last_step(config, result,
+                            best_evaluations(train, steps, per_epoch, processes, result.timing["eval_seconds"]))
     total = ((result.timing["setup_seconds"] or 0.0) + sum(step_seconds)
-             + evaluations(train, steps, per_epoch) * (result.timing["eval_seconds"] or 0.0))
+             + evaluations(train, steps, per_epoch) * (result.timing["eval_seconds"] or 0.0) + after.seconds)
     return Estimate(
         seconds_per_step=sum(step_seconds) / steps,
         total_seconds=total,
@@ -176,6 +228,7 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
         precision=result.precision,
         processes=processes,
         peak_gpu_mb=peak_gpu_mb,
+        after=after,
     )
 
 
@@ -185,6 +238,34 @@ def evaluations(train, steps: int, per_epoch: int) -> int:
     if train.eval_every == "epoch":
         return 1 + math.ceil(steps / per_epoch)
     return 1 + steps // train.eval_every + (steps % train.eval_every > 0)
+
+
+def best_evaluations(train, steps: int, per_epoch: int, processes: int, eval_seconds: float | None) -> int:
+    """1 where the run can end with the weights of a checkpoint before its last step, evaluated once more then: it
+    evaluates (eval_seconds measured), keeps the best (train.load_best_at_end) in one process, and an evaluation
+    falls on a checkpoint before the last step; else 0."""
+    if eval_seconds is None or not train.load_best_at_end or train.save_every is None or processes > 1:
+        return 0
+    evaluated, saved = (_every(value, steps, per_epoch) for value in (train.eval_every, train.save_every))
+    return int(any(step < steps for step in evaluated & saved))
+
+
+def _every(every: int | str, steps: int, per_epoch: int) -> set[int]:
+    """The steps that an every-N-steps (or every-epoch) setting falls on."""
+    interval = per_epoch if every == "epoch" else every
+    return set(range(interval, steps + 1, interval))
+
+
+def after_last_step(config, result, best: int) -> AfterLastStep:
+    """The probe's own work after its last step (the run's sample prompts, test rows and validation pairs), with
+    `best` more validation evaluations."""
+    timing, test, preference = result.timing, result.test or {}, result.preference or {}
+    return AfterLastStep(
+        best_evaluations=best, best_seconds=best * (timing["eval_seconds"] or 0.0),
+        sample_answers=len(result.samples) * (2 if adapter_off_is_base(config) else 1),
+        samples_seconds=timing["samples_seconds"],
+        test_rows=test.get("rows", 0), test_answers=test.get("samples", 0), test_seconds=timing["test_seconds"],
+        validation_rows=preference.get("pairs", preference.get("rows", 0)), pairs_seconds=timing["pairs_seconds"])
 
 
 def _largest_process_peaks_mb() -> tuple[float, float | None]:

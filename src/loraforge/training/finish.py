@@ -43,7 +43,8 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
     precision: str | None = None
     total_seconds: float | None = None
-    # Per-step seconds and padded tokens, set-up and evaluation seconds: what `estimate` and the bench model.
+    # Per-step seconds and padded tokens; set-up, evaluation, and after the last step sample answers', test
+    # split's and validation pairs' seconds: what `estimate` and the bench model.
     timing: dict = field(default_factory=dict)
     # Which step's weights the run ended with (train/evaluation.py weights_origin).
     weights: dict = field(default_factory=dict)

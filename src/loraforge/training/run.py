@@ -214,16 +214,23 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
                checkpoint: Path | None, fingerprints: dict, precision, started: float) -> TrainResult:
     trainer, throughput = built.trainer, built.throughput
     finish.save_model(config, built.model, prepared.tokenizer, run_dir, prepared.labels)
+    marks = [time.perf_counter()]
     samples = evaluation.sample_answers(config, built.model, prepared.tokenizer, prepared.stop_ids, trained.chats,
                                         trained.base_answers)
+    marks.append(time.perf_counter())
     test = evaluation.evaluate_test(config, built.model, prepared.tokenizer, prepared.stop_ids, prepared.labels)
+    marks.append(time.perf_counter())
     preference = evaluation.evaluate_pairs(config, built.model, prepared)
+    marks.append(time.perf_counter())
     timing = {
         "step_seconds": throughput.step_seconds,
         "step_padded_tokens": built.padded.per_step,
         "setup_seconds": throughput.train_began_at - started if throughput.train_began_at else None,
         "eval_seconds": trained.eval_seconds,
         "first_step_seconds": throughput.first_step_done_at - started if throughput.first_step_done_at else None,
+        "samples_seconds": marks[1] - marks[0],
+        "test_seconds": marks[2] - marks[1],
+        "pairs_seconds": marks[3] - marks[2],
     }
     finish.write_results(config, run_dir, trained.before, trained.after, samples, prepared.stats, {
         "trainable_parameters": built.trainable_parameters,
