@@ -77,3 +77,21 @@ def test_what_the_libraries_refuse_at_load_is_a_message(tiny_model_dir, tmp_path
     with pytest.raises(ConfigError, match="lora.target_modules: Target module LlamaRMSNorm"):
         apply_lora(load_model(str(tiny_model_dir)), r=4, alpha=8, dropout=0.0, target_modules=["input_layernorm"],
                    bias="none")
+
+
+def test_a_wrong_target_on_gpt2_is_told_its_conv1d_projections(tmp_path, tokenizer):
+    """GPT-2 keeps attention and MLP projections in transformers' Conv1D, not nn.Linear; the hint names them."""
+    import pytest
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from loraforge.errors import ConfigError
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                               vocab_size=len(tokenizer))).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ConfigError) as refused:
+        apply_lora(load_model(str(tmp_path / "gpt2")), r=4, alpha=8, dropout=0.0, target_modules=["q_proj"],
+                   bias="none")
+    assert "its linear layers are ['c_attn', 'c_fc', 'c_proj', 'lm_head']" in str(refused.value)
+    model = apply_lora(load_model(str(tmp_path / "gpt2")), r=4, alpha=8, dropout=0.0,
+                       target_modules=["c_attn", "c_fc", "c_proj"], bias="none")
+    assert {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad} == {"c_attn", "c_fc", "c_proj"}

@@ -3,6 +3,7 @@
 import logging
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from loraforge.errors import ConfigError
 
@@ -48,8 +49,9 @@ def apply_lora(
     if isinstance(target_modules, list):
         unknown = missing(target_modules)
         if unknown:
+            # GPT-2 and its kin keep their projections in transformers' Conv1D, which LoRA targets as it does Linear.
             linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                             if isinstance(module, torch.nn.Linear)})
+                             if isinstance(module, (torch.nn.Linear, Conv1D))})
             raise ConfigError([f"lora.target_modules: {unknown} are not modules of this model; its linear layers "
                                f"are {linear} (or use all-linear)"])
         if "lm_head" in target_modules and getattr(model.config, "tie_word_embeddings", False):
