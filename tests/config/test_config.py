@@ -368,3 +368,18 @@ def test_a_mapping_override_merges_and_problems_it_makes_name_the_command_line(t
         load_config(path, ["train.num_epochs=2", "train.max_steps=4"])
     assert error.value.problems[0].startswith("command line 'train.max_steps=4', command line 'train.num_epochs=2' "
                                               f"(over {path}:4): train: train.max_steps (4) and train.num_epochs (2)")
+
+
+def test_four_bit_settings_with_eight_bit_loading_are_refused_by_name(tmp_path):
+    """bitsandbytes' 8-bit loading has no quant type, double quantization or compute dtype: such a value would do
+    nothing. The defaults pass, as resolved.yaml of an 8-bit run lists them."""
+    path = write(tmp_path / "c.yaml", MINIMAL + "quantization: {mode: 8bit, compute_dtype: bf16, double_quant: false}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert refused.value.problems == [
+        f"{path}:4: quantization: double_quant false and compute_dtype \"bf16\": 4-bit settings, which bitsandbytes' "
+        "8-bit loading does not have (they would do nothing with mode 8bit); remove them, or use mode 4bit"]
+    eight = load_config(path, ["quantization=8bit"])
+    written = write_resolved(eight, tmp_path)
+    assert load_config(written) == eight and yaml.safe_load(written.read_text())["quantization"]["mode"] == "8bit"
+    assert load_config(path, ["quantization.mode=4bit"]).quantization.compute_dtype == "bf16"

@@ -83,7 +83,10 @@ def test_an_unseen_json_config_with_other_names_and_unknown_keys(tmp_path, monke
     ({"adapter": "qlora"}, {"adapter": "lora", "quantization": "4bit"}),
     ({"load_in_4bit": True}, {"quantization": "4bit"}),
     ({"load_in_8bit": True, "load_in_4bit": False}, {"quantization": "8bit"}),
-], ids=["loraforge-names", "quantization", "axolotl-qlora", "load_in_4bit", "load_in_8bit"])
+    ({"bnb_4bit_compute_dtype": "torch.bfloat16", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4",
+      "bnb_4bit_use_double_quant": False},
+     {"quantization": {"compute_dtype": "bf16", "mode": "4bit", "quant_type": "fp4", "double_quant": False}}),
+], ids=["loraforge-names", "quantization", "axolotl-qlora", "load_in_4bit", "load_in_8bit", "bnb_4bit"])
 def test_loraforge_and_quantization_names_in_a_flat_config_are_carried(tmp_path, monkeypatch, flat, expected):
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
@@ -97,6 +100,22 @@ def test_loraforge_and_quantization_names_in_a_flat_config_are_carried(tmp_path,
     carried["data"] = {k: v for k, v in carried["data"].items() if k != "sources"}
     assert carried == {"data": {}, **expected}
     load_config(tmp_path / "out.yaml")
+
+
+@pytest.mark.parametrize("bits", [{"load_in_8bit": True}, {"quantization": "8bit"}, {}], ids=["8bit", "loraforge-8bit", "none"])
+def test_four_bit_settings_of_a_source_that_is_not_4_bit_are_listed_not_carried(tmp_path, monkeypatch, bits):
+    """bitsandbytes' 8-bit loading ignores bnb_4bit_*: the migrated config would be refused with them."""
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "qlora.yaml"
+    source.write_text(yaml.safe_dump({"model_name": "smollm2-135m-instruct", **bits, "bnb_4bit_compute_dtype": "bfloat16",
+                                      "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False}))
+    migration, _ = write_migrated(source, tmp_path / "out.yaml")
+    every_key_is_listed(source, migration)
+    rows = dict(migration.rows)
+    why = "bitsandbytes' 8-bit loading does not have" if bits else "the base loads unquantized"
+    assert all(why in rows[key] for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant"))
+    assert migration.config.get("quantization") == ("8bit" if bits else None)
+    assert load_config(tmp_path / "out.yaml").quantization.mode == ("8bit" if bits else "none")
 
 
 def test_a_data_path_beside_the_script_config_is_written_as_seen_from_the_working_folder(tmp_path, monkeypatch):

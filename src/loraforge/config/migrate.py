@@ -313,13 +313,46 @@ def _use_lora(migration, dotted, value, names):
 def _load_in_bits(migration, dotted, value, names):
     if not value:
         return migration.skip(dotted, "false: the base loads unquantized")
-    migration.carry(dotted, "quantization", "8bit" if dotted.endswith("8bit") else "4bit")
+    _carry_mode(migration, dotted, "8bit" if dotted.endswith("8bit") else "4bit")
+
+
+def _carry_mode(migration, dotted, mode: str) -> None:
+    """quantization: MODE, or its mode where a 4-bit setting has made it a mapping already."""
+    nested = isinstance(migration.config.get("quantization"), dict)
+    migration.carry(dotted, "quantization.mode" if nested else "quantization", mode)
+
+
+def _source_bits(names: dict) -> str:
+    """How the source loads its base: 4bit, 8bit or none."""
+    if names.get("load_in_4bit") is True or names.get("adapter") == "qlora" or names.get("quantization") == "4bit":
+        return "4bit"
+    if names.get("load_in_8bit") is True or names.get("quantization") == "8bit":
+        return "8bit"
+    return "none"
+
+
+def _bnb_4bit(field: str, allowed: set):
+    """A QLoRA script's 4-bit setting (BitsAndBytesConfig's bnb_4bit_*): carried for a 4-bit base only, since
+    bitsandbytes' 8-bit loading has no such setting and an unquantized base none at all."""
+    def carry(migration, dotted, value, names):
+        bits = _source_bits(names)
+        if bits != "4bit":
+            return migration.skip(dotted, "a 4-bit setting, which bitsandbytes' 8-bit loading does not have" if
+                                  bits == "8bit" else "a 4-bit setting, and the base loads unquantized")
+        if field == "compute_dtype" and isinstance(value, str):
+            value = DTYPES.get(value.removeprefix("torch."), value)
+        if value not in allowed:
+            return migration.skip(dotted, f"{value!r} is not one of {sorted(allowed, key=str)}")
+        if isinstance(migration.config.get("quantization"), str):
+            migration.config["quantization"] = {"mode": migration.config["quantization"]}
+        migration.carry(dotted, f"quantization.{field}", value)
+    return carry
 
 
 def _adapter(migration, dotted, value, names):
     """Axolotl's adapter: lora, or qlora (LoRA on a 4-bit base); loraforge's own lora or full."""
     if value == "qlora":
-        migration.carry(dotted, "quantization", "4bit")
+        _carry_mode(migration, dotted, "4bit")
         value = "lora"
     _choice("adapter", {"lora", "full"})(migration, dotted, value, names)
 
@@ -349,6 +382,9 @@ SPECIAL = {
     "loss_type": _loss_type, "rl": _choice("method", {"dpo", "orpo", "kto"}),
     "load_in_4bit": _load_in_bits, "load_in_8bit": _load_in_bits, "adapter": _adapter, "precision": _precision,
     "num_epochs": _epochs, "task_type": _task_type,
+    "bnb_4bit_quant_type": _bnb_4bit("quant_type", {"nf4", "fp4"}),
+    "bnb_4bit_use_double_quant": _bnb_4bit("double_quant", {True, False}),
+    "bnb_4bit_compute_dtype": _bnb_4bit("compute_dtype", {"fp32", "bf16"}),
 }
 
 

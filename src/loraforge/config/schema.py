@@ -1,5 +1,6 @@
 """The run config. Each field's description is its only documentation."""
 
+import json
 import string
 from typing import Annotated, Literal
 
@@ -191,16 +192,27 @@ class QuantizationConfig(Section):
     mode: Literal["none", "4bit", "8bit"] = Field(
         "none", description="Load the frozen base in 4 or 8 bits through bitsandbytes (QLoRA); `quantization: 4bit` is short for this."
     )
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
-    double_quant: bool = Field(True, description="Quantize the 4-bit scales too (saves about 0.4 bits per weight).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (mode 4bit only).")
+    double_quant: bool = Field(True, description="Quantize the 4-bit scales too (saves about 0.4 bits per weight; mode 4bit only).")
     compute_dtype: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="dtype the 4-bit matmuls run in; auto follows precision."
+        "auto", description="dtype the 4-bit matmuls run in; auto follows precision (mode 4bit only)."
     )
 
     @model_validator(mode="before")
     @classmethod
     def _short_form(cls, value):
         return {"mode": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _four_bit_settings_with_four_bits(self):
+        # A value at its default is let through: resolved.yaml of an 8-bit run lists the defaults.
+        if self.mode == "8bit":
+            changed = [f"{name} {json.dumps(getattr(self, name))}" for name in ("quant_type", "double_quant", "compute_dtype")
+                       if getattr(self, name) != type(self).model_fields[name].default]
+            if changed:
+                raise ValueError(f"{' and '.join(changed)}: 4-bit settings, which bitsandbytes' 8-bit loading does "
+                                 "not have (they would do nothing with mode 8bit); remove them, or use mode 4bit")
+        return self
 
 
 class ClassificationConfig(Section):
