@@ -57,7 +57,8 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
         as_trained = config if quantized else config.model_copy(update={"quantization": QuantizationConfig()})
         check_adapter(run_dir / ADAPTER)
         check_weights_readable(run_dir / ADAPTER)
-        base = load_for_run(as_trained, resolve_model(config.model.name), precision, labels=labels)
+        base = load_for_run(as_trained, resolve_model(config.model.name, config.model.revision), precision,
+                            labels=labels)
         if as_trained.quantization.mode != "none":
             # As training prepared it: the weights bitsandbytes does not quantize (embeddings, norms, head) in fp32.
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)

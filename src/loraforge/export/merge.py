@@ -70,7 +70,8 @@ def stored_dtype(config):
     large as the base, not twice as large in fp32."""
     import torch
 
-    base = load_model_config(resolve_model(config.model.name), config.model.revision, config.model.trust_remote_code)
+    base = load_model_config(resolve_model(config.model.name, config.model.revision), config.model.revision,
+                             config.model.trust_remote_code)
     dtype = getattr(base, "dtype", None)
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 

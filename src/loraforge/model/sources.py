@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
+import huggingface_hub
+
 from loraforge.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -45,12 +47,15 @@ HUB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,96}(/[A-Za-z0-9_.-]{1,96})?$")
 CHOICES = f"a built-in name ({', '.join(BUILTIN)}), a folder written by save_pretrained, or a hub id (owner/name)"
 
 
-def resolve_model(name: str) -> str:
+def resolve_model(name: str, revision: str | None = None) -> str:
     """A path or hub id that from_pretrained loads: built-in names become their cached HF folder. What can be
-    neither (a folder without config.json, a file, a missing path, a malformed id) is refused here, at once."""
+    neither (a folder without config.json, a file, a missing path, a malformed id, a hub id neither cached nor
+    reachable) is refused here, at once."""
     builtin = BUILTIN.get(name)
     if builtin is None:
         check_model_name(name)
+        if not Path(name).expanduser().is_dir():
+            check_hub_reachable(name, revision)
         return name
     folder = loraforge_home() / "models" / builtin.name
     if not (folder / "config.json").is_file():
@@ -73,10 +78,37 @@ def check_model_name(name: str) -> None:
     if close:
         raise ModelError(f"model.name: {name!r} is not a built-in model, a folder or a hub id (org/name); "
                          f"did you mean {close[0]!r}?")
-    if name.startswith(("/", "./", "../", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+    if looks_local(name):
         raise ModelError(f"model.name: folder {name} not found (cwd is {Path.cwd()}); give {CHOICES}")
     if not HUB_ID.match(name) or name.startswith(("-", ".")) or name.endswith(("-", ".")):
         raise ModelError(f"model.name: {name!r} is not a hub id (owner/name of letters, digits, - _ .); give {CHOICES}")
+
+
+def check_hub_reachable(name: str, revision: str | None) -> None:
+    """A hub id in the local hub cache, or one the hub answers for; else one line at once. Left to transformers, an
+    unreachable hub is asked five more times with back-off (about 25 s) before the same answer."""
+    if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return
+    unusable = f"give {CHOICES} while online"
+    if huggingface_hub.is_offline_mode():
+        raise ModelError(f"model.name: {name} is not in the local hub cache and HF_HUB_OFFLINE is set; {unusable}")
+    try:
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(name, "config.json", revision=revision))
+    except huggingface_hub.errors.HfHubHTTPError:
+        return  # the hub answered (no such repo, gated, ...): transformers says what it answered
+    except huggingface_hub.errors.HTTPError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"model.name: {name} is not in the local hub cache and the hub cannot be reached ({reason}); "
+                         f"{unusable}") from None
+
+
+def looks_local(name: str) -> bool:
+    """A path rather than a hub id: written as one, with more than one slash, or under a folder that is here
+    (runs/merged beside a runs/ folder), since a hub owner is seldom also a folder in the working one."""
+    return (name.startswith(("/", "./", "../", "~")) or os.sep in name.strip("/").replace("/", "", 1)
+            or ("/" in name and Path(name.split("/", 1)[0]).is_dir()))
+
+
 def _gguf_file(builtin: BuiltinModel) -> Path:
     try:
         path = Path(str(distribution(builtin.distribution).locate_file(builtin.gguf_path)))

@@ -55,7 +55,7 @@ def _rss_mb() -> float:
 
 def _base_key(config) -> tuple:
     m = config.model
-    return (resolve_model(m.name), m.revision, config.quantization.model_dump_json(), m.attn_implementation,
+    return (resolve_model(m.name, m.revision), m.revision, config.quantization.model_dump_json(), m.attn_implementation,
             config.lora.use_dora, m.variant, tuple(m.drop_layers), m.keep_layers)
 
 

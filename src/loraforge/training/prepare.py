@@ -46,7 +46,7 @@ def model_stop_ids(tokenizer, model_path: str, model_config=None, revision: str 
 def model_and_tokenizer(config) -> tuple[str, object, object]:
     """(path, config, tokenizer) of the config's model, with the run's chat template."""
     m = config.model
-    path = resolve_model(m.name)
+    path = resolve_model(m.name, m.revision)
     model_config = load_model_config(path, m.revision, m.trust_remote_code)
     tokenizer = load_tokenizer(path, config.data.chat_template, m.revision, m.trust_remote_code)
     return path, model_config, tokenizer
