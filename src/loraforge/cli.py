@@ -27,8 +27,9 @@ from loraforge.config.output_dir import expand_output_dir
 from loraforge.data.formats import FORMAT_FIELDS
 from loraforge.data.sources import source_problems
 from loraforge.errors import ConfigError, LoraforgeError, ModelError, RunDirError, TrainingStopped
-from loraforge.model.sources import BUILTIN, check_model_name
+from loraforge.model.sources import BUILTIN, check_model_name, folder_on_disk
 from loraforge.model.template import template_text
+from loraforge.model.variants import configured_layers, kept_layers
 
 
 # The launcher's flags, handed by the launching `train` to every process it starts, for the resume command.
@@ -178,7 +179,7 @@ def _launch_estimate(args, config: RunConfig) -> int:
 
 def _config_validate(args) -> int:
     """The config's keys and values, then what train would find missing seconds later: data files, a chat template
-    file, a model folder, the run init_from names."""
+    file, a model folder and the layers its variant removes, the run init_from names and whether its adapter fits."""
     config = load_config(args.config, args.overrides)
     problems = source_problems(config.data.sources)
     if config.data.chat_template is not None:
@@ -189,13 +190,16 @@ def _config_validate(args) -> int:
     try:
         if config.model.name not in BUILTIN:
             check_model_name(config.model.name)
+        folder = folder_on_disk(config.model.name)
+        count = configured_layers(folder) if folder is not None else None
+        if count is not None:
+            kept_layers(count, config.model.variant, config.model.drop_layers, config.model.keep_layers)
     except ModelError as exc:
         problems.append(str(exc))
-    if config.init_from is not None:
-        try:
-            rundir.read_config(config.init_from)
-        except RunDirError as exc:
-            problems.append(f"init_from: {exc}")
+    try:
+        rundir.check_init_from(config)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems, source=str(args.config))
     print(f"{args.config}: valid")

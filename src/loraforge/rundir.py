@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from loraforge.config import RunConfig, load_config
-from loraforge.errors import RunDirError
+from loraforge.errors import ConfigError, RunDirError
 
 RESOLVED = "resolved.yaml"
 ADAPTER = "adapter"
@@ -149,3 +149,32 @@ def check_adapter(folder: Path) -> None:
     if missing:
         raise RunDirError(f"{folder} lacks {' and '.join(missing)}, so the adapter cannot be loaded; copy the run "
                           "again or train it again (a checkpoint under checkpoints/ holds the same files)")
+
+
+def check_init_from(config: RunConfig) -> None:
+    """The run init_from names holds a LoRA adapter that this config can carry on training: trained on the same
+    model, layers, quantization, task and LoRA settings (its dropout aside). Read from its resolved.yaml and adapter
+    files alone, so a mismatch is said before any data is prepared or model loaded."""
+    if config.init_from is None:
+        return
+    source = Path(config.init_from)
+    try:
+        earlier = read_config(source)
+        if earlier.adapter != "lora" or not (source / ADAPTER / "adapter_config.json").is_file():
+            raise ConfigError([f"init_from: {source} holds no LoRA adapter ({ADAPTER}/); start from a run with "
+                               "adapter: lora"])
+        check_adapter(source / ADAPTER)
+    except RunDirError as exc:
+        raise ConfigError([f"init_from: {exc}"]) from None
+    mismatched = [f"{name} {a!r} there, {b!r} here" for name, a, b in (
+        ("model.name", earlier.model.name, config.model.name),
+        ("model.variant", earlier.model.variant, config.model.variant),
+        ("model.drop_layers", earlier.model.drop_layers, config.model.drop_layers),
+        ("model.keep_layers", earlier.model.keep_layers, config.model.keep_layers),
+        ("quantization.mode", earlier.quantization.mode, config.quantization.mode),
+        ("task", earlier.task, config.task)) if a != b]
+    ours, theirs = config.lora.model_dump(exclude={"dropout"}), earlier.lora.model_dump(exclude={"dropout"})
+    mismatched += [f"lora.{key} {theirs[key]!r} there, {ours[key]!r} here" for key in ours if ours[key] != theirs[key]]
+    if mismatched:
+        raise ConfigError([f"init_from: {source} was trained on another setup ({'; '.join(mismatched)}); use the "
+                           "same model and lora settings as that run"])

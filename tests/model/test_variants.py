@@ -182,6 +182,28 @@ def test_layer_variant_errors(tiny_model_dir):
         apply_variant(model, "drop_layers", [0, 1], None)
 
 
+@pytest.mark.parametrize("overrides, said", [
+    (["model.variant=drop_layers", "model.drop_layers=[5]"], "model.drop_layers [5] out of range: the model has 2 layers (0..1)"),
+    (["model.variant=keep_layers", "model.keep_layers=3"], "model.keep_layers=3 but the model has only 2 layers")],
+    ids=["drop_layers", "keep_layers"])
+def test_layers_the_model_lacks_are_refused_from_its_config_before_the_data_is_prepared(
+        tiny_model_dir, tmp_path, monkeypatch, capsys, overrides, said):
+    from loraforge.cli import main
+    from loraforge.config import load_config
+    from loraforge.training import prepare as prepare_module
+    from loraforge.training.run import run_training
+    from tests.conftest import write_tiny_config
+
+    path = write_tiny_config(tmp_path, tiny_model_dir, "{max_steps: 1}")
+    assert main(["config", "validate", str(path), *overrides]) == 2
+    assert said in capsys.readouterr().err
+    monkeypatch.setattr(prepare_module, "build_datasets", lambda *args, **kwargs: pytest.fail("the data was prepared first"))
+    with pytest.raises(ModelError) as refused:
+        run_training(load_config(path, [*overrides, f"output_dir={tmp_path / 'run'}"]))
+    assert str(refused.value) == said
+    assert not (tmp_path / "run").exists()
+
+
 def test_variant_run_is_rebuilt_by_chat(train_tiny):
     from loraforge.trained import load_run
 

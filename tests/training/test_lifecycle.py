@@ -545,13 +545,28 @@ def test_init_from_trains_with_this_runs_lora_dropout(make_config):
     assert saved["lora_dropout"] == 0.0
 
 
-def test_init_from_a_run_that_dropped_other_layers_is_refused(make_config):
+def test_init_from_a_run_that_dropped_other_layers_or_no_run_is_refused_before_the_data_is_prepared(
+        make_config, tmp_path, monkeypatch, capsys):
+    """From the earlier run's files alone: `config validate` says it, and so does train before it reads the data."""
+    from loraforge.cli import main
+    from loraforge.training import run as run_module
+
     short = ["train.max_steps=1", "train.save_every=null", "model.variant=drop_layers"]
     first, _ = make_config("dropped-0", *short, "model.drop_layers=[0]")
     run_training(first)
-    second, _ = make_config("dropped-1", *short, "model.drop_layers=[1]", f"init_from={first.output_dir}")
-    with pytest.raises(ConfigError, match=r"model.drop_layers \[0\] there, \[1\] here"):
-        run_training(second)
+    monkeypatch.setattr(run_module, "prepare", lambda *args, **kwargs: pytest.fail("the data was prepared first"))
+    for init_from, drop, said in (
+            (first.output_dir, "[1]", f"init_from: {first.output_dir} was trained on another setup "
+                                      "(model.drop_layers [0] there, [1] here); use the same model and lora settings"),
+            (tmp_path / "no-run", "[0]", f"init_from: {tmp_path / 'no-run'} is not a run directory")):
+        overrides = [*short, f"model.drop_layers={drop}", f"init_from={init_from}"]
+        second, path = make_config("second", *overrides)
+        assert main(["config", "validate", str(path), *overrides]) == 2
+        assert said in capsys.readouterr().err
+        with pytest.raises(ConfigError) as refused:
+            run_training(second)
+        assert refused.value.problems[0].startswith(said)
+        assert not Path(second.output_dir).exists()
 
 
 def test_ctrl_c_while_loading_or_finishing_says_what_the_run_left(make_config, monkeypatch):

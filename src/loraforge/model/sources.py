@@ -57,10 +57,22 @@ def resolve_model(name: str, revision: str | None = None) -> str:
         if not Path(name).expanduser().is_dir():
             check_hub_reachable(name, revision)
         return name
-    folder = loraforge_home() / "models" / builtin.name
+    folder = builtin_folder(builtin.name)
     if not (folder / "config.json").is_file():
         _convert(builtin, folder)
     return str(folder)
+
+
+def builtin_folder(name: str) -> Path:
+    """Where a built-in model is converted to, once."""
+    return loraforge_home() / "models" / name
+
+
+def folder_on_disk(name: str) -> Path | None:
+    """The model folder a model.name loads from as it is on disk now, without converting a built-in model or asking
+    the hub; None where there is none yet."""
+    folder = builtin_folder(name) if name in BUILTIN else Path(name).expanduser()
+    return folder if (folder / "config.json").is_file() else None
 
 
 def check_model_name(name: str) -> None:

@@ -1,5 +1,8 @@
 """Layer variants of decoder-only models: drop some decoder layers, or keep the first N."""
 
+import json
+from pathlib import Path
+
 from loraforge.errors import ModelError
 
 
@@ -17,14 +20,11 @@ def decoder_layers(model):
     return base, layers
 
 
-def apply_variant(model, variant: str, drop_layers: list[int], keep_layers: int | None):
-    """Remove decoder layers in place and renumber the rest so the KV cache, config and saving agree."""
+def kept_layers(count: int, variant: str, drop_layers: list[int], keep_layers: int | None) -> list[int]:
+    """The indices of the `count` decoder layers that the variant keeps; ModelError where it cannot apply. Checked
+    from the model's config.json before any data is prepared, and again on the loaded layers."""
     if variant == "original":
-        return model
-    import torch
-
-    base, layers = decoder_layers(model)
-    count = len(layers)
+        return list(range(count))
     if variant == "drop_layers":
         bad = [i for i in drop_layers if not -count <= i < count]
         if bad:
@@ -37,6 +37,28 @@ def apply_variant(model, variant: str, drop_layers: list[int], keep_layers: int 
         keep = list(range(keep_layers))
     if not keep:
         raise ModelError("the variant removes every decoder layer; keep at least one")
+    return keep
+
+
+def configured_layers(folder: Path) -> int | None:
+    """num_hidden_layers of a model folder's config.json; None where the file or the key is not there."""
+    try:
+        settings = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    count = settings.get("num_hidden_layers") if isinstance(settings, dict) else None
+    return count if isinstance(count, int) else None
+
+
+def apply_variant(model, variant: str, drop_layers: list[int], keep_layers: int | None):
+    """Remove decoder layers in place and renumber the rest so the KV cache, config and saving agree."""
+    if variant == "original":
+        return model
+    import torch
+
+    base, layers = decoder_layers(model)
+    count = len(layers)
+    keep = kept_layers(count, variant, drop_layers, keep_layers)
     base.layers = torch.nn.ModuleList(layers[i] for i in keep)
     for new_index, layer in enumerate(base.layers):
         for module in layer.modules():

@@ -79,25 +79,9 @@ def trainable_model(config: RunConfig, prepared: Prepared, precision: str):
 
 
 def load_adapter_to_train(model, config: RunConfig, model_path):
-    """init_from: the adapter of a finished run on the same base model, trainable, to train on from."""
+    """init_from: the adapter of a finished run on the same base model (rundir.check_init_from, before the data
+    was prepared), trainable, to train on from."""
     source = Path(config.init_from)
-    earlier = rundir.read_config(source)
-    if earlier.adapter != "lora" or not (source / rundir.ADAPTER / "adapter_config.json").is_file():
-        raise ConfigError([f"init_from: {source} holds no LoRA adapter ({rundir.ADAPTER}/); start from a run with "
-                           "adapter: lora"])
-    rundir.check_adapter(source / rundir.ADAPTER)
-    mismatched = [f"{name} {a!r} there, {b!r} here" for name, a, b in (
-        ("model.name", earlier.model.name, config.model.name),
-        ("model.variant", earlier.model.variant, config.model.variant),
-        ("model.drop_layers", earlier.model.drop_layers, config.model.drop_layers),
-        ("model.keep_layers", earlier.model.keep_layers, config.model.keep_layers),
-        ("quantization.mode", earlier.quantization.mode, config.quantization.mode),
-        ("task", earlier.task, config.task)) if a != b]
-    ours, theirs = config.lora.model_dump(exclude={"dropout"}), earlier.lora.model_dump(exclude={"dropout"})
-    mismatched += [f"lora.{key} {theirs[key]!r} there, {ours[key]!r} here" for key in ours if ours[key] != theirs[key]]
-    if mismatched:
-        raise ConfigError([f"init_from: {source} was trained on another setup ({'; '.join(mismatched)}); use the "
-                           "same model and lora settings as that run"])
     log.info("starting from the adapter of %s (init_from)", source)
     model = load_trainable_adapter(model, source / rundir.ADAPTER, config.lora.dropout,
                                    quantized=config.quantization.mode != "none",

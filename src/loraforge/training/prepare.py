@@ -13,6 +13,7 @@ from loraforge.data.classify import build_classification
 from loraforge.data.render import stop_token_ids
 from loraforge.model.load import load_model_config, load_tokenizer
 from loraforge.model.sources import loraforge_home, resolve_model
+from loraforge.model.variants import kept_layers
 
 log = logging.getLogger("loraforge.train")
 
@@ -48,6 +49,8 @@ def model_and_tokenizer(config) -> tuple[str, object, object]:
     m = config.model
     path = resolve_model(m.name, m.revision)
     model_config = load_model_config(path, m.revision, m.trust_remote_code)
+    if isinstance(getattr(model_config, "num_hidden_layers", None), int):
+        kept_layers(model_config.num_hidden_layers, m.variant, m.drop_layers, m.keep_layers)
     tokenizer = load_tokenizer(path, config.data.chat_template, m.revision, m.trust_remote_code)
     return path, model_config, tokenizer
 

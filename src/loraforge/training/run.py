@@ -89,6 +89,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
             check_trackers(config.report_to)
         check_optimizer(config.train.optimizer)
         check_sharding()
+        rundir.check_init_from(config)
         batch = describe_batch(config.train, world_size())
         set_seed(config.seed)
         prepared = prepare(config)
