@@ -26,7 +26,7 @@ from loraforge.config.migrate import write_migrated
 from loraforge.config.output_dir import expand_output_dir
 from loraforge.data.formats import FORMAT_FIELDS
 from loraforge.data.sources import source_problems
-from loraforge.errors import ConfigError, LoraforgeError, ModelError, RunDirError, TrainingStopped
+from loraforge.errors import ConfigError, LoraforgeError, ModelError, TrainingStopped
 from loraforge.model.sources import BUILTIN, check_model_name, folder_on_disk
 from loraforge.model.template import template_text
 from loraforge.model.variants import configured_layers, kept_layers
