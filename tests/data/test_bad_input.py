@@ -222,3 +222,13 @@ def test_csv_cells_are_the_text_the_file_holds(tmp_path):
                      '""[1, 2]""}]"\n', encoding="utf-8")
     rows, _ = load(chats, "messages")
     assert [m.content for m in rows["train"][0].conversation.messages] == ["Hi", "[1, 2]"]
+
+
+def test_csv_quote_never_closed_names_the_line_it_opened_on(tmp_path):
+    rows = [f"What is {i}?,,{i}" for i in range(200)]
+    rows[4] = 'He said "hi" to me,,"ok'
+    path = csv_file(tmp_path, rows)
+    path.write_text(path.read_text().replace("instruction,output", "instruction,input,output"))
+    for on_bad_row in ("error", "skip"):
+        with pytest.raises(DataError, match=rf"{path}:6: a quote opened in the row on this line is never closed"):
+            load(path, "alpaca", on_bad_row=on_bad_row)

@@ -110,7 +110,8 @@ def _csv(file: Path):
     rows = 0
     try:
         with file.open(encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(fh)
+            reader = csv.reader(fh, strict=True)
+            line = 1
             header = next(reader, None)
             if not header:
                 raise DataError(f"{file}:1: no header line naming the columns")
@@ -130,7 +131,10 @@ def _csv(file: Path):
                 else:
                     yield where, dict(zip(header, cells))
     except csv.Error as exc:
-        raise DataError(f"{file}:{reader.line_num}: not valid CSV ({exc}); a field that holds a quote or a line break "
+        if str(exc) == "unexpected end of data":
+            raise DataError(f"{file}:{line}: a quote opened in the row on this line is never closed, so the rest of the "
+                            'file would be one field; close it, or double a quote inside a field ("say ""hi""")') from None
+        raise DataError(f"{file}:{line}: not valid CSV ({exc}); a field that holds a quote or a line break "
                         'must be quoted, with quotes inside doubled ("say ""hi""")') from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{file}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
