@@ -232,3 +232,22 @@ def test_csv_quote_never_closed_names_the_line_it_opened_on(tmp_path):
     for on_bad_row in ("error", "skip"):
         with pytest.raises(DataError, match=rf"{path}:6: a quote opened in the row on this line is never closed"):
             load(path, "alpaca", on_bad_row=on_bad_row)
+
+
+def test_alpaca_input_under_another_name_is_not_dropped_silently(tmp_path, caplog):
+    dolly = [{"instruction": "Summarize", "context": f"Text {i}", "output": f"Sum {i}"} for i in range(3)]
+    path = write(tmp_path, [json.dumps(row) for row in dolly])
+    rows, _ = load(path, "alpaca")
+    assert [m.content for m in rows["train"][0].conversation.messages] == ["Summarize", "Sum 0"]
+    assert (f"{path} (data.sources[0]): no row has an 'input' column, so format alpaca reads none, and no field reads "
+            "the column 'context'; if that is the input, map it: data.sources[].fields: {input: context}") in caplog.text
+    with pytest.raises(DataError, match=rf"{path} \(data.sources\[0\]\): no row has the column 'contxt' that "
+                                        r"data.sources\[\].fields maps to input \(columns: context, instruction, "
+                                        r"output\); fix fields.input"):
+        load(path, "alpaca", fields={"input": "contxt"})
+    rows, _ = load(path, "alpaca", fields={"input": "context"})
+    assert rows["train"][0].conversation.messages[0].content == "Summarize\n\nText 0"
+    caplog.clear()
+    plain = write(tmp_path, [json.dumps({"instruction": "Say hi", "output": "hi"})], name="plain.jsonl")
+    load(plain, "alpaca")
+    assert "no row has" not in caplog.text, "rows of instruction and output alone need no input"

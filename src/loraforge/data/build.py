@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from loraforge.data import cache
 from loraforge.data.bundle import DataBundle, DataStats
 from loraforge.data.checks import check_trainable
-from loraforge.data.formats import PARSERS, Conversation, Preference, Unpaired
+from loraforge.data.formats import PARSERS, Conversation, Preference, Unpaired, missing_optional_fields
 from loraforge.data.packing import pack
 from loraforge.data.render import IGNORE, render, render_answers
 from loraforge.data.sources import BadRow, read_rows
@@ -32,8 +32,11 @@ def load_rows(sources, system_prompt: str | None, on_bad_row: str, stats: DataSt
     for index, source in enumerate(sources):
         parse = PARSERS[source.format.value]
         read = bad = 0
+        columns: set[str] = set()
         for where, row in read_rows(source.path, source.hub_split):
             read += 1
+            if isinstance(row, dict):
+                columns.update(row)
             try:
                 if isinstance(row, BadRow):
                     raise row
@@ -52,6 +55,8 @@ def load_rows(sources, system_prompt: str | None, on_bad_row: str, stats: DataSt
             raise DataError(f"{source.path}: no rows (data.sources[{index}]); the file holds only blank lines")
         if read == bad and on_bad_row == "skip":
             raise DataError(f"{source.path}: all {read} rows are bad (data.sources[{index}]); first: {stats.bad_row_examples[0]}")
+        for warning in missing_optional_fields(source, columns, f"{source.path} (data.sources[{index}])"):
+            log.warning("%s", warning)
         stats.rows_read += read
         stats.bad_rows += bad
         stats.per_source[source.path] = {"read": read, "bad": bad}

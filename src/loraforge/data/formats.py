@@ -246,6 +246,31 @@ FORMAT_FIELDS = {
     "unpaired_preference": ("prompt", "messages", "completion", "label"),
 }
 
+# Fields a format reads where a row has them and goes without elsewhere.
+OPTIONAL_FIELDS = {"alpaca": ("input",)}
+
+
+def missing_optional_fields(source, columns: set[str], name: str) -> list[str]:
+    """Warnings for an optional field that no row of a source has (its columns) while a column no field reads is
+    there: Dolly's `context` is alpaca's input under another name. One that data.sources[].fields maps is an error."""
+    fmt = source.format.value
+    read = {_column(source, field) for field in FORMAT_FIELDS[fmt]}
+    unread = sorted(map(str, columns - read))
+    warnings = []
+    for field in OPTIONAL_FIELDS.get(fmt, ()):
+        column = _column(source, field)
+        if column in columns:
+            continue
+        if field in (getattr(source, "fields", None) or {}):
+            raise DataError(f"{name}: no row has the column {column!r} that data.sources[].fields maps to {field} "
+                            f"(columns: {', '.join(sorted(map(str, columns)))}); fix fields.{field}")
+        if unread:
+            warnings.append(f"{name}: no row has an {field!r} column, so format {fmt} reads none, and no field reads "
+                            f"the column {', '.join(map(repr, unread))}; if that is the {field}, map it: "
+                            f"data.sources[].fields: {{{field}: {unread[0]}}}")
+    return warnings
+
+
 # Formats of preference methods: pairs (every method) and unpaired, labelled answers (method kto).
 PREFERENCE_FORMATS = frozenset({"preference", "unpaired_preference"})
 
