@@ -126,6 +126,18 @@ def test_masking_all_trains_every_token(tokenizer):
     assert labels == ids
 
 
+def test_masking_all_trains_every_token_but_messages_marked_train_false(tokenizer):
+    ids, labels = render(multi_turn(train_first=False), tokenizer, stop_token_ids(tokenizer), "all")
+    trained = [tokenizer.decode(s) for s in spans(ids, labels)]
+    assert len(trained) == 2 and trained[0].endswith("<|im_start|>user\na<|im_end|>\n")
+    assert trained[1] == "<|im_start|>user\nb<|im_end|>\n<|im_start|>assistant\nTwo.<|im_end|>\n"
+    assert tokenizer.decode(ids) == trained[0] + "<|im_start|>assistant\nOne.<|im_end|>\n" + trained[1]
+    quiet_user = from_messages({"messages": [{"role": "user", "content": "secret", "train": False},
+                                             {"role": "assistant", "content": "ok"}]}, "test:1")
+    ids, labels = render(quiet_user, tokenizer, stop_token_ids(tokenizer), "all")
+    assert [tokenizer.decode(s) for s in spans(ids, labels)] == ["<|im_start|>assistant\nok<|im_end|>\n"]
+
+
 def test_message_marked_train_false_is_masked(tokenizer):
     ids, labels = render(multi_turn(train_first=False), tokenizer, stop_token_ids(tokenizer), "assistant")
     assert [tokenizer.decode(s) for s in spans(ids, labels)] == ["Two.<|im_end|>"]

@@ -19,8 +19,9 @@ from loraforge.data.bundle import DataBundle, DataStats
 log = logging.getLogger(__name__)
 
 # Raised whenever the tokenized data that the same inputs give changes (2: preference pairs split by prompt;
-# 3: a chat that opens with an assistant turn no longer trains the template's default system prompt).
-FORMAT = 3
+# 3: a chat that opens with an assistant turn no longer trains the template's default system prompt; 4: masking all
+# no longer trains messages marked train: false).
+FORMAT = 4
 
 
 def cache_key(data_config, seed: int, tokenizer, stop_ids) -> str:

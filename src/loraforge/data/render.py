@@ -33,13 +33,13 @@ def stop_token_ids(tokenizer, generation_config=None) -> frozenset[int]:
 def render(
     conversation: Conversation, tokenizer, stop_ids: frozenset[int], masking: str = "assistant"
 ) -> tuple[list[int], list[int]]:
-    """masking: assistant (every assistant turn not marked train: false), last_assistant, or all."""
+    """masking: assistant (every assistant turn not marked train: false), last_assistant, or all (every token but
+    those of messages marked train: false)."""
     if conversation.text is not None:
         return _render_text(conversation.text, tokenizer)
-    ids, labels = _render_chat(conversation, tokenizer, stop_ids, last_only=masking == "last_assistant")
     if masking == "all":
-        return ids, list(ids)
-    return ids, labels
+        return _render_all(conversation, tokenizer)
+    return _render_chat(conversation, tokenizer, stop_ids, last_only=masking == "last_assistant")
 
 
 def _render_text(text: str, tokenizer) -> tuple[list[int], list[int]]:
@@ -83,6 +83,28 @@ def _render_chat(
                 end = position + 1
                 break
         labels[start:end] = full[start:end]
+    return full, labels
+
+
+def _render_all(conversation: Conversation, tokenizer) -> tuple[list[int], list[int]]:
+    """Every token trained but those of a message marked train: false, from the end of the message before it
+    through its own end."""
+    _require_template(tokenizer)
+    messages = conversation.messages
+    full = _chat_ids(tokenizer, messages, add_generation_prompt=False)
+    labels = list(full)
+    for index, message in enumerate(messages):
+        if message.train is not False:
+            continue
+        start = _common_prefix(_chat_ids(tokenizer, messages[:index], add_generation_prompt=False), full) if index else 0
+        through = _chat_ids(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        end = _common_prefix(through, full)
+        if end < len(through) - _BOUNDARY:
+            raise DataError(
+                f"the chat template renders message {index} differently once later messages follow it, "
+                "so its tokens cannot be located; this template is not supported for training"
+            )
+        labels[start:end] = [IGNORE] * (end - start)
     return full, labels
 
 
