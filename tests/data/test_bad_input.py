@@ -251,3 +251,35 @@ def test_alpaca_input_under_another_name_is_not_dropped_silently(tmp_path, caplo
     plain = write(tmp_path, [json.dumps({"instruction": "Say hi", "output": "hi"})], name="plain.jsonl")
     load(plain, "alpaca")
     assert "no row has" not in caplog.text, "rows of instruction and output alone need no input"
+
+
+def test_a_mistyped_local_path_is_a_missing_file_at_validate_time_not_a_hub_dataset(tmp_path, capsys, monkeypatch):
+    import datasets
+
+    from loraforge.cli import main
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"asked the hub for {args}")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {name: smollm2-135m-instruct}\ndata: {sources: [{path: owner/hub-set}]}\n")
+    assert main(["config", "validate", str(config)]) == 0, "a hub dataset name is not checked"
+    cases = {"data/chat.jsnol": ", and .jsnol is not a type loraforge reads (.jsonl, .json, .csv or .parquet)",
+             "data/train.txt": ", and .txt is not a type loraforge reads",
+             "data/chat": ", and a name without an extension is not a type loraforge reads",
+             "./chat": ", and a name without an extension", "sub/dir/chat.jsonl": ""}
+    for path, why in cases.items():
+        assert main(["config", "validate", str(config), f"data.sources.0.path={path}"]) == 2, path
+        assert f"data.sources[0].path: {path}: data file not found (cwd is {tmp_path}){why}" in capsys.readouterr().err
+        with pytest.raises(DataError, match=rf"{path}: data file not found"):
+            load(path)
+
+
+def test_data_paths_start_from_the_home_folder_with_a_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write(tmp_path, [GOOD])
+    rows, _ = load("~/d.jsonl")
+    assert [r.where for r in rows["train"]] == [f"{tmp_path}/d.jsonl:1"]

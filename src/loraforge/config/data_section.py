@@ -1,9 +1,10 @@
 """The data section of the config: sources, their format and fields, and how samples become tokens."""
 
+import os
 from enum import Enum
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from loraforge.config.section import Section
 from loraforge.data.formats import FORMAT_FIELDS, PREFERENCE_FORMATS
@@ -21,7 +22,7 @@ class Masking(str, Enum):
 class DataSource(Section):
     path: str = Field(
         description="A .jsonl, .json, .csv or .parquet file (relative paths are read from the current directory), "
-        "or a Hugging Face hub dataset name (needs a network)."
+        "or a Hugging Face hub dataset name (needs a network); a leading ~ is the home folder."
     )
     format: DataFormat = Field(
         DataFormat.messages,
@@ -52,6 +53,11 @@ class DataSource(Section):
     labels: list[str] | None = Field(
         None, description="classification: the allowed labels; a row with another label is a bad row."
     )
+
+    @field_validator("path")
+    @classmethod
+    def _home(cls, value: str) -> str:
+        return os.path.expanduser(value)
 
     @model_validator(mode="after")
     def _known_fields(self):

@@ -3,6 +3,7 @@ line numbers, and every CSV cell as the text it is), Parquet and hub datasets th
 
 import csv
 import json
+import re
 from pathlib import Path
 
 from loraforge.errors import DataError
@@ -15,25 +16,41 @@ class BadRow(DataError):
 
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+KINDS = ".jsonl, .json, .csv or .parquet"
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}$")
 
 
 def source_problems(sources) -> list[str]:
     """One line per data.sources entry naming a local file that is not there or not of a type loraforge reads (hub
     datasets are not checked)."""
-    problems = []
-    for i, source in enumerate(sources):
-        path = Path(source.path)
-        if path.suffix.lower() in FILE_SUFFIXES and not path.is_file():
-            problems.append(f"data.sources[{i}].path: {source.path}: data file not found (cwd is {Path.cwd()})")
-        elif path.suffix.lower() not in FILE_SUFFIXES and _local(source.path):
-            problems.append(f"data.sources[{i}].path: {source.path}: not a .jsonl, .json, .csv or .parquet file, nor a "
-                            "hub dataset name (owner/name)")
-    return problems
+    return [f"data.sources[{i}].path: {problem}" for i, source in enumerate(sources)
+            if (problem := local_problem(source.path)) is not None]
 
 
-def _local(path: str) -> bool:
-    """A path meant as a local file rather than a hub dataset name (owner/name)."""
-    return Path(path).exists() or "/" not in path or path.startswith((".", "/"))
+def is_hub_name(path: str) -> bool:
+    """owner/name, and nothing that looks local: no ./, ../, / or ~ at the start, no file extension (.jsonl, .txt,
+    a typo of either), no first part that is a folder here."""
+    return (HUB_NAME.fullmatch(path) is not None and EXTENSION.search(path) is None
+            and not Path(path.split("/")[0]).is_dir())
+
+
+def local_problem(path: str) -> str | None:
+    """What keeps a local data path from being read (missing, a folder, a type loraforge does not read); None for a
+    readable file or a hub dataset name."""
+    if is_hub_name(path):
+        return None
+    file = Path(path)
+    suffix = file.suffix.lower()
+    if file.is_dir():
+        return f"{path}: a folder, not a data file; point at a {KINDS} file"
+    if not file.is_file():
+        other = "" if suffix in FILE_SUFFIXES else (
+            f", and {f'{suffix} is' if suffix else 'a name without an extension is'} not a type loraforge reads ({KINDS})")
+        return f"{path}: data file not found (cwd is {Path.cwd()}){other}"
+    if suffix not in FILE_SUFFIXES:
+        return f"{path}: not a {KINDS} file, nor a hub dataset name (owner/name)"
+    return None
 
 
 def read_rows(path: str, hub_split: str = "train"):
@@ -42,28 +59,24 @@ def read_rows(path: str, hub_split: str = "train"):
     A row that is not a JSON object comes as a BadRow value (not raised), so that reading can go on
     past it when bad rows are skipped; problems with the whole file are raised as DataError.
     """
+    if is_hub_name(path):
+        yield from _hub(path, hub_split)
+        return
+    problem = local_problem(path)
+    if problem is not None:
+        raise DataError(f"{problem}; fix data.sources[].path")
     file = Path(path)
+    if file.stat().st_size == 0:
+        raise DataError(f"{file}: the file is empty; point data.sources[].path at a file with rows")
     suffix = file.suffix.lower()
-    if suffix in FILE_SUFFIXES:
-        if not file.is_file():
-            raise DataError(f"{file}: data file not found (cwd is {Path.cwd()}); fix data.sources[].path")
-        if file.stat().st_size == 0:
-            raise DataError(f"{file}: the file is empty; point data.sources[].path at a file with rows")
     if suffix == ".jsonl":
         yield from _jsonl(file)
     elif suffix == ".json":
         yield from _json(file)
     elif suffix == ".csv":
         yield from _csv(file)
-    elif suffix == ".parquet":
-        yield from _parquet(file)
-    elif _local(path):
-        raise DataError(
-            f"{path}: not a .jsonl, .json, .csv or .parquet file, nor a hub dataset name (owner/name); "
-            "fix data.sources[].path"
-        )
     else:
-        yield from _hub(path, hub_split)
+        yield from _parquet(file)
 
 
 def _jsonl(file: Path):
