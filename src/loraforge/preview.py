@@ -55,8 +55,8 @@ def format_stats(stats, max_length: int, label_counts: dict[str, int] | None = N
     ]
     if stats.packing_efficiency is not None:
         lines.append(f"packing             {stats.packed_rows} rows, {stats.packing_efficiency:.1%} of their tokens used")
-    for path, counts in stats.per_source.items():
-        lines.append(f"source {path}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    for name, counts in stats.per_source.items():
+        lines.append(f"source {name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     for example in stats.bad_row_examples:
         lines.append(f"bad row: {example}")
     return "\n".join(lines)

@@ -46,8 +46,8 @@ def test_weighted_sources_are_reported(tmp_path, tokenizer, chat_rows):
     b = write_jsonl(tmp_path / "b.jsonl", chat_rows[10:20])
     config = data_config({"path": str(a), "weight": 3}, {"path": str(b), "weight": 0.5}, val_fraction=0.0)
     bundle = build(tokenizer, config)
-    assert bundle.stats.per_source[str(a)]["train_after_weight"] == 30
-    assert bundle.stats.per_source[str(b)]["train_after_weight"] == 5
+    assert bundle.stats.per_source[f"{a} (data.sources[0])"]["train_after_weight"] == 30
+    assert bundle.stats.per_source[f"{b} (data.sources[1])"]["train_after_weight"] == 5
     assert bundle.stats.train_rows == 35
 
 
@@ -121,7 +121,7 @@ def test_a_source_weighted_down_to_no_rows_beside_others_is_warned_of(tmp_path, 
     small = write_jsonl(tmp_path / "small.jsonl", chat_rows[:10])
     main = write_jsonl(tmp_path / "main.jsonl", chat_rows[10:])
     bundle = build(tokenizer, data_config({"path": str(small), "weight": 0.01}, {"path": str(main)}, val_fraction=0.0))
-    assert bundle.stats.per_source[str(small)]["train_after_weight"] == 0 and bundle.stats.train_rows == 14
+    assert bundle.stats.per_source[f"{small} (data.sources[0])"]["train_after_weight"] == 0 and bundle.stats.train_rows == 14
     assert f"{small} (data.sources[0]) gives no training rows: weight 0.01 of its 10 rows rounds to none" in caplog.text
 
 

@@ -53,6 +53,19 @@ def test_preview_cli_on_a_fixture(tiny_model_dir, tmp_path, capsys, chat_rows):
     assert "packing" in out and "rows," in out
 
 
+def test_preview_counts_two_sources_of_one_file_apart(tiny_model_dir, tmp_path, capsys, chat_rows):
+    from loraforge.cli import main
+
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {tiny_model_dir}}}\ndata:\n  sources: [{{path: {data}}}, {{path: {data}, "
+                      "split: val}]\n  cache: false\n")
+    assert main(["data", "preview", str(config), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"source {data} (data.sources[0]): read 24, bad 0, train_after_weight 24" in out
+    assert f"source {data} (data.sources[1]): read 24, bad 0, train_after_weight 0" in out
+
+
 FIXTURES = ROOT / "tests" / "fixtures" / "formats"
 EXPECTED_SPANS = {
     "messages": ["[[Blue.<|im_end|>]]", "[[Rome.<|im_end|>]]"],

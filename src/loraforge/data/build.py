@@ -25,6 +25,11 @@ class Row:
     source: int
 
 
+def source_name(index: int, source) -> str:
+    """A source as stats and messages name it: its path and its place, since two sources may share a path."""
+    return f"{source.path} (data.sources[{index}])"
+
+
 def load_rows(sources, system_prompt: str | None, on_bad_row: str, stats: DataStats) -> dict[str, list[Row]]:
     """Every row of every source, parsed; bad rows raise, or are skipped and counted with on_bad_row=skip."""
     splits: dict[str, list[Row]] = {"train": [], "val": [], "test": []}
@@ -55,11 +60,11 @@ def load_rows(sources, system_prompt: str | None, on_bad_row: str, stats: DataSt
             raise DataError(f"{source.path}: no rows (data.sources[{index}]); the file holds only blank lines")
         if read == bad and on_bad_row == "skip":
             raise DataError(f"{source.path}: all {read} rows are bad (data.sources[{index}]); first: {stats.bad_row_examples[0]}")
-        for warning in missing_optional_fields(source, columns, f"{source.path} (data.sources[{index}])"):
+        for warning in missing_optional_fields(source, columns, source_name(index, source)):
             log.warning("%s", warning)
         stats.rows_read += read
         stats.bad_rows += bad
-        stats.per_source[source.path] = {"read": read, "bad": bad}
+        stats.per_source[source_name(index, source)] = {"read": read, "bad": bad}
     if len(refused) == 1:
         raise DataError(f"{refused[0]}; set data.on_bad_row=skip to drop such rows")
     if refused:
@@ -361,7 +366,7 @@ def split_rows(data_config, seed: int, stats: DataStats) -> tuple[list[Row], lis
     weighted = apply_weights(train_rows, [s.weight for s in data_config.sources], seed)
     for index, source in enumerate(data_config.sources):
         had, kept = (sum(1 for r in rows if r.source == index) for rows in (train_rows, weighted))
-        stats.per_source[source.path]["train_after_weight"] = kept
+        stats.per_source[source_name(index, source)]["train_after_weight"] = kept
         if had and not kept:
             log.warning("%s (data.sources[%d]) gives no training rows: weight %g of its %d rows rounds to none; raise "
                         "its weight", source.path, index, source.weight, had)
@@ -400,8 +405,8 @@ def _build(data_config, tokenizer, stop_ids, seed: int) -> DataBundle:
     stats.train_tokens = sum(lengths)
     stats.trainable_tokens = sum(sum(1 for t in x if t != IGNORE) for x in train["labels"])
     if len(data_config.sources) > 1:
-        for path, counts in stats.per_source.items():
-            log.info("source %s: %s", path, ", ".join(f"{k} {v}" for k, v in counts.items()))
+        for name, counts in stats.per_source.items():
+            log.info("source %s: %s", name, ", ".join(f"{k} {v}" for k, v in counts.items()))
     if stats.dropped:
         limits = (f" (data.truncation={data_config.truncation}, data.max_length={data_config.max_length})"
                   if "too_long" in stats.dropped else "")

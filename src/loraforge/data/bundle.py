@@ -8,6 +8,7 @@ class DataStats:
     rows_read: int = 0
     bad_rows: int = 0
     bad_row_examples: list[str] = field(default_factory=list)
+    # Counts of each source under its path and place ("chat.jsonl (data.sources[0])").
     per_source: dict[str, dict[str, int]] = field(default_factory=dict)
     train_rows: int = 0
     val_rows: int = 0
