@@ -283,3 +283,11 @@ def test_data_paths_start_from_the_home_folder_with_a_tilde(tmp_path, monkeypatc
     write(tmp_path, [GOOD])
     rows, _ = load("~/d.jsonl")
     assert [r.where for r in rows["train"]] == [f"{tmp_path}/d.jsonl:1"]
+
+
+def test_a_csv_cell_over_128_kib_is_read(tmp_path):
+    long = "word " * 40000
+    path = tmp_path / "big.csv"
+    path.write_text(f'text\n"{long}"\nshort\n', encoding="utf-8")
+    rows, _ = load(path, "text")
+    assert [r.conversation.text for r in rows["train"]] == [long, "short"]

@@ -9,6 +9,8 @@ from pathlib import Path
 from loraforge.errors import DataError
 
 BOM = b"\xef\xbb\xbf"
+# The csv module refuses a cell over 128 KiB; a long document in one cell is valid CSV.
+CSV_CELL_LIMIT = 1 << 30
 
 
 class BadRow(DataError):
@@ -121,6 +123,7 @@ def _csv(file: Path):
     """Each row as {header name: cell text}: "4", "01", "NA" and a JSON-looking cell stay the text the file holds
     (the formats decode a JSON list where they want one); a row is named by the line it starts on."""
     rows = 0
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_CELL_LIMIT))
     try:
         with file.open(encoding="utf-8-sig", newline="") as fh:
             reader = csv.reader(fh, strict=True)
