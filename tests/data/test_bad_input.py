@@ -291,3 +291,30 @@ def test_a_csv_cell_over_128_kib_is_read(tmp_path):
     path.write_text(f'text\n"{long}"\nshort\n', encoding="utf-8")
     rows, _ = load(path, "text")
     assert [r.conversation.text for r in rows["train"]] == [long, "short"]
+
+
+def test_lines_that_are_not_utf8_are_bad_rows_named_by_line(tmp_path):
+    latin = json.dumps({"messages": [{"role": "user", "content": "café"}, {"role": "assistant", "content": "oui"}]},
+                       ensure_ascii=False).encode("latin-1")
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_bytes(b"\n".join([GOOD.encode(), latin, GOOD.encode(), latin, GOOD.encode()]) + b"\n")
+    rows, stats = load(jsonl, on_bad_row="skip")
+    assert len(rows["train"]) == 3 and stats.bad_rows == 2
+    assert [e.split(": not UTF-8 text")[0] for e in stats.bad_row_examples] == [f"{jsonl}:2", f"{jsonl}:4"]
+    with pytest.raises(DataError, match=rf"^2 bad rows, the first 2:\n  {jsonl}:2: not UTF-8 text .*\n  {jsonl}:4: "):
+        load(jsonl)
+
+    table = tmp_path / "mixed.csv"
+    table.write_bytes(b"instruction,output\nSay hi,hi\n" + "Say caf\xe9,\"caf\xe9\nau lait\"\n".encode("latin-1")
+                      + b"Say yes,yes\n" + "Say \xe9,\xe9\n".encode("latin-1") + b"Say no,no\n")
+    rows, stats = load(table, "alpaca", on_bad_row="skip")
+    assert [r.where for r in rows["train"]] == [f"{table}:2", f"{table}:5", f"{table}:7"] and stats.bad_rows == 2
+    with pytest.raises(DataError, match=rf"^2 bad rows, the first 2:\n  {table}:3: not UTF-8 text \(column "
+                                        rf"'instruction'\); re-save the file as UTF-8 .*\n  {table}:6: "):
+        load(table, "alpaca")
+
+    array = tmp_path / "latin.json"
+    array.write_bytes(b"[\n" + GOOD.encode() + b",\n" + latin + b"\n]\n")
+    with pytest.raises(DataError, match=rf"{array}:3: not UTF-8 text"):
+        load(array)
+

@@ -11,6 +11,7 @@ from loraforge.errors import DataError
 BOM = b"\xef\xbb\xbf"
 # The csv module refuses a cell over 128 KiB; a long document in one cell is valid CSV.
 CSV_CELL_LIMIT = 1 << 30
+UNDECODED = re.compile("[\udc80-\udcff]")
 
 
 class BadRow(DataError):
@@ -91,24 +92,30 @@ def _jsonl(file: Path):
         )
     with file.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{file}:{number}: not UTF-8 text ({exc.reason}); re-save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                row = BadRow(f"{file}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line")
-            if not isinstance(row, (dict, BadRow)):
-                row = BadRow(f"{file}:{number}: expected a JSON object per line, got {type(row).__name__}")
-            yield f"{file}:{number}", row
+            if raw.strip():
+                yield f"{file}:{number}", _jsonl_row(raw, f"{file}:{number}")
+
+
+def _jsonl_row(raw: bytes, where: str) -> dict | BadRow:
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return BadRow(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start + 1} of the line); re-save the "
+                      "file as UTF-8")
+    except json.JSONDecodeError as exc:
+        return BadRow(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line")
+    if not isinstance(row, dict):
+        return BadRow(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+    return row
 
 
 def _json(file: Path):
+    raw = file.read_bytes()
     try:
-        data = json.loads(file.read_text(encoding="utf-8-sig"))
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{file}:{line}: not UTF-8 text ({exc.reason}); re-save the file as UTF-8") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg}); a .json file holds one array of objects") from None
     if not isinstance(data, list):
@@ -125,12 +132,14 @@ def _csv(file: Path):
     rows = 0
     csv.field_size_limit(max(csv.field_size_limit(), CSV_CELL_LIMIT))
     try:
-        with file.open(encoding="utf-8-sig", newline="") as fh:
+        with file.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
             reader = csv.reader(fh, strict=True)
             line = 1
             header = next(reader, None)
             if not header:
                 raise DataError(f"{file}:1: no header line naming the columns")
+            if _undecoded(header) is not None:
+                raise DataError(f"{file}:1: the header is not UTF-8 text; re-save the file as UTF-8")
             for name in header:
                 if header.count(name) > 1:
                     raise DataError(f"{file}:1: column {name!r} is named twice in the header; rename one")
@@ -140,7 +149,11 @@ def _csv(file: Path):
                 if not cells:
                     continue
                 rows += 1
-                if len(cells) != len(header):
+                undecoded = _undecoded(cells)
+                if undecoded is not None:
+                    column = repr(header[undecoded]) if undecoded < len(header) else undecoded + 1
+                    yield where, BadRow(f"{where}: not UTF-8 text (column {column}); re-save the file as UTF-8")
+                elif len(cells) != len(header):
                     yield where, BadRow(f"{where}: {len(cells)} fields where the header names {len(header)} "
                                         f"({', '.join(header)}); a field that holds a comma must be quoted "
                                         '("like, this")')
@@ -152,10 +165,13 @@ def _csv(file: Path):
                             'file would be one field; close it, or double a quote inside a field ("say ""hi""")') from None
         raise DataError(f"{file}:{line}: not valid CSV ({exc}); a field that holds a quote or a line break "
                         'must be quoted, with quotes inside doubled ("say ""hi""")') from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{file}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     if rows == 0:
         raise DataError(f"{file}: no rows under its header; point data.sources[].path at a file with rows")
+
+
+def _undecoded(cells: list[str]) -> int | None:
+    """The first cell holding bytes that were not UTF-8 (read with surrogateescape, they are lone surrogates)."""
+    return next((index for index, cell in enumerate(cells) if UNDECODED.search(cell)), None)
 
 
 def _parquet(file: Path):
