@@ -318,3 +318,15 @@ def test_lines_that_are_not_utf8_are_bad_rows_named_by_line(tmp_path):
     with pytest.raises(DataError, match=rf"{array}:3: not UTF-8 text"):
         load(array)
 
+
+def test_json_nested_too_deep_is_a_bad_row_not_a_traceback(tmp_path):
+    path = write(tmp_path, [GOOD, "[" * 100_000, GOOD])
+    rows, stats = load(path, on_bad_row="skip")
+    assert len(rows["train"]) == 2 and stats.bad_rows == 1
+    with pytest.raises(DataError, match=rf"{path}:2: JSON nested deeper than the reader allows; flatten or remove "
+                                        r"the line \(data.sources\[0\], format=messages\)"):
+        load(path)
+    array = tmp_path / "deep.json"
+    array.write_text(f"[{GOOD}, {{\"messages\": {'[' * 100_000}}}]")
+    with pytest.raises(DataError, match=rf"{array}: JSON nested deeper than the reader allows"):
+        load(array)

@@ -104,6 +104,8 @@ def _jsonl_row(raw: bytes, where: str) -> dict | BadRow:
                       "file as UTF-8")
     except json.JSONDecodeError as exc:
         return BadRow(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line")
+    except RecursionError:
+        return BadRow(f"{where}: JSON nested deeper than the reader allows; flatten or remove the line")
     if not isinstance(row, dict):
         return BadRow(f"{where}: expected a JSON object per line, got {type(row).__name__}")
     return row
@@ -118,6 +120,8 @@ def _json(file: Path):
         raise DataError(f"{file}:{line}: not UTF-8 text ({exc.reason}); re-save the file as UTF-8") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg}); a .json file holds one array of objects") from None
+    except RecursionError:
+        raise DataError(f"{file}: JSON nested deeper than the reader allows; flatten the deep value") from None
     if not isinstance(data, list):
         raise DataError(f"{file}: a .json data file must hold an array of objects, got {type(data).__name__}")
     for index, row in enumerate(data):
