@@ -92,17 +92,21 @@ def test_a_packed_run_is_planned_from_its_packed_rows(train_tiny):
     assert planned.padded_tokens_per_step == pytest.approx(sum(trained) / len(trained), rel=1e-6)
 
 
-@pytest.mark.parametrize("steps, every", [(5, 2), (4, 2), (3, 5)])
-def test_the_planned_evaluations_are_the_ones_training_runs(train_tiny, steps, every):
+@pytest.mark.parametrize("steps, every, bias", [(5, 2, "none"), (4, 2, "none"), (3, 5, "none"), (4, 2, "all")])
+def test_the_planned_evaluations_are_the_ones_training_runs(train_tiny, steps, every, bias):
+    """The base model is evaluated after training with the adapter off, or, where that is not the base (trained
+    biases), before training, inside the measured set-up time, where it is not counted again."""
     import json
     from pathlib import Path
 
     from loraforge.training.estimate import evaluations
 
     config, _ = train_tiny(f"train.max_steps={steps}", f"train.eval_every={every}", "train.save_every=null",
-                           "eval.samples_during_training=0")
+                           "eval.samples_during_training=0", f"lora.bias={bias}")
     records = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert evaluations(config.train, steps, per_epoch=100) == sum("eval_loss" in r for r in records)
+    in_set_up = int(bias != "none")
+    assert sum("eval_loss" in r and r["step"] == 0 for r in records) == 1
+    assert evaluations(config, steps, per_epoch=100) == sum("eval_loss" in r for r in records) - in_set_up
 
 
 def test_process_counts_below_one_and_a_global_batch_the_processes_cannot_share_are_refused_before_launching(

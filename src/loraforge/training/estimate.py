@@ -217,7 +217,7 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
     after = after_last_step(config, result,
                             best_evaluations(train, steps, per_epoch, processes, result.timing["eval_seconds"]))
     total = ((result.timing["setup_seconds"] or 0.0) + sum(step_seconds)
-             + evaluations(train, steps, per_epoch) * (result.timing["eval_seconds"] or 0.0) + after.seconds)
+             + evaluations(config, steps, per_epoch) * (result.timing["eval_seconds"] or 0.0) + after.seconds)
     return Estimate(
         seconds_per_step=sum(step_seconds) / steps,
         total_seconds=total,
@@ -232,12 +232,14 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
     )
 
 
-def evaluations(train, steps: int, per_epoch: int) -> int:
-    """The base model's evaluation, then the periodic ones, and a last one after a last step that is not one of
-    those."""
-    if train.eval_every == "epoch":
-        return 1 + math.ceil(steps / per_epoch)
-    return 1 + steps // train.eval_every + (steps % train.eval_every > 0)
+def evaluations(config, steps: int, per_epoch: int) -> int:
+    """The evaluations timed apart from the set-up: the periodic ones, a last one after a last step that is not one
+    of those, and the base model's where it comes after training (with the adapter off); where it comes before
+    training, the measured set-up holds it."""
+    train = config.train
+    periodic = (math.ceil(steps / per_epoch) if train.eval_every == "epoch"
+                else steps // train.eval_every + (steps % train.eval_every > 0))
+    return periodic + adapter_off_is_base(config)
 
 
 def best_evaluations(train, steps: int, per_epoch: int, processes: int, eval_seconds: float | None) -> int:
