@@ -11,6 +11,7 @@ import bitsandbytes as bnb
 import torch
 from transformers import Trainer, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_pt_utils import nested_gather
 from trl import DPOTrainer, KTOTrainer
 from trl.experimental.orpo import ORPOTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -30,8 +31,13 @@ class TrainerHooks:
       `write()` runs HF's own writer;
     - `_load_from_checkpoint` loads a checkpoint's weights into the model: `load_checkpoint_weights`;
     - `train()` wraps the model for data parallelism unless `evaluate()` prepared it first:
-      `evaluate_before_training`.
+      `evaluate_before_training`;
+    - `train()` keeps the loss between logs in `_tr_loss` (since `_globalstep_last_logged`), the logged loss in
+      `_total_loss_scalar`, and starts both afresh: `loss_bookkeeping` reads them for a checkpoint,
+      `restore_loss_bookkeeping` puts them back on resume, and the end-of-training `train_loss` is then the run's.
     """
+
+    loss_restored = False
 
     def train_sampler(self, default):
         return default
@@ -48,6 +54,27 @@ class TrainerHooks:
         max_steps only after a step)."""
         self.load_checkpoint_weights(checkpoint)
         self.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+
+    def loss_bookkeeping(self) -> dict:
+        """The loss HF has summed so far: logged, and since the last log (averaged over processes, as a log does;
+        every process calls this)."""
+        pending = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
+        return {"logged": self._total_loss_scalar, "pending": pending, "last_logged": self._globalstep_last_logged}
+
+    def restore_loss_bookkeeping(self, saved: dict) -> None:
+        """At the start of a resumed train(): the next log averages the steps since the last log before the
+        checkpoint, as a straight run's does."""
+        self._total_loss_scalar = saved["logged"]
+        self._tr_loss += saved["pending"]
+        self._globalstep_last_logged = saved["last_logged"]
+        self.loss_restored = True
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """transformers 5.23 divides the summary's train_loss by this train() call's steps; with the run's loss
+        restored it is divided by all of them."""
+        if self.loss_restored and "train_loss" in logs:
+            logs["train_loss"] = self._total_loss_scalar / max(self.state.global_step, 0.001)
+        super().log(logs, start_time)
 
     def _get_train_sampler(self, train_dataset=None):
         return self.train_sampler(super()._get_train_sampler(train_dataset))

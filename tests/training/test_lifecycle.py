@@ -83,6 +83,7 @@ def test_a_run_stopped_after_its_last_step_resumes_to_its_end_without_another_st
     resumed, _ = make_config("resumed3")
     result = run_training(resumed, resume="auto")
     assert losses(tmp_path / "resumed3") == losses(straight.output_dir), "18 rows / batch 4: step 8 is mid-epoch"
+    assert untimed(tmp_path / "resumed3") == untimed(straight.output_dir), "the summary of step 8 kept: none comes again"
     assert [c.name for c in complete_checkpoints(tmp_path / "resumed3" / rundir.CHECKPOINTS)] == ["checkpoint-8"]
     assert json.loads((tmp_path / "resumed3" / rundir.MANIFEST).read_text())["steps"] == 8
     a, b = adapter(straight.output_dir), adapter(tmp_path / "resumed3")
@@ -637,6 +638,44 @@ def test_the_last_step_is_logged_when_it_is_not_a_multiple_of_logging_steps(make
     config, _ = make_config("last-logged", "train.logging_steps=4", "train.max_steps=6")
     run_training(config)
     assert [step for step, _ in losses(config.output_dir)] == [4, 6]
+
+
+TIMINGS = {"tokens_per_s", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
+           "train_samples_per_second", "train_steps_per_second"}
+
+
+def untimed(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rundir.read_metrics(Path(run_dir) / rundir.METRICS)]
+
+
+def test_a_run_stopped_between_logs_and_resumed_writes_the_metrics_and_curves_of_a_straight_run(make_config,
+                                                                                                monkeypatch):
+    from loraforge.eval.plots import read_loss_series
+    from loraforge.training.trainer import SignalStop
+
+    straight, _ = make_config("straight", "train.logging_steps=2")
+    run_training(straight)
+    real = SignalStop.on_step_end
+
+    def sigterm_after_step_5(self, args, state, control, **kwargs):
+        if state.global_step == 5 and self.received is None:
+            signal.raise_signal(signal.SIGTERM)
+        return real(self, args, state, control, **kwargs)
+
+    config, _ = make_config("stopped", "train.logging_steps=2")
+    with monkeypatch.context() as patch:
+        patch.setattr(SignalStop, "on_step_end", sigterm_after_step_5)
+        with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 5"):
+            run_training(config)
+    run = Path(config.output_dir)
+    assert [r["step"] for r in rundir.read_metrics(run / rundir.METRICS) if "train_loss" in r] == [5], "its summary"
+    run_training(config, resume="auto")
+
+    summaries = [r["step"] for r in rundir.read_metrics(run / rundir.METRICS) if "train_loss" in r]
+    assert summaries == [8], "one end-of-training summary, the run's"
+    assert untimed(run) == untimed(straight.output_dir), "step 6's loss averages steps 5 and 6; train_loss all 8"
+    assert read_loss_series(run / rundir.METRICS) == read_loss_series(Path(straight.output_dir) / rundir.METRICS)
+    assert (run / rundir.LOSS_PLOT).read_bytes() == (Path(straight.output_dir) / rundir.LOSS_PLOT).read_bytes()
 
 
 def test_a_signal_mid_epoch_saves_once_and_does_not_evaluate_the_cut_epoch(make_config, monkeypatch):

@@ -23,8 +23,9 @@ from loraforge.model.swiglu import fuse_gated_mlps
 from loraforge.training.batch import accumulation, world_size
 from loraforge.training.callbacks import MetricsCallback, SampleCallback, ThroughputCallback
 from loraforge.training.prepare import Prepared
-from loraforge.training.trainer import (EarlyStopping, LoraforgeTrainer, NanGuard, OddsRatioTrainer, PaddedTokensPerStep,
-                                        PreferenceTrainer, ScheduleOnResume, SignalStop, UnpairedTrainer)
+from loraforge.training.trainer import (EarlyStopping, LoraforgeTrainer, LossOnResume, NanGuard, OddsRatioTrainer,
+                                        PaddedTokensPerStep, PreferenceTrainer, ScheduleOnResume, SignalStop,
+                                        UnpairedTrainer)
 
 log = logging.getLogger("loraforge.train")
 
@@ -258,6 +259,7 @@ def _with_callbacks(trainer, config: RunConfig, prepared: Prepared, run_dir: Pat
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(NanGuard(trainer, config.train.nan_patience))
     trainer.add_callback(ScheduleOnResume())
+    trainer.add_callback(LossOnResume(trainer))
     padded = PaddedTokensPerStep(trainer)
     trainer.add_callback(padded)
     if causal and config.eval.samples_during_training and prepared.val is not None:

@@ -20,7 +20,7 @@ from loraforge.eval.generate import asked_of, generate_batch, prompt_text
 from loraforge.eval.preference import held_out_kind, preference_line, preference_metrics
 from loraforge.eval.run import (causal_rows_metrics, classification_rows_metrics, eval_rows, has_test_split,
                                 preference_rows_metrics)
-from loraforge.training.resume import rewind_metrics
+from loraforge.training.resume import rewind_metrics, trains_on
 
 log = logging.getLogger("loraforge.train")
 
@@ -35,7 +35,8 @@ def evaluate_before(trainer, config: RunConfig, has_val: bool, checkpoint: Path 
                     is_main: bool) -> dict:
     """The step-0 metrics known before training: none where they come after it (adapter off), the recorded
     ones on resume (metrics.jsonl loses what was logged after the checkpoint), else an evaluation now."""
-    first = rewind_metrics(run_dir / rundir.METRICS, checkpoint) if checkpoint is not None and is_main else None
+    first = (rewind_metrics(run_dir / rundir.METRICS, checkpoint, trains_on(checkpoint, config.train.max_steps))
+             if checkpoint is not None and is_main else None)
     if not has_val or adapter_off_is_base(config):
         return {}
     if checkpoint is not None:

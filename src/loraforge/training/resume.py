@@ -130,14 +130,21 @@ def _flat(data, prefix: str = "") -> dict:
     return out
 
 
-def rewind_metrics(metrics_path: Path, checkpoint: Path) -> dict | None:
-    """Drop records logged after the checkpoint's step; return the step-0 evaluation if there is one."""
+def trains_on(checkpoint: Path, max_steps: int | None) -> bool:
+    """Whether a run resumed from the checkpoint takes steps: not when it stopped at its last step."""
+    return max_steps is None or step_of(Path(checkpoint)) < max_steps
+
+
+def rewind_metrics(metrics_path: Path, checkpoint: Path, trains: bool) -> dict | None:
+    """Drop records logged after the checkpoint's step and, when the resumed run trains, the end-of-training summary
+    (train_loss) of the session that stopped there: the run's own comes at its end. Return the step-0 evaluation if
+    there is one."""
     metrics_path = Path(metrics_path)
     if not metrics_path.is_file():
         return None
     step = step_of(Path(checkpoint))
     records = rundir.read_metrics(metrics_path)
-    kept = [r for r in records if r.get("step", 0) <= step]
+    kept = [r for r in records if r.get("step", 0) <= step and not (trains and "train_loss" in r)]
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     return next((r for r in kept if r.get("step") == 0 and "eval_loss" in r), None)
 

@@ -27,7 +27,7 @@ from loraforge.training.checkpoints import bytes_to_write, latest_complete, step
 from loraforge.training.finish import TrainResult
 from loraforge.training.prepare import Prepared, prepare
 from loraforge.training.resume import (carry_on, check_compatible, config_fingerprint, find_checkpoint,
-                                      refuse_finished, resume_command, resumed_precision)
+                                      refuse_finished, resume_command, resumed_precision, trains_on)
 from loraforge.training.trackers import check_trackers
 from loraforge.training.trainer import SignalStop
 
@@ -167,7 +167,7 @@ def _train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, c
     base_answers = evaluation.base_answers_before(config, built.model, prepared.tokenizer, prepared.stop_ids, chats)
     stop.install()
     began = time.perf_counter()
-    if checkpoint is not None and config.train.max_steps is not None and step_of(checkpoint) >= config.train.max_steps:
+    if checkpoint is not None and not trains_on(checkpoint, config.train.max_steps):
         log.info("%s is the run's last step: nothing left to train", checkpoint.name)
         trainer.restore_without_training(str(checkpoint))
     else:

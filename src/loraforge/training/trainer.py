@@ -21,7 +21,7 @@ from loraforge.internals import (IGNORE, HookedDPOTrainer, HookedKTOTrainer, Hoo
                                  put_on_schedule)
 from loraforge.model.adapters import trained_in_fp32
 from loraforge.rundir import REFERENCE
-from loraforge.training.checkpoints import PREFIX, STAGING, latest_complete, publish, rotate
+from loraforge.training.checkpoints import PREFIX, STAGING, latest_complete, publish, read_marker, rotate
 from loraforge.training.loss import trained_positions_loss, trained_tokens_per_row
 from loraforge.training.recompute import recomputed_layers
 
@@ -134,6 +134,7 @@ class RunLifecycle:
         if self.poisoned_step is not None:
             log.warning("no checkpoint at step %d: the loss went non-finite at step %d", step, self.poisoned_step)
             return
+        loss = self.loss_bookkeeping()
         staging_root = root / f"{STAGING}{step}"
         self.args.output_dir = str(staging_root)
         try:
@@ -158,7 +159,7 @@ class RunLifecycle:
         staged = staging_root / final.name
         best = root / f"{PREFIX}{self.state.best_global_step}" if self.state.best_global_step else None
         _point_state_at(staged, best)
-        publish(staged, final, {"step": step, **self.fingerprints})
+        publish(staged, final, {"step": step, **self.fingerprints, "loss": loss})
         shutil.rmtree(staging_root, ignore_errors=True)
         if best is not None and best.exists():
             self.state.best_model_checkpoint = str(best)
@@ -329,6 +330,21 @@ class ScheduleOnResume(TrainerCallback):
         if len(optimizer.param_groups) == 2:
             optimizer.param_groups[0]["weight_decay"] = args.weight_decay
         put_on_schedule(optimizer, lr_scheduler)
+
+
+class LossOnResume(TrainerCallback):
+    """A resumed run logs the loss a straight run logs: the loss summed since the last log before its checkpoint
+    (kept in the checkpoint's marker) counts towards the next log, and the summary's train_loss is the run's."""
+
+    def __init__(self, trainer: LoraforgeTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            return
+        saved = read_marker(Path(args.output_dir) / f"{PREFIX}{state.global_step}").get("loss")
+        if isinstance(saved, dict):
+            self.trainer.restore_loss_bookkeeping(saved)
 
 
 class EarlyStopping(EarlyStoppingCallback):
