@@ -678,6 +678,40 @@ def test_a_run_stopped_between_logs_and_resumed_writes_the_metrics_and_curves_of
     assert (run / rundir.LOSS_PLOT).read_bytes() == (Path(straight.output_dir) / rundir.LOSS_PLOT).read_bytes()
 
 
+def test_a_run_that_crashed_after_its_checkpoint_shows_one_curve_in_tensorboard_once_resumed(make_config,
+                                                                                             monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from loraforge.training.trainer import LoraforgeTrainer
+
+    def curves(run_dir):
+        events = EventAccumulator(str(Path(run_dir) / rundir.TENSORBOARD))
+        events.Reload()
+        return {tag: sorted((e.step, e.value) for e in events.Scalars(tag)) for tag in ("train/loss", "eval/loss")}
+
+    straight, _ = make_config("straight", "report_to=[tensorboard]")
+    run_training(straight)
+    real = LoraforgeTrainer.training_step
+
+    def crash_in_step_6(self, *args, **kwargs):
+        if self.state.global_step == 5:
+            raise RuntimeError("the machine went away")
+        return real(self, *args, **kwargs)
+
+    config, _ = make_config("crashed", "report_to=[tensorboard]")
+    with monkeypatch.context() as patch:
+        patch.setattr(LoraforgeTrainer, "training_step", crash_in_step_6)
+        with pytest.raises(RuntimeError, match="the machine went away"):
+            run_training(config)
+    run = Path(config.output_dir)
+    assert latest_complete(run / rundir.CHECKPOINTS).name == "checkpoint-3"
+    assert [s for s, _ in curves(run)["train/loss"]] == [1, 2, 3, 4, 5], "steps 4 and 5 logged past the checkpoint"
+    run_training(config, resume="auto")
+
+    assert len(list((run / rundir.TENSORBOARD).glob("events.out.tfevents.*"))) > 1, "each session wrote its own file"
+    assert curves(run) == curves(straight.output_dir), "steps 4 and 5 once, the resumed session's"
+
+
 def test_a_signal_mid_epoch_saves_once_and_does_not_evaluate_the_cut_epoch(make_config, monkeypatch):
     from loraforge.training.trainer import SignalStop
 

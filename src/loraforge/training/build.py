@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from transformers import DataCollatorWithPadding, PrinterCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 
 from loraforge import rundir
 from loraforge.config import RunConfig
@@ -21,7 +22,7 @@ from loraforge.model.adapters import (apply_lora, load_trainable_adapter, make_f
 from loraforge.model.load import load_for_run
 from loraforge.model.swiglu import fuse_gated_mlps
 from loraforge.training.batch import accumulation, world_size
-from loraforge.training.callbacks import MetricsCallback, SampleCallback, ThroughputCallback
+from loraforge.training.callbacks import MetricsCallback, ResumedTensorBoard, SampleCallback, ThroughputCallback
 from loraforge.training.prepare import Prepared
 from loraforge.training.trainer import (EarlyStopping, LoraforgeTrainer, LossOnResume, NanGuard, OddsRatioTrainer,
                                         PaddedTokensPerStep, PreferenceTrainer, ScheduleOnResume, SignalStop,
@@ -257,6 +258,8 @@ def _with_callbacks(trainer, config: RunConfig, prepared: Prepared, run_dir: Pat
                     trainable: int) -> Built:
     causal = config.task == "causal_lm"
     trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(TensorBoardCallback) is not None:
+        trainer.add_callback(ResumedTensorBoard())
     trainer.add_callback(NanGuard(trainer, config.train.nan_patience))
     trainer.add_callback(ScheduleOnResume())
     trainer.add_callback(LossOnResume(trainer))
@@ -267,7 +270,7 @@ def _with_callbacks(trainer, config: RunConfig, prepared: Prepared, run_dir: Pat
         sampler = SampleCallback(run_dir / rundir.METRICS, asked_of(prompts, config.data, prepared.tokenizer),
                                  config.eval.max_new_tokens, prepared.stop_ids)
         sampler.tensorboard = next((c for c in trainer.callback_handler.callbacks
-                                    if type(c).__name__ == "TensorBoardCallback"), None)
+                                    if isinstance(c, TensorBoardCallback)), None)
         trainer.add_callback(sampler)
     trainer.add_callback(stop)
     early = config.train.early_stopping

@@ -1,11 +1,13 @@
-"""Trainer callbacks: metrics.jsonl and a one-line-per-log progress report with tokens/s and ETA."""
+"""Trainer callbacks: metrics.jsonl, a one-line-per-log progress report with tokens/s and ETA, and TensorBoard."""
 
 import json
 import logging
 import time
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
 
 from loraforge.eval.generate import generate_batch, prompt_text
 
@@ -137,3 +139,13 @@ class SampleCallback(TrainerCallback):
             text = "\n\n".join(f"**{s['prompt']}**\n\n{s['answer']}" for s in samples)
             writer.add_text("samples", text, state.global_step)
         model.train()
+
+
+class ResumedTensorBoard(TensorBoardCallback):
+    """transformers' TensorBoard callback whose writer, in a run resumed from step N, starts with a purge from step
+    N+1: TensorBoard hides what the stopped session logged after its checkpoint, so each tag is one curve."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.tb_writer is None and state.global_step > 0:
+            self.tb_writer = SummaryWriter(log_dir=self.logging_dir, purge_step=state.global_step + 1)
+        super().on_train_begin(args, state, control, **kwargs)
