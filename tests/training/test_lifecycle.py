@@ -481,6 +481,32 @@ def test_a_global_batch_that_does_not_divide_is_refused(make_config):
     assert not Path(config.output_dir).exists()
 
 
+@pytest.mark.parametrize("setting", ["train.grad_accum=8", "train.global_batch=32"])
+def test_accumulating_more_than_an_epoch_holds_prints_what_a_step_takes_and_warns(make_config, monkeypatch, caplog,
+                                                                                  setting):
+    import re
+
+    from loraforge.training.trainer import LoraforgeTrainer
+
+    rows_per_step = {}
+    real = LoraforgeTrainer.training_step
+
+    def counted(self, model, inputs, *args, **kwargs):
+        step = self.state.global_step + 1
+        rows_per_step[step] = rows_per_step.get(step, 0) + inputs["input_ids"].shape[0]
+        return real(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(LoraforgeTrainer, "training_step", counted)
+    config, _ = make_config("accumulated", setting, "train.max_steps=2", "train.save_every=null")
+    caplog.set_level("INFO", logger="loraforge")
+    run_training(config)
+    printed = re.search(r"global batch: 4 per pass x (\d+) accumulated x 1 process\(es\) = (\d+) examples", caplog.text)
+    assert printed and int(printed[2]) == rows_per_step[1] == rows_per_step[2], (printed, rows_per_step)
+    key = setting.split("=")[0]
+    assert f"{key}: 8 micro-batches accumulated per step, but an epoch of {rows_per_step[1]} training examples " \
+           f"holds {printed[1]} of 4 per process, so each optimizer step takes one epoch" in caplog.text
+
+
 def test_mlflow_names_from_the_config_and_its_keys_from_a_dotenv_beside_it(make_config, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from loraforge.cli import main

@@ -175,6 +175,16 @@ def unpaired(rows, seed: int):
     return rows.shuffle(seed=seed).flatten_indices()
 
 
+def _kto_examples(rows) -> int:
+    """KTO's examples of a split: two per preference pair (unpaired), one per labelled row."""
+    return 0 if rows is None else len(rows) if "label" in rows.column_names else 2 * len(rows)
+
+
+def train_examples(config: RunConfig, prepared: Prepared) -> int:
+    """The examples the trainer takes in an epoch."""
+    return _kto_examples(prepared.train) if config.method == "kto" else len(prepared.train)
+
+
 def check_kto_batches(config: RunConfig, prepared: Prepared) -> None:
     """KTO drops a partial batch, so a split whose examples fill no batch would train or evaluate nothing."""
     if config.method != "kto":
@@ -182,7 +192,7 @@ def check_kto_batches(config: RunConfig, prepared: Prepared) -> None:
     splits = ((prepared.train, config.train.batch_size, "training", "train.batch_size"),
               (prepared.val, config.train.eval_batch_size or config.train.batch_size, "validation", "train.eval_batch_size"))
     for rows, size, split, setting in splits:
-        examples = 0 if rows is None else len(rows) if "label" in rows.column_names else 2 * len(rows)
+        examples = _kto_examples(rows)
         if rows is not None and examples < size:
             raise DataError(f"{examples} KTO {split} examples fill no batch of {size} (KTO drops a partial batch, so "
                             f"nothing would be {'trained' if split == 'training' else 'evaluated'}); add rows, or "

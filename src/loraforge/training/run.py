@@ -20,9 +20,9 @@ from loraforge.data.cache import cache_key
 from loraforge.errors import RunDirError, TrainingStopped
 from loraforge.model.precision import choose_precision, join_cpu_processes
 from loraforge.training import evaluation, finish
-from loraforge.training.batch import describe_batch, world_size
+from loraforge.training.batch import accumulation, describe_batch, short_epoch, world_size
 from loraforge.training.build import (Built, build_trainer, check_kto_batches, check_optimizer, check_sharding,
-                                      trainable_model)
+                                      train_examples, trainable_model)
 from loraforge.training.checkpoints import bytes_to_write, latest_complete, step_of
 from loraforge.training.finish import TrainResult
 from loraforge.training.prepare import Prepared, prepare
@@ -90,12 +90,12 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         check_optimizer(config.train.optimizer)
         check_sharding()
         rundir.check_init_from(config)
-        batch = describe_batch(config.train, world_size())
+        accumulation(config.train, world_size())
         set_seed(config.seed)
         prepared = prepare(config)
         check_kto_batches(config, prepared)
         log.info("model %s (%s); data: %s", config.model.name, prepared.model_path, prepared.stats.summary())
-        log.info("%s", batch)
+        _log_batch(config, prepared, is_main)
         with stops_with_its_peers(Path(config.output_dir), command):
             join_cpu_processes()
             precision = (resumed_precision(config.precision, checkpoint)
@@ -132,6 +132,14 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
             if handler is not None:
                 logging.getLogger().removeHandler(handler)
                 handler.close()
+
+
+def _log_batch(config: RunConfig, prepared: Prepared, is_main: bool) -> None:
+    examples, drop_last = train_examples(config, prepared), config.method == "kto"
+    log.info("%s", describe_batch(config.train, world_size(), examples, drop_last))
+    warning = short_epoch(config.train, world_size(), examples, drop_last)
+    if warning and is_main:
+        log.warning("%s", warning)
 
 
 def train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, checkpoint: Path | None,
