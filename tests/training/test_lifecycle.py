@@ -774,3 +774,49 @@ def test_early_stopping_without_a_validation_split_says_it_cannot_stop(make_conf
     config, _ = make_config("early-blind", "data.val_fraction=0", "train.early_stopping.patience=2", "train.max_steps=2")
     run_training(config)
     assert "train.early_stopping.patience 2: this run has no validation split" in caplog.text
+
+
+def signal_during(monkeypatch, step: int, name: str = "SIGTERM"):
+    """SignalStop as if `name` arrived while `step` was training."""
+    from loraforge.training.trainer import SignalStop
+
+    real = SignalStop.on_step_end
+
+    def signalled(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            self.received = name
+        return real(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(SignalStop, "on_step_end", signalled)
+
+
+def evaluations(run_dir):
+    records = [json.loads(l) for l in (Path(run_dir) / rundir.METRICS).read_text().splitlines()]
+    return {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+
+
+@pytest.mark.parametrize("settings, signalled", [
+    (["train.eval_every=1", "train.save_every=1", "train.learning_rate=0.05"], "best"),
+    (["train.eval_every=1", "train.save_every=1", "train.early_stopping.patience=2",
+      "train.early_stopping.min_delta=100"], 2),
+    (["train.num_epochs=2", "train.eval_every=epoch", "train.save_every=epoch", "train.learning_rate=0.05"], 3),
+], ids=["best-checkpoint", "early-stopping", "epoch-end"])
+def test_a_signal_during_a_step_due_an_evaluation_resumes_to_the_straight_runs_end(make_config, monkeypatch, settings,
+                                                                                  signalled):
+    straight, _ = make_config("straight", *settings)
+    expected = run_training(straight)
+    step = expected.weights["step"] if signalled == "best" else signalled
+    assert step in evaluations(straight.output_dir) and step < expected.weights["of"], \
+        "the signal falls on an evaluated step before the last"
+    config, path = make_config("signalled", *settings)
+    with monkeypatch.context() as patch:
+        signal_during(patch, step)
+        with pytest.raises(TrainingStopped, match=f"stopped by SIGTERM after step {step}"):
+            run_training(config, command=[str(path)])
+    assert step in evaluations(config.output_dir), "evaluated before the stop's checkpoint"
+    result = run_training(config, resume="auto")
+    assert evaluations(config.output_dir) == pytest.approx(evaluations(straight.output_dir), rel=1e-6)
+    assert {k: v for k, v in result.weights.items() if k != "checkpoint"} == \
+        {k: v for k, v in expected.weights.items() if k != "checkpoint"}, "the same step's weights chosen"
+    a, b = adapter(straight.output_dir), adapter(config.output_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the same weights at the end"

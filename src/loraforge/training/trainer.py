@@ -383,12 +383,14 @@ class NanGuard(TrainerCallback):
 
 
 class SignalStop(TrainerCallback):
-    """SIGTERM or SIGINT: finish the optimizer step in flight, save a checkpoint, stop. A second SIGINT aborts.
-    With several processes, every step ends with the processes agreeing on the signal (a max-reduce of its
-    number): a signal reaching them at different moments still stops all of them after the same step."""
+    """SIGTERM or SIGINT: finish the optimizer step in flight and the evaluation due at it, save a checkpoint, stop.
+    A second SIGINT aborts. With several processes, every step ends with the processes agreeing on the signal (a
+    max-reduce of its number): a signal reaching them at different moments still stops all of them after the same
+    step."""
 
     def __init__(self):
         self.received: str | None = None
+        self.stopping = False
         self._previous = {}
 
     def install(self) -> None:
@@ -421,13 +423,16 @@ class SignalStop(TrainerCallback):
             if stop and not self.received:
                 self.received = signal.Signals(int(number.item())).name
         if stop:
-            control.should_save = True
-            control.should_evaluate = False
+            # The checkpoint is written at the epoch's end, which the stop reaches at once: after the step's
+            # evaluation and, where the epoch or the run ends with this step, after the epoch's.
+            self.stopping = True
+            control.should_save = False
             control.should_training_stop = True
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        """The epoch a signal cut short is not evaluated or saved as if it had ended: its step's checkpoint is
-        written already."""
-        if self.received is not None:
+        """The stop's checkpoint. An epoch the signal cut short is not evaluated as if it had ended."""
+        if not self.stopping:
+            return
+        control.should_save = True
+        if not float(state.epoch).is_integer() and state.global_step < state.max_steps:
             control.should_evaluate = False
-            control.should_save = False
