@@ -27,6 +27,8 @@ def test_trainer_private_steps_keep_their_signatures():
     assert params("_get_train_sampler") == ["self", "train_dataset"]
     assert params("_save_checkpoint") == ["self", "model", "trial"]
     assert params("_load_from_checkpoint")[:2] == ["self", "resume_from_checkpoint"]
+    assert params("set_initial_training_values") == ["self", "args", "dataloader"]
+    assert "`max_steps`" in Trainer.set_initial_training_values.__doc__.strip().splitlines()[-1], "returned last"
 
 
 def test_a_lambda_scheduler_keeps_its_last_rates_where_put_on_schedule_sets_them():

@@ -35,6 +35,7 @@ class TrainerHooks:
     - `train()` keeps the loss between logs in `_tr_loss` (since `_globalstep_last_logged`), the logged loss in
       `_total_loss_scalar`, and starts both afresh: `loss_bookkeeping` reads them for a checkpoint,
       `restore_loss_bookkeeping` puts them back on resume, and the end-of-training `train_loss` is then the run's.
+    - `set_initial_training_values` counts the steps `train()` takes: `steps_of_run`.
     """
 
     loss_restored = False
@@ -75,6 +76,11 @@ class TrainerHooks:
         if self.loss_restored and "train_loss" in logs:
             logs["train_loss"] = self._total_loss_scalar / max(self.state.global_step, 0.001)
         super().log(logs, start_time)
+
+    def steps_of_run(self) -> int:
+        """The optimizer steps train() takes in all: args.max_steps, or the epochs' share of the steps per epoch
+        rounded up (transformers 5.23 counts them from the training dataloader's length)."""
+        return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
 
     def _get_train_sampler(self, train_dataset=None):
         return self.train_sampler(super()._get_train_sampler(train_dataset))

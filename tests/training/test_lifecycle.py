@@ -820,3 +820,22 @@ def test_a_signal_during_a_step_due_an_evaluation_resumes_to_the_straight_runs_e
         {k: v for k, v in expected.weights.items() if k != "checkpoint"}, "the same step's weights chosen"
     a, b = adapter(straight.output_dir), adapter(config.output_dir)
     assert all(torch.equal(a[k], b[k]) for k in a), "the same weights at the end"
+
+
+def test_an_epoch_counted_run_signalled_at_its_last_step_mid_epoch_resumes_without_another_step(make_config,
+                                                                                              monkeypatch):
+    straight, _ = make_config("straight", "train.num_epochs=1.5")
+    assert straight.train.max_steps is None
+    run_training(straight)
+    last = losses(straight.output_dir)[-1][0]
+    assert last % 3, "3 steps an epoch: the last step of 1.5 epochs is in the middle of the second"
+    config, path = make_config("signalled", "train.num_epochs=1.5")
+    with monkeypatch.context() as patch:
+        signal_during(patch, last)
+        with pytest.raises(TrainingStopped, match=f"after step {last}"):
+            run_training(config, command=[str(path)])
+    run_training(config, resume="auto")
+    assert losses(config.output_dir) == losses(straight.output_dir)
+    assert json.loads((Path(config.output_dir) / rundir.MANIFEST).read_text())["steps"] == last
+    a, b = adapter(straight.output_dir), adapter(config.output_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the last checkpoint's weights, no step more"

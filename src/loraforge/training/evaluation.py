@@ -35,7 +35,7 @@ def evaluate_before(trainer, config: RunConfig, has_val: bool, checkpoint: Path 
                     is_main: bool) -> dict:
     """The step-0 metrics known before training: none where they come after it (adapter off), the recorded
     ones on resume (metrics.jsonl loses what was logged after the checkpoint), else an evaluation now."""
-    first = (rewind_metrics(run_dir / rundir.METRICS, checkpoint, trains_on(checkpoint, config.train.max_steps))
+    first = (rewind_metrics(run_dir / rundir.METRICS, checkpoint, trains_on(checkpoint, trainer.steps_of_run()))
              if checkpoint is not None and is_main else None)
     if not has_val or adapter_off_is_base(config):
         return {}

@@ -130,9 +130,10 @@ def _flat(data, prefix: str = "") -> dict:
     return out
 
 
-def trains_on(checkpoint: Path, max_steps: int | None) -> bool:
-    """Whether a run resumed from the checkpoint takes steps: not when it stopped at its last step."""
-    return max_steps is None or step_of(Path(checkpoint)) < max_steps
+def trains_on(checkpoint: Path, total_steps: int) -> bool:
+    """Whether a run of total_steps optimizer steps resumed from the checkpoint takes steps: not when it stopped at
+    its last step."""
+    return step_of(Path(checkpoint)) < total_steps
 
 
 def rewind_metrics(metrics_path: Path, checkpoint: Path, trains: bool) -> dict | None:

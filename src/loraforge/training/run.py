@@ -175,7 +175,7 @@ def _train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, c
     base_answers = evaluation.base_answers_before(config, built.model, prepared.tokenizer, prepared.stop_ids, chats)
     stop.install()
     began = time.perf_counter()
-    if checkpoint is not None and not trains_on(checkpoint, config.train.max_steps):
+    if checkpoint is not None and not trains_on(checkpoint, trainer.steps_of_run()):
         log.info("%s is the run's last step: nothing left to train", checkpoint.name)
         trainer.restore_without_training(str(checkpoint))
     else:
