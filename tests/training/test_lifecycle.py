@@ -839,3 +839,53 @@ def test_an_epoch_counted_run_signalled_at_its_last_step_mid_epoch_resumes_witho
     assert json.loads((Path(config.output_dir) / rundir.MANIFEST).read_text())["steps"] == last
     a, b = adapter(straight.output_dir), adapter(config.output_dir)
     assert all(torch.equal(a[k], b[k]) for k in a), "the last checkpoint's weights, no step more"
+
+
+@pytest.mark.parametrize("stage, settings, rest", [
+    ("evaluate_after", [], "Write them with: loraforge train"),
+    ("sample_answers", ["train.save_every=null"], "No checkpoint holds step 8 to finish the run from"),
+], ids=["final-evaluation", "sample-answers-no-checkpoint"])
+def test_sigterm_after_training_says_what_was_written_and_what_writes_the_rest(make_config, monkeypatch, stage,
+                                                                               settings, rest):
+    """A real SIGTERM to this process in the run's last stages. The test's own handler stands for the default one,
+    which would end the process without a word."""
+    from loraforge.training import evaluation
+
+    real = getattr(evaluation, stage)
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    class Killed(Exception):
+        pass
+
+    def killed(signum, frame):
+        raise Killed
+
+    config, path = make_config("finishing", *settings)
+    command = [str(path), f"output_dir={config.output_dir}"]
+    run = Path(config.output_dir)
+    monkeypatch.setattr(evaluation, stage, signalled)
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        with pytest.raises(TrainingStopped) as stopped:
+            run_training(config, command=command)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    message = str(stopped.value)
+    assert stopped.value.exit_code == 143 and "\n" not in message
+    assert message.startswith(f"stopped by SIGTERM after training (step 8): {run / rundir.ADAPTER} is complete; the "
+                              "final evaluation, sample answers, eval.json, report.md and manifest.json were not "
+                              f"written. {rest}"), message
+    assert message in (run / rundir.LOG).read_text()
+    written = adapter(run)
+    assert written and not any((run / name).exists() for name in (rundir.EVAL, rundir.REPORT, rundir.MANIFEST))
+    if "save_every=null" in " ".join(settings):
+        assert message.endswith(f"evaluate the weights with: loraforge eval {run}")
+        return
+    assert message.endswith(f"Write them with: loraforge train {shlex.join(command)} --resume auto")
+    monkeypatch.undo()
+    result = run_training(config, resume="auto")
+    assert result.eval_after is not None and (run / rundir.MANIFEST).is_file() and (run / rundir.REPORT).is_file()
+    assert all(torch.equal(written[k], adapter(run)[k]) for k in written), "the weights the stopped run wrote"

@@ -74,11 +74,17 @@ def weights_origin(trainer, config: RunConfig, has_val: bool) -> dict:
             "value": state.best_metric, "checkpoint": str(best)}
 
 
-def evaluate_after(trainer, config: RunConfig, has_val: bool, origin: dict) -> dict:
+def use_weights(trainer, config: RunConfig, origin: dict) -> None:
+    """The model with the weights the run ends with: the best checkpoint's where they are not the last step's."""
     if origin["step"] != origin["of"]:
         log.info("ending with the best checkpoint, step %d of %d (%s %.4f)", origin["step"], origin["of"],
                  config.train.best_metric, origin["value"])
         trainer.load_checkpoint_weights(origin["checkpoint"])
+
+
+def evaluate_after(trainer, config: RunConfig, has_val: bool, origin: dict) -> dict:
+    """The metrics of the weights the run ends with (use_weights gave them to the model)."""
+    if origin["step"] != origin["of"]:
         # Not trainer.evaluate(): that would log the best step's loss as the last step's in the curves.
         found = trainer.evaluation_loop(trainer.get_eval_dataloader(), description="best checkpoint",
                                         prediction_loss_only=True if trainer.compute_metrics is None else None).metrics

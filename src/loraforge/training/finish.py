@@ -12,6 +12,7 @@ from loraforge.eval.plots import plot_loss
 from loraforge.eval.preference import held_out_kind, preference_line
 from loraforge.eval.report import write_report
 from loraforge.model.template import save_for_plain_use
+from loraforge.training.checkpoints import latest_complete, step_of
 from loraforge.training.evaluation import metric_values
 from loraforge.training.manifest import write_manifest
 
@@ -152,3 +153,17 @@ def write_run_manifest(config: RunConfig, run_dir: Path, fingerprints: dict, tra
                        checkpoint: Path | None, steps: int, precision) -> None:
     write_manifest(run_dir / rundir.MANIFEST, config, fingerprints, trainable, wall,
                    resumed_from=str(checkpoint) if checkpoint else None, steps=steps, precision=precision.record())
+
+
+def stopped_after_training(signal_name: str, config: RunConfig, run_dir: Path, step: int, resume_hint: str) -> str:
+    """What a run stopped once its weights were written left, and what writes the rest: resuming from the checkpoint
+    of its last step, or, with none, `loraforge eval`."""
+    weights = run_dir / (rundir.MODEL if config.adapter == "full" else rundir.ADAPTER)
+    checkpoint = latest_complete(run_dir / rundir.CHECKPOINTS)
+    if checkpoint is not None and step_of(checkpoint) == step:
+        rest = f"Write them with: {resume_hint}"
+    else:
+        rest = (f"No checkpoint holds step {step} to finish the run from (train.save_every); evaluate the weights "
+                f"with: loraforge eval {shlex.quote(str(run_dir))}")
+    return (f"stopped by {signal_name} after training (step {step}): {weights} is complete; the final evaluation, "
+            f"sample answers, {rundir.EVAL}, {rundir.REPORT} and {rundir.MANIFEST} were not written. {rest}")

@@ -1,5 +1,6 @@
 """A training run, top to bottom: prepare (config → tokenizer, data, precision) → build (model, trainer) →
-train → finish (artifacts, report, summary). Each stage is a function of its own module; this one orders them."""
+train (then the weights it ends with, written at once) → finish (evaluation, samples, report, summary). Each stage
+is a function of its own module; this one orders them."""
 
 import logging
 import logging.handlers
@@ -29,7 +30,7 @@ from loraforge.training.prepare import Prepared, prepare
 from loraforge.training.resume import (carry_on, check_compatible, config_fingerprint, find_checkpoint,
                                       refuse_finished, resume_command, resumed_precision, trains_on)
 from loraforge.training.trackers import check_trackers
-from loraforge.training.trainer import SignalStop
+from loraforge.training.trainer import SignalAfterTraining, SignalStop
 
 log = logging.getLogger("loraforge.train")
 
@@ -119,10 +120,13 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
             if is_main:
                 write_resolved(config, run_dir)
             built = build_trainer(config, prepared, model, run_dir, precision.chosen, fingerprints, stop)
-            trained = train(config, prepared, built, run_dir, checkpoint, stop, is_main, command)
-            if not is_main:
-                return TrainResult(run_dir, trained.before.get("eval_loss"), trained.after.get("eval_loss"), trained.wall, None)
-            return finish_run(config, prepared, built, trained, run_dir, checkpoint, fingerprints, precision, started)
+            with _signal_after_training_says_what_is_left(config, built, run_dir, command):
+                trained = train(config, prepared, built, run_dir, checkpoint, stop, is_main, command)
+                if not is_main:
+                    return TrainResult(run_dir, trained.before.get("eval_loss"), trained.after.get("eval_loss"),
+                                       trained.wall, None)
+                return finish_run(config, prepared, built, trained, run_dir, checkpoint, fingerprints, precision,
+                                  started, stop)
         except TrainingStopped as exc:
             if handler is not None:
                 handler.handle(logging.LogRecord("loraforge", logging.ERROR, __file__, 0, str(exc), None, None))
@@ -144,7 +148,8 @@ def _log_batch(config: RunConfig, prepared: Prepared, is_main: bool) -> None:
 
 def train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, checkpoint: Path | None,
           stop: SignalStop, is_main: bool, command: list[str] | None) -> Trained:
-    """Evaluate what must come first, train, stop cleanly on a signal or a non-finite loss, evaluate after."""
+    """Evaluate what must come first, train, stop cleanly on a signal or a non-finite loss, write the weights the
+    run ends with, evaluate them."""
     with stops_with_its_peers(run_dir, command):
         return _train(config, prepared, built, run_dir, checkpoint, stop, is_main, command)
 
@@ -181,9 +186,12 @@ def _train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, c
     else:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     wall = time.perf_counter() - began
-    stop.uninstall()
     _raise_if_stopped(config, trainer, stop, run_dir, command)
-    weights = evaluation.weights_origin(trainer, config, has_val)
+    with stop.writing():
+        weights = evaluation.weights_origin(trainer, config, has_val)
+        evaluation.use_weights(trainer, config, weights)
+        if is_main:
+            finish.save_model(config, built.model, prepared.tokenizer, run_dir, prepared.labels)
     after = evaluation.evaluate_after(trainer, config, has_val, weights)
     if has_val and evaluation.adapter_off_is_base(config):
         before, eval_seconds = evaluation.evaluate_base_after(trainer, built.model, config, run_dir, is_main)
@@ -208,6 +216,19 @@ def _raise_if_stopped(config: RunConfig, trainer, stop: SignalStop, run_dir: Pat
         )
 
 
+@contextmanager
+def _signal_after_training_says_what_is_left(config: RunConfig, built: Built, run_dir: Path, command: list[str] | None):
+    """SIGTERM or SIGINT once the run's weights are written (in its final evaluation, sample answers, report): one
+    line on what it wrote and what not, and the command that writes the rest."""
+    try:
+        yield
+    except SignalAfterTraining as exc:
+        raise TrainingStopped(
+            finish.stopped_after_training(exc.name, config, run_dir, built.trainer.state.global_step,
+                                          resume_command(command, run_dir)),
+            exit_code=130 if exc.name == "SIGINT" else 143) from None
+
+
 def _first_sentence(exc: Exception) -> str:
     """The gist of a collective's error: "[path/pair.cc:553] Connection closed by peer [addr]. More." and "NCCL
     error in: path.cpp:3763, remote process exited or there was a network error, NCCL version 2.28.8" -> the middle."""
@@ -220,9 +241,8 @@ def _first_sentence(exc: Exception) -> str:
 
 
 def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Trained, run_dir: Path,
-               checkpoint: Path | None, fingerprints: dict, precision, started: float) -> TrainResult:
+               checkpoint: Path | None, fingerprints: dict, precision, started: float, stop: SignalStop) -> TrainResult:
     trainer, throughput = built.trainer, built.throughput
-    finish.save_model(config, built.model, prepared.tokenizer, run_dir, prepared.labels)
     marks = [time.perf_counter()]
     samples = evaluation.sample_answers(config, built.model, prepared.tokenizer, prepared.stop_ids, trained.chats,
                                         trained.base_answers)
@@ -241,20 +261,22 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
         "test_seconds": marks[2] - marks[1],
         "pairs_seconds": marks[3] - marks[2],
     }
-    finish.write_results(config, run_dir, trained.before, trained.after, samples, prepared.stats, {
-        "trainable_parameters": built.trainable_parameters,
-        "train_seconds": round(throughput.train_seconds, 2),
-        "wall_seconds": round(trained.wall, 2),
-        "first_step_seconds": round(timing["first_step_seconds"], 2) if timing["first_step_seconds"] else None,
-        # This process's tokens, as train_seconds and padded_tokens count them (a resumed run's earlier ones are not).
-        "real_tokens": trainer.state.num_input_tokens_seen - throughput.tokens_at_start,
-        "padded_tokens": trainer.padded_tokens,
-        "weights": {k: v for k, v in trained.weights.items() if k != "checkpoint"},
-        "test": test,
-        "preference": preference,
-    })
-    finish.write_run_manifest(config, run_dir, fingerprints, built.trainable_parameters, trained.wall, checkpoint,
-                              trainer.state.global_step, precision)
+    with stop.writing(last=True):
+        finish.write_results(config, run_dir, trained.before, trained.after, samples, prepared.stats, {
+            "trainable_parameters": built.trainable_parameters,
+            "train_seconds": round(throughput.train_seconds, 2),
+            "wall_seconds": round(trained.wall, 2),
+            "first_step_seconds": round(timing["first_step_seconds"], 2) if timing["first_step_seconds"] else None,
+            # This process's tokens, as train_seconds and padded_tokens count them (a resumed run's earlier ones
+            # are not).
+            "real_tokens": trainer.state.num_input_tokens_seen - throughput.tokens_at_start,
+            "padded_tokens": trainer.padded_tokens,
+            "weights": {k: v for k, v in trained.weights.items() if k != "checkpoint"},
+            "test": test,
+            "preference": preference,
+        })
+        finish.write_run_manifest(config, run_dir, fingerprints, built.trainable_parameters, trained.wall, checkpoint,
+                                  trainer.state.global_step, precision)
     return TrainResult(
         run_dir, trained.before.get("eval_loss"), trained.after.get("eval_loss"), trained.wall,
         throughput.session_tokens_per_s(trainer.state), samples,

@@ -382,15 +382,26 @@ class NanGuard(TrainerCallback):
             control.should_training_stop = True
 
 
+class SignalAfterTraining(BaseException):
+    """SIGTERM or SIGINT once training is over, raised where the run is, as Ctrl-C raises KeyboardInterrupt."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
 class SignalStop(TrainerCallback):
     """SIGTERM or SIGINT: finish the optimizer step in flight and the evaluation due at it, save a checkpoint, stop.
     A second SIGINT aborts. With several processes, every step ends with the processes agreeing on the signal (a
     max-reduce of its number): a signal reaching them at different moments still stops all of them after the same
-    step."""
+    step. Once training is over (the first `writing()`), a signal raises SignalAfterTraining at once, or where a
+    `writing()` block ends, so that no file is left half-written."""
 
     def __init__(self):
         self.received: str | None = None
         self.stopping = False
+        self.trained = False
+        self._writing = False
         self._previous = {}
 
     def install(self) -> None:
@@ -407,11 +418,29 @@ class SignalStop(TrainerCallback):
     def _handle(self, signum, frame):
         if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        first = self.received is None
         self.received = signal.Signals(signum).name
+        if self.trained and not self._writing and first:
+            raise SignalAfterTraining(self.received)
         if int(os.environ.get("RANK", "0")) == 0:
             # Launched processes have sessions of their own: a second Ctrl-C reaches only the launcher.
             again = " (Ctrl-C again to abort)" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else ""
-            log.warning("%s received: finishing this step and writing a checkpoint%s", self.received, again)
+            doing = ("finishing the files being written" if self.trained else
+                     "finishing this step and writing a checkpoint")
+            log.warning("%s received: %s%s", self.received, doing, again)
+
+    @contextlib.contextmanager
+    def writing(self, last: bool = False):
+        """After training: files are being written, and a signal waits for the block's end to stop the run, unless
+        the block ends it anyway (`last`)."""
+        self.trained = self._writing = True
+        try:
+            yield
+        finally:
+            # After the run's last files a signal has nothing left to stop.
+            self._writing = last
+        if self.received and not last:
+            raise SignalAfterTraining(self.received)
 
     def on_step_end(self, args, state, control, **kwargs):
         stop = self.received is not None
