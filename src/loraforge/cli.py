@@ -25,7 +25,7 @@ from loraforge.config.env import read_env_beside
 from loraforge.config.migrate import write_migrated
 from loraforge.config.output_dir import expand_output_dir
 from loraforge.data.formats import FORMAT_FIELDS
-from loraforge.data.sources import source_problems
+from loraforge.data.sources import first_row, source_problems
 from loraforge.errors import ConfigError, LoraforgeError, ModelError, TrainingStopped
 from loraforge.model.sources import BUILTIN, check_model_name, folder_on_disk
 from loraforge.model.template import template_text
@@ -178,9 +178,18 @@ def _launch_estimate(args, config: RunConfig) -> int:
 
 
 def _config_validate(args) -> int:
-    """The config's keys and values, then what train would find missing seconds later: data files, a chat template
-    file, a model folder and the layers its variant removes, the run init_from names and whether its adapter fits."""
     config = load_config(args.config, args.overrides)
+    problems = _missing_for_training(config)
+    if problems:
+        raise ConfigError(problems, source=str(args.config))
+    print(f"{args.config}: valid")
+    return 0
+
+
+def _missing_for_training(config: RunConfig) -> list[str]:
+    """What train would find missing seconds later, in a config whose keys and values are valid: data files, a chat
+    template file, a model folder and the layers its variant removes, the run init_from names and whether its
+    adapter fits."""
     problems = source_problems(config.data.sources)
     if config.data.chat_template is not None:
         try:
@@ -200,10 +209,7 @@ def _config_validate(args) -> int:
         rundir.check_init_from(config)
     except ConfigError as exc:
         problems.extend(exc.problems)
-    if problems:
-        raise ConfigError(problems, source=str(args.config))
-    print(f"{args.config}: valid")
-    return 0
+    return problems
 
 
 def _config_show(args) -> int:
@@ -212,11 +218,15 @@ def _config_show(args) -> int:
 
 
 def _config_migrate(args) -> int:
-    migration, text = write_migrated(args.source, args.out)
+    migration, text = write_migrated(args.source, args.out, first_row)
     report = [f"{args.source} -> {args.out or 'standard output'}:", migration.table(),
               *(f"note: {note}" for note in migration.notes)]
+    left = [*_missing_for_training(RunConfig.model_validate(migration.config)), *migration.unreadable]
+    train = f"`loraforge train {args.out}`" if args.out else "training it"
+    report += [f"left to do before {train}:", *(f"  - {problem}" for problem in left)] if left else [
+        f"valid: loraforge train {args.out}" if args.out else "valid: save it and train it"]
     if args.out:
-        print("\n".join([*report, f"valid: loraforge train {args.out}"]))
+        print("\n".join(report))
     else:
         print("\n".join(report), file=sys.stderr)
         print(text, end="")

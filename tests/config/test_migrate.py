@@ -12,6 +12,7 @@ import yaml
 from loraforge.cli import main
 from loraforge.config import load_config
 from loraforge.config.migrate import leaves, migrate, read_script_config, write_migrated
+from loraforge.data.sources import first_row
 from loraforge.errors import ConfigError
 from tests.conftest import ROOT, save_tiny_llama, write_jsonl
 
@@ -27,7 +28,7 @@ def every_key_is_listed(source: Path, migration) -> None:
 
 @pytest.mark.parametrize("source", SEED_FILES, ids=[p.name for p in SEED_FILES])
 def test_every_seed_config_migrates_with_every_key_listed_and_validates(source, tmp_path):
-    migration, text = write_migrated(source, tmp_path / "migrated.yaml")
+    migration, text = write_migrated(source, tmp_path / "migrated.yaml", first_row)
     every_key_is_listed(source, migration)
     config = load_config(tmp_path / "migrated.yaml")
     assert config.model.name == "smollm2-135m-instruct"
@@ -36,7 +37,7 @@ def test_every_seed_config_migrates_with_every_key_listed_and_validates(source, 
 
 def test_seed_values_are_converted_as_the_scripts_read_them():
     assert SEED_FILES, f"the seed configs are at {SEEDS}"
-    by_name = {p.name: migrate(p).config for p in SEED_FILES}
+    by_name = {p.name: migrate(p, first_row).config for p in SEED_FILES}
     first = by_name["000-config.yml"]
     assert first["precision"] == "fp32" and first["logging"]["level"] == "INFO"
     assert first["train"]["num_epochs"] == 3 and first["train"]["warmup_steps"] == 100
@@ -61,7 +62,7 @@ def test_an_unseen_json_config_with_other_names_and_unknown_keys(tmp_path, monke
         "evaluation_strategy": "epoch", "save_strategy": "no", "metric_for_best_model": "loss",
         "deepspeed": "ds.json", "my_custom_flag": 1, "torch_compile": False,
     }))
-    migration = migrate(source)
+    migration = migrate(source, first_row)
     every_key_is_listed(source, migration)
     rows = dict(migration.rows)
     for unknown in ("deepspeed", "my_custom_flag", "torch_compile"):
@@ -93,7 +94,7 @@ def test_loraforge_and_quantization_names_in_a_flat_config_are_carried(tmp_path,
                                                         {"role": "assistant", "content": "Hello"}]}] * 4)
     source = tmp_path / "flat.yaml"
     source.write_text(yaml.safe_dump({"model_name": "smollm2-135m-instruct", "dataset_path": "chat.jsonl", **flat}))
-    migration, _ = write_migrated(source, tmp_path / "out.yaml")
+    migration, _ = write_migrated(source, tmp_path / "out.yaml", first_row)
     every_key_is_listed(source, migration)
     assert not [row for row in migration.rows if "unknown to loraforge" in row[1]], migration.table()
     carried = {k: v for k, v in migration.config.items() if k not in ("model",)}
@@ -109,7 +110,7 @@ def test_four_bit_settings_of_a_source_that_is_not_4_bit_are_listed_not_carried(
     source = tmp_path / "qlora.yaml"
     source.write_text(yaml.safe_dump({"model_name": "smollm2-135m-instruct", **bits, "bnb_4bit_compute_dtype": "bfloat16",
                                       "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False}))
-    migration, _ = write_migrated(source, tmp_path / "out.yaml")
+    migration, _ = write_migrated(source, tmp_path / "out.yaml", first_row)
     every_key_is_listed(source, migration)
     rows = dict(migration.rows)
     why = "bitsandbytes' 8-bit loading does not have" if bits else "the base loads unquantized"
@@ -125,12 +126,12 @@ def test_a_data_path_beside_the_script_config_is_written_as_seen_from_the_workin
     write_jsonl(seeds / "data" / "pairs.jsonl", [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}] * 3)
     source = seeds / "trl.yaml"
     source.write_text("model_name_or_path: smollm2-135m-instruct\ndataset_path: data/pairs.jsonl\n")
-    migration = migrate(source)
+    migration = migrate(source, first_row)
     assert migration.config["data"]["sources"] == [{"path": "seeds/data/pairs.jsonl", "format": "preference"}]
     assert any("data/pairs.jsonl is not in this folder but beside" in note and "written as seeds/data/pairs.jsonl" in note
                for note in migration.notes)
     monkeypatch.chdir(seeds)
-    assert migrate(source).config["data"]["sources"][0]["path"] == "data/pairs.jsonl", "found here: kept as given"
+    assert migrate(source, first_row).config["data"]["sources"][0]["path"] == "data/pairs.jsonl", "found here: kept as given"
 
 
 def test_a_trl_preference_script_config_migrates_to_its_method(tmp_path, monkeypatch):
@@ -142,7 +143,7 @@ def test_a_trl_preference_script_config_migrates_to_its_method(tmp_path, monkeyp
     dpo = tmp_path / "dpo.yaml"
     dpo.write_text("model_name_or_path: smollm2-135m-instruct\ndataset_name: pairs.jsonl\nbeta: '0.2'\n"
                    "loss_type: [ipo]\nlearning_rate: 5.0e-7\nmax_length: 256\n")
-    migration, _ = write_migrated(dpo, tmp_path / "dpo-migrated.yaml")
+    migration, _ = write_migrated(dpo, tmp_path / "dpo-migrated.yaml", first_row)
     every_key_is_listed(dpo, migration)
     config = load_config(tmp_path / "dpo-migrated.yaml")
     assert (config.method, config.preference.beta, config.preference.loss_type) == ("dpo", 0.2, "ipo")
@@ -151,7 +152,7 @@ def test_a_trl_preference_script_config_migrates_to_its_method(tmp_path, monkeyp
 
     kto = tmp_path / "kto.yaml"
     kto.write_text("model_name_or_path: smollm2-135m-instruct\ndataset_name: labelled.jsonl\nloss_type: apo_zero\n")
-    migration, _ = write_migrated(kto, tmp_path / "kto-migrated.yaml")
+    migration, _ = write_migrated(kto, tmp_path / "kto-migrated.yaml", first_row)
     every_key_is_listed(kto, migration)
     assert load_config(tmp_path / "kto-migrated.yaml").method == "kto"
     assert "method kto: the data holds answers labelled good or bad and the source names no method" in migration.notes
@@ -159,7 +160,7 @@ def test_a_trl_preference_script_config_migrates_to_its_method(tmp_path, monkeyp
 
     orpo = tmp_path / "orpo.yaml"
     orpo.write_text("base_model: smollm2-135m-instruct\nrl: orpo\ndataset_path: pairs.jsonl\n")
-    migration, _ = write_migrated(orpo, tmp_path / "orpo-migrated.yaml")
+    migration, _ = write_migrated(orpo, tmp_path / "orpo-migrated.yaml", first_row)
     assert load_config(tmp_path / "orpo-migrated.yaml").method == "orpo", "a method the source names is kept"
 
 
@@ -184,7 +185,7 @@ def test_a_training_arguments_dump_migrates(tmp_path):
                                           warmup_steps=0.1, num_train_epochs=2).to_json_string())
     source = tmp_path / "args.json"
     source.write_text(json.dumps({**dumped, "model_name_or_path": "smollm2-135m-instruct", "train_file": "d.jsonl"}))
-    migration, _ = write_migrated(source, None)
+    migration, _ = write_migrated(source, None, first_row)
     every_key_is_listed(source, migration)
     train = migration.config["train"]
     assert train["save_every"] == "epoch" and train["eval_every"] == "epoch", "the strategies, not save_steps"
@@ -197,27 +198,27 @@ def test_hostile_script_configs_are_messages(tmp_path):
     bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{n}: &{n} {{{', '.join(f'k{i}: *{p}' for i in range(10))}}}\n" for p, n in zip("abcdef", "bcdefg")))
     with pytest.raises(ConfigError, match="aliases here expand to more than"):
-        migrate(bomb)
+        migrate(bomb, first_row)
     loop = tmp_path / "loop.yaml"
     loop.write_text("a: &a {b: *a}\n")
     with pytest.raises(ConfigError, match="refers to a value that contains it"):
-        migrate(loop)
+        migrate(loop, first_row)
     odd = tmp_path / "odd.yaml"
     odd.write_text("model_name: smollm2-135m-instruct\ntrain_file: d.jsonl\nrun_name: 2024-05-01\n"
                    "optim: [adamw_torch]\n")
-    rows = dict(migrate(odd).rows)
+    rows = dict(migrate(odd, first_row).rows)
     assert rows["run_name"] == 'tracking.wandb.run_name: "2024-05-01"' and rows["optim"].startswith("not carried")
     listed = tmp_path / "listed.yaml"
     listed.write_text("_extends: [base.yaml]\n")
     with pytest.raises(ConfigError, match="_extends must name one file"):
-        migrate(listed)
+        migrate(listed, first_row)
 
 
 def test_a_migrated_config_that_would_not_validate_is_not_written(tmp_path):
     source = tmp_path / "bad.yaml"
     source.write_text("model_name: smollm2-135m-instruct\nlearning_rate: -1\ntrain_file: d.jsonl\n")
     with pytest.raises(ConfigError, match=r"learning_rate \(carried to train.learning_rate\): "):
-        write_migrated(source, tmp_path / "out.yaml")
+        write_migrated(source, tmp_path / "out.yaml", first_row)
     assert not (tmp_path / "out.yaml").exists()
 
 
@@ -241,7 +242,7 @@ ROWS = {
 def test_every_migrated_seed_config_trains_two_steps(source, tmp_path, deep_tiny_model, monkeypatch):
     from loraforge.training.run import run_training
 
-    migration, _ = write_migrated(source, tmp_path / "migrated.yaml")
+    migration, _ = write_migrated(source, tmp_path / "migrated.yaml", first_row)
     monkeypatch.chdir(tmp_path)
     for data in migration.config["data"]["sources"]:
         (tmp_path / data["path"]).parent.mkdir(parents=True, exist_ok=True)
@@ -258,7 +259,7 @@ def test_fractions_of_the_run_as_step_counts_are_listed_and_a_script_config_give
     source = tmp_path / "args.yaml"
     source.write_text("model_name_or_path: smollm2-135m-instruct\nlogging_steps: 0.1\nsave_steps: 0.25\n"
                       "eval_steps: 20\nlearning_rate: 1.0e-4\n")
-    rows = dict(migrate(source).rows)
+    rows = dict(migrate(source, first_row).rows)
     assert rows["logging_steps"].startswith("not carried: 0.1: a fraction of the run's steps")
     assert rows["save_steps"].startswith("not carried: 0.25: a fraction of the run's steps")
     assert rows["eval_steps"] == "train.eval_every: 20"
@@ -274,7 +275,7 @@ def test_values_loraforge_refuses_beside_the_method_are_listed_not_carried_and_t
     source = tmp_path / "dpo.yaml"
     source.write_text("model_name_or_path: smollm2-135m-instruct\nlora_dropout: 0.05\nlora_r: 8\n"
                       "metric_for_best_model: accuracy\ntrain_file: pairs.jsonl\n")
-    migration, text = write_migrated(source, tmp_path / "out.yaml")
+    migration, text = write_migrated(source, tmp_path / "out.yaml", first_row)
     rows = dict(migration.rows)
     assert rows["lora_dropout"].startswith("not carried: lora.dropout 0.05: method dpo runs without dropout")
     assert rows["metric_for_best_model"].startswith("not carried: train.best_metric: 'eval_accuracy' is not a metric")
@@ -283,7 +284,7 @@ def test_values_loraforge_refuses_beside_the_method_are_listed_not_carried_and_t
     every_key_is_listed(source, migration)
     source.write_text(source.read_text().replace("metric_for_best_model: accuracy", "metric_for_best_model: blue"))
     with pytest.raises(ConfigError, match=r"metric_for_best_model \(carried to train.best_metric\): .*'eval_blue'"):
-        write_migrated(source, tmp_path / "blue.yaml")
+        write_migrated(source, tmp_path / "blue.yaml", first_row)
     assert not (tmp_path / "blue.yaml").exists(), "a metric no run reports is wrong in itself: nothing written"
 
 
@@ -293,12 +294,12 @@ def test_peft_seq_cls_and_trls_text_field_say_what_the_data_is(tmp_path, monkeyp
     write_jsonl(tmp_path / "corpus.jsonl", [{"content": "Some text to continue."}])
     classifier = tmp_path / "cls.yaml"
     classifier.write_text("model_name_or_path: smollm2-135m-instruct\ntask_type: SEQ_CLS\ntrain_file: reviews.jsonl\n")
-    migration, _ = write_migrated(classifier, tmp_path / "cls-out.yaml")
+    migration, _ = write_migrated(classifier, tmp_path / "cls-out.yaml", first_row)
     config = load_config(tmp_path / "cls-out.yaml")
     assert config.task == "classification" and config.data.sources[0].format.value == "classification"
     sft = tmp_path / "sft.yaml"
     sft.write_text("model_name_or_path: smollm2-135m-instruct\ndataset_text_field: content\ntrain_file: corpus.jsonl\n")
-    migration, _ = write_migrated(sft, tmp_path / "sft-out.yaml")
+    migration, _ = write_migrated(sft, tmp_path / "sft-out.yaml", first_row)
     source = load_config(tmp_path / "sft-out.yaml").data.sources[0]
     assert source.format.value == "text" and source.fields == {"text": "content"}
 
@@ -307,18 +308,82 @@ def test_unreadable_sources_and_outputs_are_messages_naming_the_file(tmp_path):
     latin = tmp_path / "latin.yaml"
     latin.write_bytes(b"model_name: caf\xe9\n")
     with pytest.raises(ConfigError, match=r"latin.yaml:1: not UTF-8 text"):
-        migrate(latin)
+        migrate(latin, first_row)
     twice = tmp_path / "twice.yaml"
     twice.write_text("learning_rate: 1e-4\nlearning_rate: 2e-4\n")
     with pytest.raises(ConfigError, match=r"twice.yaml:2: learning_rate is given twice \(first at .*twice.yaml:1\)"):
-        migrate(twice)
+        migrate(twice, first_row)
     twice_json = tmp_path / "twice.json"
     twice_json.write_text('{"learning_rate": 1e-4, "learning_rate": 2e-4}')
     with pytest.raises(ConfigError, match="'learning_rate' is given twice"):
-        migrate(twice_json)
+        migrate(twice_json, first_row)
     with pytest.raises(ConfigError, match="is a directory"):
-        migrate(tmp_path)
+        migrate(tmp_path, first_row)
     good = tmp_path / "good.yaml"
     good.write_text("model_name: smollm2-135m-instruct\n")
     with pytest.raises(ConfigError, match=r"latin.yaml is a file, not a folder"):
-        write_migrated(good, latin / "out.yaml")
+        write_migrated(good, latin / "out.yaml", first_row)
+
+
+def test_a_loraforge_config_is_not_migrated_and_loraforges_own_keys_in_a_script_config_pass_through(tmp_path,
+                                                                                                  monkeypatch):
+    default = ROOT / "configs" / "default.yaml"
+    with pytest.raises(ConfigError, match=r"default.yaml is a loraforge config already: .*`loraforge config validate"):
+        migrate(default, first_row)
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "mine.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
+                                                        {"role": "assistant", "content": "Hello"}]}] * 4)
+    own = yaml.safe_load(default.read_text())
+    own["data"]["sources"] = [{"path": "mine.jsonl", "format": "messages"}]
+    own["train"].update(eval_every="epoch", save_every=None)
+    own["model"].update(variant="keep_layers", keep_layers=1)
+    source = tmp_path / "mixed.yaml"
+    source.write_text(yaml.safe_dump({**own, "gradient_accumulation_steps": 8}, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"train.grad_accum and gradient_accumulation_steps both give train.grad_accum "
+                                          r"\(2 and 8\); keep one"):
+        migrate(source, first_row)
+    del own["train"]["grad_accum"], own["train"]["learning_rate"]
+    source.write_text(yaml.safe_dump({**own, "gradient_accumulation_steps": 8, "lr": "1e-4"}))
+    migration, _ = write_migrated(source, tmp_path / "out.yaml", first_row)
+    every_key_is_listed(source, migration)
+    assert not [row for row in migration.rows if row[1].startswith("not carried")], migration.table()
+    config = load_config(tmp_path / "out.yaml")
+    assert [s.path for s in config.data.sources] == ["mine.jsonl"], "the data named, not a placeholder"
+    assert (config.data.val_fraction, config.train.lr_scheduler, config.train.micro_batch_tokens) == (
+        own["data"]["val_fraction"], own["train"]["lr_scheduler"], own["train"]["micro_batch_tokens"])
+    assert config.train.eval_every == "epoch" and config.train.save_every is None and config.model.keep_layers == 1
+    assert config.train.grad_accum == 8 and config.train.learning_rate == pytest.approx(1e-4)
+
+
+def test_csv_parquet_and_json_data_are_read_as_training_reads_them_and_what_is_left_to_do_is_said(tmp_path, monkeypatch,
+                                                                                                  capsys):
+    from datasets import Dataset
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows.csv").write_text('instruction,input,output\n"Hi, there",,hello\n', encoding="utf-8")
+    Dataset.from_list([{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}]).to_parquet(tmp_path / "pairs.parquet")
+    write_jsonl(tmp_path / "lines.json", [{"text": "a"}, {"text": "b"}])
+    found = {}
+    for data in ("rows.csv", "pairs.parquet", "lines.json"):
+        source = tmp_path / f"{data}.yaml"
+        source.write_text(f"model_name_or_path: smollm2-135m-instruct\ntrain_file: {data}\n")
+        migration = migrate(source, first_row)
+        found[data] = (migration.config["data"]["sources"][0]["format"], migration.notes[0])
+    assert found["rows.csv"] == ("alpaca", "train_file: format alpaca (first row of rows.csv has "
+                                                "['instruction', 'output'])")
+    assert found["pairs.parquet"][0] == "preference" and "first row of pairs.parquet" in found["pairs.parquet"][1]
+    assert "not found" not in found["lines.json"][1] and "lines.json:2: not valid JSON" in found["lines.json"][1]
+    out = tmp_path / "lines-migrated.yaml"
+    assert main(["config", "migrate", str(tmp_path / "lines.json.yaml"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"left to do before `loraforge train {out}`:\n  - data.sources[0].path: lines.json:2: not valid JSON" in printed
+    assert "valid:" not in printed
+    placeholder = tmp_path / "no-data.yaml"
+    placeholder.write_text("model_name_or_path: smollm2-135m-instruct\nlearning_rate: 1.0e-4\n")
+    assert main(["config", "migrate", str(placeholder), "--out", str(tmp_path / "no-data-migrated.yaml")]) == 0
+    printed = capsys.readouterr().out
+    assert "left to do before" in printed and "data.sources[0].path: data/train.jsonl: data file not found" in printed
+    assert main(["config", "validate", str(tmp_path / "no-data-migrated.yaml")]) == 2, "what migrate said is left"
+    assert main(["config", "migrate", str(tmp_path / "rows.csv.yaml"), "--out", str(tmp_path / "csv.yaml")]) == 0
+    assert f"valid: loraforge train {tmp_path / 'csv.yaml'}" in capsys.readouterr().out
+    assert main(["config", "validate", str(tmp_path / "csv.yaml")]) == 0

@@ -293,7 +293,8 @@ def _describe(err: dict, origins: dict[Key, str], default: str) -> str:
     return f"{where}: {key}: {message}{seen}"
 
 
-def _model_at(key: Key) -> type[BaseModel] | None:
+def model_at(key: Key) -> type[BaseModel] | None:
+    """The config section at key (list positions skipped), or None where key names no section."""
     cls: type[BaseModel] = RunConfig
     for part in key:
         if isinstance(part, int):
@@ -322,7 +323,7 @@ def _did_you_mean(loc: Key) -> str:
     meant = alias_of(str(loc[-1]))
     if meant is not None and meant != _dotted(loc):
         return f"; did you mean {meant!r}? ({loc[-1]} is what fine-tuning scripts call it)"
-    model = _model_at(loc[:-1])
+    model = model_at(loc[:-1])
     if model is None:
         return ""
     names = list(model.model_fields)
@@ -333,6 +334,6 @@ def _did_you_mean(loc: Key) -> str:
 
 
 def _field_doc(loc: Key) -> str:
-    model = _model_at(loc[:-1])
+    model = model_at(loc[:-1])
     field = model.model_fields.get(str(loc[-1])) if model else None
     return field.description if field and field.description else "see `loraforge config schema`"

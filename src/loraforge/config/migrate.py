@@ -4,6 +4,8 @@ config. Every source key is either carried to a loraforge key or listed with the
 
 import json
 import os
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -12,9 +14,9 @@ import yaml
 from pydantic import ValidationError
 
 from loraforge.config.aliases import alias_of
-from loraforge.config.load import read_yaml_file
+from loraforge.config.load import load_config, model_at, read_yaml_file
 from loraforge.config.schema import EVAL_METRICS, RunConfig
-from loraforge.errors import ConfigError
+from loraforge.errors import ConfigError, LoraforgeError
 from loraforge.config.output_dir import file_in_the_way
 
 # Section names scripts use, by the loraforge section their keys most likely belong to.
@@ -54,6 +56,9 @@ PLACEHOLDER_DATA = "data/train.jsonl"
 # A step count that a strategy key can override ("epoch" or "no").
 STEP_COUNTS = {"save_steps": ("save_strategy",), "eval_steps": ("eval_strategy", "evaluation_strategy"),
                "logging_steps": ("logging_strategy",)}
+# A data file's first row, read as training reads it, or LoraforgeError saying why not. The reader lives in the data
+# layer, above config, so the command hands it in.
+FirstRow = Callable[[str], dict]
 DATA_KEYS = {"train_file", "data_path", "dataset_path", "dataset_name", "validation_file", "test_file"}
 
 
@@ -64,6 +69,8 @@ class Migration:
     notes: list[str] = field(default_factory=list)
     # loraforge key -> the index of its row
     carried: dict[str, int] = field(default_factory=dict)
+    # data files that are there and that training could not read either, each with why
+    unreadable: list[str] = field(default_factory=list)
 
     def carry(self, source: str, key: str, value) -> None:
         if isinstance(value, (date, datetime)):
@@ -72,6 +79,10 @@ class Migration:
         *parents, last = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+        if key in self.carried and node[last] != value:
+            first = self.rows[self.carried[key]][0]
+            raise ConfigError([f"{first} and {source} both give {key} ({json.dumps(node[last], default=str)} and "
+                               f"{json.dumps(value, default=str)}); keep one of them"])
         node[last] = value
         self.carried[key] = len(self.rows)
         self.rows.append((source, f"{key}: {json.dumps(value, default=str)}"))
@@ -161,16 +172,23 @@ def leaves(data: dict, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ..
     return out
 
 
-def migrate(path: str | Path) -> Migration:
+def migrate(path: str | Path, first_row: FirstRow) -> Migration:
     path = Path(path)
     source = read_script_config(path)
+    try:
+        load_config(path)
+    except ConfigError:
+        pass
+    else:
+        raise ConfigError([f"{path} is a loraforge config already: nothing to migrate; `loraforge config validate "
+                           f"{path}` checks it"], source=str(path))
     found = leaves(source)
     names = {key[-1]: value for key, value in found}
     where = {key[-1]: ".".join(key) for key, _ in found}
     migration = Migration({})
     for key, value in found:
         _carry_one(migration, key, value, names)
-    _data_source(migration, names, where, path)
+    _data_source(migration, names, where, path, first_row)
     _layer_variant(migration, names, where)
     return migration
 
@@ -178,6 +196,9 @@ def migrate(path: str | Path) -> Migration:
 def _carry_one(migration: Migration, key: tuple[str, ...], value, names: dict) -> None:
     dotted, name = ".".join(key), key[-1]
     section = SECTIONS.get(key[0]) if len(key) > 1 else None
+    own = own_key(key)
+    if own is not None and (name not in SPECIAL or value is None):
+        return migration.carry(dotted, own, _number(value) if own.startswith(NUMERIC) else value)
     if name in DATA_KEYS or name in ("model_type", "layer_to_drop", "keep_layers"):
         return
     if name in NOT_CARRIED:
@@ -197,6 +218,20 @@ def _carry_one(migration: Migration, key: tuple[str, ...], value, names: dict) -
     if target is None:
         return migration.skip(dotted, "unknown to loraforge; see `loraforge config schema` for what it has")
     migration.carry(dotted, target, _number(value) if target.startswith(NUMERIC) else value)
+
+
+def own_key(key: tuple[str, ...]) -> str | None:
+    """The key, where the source names it as loraforge does (`train.grad_accum`, `data.sources`, a label under
+    `classification.class_weights`): such a key means what it says."""
+    for depth, part in enumerate(key):
+        model = model_at(key[:depth])
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        if depth == len(key) - 1 or dict in map(typing.get_origin, (annotation, *typing.get_args(annotation))):
+            return ".".join(key)
+    return None
 
 
 def _number(value):
@@ -296,6 +331,8 @@ def _best_metric(migration, dotted, value, names):
 def _truncation(migration, dotted, value, names):
     if value is True:
         return migration.carry(dotted, "data.truncation", "truncate")
+    if value in ("drop", "truncate", "error"):
+        return migration.carry(dotted, "data.truncation", value)
     migration.skip(dotted, "loraforge drops longer rows by default and counts them (data.truncation: drop)")
 
 
@@ -388,10 +425,10 @@ SPECIAL = {
 }
 
 
-def _data_source(migration: Migration, names: dict, where: dict, origin: Path) -> None:
+def _data_source(migration: Migration, names: dict, where: dict, origin: Path, first_row: FirstRow) -> None:
     splits = {"train_file": "train", "data_path": "train", "dataset_path": "train", "dataset_name": "train",
               "validation_file": "val", "test_file": "test"}
-    sources = []
+    sources = list(migration.config.get("data", {}).get("sources") or [])
     for name, split in splits.items():
         if not names.get(name):
             continue
@@ -401,7 +438,13 @@ def _data_source(migration: Migration, names: dict, where: dict, origin: Path) -
             migration.notes.append(f"{where[name]}: {given} is not in this folder but beside {origin}: written as "
                                    f"{path} (loraforge reads data paths from the folder it runs in)")
         source = {"path": str(path)}
-        fmt, fields, why = infer_format(path, names)  # read from the cwd, as training reads it
+        try:
+            row, unread = first_row(str(path)), ""  # read from the cwd, as training reads it
+        except LoraforgeError as exc:
+            row, unread = None, str(exc)
+        if unread and path.is_file():
+            migration.unreadable.append(f"data.sources[{len(sources)}].path: {unread}")
+        fmt, fields, why = infer_format(path, names, row, unread)
         source["format"] = fmt
         if fields:
             source["fields"] = fields
@@ -415,7 +458,8 @@ def _data_source(migration: Migration, names: dict, where: dict, origin: Path) -
         migration.notes.append(f"the source names no data file ({', '.join(splits)}); data.sources holds "
                                f"{PLACEHOLDER_DATA} in the messages format as a placeholder: point it at your data")
     migration.config.setdefault("data", {})["sources"] = sources
-    implied = {METHOD_OF_FORMAT[s["format"]] for s in sources if s["format"] in METHOD_OF_FORMAT}
+    implied = {METHOD_OF_FORMAT[s.get("format")] for s in sources if isinstance(s, dict)
+               and s.get("format") in METHOD_OF_FORMAT}
     if "method" not in migration.config and len(implied) == 1:
         method = implied.pop()
         migration.config["method"] = method
@@ -432,17 +476,17 @@ def _found_beside(given: Path, origin: Path) -> Path:
     return Path(os.path.relpath(beside))
 
 
-def infer_format(path: Path, names: dict) -> tuple[str, dict, str]:
-    """(format, fields, why) of a data file, from its first row when it can be read, else from the config."""
+def infer_format(path: Path, names: dict, row: dict | None, unread: str) -> tuple[str, dict, str]:
+    """(format, fields, why) of a data file, from its first row when it could be read, else from the config."""
     text_column = names.get("text_column") or names.get("dataset_text_field")
     label_column = names.get("label_column") or ("label" if names.get("task_type") == "SEQ_CLS" else None)
-    row = _first_row(path)
     if row is None:
+        unread = f"not read to detect the format: {unread}"
         if label_column:
-            return "classification", _fields({"text": text_column, "label": label_column}), "from label_column; file not read"
+            return "classification", _fields({"text": text_column, "label": label_column}), f"from label_column; {unread}"
         if text_column:
-            return "text", _fields({"text": text_column}), "from text_column; file not read"
-        return "messages", {}, f"{path} not found: assumed, check it"
+            return "text", _fields({"text": text_column}), f"from text_column; {unread}"
+        return "messages", {}, f"assumed, check it; {unread}"
     if label_column and label_column in row:
         return "classification", _fields({"text": text_column or "text", "label": label_column}), f"first row of {path}"
     for fmt, needed in (("preference", {"chosen", "rejected"}), ("messages", {"messages"}),
@@ -461,30 +505,12 @@ def _fields(mapping: dict) -> dict:
     return {k: v for k, v in mapping.items() if v and v != k}
 
 
-def _first_row(path: Path) -> dict | None:
-    if not path.is_file() or path.suffix.lower() not in (".jsonl", ".json"):
-        return None
-    with path.open(encoding="utf-8") as handle:
-        if path.suffix.lower() == ".json":
-            try:
-                rows = json.load(handle)
-            except json.JSONDecodeError:
-                return None
-            return rows[0] if isinstance(rows, list) and rows and isinstance(rows[0], dict) else None
-        for line in handle:
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    return None
-                return row if isinstance(row, dict) else None
-    return None
-
-
 def _layer_variant(migration: Migration, names: dict, where: dict) -> None:
     kind = names.get("model_type")
     for extra in ("layer_to_drop", "keep_layers"):
-        if extra in names and kind not in ({"layer_to_drop": "dropped", "keep_layers": "pruned"}[extra],):
+        if extra not in names or own_key(tuple(where[extra].split("."))) is not None:
+            continue
+        if kind not in ({"layer_to_drop": "dropped", "keep_layers": "pruned"}[extra],):
             migration.skip(where[extra], f"used only with model_type: {'dropped' if extra == 'layer_to_drop' else 'pruned'}")
     if kind in (None, "original"):
         if kind is not None:
@@ -546,9 +572,9 @@ def _withdrawable(error: dict, migration: Migration) -> str | None:
     return None
 
 
-def write_migrated(source: str | Path, out: str | Path | None) -> tuple[Migration, str]:
+def write_migrated(source: str | Path, out: str | Path | None, first_row: FirstRow) -> tuple[Migration, str]:
     """Migrate `source`; with `out`, write the YAML there (never over an existing file). (migration, yaml)."""
-    migration = migrate(source)
+    migration = migrate(source, first_row)
     text = migrated_yaml(migration, Path(source))
     if out is not None:
         out = Path(out)

@@ -205,3 +205,14 @@ def _hub(name: str, split: str):
         raise DataError(f"{name}: cannot load this hub dataset ({type(exc).__name__}: {exc}); offline runs need a local file") from None
     for index, row in enumerate(table):
         yield f"{name}: row {index}", row
+
+
+def first_row(path: str) -> dict:
+    """The first row of a local data file, read as training reads it; DataError saying why there is none."""
+    if Path(path).suffix.lower() not in FILE_SUFFIXES:
+        raise DataError(f"{path}: not a local .jsonl, .json, .csv or .parquet file (a hub dataset is not read here)")
+    for _, row in read_rows(path):
+        if isinstance(row, BadRow):
+            raise row
+        return row
+    raise DataError(f"{path}: no rows")
