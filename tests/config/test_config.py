@@ -1,3 +1,6 @@
+import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -383,3 +386,43 @@ def test_four_bit_settings_with_eight_bit_loading_are_refused_by_name(tmp_path):
     written = write_resolved(eight, tmp_path)
     assert load_config(written) == eight and yaml.safe_load(written.read_text())["quantization"]["mode"] == "8bit"
     assert load_config(path, ["quantization.mode=4bit"]).quantization.compute_dtype == "bf16"
+
+
+def test_an_override_takes_a_key_as_loraforges_messages_print_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path / "c.yaml", MINIMAL)
+    assert main(["config", "validate", str(path)]) == 2
+    printed = re.search(r"(\S+): d.jsonl: data file not found", capsys.readouterr().err)[1]
+    assert printed == "data.sources[0].path"
+    write(tmp_path / "other.jsonl", '{"instruction": "Say hi", "output": "hi"}\n')
+    assert main(["config", "validate", str(path), f"{printed}=other.jsonl", "data.sources[0].format=alpaca"]) == 0
+    config = load_config(path, ["data.sources[0].format=alpaca", "data.sources.0.fields={output: answer}",
+                                "data.sources[1]={path: more.jsonl}"])
+    assert [(s.path, s.format.value, s.fields) for s in config.data.sources] == [
+        ("d.jsonl", "alpaca", {"output": "answer"}), ("more.jsonl", "messages", {})]
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ["data.sources[2].path=x", "lora[0]=x", "data[sources].path=x"])
+    assert error.value.problems == [
+        "override 'data.sources[2].path=x': data.sources[2] is past the end of a list of 1",
+        "override 'data[sources].path=x': 'data[sources].path' is not a key; write KEY=VALUE with a dotted key such as "
+        "lora.r=8, and [i] for a list position: data.sources[0].path=x",
+        "command line 'lora[0]=x': lora: Input should be a valid dictionary or instance of LoraConfig (got ['x'])"]
+
+
+@pytest.mark.parametrize("key, text", [("data.system_prompt", "Be #1 helper"), ("output_dir", "runs/exp #2"),
+                                       ("data.system_prompt", "Answer: briefly")])
+def test_an_override_value_yaml_would_cut_or_read_as_a_mapping_is_refused_with_the_quoted_form(tmp_path, key, text):
+    path = write(tmp_path / "c.yaml", MINIMAL)
+    with pytest.raises(ConfigError) as error:
+        load_config(path, [f"{key}={text}"])
+    [problem] = error.value.problems
+    assert problem.startswith((f"override '{key}={text}': YAML reads '#", f"command line '{key}={text}': {key}: text is "
+                               "wanted, and YAML read a mapping")) and "quote the value" in problem, problem
+    # The printed fix, as a shell passes it; text YAML reads as a mapping is quoted the same way.
+    [quoted] = shlex.split(problem.split("quote the value: ")[1]) if "#" in text else [f"{key}={json.dumps(text)}"]
+    config = load_config(path, [quoted, "lora.r=8", "train.num_epochs=0.5", "data.dedupe=true",
+                                "lora.target_modules=[q_proj, v_proj]", "train={batch_size: 2}"])
+    assert (config.output_dir if key == "output_dir" else config.data.system_prompt) == text
+    assert (config.lora.r, config.train.num_epochs, config.data.dedupe, config.lora.target_modules,
+            config.train.batch_size) == (8, 0.5, True, ["q_proj", "v_proj"], 2)
+

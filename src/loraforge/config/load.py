@@ -1,6 +1,9 @@
 """YAML file → `extends` chain → KEY=VALUE overrides → validated RunConfig."""
 
 import difflib
+import json
+import re
+import shlex
 import typing
 from pathlib import Path
 
@@ -14,6 +17,8 @@ from loraforge.errors import ConfigError
 Key = tuple[str | int, ...]
 # This many keys named as a script names them make a config one to migrate rather than to fix key by key.
 SCRIPT_SHAPED = 3
+# One dotted piece of an override's key: a name, then any list positions ([0]).
+KEY_PIECE = re.compile(r"([^.\[\]\s]+)((?:\[\d+\])*)")
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] | str | None = ()) -> RunConfig:
@@ -210,45 +215,70 @@ def _apply_override(data: dict, origins: dict[Key, str], item: str) -> str | Non
     if "=" not in item:
         return f"override {item!r} is not KEY=VALUE (for example train.max_steps=5)"
     dotted, raw = item.split("=", 1)
-    parts: list[str | int] = [int(p) if p.isdigit() else p for p in dotted.strip().split(".")]
-    if not dotted.strip() or any(p == "" for p in parts):
-        return f"override {item!r} has an empty key; write KEY=VALUE with a dotted key such as lora.r=8"
+    dotted = dotted.strip()
+    parts = _override_key(dotted)
+    if parts is None:
+        return (f"override {item!r}: {dotted!r} is not a key; write KEY=VALUE with a dotted key such as lora.r=8, and "
+                "[i] for a list position: data.sources[0].path=x")
     try:
+        node = yaml.compose(raw, Loader=yaml.SafeLoader)
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         return f"override {item!r}: value is not valid YAML ({getattr(exc, 'problem', exc)})"
+    dropped = raw[node.end_mark.index if node is not None else 0:].strip()
+    if dropped:
+        quoted = shlex.quote(f"{dotted}={json.dumps(raw.strip(), ensure_ascii=False)}")
+        return f"override {item!r}: YAML reads {dropped!r} as a comment and drops it; quote the value: {quoted}"
+    return _set(data, origins, item, parts, value)
+
+
+def _override_key(dotted: str) -> list[str | int] | None:
+    """An override's key: a name per dot, a list position per [i] (data.sources[0].path); None when it is not one."""
+    parts: list[str | int] = []
+    for piece in dotted.split("."):
+        match = KEY_PIECE.fullmatch(piece)
+        if match is None:
+            return None
+        parts += [match[1], *(int(i) for i in re.findall(r"\d+", match[2]))]
+    return parts
+
+
+def _set(data: dict, origins: dict[Key, str], item: str, parts: list[str | int], value) -> str | None:
+    """Put value at the key; .i is a list position in a list and a key in a mapping, [i] a list position."""
     node: typing.Any = data
-    for depth, part in enumerate(parts[:-1]):
-        nxt = parts[depth + 1]
+    key: list[str | int] = []
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
         if isinstance(node, list):
-            if not isinstance(part, int) or part >= len(node):
-                return f"override {item!r}: {_dotted(tuple(parts[: depth + 1]))} is not an index of a list of {len(node)}"
-            node = node[part]
-            continue
-        if not isinstance(node, dict):
-            return f"override {item!r}: {_dotted(tuple(parts[:depth]))} is not a mapping"
-        if part not in node or node[part] is None:
-            node[part] = [] if isinstance(nxt, int) else {}
-        node = node[part]
-    last = parts[-1]
-    if isinstance(node, list):
-        if not isinstance(last, int) or last > len(node):
-            return f"override {item!r}: index {last} is past the end of a list of {len(node)}"
-        if last == len(node):
-            node.append(value)
+            if not (isinstance(part, int) or part.isdigit()):
+                return f"override {item!r}: {_dotted(tuple(key))} is a list; name a position: {_dotted((*key, 0))}"
+            part = int(part)
+            if part > len(node) or (part == len(node) and not last):
+                return f"override {item!r}: {_dotted((*key, part))} is past the end of a list of {len(node)}"
+            if part == len(node):
+                node.append(None)
+        elif isinstance(node, dict):
+            if isinstance(part, int):
+                return (f"override {item!r}: {_dotted(tuple(key))} is a mapping, not a list; name its key after a dot: "
+                        f"{_dotted(tuple(key))}.{part}")
+            part = next((name for name in node if str(name) == part), part)
+            if not last and node.get(part) is None:
+                node[part] = [] if isinstance(parts[depth + 1], int) else {}
         else:
-            node[last] = value
-    elif isinstance(node, dict):
-        # A mapping merges key by key into the one it overrides, as a config's layer over its extends parent.
-        node[last] = _merge(node[last], value, origins, {}, tuple(parts)) if isinstance(value, dict) and isinstance(
-            node.get(last), dict) else value
-    else:
-        return f"override {item!r}: {_dotted(tuple(parts[:-1]))} is not a mapping"
+            return f"override {item!r}: {_dotted(tuple(key))} is not a mapping"
+        key.append(part if isinstance(part, int) else str(part))
+        if last:
+            # A mapping merges key by key into the one it overrides, as a config's layer over its extends parent.
+            replaced = node[part] if isinstance(node, list) else node.get(part)
+            node[part] = (_merge(replaced, value, origins, {}, tuple(key))
+                          if isinstance(value, dict) and isinstance(replaced, dict) else value)
+        else:
+            node = node[part]
     where = f"command line {item!r}"
-    for end in range(1, len(parts)):
-        origins.setdefault(tuple(parts[:end]), where)
-    for key in _keys_within(value, tuple(parts)):
-        origins[key] = where
+    for end in range(1, len(key)):
+        origins.setdefault(tuple(key[:end]), where)
+    for inner in _keys_within(value, tuple(key)):
+        origins[inner] = where
     return None
 
 
@@ -289,6 +319,9 @@ def _describe(err: dict, origins: dict[Key, str], default: str) -> str:
         return f"{where}: {key}: required key is missing ({_field_doc(loc)})"
     message = err["msg"].removeprefix("Value error, ")
     shown = err.get("input")
+    if kind == "string_type" and isinstance(shown, dict):
+        return (f"{where}: {key}: text is wanted, and YAML read a mapping ({shown!r}) as ': ' makes one; quote the "
+                "value to mean the text")
     seen = "" if isinstance(shown, dict) else f" (got {shown!r})"
     return f"{where}: {key}: {message}{seen}"
 
