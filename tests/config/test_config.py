@@ -10,6 +10,8 @@ import yaml
 
 from loraforge.cli import main
 from loraforge.config import RunConfig, config_to_yaml, load_config, write_resolved
+from loraforge.data.formats import from_classification
+from loraforge.data.sources import read_rows
 from loraforge.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -426,3 +428,23 @@ def test_an_override_value_yaml_would_cut_or_read_as_a_mapping_is_refused_with_t
     assert (config.lora.r, config.train.num_epochs, config.data.dedupe, config.lora.target_modules,
             config.train.batch_size) == (8, 0.5, True, ["q_proj", "v_proj"], 2)
 
+
+def test_whole_number_labels_are_their_text_in_the_config_as_in_the_data(tmp_path):
+    rows = write(tmp_path / "rows.jsonl", '{"text": "good", "label": 1}\n{"text": "bad", "label": 0}\n')
+    section = f"task: classification\ndata:\n  sources: [{{path: {rows}, format: classification, labels: [0, 1]}}]\n"
+    path = write(tmp_path / "c.yaml", section + "classification:\n  labels: [0, 1]\n  class_weights: {0: 1.0, 1: 3.0}\n")
+    config = load_config(path)
+    assert config.classification.labels == ["0", "1"] and config.classification.class_weights == {"0": 1.0, "1": 3.0}
+    source = config.data.sources[0]
+    read = [from_classification(row, where, source).label for where, row in read_rows(str(rows))]
+    assert read == ["1", "0"] and set(read) == set(config.classification.class_weights), "the data's labels are these"
+    bare = write(tmp_path / "bare.yaml", section)
+    weights = ["classification.class_weights.1=3.0", "classification.class_weights.0=1"]
+    assert load_config(bare, weights).classification.class_weights == {"1": 3.0, "0": 1.0}
+    assert load_config(path, ["classification.class_weights.1=5"]).classification.class_weights == {"0": 1.0, "1": 5}
+    with pytest.raises(ConfigError) as error:
+        load_config(bare, ["classification.class_weights={0: -1, 1: 2}", "classification.labels=[0, 1.5]"])
+    assert error.value.problems == [
+        "command line 'classification.labels=[0, 1.5]': classification.labels[1]: Input should be a valid string (got 1.5)",
+        "command line 'classification.class_weights={0: -1, 1: 2}': classification.class_weights: a weight is a number "
+        "above 0, got {'0': -1}"]

@@ -2,15 +2,23 @@
 
 import os
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from loraforge.config.section import Section
 from loraforge.data.formats import FORMAT_FIELDS, PREFERENCE_FORMATS
 
 # The format registry lives with the parsers (data/formats.py); the config offers exactly its names.
 DataFormat = Enum("DataFormat", {name: name for name in FORMAT_FIELDS}, type=str)
+
+
+def label_text(value):
+    """A label as the data reads one: a whole number is its text (1 is "1"); true and false are no label."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Label = Annotated[str, BeforeValidator(label_text)]
 
 
 class Masking(str, Enum):
@@ -50,8 +58,9 @@ class DataSource(Section):
         "train", description="Which split this source feeds; a val source replaces data.val_fraction."
     )
     hub_split: str = Field("train", description="Split to read when path is a hub dataset.")
-    labels: list[str] | None = Field(
-        None, description="classification: the allowed labels; a row with another label is a bad row."
+    labels: list[Label] | None = Field(
+        None, description="classification: the allowed labels (whole numbers are read as their text, as in the "
+        "data); a row with another label is a bad row."
     )
 
     @field_validator("path")

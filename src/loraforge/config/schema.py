@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from loraforge.config.data_section import DataConfig
+from loraforge.config.data_section import DataConfig, Label, label_text
 from loraforge.config.section import Section
 
 
@@ -216,12 +216,31 @@ class QuantizationConfig(Section):
 
 
 class ClassificationConfig(Section):
-    labels: list[str] | None = Field(
-        None, description="Label names in id order; null collects them from the training data, sorted."
+    labels: list[Label] | None = Field(
+        None, description="Label names in id order (whole numbers are read as their text, as in the data); null "
+        "collects them from the training data, sorted."
     )
-    class_weights: Literal["none", "auto"] | dict[str, Annotated[float, Field(gt=0)]] = Field(
+    class_weights: Literal["none", "auto"] | dict[Label, Annotated[float, Field(gt=0)]] = Field(
         "none", description="Loss weight per class: none, auto (balanced: n / (classes x count)), or {label: weight}."
     )
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _one_of_the_forms(cls, value):
+        """One message for what fits neither form, rather than one per form."""
+        if not isinstance(value, dict):
+            if value in ("none", "auto"):
+                return value
+            raise ValueError("give none, auto (balanced) or a weight per label such as {positive: 1.0, negative: 3.0}")
+        keys = {key: label_text(key) for key in value}
+        not_labels = [key for key, label in keys.items() if not isinstance(label, str)]
+        if not_labels:
+            raise ValueError(f"labels are text or whole numbers, got {not_labels}")
+        bad = {keys[key]: weight for key, weight in value.items()
+               if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0}
+        if bad:
+            raise ValueError(f"a weight is a number above 0, got {bad}")
+        return {keys[key]: weight for key, weight in value.items()}
 
 
 class WandbTracking(Section):
