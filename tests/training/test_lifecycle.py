@@ -29,6 +29,16 @@ def adapter(run_dir):
     return load_file(Path(run_dir) / "adapter" / "adapter_model.safetensors")
 
 
+def ended_by(monkeypatch, config, replaced: tuple, error: type, match: str) -> Path:
+    """Train with one attribute replaced ((owner, name, value)), which ends the run with `error`; the run's
+    directory."""
+    with monkeypatch.context() as patch:
+        patch.setattr(*replaced)
+        with pytest.raises(error, match=match):
+            run_training(config)
+    return Path(config.output_dir)
+
+
 def branch_from(straight_dir: Path, checkpoint_step: int, new_dir: Path) -> None:
     """A run directory as a run stopped right after checkpoint N would have left it."""
     new_dir.mkdir()
@@ -689,11 +699,8 @@ def test_a_run_stopped_between_logs_and_resumed_writes_the_metrics_and_curves_of
         return real(self, args, state, control, **kwargs)
 
     config, _ = make_config("stopped", "train.logging_steps=2")
-    with monkeypatch.context() as patch:
-        patch.setattr(SignalStop, "on_step_end", sigterm_after_step_5)
-        with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 5"):
-            run_training(config)
-    run = Path(config.output_dir)
+    run = ended_by(monkeypatch, config, (SignalStop, "on_step_end", sigterm_after_step_5), TrainingStopped,
+                   "stopped by SIGTERM after step 5")
     assert [r["step"] for r in rundir.read_metrics(run / rundir.METRICS) if "train_loss" in r] == [5], "its summary"
     run_training(config, resume="auto")
 
@@ -725,11 +732,8 @@ def test_a_run_that_crashed_after_its_checkpoint_shows_one_curve_in_tensorboard_
         return real(self, *args, **kwargs)
 
     config, _ = make_config("crashed", "report_to=[tensorboard]")
-    with monkeypatch.context() as patch:
-        patch.setattr(LoraforgeTrainer, "training_step", crash_in_step_6)
-        with pytest.raises(RuntimeError, match="the machine went away"):
-            run_training(config)
-    run = Path(config.output_dir)
+    run = ended_by(monkeypatch, config, (LoraforgeTrainer, "training_step", crash_in_step_6), RuntimeError,
+                   "the machine went away")
     assert latest_complete(run / rundir.CHECKPOINTS).name == "checkpoint-3"
     assert [s for s, _ in curves(run)["train/loss"]] == [1, 2, 3, 4, 5], "steps 4 and 5 logged past the checkpoint"
     run_training(config, resume="auto")
