@@ -606,6 +606,41 @@ def test_init_from_a_run_that_dropped_other_layers_or_no_run_is_refused_before_t
         assert not Path(second.output_dir).exists()
 
 
+def test_sigterm_while_loading_or_evaluating_first_says_what_the_run_left(make_config, monkeypatch):
+    """SIGTERM before training (the data, the model, a preference run's first evaluation) ends with one line and
+    143, as SIGTERM in training does; it killed the process without a word."""
+    from loraforge.training import evaluation
+    from loraforge.training import run as run_module
+
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached the handler loraforge found")
+
+    def terminated(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        loading, path = make_config("sigterm-loading")
+        with monkeypatch.context() as patch:
+            patch.setattr(run_module, "prepare", terminated)
+            with pytest.raises(TrainingStopped) as stopped:
+                run_training(loading, command=[str(path)])
+        assert stopped.value.exit_code == 143
+        assert str(stopped.value) == (f"stopped by SIGTERM before training. The run had not started writing to "
+                                      f"{loading.output_dir}: start it again with the same command.")
+        assert signal.getsignal(signal.SIGTERM) is unhandled, "the caller's handler is back"
+
+        evaluating, _ = make_config("sigterm-evaluating", "lora.bias=all")
+        with monkeypatch.context() as patch:
+            patch.setattr(evaluation, "evaluate_before", terminated)
+            with pytest.raises(TrainingStopped) as stopped:
+                run_training(evaluating, command=[str(path)])
+        assert stopped.value.exit_code == 143
+        assert str(stopped.value).startswith("stopped by SIGTERM before training. No complete checkpoint was written")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_ctrl_c_while_loading_or_finishing_says_what_the_run_left(make_config, monkeypatch):
     from loraforge.training import run as run_module
 

@@ -5,6 +5,8 @@ is a function of its own module; this one orders them."""
 import logging
 import logging.handlers
 import os
+import signal
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -288,13 +290,31 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
 
 @contextmanager
 def _interrupt_says_what_next(run_dir: Path, command: list[str] | None):
-    """Ctrl-C while the run loads or finishes (in training it stops the run at the end of its step), or a second
-    Ctrl-C: what the run left and the command that goes on from there."""
+    """Ctrl-C or SIGTERM while the run loads (in training either stops the run at the end of its step, after it the
+    run says what it wrote), or a second Ctrl-C: what the run left and the command that goes on from there. A
+    process of several leaves SIGTERM to torchrun, which ends them all."""
+    previous = None
+    if world_size() == 1 and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
+    except Terminated:
+        raise TrainingStopped(f"stopped by SIGTERM before training. "
+                              f"{carry_on(run_dir, resume_command(command, run_dir))}", exit_code=143) from None
     except KeyboardInterrupt:
         raise TrainingStopped(f"interrupted. {carry_on(run_dir, resume_command(command, run_dir))}",
                               exit_code=130) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM before training, raised where the run is, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 @contextmanager
