@@ -2,6 +2,7 @@
 
 import errno
 import os
+import re
 import json
 import shlex
 import shutil
@@ -871,13 +872,34 @@ def test_an_epoch_counted_run_signalled_at_its_last_step_mid_epoch_resumes_witho
     config, path = make_config("signalled", "train.num_epochs=1.5")
     with monkeypatch.context() as patch:
         signal_during(patch, last)
-        with pytest.raises(TrainingStopped, match=f"after step {last}"):
+        with pytest.raises(TrainingStopped, match=rf"after training \(step {last}\): .* Write them with: "):
             run_training(config, command=[str(path)])
     run_training(config, resume="auto")
     assert losses(config.output_dir) == losses(straight.output_dir)
     assert json.loads((Path(config.output_dir) / rundir.MANIFEST).read_text())["steps"] == last
     a, b = adapter(straight.output_dir), adapter(config.output_dir)
     assert all(torch.equal(a[k], b[k]) for k in a), "the last checkpoint's weights, no step more"
+
+
+def test_a_signal_as_training_returns_after_its_last_step_writes_the_weights_and_says_what_is_left(make_config,
+                                                                                                   monkeypatch):
+    """SIGTERM after the last step, while train() winds up: the run is trained, so its weights are written and the
+    line says how to evaluate them (it said "checkpoint None written. Resume with ...", and resuming found none)."""
+    from loraforge.training.trainer import LoraforgeTrainer
+
+    real = LoraforgeTrainer.train
+
+    def signalled_as_it_returns(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    config, _ = make_config("returning", "train.save_every=null")
+    run_dir = re.escape(config.output_dir)
+    said = rf"stopped by SIGTERM after training \(step 8\).* evaluate the weights with: loraforge eval {run_dir}$"
+    run = ended_by(monkeypatch, config, (LoraforgeTrainer, "train", signalled_as_it_returns), TrainingStopped, said)
+    assert adapter(run) and not (run / rundir.EVAL).exists()
+    assert latest_complete(run / rundir.CHECKPOINTS) is None
 
 
 @pytest.mark.parametrize("stage, settings, rest", [

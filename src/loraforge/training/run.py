@@ -201,6 +201,8 @@ def _train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, c
 
 
 def _raise_if_stopped(config: RunConfig, trainer, stop: SignalStop, run_dir: Path, command: list[str] | None) -> None:
+    """A non-finite loss, or a signal that stopped training before its last step. A signal that came once the last
+    step was taken stops the run after its weights are written (`SignalStop.writing`)."""
     if trainer.poisoned_step is not None:
         raise TrainingStopped(
             f"the training loss became NaN or inf at step {trainer.poisoned_step} (train.nan_patience="
@@ -209,7 +211,7 @@ def _raise_if_stopped(config: RunConfig, trainer, stop: SignalStop, run_dir: Pat
             "data, then resume or restart",
             exit_code=3,
         )
-    if stop.received:
+    if stop.received and trainer.state.global_step < trainer.steps_of_run():
         resume_hint = resume_command(command, run_dir)
         raise TrainingStopped(
             f"stopped by {stop.received} after step {trainer.state.global_step}; checkpoint "
