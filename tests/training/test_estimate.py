@@ -25,6 +25,25 @@ def test_padded_tokens_model_matches_training(train_tiny, group_by_length):
         assert sum(predicted) == pytest.approx(sum(result.timing["step_padded_tokens"]), rel=0.25), "random order: same distribution"
 
 
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_a_step_that_would_accumulate_more_than_an_epoch_takes_the_epoch(train_tiny, group_by_length):
+    """24 rows in batches of 4 are 6 batches an epoch; grad_accum 8 asks for more, and transformers ends each step
+    at the epoch's end: every step computes one epoch's 6 batches, not 8."""
+    from loraforge.data.build import build_datasets
+    from loraforge.data.render import stop_token_ids
+    from loraforge.model.load import load_tokenizer
+
+    config, result = train_tiny("train.max_steps=3", "train.batch_size=4", "train.grad_accum=8",
+                                f"train.group_by_length={str(group_by_length).lower()}", "data.val_fraction=0")
+    tokenizer = load_tokenizer(config.model.name)
+    lengths = [len(x) for x in build_datasets(config.data, tokenizer, stop_token_ids(tokenizer), config.seed).train["input_ids"]]
+    assert len(lengths) == 24
+    predicted = step_padded_tokens(lengths, 4, 8, group_by_length, False, config.seed, 3)
+    trained = result.timing["step_padded_tokens"]
+    assert len(trained) == 3 and sum(trained) >= 3 * sum(lengths)
+    assert sum(predicted) == pytest.approx(sum(trained), rel=0.15), "an epoch a step (8 batches would be 4/3 more)"
+
+
 def test_estimate_cli(tiny_model_dir, tmp_path, capsys):
     from loraforge.cli import main
     from tests.conftest import ECHO_ROWS, write_jsonl

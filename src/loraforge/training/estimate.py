@@ -113,7 +113,8 @@ def step_padded_tokens(lengths: list[int], batch_size: int, grad_accum: int, gro
                        packed: bool, seed: int, steps: int, processes: int = 1) -> list[float]:
     """Padded tokens each of the run's optimizer steps computes in a process (of several, the busiest): under
     length grouping the very batches training draws, epoch after epoch; in a random order or packed, the mean
-    over an epoch for every step."""
+    over an epoch for every step (an epoch's last step takes the batches left, all of them where grad_accum asks
+    for more than an epoch holds)."""
     if packed or not group_by_length:
         if packed:
             per_batch = [sum(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)]
@@ -123,7 +124,7 @@ def step_padded_tokens(lengths: list[int], batch_size: int, grad_accum: int, gro
             order = torch.randperm(len(lengths), generator=generator).tolist()
             per_batch = [batch_size * max(lengths[i] for i in order[k : k + batch_size])
                          for k in range(0, len(order), batch_size)]
-        return [grad_accum * sum(per_batch) / len(per_batch)] * steps
+        return [sum(per_batch) / math.ceil(len(per_batch) / grad_accum)] * steps
     tokens: list[float] = []
     epoch = 0
     while len(tokens) < steps:
