@@ -902,6 +902,40 @@ def test_a_signal_as_training_returns_after_its_last_step_writes_the_weights_and
     assert latest_complete(run / rundir.CHECKPOINTS) is None
 
 
+def test_a_run_early_stopping_ended_resumes_after_a_signal_without_another_step(make_config, monkeypatch):
+    """Early stopping ends the run at step 3; SIGTERM in its final evaluation. The command the line prints finishes
+    the run from checkpoint-3 (it trained step 4 and wrote that step's weights over the adapter it called
+    complete)."""
+    from loraforge.training import evaluation
+
+    settings = ["train.eval_every=1", "train.save_every=1", "train.early_stopping.patience=2",
+                "train.early_stopping.min_delta=100"]
+    straight, _ = make_config("straight", *settings)
+    run_training(straight)
+    assert [step for step, _ in losses(straight.output_dir)] == [1, 2, 3], "stopped early at step 3 of 8"
+    real = evaluation.evaluate_after
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    def killed(signum, frame):
+        raise AssertionError("SIGTERM reached the default handler")
+
+    config, _ = make_config("stopped", *settings)
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        ended_by(monkeypatch, config, (evaluation, "evaluate_after", signalled), TrainingStopped,
+                 r"after training \(step 3\): .* Write them with: ")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    written = adapter(config.output_dir)
+    run_training(config, resume="auto")
+    assert losses(config.output_dir) == losses(straight.output_dir)
+    assert json.loads((Path(config.output_dir) / rundir.MANIFEST).read_text())["steps"] == 3
+    assert all(torch.equal(written[k], adapter(config.output_dir)[k]) for k in written)
+
+
 @pytest.mark.parametrize("stage, settings, rest", [
     ("evaluate_after", [], "Write them with: loraforge train"),
     ("sample_answers", ["train.save_every=null"], "No checkpoint holds step 8 to finish the run from"),

@@ -6,6 +6,8 @@ import logging
 import shlex
 from pathlib import Path
 
+from transformers.trainer import TRAINER_STATE_NAME
+
 from loraforge import rundir
 from loraforge.config import load_config
 from loraforge.errors import ConfigError, RunDirError
@@ -132,8 +134,20 @@ def _flat(data, prefix: str = "") -> dict:
 
 def trains_on(checkpoint: Path, total_steps: int) -> bool:
     """Whether a run of total_steps optimizer steps resumed from the checkpoint takes steps: not when it stopped at
-    its last step."""
-    return step_of(Path(checkpoint)) < total_steps
+    its last step, nor when early stopping ended it there."""
+    return step_of(Path(checkpoint)) < total_steps and not stopped_early(Path(checkpoint))
+
+
+def stopped_early(checkpoint: Path) -> bool:
+    """Whether early stopping's patience was used up at the checkpoint's evaluation (HF saves the callback's state
+    in the checkpoint's trainer_state.json)."""
+    state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    saved = state.get("stateful_callbacks", {})
+    entry = next((saved[name] for name in ("EarlyStopping", "EarlyStoppingCallback") if name in saved), None)
+    if not isinstance(entry, dict):
+        return False
+    patience = entry.get("args", {}).get("early_stopping_patience")
+    return patience is not None and entry.get("attributes", {}).get("early_stopping_patience_counter", 0) >= patience
 
 
 def rewind_metrics(metrics_path: Path, checkpoint: Path, trains: bool) -> dict | None:
