@@ -411,6 +411,16 @@ def test_an_override_takes_a_key_as_loraforges_messages_print_it(tmp_path, monke
         "command line 'lora[0]=x': lora: Input should be a valid dictionary or instance of LoraConfig (got ['x'])"]
 
 
+def test_a_position_after_a_dot_starts_a_list_the_file_does_not_have_and_a_key_of_a_mapping(tmp_path):
+    path = write(tmp_path / "c.yaml", MINIMAL)
+    config = load_config(path, ["eval.sample_prompts.0=hi", "lora.target_modules.0=q_proj",
+                                "classification.class_weights.1=3.0"])
+    assert config.eval.sample_prompts == ["hi"] and config.lora.target_modules == ["q_proj"]
+    assert config.classification.class_weights == {"1": 3.0}
+    bare = write(tmp_path / "bare.yaml", "model: {name: m}\n")
+    assert [s.path for s in load_config(bare, ["data.sources.0={path: d.jsonl}"]).data.sources] == ["d.jsonl"]
+
+
 @pytest.mark.parametrize("key, text", [("data.system_prompt", "Be #1 helper"), ("output_dir", "runs/exp #2"),
                                        ("data.system_prompt", "Answer: briefly")])
 def test_an_override_value_yaml_would_cut_or_read_as_a_mapping_is_refused_with_the_quoted_form(tmp_path, key, text):

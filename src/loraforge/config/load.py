@@ -263,7 +263,9 @@ def _set(data: dict, origins: dict[Key, str], item: str, parts: list[str | int],
                         f"{_dotted(tuple(key))}.{part}")
             part = next((name for name in node if str(name) == part), part)
             if not last and node.get(part) is None:
-                node[part] = [] if isinstance(parts[depth + 1], int) else {}
+                following = parts[depth + 1]
+                node[part] = [] if isinstance(following, int) or (
+                    following.isdigit() and not _takes_mapping((*key, str(part)))) else {}
         else:
             return f"override {item!r}: {_dotted(tuple(key))} is not a mapping"
         key.append(part if isinstance(part, int) else str(part))
@@ -340,6 +342,18 @@ def model_at(key: Key) -> type[BaseModel] | None:
             return None
         cls = inner
     return cls
+
+
+def _takes_mapping(key: Key) -> bool:
+    """Whether the config field at key takes a mapping (classification.class_weights), where a number after it is
+    a key and not a list position."""
+    model = model_at(key[:-1])
+    field = model.model_fields.get(str(key[-1])) if model else None
+    return field is not None and _admits_dict(field.annotation)
+
+
+def _admits_dict(annotation) -> bool:
+    return typing.get_origin(annotation) is dict or any(_admits_dict(arg) for arg in typing.get_args(annotation))
 
 
 def _inner_model(annotation) -> type[BaseModel] | None:
