@@ -2,6 +2,7 @@
 line numbers, and every CSV cell as the text it is), Parquet and hub datasets through `datasets`."""
 
 import csv
+import difflib
 import json
 import re
 from pathlib import Path
@@ -21,7 +22,9 @@ class BadRow(DataError):
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 KINDS = ".jsonl, .json, .csv or .parquet"
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}$")
+# Data file types loraforge does not read, named as files and not as hub datasets (someone/wiki.en is one).
+OTHER_FILE_SUFFIXES = (".txt", ".tsv", ".ndjson", ".jsonlines", ".xlsx", ".xls", ".arrow", ".pq", ".gz", ".zip",
+                       ".tar", ".yaml", ".yml", ".md", ".xml", ".html")
 
 
 def source_problems(sources) -> list[str]:
@@ -32,10 +35,15 @@ def source_problems(sources) -> list[str]:
 
 
 def is_hub_name(path: str) -> bool:
-    """owner/name, and nothing that looks local: no ./, ../, / or ~ at the start, no file extension (.jsonl, .txt,
-    a typo of either), no first part that is a folder here."""
-    return (HUB_NAME.fullmatch(path) is not None and EXTENSION.search(path) is None
+    """owner/name, and nothing that looks local: no ./, ../, / or ~ at the start, no data file's extension (.jsonl,
+    .txt, or a typo of one loraforge reads, .jsnol), no first part that is a folder here."""
+    return (HUB_NAME.fullmatch(path) is not None and not _file_suffix(Path(path).suffix.lower())
             and not Path(path.split("/")[0]).is_dir())
+
+
+def _file_suffix(suffix: str) -> bool:
+    return suffix in FILE_SUFFIXES + OTHER_FILE_SUFFIXES or bool(
+        difflib.get_close_matches(suffix, FILE_SUFFIXES, n=1, cutoff=0.7))
 
 
 def local_problem(path: str) -> str | None:
