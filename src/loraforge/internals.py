@@ -34,7 +34,9 @@ class TrainerHooks:
       `evaluate_before_training`;
     - `train()` keeps the loss between logs in `_tr_loss` (since `_globalstep_last_logged`), the logged loss in
       `_total_loss_scalar`, and starts both afresh: `loss_bookkeeping` reads them for a checkpoint,
-      `restore_loss_bookkeeping` puts them back on resume, and the end-of-training `train_loss` is then the run's.
+      `restore_loss_bookkeeping` puts them back on resume, and the end-of-training `train_loss` is then the run's;
+      TRL's trainers keep their other metrics since the last log in `_metrics["train"]` (DPO, KTO) or
+      `_stored_metrics["train"]` (ORPO) and their token count in `_total_train_tokens`, carried the same way.
     - `set_initial_training_values` counts the steps `train()` takes: `steps_of_run`.
     """
 
@@ -60,7 +62,9 @@ class TrainerHooks:
         """The loss HF has summed so far: logged, and since the last log (averaged over processes, as a log does;
         every process calls this)."""
         pending = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
-        return {"logged": self._total_loss_scalar, "pending": pending, "last_logged": self._globalstep_last_logged}
+        return {"logged": self._total_loss_scalar, "pending": pending, "last_logged": self._globalstep_last_logged,
+                "metrics": {k: list(v) for k, v in (self._pending_metrics() or {}).items()},
+                "tokens": getattr(self, "_total_train_tokens", None)}
 
     def restore_loss_bookkeeping(self, saved: dict) -> None:
         """At the start of a resumed train(): the next log averages the steps since the last log before the
@@ -68,7 +72,21 @@ class TrainerHooks:
         self._total_loss_scalar = saved["logged"]
         self._tr_loss += saved["pending"]
         self._globalstep_last_logged = saved["last_logged"]
+        pending = self._pending_metrics()
+        if pending is not None:
+            pending.update({k: list(v) for k, v in saved.get("metrics", {}).items()})
+        if saved.get("tokens") is not None and hasattr(self, "_total_train_tokens"):
+            self._total_train_tokens = saved["tokens"]
         self.loss_restored = True
+
+    def _pending_metrics(self):
+        """TRL's training metrics since the last log, a list of values per name (DPO's and KTO's `_metrics`,
+        ORPO's `_stored_metrics`); None for transformers' Trainer, which keeps none."""
+        for name in ("_metrics", "_stored_metrics"):
+            held = getattr(self, name, None)
+            if isinstance(held, dict):
+                return held["train"]
+        return None
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """transformers 5.23 divides the summary's train_loss by this train() call's steps; with the run's loss

@@ -108,6 +108,41 @@ def test_dpo_resume_equals_a_straight_run(make_dpo, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "bit-identical adapter weights"
 
 
+@pytest.mark.parametrize("method", ["dpo", "kto", "orpo"])
+def test_a_preference_run_stopped_between_logs_logs_what_a_straight_run_logs(tmp_path, tiny_model_dir, monkeypatch,
+                                                                              method):
+    """SIGTERM at step 3 of 6, logging every 2 steps: step 4's record averages steps 3 and 4 in TRL's own metrics
+    (rewards, log-probabilities, logits) as in its loss, and counts the tokens of the whole run, as a straight run's
+    does (they covered step 4 alone, and the resumed session's tokens)."""
+    import signal
+
+    from loraforge.training.trainer import SignalStop
+    from tests.training.test_lifecycle import ended_by, untimed
+
+    make = dpo_config_maker(tmp_path, tiny_model_dir)
+    settings = [f"method={method}", "train.logging_steps=2", "train.max_steps=6", "train.eval_every=6"]
+    if method == "kto":
+        settings.append("data.sources[0].format=preference")
+    straight, _ = make("straight", *settings)
+    run_training(straight)
+    real = SignalStop.on_step_end
+
+    def sigterm_after_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3 and self.received is None:
+            signal.raise_signal(signal.SIGTERM)
+        return real(self, args, state, control, **kwargs)
+
+    config, _ = make("stopped", *settings)
+    ended_by(monkeypatch, config, (SignalStop, "on_step_end", sigterm_after_step_3), TrainingStopped, "after step 3")
+    run_training(config, resume="auto")
+    step_4 = [r for r in untimed(straight.output_dir) if r["step"] == 4 and "loss" in r][0]
+    assert len(step_4) > 4, "TRL logs metrics of its own beside the loss"
+    def logged(run_dir):
+        return [{k: v for k, v in r.items() if not k.endswith("_time")} for r in untimed(run_dir)]
+
+    assert logged(config.output_dir) == logged(straight.output_dir)
+
+
 def assert_resume_equals_a_straight_run(tmp_path, tiny_model_dir, overrides: list[str], logged: tuple[str, ...]):
     """A run of 4 steps, and one resumed from its step-2 checkpoint: the same logged values, bit-identical adapters."""
     make = dpo_config_maker(tmp_path, tiny_model_dir)
