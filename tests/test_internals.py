@@ -31,6 +31,14 @@ def test_trainer_private_steps_keep_their_signatures():
     assert "`max_steps`" in Trainer.set_initial_training_values.__doc__.strip().splitlines()[-1], "returned last"
 
 
+def test_the_trainer_state_file_is_named_as_transformers_names_it():
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    from loraforge.training.resume import TRAINER_STATE
+
+    assert TRAINER_STATE == TRAINER_STATE_NAME
+
+
 def test_a_lambda_scheduler_keeps_its_last_rates_where_put_on_schedule_sets_them():
     from torch.optim.lr_scheduler import LambdaLR
 

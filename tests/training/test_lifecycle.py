@@ -881,10 +881,16 @@ def test_an_epoch_counted_run_signalled_at_its_last_step_mid_epoch_resumes_witho
     assert all(torch.equal(a[k], b[k]) for k in a), "the last checkpoint's weights, no step more"
 
 
+EARLY_AT_3 = ["train.eval_every=1", "train.early_stopping.patience=2", "train.early_stopping.min_delta=100"]
+
+
+@pytest.mark.parametrize("settings, last", [([], 8), (EARLY_AT_3, 3)], ids=["last-step", "stopped-early"])
 def test_a_signal_as_training_returns_after_its_last_step_writes_the_weights_and_says_what_is_left(make_config,
-                                                                                                   monkeypatch):
-    """SIGTERM after the last step, while train() winds up: the run is trained, so its weights are written and the
-    line says how to evaluate them (it said "checkpoint None written. Resume with ...", and resuming found none)."""
+                                                                                                   monkeypatch,
+                                                                                                   settings, last):
+    """SIGTERM after the last step (of the run, or where early stopping ended it), while train() winds up: the run
+    is trained, so its weights are written and the line says how to evaluate them (it said "checkpoint None
+    written. Resume with ...", and resuming found none)."""
     from loraforge.training.trainer import LoraforgeTrainer
 
     real = LoraforgeTrainer.train
@@ -894,9 +900,9 @@ def test_a_signal_as_training_returns_after_its_last_step_writes_the_weights_and
         os.kill(os.getpid(), signal.SIGTERM)
         return result
 
-    config, _ = make_config("returning", "train.save_every=null")
+    config, _ = make_config("returning", "train.save_every=null", *settings)
     run_dir = re.escape(config.output_dir)
-    said = rf"stopped by SIGTERM after training \(step 8\).* evaluate the weights with: loraforge eval {run_dir}$"
+    said = rf"stopped by SIGTERM after training \(step {last}\).* evaluate the weights with: loraforge eval {run_dir}$"
     run = ended_by(monkeypatch, config, (LoraforgeTrainer, "train", signalled_as_it_returns), TrainingStopped, said)
     assert adapter(run) and not (run / rundir.EVAL).exists()
     assert latest_complete(run / rundir.CHECKPOINTS) is None
@@ -908,8 +914,7 @@ def test_a_run_early_stopping_ended_resumes_after_a_signal_without_another_step(
     complete)."""
     from loraforge.training import evaluation
 
-    settings = ["train.eval_every=1", "train.save_every=1", "train.early_stopping.patience=2",
-                "train.early_stopping.min_delta=100"]
+    settings = [*EARLY_AT_3, "train.save_every=1"]
     straight, _ = make_config("straight", *settings)
     run_training(straight)
     assert [step for step, _ in losses(straight.output_dir)] == [1, 2, 3], "stopped early at step 3 of 8"
@@ -934,6 +939,13 @@ def test_a_run_early_stopping_ended_resumes_after_a_signal_without_another_step(
     assert losses(config.output_dir) == losses(straight.output_dir)
     assert json.loads((Path(config.output_dir) / rundir.MANIFEST).read_text())["steps"] == 3
     assert all(torch.equal(written[k], adapter(config.output_dir)[k]) for k in written)
+
+    with pytest.raises(RunDirError, match="already complete: early stopping ended it at step 3 .*raise "
+                                          r"train.early_stopping.patience above 2, or set it to null"):
+        run_training(config, resume="auto")
+    patient, _ = make_config("stopped", *settings, "train.early_stopping.patience=null")
+    run_training(patient, resume="auto", allow_changes=True)
+    assert [step for step, _ in losses(config.output_dir)] == list(range(1, 9)), "without early stopping, to step 8"
 
 
 @pytest.mark.parametrize("stage, settings, rest", [

@@ -35,8 +35,10 @@ def evaluate_before(trainer, config: RunConfig, has_val: bool, checkpoint: Path 
                     is_main: bool) -> dict:
     """The step-0 metrics known before training: none where they come after it (adapter off), the recorded
     ones on resume (metrics.jsonl loses what was logged after the checkpoint), else an evaluation now."""
-    first = (rewind_metrics(run_dir / rundir.METRICS, checkpoint, trains_on(checkpoint, trainer.steps_of_run()))
-             if checkpoint is not None and is_main else None)
+    first = None
+    if checkpoint is not None and is_main:
+        trains = trains_on(checkpoint, trainer.steps_of_run(), config.train.early_stopping.patience)
+        first = rewind_metrics(run_dir / rundir.METRICS, checkpoint, trains)
     if not has_val or adapter_off_is_base(config):
         return {}
     if checkpoint is not None:

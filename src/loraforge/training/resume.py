@@ -6,8 +6,6 @@ import logging
 import shlex
 from pathlib import Path
 
-from transformers.trainer import TRAINER_STATE_NAME
-
 from loraforge import rundir
 from loraforge.config import load_config
 from loraforge.errors import ConfigError, RunDirError
@@ -15,6 +13,8 @@ from loraforge.model.precision import Precision
 from loraforge.training.checkpoints import complete_checkpoints, latest_complete, read_marker, step_of, unusable
 
 log = logging.getLogger(__name__)
+# transformers' TRAINER_STATE_NAME, named here so that the launcher, which imports this module, holds no transformers.
+TRAINER_STATE = "trainer_state.json"
 
 IGNORED_ON_RESUME = ("output_dir",)
 
@@ -63,7 +63,7 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
     return found
 
 
-def refuse_finished(run_dir: Path, checkpoint: Path, max_steps: int | None) -> None:
+def refuse_finished(run_dir: Path, checkpoint: Path, train) -> None:
     """A finished run is resumed only to train further: its artifacts would otherwise be rewritten for nothing."""
     manifest = Path(run_dir) / rundir.MANIFEST
     if not manifest.is_file():
@@ -72,6 +72,11 @@ def refuse_finished(run_dir: Path, checkpoint: Path, max_steps: int | None) -> N
         steps = int(json.loads(manifest.read_text(encoding="utf-8"))["steps"])
     except (OSError, ValueError, KeyError, TypeError):
         return
+    patience, max_steps = train.early_stopping.patience, train.max_steps
+    if stopped_early(Path(checkpoint), patience):
+        raise RunDirError(f"{run_dir} is already complete: early stopping ended it at step {steps} (checkpoint "
+                          f"{Path(checkpoint).name}); raise train.early_stopping.patience above {patience}, or set it "
+                          "to null, (with --allow-changes) to continue it, or start a new run with another output_dir")
     if max_steps is None or max_steps <= steps:
         how = ("a run counted in epochs is carried on by steps: set train.max_steps" if max_steps is None else
                "raise train.max_steps")
@@ -132,22 +137,21 @@ def _flat(data, prefix: str = "") -> dict:
     return out
 
 
-def trains_on(checkpoint: Path, total_steps: int) -> bool:
+def trains_on(checkpoint: Path, total_steps: int, patience: int | None) -> bool:
     """Whether a run of total_steps optimizer steps resumed from the checkpoint takes steps: not when it stopped at
-    its last step, nor when early stopping ended it there."""
-    return step_of(Path(checkpoint)) < total_steps and not stopped_early(Path(checkpoint))
+    its last step, nor when early stopping (at the patience the run resumes with) ended it there."""
+    return step_of(Path(checkpoint)) < total_steps and not stopped_early(Path(checkpoint), patience)
 
 
-def stopped_early(checkpoint: Path) -> bool:
-    """Whether early stopping's patience was used up at the checkpoint's evaluation (HF saves the callback's state
-    in the checkpoint's trainer_state.json)."""
-    state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+def stopped_early(checkpoint: Path, patience: int | None) -> bool:
+    """Whether the checkpoint's evaluations without improvement reach the patience (HF saves early stopping's count
+    in the checkpoint's trainer_state.json); never with patience None."""
+    if patience is None:
+        return False
+    state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
     saved = state.get("stateful_callbacks", {})
     entry = next((saved[name] for name in ("EarlyStopping", "EarlyStoppingCallback") if name in saved), None)
-    if not isinstance(entry, dict):
-        return False
-    patience = entry.get("args", {}).get("early_stopping_patience")
-    return patience is not None and entry.get("attributes", {}).get("early_stopping_patience_counter", 0) >= patience
+    return isinstance(entry, dict) and entry.get("attributes", {}).get("early_stopping_patience_counter", 0) >= patience
 
 
 def rewind_metrics(metrics_path: Path, checkpoint: Path, trains: bool) -> dict | None:

@@ -30,7 +30,8 @@ from loraforge.training.checkpoints import bytes_to_write, latest_complete, step
 from loraforge.training.finish import TrainResult
 from loraforge.training.prepare import Prepared, prepare
 from loraforge.training.resume import (carry_on, check_compatible, config_fingerprint, find_checkpoint,
-                                      refuse_finished, resume_command, resumed_precision, trains_on)
+                                      refuse_finished, resume_command, resumed_precision, stopped_early,
+                                      trains_on)
 from loraforge.training.trackers import check_trackers
 from loraforge.training.trainer import SignalAfterTraining, SignalStop
 
@@ -71,7 +72,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         command = [*command, f"output_dir={config.output_dir}"]
     checkpoint = find_checkpoint(Path(config.output_dir), resume) if resume else None
     if checkpoint is not None:
-        refuse_finished(Path(config.output_dir), checkpoint, config.train.max_steps)
+        refuse_finished(Path(config.output_dir), checkpoint, config.train)
         if config.train.max_steps is not None and step_of(checkpoint) > config.train.max_steps:
             raise RunDirError(f"{checkpoint.name} is past train.max_steps={config.train.max_steps}; resume with "
                               f"train.max_steps of at least {step_of(checkpoint)}, or take an earlier checkpoint with "
@@ -182,8 +183,10 @@ def _train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, c
     base_answers = evaluation.base_answers_before(config, built.model, prepared.tokenizer, prepared.stop_ids, chats)
     stop.install()
     began = time.perf_counter()
-    if checkpoint is not None and not trains_on(checkpoint, trainer.steps_of_run()):
-        log.info("%s is the run's last step: nothing left to train", checkpoint.name)
+    patience = config.train.early_stopping.patience
+    if checkpoint is not None and not trains_on(checkpoint, trainer.steps_of_run(), patience):
+        log.info("%s is where the run %s: nothing left to train", checkpoint.name,
+                 "stopped early" if stopped_early(checkpoint, patience) else "ends")
         trainer.restore_without_training(str(checkpoint))
     else:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
@@ -201,8 +204,9 @@ def _train(config: RunConfig, prepared: Prepared, built: Built, run_dir: Path, c
 
 
 def _raise_if_stopped(config: RunConfig, trainer, stop: SignalStop, run_dir: Path, command: list[str] | None) -> None:
-    """A non-finite loss, or a signal that stopped training before its last step. A signal that came once the last
-    step was taken stops the run after its weights are written (`SignalStop.writing`)."""
+    """A non-finite loss, or a signal that stopped training at a step before its last. A signal in the last step, or
+    once training ended (its last step, early stopping), stops the run after its weights are written
+    (`SignalStop.writing`)."""
     if trainer.poisoned_step is not None:
         raise TrainingStopped(
             f"the training loss became NaN or inf at step {trainer.poisoned_step} (train.nan_patience="
@@ -211,7 +215,7 @@ def _raise_if_stopped(config: RunConfig, trainer, stop: SignalStop, run_dir: Pat
             "data, then resume or restart",
             exit_code=3,
         )
-    if stop.received and trainer.state.global_step < trainer.steps_of_run():
+    if stop.received and stop.stopping and trainer.state.global_step < trainer.steps_of_run():
         resume_hint = resume_command(command, run_dir)
         raise TrainingStopped(
             f"stopped by {stop.received} after step {trainer.state.global_step}; checkpoint "
