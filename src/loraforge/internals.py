@@ -84,7 +84,7 @@ class TrainerHooks:
         ORPO's `_stored_metrics`); None for transformers' Trainer, which keeps none."""
         for name in ("_metrics", "_stored_metrics"):
             held = getattr(self, name, None)
-            if isinstance(held, dict):
+            if isinstance(held, dict) and isinstance(held.get("train"), dict):
                 return held["train"]
         return None
 

@@ -419,6 +419,9 @@ def test_a_position_after_a_dot_starts_a_list_the_file_does_not_have_and_a_key_o
     assert config.classification.class_weights == {"1": 3.0}
     bare = write(tmp_path / "bare.yaml", "model: {name: m}\n")
     assert [s.path for s in load_config(bare, ["data.sources.0={path: d.jsonl}"]).data.sources] == ["d.jsonl"]
+    for override in ("eval.sample_prompts.²=hi", "data.sources.².path=x"):
+        with pytest.raises(ConfigError):
+            load_config(path, [override])
 
 
 @pytest.mark.parametrize("key, text", [("data.system_prompt", "Be #1 helper"), ("output_dir", "runs/exp #2"),

@@ -267,7 +267,7 @@ def test_a_mistyped_local_path_is_a_missing_file_at_validate_time_not_a_hub_data
     config = tmp_path / "c.yaml"
     config.write_text("model: {name: smollm2-135m-instruct}\ndata: {sources: [{path: owner/hub-set}]}\n")
     assert main(["config", "validate", str(config)]) == 0, "a hub dataset name is not checked"
-    for name in ("my-org/chat.v2", "someone/wiki.en", "teknium/OpenHermes-2.5"):
+    for name in ("my-org/chat.v2", "someone/wiki.en", "someone/wiki.sv", "someone/wiki.cs", "teknium/OpenHermes-2.5"):
         assert main(["config", "validate", str(config), f"data.sources.0.path={name}"]) == 0, name
     cases = {"data/chat.jsnol": ", and .jsnol is not a type loraforge reads (.jsonl, .json, .csv or .parquet)",
              "data/train.txt": ", and .txt is not a type loraforge reads",

@@ -44,6 +44,17 @@ def test_a_step_that_would_accumulate_more_than_an_epoch_takes_the_epoch(train_t
     assert sum(predicted) == pytest.approx(sum(trained), rel=0.15), "an epoch a step (8 batches would be 4/3 more)"
 
 
+@pytest.mark.parametrize("grad_accum", [8, 4, 2, 1])
+def test_rows_of_one_length_are_priced_alike_in_any_order_and_process_count(grad_accum):
+    """48 rows of 10 tokens in batches of 4 over 4 processes: 3 batches a process an epoch, so a step takes
+    min(grad_accum, 3) of them whatever the order; the random-order and length-grouped models agree."""
+    lengths = [10] * 48
+    grouped = step_padded_tokens(lengths, 4, grad_accum, True, False, 0, 6, processes=4)
+    random = step_padded_tokens(lengths, 4, grad_accum, False, False, 0, 6, processes=4)
+    assert sum(random) == pytest.approx(sum(grouped))
+    assert grouped[0] == 40 * min(grad_accum, 3)
+
+
 def test_estimate_cli(tiny_model_dir, tmp_path, capsys):
     from loraforge.cli import main
     from tests.conftest import ECHO_ROWS, write_jsonl

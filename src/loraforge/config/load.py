@@ -250,7 +250,7 @@ def _set(data: dict, origins: dict[Key, str], item: str, parts: list[str | int],
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
         if isinstance(node, list):
-            if not (isinstance(part, int) or part.isdigit()):
+            if not (isinstance(part, int) or _position(part)):
                 return f"override {item!r}: {_dotted(tuple(key))} is a list; name a position: {_dotted((*key, 0))}"
             part = int(part)
             if part > len(node) or (part == len(node) and not last):
@@ -265,7 +265,7 @@ def _set(data: dict, origins: dict[Key, str], item: str, parts: list[str | int],
             if not last and node.get(part) is None:
                 following = parts[depth + 1]
                 node[part] = [] if isinstance(following, int) or (
-                    following.isdigit() and not _takes_mapping((*key, str(part)))) else {}
+                    _position(following) and not _takes_mapping((*key, str(part)))) else {}
         else:
             return f"override {item!r}: {_dotted(tuple(key))} is not a mapping"
         key.append(part if isinstance(part, int) else str(part))
@@ -342,6 +342,11 @@ def model_at(key: Key) -> type[BaseModel] | None:
             return None
         cls = inner
     return cls
+
+
+def _position(part: str) -> bool:
+    """A list position written after a dot: ASCII digits (str.isdigit also takes '²')."""
+    return part.isascii() and part.isdigit()
 
 
 def _takes_mapping(key: Key) -> bool:

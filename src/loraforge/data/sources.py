@@ -42,8 +42,10 @@ def is_hub_name(path: str) -> bool:
 
 
 def _file_suffix(suffix: str) -> bool:
-    return suffix in FILE_SUFFIXES + OTHER_FILE_SUFFIXES or bool(
-        difflib.get_close_matches(suffix, FILE_SUFFIXES, n=1, cutoff=0.7))
+    """A data file's extension, or a typo of one loraforge reads of three letters or more (.jsnol, .cvs; two, as
+    .sv or .cs, are as likely a hub name's language code)."""
+    return suffix in FILE_SUFFIXES + OTHER_FILE_SUFFIXES or (
+        len(suffix) > 3 and bool(difflib.get_close_matches(suffix, FILE_SUFFIXES, n=1, cutoff=0.7)))
 
 
 def local_problem(path: str) -> str | None:

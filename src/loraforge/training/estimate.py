@@ -124,7 +124,8 @@ def step_padded_tokens(lengths: list[int], batch_size: int, grad_accum: int, gro
             order = torch.randperm(len(lengths), generator=generator).tolist()
             per_batch = [batch_size * max(lengths[i] for i in order[k : k + batch_size])
                          for k in range(0, len(order), batch_size)]
-        return [sum(per_batch) / math.ceil(len(per_batch) / grad_accum)] * steps
+        per_process = math.ceil(len(per_batch) / processes)
+        return [sum(per_batch) / processes / math.ceil(per_process / grad_accum)] * steps
     tokens: list[float] = []
     epoch = 0
     while len(tokens) < steps:
