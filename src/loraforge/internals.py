@@ -6,6 +6,7 @@ rest of loraforge reaches them only through this module.
 """
 
 import os
+from collections import defaultdict
 
 import bitsandbytes as bnb
 import torch
@@ -84,6 +85,8 @@ class TrainerHooks:
         ORPO's `_stored_metrics`); None for transformers' Trainer, which keeps none."""
         for name in ("_metrics", "_stored_metrics"):
             held = getattr(self, name, None)
+            if name == "_stored_metrics" and isinstance(held, defaultdict):
+                held.setdefault("train", held.default_factory())  # ORPO deletes it at every log, makes it on use
             if isinstance(held, dict) and isinstance(held.get("train"), dict):
                 return held["train"]
         return None
