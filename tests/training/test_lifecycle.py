@@ -40,6 +40,15 @@ def ended_by(monkeypatch, config, replaced: tuple, error: type, match: str) -> P
     return Path(config.output_dir)
 
 
+def stopped_by(monkeypatch, config, replaced: tuple, command: list[str]) -> TrainingStopped:
+    """Train with one attribute replaced ((owner, name, value)), which stops the run; what it said."""
+    with monkeypatch.context() as patch:
+        patch.setattr(*replaced)
+        with pytest.raises(TrainingStopped) as stopped:
+            run_training(config, command=command)
+    return stopped.value
+
+
 def branch_from(straight_dir: Path, checkpoint_step: int, new_dir: Path) -> None:
     """A run directory as a run stopped right after checkpoint N would have left it."""
     new_dir.mkdir()
@@ -622,22 +631,16 @@ def test_sigterm_while_loading_or_evaluating_first_says_what_the_run_left(make_c
     previous = signal.signal(signal.SIGTERM, unhandled)
     try:
         loading, path = make_config("sigterm-loading")
-        with monkeypatch.context() as patch:
-            patch.setattr(run_module, "prepare", terminated)
-            with pytest.raises(TrainingStopped) as stopped:
-                run_training(loading, command=[str(path)])
-        assert stopped.value.exit_code == 143
-        assert str(stopped.value) == (f"stopped by SIGTERM before training. The run had not started writing to "
-                                      f"{loading.output_dir}: start it again with the same command.")
+        stopped = stopped_by(monkeypatch, loading, (run_module, "prepare", terminated), [str(path)])
+        assert stopped.exit_code == 143
+        assert str(stopped) == (f"stopped by SIGTERM before training. The run had not started writing to "
+                                f"{loading.output_dir}: start it again with the same command.")
         assert signal.getsignal(signal.SIGTERM) is unhandled, "the caller's handler is back"
 
         evaluating, _ = make_config("sigterm-evaluating", "lora.bias=all")
-        with monkeypatch.context() as patch:
-            patch.setattr(evaluation, "evaluate_before", terminated)
-            with pytest.raises(TrainingStopped) as stopped:
-                run_training(evaluating, command=[str(path)])
-        assert stopped.value.exit_code == 143
-        assert str(stopped.value).startswith("stopped by SIGTERM before training. No complete checkpoint was written")
+        stopped = stopped_by(monkeypatch, evaluating, (evaluation, "evaluate_before", terminated), [str(path)])
+        assert stopped.exit_code == 143
+        assert str(stopped).startswith("stopped by SIGTERM before training. No complete checkpoint was written")
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -649,22 +652,17 @@ def test_ctrl_c_while_loading_or_finishing_says_what_the_run_left(make_config, m
         raise KeyboardInterrupt
 
     loading, path = make_config("ctrl-c-loading")
-    with monkeypatch.context() as patch:
-        patch.setattr(run_module, "prepare", interrupt)
-        with pytest.raises(TrainingStopped) as stopped:
-            run_training(loading, command=[str(path)])
-    assert stopped.value.exit_code == 130
-    assert str(stopped.value) == (f"interrupted. The run had not started writing to {loading.output_dir}: start it "
-                                  "again with the same command.")
+    stopped = stopped_by(monkeypatch, loading, (run_module, "prepare", interrupt), [str(path)])
+    assert stopped.exit_code == 130
+    assert str(stopped) == (f"interrupted. The run had not started writing to {loading.output_dir}: start it "
+                            "again with the same command.")
 
     finishing, _ = make_config("ctrl-c-finishing")
-    with monkeypatch.context() as patch:
-        patch.setattr(run_module, "finish_run", interrupt)
-        with pytest.raises(TrainingStopped) as stopped:
-            run_training(finishing, command=[str(path), f"output_dir={finishing.output_dir}"])
+    stopped = stopped_by(monkeypatch, finishing, (run_module, "finish_run", interrupt),
+                         [str(path), f"output_dir={finishing.output_dir}"])
     last = latest_complete(Path(finishing.output_dir) / rundir.CHECKPOINTS)
-    assert str(stopped.value) == (f"interrupted. Last complete checkpoint: {last}. Resume with: loraforge train "
-                                  f"{path} output_dir={finishing.output_dir} --resume auto")
+    assert str(stopped) == (f"interrupted. Last complete checkpoint: {last}. Resume with: loraforge train "
+                            f"{path} output_dir={finishing.output_dir} --resume auto")
     run_training(finishing, resume="auto")
     assert (Path(finishing.output_dir) / rundir.ADAPTER).is_dir(), "the printed command finishes the run"
 
