@@ -108,7 +108,7 @@ def test_dpo_resume_equals_a_straight_run(make_dpo, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "bit-identical adapter weights"
 
 
-@pytest.mark.parametrize("method", ["dpo", "kto", "orpo"])
+@pytest.mark.parametrize("method", ["dpo", pytest.param("kto", marks=pytest.mark.slow), "orpo"])
 def test_a_preference_run_stopped_between_logs_logs_what_a_straight_run_logs(tmp_path, tiny_model_dir, monkeypatch,
                                                                               method):
     """SIGTERM at step 3 of 6, logging every 2 steps: step 4's record averages steps 3 and 4 in TRL's own metrics
