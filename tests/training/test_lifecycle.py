@@ -721,20 +721,15 @@ def untimed(run_dir: Path) -> list[dict]:
 def test_a_run_stopped_between_logs_and_resumed_writes_the_metrics_and_curves_of_a_straight_run(make_config,
                                                                                                 monkeypatch):
     from loraforge.eval.plots import read_loss_series
-    from loraforge.training.trainer import SignalStop
 
     straight, _ = make_config("straight", "train.logging_steps=2")
     run_training(straight)
-    real = SignalStop.on_step_end
-
-    def sigterm_after_step_5(self, args, state, control, **kwargs):
-        if state.global_step == 5 and self.received is None:
-            signal.raise_signal(signal.SIGTERM)
-        return real(self, args, state, control, **kwargs)
-
     config, _ = make_config("stopped", "train.logging_steps=2")
-    run = ended_by(monkeypatch, config, (SignalStop, "on_step_end", sigterm_after_step_5), TrainingStopped,
-                   "stopped by SIGTERM after step 5")
+    with monkeypatch.context() as patch:
+        signal_during(patch, 5)
+        with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 5"):
+            run_training(config)
+    run = Path(config.output_dir)
     assert [r["step"] for r in rundir.read_metrics(run / rundir.METRICS) if "train_loss" in r] == [5], "its summary"
     run_training(config, resume="auto")
 

@@ -114,10 +114,7 @@ def test_a_preference_run_stopped_between_logs_logs_what_a_straight_run_logs(tmp
     """SIGTERM at step 3 of 6, logging every 2 steps: step 4's record averages steps 3 and 4 in TRL's own metrics
     (rewards, log-probabilities, logits) as in its loss, and counts the tokens of the whole run, as a straight run's
     does (they covered step 4 alone, and the resumed session's tokens)."""
-    import signal
-
-    from loraforge.training.trainer import SignalStop
-    from tests.training.test_lifecycle import ended_by, untimed
+    from tests.training.test_lifecycle import signal_during, untimed
 
     make = dpo_config_maker(tmp_path, tiny_model_dir)
     settings = [f"method={method}", "train.logging_steps=2", "train.max_steps=6", "train.eval_every=6"]
@@ -125,15 +122,11 @@ def test_a_preference_run_stopped_between_logs_logs_what_a_straight_run_logs(tmp
         settings.append("data.sources[0].format=preference")
     straight, _ = make("straight", *settings)
     run_training(straight)
-    real = SignalStop.on_step_end
-
-    def sigterm_after_step_3(self, args, state, control, **kwargs):
-        if state.global_step == 3 and self.received is None:
-            signal.raise_signal(signal.SIGTERM)
-        return real(self, args, state, control, **kwargs)
-
     config, _ = make("stopped", *settings)
-    ended_by(monkeypatch, config, (SignalStop, "on_step_end", sigterm_after_step_3), TrainingStopped, "after step 3")
+    with monkeypatch.context() as patch:
+        signal_during(patch, 3)
+        with pytest.raises(TrainingStopped, match="after step 3"):
+            run_training(config)
     run_training(config, resume="auto")
     step_4 = [r for r in untimed(straight.output_dir) if r["step"] == 4 and "loss" in r][0]
     assert len(step_4) > 4, "TRL logs metrics of its own beside the loss"
