@@ -132,10 +132,21 @@ def test_masking_all_trains_every_token_but_messages_marked_train_false(tokenize
     assert len(trained) == 2 and trained[0].endswith("<|im_start|>user\na<|im_end|>\n")
     assert trained[1] == "<|im_start|>user\nb<|im_end|>\n<|im_start|>assistant\nTwo.<|im_end|>\n"
     assert tokenizer.decode(ids) == trained[0] + "<|im_start|>assistant\nOne.<|im_end|>\n" + trained[1]
+
+
+def test_masking_all_masks_a_first_message_marked_train_false_and_not_the_default_system_prompt_before_it(tokenizer):
     quiet_user = from_messages({"messages": [{"role": "user", "content": "secret", "train": False},
                                              {"role": "assistant", "content": "ok"}]}, "test:1")
     ids, labels = render(quiet_user, tokenizer, stop_token_ids(tokenizer), "all")
-    assert [tokenizer.decode(s) for s in spans(ids, labels)] == ["<|im_start|>assistant\nok<|im_end|>\n"]
+    assert [tokenizer.decode(s) for s in spans(ids, labels)] == [
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n",
+        "<|im_start|>assistant\nok<|im_end|>\n"]
+    no_system = copy.deepcopy(tokenizer)
+    no_system.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+                               + "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}")
+    ids, labels = render(quiet_user, no_system, stop_token_ids(no_system), "all")
+    assert [no_system.decode(s) for s in spans(ids, labels)] == ["<|im_start|>assistant\nok<|im_end|>\n"]
 
 
 def test_message_marked_train_false_is_masked(tokenizer):

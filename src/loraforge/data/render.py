@@ -8,7 +8,7 @@ text after it (a newline, say) is never generated, so it is not trained.
 
 from loraforge.data.formats import Conversation, Message, Preference
 from loraforge.errors import DataError
-from loraforge.model.template import apply_template
+from loraforge.model.template import TemplateError, apply_template
 
 IGNORE = -100
 # Text at a render boundary may tokenize differently once more text follows ("assistant: " + "pong"
@@ -96,7 +96,8 @@ def _render_all(conversation: Conversation, tokenizer) -> tuple[list[int], list[
     for index, message in enumerate(messages):
         if message.train is not False:
             continue
-        start = _common_prefix(_chat_ids(tokenizer, messages[:index], add_generation_prompt=False), full) if index else 0
+        start = (_common_prefix(_chat_ids(tokenizer, messages[:index], add_generation_prompt=False), full) if index
+                 else _before_first(tokenizer, message))
         through = _chat_ids(tokenizer, messages[: index + 1], add_generation_prompt=False)
         end = _common_prefix(through, full)
         if end < len(through) - _BOUNDARY:
@@ -114,6 +115,22 @@ def _opening(tokenizer) -> list[int]:
     first, second = (_chat_ids(tokenizer, [Message("assistant", text)], add_generation_prompt=False)
                      for text in ("x", "y"))
     return first[: _common_prefix(first, second)]
+
+
+def _before_first(tokenizer, first: Message) -> int:
+    """How many tokens a template puts before a chat's first message (its default system prompt, when the chat
+    brings none): what the message renders as alone, less the tokens it adds when it follows a system message. A
+    template that refuses system messages (Gemma's) has no default one, so puts nothing before."""
+    if first.role == "system":
+        return 0
+    alone = _chat_ids(tokenizer, [first], add_generation_prompt=False)
+    system = [Message("system", "x")]
+    try:
+        after = _chat_ids(tokenizer, [*system, first], add_generation_prompt=False)
+        added = after[_common_prefix(_chat_ids(tokenizer, system, add_generation_prompt=False), after):]
+    except TemplateError:
+        return 0
+    return len(alone) - _common_prefix(alone[::-1], added[::-1])
 
 
 def render_preference(pair: Preference, tokenizer, stop_ids: frozenset[int]) -> tuple[list[int], list[int], list[int]]:
