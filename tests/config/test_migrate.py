@@ -363,8 +363,9 @@ def test_csv_parquet_and_json_data_are_read_as_training_reads_them_and_what_is_l
     (tmp_path / "rows.csv").write_text('instruction,input,output\n"Hi, there",,hello\n', encoding="utf-8")
     Dataset.from_list([{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}]).to_parquet(tmp_path / "pairs.parquet")
     write_jsonl(tmp_path / "lines.json", [{"text": "a"}, {"text": "b"}])
+    (tmp_path / "cut.json").write_text('[{"text": "a"},\n{"text": ', encoding="utf-8")
     found = {}
-    for data in ("rows.csv", "pairs.parquet", "lines.json"):
+    for data in ("rows.csv", "pairs.parquet", "lines.json", "cut.json"):
         source = tmp_path / f"{data}.yaml"
         source.write_text(f"model_name_or_path: smollm2-135m-instruct\ntrain_file: {data}\n")
         migration = migrate(source, first_row)
@@ -372,11 +373,12 @@ def test_csv_parquet_and_json_data_are_read_as_training_reads_them_and_what_is_l
     assert found["rows.csv"] == ("alpaca", "train_file: format alpaca (first row of rows.csv has "
                                                 "['instruction', 'output'])")
     assert found["pairs.parquet"][0] == "preference" and "first row of pairs.parquet" in found["pairs.parquet"][1]
-    assert "not found" not in found["lines.json"][1] and "lines.json:2: not valid JSON" in found["lines.json"][1]
-    out = tmp_path / "lines-migrated.yaml"
-    assert main(["config", "migrate", str(tmp_path / "lines.json.yaml"), "--out", str(out)]) == 0
+    assert found["lines.json"] == ("text", "train_file: format text (first row of lines.json has 'text')")
+    assert "not found" not in found["cut.json"][1] and "cut.json:2: not valid JSON" in found["cut.json"][1]
+    out = tmp_path / "cut-migrated.yaml"
+    assert main(["config", "migrate", str(tmp_path / "cut.json.yaml"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"left to do before `loraforge train {out}`:\n  - data.sources[0].path: lines.json:2: not valid JSON" in printed
+    assert f"left to do before `loraforge train {out}`:\n  - data.sources[0].path: cut.json:2: not valid JSON" in printed
     assert "valid:" not in printed
     placeholder = tmp_path / "no-data.yaml"
     placeholder.write_text("model_name_or_path: smollm2-135m-instruct\nlearning_rate: 1.0e-4\n")

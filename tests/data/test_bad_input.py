@@ -321,6 +321,22 @@ def test_lines_that_are_not_utf8_are_bad_rows_named_by_line(tmp_path):
         load(array)
 
 
+def test_json_file_of_json_lines_is_read_line_by_line_with_bad_rows_named_by_line(tmp_path):
+    lines = write(tmp_path, [GOOD, "", json.dumps({"prompt": "x"}), "{broken", GOOD], name="lines.json")
+    rows, stats = load(lines, on_bad_row="skip")
+    assert [r.where for r in rows["train"]] == [f"{lines}:1", f"{lines}:5"] and stats.bad_rows == 2
+    with pytest.raises(DataError, match=rf"^2 bad rows, the first 2:\n  {lines}:3: no 'messages' field \(keys: prompt\)"
+                                        rf".*\n  {lines}:4: not valid JSON"):
+        load(lines)
+    one = write(tmp_path, [GOOD], name="one.json")
+    assert [r.where for r in load(one)[0]["train"]] == [f"{one}:1"]
+    spread = tmp_path / "spread.json"
+    spread.write_text(json.dumps(json.loads(GOOD), indent=2), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{spread}: one JSON object over \d+ lines; a .json data file holds an array "
+                                        r"of objects \(\[\{\.\.\.\}, \{\.\.\.\}\]\) or one object per line"):
+        load(spread)
+
+
 def test_json_nested_too_deep_is_a_bad_row_not_a_traceback(tmp_path):
     path = write(tmp_path, [GOOD, "[" * 100_000, GOOD])
     rows, stats = load(path, on_bad_row="skip")

@@ -1,8 +1,9 @@
-"""Rows out of a source, each with where it came from: JSONL/JSON by hand and CSV through the csv module (for
-line numbers, and every CSV cell as the text it is), Parquet and hub datasets through `datasets`."""
+"""Rows out of a source, each with where it came from: JSONL/JSON (an array, or JSON lines) by hand and CSV through
+the csv module (for line numbers, and every CSV cell as the text it is), Parquet and hub datasets through `datasets`."""
 
 import csv
 import difflib
+import io
 import json
 import re
 from pathlib import Path
@@ -101,9 +102,13 @@ def _jsonl(file: Path):
             f"(for example: sed -i '1s/^\\xEF\\xBB\\xBF//' {file})"
         )
     with file.open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            if raw.strip():
-                yield f"{file}:{number}", _jsonl_row(raw, f"{file}:{number}")
+        yield from _lines(file, fh)
+
+
+def _lines(file: Path, lines):
+    for number, raw in enumerate(lines, start=1):
+        if raw.strip():
+            yield f"{file}:{number}", _jsonl_row(raw, f"{file}:{number}")
 
 
 def _jsonl_row(raw: bytes, where: str) -> dict | BadRow:
@@ -122,22 +127,39 @@ def _jsonl_row(raw: bytes, where: str) -> dict | BadRow:
 
 
 def _json(file: Path):
-    raw = file.read_bytes()
+    """An array of objects, or, as the datasets library reads a .json that does not open with [, JSON lines."""
+    raw = file.read_bytes().removeprefix(BOM)
+    if not raw.lstrip().startswith(b"["):
+        yield from _json_lines(file, raw)
+        return
     try:
-        data = json.loads(raw.decode("utf-8-sig"))
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise DataError(f"{file}:{line}: not UTF-8 text ({exc.reason}); re-save the file as UTF-8") from None
     except json.JSONDecodeError as exc:
-        raise DataError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg}); a .json file holds one array of objects") from None
+        raise DataError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg}); a .json file that opens with [ holds "
+                        "one array of objects") from None
     except RecursionError:
         raise DataError(f"{file}: JSON nested deeper than the reader allows; flatten the deep value") from None
-    if not isinstance(data, list):
-        raise DataError(f"{file}: a .json data file must hold an array of objects, got {type(data).__name__}")
     for index, row in enumerate(data):
         if not isinstance(row, dict):
             row = BadRow(f"{file}: row {index}: expected an object, got {type(row).__name__}")
         yield f"{file}: row {index}", row
+
+
+def _json_lines(file: Path, raw: bytes):
+    """A .json file of one object per line, each named by its line; one object over several lines is refused as a
+    whole rather than as a bad row per line."""
+    try:
+        whole = json.loads(raw)
+    except (ValueError, RecursionError):
+        whole = None
+    lines = raw.strip().count(b"\n") + 1
+    if isinstance(whole, dict) and lines > 1:
+        raise DataError(f"{file}: one JSON object over {lines} lines; a .json data file holds an array of objects "
+                        "([{...}, {...}]) or one object per line (JSON lines): write it as one of the two")
+    yield from _lines(file, io.BytesIO(raw))
 
 
 def _csv(file: Path):
