@@ -338,6 +338,18 @@ def test_numeric_keys_are_bounded(tmp_path, override, key):
     assert key in str(error.value)
 
 
+def test_a_bad_value_of_a_key_that_takes_several_types_is_one_error_saying_what_it_takes(tmp_path):
+    path = write(tmp_path / "c.yaml", MINIMAL + "train:\n  eval_every: 0\n  save_every: soon\n  micro_batch_tokens: -3\n"
+                 "lora:\n  target_modules: [q_proj, 5]\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert sorted(error.value.problems) == [
+        f"{path}:5: train.eval_every: give a whole number (1 or more) or epoch (got 0)",
+        f"{path}:6: train.save_every: give a whole number (1 or more), epoch or null (got 'soon')",
+        f"{path}:7: train.micro_batch_tokens: give a whole number (1 or more), auto or null (got -3)",
+        f"{path}:9: lora.target_modules: give a list of text or all-linear (got ['q_proj', 5])"]
+
+
 def test_a_best_metric_the_task_does_not_report_is_refused_before_any_work(tmp_path, capsys):
     config = write(tmp_path / "c.yaml", MINIMAL + "train: {best_metric: eval_acuracy}\n")
     assert main(["train", str(config), f"output_dir={tmp_path / 'run'}"]) == 2
