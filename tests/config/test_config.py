@@ -423,6 +423,19 @@ def test_an_override_takes_a_key_as_loraforges_messages_print_it(tmp_path, monke
         "command line 'lora[0]=x': lora: Input should be a valid dictionary or instance of LoraConfig (got ['x'])"]
 
 
+def test_class_weights_for_a_label_written_as_a_number_and_as_text_are_an_error_and_a_layer_replaces_the_other(tmp_path):
+    parent = write(tmp_path / "c.yaml", MINIMAL + "classification:\n  class_weights: {1: 2.0, 0: 1.0}\n")
+    both = "classification.class_weights={1: 2.0, '1': 3.0}"
+    with pytest.raises(ConfigError) as error:
+        load_config(parent, [both])
+    assert error.value.problems == [f"command line {both!r}: classification.class_weights: 1 and '1' are one label, "
+                                    "'1' (a whole number is read as its text, as in the data); keep one of them"]
+    child = write(tmp_path / "child.yaml", "extends: c.yaml\nclassification:\n  class_weights: {'1': 3.0}\n")
+    assert load_config(child).classification.class_weights == {"0": 1.0, "1": 3.0}
+    replaced = load_config(parent, ["classification.class_weights={'1': 5.0}"]).classification.class_weights
+    assert replaced == {"0": 1.0, "1": 5.0}
+
+
 def test_a_position_after_a_dot_starts_a_list_the_file_does_not_have_and_a_key_of_a_mapping(tmp_path):
     path = write(tmp_path / "c.yaml", MINIMAL)
     config = load_config(path, ["eval.sample_prompts.0=hi", "lora.target_modules.0=q_proj",

@@ -187,10 +187,14 @@ def _record_lines(node: yaml.Node, key: Key, path: Path, origins: dict[Key, str]
 
 
 def _merge(parent: dict, child: dict, parent_origins: dict[Key, str], child_origins: dict[Key, str], key: Key = ()) -> dict:
+    """child over parent, mapping by mapping; a key of the same text is the same key (a layer's '1' replaces the
+    1 below it, as an override's does), but one layer that writes both keeps both, for validation to refuse."""
     merged = dict(parent)
     for name, value in child.items():
-        if isinstance(value, dict) and isinstance(parent.get(name), dict):
-            merged[name] = _merge(parent[name], value, parent_origins, child_origins, (*key, name))
+        below = next((known for known in parent if str(known) == str(name) and known not in child), name)
+        inner = merged.pop(below) if below != name else merged.get(name)
+        if isinstance(value, dict) and isinstance(inner, dict):
+            merged[name] = _merge(inner, value, parent_origins, child_origins, (*key, name))
         else:
             merged[name] = value
             prefix = (*key, name)

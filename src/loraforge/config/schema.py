@@ -236,6 +236,12 @@ class ClassificationConfig(Section):
         not_labels = [key for key, label in keys.items() if not isinstance(label, str)]
         if not_labels:
             raise ValueError(f"labels are text or whole numbers, got {not_labels}")
+        first: dict = {}
+        for key, label in keys.items():
+            if label in first:
+                raise ValueError(f"{first[label]!r} and {key!r} are one label, {label!r} (a whole number is read as "
+                                 "its text, as in the data); keep one of them")
+            first[label] = key
         bad = {keys[key]: weight for key, weight in value.items()
                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0}
         if bad:
