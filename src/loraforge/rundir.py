@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loraforge.config import RunConfig, load_config
 from loraforge.errors import ConfigError, RunDirError
+from loraforge.model.sources import model_location
 
 RESOLVED = "resolved.yaml"
 ADAPTER = "adapter"
@@ -126,14 +127,19 @@ def read_config(run_dir: str | Path) -> RunConfig:
     return load_config(run_dir / RESOLVED)
 
 
-def trained_precision(run_dir: str | Path) -> str | None:
-    """The precision a run trained in (manifest.json's chosen one: fp32, bf16 or fp16); None without a readable
-    manifest."""
+def read_manifest(run_dir: str | Path) -> dict:
+    """A run's manifest.json; empty where there is none readable."""
     try:
         manifest = json.loads((Path(run_dir) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    precision = manifest.get("precision") if isinstance(manifest, dict) else None
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def trained_precision(run_dir: str | Path) -> str | None:
+    """The precision a run trained in (manifest.json's chosen one: fp32, bf16 or fp16); None without a readable
+    manifest."""
+    precision = read_manifest(run_dir).get("precision")
     chosen = precision.get("chosen") if isinstance(precision, dict) else None
     return chosen if chosen in ("fp32", "bf16", "fp16") else None
 
@@ -153,8 +159,9 @@ def check_adapter(folder: Path) -> None:
 
 def check_init_from(config: RunConfig) -> None:
     """The run init_from names holds a LoRA adapter that this config can carry on training: trained on the same
-    model, layers, quantization, task and LoRA settings (its dropout aside). Read from its resolved.yaml and adapter
-    files alone, so a mismatch is said before any data is prepared or model loaded."""
+    model (one local folder however each names it), layers, quantization, task and LoRA settings (its dropout aside).
+    Read from its resolved.yaml, manifest.json and adapter files alone, so a mismatch is said before any data is
+    prepared or model loaded."""
     if config.init_from is None:
         return
     source = Path(config.init_from)
@@ -167,7 +174,8 @@ def check_init_from(config: RunConfig) -> None:
     except RunDirError as exc:
         raise ConfigError([f"init_from: {exc}"]) from None
     mismatched = [f"{name} {a!r} there, {b!r} here" for name, a, b in (
-        ("model.name", earlier.model.name, config.model.name),
+        ("model.name", model_location(earlier.model.name, read_manifest(source).get("cwd")),
+         model_location(config.model.name)),
         ("model.variant", earlier.model.variant, config.model.variant),
         ("model.drop_layers", earlier.model.drop_layers, config.model.drop_layers),
         ("model.keep_layers", earlier.model.keep_layers, config.model.keep_layers),

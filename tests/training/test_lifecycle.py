@@ -22,7 +22,7 @@ from loraforge.errors import ConfigError, RunDirError, TrainingStopped
 from loraforge.training.checkpoints import MARKER, complete_checkpoints, latest_complete
 from loraforge.training.run import run_training
 from loraforge.training.trainer import CheckpointError
-from tests.conftest import ECHO_ROWS, ROOT
+from tests.conftest import ECHO_ROWS, ROOT, save_tiny_llama
 from tests.training.conftest import losses
 
 
@@ -614,6 +614,25 @@ def test_init_from_a_run_that_dropped_other_layers_or_no_run_is_refused_before_t
             run_training(second)
         assert refused.value.problems[0].startswith(said)
         assert not Path(second.output_dir).exists()
+
+
+def test_init_from_takes_the_same_model_folder_however_each_config_names_it(make_config, tiny_model_dir, tokenizer,
+                                                                             tmp_path, monkeypatch):
+    """The earlier run named the folder relative to where it ran (manifest.json's cwd); this one by its absolute path,
+    or relative to another folder: one model. Another folder is another model, named by where it is."""
+    monkeypatch.chdir(tiny_model_dir.parent)
+    short = ["train.max_steps=1", "train.save_every=null", f"model.name={tiny_model_dir.name}"]
+    first, _ = make_config("relative", *short)
+    run_training(first)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for name in (str(tiny_model_dir), os.path.relpath(tiny_model_dir)):
+        rundir.check_init_from(make_config("second", f"model.name={name}", f"init_from={first.output_dir}")[0])
+    other = save_tiny_llama(tmp_path / "other-llama", tokenizer)
+    with pytest.raises(ConfigError) as refused:
+        rundir.check_init_from(make_config("third", f"model.name={other}", f"init_from={first.output_dir}")[0])
+    assert f"(model.name {str(tiny_model_dir.resolve())!r} there, {str(other)!r} here)" in refused.value.problems[0]
 
 
 def test_sigterm_while_loading_or_evaluating_first_says_what_the_run_left(make_config, monkeypatch):

@@ -75,6 +75,15 @@ def folder_on_disk(name: str) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
+def model_location(name: str, cwd: str | Path | None = None) -> str:
+    """What a model.name loads, to tell whether two names are one model: a local folder's resolved path (a relative
+    one from cwd, the folder it was given in), a built-in name or hub id as it is."""
+    if name in BUILTIN:
+        return name
+    path = Path(cwd or ".") / Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() or looks_local(name) else name
+
+
 def check_model_name(name: str) -> None:
     path = Path(name).expanduser()
     if path.is_dir():
