@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# A port nothing listens on: the hub refuses at once, on any machine, online or not.
+UNREACHABLE = "http://127.0.0.1:9"
 
 
 def pytest_configure(config):
@@ -15,6 +17,18 @@ def pytest_configure(config):
     if workers > 1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+
+
+@pytest.fixture
+def no_hub(tmp_path, monkeypatch):
+    """An empty hub cache and a hub that cannot be reached."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", UNREACHABLE)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        UNREACHABLE + "/{repo_id}/resolve/{revision}/{filename}")
+    return tmp_path / "hub-cache"
 
 
 @pytest.fixture(scope="session")

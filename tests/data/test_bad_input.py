@@ -1,12 +1,14 @@
 """Every kind of bad input: a DataError naming file, line and field, or with on_bad_row=skip a counted skip."""
 
 import json
+import logging
 
 import pytest
 
 from loraforge.config.data_section import DataConfig
 from loraforge.data.build import DataStats, load_rows
 from loraforge.errors import DataError
+from tests.conftest import UNREACHABLE
 
 GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
 
@@ -159,16 +161,33 @@ def test_bad_row_stops_training_before_anything_is_written(tmp_path, tiny_model_
     assert not (tmp_path / "run" / "adapter").exists()
 
 
-def test_hub_dataset_name_goes_to_datasets(tmp_path, monkeypatch):
-    """Offline, a hub name fails with a message saying so; online the same call loads the dataset."""
+def test_an_uncached_hub_dataset_without_a_hub_fails_at_once_in_one_line_and_a_cached_one_goes_to_datasets(
+        no_hub, tmp_path, monkeypatch, caplog):
+    """As model.name's hub ids: one quick request, where datasets would retry for half a minute."""
     import datasets
     import huggingface_hub.constants
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", UNREACHABLE)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO, logger="huggingface_hub"), pytest.raises(DataError) as error:
+        load("someone/chat-data")
+    assert str(error.value) == ("someone/chat-data: hub dataset is not in the local hub cache and the hub cannot be "
+                                "reached ([Errno 111] Connection refused); point data.sources[].path at a local file, "
+                                "or run once online to cache it")
+    assert not [r.getMessage() for r in caplog.records if "Retry" in r.getMessage()], "asked the hub once"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
-    with pytest.raises(DataError, match=r"someone/chat-data: cannot load this hub dataset .*offline runs need a local file"):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match=r"^someone/chat-data: hub dataset is not in the local hub cache and "
+                                        r"HF_HUB_OFFLINE is set; point data.sources\[\].path at a local file"):
+        load("someone/chat-data")
+    commit = "0" * 40
+    repo = no_hub / "datasets--someone--chat-data"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "README.md").write_text("# chat data\n")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    with pytest.raises(DataError, match=r"^someone/chat-data: cannot load this hub dataset .*offline runs need a local"):
         load("someone/chat-data")
 
 

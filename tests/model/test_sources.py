@@ -13,20 +13,6 @@ from loraforge.model.load import load_model_config
 from loraforge.model.sources import check_model_name, resolve_model
 from tests.conftest import write_tiny_config
 
-# A port nothing listens on: the hub refuses at once, on any machine, online or not.
-UNREACHABLE = "http://127.0.0.1:9"
-
-
-@pytest.fixture
-def no_hub(tmp_path, monkeypatch):
-    """An empty hub cache and a hub that cannot be reached."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", UNREACHABLE)
-    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        UNREACHABLE + "/{repo_id}/resolve/{revision}/{filename}")
-    return tmp_path / "hub-cache"
-
-
 def test_a_missing_folder_under_a_folder_that_is_here_is_a_folder_not_a_hub_id(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()

@@ -30,7 +30,8 @@ class Masking(str, Enum):
 class DataSource(Section):
     path: str = Field(
         description="A .jsonl, .json, .csv or .parquet file (relative paths are read from the current directory), "
-        "or a Hugging Face hub dataset name (needs a network); a leading ~ is the home folder."
+        "or a Hugging Face hub dataset name (needs a network, or the dataset in the local hub cache); a leading ~ is "
+        "the home folder."
     )
     format: DataFormat = Field(
         DataFormat.messages,

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from loraforge.errors import DataError
+from loraforge.model.sources import hub_problem
 
 BOM = b"\xef\xbb\xbf"
 # The csv module refuses a cell over 128 KiB; a long document in one cell is valid CSV.
@@ -231,6 +232,10 @@ def _root_cause(exc: BaseException) -> str:
 def _hub(name: str, split: str):
     from datasets import load_dataset
 
+    problem = hub_problem(name, "README.md", repo_type="dataset")
+    if problem is not None:
+        raise DataError(f"{name}: hub dataset {problem}; point data.sources[].path at a local file, or run once "
+                        "online to cache it")
     try:
         table = load_dataset(name, split=split)
     except Exception as exc:

@@ -106,21 +106,29 @@ def check_model_name(name: str) -> None:
 
 
 def check_hub_reachable(name: str, revision: str | None) -> None:
-    """A hub id in the local hub cache, or one the hub answers for; else one line at once. Left to transformers, an
-    unreachable hub is asked five more times with back-off (about 25 s) before the same answer."""
-    if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json", revision=revision), str):
-        return
-    unusable = f"give {CHOICES} while online"
+    """A hub id in the local hub cache, or one the hub answers for; else one line at once."""
+    problem = hub_problem(name, "config.json", revision)
+    if problem is not None:
+        raise ModelError(f"model.name: {name} {problem}; give {CHOICES} while online")
+
+
+def hub_problem(repo_id: str, filename: str, revision: str | None = None, repo_type: str = "model") -> str | None:
+    """Why a hub repo cannot be had now, said after its name; None when its `filename` is in the local hub cache or
+    the hub answers (what it answers, no such repo or a gated one, is for transformers or datasets to say). Left
+    to them, an unreachable hub is asked five more times with back-off (about 25 s) before the same answer."""
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, filename, revision=revision, repo_type=repo_type), str):
+        return None
     if huggingface_hub.is_offline_mode():
-        raise ModelError(f"model.name: {name} is not in the local hub cache and HF_HUB_OFFLINE is set; {unusable}")
+        return "is not in the local hub cache and HF_HUB_OFFLINE is set"
     try:
-        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(name, "config.json", revision=revision))
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo_id, filename, revision=revision,
+                                                                         repo_type=repo_type))
     except huggingface_hub.errors.HfHubHTTPError:
-        return  # the hub answered (no such repo, gated, ...): transformers says what it answered
+        return None
     except huggingface_hub.errors.HTTPError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"model.name: {name} is not in the local hub cache and the hub cannot be reached ({reason}); "
-                         f"{unusable}") from None
+        return f"is not in the local hub cache and the hub cannot be reached ({reason})"
+    return None
 
 
 def looks_local(name: str) -> bool:
