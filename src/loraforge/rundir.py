@@ -136,6 +136,12 @@ def read_manifest(run_dir: str | Path) -> dict:
     return manifest if isinstance(manifest, dict) else {}
 
 
+def base_location(run_dir: str | Path, config: RunConfig) -> str:
+    """What the model.name of a run loads from any folder (model_location): a relative folder from the one the run
+    trained in (manifest.json's cwd; the current one where no manifest says)."""
+    return model_location(config.model.name, read_manifest(run_dir).get("cwd"))
+
+
 def trained_precision(run_dir: str | Path) -> str | None:
     """The precision a run trained in (manifest.json's chosen one: fp32, bf16 or fp16); None without a readable
     manifest."""
@@ -174,8 +180,7 @@ def check_init_from(config: RunConfig) -> None:
     except RunDirError as exc:
         raise ConfigError([f"init_from: {exc}"]) from None
     mismatched = [f"{name} {a!r} there, {b!r} here" for name, a, b in (
-        ("model.name", model_location(earlier.model.name, read_manifest(source).get("cwd")),
-         model_location(config.model.name)),
+        ("model.name", base_location(source, earlier), model_location(config.model.name)),
         ("model.variant", earlier.model.variant, config.model.variant),
         ("model.drop_layers", earlier.model.drop_layers, config.model.drop_layers),
         ("model.keep_layers", earlier.model.keep_layers, config.model.keep_layers),

@@ -16,7 +16,8 @@ from loraforge.data.render import stop_token_ids
 from loraforge.errors import RunDirError
 from loraforge.model.load import load_for_run, load_model, load_tokenizer
 from loraforge.model.sources import resolve_model
-from loraforge.rundir import ADAPTER, LABELS, MODEL, REFERENCE, TOKENIZER, check_adapter, read_config
+from loraforge.rundir import (ADAPTER, LABELS, MODEL, REFERENCE, TOKENIZER, base_location, check_adapter,
+                             read_config)
 
 # The command that fits a run of each task, for refusing the wrong one.
 COMMAND_FOR = {"causal_lm": "loraforge chat {run_dir}", "classification": "loraforge predict {run_dir} --text ..."}
@@ -57,7 +58,7 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
         as_trained = config if quantized else config.model_copy(update={"quantization": QuantizationConfig()})
         check_adapter(run_dir / ADAPTER)
         check_weights_readable(run_dir / ADAPTER)
-        base = load_for_run(as_trained, resolve_model(config.model.name, config.model.revision), precision,
+        base = load_for_run(as_trained, resolve_model(base_location(run_dir, config), config.model.revision), precision,
                             labels=labels)
         if as_trained.quantization.mode != "none":
             # As training prepared it: the weights bitsandbytes does not quantize (embeddings, norms, head) in fp32.

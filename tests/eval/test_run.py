@@ -200,6 +200,46 @@ def test_eval_reads_the_run_data_from_where_it_trained_and_refuses_a_changed_fil
         run_eval(trained_in / "run", max_samples=0)
 
 
+def test_a_run_on_a_relative_model_folder_loads_it_from_where_it_trained(tmp_path, tiny_model_dir, tokenizer, no_hub,
+                                                                      monkeypatch):
+    """model.name models/tiny, trained in project/: eval and merge from elsewhere load project/models/tiny, not the
+    models/tiny there, and the adapter names its base so that plain PEFT loads it from any folder."""
+    import shutil
+
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.config import load_config
+    from loraforge.errors import ModelError
+    from loraforge.export.merge import run_merge
+    from loraforge.training.run import run_training
+    from tests.conftest import save_tiny_llama, write_tiny_config
+
+    trained_in, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    trained_in.mkdir(), elsewhere.mkdir()
+    shutil.copytree(tiny_model_dir, trained_in / "models" / "tiny")
+    save_tiny_llama(elsewhere / "models" / "tiny", tokenizer, seed=1)
+    config_path = write_tiny_config(trained_in, Path("models/tiny"), "{max_steps: 2, batch_size: 4, save_every: null}")
+    monkeypatch.chdir(trained_in)
+    run_training(load_config(config_path, [f"output_dir={trained_in / 'run'}", "precision=fp32"]))
+    run = trained_in / "run"
+    after = json.loads((run / "eval.json").read_text())["eval_loss_after"]
+
+    monkeypatch.chdir(elsewhere)
+    assert run_eval(run, max_samples=0)["fine_tuned"]["loss"] == pytest.approx(after, rel=1e-5)
+    assert run_merge(run).max_abs_logit_diff <= 1e-4
+    base = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(trained_in / "models" / "tiny")
+    plain = AutoPeftModelForCausalLM.from_pretrained(run / "adapter")
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert torch.equal(plain.get_base_model().model.embed_tokens.weight, original.model.embed_tokens.weight)
+
+    shutil.rmtree(trained_in / "models" / "tiny"), shutil.rmtree(elsewhere / "models")
+    with pytest.raises(ModelError, match=rf"model.name: folder {trained_in / 'models' / 'tiny'} not found"):
+        run_eval(run, max_samples=0)
+
+
 def test_eval_says_when_compare_base_has_no_base_to_measure_and_refuses_an_unknown_split(train_tiny, caplog):
     import logging
 

@@ -13,7 +13,8 @@ from loraforge.config.section import Section
 class ModelConfig(Section):
     name: str = Field(
         "smollm2-135m-instruct",
-        description="Built-in model name (smollm2-135m-instruct, works offline), a local folder, "
+        description="Built-in model name (smollm2-135m-instruct, works offline), a local folder (a relative one "
+        "from the current directory, and for chat, eval, merge, export and serve from the one the run trained in), "
         "or a Hugging Face hub id passed unchanged to from_pretrained.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of model.name.")

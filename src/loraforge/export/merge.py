@@ -65,13 +65,13 @@ def merged_is_current(folder: Path, run_dir: Path, digest: str | None = None) ->
     return ledger.intact(folder) and merge_record(folder).get("run_digest") == (digest or run_digest(run_dir))
 
 
-def stored_dtype(config):
+def stored_dtype(run_dir: Path, config):
     """The dtype the base checkpoint stores its weights in, where it is a 16-bit one: the merge is saved in it, as
     large as the base, not twice as large in fp32."""
     import torch
 
-    base = load_model_config(resolve_model(config.model.name, config.model.revision), config.model.revision,
-                             config.model.trust_remote_code)
+    base = load_model_config(resolve_model(rundir.base_location(run_dir, config), config.model.revision),
+                             config.model.revision, config.model.trust_remote_code)
     dtype = getattr(base, "dtype", None)
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
@@ -111,7 +111,7 @@ def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult
         reference = model.double()(**inputs).logits
     model.float()
     merged = model.merge_and_unload()
-    stored = stored_dtype(config)
+    stored = stored_dtype(run_dir, config)
     if stored is not None:
         merged.to(stored)
     ledger.claim(out_dir, None, "--out")

@@ -58,7 +58,7 @@ def run_export_ollama(run_dir: str | Path, kind: str = "q8_0") -> Path:
     refuse_other_tasks(run_dir)
     config = rundir.read_config(run_dir)
     tokenizer = load_tokenizer(str(run_dir / rundir.TOKENIZER))
-    base = resolve_model(config.model.name, config.model.revision)
+    base = resolve_model(rundir.base_location(run_dir, config), config.model.revision)
     stop_ids = model_stop_ids(tokenizer, base, load_model_config(base, config.model.revision), config.model.revision)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in sorted(stop_ids)]
     gguf = gguf_path(run_dir, kind)

@@ -48,15 +48,16 @@ CHOICES = f"a built-in name ({', '.join(BUILTIN)}), a folder written by save_pre
 
 
 def resolve_model(name: str, revision: str | None = None) -> str:
-    """A path or hub id that from_pretrained loads: built-in names become their cached HF folder. What can be
-    neither (a folder without config.json, a file, a missing path, a malformed id, a hub id neither cached nor
-    reachable) is refused here, at once."""
+    """A path or hub id that from_pretrained loads: built-in names become their cached HF folder, a local folder its
+    absolute path (so an adapter's base_model_name_or_path loads from any folder). What can be neither (a folder
+    without config.json, a file, a missing path, a malformed id, a hub id neither cached nor reachable) is refused
+    here, at once."""
     builtin = BUILTIN.get(name)
     if builtin is None:
         check_model_name(name)
         if not Path(name).expanduser().is_dir():
             check_hub_reachable(name, revision)
-        return name
+        return model_location(name)
     folder = builtin_folder(builtin.name)
     if not (folder / "config.json").is_file():
         _convert(builtin, folder)
@@ -81,7 +82,7 @@ def model_location(name: str, cwd: str | Path | None = None) -> str:
     if name in BUILTIN:
         return name
     path = Path(cwd or ".") / Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() or looks_local(name) else name
+    return str(path.resolve()) if path.is_dir() or looks_local(name, cwd) else name
 
 
 def check_model_name(name: str) -> None:
@@ -131,11 +132,11 @@ def hub_problem(repo_id: str, filename: str, revision: str | None = None, repo_t
     return None
 
 
-def looks_local(name: str) -> bool:
-    """A path rather than a hub id: written as one, with more than one slash, or under a folder that is here
-    (runs/merged beside a runs/ folder), since a hub owner is seldom also a folder in the working one."""
+def looks_local(name: str, cwd: str | Path | None = None) -> bool:
+    """A path rather than a hub id: written as one, with more than one slash, or under a folder that is in cwd (the
+    working one unless given: runs/merged beside a runs/ folder), since a hub owner is seldom also a folder there."""
     return (name.startswith(("/", "./", "../", "~")) or os.sep in name.strip("/").replace("/", "", 1)
-            or ("/" in name and Path(name.split("/", 1)[0]).is_dir()))
+            or ("/" in name and (Path(cwd or ".") / name.split("/", 1)[0]).is_dir()))
 
 
 def _gguf_file(builtin: BuiltinModel) -> Path:

@@ -53,9 +53,9 @@ def _rss_mb() -> float:
         return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def _base_key(config) -> tuple:
+def _base_key(folder: Path, config) -> tuple:
     m = config.model
-    return (resolve_model(m.name, m.revision), m.revision, config.quantization.model_dump_json(), m.attn_implementation,
+    return (resolve_model(rundir.base_location(folder, config), m.revision), m.revision, config.quantization.model_dump_json(), m.attn_implementation,
             config.lora.use_dora, m.variant, tuple(m.drop_layers), m.keep_layers)
 
 
@@ -81,7 +81,7 @@ def load_served(run_dirs: list[str]) -> dict[str, Served]:
             log.info("run %s: its own fine-tuned model, %.0f MB", name, _rss_mb() - before)
         else:
             rundir.check_adapter(folder / rundir.ADAPTER)
-            key = _base_key(config)
+            key = _base_key(folder, config)
             if key not in bases:
                 model = PeftModel.from_pretrained(load_for_run(config, key[0]), str(folder / rundir.ADAPTER),
                                                   adapter_name=name).eval()
@@ -98,12 +98,12 @@ def load_served(run_dirs: list[str]) -> dict[str, Served]:
                               system_prompt=config.data.system_prompt, max_new_tokens=config.eval.max_new_tokens)
     # A model loaded as several bases (runs with and without DoRA, or with layers removed) answers once under its
     # name, from a base with all its layers where there is one.
-    for base, model_name in sorted(bases.values(), key=lambda pair: not pair[0].all_layers):
+    for key, (base, model_name) in sorted(bases.items(), key=lambda item: not item[1][0].all_layers):
         if model_name in served and served[model_name].adapter is None and served[model_name].base.adapters:
             continue
         if model_name in served:
             raise RunDirError(f"a run directory is named {model_name!r}, the name its base answers under; rename it")
-        tokenizer = load_tokenizer(resolve_model(model_name))
+        tokenizer = load_tokenizer(key[0])
         served[model_name] = Served(model_name, base, None, tokenizer, stop_token_ids(tokenizer, base.model.generation_config),
                                     system_prompt=None, max_new_tokens=next(
                                         s.max_new_tokens for s in served.values() if s.base is base))
