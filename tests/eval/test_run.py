@@ -200,6 +200,16 @@ def test_eval_reads_the_run_data_from_where_it_trained_and_refuses_a_changed_fil
         run_eval(trained_in / "run", max_samples=0)
 
 
+def test_a_manifest_that_is_not_an_object_is_read_as_none_by_eval(train_tiny):
+    """As every reader of manifest.json takes it (rundir.read_manifest): the run's files as its config names them,
+    computed in fp32; it stopped eval with an AttributeError."""
+    config, result = train_tiny("train.max_steps=2", "precision=fp32")
+    (Path(config.output_dir) / "manifest.json").write_text("[]\n")
+    found = run_eval(config.output_dir, max_samples=0)
+    assert found["trained_precision"] is None
+    assert found["fine_tuned"]["loss"] == pytest.approx(result.eval_after, rel=1e-5)
+
+
 def test_a_run_on_a_relative_model_folder_loads_it_from_where_it_trained(tmp_path, tiny_model_dir, tokenizer, no_hub,
                                                                       monkeypatch):
     """model.name models/tiny, trained in project/: eval and merge from elsewhere load project/models/tiny, not the

@@ -108,10 +108,7 @@ def sources_as_trained(run_dir: Path, config):
     """The run's config with its data files found where it trained (relative paths start from the folder it trained
     in, as manifest.json records), refused where a file is gone or changed: its held-out rows would not be the ones
     the run held out."""
-    try:
-        manifest = json.loads((Path(run_dir) / rundir.MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return config
+    manifest = rundir.read_manifest(run_dir)
     trained_files, cwd = manifest.get("data_files") or {}, manifest.get("cwd")
     sources = []
     for source in config.data.sources:
@@ -119,7 +116,7 @@ def sources_as_trained(run_dir: Path, config):
         if digest is None or str(digest).startswith("hub:"):
             sources.append(source)
             continue
-        path = Path(cwd) / source.path if cwd and not Path(source.path).is_absolute() else Path(source.path)
+        path = Path(cwd or ".") / source.path
         if not path.is_file() or file_digest(path) != digest:
             state = "is not there" if not path.is_file() else "has changed since the run trained on it"
             raise DataError(f"{path} (data.sources path {source.path} of {run_dir}) {state}, so the run's "
