@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -189,6 +190,38 @@ def test_an_uncached_hub_dataset_without_a_hub_fails_at_once_in_one_line_and_a_c
     (repo / "refs" / "main").write_text(commit)
     with pytest.raises(DataError, match=r"^someone/chat-data: cannot load this hub dataset .*offline runs need a local"):
         load("someone/chat-data")
+
+
+def test_a_hub_dataset_loaded_once_without_a_readme_loads_offline(no_hub, tmp_path, monkeypatch):
+    """What loading it once online leaves: in the hub cache a snapshot of its data files and a note that it has no
+    README.md, in datasets' cache the rows it prepared, which datasets reads offline. A repo folder that holds no
+    snapshot is not cached."""
+    import datasets
+    import huggingface_hub.constants
+    from datasets.packaged_modules.json.json import Json
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    commit = "0" * 40
+    repo = no_hub / "datasets--someone--chat-data"
+    (repo / ".no_exist" / commit).mkdir(parents=True)
+    (repo / ".no_exist" / commit / "README.md").touch()
+    with pytest.raises(DataError, match=r"^someone/chat-data: hub dataset is not in the local hub cache"):
+        load("someone/chat-data")
+
+    rows = write(tmp_path, [GOOD, msgs(("user", "q"), ("assistant", "a"))], "train.jsonl")
+    (repo / "snapshots" / commit / "data").mkdir(parents=True)
+    (repo / "snapshots" / commit / "data" / "train.jsonl").write_bytes(rows.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    prepared = Json(cache_dir=str(tmp_path / "building"), dataset_name="chat-data", data_files={"train": str(rows)})
+    prepared.download_and_prepare()
+    kept = tmp_path / "datasets-cache" / "someone___chat-data" / "default" / "0.0.0" / Path(prepared.cache_dir).name
+    kept.parent.mkdir(parents=True)
+    Path(prepared.cache_dir).rename(kept)
+    found, _ = load("someone/chat-data")
+    assert [r.conversation.messages[-1].content for r in found["train"]] == ["hello", "a"]
 
 
 def test_unknown_file_type(tmp_path):

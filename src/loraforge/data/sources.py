@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from loraforge.errors import DataError
-from loraforge.model.sources import hub_problem
+from loraforge.model.sources import hub_problem, in_hub_cache
 
 BOM = b"\xef\xbb\xbf"
 # The csv module refuses a cell over 128 KiB; a long document in one cell is valid CSV.
@@ -232,7 +232,7 @@ def _root_cause(exc: BaseException) -> str:
 def _hub(name: str, split: str):
     from datasets import load_dataset
 
-    problem = hub_problem(name, "README.md", repo_type="dataset")
+    problem = None if in_hub_cache(name, repo_type="dataset") else hub_problem(name, "README.md", repo_type="dataset")
     if problem is not None:
         raise DataError(f"{name}: hub dataset {problem}; point data.sources[].path at a local file, or run once "
                         "online to cache it")

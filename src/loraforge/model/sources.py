@@ -107,18 +107,31 @@ def check_model_name(name: str) -> None:
 
 
 def check_hub_reachable(name: str, revision: str | None) -> None:
-    """A hub id in the local hub cache, or one the hub answers for; else one line at once."""
+    """A hub id whose config.json (what transformers reads first) is in the local hub cache, or one the hub answers
+    for; else one line at once."""
+    if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return
     problem = hub_problem(name, "config.json", revision)
     if problem is not None:
         raise ModelError(f"model.name: {name} {problem}; give {CHOICES} while online")
 
 
+def in_hub_cache(repo_id: str, revision: str | None = None, repo_type: str = "model") -> bool:
+    """The local hub cache holds a snapshot of the repo at `revision`, whichever of its files it holds."""
+    try:
+        huggingface_hub.snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_files_only=True)
+    except huggingface_hub.errors.IncompleteSnapshotError:
+        return True
+    except huggingface_hub.errors.LocalEntryNotFoundError:
+        return False
+    return True
+
+
 def hub_problem(repo_id: str, filename: str, revision: str | None = None, repo_type: str = "model") -> str | None:
-    """Why a hub repo cannot be had now, said after its name; None when its `filename` is in the local hub cache or
-    the hub answers (what it answers, no such repo or a gated one, is for transformers or datasets to say). Left
-    to them, an unreachable hub is asked five more times with back-off (about 25 s) before the same answer."""
-    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, filename, revision=revision, repo_type=repo_type), str):
-        return None
+    """Why a hub repo that is not in the local hub cache cannot be had now, said after its name; None when the hub
+    answers for its `filename` (what it answers, no such repo or a gated one, is for transformers or datasets to
+    say). Left to them, an unreachable hub is asked five more times with back-off (about 25 s) before the same
+    answer."""
     if huggingface_hub.is_offline_mode():
         return "is not in the local hub cache and HF_HUB_OFFLINE is set"
     try:
