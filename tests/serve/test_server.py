@@ -469,6 +469,7 @@ def test_a_request_that_fails_inside_a_batch_gets_a_500_and_the_others_their_ans
         background.stop()
         engine.close()
     assert engine.batch_sizes[0] == len(asked), "the five requests shared one batch"
+    assert len(engine.batch_sizes) <= 1 + 2 * 3, "then a try for each half of at most three splits down to the row"
     failed = answers[-1]
     assert failed.status_code == 500
     assert failed.json()["error"] == {"message": "generation failed: RuntimeError: injected failure",
@@ -479,5 +480,41 @@ def test_a_request_that_fails_inside_a_batch_gets_a_500_and_the_others_their_ans
             assert got.status_code == 200, got.text
             got, expected = (r.json()["choices"][0]["message"]["content"] for r in (got, expected))
         assert got == expected and expected, asked[index]
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and str(tracebacks[0].exc_info[1]) == "injected failure"
+
+
+def test_a_failure_every_row_meets_fails_the_batch_after_three_tries_with_one_traceback(runs, caplog):
+    """Every forward fails: the batch and both its halves fail alike, so each request gets the error after three
+    tries (splitting down to each row took 2N-1 = 9) and the log holds one traceback, not one per request."""
+    import logging
+
+    from loraforge.eval.generate import prompt_ids
+    from loraforge.serve.engine import Engine, Job
+    from loraforge.serve.models import load_served
+
+    served = load_served([str(r) for r in runs])
+    engine = Engine(max_batch=8, gather_s=1.0)
+    events = [[] for _ in range(5)]
+    jobs = [Job(served[name], prompt_ids(served[name].tokenizer, [{"role": "user", "content": f"Echo {word}"}]),
+                max_tokens=6, temperature=0.0, top_p=1.0, stop=[], seed=None, deliver=events[i].append)
+            for i, (name, word) in enumerate(zip(["echo-a", "echo-b"] * 3, WORDS[:5]))]
+
+    def fail(module, args):
+        raise RuntimeError("injected failure")
+
+    hook = served["echo-a"].base.model.get_input_embeddings().register_forward_pre_hook(fail)
+    try:
+        with caplog.at_level(logging.WARNING, logger="loraforge.serve"):
+            for job in jobs:
+                engine.submit(job)
+            deadline = time.monotonic() + 60
+            while not all(job.finish_reason for job in jobs) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        hook.remove()
+        engine.close()
+    assert list(engine.batch_sizes) == [5, 2, 3]
+    assert all(e == [("error", "generation failed: RuntimeError: injected failure")] for e in events), events
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 1 and str(tracebacks[0].exc_info[1]) == "injected failure"

@@ -5,7 +5,9 @@ strings; its tokens go to its request as they come. A request that is cancelled 
 ran out) stops its row at the next token. Requests that arrive while a batch runs wait for the next one.
 
 A batch that fails is split in two, each half going on from the tokens its rows already have, until the row that
-fails is alone: that request alone gets the error."""
+fails is alone: that request alone gets the error. Where both halves fail with the very error of their batch, the
+failure is not one row's (a row is in only one half) but the batch's shared state's (the model, its memory): every
+row gets it after three tries, where splitting down to each row would take 2N-1 and log N tracebacks."""
 
 import contextlib
 import copy
@@ -126,27 +128,59 @@ class Engine:
                 self.finished.append((job.finish_reason, len(job.tokens)))
 
     def _run(self, jobs: list[Job]) -> None:
+        failure = self._try(jobs)
+        if failure is not None:
+            self._split(jobs, failure, logged=set())
+
+    def _try(self, jobs: list[Job]) -> Exception | None:
+        """The batch generated, or what it failed with (a failed batch must not end the worker)."""
         self.batch_sizes.append(len(jobs))
         self.running = len(jobs)
         try:
             _generate(jobs)
-            return
-        except Exception as exc:  # a failed batch must not end the worker, nor fail the rows that did not fail it
-            failure = exc
+            return None
+        except Exception as exc:
+            return exc
         finally:
             self.running = 0
+
+    def _split(self, jobs: list[Job], failure: Exception, logged: set) -> None:
+        """The unfinished rows of a failed batch, in two halves: a half that fails is split again; a lone row that
+        fails, or both halves failing as their batch did, gets the error. logged: the failures whose traceback is
+        in the log."""
         left = [j for j in jobs if j.finish_reason is None and not j.cancelled.is_set()]
-        if len(jobs) > 1:
-            log.warning("a batch of %d rows failed (%s: %s); its %d unfinished rows go on in two halves",
-                        len(jobs), type(failure).__name__, failure, len(left))
-            for half in (left[: len(left) // 2], left[len(left) // 2 :]):
-                if half:
-                    self._run(half)
+        if len(jobs) == 1:
+            self._fail(left, failure, logged)
             return
-        log.error("generation failed for a request to %s", jobs[0].served.name, exc_info=failure)
-        for job in left:
+        log.warning("a batch of %d rows failed (%s: %s); its %d unfinished rows go on in two halves",
+                    len(jobs), type(failure).__name__, failure, len(left))
+        halves = [half for half in (left[: len(left) // 2], left[len(left) // 2 :]) if half]
+        failures = [self._try(half) for half in halves]
+        if len(halves) == 2 and all(f is not None and _kind(f) == _kind(failure) for f in failures):
+            self._fail(left, failure, logged)
+            return
+        for half, failed in zip(halves, failures):
+            if failed is not None:
+                self._split(half, failed, logged)
+
+    def _fail(self, jobs: list[Job], failure: Exception, logged: set) -> None:
+        if not jobs:
+            return
+        names = ", ".join(sorted({j.served.name for j in jobs}))
+        if _kind(failure) in logged:
+            log.error("generation failed for %d more request(s) to %s: %s: %s", len(jobs), names,
+                      type(failure).__name__, failure)
+        else:
+            log.error("generation failed for %d request(s) to %s", len(jobs), names, exc_info=failure)
+            logged.add(_kind(failure))
+        for job in jobs:
             job.finish_reason = "error"
             job.deliver(("error", f"generation failed: {type(failure).__name__}: {failure}"))
+
+
+def _kind(failure: Exception) -> tuple:
+    """What tells two failures apart: the same type and message are one failure, met again."""
+    return type(failure), str(failure)
 
 
 def _batches(jobs: list[Job]) -> list[list[Job]]:
