@@ -148,3 +148,10 @@ def test_evaluating_before_training_under_fsdp_or_deepspeed_is_refused_before_an
     stand_in.args.world_size = 1
     setattr(stand_in, "evaluate", lambda: {"eval_loss": 1.0})
     assert internals.TrainerHooks.evaluate_before_training(stand_in) == {"eval_loss": 1.0}
+
+
+def test_the_legacy_gguf_reader_keeps_its_signature():
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    assert list(inspect.signature(load_gguf_checkpoint).parameters) == [
+        "gguf_checkpoint_path", "return_tensors", "model_to_load", "torch_dtype"]

@@ -35,10 +35,17 @@ def test_gguf_holds_the_chat_template(exported):
     assert json.loads(gguf.with_suffix(".json").read_text())["converter"] == "llama-cpp-python==0.3.36"
 
 
-def test_gguf_generates_like_the_merged_model(exported):
+def test_gguf_generates_like_the_merged_model_from_one_parse_of_the_file(exported, monkeypatch):
+    from gguf import GGUFReader
+
     config, gguf = exported
+    parsed = []
+    parse = GGUFReader.__init__
+    monkeypatch.setattr(GGUFReader, "__init__", lambda reader, path, *a, **k: (parsed.append(path),
+                                                                                parse(reader, path, *a, **k))[1])
     rows = compare_generations(gguf, Path(config.output_dir) / "merged", ["Echo red", "Echo blue", "hello"], 8)
     assert all(r["model"] == r["gguf"] for r in rows), rows
+    assert parsed == [str(gguf)], "one parse, for the config and the weights both"
 
 
 def test_same_token_ids_through_training_merged_and_gguf_tokenizers(exported, tokenizer):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from loraforge import rundir
 from loraforge.errors import ExportError
+from loraforge.internals import gguf_model
 from loraforge.export import ledger
 from loraforge.export.merge import merged_is_current, run_digest, run_merge
 from loraforge.model.template import apply_template
@@ -111,7 +112,7 @@ def compare_generations(gguf: Path, model_dir: Path, prompts: list[str], max_new
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    reloaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    reloaded = gguf_model(str(gguf), like=reference).eval()
     rows = []
     for prompt in prompts:
         inputs = apply_template(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True,
