@@ -45,6 +45,25 @@ def tokenizer(smollm_path):
     return load_tokenizer(smollm_path)
 
 
+EMULATED_BF16 = {"fp32": 246.0, "bf16": 51.0, "flags": False}
+NATIVE_BF16 = {"fp32": 199.0, "bf16": 432.0, "flags": True}
+FLAG_BUT_SLOW = {"fp32": 307.0, "bf16": 165.0, "flags": True}
+
+
+@pytest.fixture
+def cpu_like(monkeypatch):
+    """Make the precision probe report a given CPU's measured speeds (figures measured on real machines, see
+    FINDINGS)."""
+    from loraforge.model import precision
+
+    def use(machine: dict):
+        monkeypatch.setattr(precision, "matmul_gflops",
+                            lambda tokens, width, depth, dtype: machine["bf16" if dtype == "bfloat16" else "fp32"])
+        monkeypatch.setattr(precision, "cpu_bf16_features", lambda: {"avx512_bf16": machine["flags"], "amx_bf16": False})
+
+    return use
+
+
 def save_tiny_llama(folder: Path, tokenizer, seed: int = 0, **shape) -> Path:
     """A random llama (2 layers, width 64 unless `shape` says otherwise) with the real SmolLM2 tokenizer, saved
     like any local model folder."""

@@ -77,7 +77,7 @@ def generate(run_dir: str | Path, prompts: str | list[str], max_new_tokens: int 
                                        or max_new_tokens < 1):
         raise ConfigError([f"max_new_tokens {max_new_tokens!r}: give a whole number of 1 or more (or leave it out for "
                            "the run's eval.max_new_tokens)"])
-    run = load_run(run_dir, task="causal_lm")
+    run = load_run(run_dir, task="causal_lm", precision="auto")
     config = run.config
     asked = [prompts] if isinstance(prompts, str) else prompts
     chats = [prompt_for(p, config.data) for p in asked]

@@ -16,7 +16,7 @@ TEXT_HELP = ("This run was trained on plain text: each line you type is continue
 def run_chat(run_dir: str | Path, prompt: str | None = None, max_new_tokens: int | None = None) -> None:
     from transformers import TextStreamer
 
-    run = load_run(run_dir, task="causal_lm")
+    run = load_run(run_dir, task="causal_lm", precision="auto")
     config, model, tokenizer, stop_ids = run.config, run.model, run.tokenizer, run.stop_ids
     limit = max_new_tokens or config.eval.max_new_tokens
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

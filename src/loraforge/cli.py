@@ -303,7 +303,7 @@ def _predict(args) -> int:
 
 
 # Commands that run a model; process-wide settings must be in place before their first tensor is made.
-COMPUTING = {"train", "estimate", "chat", "eval", "merge", "export", "predict"}
+COMPUTING = {"train", "estimate", "chat", "serve", "eval", "merge", "export", "predict"}
 
 
 def tune_process() -> None:

@@ -3,6 +3,7 @@ predict, merge, the Python API). Kept apart from rundir.py, which the launcher a
 any model library."""
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import MethodType
@@ -14,10 +15,13 @@ from loraforge.config import RunConfig
 from loraforge.config.schema import QuantizationConfig
 from loraforge.data.render import stop_token_ids
 from loraforge.errors import RunDirError
-from loraforge.model.load import load_for_run, load_model, load_tokenizer
+from loraforge.model.load import load_for_run, load_model, load_model_config, load_tokenizer
+from loraforge.model.precision import choose_for_run
 from loraforge.model.sources import resolve_model
 from loraforge.rundir import (ADAPTER, LABELS, MODEL, REFERENCE, TOKENIZER, base_location, check_adapter,
-                             read_config)
+                             read_config, trained_precision)
+
+log = logging.getLogger(__name__)
 
 # The command that fits a run of each task, for refusing the wrong one.
 COMMAND_FOR = {"causal_lm": "loraforge chat {run_dir}", "classification": "loraforge predict {run_dir} --text ..."}
@@ -40,13 +44,16 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
 
     precision bf16 rebuilds a bf16 run as training computed it: frozen weights in bf16 and the model's forward
     under bf16 autocast, as accelerate wraps it (generate() calls the inner model, outside it, as in training).
-    fp32, the default, is how plain transformers serves the adapter.
+    fp32, the default, is how plain transformers serves the adapter. auto: the one of the two that chat and serve
+    compute the run in on this machine (precision_here).
     task: refuse a run of another task, naming the command that fits it. quantized=False loads the base
     unquantized, as merging needs plain float weights."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     if task is not None and config.task != task:
         raise RunDirError(f"{run_dir} is a {config.task} run; use `{COMMAND_FOR[config.task].format(run_dir=run_dir)}`")
+    if precision == "auto":
+        precision = precision_here(run_dir, config)
     labels = json.loads((run_dir / LABELS).read_text(encoding="utf-8")) if config.task == "classification" else None
     if not (run_dir / TOKENIZER).is_dir():
         raise RunDirError(f"{run_dir} lacks its {TOKENIZER}/ folder (the tokenizer and chat template it trained "
@@ -70,9 +77,24 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
             model.set_adapter("default")
     model.eval()
     if precision == "bf16":
-        _autocast_forward(model)
+        autocast_forward(model)
     stop_ids = stop_token_ids(tokenizer, model.generation_config) if config.task == "causal_lm" else frozenset()
     return LoadedRun(run_dir, config, model, tokenizer, stop_ids, labels)
+
+
+def precision_here(run_dir: Path, config: RunConfig) -> str:
+    """fp32 or bf16, the dtype chat and serve compute the run in on this machine (model/precision.py's
+    choose_for_run), logged in one line. The model computes where it loads: on the GPU only where bitsandbytes
+    quantizes it."""
+    import torch
+
+    full = (run_dir / MODEL / "config.json").is_file()
+    model = str(run_dir / MODEL) if full else resolve_model(base_location(run_dir, config), config.model.revision)
+    model_config = load_model_config(model, trust_remote_code=config.model.trust_remote_code)
+    choice = choose_for_run(trained_precision(run_dir), model_config,
+                            cuda=torch.cuda.is_available() and config.quantization.mode != "none")
+    log.info("%s: computing in %s, %s", run_dir.name, choice.chosen, choice.reason)
+    return choice.chosen
 
 
 def check_weights_readable(folder: Path) -> None:
@@ -88,7 +110,7 @@ def check_weights_readable(folder: Path) -> None:
                           "take the adapter from the checkpoint it came from (checkpoints/)") from None
 
 
-def _autocast_forward(model) -> None:
+def autocast_forward(model) -> None:
     """The wrapping accelerate gives a bf16 run's model while it trains (Accelerator.prepare_model)."""
     import torch
     from accelerate.utils import convert_outputs_to_fp32

@@ -8,26 +8,12 @@ import torch
 
 from loraforge.errors import ConfigError
 from loraforge.model import precision as precision_module
-from loraforge.model.precision import BF16_MIN_SPEEDUP, choose_cpu, choose_precision, cpu_speeds, matmul_gflops
+from loraforge.model.precision import (BF16_MIN_SPEEDUP, choose_cpu, choose_for_run, choose_precision, cpu_speeds,
+                                       matmul_gflops)
+from tests.conftest import EMULATED_BF16, FLAG_BUT_SLOW, NATIVE_BF16
 
 needs_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU precision choice; this machine has CUDA")
 
-EMULATED_BF16 = {"fp32": 246.0, "bf16": 51.0, "flags": False}
-NATIVE_BF16 = {"fp32": 199.0, "bf16": 432.0, "flags": True}
-FLAG_BUT_SLOW = {"fp32": 307.0, "bf16": 165.0, "flags": True}
-
-
-@pytest.fixture
-def cpu_like(monkeypatch):
-    """Make the probe report a given CPU's measured speeds (figures measured on real machines, see FINDINGS)."""
-
-    def use(machine: dict):
-        monkeypatch.setattr(precision_module, "matmul_gflops",
-                            lambda tokens, width, depth, dtype: machine["bf16" if dtype == "bfloat16" else "fp32"])
-        monkeypatch.setattr(precision_module, "cpu_bf16_features",
-                            lambda: {"avx512_bf16": machine["flags"], "amx_bf16": False})
-
-    return use
 
 
 def test_auto_picks_fp32_where_bf16_is_emulated(cpu_like, caplog):
@@ -108,3 +94,15 @@ def test_manifest_records_the_choice_and_its_reason(train_tiny):
     assert record["requested"] == "auto" and record["chosen"] in ("fp32", "bf16")
     assert "GFLOP/s" in record["reason"]
     assert (record["chosen"] == "bf16") == (record["bf16_gflops"] >= BF16_MIN_SPEEDUP * record["fp32_gflops"])
+
+
+def test_a_finished_run_computes_in_bf16_only_where_it_trained_in_bf16_and_bf16_is_fast_here(cpu_like, monkeypatch):
+    cpu_like(NATIVE_BF16)
+    assert choose_for_run("bf16").chosen == "bf16"
+    assert choose_for_run("bf16").reason == "as the run trained: this CPU has avx512_bf16 (bf16 432 vs fp32 199 GFLOP/s)"
+    cpu_like(EMULATED_BF16)
+    assert choose_for_run("bf16").chosen == "fp32"
+    assert choose_for_run("bf16").reason == ("the run trained in bf16, but no native bf16 on this CPU (bf16 51 vs fp32 "
+                                             "246 GFLOP/s)")
+    monkeypatch.setattr(precision_module, "matmul_gflops", lambda *a: pytest.fail("nothing to measure"))
+    assert [choose_for_run(trained).chosen for trained in ("fp32", "fp16", None)] == ["fp32"] * 3

@@ -5,11 +5,13 @@ concurrent clients batched with nothing mixed up, seeds, stop strings, and OpenA
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from loraforge.config import load_config
+from loraforge.model.load import DTYPES
 from loraforge.training.run import run_training
 from tests.conftest import write_tiny_config
 
@@ -518,3 +520,40 @@ def test_a_failure_every_row_meets_fails_the_batch_after_three_tries_with_one_tr
     assert all(e == [("error", "generation failed: RuntimeError: injected failure")] for e in events), events
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 1 and str(tracebacks[0].exc_info[1]) == "injected failure"
+
+
+@pytest.mark.parametrize("machine, expected", [("native", "bf16"), ("emulated", "fp32")])
+def test_a_bf16_run_is_chatted_and_served_in_bf16_where_bf16_is_fast_here_else_in_fp32(
+        train_tiny, cpu_like, caplog, capsys, machine, expected):
+    import logging
+
+    import torch
+
+    from loraforge.chat import run_chat
+    from loraforge.serve.models import load_served
+    from loraforge.serve.run import Background, build
+    from loraforge.trained import load_run
+    from tests.conftest import EMULATED_BF16, NATIVE_BF16
+
+    config, _ = train_tiny("precision=bf16", "train.learning_rate=0.05")
+    run = config.output_dir
+    cpu_like(NATIVE_BF16 if machine == "native" else EMULATED_BF16)
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="loraforge"):
+        run_chat(run, prompt="Echo red")
+    said = capsys.readouterr().out.strip()
+    chosen = [r.getMessage() for r in caplog.records if "computing in" in r.getMessage()]
+    assert len(chosen) == 1 and chosen[0].startswith(f"{Path(run).name}: computing in {expected}, "), chosen
+    dtype = getattr(torch, DTYPES[expected])
+    assert load_run(run, precision="auto").model.get_input_embeddings().weight.dtype == dtype
+    assert load_served([run])[Path(run).name].base.model.get_input_embeddings().weight.dtype == dtype
+
+    app, engine, names = build([run], timeout_s=60)
+    background = Background(app)
+    try:
+        answer = httpx.post(f"{background.url}/v1/chat/completions", timeout=60, json={
+            "model": names[0], "temperature": 0, "messages": [{"role": "user", "content": "Echo red"}]})
+    finally:
+        background.stop()
+        engine.close()
+    assert answer.json()["choices"][0]["message"]["content"] == said and said, "the greedy answer chat gives"

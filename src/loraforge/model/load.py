@@ -127,7 +127,7 @@ def load_for_run(config, path: str, precision: str = "fp32", labels: list[str] |
     """The model a run trains in `precision` (the chosen one, model/precision.py), or later serves, with the
     quantization and layer variant of its config.
 
-    Serving leaves precision at fp32: plain transformers loads weights in fp32, whatever precision trained them.
+    chat and serve pass the precision they compute a finished run in on this machine (trained.py precision_here).
     """
     import torch
 

@@ -164,3 +164,17 @@ def choose_precision(requested: str, model_config=None) -> Precision:
     if requested == "auto":
         log.info("precision auto -> %s: %s", choice.chosen, choice.reason)
     return choice
+
+
+def choose_for_run(trained: str | None, model_config=None, cuda: bool = False) -> Precision:
+    """The dtype chat and serve compute a finished run in on this machine: bf16 where the run trained in it
+    (manifest.json) and precision auto would choose it here, else fp32 (bf16 emulated here, or a run trained in
+    fp32, in fp16, or with no manifest). cuda: the model computes on the GPU (bitsandbytes put it there)."""
+    if trained != "bf16":
+        return Precision("as trained", "fp32", "as the run trained" if trained == "fp32" else
+                         f"the run trained in {trained}" if trained else "no manifest.json says what the run trained in")
+    here = choose_cuda("auto") if cuda else choose_cpu("auto", model_config)
+    if here.chosen == "bf16":
+        return Precision("as trained", "bf16", f"as the run trained: {here.reason}", here.measured)
+    slow = "this GPU has no bf16" if cuda else here.reason
+    return Precision("as trained", "fp32", f"the run trained in bf16, but {slow}", here.measured)

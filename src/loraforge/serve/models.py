@@ -1,6 +1,7 @@
 """What `loraforge serve` answers for: each run under its directory's name, and each base under its own name.
-Runs on the same base (same model, revision, quantization and layer variant) share one copy of it, each run a
-PEFT adapter on it; a run that trained every weight (adapter: full) is a model of its own."""
+Runs on the same base (same model, revision, quantization, layer variant and compute dtype) share one copy of it,
+each run a PEFT adapter on it; a run that trained every weight (adapter: full) is a model of its own. Each run
+computes in bf16 where it trained in bf16 and bf16 is fast here, else in fp32 (trained.py precision_here)."""
 
 import logging
 import resource
@@ -13,6 +14,7 @@ from loraforge.data.render import stop_token_ids
 from loraforge.errors import RunDirError
 from loraforge.model.load import context_length, load_for_run, load_model, load_tokenizer
 from loraforge.model.sources import resolve_model
+from loraforge.trained import autocast_forward, precision_here
 
 log = logging.getLogger("loraforge.serve")
 
@@ -53,10 +55,11 @@ def _rss_mb() -> float:
         return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def _base_key(folder: Path, config) -> tuple:
+def _base_key(folder: Path, config, precision: str) -> tuple:
     m = config.model
-    return (resolve_model(rundir.base_location(folder, config), m.revision), m.revision, config.quantization.model_dump_json(), m.attn_implementation,
-            config.lora.use_dora, m.variant, tuple(m.drop_layers), m.keep_layers)
+    return (resolve_model(rundir.base_location(folder, config), m.revision), m.revision,
+            config.quantization.model_dump_json(), m.attn_implementation, config.lora.use_dora, m.variant,
+            tuple(m.drop_layers), m.keep_layers, precision)
 
 
 def load_served(run_dirs: list[str]) -> dict[str, Served]:
@@ -74,16 +77,19 @@ def load_served(run_dirs: list[str]) -> dict[str, Served]:
             raise RunDirError(f"two runs are named {name!r} ({folder} and {served[name].name}); requests name a run "
                               "by its directory's name, so rename one directory")
         tokenizer = load_tokenizer(str(folder / rundir.TOKENIZER))
+        precision = precision_here(folder, config)
         before = _rss_mb()
         if (folder / rundir.MODEL / "config.json").is_file():
             model = load_model(str(folder / rundir.MODEL)).eval()
+            if precision == "bf16":
+                autocast_forward(model)
             base, adapter = Base(model, context_length(model.config), mixed_batches=False), None
             log.info("run %s: its own fine-tuned model, %.0f MB", name, _rss_mb() - before)
         else:
             rundir.check_adapter(folder / rundir.ADAPTER)
-            key = _base_key(folder, config)
+            key = _base_key(folder, config, precision)
             if key not in bases:
-                model = PeftModel.from_pretrained(load_for_run(config, key[0]), str(folder / rundir.ADAPTER),
+                model = PeftModel.from_pretrained(load_for_run(config, key[0], precision), str(folder / rundir.ADAPTER),
                                                   adapter_name=name).eval()
                 # PEFT runs rows of different adapters in one batch, except for DoRA layers.
                 bases[key] = (Base(model, context_length(model.config), mixed_batches=not config.lora.use_dora,
