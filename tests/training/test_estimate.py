@@ -123,20 +123,24 @@ def test_a_packed_run_is_planned_from_its_packed_rows(train_tiny):
 
 
 @pytest.mark.parametrize("steps, every, bias", [(5, 2, "none"), (4, 2, "none"), (3, 5, "none"), (4, 2, "all")])
-def test_the_planned_evaluations_are_the_ones_training_runs(train_tiny, steps, every, bias):
+def test_the_planned_evaluations_and_sample_rounds_are_the_ones_training_runs(train_tiny, steps, every, bias):
     """The base model is evaluated after training with the adapter off, or, where that is not the base (trained
-    biases), before training, inside the measured set-up time, where it is not counted again."""
+    biases), before training, inside the measured set-up time, where it is not counted again; so is the round of
+    sample answers that evaluation gives. Every evaluation in training gives one."""
     import json
     from pathlib import Path
 
-    from loraforge.training.estimate import evaluations
+    from loraforge.training.estimate import evaluations, periodic_evaluations
 
     config, _ = train_tiny(f"train.max_steps={steps}", f"train.eval_every={every}", "train.save_every=null",
-                           "eval.samples_during_training=0", f"lora.bias={bias}")
+                           f"lora.bias={bias}")
     records = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
     in_set_up = int(bias != "none")
     assert sum("eval_loss" in r and r["step"] == 0 for r in records) == 1
     assert evaluations(config, steps, per_epoch=100) == sum("eval_loss" in r for r in records) - in_set_up
+    rounds = [r["step"] for r in records if "samples" in r]
+    assert rounds[:in_set_up] == [0] * in_set_up
+    assert periodic_evaluations(config.train, steps, per_epoch=100) == len(rounds) - in_set_up
 
 
 def test_process_counts_below_one_and_a_global_batch_the_processes_cannot_share_are_refused_before_launching(
@@ -171,13 +175,17 @@ def test_the_work_after_the_last_step_is_planned_as_the_run_does_it(train_tiny, 
     from loraforge.training.estimate import run_estimate
 
     config, _ = train_tiny("train.learning_rate=1e-30", "train.eval_every=3", f"train.save_every={save_every or 'null'}",
-                           "data.test_fraction=0.25", "eval.test_generations=4")
+                           "data.test_fraction=0.25", "eval.test_generations=4", "eval.sample_prompts=[Echo red, Echo blue]")
     done = json.loads((Path(config.output_dir) / "eval.json").read_text())
+    records = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
     planned = run_estimate(config.model_copy(update={"output_dir": config.output_dir + "-probe"}), probe_steps=3)
-    after = planned.after
+    during, after = planned.during, planned.after
+    assert (during.rounds, during.answers) == (2, 4) == (sum("samples" in r for r in records),
+                                                        sum(len(r.get("samples", [])) for r in records))
+    assert during.seconds > 0 and "4 sample answers at 2 evaluations during training, in the total: " in planned.summary()
     assert after.best_evaluations == (done["weights"]["step"] != done["weights"]["of"]) == (save_every is not None)
-    assert after.sample_answers == 2 * len(done["samples"]) == 2, "Echo red, by the base (adapter off) and the run"
+    assert after.sample_answers == 2 * len(done["samples"]) == 4, "by the base (adapter off) and the run"
     assert (after.test_rows, after.test_answers) == (done["test"]["rows"], done["test"]["samples"]) == (6, 4)
     summary = planned.summary()
-    assert "2 sample answers: " in summary and "test split, 6 rows and 4 answers: " in summary
+    assert "\n    4 sample answers: " in summary and "test split, 6 rows and 4 answers: " in summary
     assert ("the best checkpoint evaluated again" in summary) == (save_every is not None)

@@ -38,6 +38,7 @@ class Built:
     throughput: ThroughputCallback
     padded: PaddedTokensPerStep
     trainable_parameters: int
+    sampler: SampleCallback | None = None
 
 
 def check_optimizer(optimizer: str) -> None:
@@ -275,6 +276,7 @@ def _with_callbacks(trainer, config: RunConfig, prepared: Prepared, run_dir: Pat
     trainer.add_callback(LossOnResume(trainer))
     padded = PaddedTokensPerStep(trainer)
     trainer.add_callback(padded)
+    sampler = None
     if causal and config.eval.samples_during_training and prepared.val is not None:
         prompts = (list(config.eval.sample_prompts) or prepared.val_prompts)[: config.eval.samples_during_training]
         sampler = SampleCallback(run_dir / rundir.METRICS, asked_of(prompts, config.data, prepared.tokenizer),
@@ -290,4 +292,4 @@ def _with_callbacks(trainer, config: RunConfig, prepared: Prepared, run_dir: Pat
         log.warning("train.early_stopping.patience %d: this run has no validation split to judge improvement on "
                     "(data.val_fraction is 0 and no source has split: val), so it trains to its last step",
                     early.patience)
-    return Built(trainer, model, throughput, padded, trainable)
+    return Built(trainer, model, throughput, padded, trainable, sampler)

@@ -118,7 +118,8 @@ def _duration(seconds: float | None) -> str:
 
 
 class SampleCallback(TrainerCallback):
-    """At each evaluation, answers a few prompts with the model as it is, into metrics.jsonl and TensorBoard."""
+    """At each evaluation, answers a few prompts with the model as it is, into metrics.jsonl and TensorBoard; the
+    seconds each round took, for the planner."""
 
     def __init__(self, path: Path, chats: list[str | list[dict]], max_new_tokens: int, stop_ids):
         self.path = Path(path)
@@ -126,10 +127,12 @@ class SampleCallback(TrainerCallback):
         self.max_new_tokens = max_new_tokens
         self.stop_ids = stop_ids
         self.tensorboard = None
+        self.seconds: list[float] = []
 
     def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
         if not self.chats or model is None or not state.is_world_process_zero:
             return
+        started = time.perf_counter()
         answers = generate_batch(model, processing_class, self.chats, self.max_new_tokens, self.stop_ids)
         samples = [{"prompt": prompt_text(c), "answer": a} for c, a in zip(self.chats, answers)]
         with self.path.open("a", encoding="utf-8") as fh:
@@ -139,6 +142,7 @@ class SampleCallback(TrainerCallback):
             text = "\n\n".join(f"**{s['prompt']}**\n\n{s['answer']}" for s in samples)
             writer.add_text("samples", text, state.global_step)
         model.train()
+        self.seconds.append(time.perf_counter() - started)
 
 
 class ResumedTensorBoard(TensorBoardCallback):

@@ -7,6 +7,9 @@ padded token (fitted on all but the first step), and the first step's extra time
 The config's own batches, built from the tokenized data in the order training draws them, give the padded
 tokens of each step of the run; the step times follow from the fit.
 
+Each evaluation during training answers the first eval.samples_during_training sample prompts; the probe answers
+them at its own last evaluation, and each of the run's evaluations is priced at that round's time.
+
 After the last step a run may evaluate its best checkpoint again, answers the sample prompts (with the base too,
 where switching the adapter off gives it back; else the base answered before training, in the set-up time), and
 evaluates its test split (a preference run also its validation pairs). The probe does the same with the same
@@ -72,6 +75,22 @@ class AfterLastStep:
         return [f"after the last step, in the total: {_duration(self.seconds)}", *(f"  {p}" for p in parts)]
 
 
+@dataclass
+class SamplesDuringTraining:
+    """eval.samples_during_training: the prompts answered at each evaluation in training (SampleCallback), in the
+    estimate's total; a round at an evaluation before training falls in the measured set-up."""
+
+    rounds: int = 0
+    answers: int = 0
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        if not self.answers:
+            return []
+        return [f"{self.answers} sample answers at {self.rounds} evaluations during training, in the total: "
+                f"{_duration(self.seconds)}"]
+
+
 def _duration(seconds: float) -> str:
     if seconds >= 120:
         return f"{seconds / 60:.1f} minutes"
@@ -90,6 +109,7 @@ class Estimate:
     processes: int = 1
     peak_gpu_mb: float | None = None
     after: AfterLastStep = field(default_factory=AfterLastStep)
+    during: SamplesDuringTraining = field(default_factory=SamplesDuringTraining)
 
     def summary(self) -> str:
         total = _duration(self.total_seconds)
@@ -102,7 +122,7 @@ class Estimate:
             f"step{per})\n"
             f"  {self.steps} steps: about {total} in all, evaluations and model loading included (not the "
             "few seconds Python takes to start)"
-            + "".join(f"\n  {line}" for line in self.after.lines())
+            + "".join(f"\n  {line}" for line in self.during.lines() + self.after.lines())
             + f"\n  peak memory: {self.peak_rss_mb:.0f} MB process RSS{largest}"
             + ("" if self.peak_gpu_mb is None else
                f"\n  peak GPU memory: {self.peak_gpu_mb:.0f} MB reserved by PyTorch{largest}")
@@ -181,7 +201,6 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
         "output_dir": probe_dir or tempfile.mkdtemp(prefix="loraforge-estimate-"),
         "train": config.train.model_copy(update={"max_steps": probe_steps, "num_epochs": None, "save_every": None,
                                                  "eval_every": 10**9}),
-        "eval": config.eval.model_copy(update={"samples_during_training": 0}),
         "report_to": [],
     })
     try:
@@ -218,8 +237,10 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
     step_seconds[0] += max(warm_up, 0.0)
     after = after_last_step(config, result,
                             best_evaluations(train, steps, per_epoch, processes, result.timing["eval_seconds"]))
+    during = samples_during_training(result.timing, periodic_evaluations(train, steps, per_epoch))
     total = ((result.timing["setup_seconds"] or 0.0) + sum(step_seconds)
-             + evaluations(config, steps, per_epoch) * (result.timing["eval_seconds"] or 0.0) + after.seconds)
+             + evaluations(config, steps, per_epoch) * (result.timing["eval_seconds"] or 0.0) + during.seconds
+             + after.seconds)
     return Estimate(
         seconds_per_step=sum(step_seconds) / steps,
         total_seconds=total,
@@ -231,17 +252,31 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
         processes=processes,
         peak_gpu_mb=peak_gpu_mb,
         after=after,
+        during=during,
     )
 
 
 def evaluations(config, steps: int, per_epoch: int) -> int:
-    """The evaluations timed apart from the set-up: the periodic ones, a last one after a last step that is not one
-    of those, and the base model's where it comes after training (with the adapter off); where it comes before
-    training, the measured set-up holds it."""
-    train = config.train
-    periodic = (math.ceil(steps / per_epoch) if train.eval_every == "epoch"
-                else steps // train.eval_every + (steps % train.eval_every > 0))
-    return periodic + adapter_off_is_base(config)
+    """The evaluations timed apart from the set-up: the periodic ones and the base model's where it comes after
+    training (with the adapter off); where it comes before training, the measured set-up holds it."""
+    return periodic_evaluations(config.train, steps, per_epoch) + adapter_off_is_base(config)
+
+
+def periodic_evaluations(train, steps: int, per_epoch: int) -> int:
+    """The evaluations in training: every train.eval_every, and a last one after a last step that is not one of
+    those."""
+    return (math.ceil(steps / per_epoch) if train.eval_every == "epoch"
+            else steps // train.eval_every + (steps % train.eval_every > 0))
+
+
+def samples_during_training(timing: dict, rounds: int) -> SamplesDuringTraining:
+    """The run's sample rounds, one at each of its evaluations in training, each as long as the probe's round at its
+    own last evaluation; none where the probe answered none (no validation split, or eval.samples_during_training
+    0)."""
+    if not timing["sample_round_seconds"]:
+        return SamplesDuringTraining()
+    return SamplesDuringTraining(rounds, rounds * timing["sample_round_answers"],
+                                 rounds * timing["sample_round_seconds"][-1])
 
 
 def best_evaluations(train, steps: int, per_epoch: int, processes: int, eval_seconds: float | None) -> int:

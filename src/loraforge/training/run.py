@@ -266,6 +266,9 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
         "eval_seconds": trained.eval_seconds,
         "first_step_seconds": throughput.first_step_done_at - started if throughput.first_step_done_at else None,
         "samples_seconds": marks[1] - marks[0],
+        # The rounds of eval.samples_during_training: answers in each, seconds of each.
+        "sample_round_answers": len(built.sampler.chats) if built.sampler else 0,
+        "sample_round_seconds": built.sampler.seconds if built.sampler else [],
         "test_seconds": marks[2] - marks[1],
         "pairs_seconds": marks[3] - marks[2],
     }
