@@ -487,8 +487,9 @@ def test_a_request_that_fails_inside_a_batch_gets_a_500_and_the_others_their_ans
 
 
 def test_a_failure_every_row_meets_fails_the_batch_after_three_tries_with_one_traceback(runs, caplog):
-    """Every forward fails: the batch and both its halves fail alike, so each request gets the error after three
-    tries (splitting down to each row took 2N-1 = 9) and the log holds one traceback, not one per request."""
+    """Every generation fails at its third step: the batch and both its halves fail alike, so each request gets the
+    error after three tries (splitting down to each row took 2N-1 = 9) and the log holds one traceback, not one per
+    request. A row whose answer ends in a half before that keeps it."""
     import logging
 
     from loraforge.eval.generate import prompt_ids
@@ -499,13 +500,17 @@ def test_a_failure_every_row_meets_fails_the_batch_after_three_tries_with_one_tr
     engine = Engine(max_batch=8, gather_s=1.0)
     events = [[] for _ in range(5)]
     jobs = [Job(served[name], prompt_ids(served[name].tokenizer, [{"role": "user", "content": f"Echo {word}"}]),
-                max_tokens=6, temperature=0.0, top_p=1.0, stop=[], seed=None, deliver=events[i].append)
+                max_tokens=3 if i == 0 else 6, temperature=0.0, top_p=1.0, stop=[], seed=None,
+                deliver=events[i].append)
             for i, (name, word) in enumerate(zip(["echo-a", "echo-b"] * 3, WORDS[:5]))]
+    steps = {"since_prompt": 0}
 
-    def fail(module, args):
-        raise RuntimeError("injected failure")
+    def fail_at_the_third_step(module, args):
+        steps["since_prompt"] = 0 if args[0].shape[1] > 1 else steps["since_prompt"] + 1
+        if steps["since_prompt"] == 2:
+            raise RuntimeError("injected failure")
 
-    hook = served["echo-a"].base.model.get_input_embeddings().register_forward_pre_hook(fail)
+    hook = served["echo-a"].base.model.get_input_embeddings().register_forward_pre_hook(fail_at_the_third_step)
     try:
         with caplog.at_level(logging.WARNING, logger="loraforge.serve"):
             for job in jobs:
@@ -517,7 +522,9 @@ def test_a_failure_every_row_meets_fails_the_batch_after_three_tries_with_one_tr
         hook.remove()
         engine.close()
     assert list(engine.batch_sizes) == [5, 2, 3]
-    assert all(e == [("error", "generation failed: RuntimeError: injected failure")] for e in events), events
+    assert (events[0][-1], len(jobs[0].tokens)) == (("done", "length"), 3), "its third token came in its half"
+    assert all(e[-1] == ("error", "generation failed: RuntimeError: injected failure") for e in events[1:]), events
+    assert [kind for e in events for kind, _ in e].count("error") == 4
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 1 and str(tracebacks[0].exc_info[1]) == "injected failure"
 

@@ -148,7 +148,7 @@ class Engine:
         """The unfinished rows of a failed batch, in two halves: a half that fails is split again; a lone row that
         fails, or both halves failing as their batch did, gets the error. logged: the failures whose traceback is
         in the log."""
-        left = [j for j in jobs if j.finish_reason is None and not j.cancelled.is_set()]
+        left = _unfinished(jobs)
         if len(jobs) == 1:
             self._fail(left, failure, logged)
             return
@@ -157,7 +157,7 @@ class Engine:
         halves = [half for half in (left[: len(left) // 2], left[len(left) // 2 :]) if half]
         failures = [self._try(half) for half in halves]
         if len(halves) == 2 and all(f is not None and _kind(f) == _kind(failure) for f in failures):
-            self._fail(left, failure, logged)
+            self._fail(_unfinished(left), failure, logged)
             return
         for half, failed in zip(halves, failures):
             if failed is not None:
@@ -176,6 +176,10 @@ class Engine:
         for job in jobs:
             job.finish_reason = "error"
             job.deliver(("error", f"generation failed: {type(failure).__name__}: {failure}"))
+
+
+def _unfinished(jobs: list[Job]) -> list[Job]:
+    return [j for j in jobs if j.finish_reason is None and not j.cancelled.is_set()]
 
 
 def _kind(failure: Exception) -> tuple:
