@@ -99,7 +99,8 @@ def test_manifest_records_the_choice_and_its_reason(train_tiny):
 def test_a_finished_run_computes_in_bf16_only_where_it_trained_in_bf16_and_bf16_is_fast_here(cpu_like, monkeypatch):
     cpu_like(NATIVE_BF16)
     assert choose_for_run("bf16").chosen == "bf16"
-    assert choose_for_run("bf16").reason == "as the run trained: this CPU has avx512_bf16 (bf16 432 vs fp32 199 GFLOP/s)"
+    assert choose_for_run("bf16").reason == ("as the run trained: this CPU has avx512_bf16 (bf16 432 vs fp32 199 "
+                                             "GFLOP/s)")
     cpu_like(EMULATED_BF16)
     assert choose_for_run("bf16").chosen == "fp32"
     assert choose_for_run("bf16").reason == ("the run trained in bf16, but no native bf16 on this CPU (bf16 51 vs fp32 "

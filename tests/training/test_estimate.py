@@ -175,14 +175,16 @@ def test_the_work_after_the_last_step_is_planned_as_the_run_does_it(train_tiny, 
     from loraforge.training.estimate import run_estimate
 
     config, _ = train_tiny("train.learning_rate=1e-30", "train.eval_every=3", f"train.save_every={save_every or 'null'}",
-                           "data.test_fraction=0.25", "eval.test_generations=4", "eval.sample_prompts=[Echo red, Echo blue]")
+                           "data.test_fraction=0.25", "eval.test_generations=4",
+                           "eval.sample_prompts=[Echo red, Echo blue]")
     done = json.loads((Path(config.output_dir) / "eval.json").read_text())
     records = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
     planned = run_estimate(config.model_copy(update={"output_dir": config.output_dir + "-probe"}), probe_steps=3)
     during, after = planned.during, planned.after
     assert (during.rounds, during.answers) == (2, 4) == (sum("samples" in r for r in records),
                                                         sum(len(r.get("samples", [])) for r in records))
-    assert during.seconds > 0 and "4 sample answers at 2 evaluations during training, in the total: " in planned.summary()
+    assert during.seconds > 0
+    assert "4 sample answers at 2 evaluations during training, in the total: " in planned.summary()
     assert after.best_evaluations == (done["weights"]["step"] != done["weights"]["of"]) == (save_every is not None)
     assert after.sample_answers == 2 * len(done["samples"]) == 4, "by the base (adapter off) and the run"
     assert (after.test_rows, after.test_answers) == (done["test"]["rows"], done["test"]["samples"]) == (6, 4)

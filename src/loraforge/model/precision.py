@@ -171,8 +171,8 @@ def choose_for_run(trained: str | None, model_config=None, cuda: bool = False) -
     (manifest.json) and precision auto would choose it here, else fp32 (bf16 emulated here, or a run trained in
     fp32, in fp16, or with no manifest). cuda: the model computes on the GPU (bitsandbytes put it there)."""
     if trained != "bf16":
-        return Precision("as trained", "fp32", "as the run trained" if trained == "fp32" else
-                         f"the run trained in {trained}" if trained else "no manifest.json says what the run trained in")
+        why = f"the run trained in {trained}" if trained else "no manifest.json says what the run trained in"
+        return Precision("as trained", "fp32", "as the run trained" if trained == "fp32" else why)
     here = choose_cuda("auto") if cuda else choose_cpu("auto", model_config)
     if here.chosen == "bf16":
         return Precision("as trained", "bf16", f"as the run trained: {here.reason}", here.measured)
