@@ -1008,3 +1008,37 @@ def test_sigterm_after_training_says_what_was_written_and_what_writes_the_rest(m
     result = run_training(config, resume="auto")
     assert result.eval_after is not None and (run / rundir.MANIFEST).is_file() and (run / rundir.REPORT).is_file()
     assert all(torch.equal(written[k], adapter(run)[k]) for k in written), "the weights the stopped run wrote"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_once_the_run_is_complete_leaves_it_complete(make_config, monkeypatch, capsys, sig):
+    """SIGTERM or Ctrl-C once the run's last file is written, as its result is made and as it lets go of its signals
+    (then of its run directory and train.log): the run is complete, so train prints its summary and exits 0. It said
+    "stopped by SIGTERM before training" (143), or "interrupted" (130), of a finished run."""
+    from loraforge.cli import main
+    from loraforge.training import evaluation
+    from loraforge.training.trainer import SignalStop
+
+    def signalled_after(real):
+        def call(*args, **kwargs):
+            result = real(*args, **kwargs)
+            signal.raise_signal(sig)
+            return result
+        return call
+
+    def killed(signum, frame):
+        raise AssertionError("SIGTERM reached the default handler")
+
+    overrides = ["train.max_steps=2", "train.save_every=null"]
+    config, path = make_config("complete", *overrides)
+    monkeypatch.setattr(evaluation, "metric_values", signalled_after(evaluation.metric_values))
+    monkeypatch.setattr(SignalStop, "uninstall", signalled_after(SignalStop.uninstall))
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        code = main(["train", str(path), f"output_dir={config.output_dir}", *overrides])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    printed = capsys.readouterr()
+    assert code == 0 and "error:" not in printed.err, printed.err
+    assert printed.out.startswith(f"Run directory: {config.output_dir}")
+    assert all((Path(config.output_dir) / name).is_file() for name in (rundir.EVAL, rundir.REPORT, rundir.MANIFEST))

@@ -2,6 +2,7 @@
 train (then the weights it ends with, written at once) → finish (evaluation, samples, report, summary). Each stage
 is a function of its own module; this one orders them."""
 
+import functools
 import logging
 import logging.handlers
 import os
@@ -85,7 +86,8 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         # project names when the run begins; the caller's own variables come back at the end.
         held.enter_context(scoped_environment({"TENSORBOARD_LOGGING_DIR": str(Path(config.output_dir) / rundir.TENSORBOARD),
                                                **config.tracking.environment()}))
-        held.enter_context(_interrupt_says_what_next(Path(config.output_dir), command))
+        stop = SignalStop()
+        held.enter_context(_interrupt_says_what_next(Path(config.output_dir), command, stop))
         early = held.enter_context(_held_log(config.logging.level)) if is_main else None
         if checkpoint is not None and is_main:
             held.enter_context(rundir.in_use(Path(config.output_dir)))
@@ -118,7 +120,6 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         if checkpoint is None and is_main:
             held.enter_context(rundir.in_use(run_dir))
         handler = _log_to_file(run_dir / rundir.LOG, config.logging.level, early) if is_main else None
-        stop = SignalStop()
         try:
             if is_main:
                 write_resolved(config, run_dir)
@@ -298,13 +299,15 @@ def finish_run(config: RunConfig, prepared: Prepared, built: Built, trained: Tra
 
 
 @contextmanager
-def _interrupt_says_what_next(run_dir: Path, command: list[str] | None):
+def _interrupt_says_what_next(run_dir: Path, command: list[str] | None, stop: SignalStop):
     """Ctrl-C or SIGTERM while the run loads (in training either stops the run at the end of its step, after it the
-    run says what it wrote), or a second Ctrl-C: what the run left and the command that goes on from there. A
-    process of several leaves SIGTERM to torchrun, which ends them all."""
-    previous = None
+    run says what it wrote), or a second Ctrl-C: what the run left and the command that goes on from there. Once the
+    run is complete, as it lets go of its signals, run directory and log, either stops nothing. A process of several
+    leaves SIGTERM to torchrun, which ends them all."""
+    previous = {}
     if world_size() == 1 and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        handler = functools.partial(_interrupt, stop)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     except Terminated:
@@ -314,16 +317,18 @@ def _interrupt_says_what_next(run_dir: Path, command: list[str] | None):
         raise TrainingStopped(f"interrupted. {carry_on(run_dir, resume_command(command, run_dir))}",
                               exit_code=130) from None
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Terminated(BaseException):
     """SIGTERM before training, raised where the run is, as Ctrl-C raises KeyboardInterrupt."""
 
 
-def _terminate(signum, frame):
-    raise Terminated
+def _interrupt(stop: SignalStop, signum, frame):
+    if stop.complete:
+        return stop.too_late(signum)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 @contextmanager

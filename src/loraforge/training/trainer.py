@@ -395,12 +395,14 @@ class SignalStop(TrainerCallback):
     A second SIGINT aborts. With several processes, every step ends with the processes agreeing on the signal (a
     max-reduce of its number): a signal reaching them at different moments still stops all of them after the same
     step. Once training is over (the first `writing()`), a signal raises SignalAfterTraining at once, or where a
-    `writing()` block ends, so that no file is left half-written."""
+    `writing()` block ends, so that no file is left half-written. Once the run is complete (its last `writing()`
+    ended), a signal has nothing left to stop: the result stands."""
 
     def __init__(self):
         self.received: str | None = None
         self.stopping = False
         self.trained = False
+        self.complete = False
         self._writing = False
         self._previous = {}
 
@@ -416,6 +418,8 @@ class SignalStop(TrainerCallback):
         self._previous.clear()
 
     def _handle(self, signum, frame):
+        if self.complete:
+            return self.too_late(signum)
         if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
         first = self.received is None
@@ -429,6 +433,11 @@ class SignalStop(TrainerCallback):
                      "finishing this step and writing a checkpoint")
             log.warning("%s received: %s%s", self.received, doing, again)
 
+    @staticmethod
+    def too_late(signum) -> None:
+        """A signal once the run is complete, said in the log: it stops nothing."""
+        log.warning("%s received once the run was complete: nothing left to stop", signal.Signals(signum).name)
+
     @contextlib.contextmanager
     def writing(self, last: bool = False):
         """After training: files are being written, and a signal waits for the block's end to stop the run, unless
@@ -439,6 +448,7 @@ class SignalStop(TrainerCallback):
         finally:
             # After the run's last files a signal has nothing left to stop.
             self._writing = last
+        self.complete = last
         if self.received and not last:
             raise SignalAfterTraining(self.received)
 
