@@ -28,8 +28,14 @@ LOSS_PLOT = "loss.png"
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 TENSORBOARD = "tensorboard"
+# Under tensorboard/: the event files of each session.
+EVENTS = "events.out.tfevents."
+# Under checkpoints/: the folder a checkpoint is written into before it is complete.
+STAGING = ".staging-"
 # Written first into every run directory loraforge creates: what holds it is loraforge's to write.
 CLAIM = ".loraforge-run"
+# All a run writes before its first checkpoint.
+BEFORE_CHECKPOINTS = (CLAIM, RESOLVED, LOG, METRICS, TENSORBOARD, CHECKPOINTS)
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +56,15 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def ensure_free(output_dir: str | Path) -> Path:
-    """Refuse a directory that already holds a run, or files loraforge did not write, so nothing is overwritten."""
+    """Refuse a directory that already holds a run, or files loraforge did not write, so nothing is overwritten. A run
+    that stopped before its first checkpoint left nothing to go on from: a new start takes its directory over
+    (`start_over`), unless that run is still going."""
     run_dir = Path(output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"output_dir {run_dir} is a file; set output_dir to a directory path")
+    if stopped_before_checkpoint(run_dir):
+        with in_use(run_dir):
+            return run_dir
     if (run_dir / RESOLVED).exists():
         checkpoints = run_dir / CHECKPOINTS
         carry_on = (" To carry it on from its newest checkpoint, add --resume auto."
@@ -64,6 +75,44 @@ def ensure_free(output_dir: str | Path) -> Path:
         )
     refuse_foreign(run_dir, "output_dir")
     return run_dir
+
+
+def stopped_before_checkpoint(run_dir: str | Path) -> bool:
+    """Whether run_dir holds a run that stopped before its first checkpoint, and nothing else: loraforge's claim and
+    the files a run writes until then, with at most a checkpoint cut short in checkpoints/ (its staging folder)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CLAIM).is_file() or not (run_dir / RESOLVED).is_file():
+        return False
+    return (all(p.name in BEFORE_CHECKPOINTS for p in run_dir.iterdir())
+            and _holds_only(run_dir / CHECKPOINTS, STAGING, folders=True)
+            and _holds_only(run_dir / TENSORBOARD, EVENTS, folders=False))
+
+
+def _holds_only(folder: Path, prefix: str, folders: bool) -> bool:
+    if not folder.exists():
+        return True
+    return folder.is_dir() and all(p.name.startswith(prefix) and p.is_dir() == folders for p in folder.iterdir())
+
+
+def start_over(run_dir: Path) -> None:
+    """A new run in a directory whose run stopped before its first checkpoint (`ensure_free` let it through; the
+    caller holds it, `in_use`): that run's files go, but its train.log, which the new run carries on below a line
+    saying so."""
+    if not stopped_before_checkpoint(run_dir):
+        return
+    log.warning("%s: its run stopped before its first checkpoint; this run starts over in it (%s carried on, the "
+                "rest of that run's files replaced)", run_dir, LOG)
+    for name in (RESOLVED, METRICS):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / TENSORBOARD, ignore_errors=True)
+    for staged in (run_dir / CHECKPOINTS).glob(f"{STAGING}*"):
+        shutil.rmtree(staged, ignore_errors=True)
+    if (run_dir / LOG).is_file():
+        written = (run_dir / LOG).read_bytes()
+        with (run_dir / LOG).open("a", encoding="utf-8") as fh:
+            # The run may have been killed in the middle of a line.
+            fh.write(("\n" if written and not written.endswith(b"\n") else "") + "---- the run above stopped before "
+                     "its first checkpoint; a new run starts over in this directory ----\n")
 
 
 def refuse_foreign(folder: Path, key: str, ours: str = CLAIM) -> None:

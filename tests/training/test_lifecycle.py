@@ -635,6 +635,10 @@ def test_init_from_takes_the_same_model_folder_however_each_config_names_it(make
     assert f"(model.name {str(tiny_model_dir.resolve())!r} there, {str(other)!r} here)" in refused.value.problems[0]
 
 
+def terminated(*args, **kwargs):
+    signal.raise_signal(signal.SIGTERM)
+
+
 def test_sigterm_while_loading_or_evaluating_first_says_what_the_run_left(make_config, monkeypatch):
     """SIGTERM before training (the data, the model, a preference run's first evaluation) ends with one line and
     143, as SIGTERM in training does; it killed the process without a word."""
@@ -643,9 +647,6 @@ def test_sigterm_while_loading_or_evaluating_first_says_what_the_run_left(make_c
 
     def unhandled(signum, frame):
         raise AssertionError("SIGTERM reached the handler loraforge found")
-
-    def terminated(*args, **kwargs):
-        signal.raise_signal(signal.SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, unhandled)
     try:
@@ -659,9 +660,68 @@ def test_sigterm_while_loading_or_evaluating_first_says_what_the_run_left(make_c
         evaluating, _ = make_config("sigterm-evaluating", "lora.bias=all")
         stopped = stopped_by(monkeypatch, evaluating, (evaluation, "evaluate_before", terminated), [str(path)])
         assert stopped.exit_code == 143
-        assert str(stopped).startswith("stopped by SIGTERM before training. No complete checkpoint was written")
+        assert str(stopped) == (f"stopped by SIGTERM before training. No complete checkpoint was written: start the "
+                                f"run again with the same command (it starts over in {evaluating.output_dir}).")
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_over_in_its_directory(make_config, monkeypatch, caplog):
+    """A run stopped in its first evaluation, started again with the same command, crashes in step 2 of the 3 before
+    its first checkpoint; `--resume auto` starts over from step 0. The directory held nothing to go on from, only
+    what loraforge wrote, and both commands were refused with "delete it"."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from loraforge.training import evaluation
+    from loraforge.training.trainer import LoraforgeTrainer
+
+    real = LoraforgeTrainer.training_step
+
+    def crash_in_step_2(self, *args, **kwargs):
+        if self.state.global_step == 1:
+            raise RuntimeError("the machine went away")
+        return real(self, *args, **kwargs)
+
+    config, path = make_config("started-over", "report_to=[tensorboard]")
+    run = Path(config.output_dir)
+    stopped_by(monkeypatch, config, (evaluation, "evaluate_before", terminated), [str(path)])
+    ended_by(monkeypatch, config, (LoraforgeTrainer, "training_step", crash_in_step_2), RuntimeError, "went away")
+    assert sorted(p.name for p in run.iterdir()) == sorted(rundir.BEFORE_CHECKPOINTS)
+    assert [step for step, _ in losses(run)] == [1]
+    run_training(config, resume="auto")
+
+    assert f"--resume auto: no checkpoint yet in {run} (its run stopped before its first): starting from step 0" \
+        in caplog.text
+    assert [step for step, _ in losses(run)] == list(range(1, 9)), "the stopped runs' records gone"
+    events = EventAccumulator(str(run / rundir.TENSORBOARD))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+    stopped, crashed, complete = (run / rundir.LOG).read_text().split(
+        "---- the run above stopped before its first checkpoint; a new run starts over in this directory ----\n")
+    assert "trainable parameters" in stopped and "step 1/8" not in stopped
+    assert "step 1/8" in crashed and "step 2/8" not in crashed
+    assert "step 8/8" in complete and "checkpoint-3" not in stopped + crashed
+
+
+def test_a_run_directory_without_a_checkpoint_is_refused_while_it_holds_files_loraforge_did_not_write(make_config,
+                                                                                                      monkeypatch):
+    from loraforge.training import evaluation
+
+    config, path = make_config("stopped")
+    run = Path(config.output_dir)
+    stopped_by(monkeypatch, config, (evaluation, "evaluate_before", terminated), [str(path)])
+    left = sorted(p.name for p in run.rglob("*"))
+    for theirs in (run / "notes.txt", run / rundir.CHECKPOINTS / "notes.txt"):
+        theirs.write_text("mine")
+        with pytest.raises(RunDirError, match="already holds a run"):
+            run_training(config)
+        with pytest.raises(RunDirError, match="--resume auto: no complete checkpoint"):
+            run_training(config, resume="auto")
+        assert theirs.read_text() == "mine"
+        theirs.unlink()
+    with rundir.in_use(run), pytest.raises(RunDirError, match="is in use: another loraforge process is training in it"):
+        run_training(config)
+    assert sorted(p.name for p in run.rglob("*")) == left
 
 
 def test_ctrl_c_while_loading_or_finishing_says_what_the_run_left(make_config, monkeypatch):

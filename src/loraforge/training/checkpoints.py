@@ -15,7 +15,6 @@ log = logging.getLogger("loraforge.train")
 
 MARKER = "COMPLETE"
 PREFIX = "checkpoint-"
-STAGING = ".staging-"
 # What resuming reads besides the weights: without them the run would go on with a fresh optimizer or schedule.
 NEEDED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")

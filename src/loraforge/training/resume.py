@@ -26,8 +26,9 @@ def config_fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def find_checkpoint(run_dir: Path, resume: str) -> Path:
-    """`auto`: the newest complete checkpoint of run_dir; otherwise the checkpoint folder given."""
+def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """`auto`: the newest complete checkpoint of run_dir, or None where its run stopped before its first (the run
+    starts from step 0); otherwise the checkpoint folder given."""
     run_dir = Path(run_dir)
     if resume != "auto":
         path = Path(resume)
@@ -55,7 +56,10 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
     if not (run_dir / rundir.RESOLVED).is_file():
         raise RunDirError(f"--resume: {run_dir} holds no run ({rundir.RESOLVED} missing); check output_dir")
     found = latest_complete(run_dir / rundir.CHECKPOINTS)
-    if found is None:
+    if found is None and rundir.stopped_before_checkpoint(run_dir):
+        log.warning("--resume auto: no checkpoint yet in %s (its run stopped before its first): starting from step 0",
+                    run_dir)
+    elif found is None:
         raise RunDirError(
             f"--resume auto: no complete checkpoint in {run_dir / rundir.CHECKPOINTS}; start a new run "
             "with another output_dir, or set train.save_every so checkpoints are written"
@@ -169,11 +173,14 @@ def rewind_metrics(metrics_path: Path, checkpoint: Path, trains: bool) -> dict |
 
 
 def carry_on(run_dir: Path, resume_hint: str) -> str:
-    """What a stopped run can do next: resume from its last complete checkpoint, or, with none written, start
-    again (resuming would be refused: there is nothing to resume from)."""
+    """What a stopped run can do next: resume from its last complete checkpoint, or, with none written, start again,
+    in its directory where the run left no more than it writes before its first checkpoint."""
     checkpoint = latest_complete(Path(run_dir) / rundir.CHECKPOINTS)
     if checkpoint is not None:
         return f"Last complete checkpoint: {checkpoint}. Resume with: {resume_hint}"
+    if rundir.stopped_before_checkpoint(run_dir):
+        return (f"No complete checkpoint was written: start the run again with the same command (it starts over "
+                f"in {run_dir}).")
     if (Path(run_dir) / rundir.RESOLVED).is_file():
         return (f"No complete checkpoint was written, so there is nothing to resume: delete {run_dir} and start the "
                 "run again, or start it with another output_dir.")

@@ -119,6 +119,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         run_dir = rundir.create(config.output_dir) if checkpoint is None and is_main else Path(config.output_dir)
         if checkpoint is None and is_main:
             held.enter_context(rundir.in_use(run_dir))
+            rundir.start_over(run_dir)
         handler = _log_to_file(run_dir / rundir.LOG, config.logging.level, early) if is_main else None
         try:
             if is_main:

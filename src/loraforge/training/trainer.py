@@ -20,8 +20,8 @@ from loraforge.errors import LoraforgeError
 from loraforge.internals import (IGNORE, HookedDPOTrainer, HookedKTOTrainer, HookedORPOTrainer, HookedTrainer,
                                  put_on_schedule)
 from loraforge.model.adapters import trained_in_fp32
-from loraforge.rundir import REFERENCE
-from loraforge.training.checkpoints import PREFIX, STAGING, latest_complete, publish, read_marker, rotate
+from loraforge.rundir import REFERENCE, STAGING
+from loraforge.training.checkpoints import PREFIX, latest_complete, publish, read_marker, rotate
 from loraforge.training.loss import trained_positions_loss, trained_tokens_per_row
 from loraforge.training.recompute import recomputed_layers
 
