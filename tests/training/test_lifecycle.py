@@ -797,13 +797,22 @@ def untimed(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rundir.read_metrics(Path(run_dir) / rundir.METRICS)]
 
 
+def scalar_steps(run_dir: Path) -> dict[str, list[int]]:
+    """The steps of each scalar tag in the run's TensorBoard events, as TensorBoard shows them (purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / rundir.TENSORBOARD))
+    events.Reload()
+    return {tag: sorted(e.step for e in events.Scalars(tag)) for tag in events.Tags()["scalars"]}
+
+
 def test_a_run_stopped_between_logs_and_resumed_writes_the_metrics_and_curves_of_a_straight_run(make_config,
                                                                                                 monkeypatch):
     from loraforge.eval.plots import read_loss_series
 
-    straight, _ = make_config("straight", "train.logging_steps=2")
+    straight, _ = make_config("straight", "train.logging_steps=2", "report_to=[tensorboard]")
     run_training(straight)
-    config, _ = make_config("stopped", "train.logging_steps=2")
+    config, _ = make_config("stopped", "train.logging_steps=2", "report_to=[tensorboard]")
     with monkeypatch.context() as patch:
         signal_during(patch, 5)
         with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 5"):
@@ -817,6 +826,8 @@ def test_a_run_stopped_between_logs_and_resumed_writes_the_metrics_and_curves_of
     assert untimed(run) == untimed(straight.output_dir), "step 6's loss averages steps 5 and 6; train_loss all 8"
     assert read_loss_series(run / rundir.METRICS) == read_loss_series(Path(straight.output_dir) / rundir.METRICS)
     assert (run / rundir.LOSS_PLOT).read_bytes() == (Path(straight.output_dir) / rundir.LOSS_PLOT).read_bytes()
+    assert scalar_steps(run)["train/train_loss"] == [8], "the stopped session's summary was left at step 5"
+    assert scalar_steps(run) == scalar_steps(straight.output_dir)
 
 
 def test_a_run_that_crashed_after_its_checkpoint_shows_one_curve_in_tensorboard_once_resumed(make_config,

@@ -270,7 +270,7 @@ def _with_callbacks(trainer, config: RunConfig, prepared: Prepared, run_dir: Pat
     causal = config.task == "causal_lm"
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(TensorBoardCallback) is not None:
-        trainer.add_callback(ResumedTensorBoard())
+        trainer.add_callback(ResumedTensorBoard(stop))
     trainer.add_callback(NanGuard(trainer, config.train.nan_patience))
     trainer.add_callback(ScheduleOnResume())
     trainer.add_callback(LossOnResume(trainer))

@@ -147,7 +147,19 @@ class SampleCallback(TrainerCallback):
 
 class ResumedTensorBoard(TensorBoardCallback):
     """transformers' TensorBoard callback whose writer, in a run resumed from step N, starts with a purge from step
-    N+1: TensorBoard hides what the stopped session logged after its checkpoint, so each tag is one curve."""
+    N+1: TensorBoard hides what the stopped session logged after its checkpoint, so each tag is one curve. The
+    end-of-training summary (train_loss, train_runtime, ...) of a session a signal stopped before the run's last step
+    is not written: it would sit at N, before the purge, where no straight run has one (metrics.jsonl drops it on
+    resume). `stop` is the run's SignalStop."""
+
+    def __init__(self, stop):
+        super().__init__()
+        self.stop = stop
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.stop.stopping and state.global_step < state.max_steps and "train_loss" in (logs or {}):
+            return
+        super().on_log(args, state, control, logs=logs, **kwargs)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.tb_writer is None and state.global_step > 0:
