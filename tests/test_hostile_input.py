@@ -318,7 +318,7 @@ def test_refused_with_a_message_and_nothing_written(name, outcomes):
 
 
 @pytest.mark.parametrize("damage, said", [
-    (lambda checkpoint: (checkpoint / "optimizer.pt").unlink(), "optimizer.pt missing"),
+    pytest.param(lambda checkpoint: (checkpoint / "optimizer.pt").unlink(), "optimizer.pt missing", marks=pytest.mark.slow),
     (lambda checkpoint: (checkpoint / "COMPLETE").write_text("{not json"), "is not the JSON loraforge writes"),
     (lambda checkpoint: (checkpoint / "optimizer.pt").write_bytes((checkpoint / "optimizer.pt").read_bytes()[:1000]),
      "optimizer.pt is 1000 bytes"),

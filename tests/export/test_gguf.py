@@ -113,6 +113,7 @@ def test_export_refuses_what_it_cannot_write_before_it_merges(train_tiny):
     assert not (Path(quoted.output_dir) / "merged").exists() and not (Path(quoted.output_dir) / "export").exists()
 
 
+@pytest.mark.slow
 def test_ollama_export_converts_again_after_the_run_trained_further(train_tiny):
     from loraforge.config import load_config
     from loraforge.export.gguf import gguf_is_current

@@ -116,6 +116,7 @@ def test_kto_trains_unpaired_rows_in_a_seeded_order_and_reports_their_label_accu
         "the planner's batches, across the epoch's end, its partial batch dropped")
 
 
+@pytest.mark.slow
 def test_sft_then_kto_from_its_adapter_starts_at_the_sft_model(tmp_path, tiny_model_dir):
     make = dpo_config_maker(tmp_path, tiny_model_dir)
     echo = write_jsonl(tmp_path / "echo.jsonl", ECHO_ROWS)
@@ -168,6 +169,7 @@ def test_kto_settings_that_cannot_work_are_config_errors(tmp_path, tiny_model_di
         dpo_config_maker(tmp_path, tiny_model_dir)("never", "method=kto", *overrides)
 
 
+@pytest.mark.slow
 def test_kl_rows_are_cut_to_max_length_as_the_planner_counts_them(tmp_path, tiny_model_dir):
     """A KL row is a prompt with another row's answer, so it can be longer than any row: with data.max_length at the
     longest row, training cuts the longer KL rows to it, and the planner counts them cut."""

@@ -563,7 +563,7 @@ def test_wandb_offline(make_config, tmp_path, monkeypatch):
     assert len(offline) == 1 and offline[0].stat().st_size > 0
 
 
-@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
+@pytest.mark.parametrize("tracker", ["wandb", pytest.param("mlflow", marks=pytest.mark.slow)])
 def test_a_tracker_that_cannot_start_is_refused_before_the_run_directory_is_made(make_config, tmp_path, tracker):
     """In a process of its own: both libraries keep their login and store in globals that earlier tests set."""
     pytest.importorskip(tracker)

@@ -93,27 +93,13 @@ def test_dpo_learns_the_preference_and_reports_it(dpo_run):
     assert not (run / rundir.ADAPTER / rundir.REFERENCE).exists(), "the reference is the base, adapter off: no copy"
 
 
-def test_dpo_resume_equals_a_straight_run(make_dpo, tmp_path):
-    short = ["train.max_steps=4", "train.save_every=2", "train.eval_every=2"]
-    straight, _ = make_dpo("straight", *short)
-    run_training(straight)
-    branch_from(Path(straight.output_dir), 2, tmp_path / "resumed")
-    resumed, _ = make_dpo("resumed", *short)
-    run_training(resumed, resume="auto")
-    loss = lambda run: [(r["step"], r["loss"]) for r in records(run) if "loss" in r]  # noqa: E731
-    assert loss(tmp_path / "resumed") == loss(straight.output_dir)
-    before = lambda run: json.loads((Path(run) / rundir.EVAL).read_text())["metrics_before"]  # noqa: E731
-    assert before(tmp_path / "resumed") == before(straight.output_dir), "the starting model's metrics survive resume"
-    a, b = adapter(straight.output_dir), adapter(tmp_path / "resumed")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "bit-identical adapter weights"
-
-
 @pytest.mark.parametrize("method", ["dpo", pytest.param("kto", marks=pytest.mark.slow), "orpo"])
 def test_a_preference_run_stopped_between_logs_logs_what_a_straight_run_logs(tmp_path, tiny_model_dir, monkeypatch,
                                                                               method):
-    """SIGTERM at step 3 of 6, logging every 2 steps: step 4's record averages steps 3 and 4 in TRL's own metrics
-    (rewards, log-probabilities, logits) as in its loss, and counts the tokens of the whole run, as a straight run's
-    does (they covered step 4 alone, and the resumed session's tokens)."""
+    """SIGTERM at step 3 of 6, logging every 2 steps, then resumed: the metrics and adapter of a straight run. Step
+    4's record averages steps 3 and 4 in TRL's own metrics (rewards, log-probabilities, logits) as in its loss, and
+    counts the tokens of the whole run, as a straight run's does (they covered step 4 alone, and the resumed session's
+    tokens); the starting model's metrics survive the resume; the adapter weights are bit-identical."""
     from tests.training.test_lifecycle import signal_during, untimed
 
     make = dpo_config_maker(tmp_path, tiny_model_dir)
@@ -134,6 +120,10 @@ def test_a_preference_run_stopped_between_logs_logs_what_a_straight_run_logs(tmp
         return [{k: v for k, v in r.items() if not k.endswith("_time")} for r in untimed(run_dir)]
 
     assert logged(config.output_dir) == logged(straight.output_dir)
+    before = lambda run: json.loads((Path(run) / rundir.EVAL).read_text())["metrics_before"]  # noqa: E731
+    assert before(config.output_dir) == before(straight.output_dir), "the starting model's metrics survive resume"
+    a, b = adapter(straight.output_dir), adapter(config.output_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "bit-identical adapter weights"
 
 
 def assert_resume_equals_a_straight_run(tmp_path, tiny_model_dir, overrides: list[str], logged: tuple[str, ...]):
@@ -234,7 +224,8 @@ def test_dpo_on_chat_data_names_the_format_it_needs(make_dpo, tmp_path):
         make_dpo("never", f"data.sources=[{{path: {echo}, format: messages}}]")
 
 
-@pytest.mark.parametrize("overrides", [["lora.use_dora=true"], ["quantization=4bit"]], ids=["dora", "qlora-4bit"])
+@pytest.mark.parametrize("overrides", [pytest.param(["lora.use_dora=true"], marks=pytest.mark.slow), ["quantization=4bit"]],
+                         ids=["dora", "qlora-4bit"])
 def test_dpo_trains_dora_and_qlora_adapters(make_dpo, overrides):
     config, _ = make_dpo("variant", "train.max_steps=2", "train.eval_every=2", "train.save_every=null", *overrides)
     result = run_training(config)

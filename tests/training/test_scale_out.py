@@ -204,6 +204,7 @@ def test_two_processes_follow_the_one_process_loss_curve_at_the_same_global_batc
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_two_processes_evaluate_a_split_they_share_unevenly_as_one_process_does(make_config, tmp_path, private_network):
     """6 validation rows, batches of 4 in 2 processes: accelerate completes the second process's batch with 2 rows
     from the split's start. The base model's loss over the split is the same in 1 and 2 processes (fp32; measured
