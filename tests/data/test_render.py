@@ -134,19 +134,33 @@ def test_masking_all_trains_every_token_but_messages_marked_train_false(tokenize
     assert tokenizer.decode(ids) == trained[0] + "<|im_start|>assistant\nOne.<|im_end|>\n" + trained[1]
 
 
-def test_masking_all_masks_a_first_message_marked_train_false_and_not_the_default_system_prompt_before_it(tokenizer):
-    quiet_user = from_messages({"messages": [{"role": "user", "content": "secret", "train": False},
+NO_SYSTEM_TEMPLATE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+                      "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+# Mistral's and Llama 2's way: the system prompt opens the first user turn, so the turn's text follows "\n\n", not
+# "[INST] ", and tokenizes differently ("my" for " my").
+SYSTEM_IN_FIRST_TURN_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% endif %}{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{% if loop.first and system is defined %}{{ '[INST] ' + system + '\n\n' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endif %}"
+    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("template, trained", [
+    (None, ["<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n",
+            "<|im_start|>assistant\nok<|im_end|>\n"]),
+    (NO_SYSTEM_TEMPLATE, ["<|im_start|>assistant\nok<|im_end|>\n"]),
+    (SYSTEM_IN_FIRST_TURN_TEMPLATE, [" ok<|im_end|>"]),
+], ids=["chatml", "no-system", "system-in-first-turn"])
+def test_masking_all_masks_a_first_message_marked_train_false_and_not_the_default_system_prompt_before_it(
+        tokenizer, template, trained):
+    if template is not None:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.chat_template = template
+    quiet_user = from_messages({"messages": [{"role": "user", "content": "my secret password", "train": False},
                                              {"role": "assistant", "content": "ok"}]}, "test:1")
     ids, labels = render(quiet_user, tokenizer, stop_token_ids(tokenizer), "all")
-    assert [tokenizer.decode(s) for s in spans(ids, labels)] == [
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n",
-        "<|im_start|>assistant\nok<|im_end|>\n"]
-    no_system = copy.deepcopy(tokenizer)
-    no_system.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
-                               + "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                               "{% endfor %}")
-    ids, labels = render(quiet_user, no_system, stop_token_ids(no_system), "all")
-    assert [no_system.decode(s) for s in spans(ids, labels)] == ["<|im_start|>assistant\nok<|im_end|>\n"]
+    assert [tokenizer.decode(s) for s in spans(ids, labels)] == trained
 
 
 def test_message_marked_train_false_is_masked(tokenizer):

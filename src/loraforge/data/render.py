@@ -109,18 +109,20 @@ def _render_all(conversation: Conversation, tokenizer) -> tuple[list[int], list[
     return full, labels
 
 
-def _opening(tokenizer) -> list[int]:
-    """What a template puts before an assistant turn that opens the chat (its default system message, the role
-    header): the tokens two renders of such a turn share when only their content differs."""
-    first, second = (_chat_ids(tokenizer, [Message("assistant", text)], add_generation_prompt=False)
-                     for text in ("x", "y"))
+def _opening(tokenizer, role: str = "assistant") -> list[int]:
+    """What a template puts before a message of `role` that opens the chat (its default system message, the role
+    header): the tokens two renders of such a message share when only their content differs."""
+    first, second = (_chat_ids(tokenizer, [Message(role, text)], add_generation_prompt=False) for text in ("x", "y"))
     return first[: _common_prefix(first, second)]
 
 
 def _before_first(tokenizer, first: Message) -> int:
     """How many tokens a template puts before a chat's first message (its default system prompt, when the chat
     brings none): what the message renders as alone, less the tokens it adds when it follows a system message. A
-    template that refuses system messages (Gemma's) has no default one, so puts nothing before."""
+    template that refuses system messages (Gemma's) has no default one, so puts nothing before. A template that
+    puts the system prompt into the first turn (Llama 2's, Mistral's) tokenizes the message's text differently
+    after it, so the two renders part inside the message: 0 unless the tokens before are ones any content renders
+    with."""
     if first.role == "system":
         return 0
     alone = _chat_ids(tokenizer, [first], add_generation_prompt=False)
@@ -128,9 +130,11 @@ def _before_first(tokenizer, first: Message) -> int:
     try:
         after = _chat_ids(tokenizer, [*system, first], add_generation_prompt=False)
         added = after[_common_prefix(_chat_ids(tokenizer, system, add_generation_prompt=False), after):]
+        opening = _opening(tokenizer, first.role)
     except TemplateError:
         return 0
-    return len(alone) - _common_prefix(alone[::-1], added[::-1])
+    start = len(alone) - _common_prefix(alone[::-1], added[::-1])
+    return start if alone[:start] == opening[:start] else 0
 
 
 def render_preference(pair: Preference, tokenizer, stop_ids: frozenset[int]) -> tuple[list[int], list[int], list[int]]:
