@@ -380,13 +380,22 @@ def test_json_file_of_json_lines_is_read_line_by_line_with_bad_rows_named_by_lin
     with pytest.raises(DataError, match=rf"^2 bad rows, the first 2:\n  {lines}:3: no 'messages' field \(keys: prompt\)"
                                         rf".*\n  {lines}:4: not valid JSON"):
         load(lines)
-    one = write(tmp_path, [GOOD], name="one.json")
-    assert [r.where for r in load(one)[0]["train"]] == [f"{one}:1"]
-    spread = tmp_path / "spread.json"
-    spread.write_text(json.dumps(json.loads(GOOD), indent=2), encoding="utf-8")
-    with pytest.raises(DataError, match=rf"^{spread}: one JSON object over \d+ lines; a .json data file holds an array "
-                                        r"of objects \(\[\{\.\.\.\}, \{\.\.\.\}\]\) or one object per line"):
-        load(spread)
+
+
+@pytest.mark.parametrize("indent", [None, 2], ids=["one-line", "pretty-printed"])
+def test_json_file_of_one_object_is_refused_for_its_layout_naming_the_key_that_holds_the_rows(tmp_path, indent):
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"version": 2, "train": [json.loads(GOOD)] * 3}, indent=indent), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{wrapped}: one JSON object \(keys: version, train\), not rows; a .json data "
+                                        r"file holds an array of objects \(\[\{\.\.\.\}, \{\.\.\.\}\]\) or one object per "
+                                        r"line \(JSON lines\): if the rows are the list under 'train', make that list the "
+                                        r"whole file; if the object is one row, put it in \[ \]$"):
+        load(wrapped)
+    row = tmp_path / "row.json"
+    row.write_text(json.dumps({"text": "hello"}, indent=indent), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{row}: one JSON object \(keys: text\), not rows; .*\(JSON lines\): if the "
+                                        r"object is one row, put it in \[ \]$"):
+        load(row, "text")
 
 
 def test_json_nested_too_deep_is_a_bad_row_not_a_traceback(tmp_path):

@@ -150,16 +150,20 @@ def _json(file: Path):
 
 
 def _json_lines(file: Path, raw: bytes):
-    """A .json file of one object per line, each named by its line; one object over several lines is refused as a
-    whole rather than as a bad row per line."""
+    """A .json file of one object per line, each named by its line. A file that is one object, on one line or
+    several, is refused as a whole: json.dump writes {"train": [...]} on one line, and a bad row per line would
+    hide that it is the layout that is wrong."""
     try:
         whole = json.loads(raw)
     except (ValueError, RecursionError):
         whole = None
-    lines = raw.strip().count(b"\n") + 1
-    if isinstance(whole, dict) and lines > 1:
-        raise DataError(f"{file}: one JSON object over {lines} lines; a .json data file holds an array of objects "
-                        "([{...}, {...}]) or one object per line (JSON lines): write it as one of the two")
+    if isinstance(whole, dict):
+        lists = [repr(key) for key, value in whole.items()
+                 if isinstance(value, list) and value and all(isinstance(item, dict) for item in value)]
+        under = f"if the rows are the list under {' or '.join(lists)}, make that list the whole file; " if lists else ""
+        raise DataError(f"{file}: one JSON object (keys: {', '.join(whole) or 'none'}), not rows; a .json data file "
+                        f"holds an array of objects ([{{...}}, {{...}}]) or one object per line (JSON lines): {under}"
+                        "if the object is one row, put it in [ ]")
     yield from _lines(file, io.BytesIO(raw))
 
 
