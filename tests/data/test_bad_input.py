@@ -198,7 +198,6 @@ def test_a_hub_dataset_loaded_once_without_a_readme_loads_offline(no_hub, tmp_pa
     snapshot is not cached."""
     import datasets
     import huggingface_hub.constants
-    from datasets.packaged_modules.json.json import Json
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
@@ -215,13 +214,43 @@ def test_a_hub_dataset_loaded_once_without_a_readme_loads_offline(no_hub, tmp_pa
     (repo / "snapshots" / commit / "data" / "train.jsonl").write_bytes(rows.read_bytes())
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    prepared = Json(cache_dir=str(tmp_path / "building"), dataset_name="chat-data", data_files={"train": str(rows)})
-    prepared.download_and_prepare()
-    kept = tmp_path / "datasets-cache" / "someone___chat-data" / "default" / "0.0.0" / Path(prepared.cache_dir).name
-    kept.parent.mkdir(parents=True)
-    Path(prepared.cache_dir).rename(kept)
+    prepare_as_datasets_does(rows, tmp_path / "datasets-cache" / "someone___chat-data", "chat-data")
     found, _ = load("someone/chat-data")
     assert [r.conversation.messages[-1].content for r in found["train"]] == ["hello", "a"]
+
+
+def prepare_as_datasets_does(rows: Path, folder: Path, name: str) -> None:
+    """The rows of `rows` prepared by datasets' own builder as the dataset `name`, kept where datasets keeps a hub
+    dataset it loaded once (`folder`/default/0.0.0/hash/; its builder names the config of local files
+    default-hash)."""
+    from datasets.packaged_modules.json.json import Json
+
+    prepared = Json(cache_dir=str(folder.parent.parent / "building"), dataset_name=name, hash="5e1f0c3a",
+                    data_files={"train": str(rows)})
+    prepared.download_and_prepare()
+    kept = folder / "default" / "0.0.0" / "5e1f0c3a"
+    kept.parent.mkdir(parents=True)
+    Path(prepared.cache_dir).rename(kept)
+
+
+def test_a_hub_dataset_only_datasets_prepared_loads_offline_without_the_hub_cache(no_hub, tmp_path, monkeypatch):
+    """datasets loads its prepared rows offline and reads no hub cache for them: a hub cache emptied to free disk,
+    or a datasets cache copied from another machine, leaves a dataset that loads; one prepared under another name
+    does not count."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    rows = write(tmp_path, [GOOD, msgs(("user", "q"), ("assistant", "a"))], "train.jsonl")
+    prepare_as_datasets_does(rows, tmp_path / "datasets-cache" / "someone___other_chat", "other_chat")
+    with pytest.raises(DataError, match=r"^someone/TinyChat: hub dataset is not in the local hub cache"):
+        load("someone/TinyChat")
+    prepare_as_datasets_does(rows, tmp_path / "datasets-cache" / "someone___tiny_chat", "tiny_chat")
+    found, _ = load("someone/TinyChat")
+    assert [r.conversation.messages[-1].content for r in found["train"]] == ["hello", "a"]
+    assert not no_hub.exists() or not any(no_hub.iterdir()), "nothing came from the hub cache"
 
 
 def test_unknown_file_type(tmp_path):

@@ -236,7 +236,8 @@ def _root_cause(exc: BaseException) -> str:
 def _hub(name: str, split: str):
     from datasets import load_dataset
 
-    problem = None if in_hub_cache(name, repo_type="dataset") else hub_problem(name, "README.md", repo_type="dataset")
+    problem = (None if in_hub_cache(name, repo_type="dataset") or _in_datasets_cache(name)
+               else hub_problem(name, "README.md", repo_type="dataset"))
     if problem is not None:
         raise DataError(f"{name}: hub dataset {problem}; point data.sources[].path at a local file, or run once "
                         "online to cache it")
@@ -246,6 +247,18 @@ def _hub(name: str, split: str):
         raise DataError(f"{name}: cannot load this hub dataset ({type(exc).__name__}: {exc}); offline runs need a local file") from None
     for index, row in enumerate(table):
         yield f"{name}: row {index}", row
+
+
+def _in_datasets_cache(name: str) -> bool:
+    """datasets' own cache holds the rows it prepared from the hub dataset `name`, which it loads offline without
+    the hub cache: datasets 5.2 keeps them in HF_DATASETS_CACHE/{namespace}___{name in snake case}/{config}/
+    {version}/{hash}/ and, offline, loads any such folder (load.CachedDatasetModuleFactory)."""
+    from datasets import config
+    from datasets.naming import camelcase_to_snakecase
+
+    namespace, dataset = name.split("/")
+    root = Path(config.HF_DATASETS_CACHE).expanduser() / f"{namespace}___{camelcase_to_snakecase(dataset)}"
+    return any(folder.is_dir() for folder in root.glob("*/*/*"))
 
 
 def first_row(path: str) -> dict:
