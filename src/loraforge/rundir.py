@@ -63,14 +63,15 @@ def ensure_free(output_dir: str | Path) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"output_dir {run_dir} is a file; set output_dir to a directory path")
     if stopped_before_checkpoint(run_dir):
-        with in_use(run_dir):
-            return run_dir
-    if (run_dir / RESOLVED).exists():
+        refuse_in_use(run_dir)
+        return run_dir
+    if (run_dir / RESOLVED).exists() or (run_dir / CLAIM).exists():
         checkpoints = run_dir / CHECKPOINTS
         carry_on = (" To carry it on from its newest checkpoint, add --resume auto."
                     if checkpoints.is_dir() and any(checkpoints.iterdir()) else "")
+        marker = RESOLVED if (run_dir / RESOLVED).exists() else CLAIM
         raise RunDirError(
-            f"{run_dir} already holds a run ({RESOLVED} is there); set output_dir to a new directory "
+            f"{run_dir} already holds a run ({marker} is there); set output_dir to a new directory "
             f"(for example output_dir={run_dir}-2) or delete the old one.{carry_on}"
         )
     refuse_foreign(run_dir, "output_dir")
@@ -79,9 +80,10 @@ def ensure_free(output_dir: str | Path) -> Path:
 
 def stopped_before_checkpoint(run_dir: str | Path) -> bool:
     """Whether run_dir holds a run that stopped before its first checkpoint, and nothing else: loraforge's claim and
-    the files a run writes until then, with at most a checkpoint cut short in checkpoints/ (its staging folder)."""
+    the files a run writes until then, with at most a checkpoint cut short in checkpoints/ (its staging folder).
+    resolved.yaml may be missing: the run stopped before writing it, or `start_over` was stopped before its end."""
     run_dir = Path(run_dir)
-    if not (run_dir / CLAIM).is_file() or not (run_dir / RESOLVED).is_file():
+    if not (run_dir / CLAIM).is_file():
         return False
     return (all(p.name in BEFORE_CHECKPOINTS for p in run_dir.iterdir())
             and _holds_only(run_dir / CHECKPOINTS, STAGING, folders=True)
@@ -97,13 +99,13 @@ def _holds_only(folder: Path, prefix: str, folders: bool) -> bool:
 def start_over(run_dir: Path) -> None:
     """A new run in a directory whose run stopped before its first checkpoint (`ensure_free` let it through; the
     caller holds it, `in_use`): that run's files go, but its train.log, which the new run carries on below a line
-    saying so."""
-    if not stopped_before_checkpoint(run_dir):
+    saying so. resolved.yaml goes last: a start over stopped midway leaves a run that stopped, which the next start
+    starts over in."""
+    if not stopped_before_checkpoint(run_dir) or all(p.name == CLAIM for p in run_dir.iterdir()):
         return
     log.warning("%s: its run stopped before its first checkpoint; this run starts over in it (%s carried on, the "
                 "rest of that run's files replaced)", run_dir, LOG)
-    for name in (RESOLVED, METRICS):
-        (run_dir / name).unlink(missing_ok=True)
+    (run_dir / METRICS).unlink(missing_ok=True)
     shutil.rmtree(run_dir / TENSORBOARD, ignore_errors=True)
     for staged in (run_dir / CHECKPOINTS).glob(f"{STAGING}*"):
         shutil.rmtree(staged, ignore_errors=True)
@@ -113,6 +115,7 @@ def start_over(run_dir: Path) -> None:
             # The run may have been killed in the middle of a line.
             fh.write(("\n" if written and not written.endswith(b"\n") else "") + "---- the run above stopped before "
                      "its first checkpoint; a new run starts over in this directory ----\n")
+    (run_dir / RESOLVED).unlink(missing_ok=True)
 
 
 def refuse_foreign(folder: Path, key: str, ours: str = CLAIM) -> None:
@@ -144,6 +147,13 @@ def create(output_dir: str | Path) -> Path:
         raise RunDirError(f"output_dir {run_dir} cannot be written ({exc.strerror}: {exc.filename}); choose a "
                           "directory you can write to") from None
     return run_dir
+
+
+def refuse_in_use(run_dir: Path) -> None:
+    """Refuse a run directory another loraforge process trains in: one still loading looks like one that stopped."""
+    if (Path(run_dir) / CLAIM).is_file():
+        with in_use(Path(run_dir)):
+            pass
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from loraforge import rundir
 from loraforge.errors import ConfigError, RunDirError, TrainingStopped
 from loraforge.training.checkpoints import MARKER, complete_checkpoints, latest_complete
 from loraforge.training.run import run_training
-from loraforge.training.trainer import CheckpointError
+from loraforge.training.trainer import CheckpointError, LoraforgeTrainer
 from tests.conftest import ECHO_ROWS, ROOT, save_tiny_llama
 from tests.training.conftest import losses
 
@@ -639,6 +639,23 @@ def terminated(*args, **kwargs):
     signal.raise_signal(signal.SIGTERM)
 
 
+_training_step = LoraforgeTrainer.training_step
+
+
+def crash_in_step_2(self, *args, **kwargs):
+    if self.state.global_step == 1:
+        raise RuntimeError("the machine went away")
+    return _training_step(self, *args, **kwargs)
+
+
+def loss_events(run_dir: Path) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / rundir.TENSORBOARD))
+    events.Reload()
+    return [e.step for e in events.Scalars("train/loss")]
+
+
 def test_sigterm_while_loading_or_evaluating_first_says_what_the_run_left(make_config, monkeypatch):
     """SIGTERM before training (the data, the model, a preference run's first evaluation) ends with one line and
     143, as SIGTERM in training does; it killed the process without a word."""
@@ -670,17 +687,7 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over_in_its_directory(
     """A run stopped in its first evaluation, started again with the same command, crashes in step 2 of the 3 before
     its first checkpoint; `--resume auto` starts over from step 0. The directory held nothing to go on from, only
     what loraforge wrote, and both commands were refused with "delete it"."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from loraforge.training import evaluation
-    from loraforge.training.trainer import LoraforgeTrainer
-
-    real = LoraforgeTrainer.training_step
-
-    def crash_in_step_2(self, *args, **kwargs):
-        if self.state.global_step == 1:
-            raise RuntimeError("the machine went away")
-        return real(self, *args, **kwargs)
 
     config, path = make_config("started-over", "report_to=[tensorboard]")
     run = Path(config.output_dir)
@@ -693,14 +700,36 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over_in_its_directory(
     assert f"--resume auto: no checkpoint yet in {run} (its run stopped before its first): starting from step 0" \
         in caplog.text
     assert [step for step, _ in losses(run)] == list(range(1, 9)), "the stopped runs' records gone"
-    events = EventAccumulator(str(run / rundir.TENSORBOARD))
-    events.Reload()
-    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+    assert loss_events(run) == list(range(1, 9))
     stopped, crashed, complete = (run / rundir.LOG).read_text().split(
         "---- the run above stopped before its first checkpoint; a new run starts over in this directory ----\n")
     assert "trainable parameters" in stopped and "step 1/8" not in stopped
     assert "step 1/8" in crashed and "step 2/8" not in crashed
     assert "step 8/8" in complete and "checkpoint-3" not in stopped + crashed
+
+
+def test_a_start_over_stopped_midway_is_started_over_again(make_config, monkeypatch):
+    """Ctrl-C while a new start clears a dead run's files leaves resolved.yaml, the sign of what the directory holds,
+    to the last; a directory cleared up to it (as the start over removing it first left it) is started over in
+    again. The next run took it as its own and appended to the dead run's metrics and TensorBoard events."""
+    config, path = make_config("midway", "report_to=[tensorboard]")
+    run = Path(config.output_dir)
+    ended_by(monkeypatch, config, (LoraforgeTrainer, "training_step", crash_in_step_2), RuntimeError, "went away")
+    unlink = Path.unlink
+
+    def interrupted_at_the_metrics(self, *args, **kwargs):
+        if self.name == rundir.METRICS:
+            raise KeyboardInterrupt
+        return unlink(self, *args, **kwargs)
+
+    stopped = stopped_by(monkeypatch, config, (Path, "unlink", interrupted_at_the_metrics), [str(path)])
+    assert stopped.exit_code == 130 and "start the run again" in str(stopped)
+    assert (run / rundir.RESOLVED).is_file() and [step for step, _ in losses(run)] == [1]
+
+    (run / rundir.RESOLVED).unlink()
+    run_training(config)
+    assert [step for step, _ in losses(run)] == list(range(1, 9))
+    assert loss_events(run) == list(range(1, 9))
 
 
 def test_a_run_directory_without_a_checkpoint_is_refused_while_it_holds_files_loraforge_did_not_write(make_config,
