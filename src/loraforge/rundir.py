@@ -4,6 +4,7 @@ import fcntl
 import json
 import logging
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -81,19 +82,28 @@ def ensure_free(output_dir: str | Path) -> Path:
 def stopped_before_checkpoint(run_dir: str | Path) -> bool:
     """Whether run_dir holds a run that stopped before its first checkpoint, and nothing else: loraforge's claim and
     the files a run writes until then, with at most a checkpoint cut short in checkpoints/ (its staging folder).
-    resolved.yaml may be missing: the run stopped before writing it, or `start_over` was stopped before its end."""
+    resolved.yaml may be missing: the run stopped before writing it, or `start_over` was stopped before its end.
+    Each is what loraforge writes there, a file or a folder, and not a link: start_over removes what they hold."""
     run_dir = Path(run_dir)
-    if not (run_dir / CLAIM).is_file():
+    if not _is(run_dir / CLAIM, folder=False):
         return False
-    return (all(p.name in BEFORE_CHECKPOINTS for p in run_dir.iterdir())
+    return (all(p.name in BEFORE_CHECKPOINTS and _is(p, folder=p.name in (CHECKPOINTS, TENSORBOARD))
+                for p in run_dir.iterdir())
             and _holds_only(run_dir / CHECKPOINTS, STAGING, folders=True)
             and _holds_only(run_dir / TENSORBOARD, EVENTS, folders=False))
 
 
+def _is(path: Path, folder: bool) -> bool:
+    """path is a folder (or a file), itself rather than a link to one."""
+    try:
+        mode = path.lstat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)
+
+
 def _holds_only(folder: Path, prefix: str, folders: bool) -> bool:
-    if not folder.exists():
-        return True
-    return folder.is_dir() and all(p.name.startswith(prefix) and p.is_dir() == folders for p in folder.iterdir())
+    return not folder.exists() or all(p.name.startswith(prefix) and _is(p, folders) for p in folder.iterdir())
 
 
 def start_over(run_dir: Path) -> None:

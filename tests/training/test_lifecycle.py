@@ -12,6 +12,7 @@ import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -751,6 +752,41 @@ def test_a_run_directory_without_a_checkpoint_is_refused_while_it_holds_files_lo
     with rundir.in_use(run), pytest.raises(RunDirError, match="is in use: another loraforge process is training in it"):
         run_training(config)
     assert sorted(p.name for p in run.rglob("*")) == left
+
+
+def test_a_stopped_run_directory_whose_names_are_links_or_of_another_kind_is_refused(make_config, monkeypatch,
+                                                                                     tmp_path):
+    """Only what loraforge writes is started over in, each name the file or folder a run writes, not a link: a
+    checkpoints/ linked to a folder shared with another run lost that run's checkpoint in progress, a train.log
+    linked to someone's file was appended to, and a metrics.jsonl or train.log that is a folder (of the user's
+    files) ended the run in a traceback."""
+    from loraforge.training import evaluation
+
+    config, path = make_config("stopped")
+    stopped_by(monkeypatch, config, (evaluation, "evaluate_before", terminated), [str(path)])
+    shared = tmp_path / "shared" / f"{rundir.STAGING}checkpoint-3"
+    shared.mkdir(parents=True)
+    (shared / "adapter_model.safetensors").write_text("another run's")
+    (tmp_path / "notes.txt").write_text("mine")
+
+    def replaced(name: str, make) -> Callable[[Path], None]:
+        def change(run: Path) -> None:
+            shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink(missing_ok=True)
+            make(run / name)
+        return change
+
+    changes = {"checkpoints linked": replaced(rundir.CHECKPOINTS, lambda p: p.symlink_to(shared.parent)),
+               "train.log linked": replaced(rundir.LOG, lambda p: p.symlink_to(tmp_path / "notes.txt")),
+               "metrics.jsonl a folder": replaced(rundir.METRICS, Path.mkdir),
+               "train.log a folder": replaced(rundir.LOG, lambda p: (p.mkdir(), (p / "mine.txt").write_text("mine")))}
+    for name, change in changes.items():
+        run = tmp_path / name.replace(" ", "-")
+        shutil.copytree(config.output_dir, run, symlinks=True)
+        change(run)
+        files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        with pytest.raises(RunDirError, match="already holds a run"):
+            run_training(make_config(run.name)[0])
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files, name
 
 
 def test_ctrl_c_while_loading_or_finishing_says_what_the_run_left(make_config, monkeypatch):
