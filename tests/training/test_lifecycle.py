@@ -684,10 +684,12 @@ def test_sigterm_while_loading_or_evaluating_first_says_what_the_run_left(make_c
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_a_run_stopped_before_its_first_checkpoint_starts_over_in_its_directory(make_config, monkeypatch, caplog):
+def test_a_run_stopped_before_its_first_checkpoint_starts_over_in_its_directory(make_config, monkeypatch):
     """A run stopped in its first evaluation, started again with the same command, crashes in step 2 of the 3 before
-    its first checkpoint; `--resume auto` starts over from step 0. The directory held nothing to go on from, only
-    what loraforge wrote, and both commands were refused with "delete it"."""
+    its first checkpoint; the same command starts over from step 0. The directory held nothing to go on from, only
+    what loraforge wrote, and the command was refused with "delete it". `--resume auto` has nothing to resume and
+    says so, keeping the metrics (a run without checkpoints, killed, has no other record); it started over without
+    a word but a warning, and in a directory another process still loads in it said the run had stopped."""
     from loraforge.training import evaluation
 
     config, path = make_config("started-over", "report_to=[tensorboard]")
@@ -696,10 +698,17 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over_in_its_directory(
     ended_by(monkeypatch, config, (LoraforgeTrainer, "training_step", crash_in_step_2), RuntimeError, "went away")
     assert sorted(p.name for p in run.iterdir()) == sorted(rundir.BEFORE_CHECKPOINTS)
     assert [step for step, _ in losses(run)] == [1]
-    run_training(config, resume="auto")
+    with rundir.in_use(run), pytest.raises(RunDirError, match="is in use: another loraforge process is training in it"):
+        run_training(config, resume="auto")
+    with pytest.raises(RunDirError) as refused:
+        run_training(config, resume="auto")
+    assert str(refused.value) == (
+        f"--resume auto: nothing to resume in {run}: its run stopped before its first checkpoint. The same command "
+        "without --resume starts over in it, replacing that run's metrics.jsonl and TensorBoard events and carrying "
+        "on its train.log")
+    assert [step for step, _ in losses(run)] == [1] and loss_events(run) == [1]
+    run_training(config)
 
-    assert f"--resume auto: no checkpoint yet in {run} (its run stopped before its first): starting from step 0" \
-        in caplog.text
     assert [step for step, _ in losses(run)] == list(range(1, 9)), "the stopped runs' records gone"
     assert loss_events(run) == list(range(1, 9))
     stopped, crashed, complete = (run / rundir.LOG).read_text().split(

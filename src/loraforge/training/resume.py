@@ -26,9 +26,8 @@ def config_fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    """`auto`: the newest complete checkpoint of run_dir, or None where its run stopped before its first (the run
-    starts from step 0); otherwise the checkpoint folder given."""
+def find_checkpoint(run_dir: Path, resume: str) -> Path:
+    """`auto`: the newest complete checkpoint of run_dir; otherwise the checkpoint folder given."""
     run_dir = Path(run_dir)
     if resume != "auto":
         path = Path(resume)
@@ -53,13 +52,15 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
                               f"them for this run's); move them out of {path.parent} first, or start a new run from "
                               f"this checkpoint's adapter with init_from")
         return path
+    if rundir.stopped_before_checkpoint(run_dir):
+        # Not started over here: with train.save_every null, metrics.jsonl may be all a long run killed left.
+        raise RunDirError(f"--resume auto: nothing to resume in {run_dir}: its run stopped before its first "
+                          f"checkpoint. The same command without --resume starts over in it, replacing that run's "
+                          f"{rundir.METRICS} and TensorBoard events and carrying on its {rundir.LOG}")
     if not (run_dir / rundir.RESOLVED).is_file():
         raise RunDirError(f"--resume: {run_dir} holds no run ({rundir.RESOLVED} missing); check output_dir")
     found = latest_complete(run_dir / rundir.CHECKPOINTS)
-    if found is None and rundir.stopped_before_checkpoint(run_dir):
-        log.warning("--resume auto: no checkpoint yet in %s (its run stopped before its first): starting from step 0",
-                    run_dir)
-    elif found is None:
+    if found is None:
         raise RunDirError(
             f"--resume auto: no complete checkpoint in {run_dir / rundir.CHECKPOINTS}; start a new run "
             "with another output_dir, or set train.save_every so checkpoints are written"

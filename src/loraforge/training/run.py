@@ -71,6 +71,9 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     config = expand_output_dir(config)
     if not named and command is not None:
         command = [*command, f"output_dir={config.output_dir}"]
+    if resume and is_main:
+        # A run still loading looks like one that stopped before its first checkpoint.
+        rundir.refuse_in_use(Path(config.output_dir))
     checkpoint = find_checkpoint(Path(config.output_dir), resume) if resume else None
     if checkpoint is not None:
         refuse_finished(Path(config.output_dir), checkpoint, config.train)
