@@ -128,12 +128,10 @@ def _launch(args, config: RunConfig) -> int:
     output_dir = expand_output_dir(config).output_dir
     os.environ[LAUNCH_FLAGS_ENV] = json.dumps(launch_flags(args))
     from loraforge.training.launch import launch
-    from loraforge.training.resume import resume_command
 
-    hint = resume_command([args.config, *_without_output_dir(args.overrides), f"output_dir={output_dir}",
-                           *launch_flags(args)], Path(output_dir))
+    command = [args.config, *_without_output_dir(args.overrides), f"output_dir={output_dir}", *launch_flags(args)]
     try:
-        launch(torchrun_command(args, output_dir), Path(output_dir), hint)
+        launch(torchrun_command(args, output_dir), Path(output_dir), command)
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

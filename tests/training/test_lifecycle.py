@@ -679,7 +679,7 @@ def test_sigterm_while_loading_or_evaluating_first_says_what_the_run_left(make_c
         stopped = stopped_by(monkeypatch, evaluating, (evaluation, "evaluate_before", terminated), [str(path)])
         assert stopped.exit_code == 143
         assert str(stopped) == (f"stopped by SIGTERM before training. No complete checkpoint was written: start the "
-                                f"run again with the same command (it starts over in {evaluating.output_dir}).")
+                                f"run again with: loraforge train {path} (it starts over in {evaluating.output_dir}).")
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -716,6 +716,23 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over_in_its_directory(
     assert "trainable parameters" in stopped and "step 1/8" not in stopped
     assert "step 1/8" in crashed and "step 2/8" not in crashed
     assert "step 8/8" in complete and "checkpoint-3" not in stopped + crashed
+
+
+def test_a_run_in_a_directory_named_by_time_that_stopped_before_its_first_checkpoint_says_how_to_start_over_there(
+        make_config, monkeypatch, tmp_path):
+    """The command printed names the directory {time} was filled in with: the same command makes another one."""
+    from loraforge.config import load_config
+    from loraforge.training import evaluation
+
+    config, path = make_config("runs/{time}")
+    stopped = stopped_by(monkeypatch, config, (evaluation, "evaluate_before", terminated),
+                         [str(path), f"output_dir={config.output_dir}"])
+    (run,) = (tmp_path / "runs").iterdir()
+    printed = shlex.join(["loraforge", "train", str(path), f"output_dir={config.output_dir}", f"output_dir={run}"])
+    assert str(stopped) == (f"stopped by SIGTERM before training. No complete checkpoint was written: start the run "
+                            f"again with: {printed} (it starts over in {run}).")
+    run_training(load_config(path, shlex.split(printed)[3:]))
+    assert list((tmp_path / "runs").iterdir()) == [run] and (run / rundir.ADAPTER).is_dir()
 
 
 def test_a_start_over_stopped_midway_is_started_over_again(make_config, monkeypatch):

@@ -173,15 +173,16 @@ def rewind_metrics(metrics_path: Path, checkpoint: Path, trains: bool) -> dict |
     return next((r for r in kept if r.get("step") == 0 and "eval_loss" in r), None)
 
 
-def carry_on(run_dir: Path, resume_hint: str) -> str:
+def carry_on(run_dir: Path, command: list[str] | None) -> str:
     """What a stopped run can do next: resume from its last complete checkpoint, or, with none written, start again,
-    in its directory where the run left no more than it writes before its first checkpoint."""
+    in its directory where the run left no more than it writes before its first checkpoint. command: as
+    resume_command takes it."""
     checkpoint = latest_complete(Path(run_dir) / rundir.CHECKPOINTS)
     if checkpoint is not None:
-        return f"Last complete checkpoint: {checkpoint}. Resume with: {resume_hint}"
+        return f"Last complete checkpoint: {checkpoint}. Resume with: {resume_command(command, run_dir)}"
     if rundir.stopped_before_checkpoint(run_dir):
-        return (f"No complete checkpoint was written: start the run again with the same command (it starts over "
-                f"in {run_dir}).")
+        return (f"No complete checkpoint was written: start the run again with: {train_command(command, run_dir)} "
+                f"(it starts over in {run_dir}).")
     if (Path(run_dir) / rundir.RESOLVED).is_file():
         return (f"No complete checkpoint was written, so there is nothing to resume: delete {run_dir} and start the "
                 "run again, or start it with another output_dir.")
@@ -190,5 +191,14 @@ def carry_on(run_dir: Path, resume_hint: str) -> str:
 
 def resume_command(command: list[str] | None, run_dir: Path) -> str:
     """The train command line that carries this run on: the same config and overrides, then --resume auto."""
-    args = list(command) if command else ["CONFIG", f"output_dir={run_dir}"]
-    return shlex.join(["loraforge", "train", *args, "--resume", "auto"])
+    return shlex.join(_train_args(command, run_dir) + ["--resume", "auto"])
+
+
+def train_command(command: list[str] | None, run_dir: Path) -> str:
+    """The train command line that starts this run again in run_dir: the same config and overrides (its output_dir
+    as filled in, where it names {time})."""
+    return shlex.join(_train_args(command, run_dir))
+
+
+def _train_args(command: list[str] | None, run_dir: Path) -> list[str]:
+    return ["loraforge", "train", *(command or ["CONFIG", f"output_dir={run_dir}"])]

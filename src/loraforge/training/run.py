@@ -172,7 +172,7 @@ def stops_with_its_peers(run_dir: Path, command: list[str] | None):
         if world_size() > 1 and any(sign in str(exc) for sign in PEER_LOST):
             raise TrainingStopped(
                 f"another process of this run stopped ({_first_sentence(exc)}), so process rank "
-                f"{os.environ.get('RANK', '0')} stops too. {carry_on(run_dir, resume_command(command, run_dir))}",
+                f"{os.environ.get('RANK', '0')} stops too. {carry_on(run_dir, command)}",
                 exit_code=1) from None
         raise
 
@@ -315,11 +315,10 @@ def _interrupt_says_what_next(run_dir: Path, command: list[str] | None, stop: Si
     try:
         yield
     except Terminated:
-        raise TrainingStopped(f"stopped by SIGTERM before training. "
-                              f"{carry_on(run_dir, resume_command(command, run_dir))}", exit_code=143) from None
+        raise TrainingStopped(f"stopped by SIGTERM before training. {carry_on(run_dir, command)}",
+                              exit_code=143) from None
     except KeyboardInterrupt:
-        raise TrainingStopped(f"interrupted. {carry_on(run_dir, resume_command(command, run_dir))}",
-                              exit_code=130) from None
+        raise TrainingStopped(f"interrupted. {carry_on(run_dir, command)}", exit_code=130) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
