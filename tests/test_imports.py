@@ -27,7 +27,7 @@ LAYERS = [
 COMMANDS = {"loraforge.chat", "loraforge.predict", "loraforge.preview", "loraforge.api", "loraforge.cli"}
 HEAVY = {"torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate", "matplotlib", "gguf",
          "rouge_score", "tensorboard", "fastapi", "starlette", "uvicorn",
-         "wandb", "mlflow"}
+         "wandb", "mlflow", "huggingface_hub"}
 
 
 def module_name(path: Path) -> str:

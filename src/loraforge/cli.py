@@ -4,8 +4,8 @@ This is the one place that defers imports: every command module pulls in torch a
 each handler imports its own when it runs, after reading its config, and `loraforge --help`, `config validate`
 or a config with a mistake answers at once. Inside
 the package every import sits at the top of its module, except the heavy libraries (torch, transformers,
-peft, trl, datasets, bitsandbytes, accelerate, matplotlib, gguf, rouge_score, tensorboard) in the modules
-that `config` commands load (tests/test_imports.py checks both rules).
+peft, trl, datasets, bitsandbytes, accelerate, matplotlib, gguf, rouge_score, tensorboard, huggingface_hub) in the
+modules that `config` commands load (tests/test_imports.py checks both rules).
 """
 
 import argparse

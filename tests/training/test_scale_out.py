@@ -410,11 +410,12 @@ def test_the_launcher_names_one_run_directory_for_every_process(make_config, cap
 
 def test_the_launcher_waits_on_its_processes_without_the_training_libraries(make_config, tmp_path):
     """The process that starts torchrun holds no training library: importing transformers, peft and trl there took
-    5 s before every multi-process run (of 7 s in all) and kept their memory for the whole run."""
+    5 s before every multi-process run (of 7 s in all) and kept their memory for the whole run. Nor the hub client,
+    which came with rundir's use of model.sources' path functions."""
     _, path = make_config("light")
     probe = ("import sys; import loraforge.training.launch as launch; from loraforge.cli import main\n"
              "launch.launch = lambda *args, **kwargs: print(sorted(sys.modules.keys() & "
-             "{'transformers', 'peft', 'trl', 'datasets', 'bitsandbytes', 'accelerate'}))\n"
+             "{'transformers', 'peft', 'trl', 'datasets', 'bitsandbytes', 'accelerate', 'huggingface_hub'}))\n"
              f"sys.exit(main(['train', {str(path)!r}, 'output_dir={tmp_path / 'run'}', '--nproc', '2']))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-import huggingface_hub
-
 from loraforge.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -109,6 +107,8 @@ def check_model_name(name: str) -> None:
 def check_hub_reachable(name: str, revision: str | None) -> None:
     """A hub id whose config.json (what transformers reads first) is in the local hub cache, or one the hub answers
     for; else one line at once."""
+    import huggingface_hub
+
     if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json", revision=revision), str):
         return
     problem = hub_problem(name, "config.json", revision)
@@ -118,6 +118,8 @@ def check_hub_reachable(name: str, revision: str | None) -> None:
 
 def in_hub_cache(repo_id: str, revision: str | None = None, repo_type: str = "model") -> bool:
     """The local hub cache holds a snapshot of the repo at `revision`, whichever of its files it holds."""
+    import huggingface_hub
+
     try:
         huggingface_hub.snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_files_only=True)
     except huggingface_hub.errors.IncompleteSnapshotError:
@@ -132,6 +134,8 @@ def hub_problem(repo_id: str, filename: str, revision: str | None = None, repo_t
     answers for its `filename` (what it answers, no such repo or a gated one, is for transformers or datasets to
     say). Left to them, an unreachable hub is asked five more times with back-off (about 25 s) before the same
     answer."""
+    import huggingface_hub
+
     if huggingface_hub.is_offline_mode():
         return "is not in the local hub cache and HF_HUB_OFFLINE is set"
     try:

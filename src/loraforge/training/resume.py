@@ -70,12 +70,9 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
 
 def refuse_finished(run_dir: Path, checkpoint: Path, train) -> None:
     """A finished run is resumed only to train further: its artifacts would otherwise be rewritten for nothing."""
-    manifest = Path(run_dir) / rundir.MANIFEST
-    if not manifest.is_file():
-        return
     try:
-        steps = int(json.loads(manifest.read_text(encoding="utf-8"))["steps"])
-    except (OSError, ValueError, KeyError, TypeError):
+        steps = int(rundir.read_manifest(run_dir)["steps"])
+    except (KeyError, ValueError, TypeError):
         return
     patience, max_steps = train.early_stopping.patience, train.max_steps
     if stopped_early(Path(checkpoint), patience):
