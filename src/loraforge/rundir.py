@@ -207,7 +207,7 @@ def read_manifest(run_dir: str | Path) -> dict:
 
 def base_location(run_dir: str | Path, config: RunConfig) -> str:
     """What the model.name of a run loads from any folder (model_location): a relative folder from the one the run
-    trained in (manifest.json's cwd; the current one where no manifest says)."""
+    trained in (manifest.json's cwd; the current one where no manifest says or that folder is gone)."""
     return model_location(config.model.name, read_manifest(run_dir).get("cwd"))
 
 

@@ -76,9 +76,17 @@ def folder_on_disk(name: str) -> Path | None:
 
 def model_location(name: str, cwd: str | Path | None = None) -> str:
     """What a model.name loads, to tell whether two names are one model: a local folder's resolved path (a relative
-    one from cwd, the folder it was given in), a built-in name or hub id as it is."""
+    one from cwd, the folder it was given in, while that folder is there; else from the current one, with a warning),
+    a built-in name or hub id as it is."""
     if name in BUILTIN:
         return name
+    if cwd is not None and not Path(cwd).is_dir():
+        here = model_location(name)
+        if here != name and not Path(name).expanduser().is_absolute():
+            log.warning("model.name %s: %s, the folder it was given in (the run trained there), is gone (moved, "
+                        "renamed, or the run copied from another machine); taking it from the current folder, %s",
+                        name, cwd, Path.cwd())
+        return here
     path = Path(cwd or ".") / Path(name).expanduser()
     return str(path.resolve()) if path.is_dir() or looks_local(name, cwd) else name
 
