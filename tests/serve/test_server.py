@@ -486,23 +486,79 @@ def test_a_request_that_fails_inside_a_batch_gets_a_500_and_the_others_their_ans
     assert len(tracebacks) == 1 and str(tracebacks[0].exc_info[1]) == "injected failure"
 
 
-def test_a_failure_every_row_meets_fails_the_batch_after_three_tries_with_one_traceback(runs, caplog):
-    """Every generation fails at its third step: the batch and both its halves fail alike, so each request gets the
-    error after three tries (splitting down to each row took 2N-1 = 9) and the log holds one traceback, not one per
-    request. A row whose answer ends in a half before that keeps it."""
+def echo_jobs(served, words, runs=("echo-a", "echo-b"), **kw):
+    """A Job per word asking one of the runs in turn to echo it, greedily; each collects what it is sent in .events."""
+    from loraforge.eval.generate import prompt_ids
+    from loraforge.serve.engine import Job
+
+    jobs = []
+    for i, word in enumerate(words):
+        served_run = served[runs[i % len(runs)]]
+        events = []
+        job = Job(served_run, prompt_ids(served_run.tokenizer, [{"role": "user", "content": f"Echo {word}"}]),
+                  **{"max_tokens": 6, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": None, **kw},
+                  deliver=events.append)
+        job.events = events
+        jobs.append(job)
+    return jobs
+
+
+def run_together(engine, jobs) -> None:
+    for job in jobs:
+        engine.submit(job)
+    deadline = time.monotonic() + 60
+    while not all(job.finish_reason for job in jobs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(job.finish_reason for job in jobs)
+
+
+def test_two_bad_rows_one_in_each_half_fail_alone_and_the_others_get_their_answers(runs, caplog):
+    """Two rows whose prompts hold a token past the vocabulary (both fail with one IndexError) in opposite halves of
+    a batch: both halves fail as the batch did, yet the failure is those two rows', so the halves are split down to
+    them. They get the error; the four others the answers they get alone; one traceback."""
     import logging
 
-    from loraforge.eval.generate import prompt_ids
-    from loraforge.serve.engine import Engine, Job
+    from loraforge.serve.engine import Engine
     from loraforge.serve.models import load_served
 
     served = load_served([str(r) for r in runs])
     engine = Engine(max_batch=8, gather_s=1.0)
-    events = [[] for _ in range(5)]
-    jobs = [Job(served[name], prompt_ids(served[name].tokenizer, [{"role": "user", "content": f"Echo {word}"}]),
-                max_tokens=3 if i == 0 else 6, temperature=0.0, top_p=1.0, stop=[], seed=None,
-                deliver=events[i].append)
-            for i, (name, word) in enumerate(zip(["echo-a", "echo-b"] * 3, WORDS[:5]))]
+    try:
+        alone = []
+        for job in echo_jobs(served, WORDS[:6]):
+            run_together(engine, [job])
+            alone.append(job.text)
+        jobs = echo_jobs(served, WORDS[:6])
+        past_the_vocabulary = served["echo-a"].base.model.get_input_embeddings().num_embeddings
+        for bad in (jobs[1], jobs[4]):
+            bad.prompt_ids = [*bad.prompt_ids, past_the_vocabulary]
+        engine.batch_sizes.clear()
+        with caplog.at_level(logging.WARNING, logger="loraforge.serve"):
+            run_together(engine, jobs)
+    finally:
+        engine.close()
+    assert engine.batch_sizes[0] == 6, "one batch, halves of rows 0-2 and 3-5"
+    assert [job.finish_reason for job in jobs] == ["length", "error", "length", "length", "error", "length"]
+    assert [job.text for job in jobs if job.finish_reason != "error"] == [alone[i] for i in (0, 2, 3, 5)]
+    assert all(alone)
+    assert jobs[1].events == jobs[4].events == [("error", "generation failed: IndexError: index out of range in self")]
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and isinstance(tracebacks[0].exc_info[1], IndexError)
+
+
+def test_a_failure_every_row_meets_fails_each_row_alone_with_one_traceback(runs, caplog):
+    """Every generation fails at its third step: each request gets the error once its row fails alone (splitting
+    down to the rows, as a failure of two rows in opposite halves needs) and the log holds one traceback, not one
+    per request. A row whose answer ends in a half before that keeps it."""
+    import logging
+
+    from loraforge.serve.engine import Engine
+    from loraforge.serve.models import load_served
+
+    served = load_served([str(r) for r in runs])
+    engine = Engine(max_batch=8, gather_s=1.0)
+    jobs = echo_jobs(served, WORDS[:5], max_tokens=20)
+    jobs[0].max_tokens = 3
     steps = {"since_prompt": 0}
 
     def fail_at_the_third_step(module, args):
@@ -513,18 +569,14 @@ def test_a_failure_every_row_meets_fails_the_batch_after_three_tries_with_one_tr
     hook = served["echo-a"].base.model.get_input_embeddings().register_forward_pre_hook(fail_at_the_third_step)
     try:
         with caplog.at_level(logging.WARNING, logger="loraforge.serve"):
-            for job in jobs:
-                engine.submit(job)
-            deadline = time.monotonic() + 60
-            while not all(job.finish_reason for job in jobs) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            run_together(engine, jobs)
     finally:
         hook.remove()
         engine.close()
-    assert list(engine.batch_sizes) == [5, 2, 3]
-    assert (events[0][-1], len(jobs[0].tokens)) == (("done", "length"), 3), "its third token came in its half"
-    assert all(e[-1] == ("error", "generation failed: RuntimeError: injected failure") for e in events[1:]), events
-    assert [kind for e in events for kind, _ in e].count("error") == 4
+    assert list(engine.batch_sizes) == [5, 2, 1, 3, 1, 2, 1, 1], "the first half's other row alone once it ended"
+    assert (jobs[0].events[-1], len(jobs[0].tokens)) == (("done", "length"), 3), "its third token came in its half"
+    assert all(job.events[-1] == ("error", "generation failed: RuntimeError: injected failure") for job in jobs[1:])
+    assert [kind for job in jobs for kind, _ in job.events].count("error") == 4
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 1 and str(tracebacks[0].exc_info[1]) == "injected failure"
 

@@ -5,9 +5,9 @@ strings; its tokens go to its request as they come. A request that is cancelled 
 ran out) stops its row at the next token. Requests that arrive while a batch runs wait for the next one.
 
 A batch that fails is split in two, each half going on from the tokens its rows already have, until the row that
-fails is alone: that request alone gets the error. Where both halves fail with the very error of their batch, the
-failure is not one row's (a row is in only one half) but the batch's shared state's (the model, its memory): every
-row gets it after three tries, where splitting down to each row would take 2N-1 and log N tracebacks."""
+fails is alone: that request alone gets the error. Two halves failing alike do not make the failure the batch's:
+two rows that fail alike (two bad prompts) may sit one in each half, so halves are split down to the rows that
+fail."""
 
 import contextlib
 import copy
@@ -146,20 +146,15 @@ class Engine:
 
     def _split(self, jobs: list[Job], failure: Exception, logged: set) -> None:
         """The unfinished rows of a failed batch, in two halves: a half that fails is split again; a lone row that
-        fails, or both halves failing as their batch did, gets the error. logged: the failures whose traceback is
-        in the log."""
+        fails gets the error. logged: the failures whose traceback is in the log."""
         left = _unfinished(jobs)
         if len(jobs) == 1:
             self._fail(left, failure, logged)
             return
         log.warning("a batch of %d rows failed (%s: %s); its %d unfinished rows go on in two halves",
                     len(jobs), type(failure).__name__, failure, len(left))
-        halves = [half for half in (left[: len(left) // 2], left[len(left) // 2 :]) if half]
-        failures = [self._try(half) for half in halves]
-        if len(halves) == 2 and all(f is not None and _kind(f) == _kind(failure) for f in failures):
-            self._fail(_unfinished(left), failure, logged)
-            return
-        for half, failed in zip(halves, failures):
+        for half in (left[: len(left) // 2], left[len(left) // 2 :]):
+            failed = self._try(half) if half else None
             if failed is not None:
                 self._split(half, failed, logged)
 
