@@ -10,7 +10,7 @@ from pathlib import Path
 
 from loraforge.config import RunConfig, load_config
 from loraforge.errors import ConfigError, RunDirError
-from loraforge.model.sources import model_location
+from loraforge.model.sources import model_location, resolve_model
 
 RESOLVED = "resolved.yaml"
 ADAPTER = "adapter"
@@ -209,6 +209,12 @@ def base_location(run_dir: str | Path, config: RunConfig) -> str:
     """What the model.name of a run loads from any folder (model_location): a relative folder from the one the run
     trained in (manifest.json's cwd; the current one where no manifest says or that folder is gone)."""
     return model_location(config.model.name, read_manifest(run_dir).get("cwd"))
+
+
+def base_model(run_dir: str | Path, config: RunConfig) -> str:
+    """What from_pretrained loads a run's base from (model/sources.py's resolve_model of base_location, at the run's
+    model.revision): a built-in model converted where it is not yet, a hub id refused at once where it cannot be had."""
+    return resolve_model(base_location(run_dir, config), config.model.revision)
 
 
 def trained_precision(run_dir: str | Path) -> str | None:

@@ -17,9 +17,8 @@ from loraforge.data.render import stop_token_ids
 from loraforge.errors import RunDirError
 from loraforge.model.load import load_for_run, load_model, load_model_config, load_tokenizer
 from loraforge.model.precision import choose_for_run
-from loraforge.model.sources import resolve_model
-from loraforge.rundir import (ADAPTER, LABELS, MODEL, REFERENCE, TOKENIZER, base_location, check_adapter,
-                             read_config, trained_precision)
+from loraforge.rundir import (ADAPTER, LABELS, MODEL, REFERENCE, TOKENIZER, base_model, check_adapter, read_config,
+                             trained_precision)
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +64,7 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
         as_trained = config if quantized else config.model_copy(update={"quantization": QuantizationConfig()})
         check_adapter(run_dir / ADAPTER)
         check_weights_readable(run_dir / ADAPTER)
-        base = load_for_run(as_trained, resolve_model(base_location(run_dir, config), config.model.revision), precision,
-                            labels=labels)
+        base = load_for_run(as_trained, base_model(run_dir, config), precision, labels=labels)
         if as_trained.quantization.mode != "none":
             # As training prepared it: the weights bitsandbytes does not quantize (embeddings, norms, head) in fp32.
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
@@ -89,7 +87,7 @@ def precision_here(run_dir: Path, config: RunConfig) -> str:
     import torch
 
     full = (run_dir / MODEL / "config.json").is_file()
-    model = str(run_dir / MODEL) if full else resolve_model(base_location(run_dir, config), config.model.revision)
+    model = str(run_dir / MODEL) if full else base_model(run_dir, config)
     model_config = load_model_config(model, trust_remote_code=config.model.trust_remote_code)
     choice = choose_for_run(trained_precision(run_dir), model_config,
                             cuda=torch.cuda.is_available() and config.quantization.mode != "none")

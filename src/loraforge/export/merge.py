@@ -11,7 +11,6 @@ from loraforge.data.cache import file_digest
 from loraforge.errors import ExportError, RunDirError
 from loraforge.export import ledger
 from loraforge.model.load import load_model, load_model_config
-from loraforge.model.sources import resolve_model
 from loraforge.model.template import apply_template, save_for_plain_use
 from loraforge.trained import load_run
 
@@ -70,8 +69,7 @@ def stored_dtype(run_dir: Path, config):
     large as the base, not twice as large in fp32."""
     import torch
 
-    base = load_model_config(resolve_model(rundir.base_location(run_dir, config), config.model.revision),
-                             config.model.revision, config.model.trust_remote_code)
+    base = load_model_config(rundir.base_model(run_dir, config), config.model.revision, config.model.trust_remote_code)
     dtype = getattr(base, "dtype", None)
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 

@@ -8,7 +8,6 @@ from loraforge.export import ledger
 from loraforge.export.gguf import gguf_is_current, gguf_path, refuse_other_tasks, run_export_gguf
 from loraforge.export.merge import run_digest
 from loraforge.model.load import load_model_config, load_tokenizer
-from loraforge.model.sources import resolve_model
 from loraforge.model.template import apply_template
 from loraforge.training.prepare import model_stop_ids
 
@@ -58,7 +57,7 @@ def run_export_ollama(run_dir: str | Path, kind: str = "q8_0") -> Path:
     refuse_other_tasks(run_dir)
     config = rundir.read_config(run_dir)
     tokenizer = load_tokenizer(str(run_dir / rundir.TOKENIZER))
-    base = resolve_model(rundir.base_location(run_dir, config), config.model.revision)
+    base = rundir.base_model(run_dir, config)
     stop_ids = model_stop_ids(tokenizer, base, load_model_config(base, config.model.revision), config.model.revision)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in sorted(stop_ids)]
     gguf = gguf_path(run_dir, kind)

@@ -13,7 +13,6 @@ from loraforge import rundir
 from loraforge.data.render import stop_token_ids
 from loraforge.errors import RunDirError
 from loraforge.model.load import context_length, load_for_run, load_model, load_tokenizer
-from loraforge.model.sources import resolve_model
 from loraforge.trained import autocast_forward, precision_here
 
 log = logging.getLogger("loraforge.serve")
@@ -57,7 +56,7 @@ def _rss_mb() -> float:
 
 def _base_key(folder: Path, config, precision: str) -> tuple:
     m = config.model
-    return (resolve_model(rundir.base_location(folder, config), m.revision), m.revision,
+    return (rundir.base_model(folder, config), m.revision,
             config.quantization.model_dump_json(), m.attn_implementation, config.lora.use_dora, m.variant,
             tuple(m.drop_layers), m.keep_layers, precision)
 

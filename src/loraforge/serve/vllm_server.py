@@ -15,7 +15,6 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.errors import LoraforgeError
 from loraforge.model.load import load_tokenizer
-from loraforge.model.sources import resolve_model
 
 log = logging.getLogger("loraforge.serve")
 
@@ -96,8 +95,8 @@ def command(run_dirs: list[str], host: str, port: int, max_batch: int | None = N
     if full:
         args = ["serve", str(runs[0][0] / rundir.MODEL), "--served-model-name", names[0], "--tokenizer", tokenizer]
     else:
-        bases = {(resolve_model(rundir.base_location(folder, c), c.model.revision), c.model.revision,
-                  c.quantization.model_dump_json()) for folder, c in runs}
+        bases = {(rundir.base_model(folder, c), c.model.revision, c.quantization.model_dump_json())
+                 for folder, c in runs}
         if len(bases) > 1:
             raise Unfit("the runs are on different bases (" + ", ".join(sorted({c.model.name for _, c in runs}))
                         + ") and vLLM serves one base per server; start one `loraforge serve --engine vllm` per "
