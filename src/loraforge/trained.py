@@ -83,14 +83,18 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
 def precision_here(run_dir: Path, config: RunConfig) -> str:
     """fp32 or bf16, the dtype chat and serve compute the run in on this machine (model/precision.py's
     choose_for_run), logged in one line. The model computes where it loads: on the GPU only where bitsandbytes
-    quantizes it."""
+    quantizes it. Only a bf16 run on CPU reads the model's config, for the shapes the probe times."""
     import torch
 
-    full = (run_dir / MODEL / "config.json").is_file()
-    model = str(run_dir / MODEL) if full else base_model(run_dir, config)
-    model_config = load_model_config(model, trust_remote_code=config.model.trust_remote_code)
-    choice = choose_for_run(trained_precision(run_dir), model_config,
-                            cuda=torch.cuda.is_available() and config.quantization.mode != "none")
+    trained = trained_precision(run_dir)
+    cuda = torch.cuda.is_available() and config.quantization.mode != "none"
+    model_config = None
+    if trained == "bf16" and not cuda:
+        m = config.model
+        model_config = (load_model_config(str(run_dir / MODEL), trust_remote_code=m.trust_remote_code)
+                        if (run_dir / MODEL / "config.json").is_file()
+                        else load_model_config(base_model(run_dir, config), m.revision, m.trust_remote_code))
+    choice = choose_for_run(trained, model_config, cuda=cuda)
     log.info("%s: computing in %s, %s", run_dir.name, choice.chosen, choice.reason)
     return choice.chosen
 

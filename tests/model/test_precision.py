@@ -107,3 +107,29 @@ def test_a_finished_run_computes_in_bf16_only_where_it_trained_in_bf16_and_bf16_
                                              "246 GFLOP/s)")
     monkeypatch.setattr(precision_module, "matmul_gflops", lambda *a: pytest.fail("nothing to measure"))
     assert [choose_for_run(trained).chosen for trained in ("fp32", "fp16", None)] == ["fp32"] * 3
+
+
+@needs_cpu
+def test_a_run_on_a_hub_model_pinned_to_a_commit_reads_its_base_config_at_that_commit_offline(
+        train_tiny, tiny_model_dir, no_hub, cpu_like, monkeypatch):
+    """A hub model downloaded at a pinned commit is cached without refs/main: offline, its config is found at the
+    run's model.revision only. It is read for the CPU probe of a bf16 run; an fp32 run computes in fp32 without it."""
+    import shutil
+    from pathlib import Path
+
+    import huggingface_hub.constants
+
+    from loraforge import trained
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    commit = "a" * 40
+    shutil.copytree(tiny_model_dir, no_hub / "models--owner--tiny-llama" / "snapshots" / commit)
+    pinned = ["model.name=owner/tiny-llama", f"model.revision={commit}", "train.max_steps=2"]
+    bf16_run = train_tiny(*pinned, "precision=bf16")[0]
+    fp32_run = train_tiny(*pinned, "precision=fp32")[0]
+    cpu_like(NATIVE_BF16)
+    assert trained.precision_here(Path(bf16_run.output_dir), bf16_run) == "bf16"
+    assert trained.load_run(bf16_run.output_dir, precision="auto").model.get_input_embeddings().weight.dtype == (
+        torch.bfloat16)
+    monkeypatch.setattr(trained, "load_model_config", lambda *a, **kw: pytest.fail("an fp32 run needs no config"))
+    assert trained.precision_here(Path(fp32_run.output_dir), fp32_run) == "fp32"
