@@ -58,6 +58,20 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
         raise RunDirError(f"{run_dir} lacks its {TOKENIZER}/ folder (the tokenizer and chat template it trained "
                           "with); copy the run again, whole")
     tokenizer = load_tokenizer(str(run_dir / TOKENIZER))
+    model = load_trained_model(run_dir, config, precision, quantized, labels)
+    if config.method != "sft" and (run_dir / ADAPTER / REFERENCE / "adapter_config.json").is_file():
+        # The reference a preference run was tuned against (its starting adapter), for preference accuracy.
+        model.load_adapter(str(run_dir / ADAPTER / REFERENCE), adapter_name=REFERENCE)
+        model.set_adapter("default")
+    stop_ids = stop_token_ids(tokenizer, model.generation_config) if config.task == "causal_lm" else frozenset()
+    return LoadedRun(run_dir, config, model, tokenizer, stop_ids, labels)
+
+
+def load_trained_model(run_dir: Path, config: RunConfig, precision: str, quantized: bool = True,
+                       labels: list[str] | None = None, adapter_name: str = "default"):
+    """The model of load_run, in eval mode, for chat, eval and serve alike: the run's own model/ where it trained
+    every weight, else its adapter (named adapter_name) on its base; precision fp32 or bf16, as load_run takes it.
+    Generating from it computes as the run trained under eval/generate.py's as_trained."""
     if (run_dir / MODEL / "config.json").is_file():
         model = load_model(str(run_dir / MODEL), task=config.task, labels=labels)
     else:
@@ -68,16 +82,11 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
         if as_trained.quantization.mode != "none":
             # As training prepared it: the weights bitsandbytes does not quantize (embeddings, norms, head) in fp32.
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-        model = PeftModel.from_pretrained(base, str(run_dir / ADAPTER))
-        if config.method != "sft" and (run_dir / ADAPTER / REFERENCE / "adapter_config.json").is_file():
-            # The reference a preference run was tuned against (its starting adapter), for preference accuracy.
-            model.load_adapter(str(run_dir / ADAPTER / REFERENCE), adapter_name=REFERENCE)
-            model.set_adapter("default")
+        model = PeftModel.from_pretrained(base, str(run_dir / ADAPTER), adapter_name=adapter_name)
     model.eval()
     if precision == "bf16":
         autocast_forward(model)
-    stop_ids = stop_token_ids(tokenizer, model.generation_config) if config.task == "causal_lm" else frozenset()
-    return LoadedRun(run_dir, config, model, tokenizer, stop_ids, labels)
+    return model
 
 
 def precision_here(run_dir: Path, config: RunConfig) -> str:

@@ -13,7 +13,7 @@ import pytest
 from loraforge.config import load_config
 from loraforge.model.load import DTYPES
 from loraforge.training.run import run_training
-from tests.conftest import write_tiny_config
+from tests.conftest import NATIVE_BF16, write_tiny_config
 
 KEY = "test-key"
 WORDS = ["red", "green", "blue", "black", "white", "pink", "gray", "gold"]
@@ -616,3 +616,42 @@ def test_a_bf16_run_is_chatted_and_served_in_bf16_where_bf16_is_fast_here_else_i
         background.stop()
         engine.close()
     assert answer.json()["choices"][0]["message"]["content"] == said and said, "the greedy answer chat gives"
+
+
+def test_serve_computes_a_bf16_run_as_chat_does_to_the_last_bit(train_tiny, cpu_like):
+    """Greedy answers equal chat's only where every number is: the logits serve computes for a request of a bf16
+    run equal chat's bit for bit (its LoRA layers under bf16 autocast too), or a near-tie can go the other way."""
+    import torch
+
+    from loraforge.eval.generate import generate
+    from loraforge.serve.engine import Engine
+    from loraforge.serve.models import load_served
+    from loraforge.trained import load_run
+
+    config, _ = train_tiny("precision=bf16", "train.learning_rate=0.05")
+    run = Path(config.output_dir)
+    cpu_like(NATIVE_BF16)
+
+    def first_logits(model, answer) -> torch.Tensor:
+        seen = []
+        hook = model.get_output_embeddings().register_forward_hook(
+            lambda module, args, out: seen.append(out[0, -1].float().clone()))
+        try:
+            answer()
+        finally:
+            hook.remove()
+        return seen[0]
+
+    chatted = load_run(run, task="causal_lm", precision="auto")
+    asked = [{"role": "user", "content": "Echo red"}]
+    chat_logits = first_logits(chatted.model, lambda: generate(chatted.model, chatted.tokenizer, asked, 4,
+                                                               chatted.stop_ids))
+    served = load_served([str(run)])
+    engine = Engine(max_batch=1, gather_s=0)
+    try:
+        serve_logits = first_logits(served[run.name].base.model,
+                                    lambda: run_together(engine, echo_jobs(served, ["red"], runs=(run.name,))))
+    finally:
+        engine.close()
+    assert served[run.name].base.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert torch.equal(serve_logits, chat_logits), (serve_logits - chat_logits).abs().max()

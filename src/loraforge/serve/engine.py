@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from loraforge.eval.generate import as_trained
 from loraforge.serve.models import BASE, Served
 
 log = logging.getLogger("loraforge.serve")
@@ -264,7 +265,7 @@ def _generate(jobs: list[Job]) -> None:
             adapters = model.disable_adapter()
         else:
             model.set_adapter(jobs[0].served.adapter)
-    with torch.no_grad(), adapters:
+    with torch.no_grad(), adapters, as_trained(model):
         model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=settings,
                        logits_processor=LogitsProcessorList([RowSampling()]),
                        stopping_criteria=StoppingCriteriaList([RowEnd()]), streamer=RowStream(), **extra)

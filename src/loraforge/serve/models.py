@@ -12,8 +12,8 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.data.render import stop_token_ids
 from loraforge.errors import RunDirError
-from loraforge.model.load import context_length, load_for_run, load_model, load_tokenizer
-from loraforge.trained import autocast_forward, precision_here
+from loraforge.model.load import context_length, load_tokenizer
+from loraforge.trained import load_trained_model, precision_here
 
 log = logging.getLogger("loraforge.serve")
 
@@ -62,9 +62,8 @@ def _base_key(folder: Path, config, precision: str) -> tuple:
 
 
 def load_served(run_dirs: list[str]) -> dict[str, Served]:
-    """Every run of run_dirs by name, and each of their bases under its model name; logs the memory each takes."""
-    from peft import PeftModel
-
+    """Every run of run_dirs by name, and each of their bases under its model name; logs the memory each takes.
+    Each run loads as chat loads it (trained.load_trained_model); later runs on a loaded base add their adapter."""
     served: dict[str, Served] = {}
     bases: dict[tuple, tuple[Base, str]] = {}
     for folder in map(Path, run_dirs):
@@ -79,17 +78,14 @@ def load_served(run_dirs: list[str]) -> dict[str, Served]:
         precision = precision_here(folder, config)
         before = _rss_mb()
         if (folder / rundir.MODEL / "config.json").is_file():
-            model = load_model(str(folder / rundir.MODEL)).eval()
-            if precision == "bf16":
-                autocast_forward(model)
+            model = load_trained_model(folder, config, precision)
             base, adapter = Base(model, context_length(model.config), mixed_batches=False), None
             log.info("run %s: its own fine-tuned model, %.0f MB", name, _rss_mb() - before)
         else:
             rundir.check_adapter(folder / rundir.ADAPTER)
             key = _base_key(folder, config, precision)
             if key not in bases:
-                model = PeftModel.from_pretrained(load_for_run(config, key[0], precision), str(folder / rundir.ADAPTER),
-                                                  adapter_name=name).eval()
+                model = load_trained_model(folder, config, precision, adapter_name=name)
                 # PEFT runs rows of different adapters in one batch, except for DoRA layers.
                 bases[key] = (Base(model, context_length(model.config), mixed_batches=not config.lora.use_dora,
                                    all_layers=config.model.variant == "original"), config.model.name)
