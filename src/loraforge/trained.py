@@ -74,6 +74,8 @@ def load_trained_model(run_dir: Path, config: RunConfig, precision: str, quantiz
     Generating from it computes as the run trained under eval/generate.py's as_trained."""
     if (run_dir / MODEL / "config.json").is_file():
         model = load_model(str(run_dir / MODEL), task=config.task, labels=labels)
+        if precision == "bf16":
+            linear_weights_in_bf16(model)
     else:
         as_trained = config if quantized else config.model_copy(update={"quantization": QuantizationConfig()})
         check_adapter(run_dir / ADAPTER)
@@ -119,6 +121,20 @@ def check_weights_readable(folder: Path) -> None:
     except (SafetensorError, OSError) as exc:
         raise RunDirError(f"{path} cannot be read ({exc}): the file is damaged or cut short; copy the run again, or "
                           "take the adapter from the checkpoint it came from (checkpoints/)") from None
+
+
+def linear_weights_in_bf16(model) -> None:
+    """A full run's linear layers in bf16, the dtype bf16 autocast casts their fp32 weights to: the same numbers,
+    without autocast's bf16 copy of every weight beside the fp32 one, made for each generate() call (for each
+    forward outside one). The rest stays in fp32, as the run trained it, and so does an output layer whose weight
+    is the embeddings'."""
+    import torch
+
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not (tied and module is head):
+            module.to(torch.bfloat16)
 
 
 def autocast_forward(model) -> None:

@@ -655,3 +655,34 @@ def test_serve_computes_a_bf16_run_as_chat_does_to_the_last_bit(train_tiny, cpu_
         engine.close()
     assert served[run.name].base.model.get_input_embeddings().weight.dtype == torch.bfloat16
     assert torch.equal(serve_logits, chat_logits), (serve_logits - chat_logits).abs().max()
+
+
+def test_a_bf16_full_fine_tune_holds_its_linear_weights_in_bf16_and_computes_as_training_did(train_tiny, cpu_like):
+    """A full run's weights are trained in fp32 under bf16 autocast, which casts each linear weight to bf16 at every
+    forward: chat and serve hold those weights in bf16 instead (less memory, no cast each time), the rest in fp32,
+    and compute the very logits training's autocast does from the fp32 weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.eval.generate import prompt_ids
+    from loraforge.serve.models import load_served
+    from loraforge.trained import load_run
+
+    config, _ = train_tiny("adapter=full", "precision=bf16", "train.learning_rate=0.01")
+    run = Path(config.output_dir)
+    cpu_like(NATIVE_BF16)
+    chatted = load_run(run, task="causal_lm", precision="auto")
+    served = load_served([str(run)])[run.name].base.model
+    for model in (chatted.model, served):
+        head = model.get_output_embeddings()
+        assert {m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head} == {
+            torch.bfloat16}
+        assert head.weight is model.get_input_embeddings().weight, "tied: the embeddings' weight, in fp32"
+        assert head.weight.dtype == model.model.norm.weight.dtype == torch.float32
+    ids = torch.tensor([prompt_ids(chatted.tokenizer, [{"role": "user", "content": "Echo red"}])])
+    trained = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = trained(input_ids=ids).logits.float()
+    with torch.no_grad():
+        assert torch.equal(chatted.model(input_ids=ids).logits, expected)
+        assert torch.equal(served(input_ids=ids).logits, expected)
