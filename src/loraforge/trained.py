@@ -41,10 +41,11 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
     """The trained model of a run, rebuilt as it was trained (same base, quantization and layer variant), in eval
     mode, with the run's tokenizer, stop ids and labels.
 
-    precision bf16 rebuilds a bf16 run as training computed it: frozen weights in bf16 and the model's forward
-    under bf16 autocast, as accelerate wraps it (generate() calls the inner model, outside it, as in training).
-    fp32, the default, is how plain transformers serves the adapter. auto: the one of the two that chat and serve
-    compute the run in on this machine (precision_here).
+    precision bf16 rebuilds a bf16 run as training computed it: frozen weights in bf16 (a full run's linear
+    layers, which autocast computed in bf16) and the model's forward under bf16 autocast, as accelerate wraps it
+    (generate() calls the inner model, outside it, as in training). fp32, the default, is how plain transformers
+    serves the adapter. auto: the one of the two that chat and serve compute the run in on this machine
+    (precision_here).
     task: refuse a run of another task, naming the command that fits it. quantized=False loads the base
     unquantized, as merging needs plain float weights."""
     run_dir = Path(run_dir)
