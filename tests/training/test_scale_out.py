@@ -327,6 +327,7 @@ def test_two_nodes_on_localhost_lose_a_process_keep_their_checkpoint_and_resume(
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_fsdp2_on_cpu_torch_shards_a_lora_model_but_accelerate_drops_the_plugin(tiny_model_dir, tmp_path,
                                                                                private_network):
     """What is and is not supported for FSDP2 on CPU (torch 2.13, accelerate 1.15), over gloo with 2 processes:
