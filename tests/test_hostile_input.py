@@ -239,6 +239,43 @@ def case_chat_with_a_run_stopped_midway(tmp_path, workspace):
              f"`loraforge train CONFIG output_dir={run} --resume auto`"])
 
 
+def claimed_by(tmp_path, workspace, make_claim, finished: bool) -> tuple[Path, Path]:
+    """A copy of the finished run (or of it stopped after its last checkpoint) in tmp_path whose claim file
+    make_claim replaced."""
+    root, _ = workspace
+    run = tmp_path / "run"
+    shutil.copytree(root / "finished", run)
+    if not finished:
+        (run / "manifest.json").unlink()
+    claim = run / ".loraforge-run"
+    claim.unlink()
+    make_claim(claim)
+    return run, claim
+
+
+def case_resume_with_its_claim_linked_to_a_file(tmp_path, workspace):
+    (tmp_path / "notes.txt").write_text("mine\n")
+    run, claim = claimed_by(tmp_path, workspace, lambda claim: claim.symlink_to(tmp_path / "notes.txt"), True)
+    return (["train", workspace[1], f"output_dir={run}", "--resume", "auto"], tmp_path, 2,
+            [f"{claim} is a link, not the file loraforge writes to claim {run}; move it out of {run} and run again"])
+
+
+def case_resume_with_its_claim_linked_to_nothing(tmp_path, workspace):
+    run, claim = claimed_by(tmp_path, workspace, lambda claim: claim.symlink_to(tmp_path / "elsewhere"), False)
+    return (["train", workspace[1], f"output_dir={run}", "train.max_steps=6", "--resume", "auto", "--allow-changes"],
+            tmp_path, 2, [f"{claim} is a link, not the file loraforge writes"])
+
+
+def case_resume_with_its_claim_a_folder(tmp_path, workspace):
+    def folder(claim: Path) -> None:
+        claim.mkdir()
+        (claim / "mine.txt").write_text("mine\n")
+
+    run, claim = claimed_by(tmp_path, workspace, folder, False)
+    return (["train", workspace[1], f"output_dir={run}", "train.max_steps=6", "--resume", "auto", "--allow-changes"],
+            tmp_path, 2, [f"{claim} is a folder, not the file loraforge writes to claim {run}"])
+
+
 def case_output_dir_that_cannot_be_made(tmp_path, workspace):
     _, config = workspace
     (tmp_path / "plain-file").write_text("x\n")
@@ -264,7 +301,9 @@ CASES = [case_duplicate_keys, case_not_utf8, case_config_is_a_directory, case_ou
          case_template_syntax_error, case_template_reaching_for_globals, case_model_folder_that_is_not_a_model,
          case_custom_model_code_without_trust, case_malformed_hub_id, case_adapter_missing_its_weights,
          case_adapter_cut_short, case_run_without_its_tokenizer, case_chat_answer_of_no_length,
-         case_serve_port_out_of_range, case_merge_out_is_a_file, case_chat_with_a_run_stopped_midway, case_output_dir_that_cannot_be_made, case_validation_source_emptied_by_filtering]
+         case_serve_port_out_of_range, case_merge_out_is_a_file, case_chat_with_a_run_stopped_midway, case_output_dir_that_cannot_be_made, case_validation_source_emptied_by_filtering,
+         case_resume_with_its_claim_linked_to_a_file, case_resume_with_its_claim_linked_to_nothing,
+         case_resume_with_its_claim_a_folder]
 
 
 def name_of(case) -> str:

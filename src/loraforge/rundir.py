@@ -1,8 +1,10 @@
 """The run directory: what a run writes, where, and how later commands read it back."""
 
+import errno
 import fcntl
 import json
 import logging
+import os
 import shutil
 import stat
 from contextlib import contextmanager
@@ -161,7 +163,7 @@ def create(output_dir: str | Path) -> Path:
 
 def refuse_in_use(run_dir: Path) -> None:
     """Refuse a run directory another loraforge process trains in: one still loading looks like one that stopped."""
-    if (Path(run_dir) / CLAIM).is_file():
+    if os.path.lexists(Path(run_dir) / CLAIM):
         with in_use(Path(run_dir)):
             pass
 
@@ -169,14 +171,31 @@ def refuse_in_use(run_dir: Path) -> None:
 @contextmanager
 def in_use(run_dir: Path):
     """This process trains in run_dir: a second train or resume of it is refused while this one lasts. The lock is
-    the kernel's (flock on the claim file), so it goes with the process however it ends."""
-    with (run_dir / CLAIM).open("a", encoding="utf-8") as claim:
+    the kernel's (flock on the claim file), so it goes with the process however it ends. The claim is opened to
+    read, created where it is missing, and never through a link: what another name stands for is not loraforge's."""
+    claim = run_dir / CLAIM
+    try:
+        fd = os.open(claim, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise RunDirError(f"output_dir {run_dir} cannot be written ({exc.strerror}: {claim}); choose a "
+                              "directory you can write to") from None
+        fd = None
+    try:
+        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+            kind = "a link" if claim.is_symlink() else "a folder" if claim.is_dir() else "not a plain file"
+            raise RunDirError(f"{claim} is {kind}, not the file loraforge writes to claim {run_dir}; move it out of "
+                              f"{run_dir} and run again: loraforge writes its own there, and never writes to or locks "
+                              "a file it did not write")
         try:
-            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunDirError(f"{run_dir} is in use: another loraforge process is training in it; wait for it to end "
                               "(or stop it), then carry the run on with --resume auto") from None
         yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def read_config(run_dir: str | Path) -> RunConfig:
