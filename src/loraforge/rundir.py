@@ -190,12 +190,27 @@ def in_use(run_dir: Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            checkpoint = _newest_checkpoint(run_dir)
+            when = "if it does not complete" if checkpoint else "if it stops before its first checkpoint"
             raise RunDirError(f"{run_dir} is in use: another loraforge process is training in it; wait for it to end "
-                              "(or stop it), then carry the run on with --resume auto") from None
+                              f"(or stop it), then, {when}, {_carry_on(run_dir, checkpoint)}") from None
         yield
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _newest_checkpoint(run_dir: Path) -> str | None:
+    numbered = [p.name for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if p.name[11:].isdigit()]
+    return max(numbered, key=lambda name: int(name[11:]), default=None)
+
+
+def _carry_on(run_dir: Path, checkpoint: str | None) -> str:
+    """How a run that did not complete goes on: from its newest checkpoint with --resume auto, or, with none, started
+    over by the command without it (--resume auto refuses a run that stopped before its first checkpoint)."""
+    if checkpoint is not None:
+        return f"carry it on to its end with `loraforge train CONFIG output_dir={run_dir} --resume auto`"
+    return f"start it over with `loraforge train CONFIG output_dir={run_dir}`, without --resume"
 
 
 def read_config(run_dir: str | Path) -> RunConfig:
@@ -203,11 +218,10 @@ def read_config(run_dir: str | Path) -> RunConfig:
     if not (run_dir / RESOLVED).is_file():
         raise RunDirError(f"{run_dir} is not a run directory: {RESOLVED} is missing; pass the output_dir of a training run")
     if not (run_dir / ADAPTER / "adapter_config.json").is_file() and not (run_dir / MODEL / "config.json").is_file():
-        checkpoints = sorted((p for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if p.name[11:].isdigit()),
-                             key=lambda p: int(p.name[11:]))
-        state = (f"it stopped at or after {checkpoints[-1].name}: carry it on to its end with `loraforge train CONFIG "
-                 f"output_dir={run_dir} --resume auto`" if checkpoints else
-                 "it is still training, or stopped before its first checkpoint (train.save_every)")
+        checkpoint = _newest_checkpoint(run_dir)
+        state = (f"it stopped at or after {checkpoint}: {_carry_on(run_dir, checkpoint)}" if checkpoint else
+                 f"it is still training, or stopped before its first checkpoint (train.save_every); if it stopped, "
+                 f"{_carry_on(run_dir, None)}")
         raise RunDirError(
             f"{run_dir} has no finished adapter ({ADAPTER}/adapter_config.json) or model ({MODEL}/config.json): "
             f"the run did not complete; {state}"

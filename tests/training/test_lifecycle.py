@@ -131,8 +131,12 @@ def test_a_run_directory_in_use_is_refused_to_a_second_process(make_config, tmp_
     branch_from(Path(straight.output_dir), 3, tmp_path / "resumed5")
     resumed, _ = make_config("resumed5")
     with rundir.in_use(tmp_path / "resumed5"):
-        with pytest.raises(RunDirError, match=r"resumed5 is in use: another loraforge process is training in it"):
+        with pytest.raises(RunDirError) as used:
             run_training(resumed, resume="auto")
+    assert str(used.value) == (
+        f"{tmp_path / 'resumed5'} is in use: another loraforge process is training in it; wait for it to end (or stop "
+        f"it), then, if it does not complete, carry it on to its end with `loraforge train CONFIG "
+        f"output_dir={tmp_path / 'resumed5'} --resume auto`")
     assert losses(tmp_path / "resumed5") == [r for r in losses(straight.output_dir) if r[0] <= 4], "nothing written"
     run_training(resumed, resume="auto")
     assert losses(tmp_path / "resumed5") == losses(straight.output_dir), "resumed once the other process let go"
@@ -698,8 +702,12 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over_in_its_directory(
     ended_by(monkeypatch, config, (LoraforgeTrainer, "training_step", crash_in_step_2), RuntimeError, "went away")
     assert sorted(p.name for p in run.iterdir()) == sorted(rundir.BEFORE_CHECKPOINTS)
     assert [step for step, _ in losses(run)] == [1]
-    with rundir.in_use(run), pytest.raises(RunDirError, match="is in use: another loraforge process is training in it"):
+    with rundir.in_use(run), pytest.raises(RunDirError) as used:
         run_training(config, resume="auto")
+    assert str(used.value) == (
+        f"{run} is in use: another loraforge process is training in it; wait for it to end (or stop it), then, if it "
+        f"stops before its first checkpoint, start it over with `loraforge train CONFIG output_dir={run}`, without "
+        "--resume")
     with pytest.raises(RunDirError) as refused:
         run_training(config, resume="auto")
     assert str(refused.value) == (
@@ -775,8 +783,10 @@ def test_a_run_directory_without_a_checkpoint_is_refused_while_it_holds_files_lo
             run_training(config, resume="auto")
         assert theirs.read_text() == "mine"
         theirs.unlink()
-    with rundir.in_use(run), pytest.raises(RunDirError, match="is in use: another loraforge process is training in it"):
+    with rundir.in_use(run), pytest.raises(RunDirError) as used:
         run_training(config)
+    assert str(used.value).endswith(f"then, if it stops before its first checkpoint, start it over with `loraforge "
+                                    f"train CONFIG output_dir={run}`, without --resume")
     assert sorted(p.name for p in run.rglob("*")) == left
 
 
