@@ -200,6 +200,34 @@ def test_eval_reads_the_run_data_from_where_it_trained_and_refuses_a_changed_fil
         run_eval(trained_in / "run", max_samples=0)
 
 
+def test_eval_reads_the_run_data_from_here_with_a_warning_once_the_folder_it_trained_in_is_gone(
+        tmp_path, tiny_model_dir, monkeypatch, caplog):
+    """As model.name (given_in): the project moved, a relative data path is the file of that name in the current
+    folder, with a warning naming both. It was looked for in the folder that is gone and refused as not there."""
+    import logging
+
+    from loraforge.config import load_config
+    from loraforge.training.run import run_training
+    from tests.conftest import ECHO_ROWS, write_jsonl, write_tiny_config
+
+    trained_in, moved, here = tmp_path / "project", tmp_path / "moved", tmp_path / "here"
+    trained_in.mkdir(), here.mkdir()
+    config_path = write_tiny_config(trained_in, tiny_model_dir, "{max_steps: 2, batch_size: 4, save_every: null}")
+    config_path.write_text(config_path.read_text().replace(str(trained_in / "echo.jsonl"), "echo.jsonl"))
+    monkeypatch.chdir(trained_in)
+    run_training(load_config(config_path, [f"output_dir={trained_in / 'run'}", "precision=fp32"]))
+    after = json.loads((trained_in / "run" / "eval.json").read_text())["eval_loss_after"]
+
+    trained_in.rename(moved)
+    write_jsonl(here / "echo.jsonl", ECHO_ROWS)
+    monkeypatch.chdir(here)
+    with caplog.at_level(logging.WARNING, logger="loraforge"):
+        assert run_eval(moved / "run", max_samples=0)["fine_tuned"]["loss"] == pytest.approx(after, rel=1e-5)
+    assert [r.getMessage() for r in caplog.records if "echo.jsonl" in r.getMessage()] == [
+        f"data.sources path echo.jsonl: {trained_in}, the folder it was given in (the run trained there), is gone "
+        f"(moved, renamed, or the run copied from another machine); taking it from the current folder, {here}"]
+
+
 def test_a_manifest_that_is_not_an_object_is_read_as_none_by_eval(train_tiny):
     """As every reader of manifest.json takes it (rundir.read_manifest): the run's files as its config names them,
     computed in fp32; it stopped eval with an AttributeError."""

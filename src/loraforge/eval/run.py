@@ -22,6 +22,7 @@ from loraforge.eval.generate import generate_batch
 from loraforge.eval.metrics import classification_metrics
 from loraforge.eval.preference import held_out_kind, preference_line, preference_metrics
 from loraforge.model.precision import cpu_speeds
+from loraforge.model.sources import given_in
 from loraforge.trained import load_run
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,8 @@ def has_test_split(config) -> bool:
 
 def sources_as_trained(run_dir: Path, config):
     """The run's config with its data files found where it trained (relative paths start from the folder it trained
-    in, as manifest.json records), refused where a file is gone or changed: its held-out rows would not be the ones
-    the run held out."""
+    in, as manifest.json records, by the rule of model.name: given_in), refused where a file is gone or changed: its
+    held-out rows would not be the ones the run held out."""
     manifest = rundir.read_manifest(run_dir)
     trained_files, cwd = manifest.get("data_files") or {}, manifest.get("cwd")
     sources = []
@@ -116,7 +117,7 @@ def sources_as_trained(run_dir: Path, config):
         if digest is None or str(digest).startswith("hub:"):
             sources.append(source)
             continue
-        path = Path(cwd or ".") / source.path
+        path = given_in(source.path, cwd, "data.sources path")
         if not path.is_file() or file_digest(path) != digest:
             state = "is not there" if not path.is_file() else "has changed since the run trained on it"
             raise DataError(f"{path} (data.sources path {source.path} of {run_dir}) {state}, so the run's "

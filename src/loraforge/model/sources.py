@@ -82,13 +82,23 @@ def model_location(name: str, cwd: str | Path | None = None) -> str:
         return name
     if cwd is not None and not Path(cwd).is_dir():
         here = model_location(name)
-        if here != name and not Path(name).expanduser().is_absolute():
-            log.warning("model.name %s: %s, the folder it was given in (the run trained there), is gone (moved, "
-                        "renamed, or the run copied from another machine); taking it from the current folder, %s",
-                        name, cwd, Path.cwd())
-        return here
+        return here if here == name else str(given_in(name, cwd, "model.name").resolve())
     path = Path(cwd or ".") / Path(name).expanduser()
     return str(path.resolve()) if path.is_dir() or looks_local(name, cwd) else name
+
+
+def given_in(path: str, cwd: str | Path | None, key: str) -> Path:
+    """Where a path a run's config gives (as `key`) is: a relative one from cwd, the folder the run trained in, while
+    that folder is there; else from the current one, with a warning."""
+    given = Path(path).expanduser()
+    if cwd is None or given.is_absolute():
+        return given
+    if not Path(cwd).is_dir():
+        log.warning("%s %s: %s, the folder it was given in (the run trained there), is gone (moved, renamed, or the "
+                    "run copied from another machine); taking it from the current folder, %s", key, path, cwd,
+                    Path.cwd())
+        return given
+    return Path(cwd) / given
 
 
 def check_model_name(name: str) -> None:
