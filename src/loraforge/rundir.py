@@ -37,8 +37,8 @@ EVENTS = "events.out.tfevents."
 STAGING = ".staging-"
 # Written first into every run directory loraforge creates: what holds it is loraforge's to write.
 CLAIM = ".loraforge-run"
-# All a run writes before its first checkpoint.
-BEFORE_CHECKPOINTS = (CLAIM, RESOLVED, LOG, METRICS, TENSORBOARD, CHECKPOINTS)
+# All a run writes before its first checkpoint (manifest.json: where it runs from, completed at its end).
+BEFORE_CHECKPOINTS = (CLAIM, RESOLVED, MANIFEST, LOG, METRICS, TENSORBOARD, CHECKPOINTS)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def start_over(run_dir: Path) -> None:
     log.warning("%s: its run stopped before its first checkpoint; this run starts over in it (%s carried on, the "
                 "rest of that run's files replaced)", run_dir, LOG)
     (run_dir / METRICS).unlink(missing_ok=True)
+    (run_dir / MANIFEST).unlink(missing_ok=True)
     shutil.rmtree(run_dir / TENSORBOARD, ignore_errors=True)
     for staged in (run_dir / CHECKPOINTS).glob(f"{STAGING}*"):
         shutil.rmtree(staged, ignore_errors=True)
@@ -230,7 +231,8 @@ def read_config(run_dir: str | Path) -> RunConfig:
 
 
 def read_manifest(run_dir: str | Path) -> dict:
-    """A run's manifest.json; empty where there is none readable."""
+    """A run's manifest.json (its cwd and data_files alone where the run has not completed it); empty where there is
+    none readable."""
     try:
         manifest = json.loads((Path(run_dir) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):

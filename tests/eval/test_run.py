@@ -278,6 +278,45 @@ def test_a_run_on_a_relative_model_folder_loads_it_from_where_it_trained(tmp_pat
         run_eval(run, max_samples=0)
 
 
+def test_a_run_stopped_once_its_adapter_is_written_loads_its_relative_model_and_data_from_where_it_trained(
+        tmp_path, tiny_model_dir, tokenizer, no_hub, monkeypatch):
+    """A run records the folder it trains in as it starts (manifest.json's cwd, completed at its end): one that
+    stopped in its final evaluation, its adapter written, is evaluated from elsewhere on project/models/tiny and
+    project/echo.jsonl, not on the model and file of those names there. Without a manifest it had no such folder,
+    so eval took the current one."""
+    import shutil
+
+    from loraforge import rundir
+    from loraforge.config import load_config
+    from loraforge.training import evaluation
+    from loraforge.training.run import run_training
+    from tests.conftest import ECHO_ROWS, save_tiny_llama, write_jsonl, write_tiny_config
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the machine went away")
+
+    trained_in, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    trained_in.mkdir(), elsewhere.mkdir()
+    shutil.copytree(tiny_model_dir, trained_in / "models" / "tiny")
+    save_tiny_llama(elsewhere / "models" / "tiny", tokenizer, seed=1)
+    write_jsonl(elsewhere / "echo.jsonl", list(reversed(ECHO_ROWS)))
+    config_path = write_tiny_config(trained_in, Path("models/tiny"), "{max_steps: 2, batch_size: 4, save_every: null}")
+    config_path.write_text(config_path.read_text().replace(str(trained_in / "echo.jsonl"), "echo.jsonl"))
+    monkeypatch.chdir(trained_in)
+    config = load_config(config_path, [f"output_dir={trained_in / 'run'}", "precision=fp32"])
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "evaluate_after", crash)
+        with pytest.raises(RuntimeError, match="the machine went away"):
+            run_training(config)
+    run = trained_in / "run"
+    assert (run / rundir.ADAPTER / "adapter_config.json").is_file() and not (run / rundir.EVAL).exists()
+    there = run_eval(run, max_samples=0)["fine_tuned"]["loss"]
+
+    monkeypatch.chdir(elsewhere)
+    assert rundir.base_location(run, config) == str(trained_in / "models" / "tiny")
+    assert run_eval(run, max_samples=0)["fine_tuned"]["loss"] == pytest.approx(there, rel=1e-5)
+
+
 def test_eval_says_when_compare_base_has_no_base_to_measure_and_refuses_an_unknown_split(train_tiny, caplog):
     import logging
 

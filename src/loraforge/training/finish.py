@@ -166,4 +166,5 @@ def stopped_after_training(signal_name: str, config: RunConfig, run_dir: Path, s
         rest = (f"No checkpoint holds step {step} to finish the run from (train.save_every); evaluate the weights "
                 f"with: loraforge eval {shlex.quote(str(run_dir))}")
     return (f"stopped by {signal_name} after training (step {step}): {weights} is complete; the final evaluation, "
-            f"sample answers, {rundir.EVAL}, {rundir.REPORT} and {rundir.MANIFEST} were not written. {rest}")
+            f"sample answers, {rundir.EVAL}, {rundir.REPORT} and the rest of {rundir.MANIFEST} were not written. "
+            f"{rest}")

@@ -9,6 +9,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from loraforge import rundir
 from loraforge.data.cache import file_digest
 
 PACKAGES = ("loraforge", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
@@ -61,19 +62,34 @@ def data_fingerprints(sources) -> dict:
     return {s.path: (file_digest(Path(s.path)) if Path(s.path).is_file() else f"hub:{s.path}") for s in sources}
 
 
+def where_from(config) -> dict:
+    """The data files a run reads, and the folder it runs in, where the relative paths of its config (model.name,
+    data_files) start."""
+    return {"data_files": data_fingerprints(config.data.sources), "cwd": os.getcwd()}
+
+
+def write_start(run_dir: Path, config) -> Path:
+    """manifest.json as a run starts or resumes (over what an earlier session of it wrote): `where_from`, so that a run
+    stopped before write_manifest completes the file (once its weights are written, say) is read from any folder as
+    it trained."""
+    return _write(Path(run_dir) / rundir.MANIFEST, {**rundir.read_manifest(run_dir), **where_from(config)})
+
+
 def write_manifest(path: Path, config, fingerprints: dict, trainable: int, wall_seconds: float, **extra) -> Path:
-    manifest = {
+    return _write(path, {
         "versions": package_versions(),
         "git_sha": git_sha(),
         "hardware": hardware(),
         "seed": config.seed,
-        "data_files": data_fingerprints(config.data.sources),
-        "cwd": os.getcwd(),  # where the relative paths of data_files (as the config gives them) start
+        **where_from(config),
         "fingerprints": fingerprints,
         "trainable_parameters": trainable,
         "wall_seconds": round(wall_seconds, 2),
         "peak_memory": peak_memory_mb(),
         **extra,
-    }
+    })
+
+
+def _write(path: Path, manifest: dict) -> Path:
     Path(path).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return Path(path)

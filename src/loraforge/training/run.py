@@ -29,6 +29,7 @@ from loraforge.training.build import (Built, build_trainer, check_kto_batches, c
                                       train_examples, trainable_model)
 from loraforge.training.checkpoints import bytes_to_write, latest_complete, step_of
 from loraforge.training.finish import TrainResult
+from loraforge.training.manifest import write_start
 from loraforge.training.prepare import Prepared, prepare
 from loraforge.training.resume import (carry_on, check_compatible, config_fingerprint, find_checkpoint,
                                       refuse_finished, resume_command, resumed_precision, stopped_early,
@@ -127,6 +128,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         try:
             if is_main:
                 write_resolved(config, run_dir)
+                write_start(run_dir, config)
             built = build_trainer(config, prepared, model, run_dir, precision.chosen, fingerprints, stop)
             with _signal_after_training_says_what_is_left(config, built, run_dir, command):
                 trained = train(config, prepared, built, run_dir, checkpoint, stop, is_main, command)
