@@ -37,8 +37,10 @@ EVENTS = "events.out.tfevents."
 STAGING = ".staging-"
 # Written first into every run directory loraforge creates: what holds it is loraforge's to write.
 CLAIM = ".loraforge-run"
+# manifest.json while it is written, before it takes the name.
+MANIFEST_STAGED = f".{MANIFEST}.tmp"
 # All a run writes before its first checkpoint (manifest.json: where it runs from, completed at its end).
-BEFORE_CHECKPOINTS = (CLAIM, RESOLVED, MANIFEST, LOG, METRICS, TENSORBOARD, CHECKPOINTS)
+BEFORE_CHECKPOINTS = (CLAIM, RESOLVED, MANIFEST, MANIFEST_STAGED, LOG, METRICS, TENSORBOARD, CHECKPOINTS)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,7 @@ def start_over(run_dir: Path) -> None:
                 "rest of that run's files replaced)", run_dir, LOG)
     (run_dir / METRICS).unlink(missing_ok=True)
     (run_dir / MANIFEST).unlink(missing_ok=True)
+    (run_dir / MANIFEST_STAGED).unlink(missing_ok=True)
     shutil.rmtree(run_dir / TENSORBOARD, ignore_errors=True)
     for staged in (run_dir / CHECKPOINTS).glob(f"{STAGING}*"):
         shutil.rmtree(staged, ignore_errors=True)
@@ -172,11 +175,16 @@ def refuse_in_use(run_dir: Path) -> None:
 @contextmanager
 def in_use(run_dir: Path):
     """This process trains in run_dir: a second train or resume of it is refused while this one lasts. The lock is
-    the kernel's (flock on the claim file), so it goes with the process however it ends. The claim is opened to
-    read, created where it is missing, and never through a link: what another name stands for is not loraforge's."""
+    the kernel's (flock on the claim file), so it goes with the process however it ends. The claim is created where
+    it is missing, never opened through a link (what another name stands for is not loraforge's) and never written
+    to; it is opened for writing all the same, which NFS asks of a file to lock it exclusively."""
     claim = run_dir / CLAIM
+    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(claim, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(claim, os.O_RDWR | flags, 0o644)
+        except PermissionError:
+            fd = os.open(claim, os.O_RDONLY | flags, 0o644)
     except OSError as exc:
         if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
             raise RunDirError(f"output_dir {run_dir} cannot be written ({exc.strerror}: {claim}); choose a "
@@ -195,6 +203,10 @@ def in_use(run_dir: Path):
             when = "if it does not complete" if checkpoint else "if it stops before its first checkpoint"
             raise RunDirError(f"{run_dir} is in use: another loraforge process is training in it; wait for it to end "
                               f"(or stop it), then, {when}, {_carry_on(run_dir, checkpoint)}") from None
+        except OSError as exc:
+            raise RunDirError(f"{claim} cannot be locked ({exc.strerror}), so this process cannot keep others from "
+                              f"training in {run_dir}; choose an output_dir on a file system that supports locks "
+                              "(flock)") from None
         yield
     finally:
         if fd is not None:
@@ -207,11 +219,15 @@ def _newest_checkpoint(run_dir: Path) -> str | None:
 
 
 def _carry_on(run_dir: Path, checkpoint: str | None) -> str:
-    """How a run that did not complete goes on: from its newest checkpoint with --resume auto, or, with none, started
-    over by the command without it (--resume auto refuses a run that stopped before its first checkpoint)."""
+    """How a run that did not complete goes on: from its newest checkpoint with --resume auto; with none, started
+    over by the command without it where it left no more than a run writes before its first checkpoint (--resume auto
+    refuses that run), else in another output_dir."""
     if checkpoint is not None:
         return f"carry it on to its end with `loraforge train CONFIG output_dir={run_dir} --resume auto`"
-    return f"start it over with `loraforge train CONFIG output_dir={run_dir}`, without --resume"
+    if stopped_before_checkpoint(run_dir):
+        return f"start it over with `loraforge train CONFIG output_dir={run_dir}`, without --resume"
+    return (f"start it again with another output_dir (no checkpoint holds it to carry on from, and {run_dir} holds "
+            "more than a run writes before its first checkpoint)")
 
 
 def read_config(run_dir: str | Path) -> RunConfig:
@@ -231,8 +247,8 @@ def read_config(run_dir: str | Path) -> RunConfig:
 
 
 def read_manifest(run_dir: str | Path) -> dict:
-    """A run's manifest.json (its cwd and data_files alone where the run has not completed it); empty where there is
-    none readable."""
+    """A run's manifest.json (its cwd, data_files and precision alone where the run has not completed it); empty
+    where there is none readable."""
     try:
         manifest = json.loads((Path(run_dir) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -700,7 +700,7 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over_in_its_directory(
     run = Path(config.output_dir)
     stopped_by(monkeypatch, config, (evaluation, "evaluate_before", terminated), [str(path)])
     ended_by(monkeypatch, config, (LoraforgeTrainer, "training_step", crash_in_step_2), RuntimeError, "went away")
-    assert sorted(p.name for p in run.iterdir()) == sorted(rundir.BEFORE_CHECKPOINTS)
+    assert sorted(p.name for p in run.iterdir()) == sorted(set(rundir.BEFORE_CHECKPOINTS) - {rundir.MANIFEST_STAGED})
     assert [step for step, _ in losses(run)] == [1]
     with rundir.in_use(run), pytest.raises(RunDirError) as used:
         run_training(config, resume="auto")
@@ -715,8 +715,10 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over_in_its_directory(
         "without --resume starts over in it, replacing that run's metrics.jsonl and TensorBoard events and carrying "
         "on its train.log")
     assert [step for step, _ in losses(run)] == [1] and loss_events(run) == [1]
+    (run / rundir.MANIFEST_STAGED).write_text('{"cwd": ', encoding="utf-8")
     run_training(config)
 
+    assert not (run / rundir.MANIFEST_STAGED).exists(), "a manifest.json cut short as it was written is loraforge's"
     assert [step for step, _ in losses(run)] == list(range(1, 9)), "the stopped runs' records gone"
     assert loss_events(run) == list(range(1, 9))
     stopped, crashed, complete = (run / rundir.LOG).read_text().split(
@@ -781,6 +783,11 @@ def test_a_run_directory_without_a_checkpoint_is_refused_while_it_holds_files_lo
             run_training(config)
         with pytest.raises(RunDirError, match="--resume auto: no complete checkpoint"):
             run_training(config, resume="auto")
+        with pytest.raises(RunDirError) as unfinished:
+            rundir.read_config(run)
+        assert str(unfinished.value).endswith(
+            f"if it stopped, start it again with another output_dir (no checkpoint holds it to carry on from, and "
+            f"{run} holds more than a run writes before its first checkpoint)"), "the same command is refused"
         assert theirs.read_text() == "mine"
         theirs.unlink()
     with rundir.in_use(run), pytest.raises(RunDirError) as used:
@@ -1172,7 +1179,9 @@ def test_sigterm_after_training_says_what_was_written_and_what_writes_the_rest(m
     assert message in (run / rundir.LOG).read_text()
     written = adapter(run)
     assert written and not any((run / name).exists() for name in (rundir.EVAL, rundir.REPORT))
-    assert rundir.read_manifest(run).keys() == {"data_files", "cwd"}, "as the run started"
+    started = rundir.read_manifest(run)
+    assert started.keys() == {"data_files", "cwd", "precision"}, "as the run started"
+    assert rundir.trained_precision(run) in ("fp32", "bf16"), "chat and eval compute it as it trained"
     if "save_every=null" in " ".join(settings):
         assert message.endswith(f"evaluate the weights with: loraforge eval {run}")
         return
@@ -1180,6 +1189,7 @@ def test_sigterm_after_training_says_what_was_written_and_what_writes_the_rest(m
     monkeypatch.undo()
     result = run_training(config, resume="auto")
     assert result.eval_after is not None and "steps" in rundir.read_manifest(run) and (run / rundir.REPORT).is_file()
+    assert rundir.read_manifest(run)["precision"]["chosen"] == started["precision"]["chosen"]
     assert all(torch.equal(written[k], adapter(run)[k]) for k in written), "the weights the stopped run wrote"
 
 
@@ -1215,3 +1225,32 @@ def test_a_signal_once_the_run_is_complete_leaves_it_complete(make_config, monke
     assert code == 0 and "error:" not in printed.err, printed.err
     assert printed.out.startswith(f"Run directory: {config.output_dir}")
     assert all((Path(config.output_dir) / name).is_file() for name in (rundir.EVAL, rundir.REPORT, rundir.MANIFEST))
+
+
+def test_a_run_that_starts_again_keeps_nothing_its_earlier_session_completed_in_its_manifest(make_config):
+    """A finished run carried on to more steps rewrites manifest.json as it starts: until it completes the file again,
+    the steps, wall time and versions of its earlier session are not there to be read as this session's."""
+    from loraforge.training.manifest import write_start
+
+    config, _ = make_config("extended")
+    run = Path(config.output_dir)
+    run.mkdir(parents=True)
+    (run / rundir.MANIFEST).write_text(json.dumps({"steps": 4, "wall_seconds": 9.5, "cwd": "/gone",
+                                                   "precision": {"chosen": "bf16"}}), encoding="utf-8")
+    write_start(run, config, {"requested": "fp32", "chosen": "fp32", "reason": "asked for"})
+    started = rundir.read_manifest(run)
+    assert started.keys() == {"data_files", "cwd", "precision"} and started["cwd"] == os.getcwd()
+    assert rundir.trained_precision(run) == "fp32"
+    assert sorted(p.name for p in run.iterdir()) == [rundir.MANIFEST], "written whole, nothing staged left"
+
+
+def test_a_run_directory_on_a_file_system_without_locks_is_refused_in_one_line(tmp_path, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    with pytest.raises(RunDirError) as refused, rundir.in_use(tmp_path):
+        pass
+    assert str(refused.value) == (f"{tmp_path / rundir.CLAIM} cannot be locked (No locks available), so this process "
+                                  f"cannot keep others from training in {tmp_path}; choose an output_dir on a file "
+                                  "system that supports locks (flock)")

@@ -68,11 +68,11 @@ def where_from(config) -> dict:
     return {"data_files": data_fingerprints(config.data.sources), "cwd": os.getcwd()}
 
 
-def write_start(run_dir: Path, config) -> Path:
-    """manifest.json as a run starts or resumes (over what an earlier session of it wrote): `where_from`, so that a run
-    stopped before write_manifest completes the file (once its weights are written, say) is read from any folder as
-    it trained."""
-    return _write(Path(run_dir) / rundir.MANIFEST, {**rundir.read_manifest(run_dir), **where_from(config)})
+def write_start(run_dir: Path, config, precision: dict) -> Path:
+    """manifest.json as a run starts or resumes, in place of what an earlier session of it wrote: `where_from` and
+    the precision it trains in, so that a run stopped before write_manifest completes the file (once its weights
+    are written, say) is read from any folder, and computed, as it trained."""
+    return _write(Path(run_dir) / rundir.MANIFEST, {**where_from(config), "precision": precision})
 
 
 def write_manifest(path: Path, config, fingerprints: dict, trainable: int, wall_seconds: float, **extra) -> Path:
@@ -91,5 +91,9 @@ def write_manifest(path: Path, config, fingerprints: dict, trainable: int, wall_
 
 
 def _write(path: Path, manifest: dict) -> Path:
-    Path(path).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return Path(path)
+    """Whole or not at all: a reader, or a run stopped while it writes, never finds the file half written."""
+    path = Path(path)
+    staged = path.with_name(rundir.MANIFEST_STAGED)
+    staged.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(staged, path)
+    return path

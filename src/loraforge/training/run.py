@@ -128,7 +128,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         try:
             if is_main:
                 write_resolved(config, run_dir)
-                write_start(run_dir, config)
+                write_start(run_dir, config, precision.record())
             built = build_trainer(config, prepared, model, run_dir, precision.chosen, fingerprints, stop)
             with _signal_after_training_says_what_is_left(config, built, run_dir, command):
                 trained = train(config, prepared, built, run_dir, checkpoint, stop, is_main, command)
