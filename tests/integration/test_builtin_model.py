@@ -77,6 +77,7 @@ def test_chat_prompt_answers(run_dir, monkeypatch, capsys):
     assert len(capsys.readouterr().out.strip()) > 0
 
 
+@pytest.mark.slow
 def test_merge_then_gguf_on_the_builtin_model(run_dir, capsys):
     from loraforge.cli import main
     from loraforge.export.gguf import compare_generations, converter_dir

@@ -59,6 +59,7 @@ def test_keep_layers_run_reloads_with_the_same_layer_count(tmp_path, smollm_path
     assert model.config.num_hidden_layers == 24
 
 
+@pytest.mark.slow
 def test_classification_on_the_builtin_model(tmp_path, smollm_path, monkeypatch):
     import random
 

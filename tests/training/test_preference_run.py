@@ -93,7 +93,7 @@ def test_dpo_learns_the_preference_and_reports_it(dpo_run):
     assert not (run / rundir.ADAPTER / rundir.REFERENCE).exists(), "the reference is the base, adapter off: no copy"
 
 
-@pytest.mark.parametrize("method", ["dpo", pytest.param("kto", marks=pytest.mark.slow), "orpo"])
+@pytest.mark.parametrize("method", ["dpo", *(pytest.param(m, marks=pytest.mark.slow) for m in ("kto", "orpo"))])
 def test_a_preference_run_stopped_between_logs_logs_what_a_straight_run_logs(tmp_path, tiny_model_dir, monkeypatch,
                                                                               method):
     """SIGTERM at step 3 of 6, logging every 2 steps, then resumed: the metrics and adapter of a straight run. Step
@@ -141,6 +141,7 @@ def assert_resume_equals_a_straight_run(tmp_path, tiny_model_dir, overrides: lis
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "bit-identical adapter weights"
 
 
+@pytest.mark.slow
 def test_sft_then_dpo_from_its_adapter(make_dpo, tmp_path, tiny_model_dir):
     echo = write_jsonl(tmp_path / "echo.jsonl", ECHO_ROWS)
     sft = load_config(make_dpo("unused")[1], [
