@@ -357,12 +357,34 @@ def test_refused_with_a_message_and_nothing_written(name, outcomes):
     assert outcome.seconds < 30 + STARTUP_SECONDS, "answered within 30 s of starting work"
 
 
+DAMAGES = {
+    "optimizer-missing": (lambda checkpoint: (checkpoint / "optimizer.pt").unlink(), "optimizer.pt missing"),
+    "corrupt-marker": (lambda checkpoint: (checkpoint / "COMPLETE").write_text("{not json"),
+                       "is not the JSON loraforge writes"),
+    "optimizer-cut-short": (lambda checkpoint: (checkpoint / "optimizer.pt").write_bytes(
+        (checkpoint / "optimizer.pt").read_bytes()[:1000]), "optimizer.pt is 1000 bytes"),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGES)
+def test_the_newest_usable_checkpoint_passes_over_a_damaged_one_and_says_why(workspace, tmp_path, name, caplog):
+    from loraforge.training.checkpoints import latest_complete
+
+    damage, said = DAMAGES[name]
+    run = copy_run(workspace, f"damaged-{tmp_path.name}")
+    damage(run / "checkpoints" / "checkpoint-4")
+    with caplog.at_level("WARNING"):
+        assert latest_complete(run / "checkpoints") == run / "checkpoints" / "checkpoint-2"
+    assert f"skipping {run / 'checkpoints' / 'checkpoint-4'} for an earlier checkpoint: " in caplog.text
+    assert said in caplog.text
+
+
+# Each damage is told apart above; train --resume auto is run on all three under make test-all.
 @pytest.mark.parametrize("damage, said", [
-    pytest.param(lambda checkpoint: (checkpoint / "optimizer.pt").unlink(), "optimizer.pt missing", marks=pytest.mark.slow),
-    (lambda checkpoint: (checkpoint / "COMPLETE").write_text("{not json"), "is not the JSON loraforge writes"),
-    (lambda checkpoint: (checkpoint / "optimizer.pt").write_bytes((checkpoint / "optimizer.pt").read_bytes()[:1000]),
-     "optimizer.pt is 1000 bytes"),
-], ids=["optimizer-missing", "corrupt-marker", "optimizer-cut-short"])
+    pytest.param(*DAMAGES["optimizer-missing"], marks=pytest.mark.slow),
+    pytest.param(*DAMAGES["corrupt-marker"], marks=pytest.mark.slow),
+    DAMAGES["optimizer-cut-short"],
+], ids=list(DAMAGES))
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(workspace, tmp_path, damage, said):
     run = copy_run(workspace, f"damaged-{tmp_path.name}")
     damage(run / "checkpoints" / "checkpoint-4")

@@ -244,7 +244,14 @@ def _data_preview(args) -> int:
     return 0
 
 
+def _runs_first(*run_dirs: str) -> None:
+    """A path that is no finished run is refused before the libraries a run command needs are imported (seconds)."""
+    for run_dir in run_dirs:
+        rundir.read_config(run_dir)
+
+
 def _chat(args) -> int:
+    _runs_first(args.run_dir)
     from loraforge.chat import run_chat
 
     run_chat(args.run_dir, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
@@ -252,6 +259,7 @@ def _chat(args) -> int:
 
 
 def _serve(args) -> int:
+    _runs_first(*args.run_dirs)
     from loraforge.serve.run import run_server
 
     if (args.max_batch is not None and args.max_batch < 1) or args.timeout <= 0:
@@ -262,6 +270,7 @@ def _serve(args) -> int:
 
 
 def _eval(args) -> int:
+    _runs_first(args.run_dir)
     from loraforge.eval.run import format_results, run_eval
 
     if args.data_format and not args.data:
@@ -272,6 +281,7 @@ def _eval(args) -> int:
 
 
 def _merge(args) -> int:
+    _runs_first(args.run_dir)
     from loraforge.export.merge import run_merge
 
     print(run_merge(args.run_dir, args.out).summary())
@@ -279,6 +289,7 @@ def _merge(args) -> int:
 
 
 def _export_gguf(args) -> int:
+    _runs_first(args.run_dir)
     from loraforge.export.gguf import run_export_gguf
 
     print(f"GGUF written: {run_export_gguf(args.run_dir, args.type)}")
@@ -286,6 +297,7 @@ def _export_gguf(args) -> int:
 
 
 def _export_ollama(args) -> int:
+    _runs_first(args.run_dir)
     from loraforge.export.ollama import run_export_ollama
 
     path = run_export_ollama(args.run_dir, args.type)
@@ -294,6 +306,7 @@ def _export_ollama(args) -> int:
 
 
 def _predict(args) -> int:
+    _runs_first(args.run_dir)
     from loraforge.predict import run_predict
 
     run_predict(args.run_dir, text=args.text, file=args.file)

@@ -309,6 +309,28 @@ def test_cli_validate_exit_codes(tmp_path, capsys, monkeypatch):
     assert f"{bad}:4: seeed: unknown key; did you mean 'seed'?" in err
 
 
+RUN_COMMANDS = [["chat", "{run}"], ["eval", "{run}"], ["merge", "{run}"], ["export", "gguf", "{run}"],
+                ["export", "ollama", "{run}"], ["predict", "{run}", "--text", "hi"], ["serve", "{run}"]]
+
+
+def test_a_run_command_on_a_folder_that_is_no_run_is_refused_before_the_libraries_load(tmp_path):
+    """Each command that reads a run directory says what is wrong with it without first importing transformers,
+    peft and the rest (seconds)."""
+    script = f"""
+import sys
+from loraforge.cli import main
+for command in {RUN_COMMANDS!r}:
+    assert main([part.format(run={str(tmp_path / "no-run")!r}) for part in command]) == 2, command
+print("LOADED", [m for m in ("transformers", "peft", "trl", "datasets") if m in sys.modules])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "LOADED []" in done.stdout
+    said = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert said == [f"error: {tmp_path / 'no-run'} is not a run directory: resolved.yaml is missing; pass the "
+                    "output_dir of a training run"] * len(RUN_COMMANDS), done.stderr[-3000:]
+
+
 def test_cli_schema_lists_descriptions(capsys):
     import json
 

@@ -249,7 +249,7 @@ def test_every_migrated_seed_config_trains_two_steps(source, tmp_path, deep_tiny
         write_jsonl(tmp_path / data["path"], [ROWS[data["format"]](i) for i in range(24)])
     # The migrated config as it is, on a small deep model, for 2 steps, without reporting to wandb.
     config = load_config(tmp_path / "migrated.yaml", [f"model.name={deep_tiny_model}", "train.max_steps=2",
-                                                       "train.num_epochs=null", "report_to=[]",
+                                                       "train.num_epochs=null", "report_to=[]", "eval.max_new_tokens=2",
                                                        f"output_dir={tmp_path / 'run'}", "eval.num_samples=0"])
     result = run_training(config)
     assert json.loads((result.run_dir / "manifest.json").read_text())["steps"] == 2

@@ -1,5 +1,6 @@
 """CPU memory settings, each checked in a fresh process: glibc's and ideep's state is per process and set once."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -52,6 +53,7 @@ ONE_SHAPE = "LENGTHS = [60] * 40\n"
 MEASURABLE = 1 << 20
 
 
+@functools.cache  # both cap tests measure the ideep-capped growth; once is enough
 def per_shape_growth(setup: str) -> int:
     """Heap growth over 40 new bf16 shapes beyond that over one shape 40 times: what each new shape keeps."""
     return run_python(setup + NEW_SHAPES, GROWTH_OVER_BF16_SHAPES) - run_python(setup + ONE_SHAPE, GROWTH_OVER_BF16_SHAPES)
