@@ -2,6 +2,7 @@
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,31 @@ def test_a_hub_dataset_only_datasets_prepared_loads_offline_without_the_hub_cach
     found, _ = load("someone/TinyChat")
     assert [r.conversation.messages[-1].content for r in found["train"]] == ["hello", "a"]
     assert not no_hub.exists() or not any(no_hub.iterdir()), "nothing came from the hub cache"
+
+
+def test_a_cached_hub_dataset_loads_at_once_offline_when_the_hub_cannot_be_reached(no_hub, tmp_path, monkeypatch,
+                                                                                    caplog):
+    """An offline laptop without HF_HUB_OFFLINE set: asked through datasets, the unreachable hub is retried with
+    back-off (1+2+4+8+8 s, about 25 s) before datasets falls back to its cache; one refused probe is enough to load
+    it offline, well under 10 s on a slow machine. The process is online again afterwards."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", UNREACHABLE)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    rows = write(tmp_path, [GOOD, msgs(("user", "q"), ("assistant", "a"))], "train.jsonl")
+    prepare_as_datasets_does(rows, tmp_path / "datasets-cache" / "someone___tiny_chat", "tiny_chat")
+    start = time.monotonic()
+    with caplog.at_level(logging.INFO):
+        found, _ = load("someone/TinyChat")
+    took = time.monotonic() - start
+    assert [r.conversation.messages[-1].content for r in found["train"]] == ["hello", "a"]
+    assert took < 10, f"took {took:.1f} s: the hub was asked again"
+    assert "someone/TinyChat: the hub cannot be reached; loading it from the local cache" in caplog.messages
+    assert not [m for m in caplog.messages if "Retry" in m], "asked the hub once"
+    assert not huggingface_hub.constants.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE
 
 
 def test_unknown_file_type(tmp_path):

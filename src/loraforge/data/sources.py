@@ -5,11 +5,15 @@ import csv
 import difflib
 import io
 import json
+import logging
 import re
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from loraforge.errors import DataError
 from loraforge.model.sources import hub_problem, in_hub_cache
+
+log = logging.getLogger(__name__)
 
 BOM = b"\xef\xbb\xbf"
 # The csv module refuses a cell over 128 KiB; a long document in one cell is valid CSV.
@@ -236,17 +240,37 @@ def _root_cause(exc: BaseException) -> str:
 def _hub(name: str, split: str):
     from datasets import load_dataset
 
-    problem = (None if in_hub_cache(name, repo_type="dataset") or _in_datasets_cache(name)
-               else hub_problem(name, "README.md", repo_type="dataset"))
-    if problem is not None:
+    cached = in_hub_cache(name, repo_type="dataset") or _in_datasets_cache(name)
+    problem = hub_problem(name, "README.md", repo_type="dataset")
+    if problem is not None and not cached:
         raise DataError(f"{name}: hub dataset {problem}; point data.sources[].path at a local file, or run once "
                         "online to cache it")
+    unreachable = problem is not None and "cannot be reached" in problem
+    if unreachable:
+        log.info("%s: the hub cannot be reached; loading it from the local cache", name)
     try:
-        table = load_dataset(name, split=split)
+        with _offline() if unreachable else nullcontext():
+            table = load_dataset(name, split=split)
     except Exception as exc:
         raise DataError(f"{name}: cannot load this hub dataset ({type(exc).__name__}: {exc}); offline runs need a local file") from None
     for index, row in enumerate(table):
         yield f"{name}: row {index}", row
+
+
+@contextmanager
+def _offline():
+    """datasets and huggingface_hub read HF_HUB_OFFLINE once, at import, into the constants they check on each
+    call; load_dataset has no parameter for it. Set both for the block, else an unreachable hub is asked five more
+    times with back-off (about 25 s) before datasets falls back to its cache."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    held = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = held
 
 
 def _in_datasets_cache(name: str) -> bool:
