@@ -11,7 +11,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from loraforge.errors import DataError
-from loraforge.model.sources import hub_problem, in_hub_cache
+from loraforge.model.sources import UNREACHABLE, hub_problem, in_hub_cache
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def _hub(name: str, split: str):
     if problem is not None and not cached:
         raise DataError(f"{name}: hub dataset {problem}; point data.sources[].path at a local file, or run once "
                         "online to cache it")
-    unreachable = problem is not None and "cannot be reached" in problem
+    unreachable = problem is not None and UNREACHABLE in problem
     if unreachable:
         log.info("%s: the hub cannot be reached; loading it from the local cache", name)
     try:

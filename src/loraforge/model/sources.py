@@ -41,6 +41,8 @@ def loraforge_home() -> Path:
     return Path(os.environ.get("LORAFORGE_HOME") or Path.home() / ".cache" / "loraforge")
 
 
+# What hub_problem says of a hub that does not answer at all.
+UNREACHABLE = "the hub cannot be reached"
 HUB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,96}(/[A-Za-z0-9_.-]{1,96})?$")
 CHOICES = f"a built-in name ({', '.join(BUILTIN)}), a folder written by save_pretrained, or a hub id (owner/name)"
 
@@ -163,7 +165,7 @@ def hub_problem(repo_id: str, filename: str, revision: str | None = None, repo_t
         return None
     except huggingface_hub.errors.HTTPError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return f"is not in the local hub cache and the hub cannot be reached ({reason})"
+        return f"is not in the local hub cache and {UNREACHABLE} ({reason})"
     return None
 
 
