@@ -1,5 +1,7 @@
 import json
 import os
+import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,25 @@ def save_tiny_llama(folder: Path, tokenizer, seed: int = 0, **shape) -> Path:
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A random 2-layer llama with the real SmolLM2 tokenizer, saved like any local model folder."""
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+@pytest.fixture
+def hashed(monkeypatch) -> Counter:
+    """How many times each file (by resolved path) is read whole for its sha256: every name a loaded loraforge
+    module binds data.cache.file_digest to counts its calls, and still hashes."""
+    from loraforge.data import cache
+
+    real, counts = cache.file_digest, Counter()
+
+    def counting(path):
+        counts[Path(path).resolve()] += 1
+        return real(path)
+
+    for module in [m for name, m in sys.modules.items() if name == "loraforge" or name.startswith("loraforge.")]:
+        for name, value in list(vars(module).items()):
+            if value is real:
+                monkeypatch.setattr(module, name, counting)
+    return counts
 
 
 def write_jsonl(path: Path, rows) -> Path:

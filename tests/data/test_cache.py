@@ -1,12 +1,15 @@
 """Tokenized data is reused only when nothing that changes the tokens has changed."""
 
+import hashlib
 import logging
+import os
 
 import pytest
 
 from loraforge.config.data_section import DataConfig
 from loraforge.data.build import build_datasets
 from loraforge.data.render import stop_token_ids
+from loraforge.training.manifest import data_fingerprints
 from tests.conftest import write_jsonl
 
 
@@ -71,3 +74,25 @@ def test_cache_off(setup, caplog, tmp_path):
     run(caplog, cache=False)
     _, hit = run(caplog, cache=False)
     assert not hit and not (tmp_path / "cache").exists()
+
+
+def test_a_data_file_is_read_for_its_hash_once_per_process(setup, caplog, hashed):
+    run, path = setup
+    run(caplog)
+    _, hit = run(caplog)
+    fingerprints = data_fingerprints(DataConfig.model_validate({"sources": [{"path": str(path)}]}).sources)
+    assert hit and fingerprints == {str(path): hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert hashed[path.resolve()] == 1
+
+
+def test_a_data_file_changed_on_disk_is_hashed_again(tmp_path, hashed):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "one"}\n', encoding="utf-8")
+    sources = DataConfig.model_validate({"sources": [{"path": str(path)}]}).sources
+    before = data_fingerprints(sources)[str(path)]
+    mtime = path.stat().st_mtime_ns
+    path.write_text('{"text": "two"}\n', encoding="utf-8")
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+    after = data_fingerprints(sources)[str(path)]
+    assert data_fingerprints(sources)[str(path)] == after == hashlib.sha256(path.read_bytes()).hexdigest() != before
+    assert hashed[path.resolve()] == 2, "hashed as first read and once changed, not when read again unchanged"

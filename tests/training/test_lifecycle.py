@@ -1,6 +1,7 @@
 """Run lifecycle on the tiny llama: exact resume, signals, crashes and full disks while saving, NaN, tracking."""
 
 import errno
+import hashlib
 import os
 import re
 import json
@@ -436,7 +437,7 @@ def test_a_best_evaluation_with_nothing_saved_is_warned_of(make_config, caplog):
             "(train.save_every is null)") in caplog.text
 
 
-def test_manifest_and_tensorboard(make_config):
+def test_manifest_and_tensorboard(make_config, hashed):
     config, _ = make_config("tracked", "report_to=[tensorboard]")
     result = run_training(config)
     run = Path(config.output_dir)
@@ -445,7 +446,10 @@ def test_manifest_and_tensorboard(make_config):
     assert manifest["versions"]["loraforge"] == version("loraforge")
     assert manifest["seed"] == 42 and manifest["trainable_parameters"] > 0
     assert manifest["peak_memory"]["process_rss_mb"] > 0 and manifest["wall_seconds"] > 0
-    assert list(manifest["data_files"].values())[0] and manifest["hardware"]["cpu_count"]
+    assert manifest["hardware"]["cpu_count"]
+    data = Path(config.data.sources[0].path).resolve()
+    assert manifest["data_files"][config.data.sources[0].path] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert hashed[data] == 1, "the cache key and manifest.json, as the run starts and as it ends, share one read"
     events = list((run / rundir.TENSORBOARD).rglob("events.out.tfevents.*"))
     assert events
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

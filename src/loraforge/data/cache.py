@@ -37,7 +37,7 @@ def cache_key(data_config, seed: int, tokenizer, stop_ids) -> str:
     add("seed", seed)
     for source in data_config.sources:
         path = Path(source.path)
-        add("file", file_digest(path) if path.is_file() else f"hub:{source.path}:{source.hub_split}")
+        add("file", data_file_digest(path) if path.is_file() else f"hub:{source.path}:{source.hub_split}")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     add("tokenizer", backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True))
     add("special", json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str))
@@ -52,6 +52,29 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+_digests: dict[tuple, str] = {}
+
+
+def data_file_digest(path: Path) -> str:
+    """file_digest of a data file, hashed once per process while the file is unchanged on disk (the same path, inode,
+    size, modification and change times), so that the cache key and manifest.json of a run read a large file once;
+    a file written to since is hashed again."""
+    before = _identity(path)
+    known = _digests.get(before)
+    if known is not None:
+        return known
+    digest = file_digest(path)
+    if _identity(path) == before:
+        _digests[before] = digest
+    return digest
+
+
+def _identity(path: Path) -> tuple:
+    path = Path(path).resolve()
+    stat = path.stat()
+    return str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def load(cache_dir: Path, key: str):

@@ -12,7 +12,7 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.config.data_section import DataSource
 from loraforge.data.build import DataStats, assign_splits, load_rows, tokenize_preference, tokenize_rows
-from loraforge.data.cache import file_digest
+from loraforge.data.cache import data_file_digest
 from loraforge.data.formats import FORMAT_FIELDS, PREFERENCE_FORMATS
 from loraforge.data.packing import collator
 from loraforge.data.render import IGNORE
@@ -118,7 +118,7 @@ def sources_as_trained(run_dir: Path, config):
             sources.append(source)
             continue
         path = given_in(source.path, cwd, "data.sources path")
-        if not path.is_file() or file_digest(path) != digest:
+        if not path.is_file() or data_file_digest(path) != digest:
             state = "is not there" if not path.is_file() else "has changed since the run trained on it"
             raise DataError(f"{path} (data.sources path {source.path} of {run_dir}) {state}, so the run's "
                             "held-out rows cannot be drawn again; evaluate a file as it is with --data")

@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from loraforge import rundir
-from loraforge.data.cache import file_digest
+from loraforge.data.cache import data_file_digest
 
 PACKAGES = ("loraforge", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
             "safetensors", "tokenizers")
@@ -59,7 +59,7 @@ def peak_memory_mb() -> dict:
 
 
 def data_fingerprints(sources) -> dict:
-    return {s.path: (file_digest(Path(s.path)) if Path(s.path).is_file() else f"hub:{s.path}") for s in sources}
+    return {s.path: (data_file_digest(Path(s.path)) if Path(s.path).is_file() else f"hub:{s.path}") for s in sources}
 
 
 def where_from(config) -> dict:
