@@ -155,10 +155,20 @@ def check_space(output_dir: str | Path, needed: int) -> None:
 
 
 def create(output_dir: str | Path) -> Path:
+    """The run directory, claimed: the claim is created, never written through a link or into a file already there;
+    one already there as a file is the claim of the run `ensure_free` lets this one start over from, and is kept."""
     run_dir = ensure_free(output_dir)
+    claim = run_dir / CLAIM
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CLAIM).write_text("A run directory written by loraforge.\n", encoding="utf-8")
+        try:
+            fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            if not _is(claim, folder=False):
+                raise _not_a_claim(claim, run_dir) from None
+            return run_dir
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("A run directory written by loraforge.\n")
     except OSError as exc:
         raise RunDirError(f"output_dir {run_dir} cannot be written ({exc.strerror}: {exc.filename}); choose a "
                           "directory you can write to") from None
@@ -192,10 +202,7 @@ def in_use(run_dir: Path):
         fd = None
     try:
         if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
-            kind = "a link" if claim.is_symlink() else "a folder" if claim.is_dir() else "not a plain file"
-            raise RunDirError(f"{claim} is {kind}, not the file loraforge writes to claim {run_dir}; move it out of "
-                              f"{run_dir} and run again: loraforge writes its own there, and never writes to or locks "
-                              "a file it did not write")
+            raise _not_a_claim(claim, run_dir)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -211,6 +218,13 @@ def in_use(run_dir: Path):
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _not_a_claim(claim: Path, run_dir: Path) -> RunDirError:
+    kind = "a link" if claim.is_symlink() else "a folder" if claim.is_dir() else "not a plain file"
+    return RunDirError(f"{claim} is {kind}, not the file loraforge writes to claim {run_dir}; move it out of "
+                       f"{run_dir} and run again: loraforge writes its own there, and never writes to or locks a file "
+                       "it did not write")
 
 
 def _newest_checkpoint(run_dir: Path) -> str | None:

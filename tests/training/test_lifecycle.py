@@ -1258,3 +1258,39 @@ def test_a_run_directory_on_a_file_system_without_locks_is_refused_in_one_line(t
     assert str(refused.value) == (f"{tmp_path / rundir.CLAIM} cannot be locked (No locks available), so this process "
                                   f"cannot keep others from training in {tmp_path}; choose an output_dir on a file "
                                   "system that supports locks (flock)")
+
+
+@pytest.mark.parametrize("placed", ["link to a file", "link to nothing", "second name of a file"])
+def test_the_claim_is_never_written_through_a_name_placed_where_it_goes(tmp_path, monkeypatch, placed):
+    """What another process puts under the claim's name after ensure_free looked is not written to: create() followed
+    a link there (making the file it named) and truncated a file it found."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    run = tmp_path / "run"
+    claim = run / rundir.CLAIM
+    place = {"link to a file": lambda: claim.symlink_to(notes),
+             "link to nothing": lambda: claim.symlink_to(tmp_path / "elsewhere"),
+             "second name of a file": lambda: os.link(notes, claim)}[placed]
+    ensure_free = rundir.ensure_free
+
+    def then_placed(output_dir):
+        free = ensure_free(output_dir)
+        run.mkdir()
+        place()
+        return free
+
+    monkeypatch.setattr(rundir, "ensure_free", then_placed)
+    if placed.startswith("link"):
+        with pytest.raises(RunDirError) as refused:
+            rundir.create(run)
+        assert str(refused.value) == (f"{claim} is a link, not the file loraforge writes to claim {run}; move it out "
+                                      f"of {run} and run again: loraforge writes its own there, and never writes to "
+                                      "or locks a file it did not write")
+    else:
+        assert rundir.create(run) == run
+    assert notes.read_text() == "mine\n" and not (tmp_path / "elsewhere").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "run"]
+
+    monkeypatch.undo()
+    assert rundir.create(tmp_path / "plain") == tmp_path / "plain"
+    assert (tmp_path / "plain" / rundir.CLAIM).read_text() == "A run directory written by loraforge.\n"
