@@ -9,6 +9,7 @@ import shutil
 import stat
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 from loraforge.config import RunConfig, load_config
 from loraforge.errors import ConfigError, RunDirError
@@ -35,6 +36,10 @@ TENSORBOARD = "tensorboard"
 EVENTS = "events.out.tfevents."
 # Under checkpoints/: the folder a checkpoint is written into before it is complete.
 STAGING = ".staging-"
+# Under checkpoints/: a checkpoint's folder, its step after the prefix.
+CHECKPOINT = "checkpoint-"
+# In a checkpoint's folder: the marker written once the checkpoint is whole (training/checkpoints.py).
+COMPLETE = "COMPLETE"
 # Written first into every run directory loraforge creates: what holds it is loraforge's to write.
 CLAIM = ".loraforge-run"
 # manifest.json while it is written, before it takes the name.
@@ -71,9 +76,8 @@ def ensure_free(output_dir: str | Path) -> Path:
         refuse_in_use(run_dir)
         return run_dir
     if (run_dir / RESOLVED).exists() or (run_dir / CLAIM).exists():
-        checkpoints = run_dir / CHECKPOINTS
-        carry_on = (" To carry it on from its newest checkpoint, add --resume auto."
-                    if checkpoints.is_dir() and any(checkpoints.iterdir()) else "")
+        carry_on = (" To carry it on from its newest checkpoint, add --resume auto." if _newest_checkpoint(run_dir)
+                    else "")
         marker = RESOLVED if (run_dir / RESOLVED).exists() else CLAIM
         raise RunDirError(
             f"{run_dir} already holds a run ({marker} is there); set output_dir to a new directory "
@@ -228,17 +232,28 @@ def _not_a_claim(claim: Path, run_dir: Path) -> RunDirError:
 
 
 def _newest_checkpoint(run_dir: Path) -> str | None:
-    numbered = [p.name for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if p.name[11:].isdigit()]
-    return max(numbered, key=lambda name: int(name[11:]), default=None)
+    """The newest checkpoint folder of run_dir that holds the COMPLETE marker."""
+    complete = [p.name for p in (run_dir / CHECKPOINTS).glob(f"{CHECKPOINT}*")
+                if p.name[len(CHECKPOINT):].isdigit() and (p / COMPLETE).is_file()]
+    return max(complete, key=lambda name: int(name[len(CHECKPOINT):]), default=None)
+
+
+def how_to_go_on(run_dir: Path, checkpoint: str | Path | None) -> Literal["resume", "start over", "elsewhere"]:
+    """How a run that did not complete goes on: "resume" from its newest complete checkpoint (the caller's find) with
+    --resume auto; with none, "start over" by the command without it where it left no more than a run writes before
+    its first checkpoint (--resume auto refuses that run), else "elsewhere", in another output_dir."""
+    if checkpoint is not None:
+        return "resume"
+    if stopped_before_checkpoint(run_dir):
+        return "start over"
+    return "elsewhere"
 
 
 def _carry_on(run_dir: Path, checkpoint: str | None) -> str:
-    """How a run that did not complete goes on: from its newest checkpoint with --resume auto; with none, started
-    over by the command without it where it left no more than a run writes before its first checkpoint (--resume auto
-    refuses that run), else in another output_dir."""
-    if checkpoint is not None:
+    way = how_to_go_on(run_dir, checkpoint)
+    if way == "resume":
         return f"carry it on to its end with `loraforge train CONFIG output_dir={run_dir} --resume auto`"
-    if stopped_before_checkpoint(run_dir):
+    if way == "start over":
         return f"start it over with `loraforge train CONFIG output_dir={run_dir}`, without --resume"
     return (f"start it again with another output_dir (no checkpoint holds it to carry on from, and {run_dir} holds "
             "more than a run writes before its first checkpoint)")

@@ -1294,3 +1294,61 @@ def test_the_claim_is_never_written_through_a_name_placed_where_it_goes(tmp_path
     monkeypatch.undo()
     assert rundir.create(tmp_path / "plain") == tmp_path / "plain"
     assert (tmp_path / "plain" / rundir.CLAIM).read_text() == "A run directory written by loraforge.\n"
+
+
+def fake_checkpoint(run: Path, step: int, marked: bool) -> Path:
+    """checkpoints/checkpoint-{step} with the files resuming reads, and its COMPLETE marker where marked."""
+    checkpoint = run / rundir.CHECKPOINTS / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    for name in ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt"):
+        (checkpoint / name).write_text(name)
+    if marked:
+        sizes = {p.name: p.stat().st_size for p in checkpoint.iterdir()}
+        (checkpoint / MARKER).write_text(json.dumps({"step": step, "sizes": sizes}))
+    return checkpoint
+
+
+def test_carry_on_advice_takes_only_a_marked_checkpoint_and_says_alike_everywhere(tmp_path):
+    """A checkpoint-N folder without its COMPLETE marker (a copy cut short, a marker removed) is nothing --resume auto
+    takes: read_config, ensure_free and in_use told to carry the run on from it, while the resume advice of a
+    stopped run said no checkpoint was written."""
+    from loraforge.training.resume import carry_on
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (rundir.CLAIM, rundir.RESOLVED, rundir.METRICS):
+        (run / name).write_text("")
+    fake_checkpoint(run, 3, marked=False)
+
+    def advice() -> dict[str, str]:
+        said = {"stopped": carry_on(run, None)}
+        for name, refuse in (("read_config", rundir.read_config), ("ensure_free", rundir.ensure_free)):
+            with pytest.raises(RunDirError) as refused:
+                refuse(run)
+            said[name] = str(refused.value)
+        with rundir.in_use(run), pytest.raises(RunDirError) as used:
+            rundir.refuse_in_use(run)
+        said["in_use"] = str(used.value)
+        return said
+
+    said = advice()
+    assert said["stopped"] == (f"No complete checkpoint was written, so there is nothing to resume: delete {run} and "
+                               "start the run again, or start it with another output_dir.")
+    assert said["read_config"].endswith(
+        f"if it stopped, start it again with another output_dir (no checkpoint holds it to carry on from, and {run} "
+        "holds more than a run writes before its first checkpoint)")
+    assert said["ensure_free"].endswith("delete the old one.")
+    assert said["in_use"].endswith(f"then, if it stops before its first checkpoint, start it again with another "
+                                   f"output_dir (no checkpoint holds it to carry on from, and {run} holds more than "
+                                   "a run writes before its first checkpoint)")
+    assert all("--resume auto" not in line for line in said.values())
+
+    checkpoint = fake_checkpoint(run, 2, marked=True)
+    said = advice()
+    assert said["stopped"] == (f"Last complete checkpoint: {checkpoint}. Resume with: loraforge train CONFIG "
+                               f"output_dir={run} --resume auto")
+    assert said["read_config"].endswith(f"it stopped at or after checkpoint-2: carry it on to its end with `loraforge "
+                                        f"train CONFIG output_dir={run} --resume auto`")
+    assert said["ensure_free"].endswith("To carry it on from its newest checkpoint, add --resume auto.")
+    assert said["in_use"].endswith(f"then, if it does not complete, carry it on to its end with `loraforge train "
+                                   f"CONFIG output_dir={run} --resume auto`")

@@ -11,10 +11,10 @@ import os
 import shutil
 from pathlib import Path
 
+from loraforge.rundir import CHECKPOINT as PREFIX, COMPLETE as MARKER
+
 log = logging.getLogger("loraforge.train")
 
-MARKER = "COMPLETE"
-PREFIX = "checkpoint-"
 # What resuming reads besides the weights: without them the run would go on with a fresh optimizer or schedule.
 NEEDED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")

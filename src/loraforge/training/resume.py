@@ -10,7 +10,8 @@ from loraforge import rundir
 from loraforge.config import load_config
 from loraforge.errors import ConfigError, RunDirError
 from loraforge.model.precision import Precision
-from loraforge.training.checkpoints import complete_checkpoints, latest_complete, read_marker, step_of, unusable
+from loraforge.training.checkpoints import (MARKER, complete_checkpoints, latest_complete, read_marker, step_of,
+                                            unusable)
 
 log = logging.getLogger(__name__)
 # transformers' TRAINER_STATE_NAME, named here so that the launcher, which imports this module, holds no transformers.
@@ -39,8 +40,8 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
             raise RunDirError(f"--resume {path}: that checkpoint belongs to the run in {owner}, not to output_dir "
                               f"{run_dir}; resume that run with output_dir={owner}, or start a new run from its "
                               "adapter with init_from")
-        if not (path / "COMPLETE").is_file():
-            raise RunDirError(f"--resume {path}: not a complete checkpoint (no COMPLETE marker); use --resume auto")
+        if not (path / MARKER).is_file():
+            raise RunDirError(f"--resume {path}: not a complete checkpoint (no {MARKER} marker); use --resume auto")
         reason = unusable(path)
         if reason is not None:
             raise RunDirError(f"--resume {path}: cannot resume from it: {reason}; use --resume auto to take the "
@@ -175,9 +176,10 @@ def carry_on(run_dir: Path, command: list[str] | None) -> str:
     in its directory where the run left no more than it writes before its first checkpoint. command: as
     resume_command takes it."""
     checkpoint = latest_complete(Path(run_dir) / rundir.CHECKPOINTS)
-    if checkpoint is not None:
+    way = rundir.how_to_go_on(run_dir, checkpoint)
+    if way == "resume":
         return f"Last complete checkpoint: {checkpoint}. Resume with: {resume_command(command, run_dir)}"
-    if rundir.stopped_before_checkpoint(run_dir):
+    if way == "start over":
         return (f"No complete checkpoint was written: start the run again with: {train_command(command, run_dir)} "
                 f"(it starts over in {run_dir}).")
     if (Path(run_dir) / rundir.RESOLVED).is_file():
