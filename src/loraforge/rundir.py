@@ -40,6 +40,9 @@ STAGING = ".staging-"
 CHECKPOINT = "checkpoint-"
 # In a checkpoint's folder: the marker written once the checkpoint is whole (training/checkpoints.py).
 COMPLETE = "COMPLETE"
+# What resuming reads besides the weights: without them the run would go on with a fresh optimizer or schedule.
+NEEDED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 # Written first into every run directory loraforge creates: what holds it is loraforge's to write.
 CLAIM = ".loraforge-run"
 # manifest.json while it is written, before it takes the name.
@@ -232,10 +235,43 @@ def _not_a_claim(claim: Path, run_dir: Path) -> RunDirError:
 
 
 def _newest_checkpoint(run_dir: Path) -> str | None:
-    """The newest checkpoint folder of run_dir that holds the COMPLETE marker."""
-    complete = [p.name for p in (run_dir / CHECKPOINTS).glob(f"{CHECKPOINT}*")
-                if p.name[len(CHECKPOINT):].isdigit() and (p / COMPLETE).is_file()]
-    return max(complete, key=lambda name: int(name[len(CHECKPOINT):]), default=None)
+    """The newest checkpoint of run_dir that --resume auto would take (training/checkpoints.py latest_complete)."""
+    usable = [p.name for p in complete_checkpoints(run_dir / CHECKPOINTS) if unusable(p) is None]
+    return usable[-1] if usable else None
+
+
+def step_of(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT) :])
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT) and p.name[len(CHECKPOINT) :].isdigit()]
+    return sorted((p for p in found if (p / COMPLETE).is_file()), key=step_of)
+
+
+def unusable(checkpoint: Path) -> str | None:
+    """Why a marked checkpoint cannot be resumed from (an unreadable marker, a file missing), or None."""
+    checkpoint = Path(checkpoint)
+    try:
+        marker = json.loads((checkpoint / COMPLETE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        marker = None
+    if not isinstance(marker, dict) or not isinstance(marker.get("step"), int):
+        return f"its marker {checkpoint / COMPLETE} is not the JSON loraforge writes"
+    missing = [name for name in NEEDED if not (checkpoint / name).is_file()]
+    if not any((checkpoint / name).is_file() for name in WEIGHTS):
+        missing.append(" or ".join(WEIGHTS))
+    if missing:
+        return f"{', '.join(missing)} missing"
+    sizes = marker.get("sizes") if isinstance(marker.get("sizes"), dict) else {}
+    changed = [f"{name} is {(checkpoint / name).stat().st_size if (checkpoint / name).is_file() else 'no'} bytes, "
+               f"{size} when written" for name, size in sorted(sizes.items())
+               if not (checkpoint / name).is_file() or (checkpoint / name).stat().st_size != size]
+    return f"{'; '.join(changed[:3])} (cut short or changed since)" if changed else None
 
 
 def how_to_go_on(run_dir: Path, checkpoint: str | Path | None) -> Literal["resume", "start over", "elsewhere"]:

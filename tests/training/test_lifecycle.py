@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from loraforge import rundir
 from loraforge.errors import ConfigError, RunDirError, TrainingStopped
-from loraforge.training.checkpoints import MARKER, complete_checkpoints, latest_complete
+from loraforge.rundir import complete_checkpoints
+from loraforge.training.checkpoints import MARKER, latest_complete
 from loraforge.training.run import run_training
 from loraforge.training.trainer import CheckpointError, LoraforgeTrainer
 from tests.conftest import ECHO_ROWS, ROOT, save_tiny_llama
@@ -1308,10 +1309,10 @@ def fake_checkpoint(run: Path, step: int, marked: bool) -> Path:
     return checkpoint
 
 
-def test_carry_on_advice_takes_only_a_marked_checkpoint_and_says_alike_everywhere(tmp_path):
-    """A checkpoint-N folder without its COMPLETE marker (a copy cut short, a marker removed) is nothing --resume auto
-    takes: read_config, ensure_free and in_use told to carry the run on from it, while the resume advice of a
-    stopped run said no checkpoint was written."""
+def test_carry_on_advice_takes_only_a_checkpoint_resume_takes_and_says_alike_everywhere(tmp_path):
+    """A checkpoint-N folder without its COMPLETE marker (a copy cut short, a marker removed), or marked with a file
+    it needs gone, is nothing --resume auto takes: read_config, ensure_free and in_use told to carry the run on from
+    it, while the resume advice of a stopped run said no checkpoint was written."""
     from loraforge.training.resume import carry_on
 
     run = tmp_path / "run"
@@ -1319,6 +1320,7 @@ def test_carry_on_advice_takes_only_a_marked_checkpoint_and_says_alike_everywher
     for name in (rundir.CLAIM, rundir.RESOLVED, rundir.METRICS):
         (run / name).write_text("")
     fake_checkpoint(run, 3, marked=False)
+    (fake_checkpoint(run, 4, marked=True) / "optimizer.pt").unlink()
 
     def advice() -> dict[str, str]:
         said = {"stopped": carry_on(run, None)}

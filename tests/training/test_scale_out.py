@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from loraforge import rundir
 from loraforge.errors import ConfigError
-from loraforge.training.checkpoints import complete_checkpoints, latest_complete, unusable
+from loraforge.rundir import complete_checkpoints, unusable
+from loraforge.training.checkpoints import latest_complete
 from loraforge.training.run import run_training
 from tests.conftest import ROOT
 from tests.training.conftest import losses

@@ -12,12 +12,10 @@ import shutil
 from pathlib import Path
 
 from loraforge.rundir import CHECKPOINT as PREFIX, COMPLETE as MARKER
+from loraforge.rundir import complete_checkpoints, unusable
 
 log = logging.getLogger("loraforge.train")
 
-# What resuming reads besides the weights: without them the run would go on with a fresh optimizer or schedule.
-NEEDED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
-WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
 
 FLOAT_BYTES = 4
@@ -34,38 +32,6 @@ def bytes_to_write(train_config, trainable: int) -> int:
     return kept * checkpoint + trainable * FLOAT_BYTES + SMALL_FILES_BYTES
 
 
-def step_of(path: Path) -> int:
-    return int(path.name[len(PREFIX) :])
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
-    return sorted((p for p in found if (p / MARKER).is_file()), key=step_of)
-
-
-def unusable(checkpoint: Path) -> str | None:
-    """Why a marked checkpoint cannot be resumed from (an unreadable marker, a file missing), or None."""
-    checkpoint = Path(checkpoint)
-    try:
-        marker = json.loads((checkpoint / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        marker = None
-    if not isinstance(marker, dict) or not isinstance(marker.get("step"), int):
-        return f"its marker {checkpoint / MARKER} is not the JSON loraforge writes"
-    missing = [name for name in NEEDED if not (checkpoint / name).is_file()]
-    if not any((checkpoint / name).is_file() for name in WEIGHTS):
-        missing.append(" or ".join(WEIGHTS))
-    if missing:
-        return f"{', '.join(missing)} missing"
-    sizes = marker.get("sizes") if isinstance(marker.get("sizes"), dict) else {}
-    changed = [f"{name} is {(checkpoint / name).stat().st_size if (checkpoint / name).is_file() else 'no'} bytes, "
-               f"{size} when written" for name, size in sorted(sizes.items())
-               if not (checkpoint / name).is_file() or (checkpoint / name).stat().st_size != size]
-    return f"{'; '.join(changed[:3])} (cut short or changed since)" if changed else None
 
 
 def latest_complete(folder: Path) -> Path | None:

@@ -12,7 +12,8 @@ from loraforge.eval.plots import plot_loss
 from loraforge.eval.preference import held_out_kind, preference_line
 from loraforge.eval.report import write_report
 from loraforge.model.template import save_for_plain_use
-from loraforge.training.checkpoints import latest_complete, step_of
+from loraforge.rundir import step_of
+from loraforge.training.checkpoints import latest_complete
 from loraforge.training.evaluation import metric_values
 from loraforge.training.manifest import write_manifest
 

@@ -10,8 +10,8 @@ from loraforge import rundir
 from loraforge.config import load_config
 from loraforge.errors import ConfigError, RunDirError
 from loraforge.model.precision import Precision
-from loraforge.training.checkpoints import (MARKER, complete_checkpoints, latest_complete, read_marker, step_of,
-                                            unusable)
+from loraforge.rundir import complete_checkpoints, step_of, unusable
+from loraforge.training.checkpoints import MARKER, latest_complete, read_marker
 
 log = logging.getLogger(__name__)
 # transformers' TRAINER_STATE_NAME, named here so that the launcher, which imports this module, holds no transformers.

@@ -23,11 +23,12 @@ from loraforge.config.output_dir import expand_output_dir
 from loraforge.data.cache import cache_key
 from loraforge.errors import RunDirError, TrainingStopped
 from loraforge.model.precision import choose_precision, join_cpu_processes
+from loraforge.rundir import step_of
 from loraforge.training import evaluation, finish
 from loraforge.training.batch import accumulation, describe_batch, short_epoch, world_size
 from loraforge.training.build import (Built, build_trainer, check_kto_batches, check_optimizer, check_sharding,
                                       train_examples, trainable_model)
-from loraforge.training.checkpoints import bytes_to_write, latest_complete, step_of
+from loraforge.training.checkpoints import bytes_to_write, latest_complete
 from loraforge.training.finish import TrainResult
 from loraforge.training.manifest import write_start
 from loraforge.training.prepare import Prepared, prepare
