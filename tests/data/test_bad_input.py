@@ -279,6 +279,26 @@ def test_a_cached_hub_dataset_loads_at_once_offline_when_the_hub_cannot_be_reach
     assert not huggingface_hub.constants.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE
 
 
+def test_a_cached_hub_dataset_with_datasets_offline_is_read_without_asking_the_hub(no_hub, tmp_path, monkeypatch):
+    """HF_DATASETS_OFFLINE (datasets' own switch; huggingface_hub's HF_HUB_OFFLINE unset): a dataset datasets
+    prepared is read from its cache, and the hub is not asked, as datasets itself would not ask it."""
+    import datasets
+    import huggingface_hub.constants
+
+    from loraforge.data import sources
+
+    asked = []
+    monkeypatch.setattr(sources, "hub_problem", lambda *args, **kwargs: asked.append(args))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    rows = write(tmp_path, [GOOD, msgs(("user", "q"), ("assistant", "a"))], "train.jsonl")
+    prepare_as_datasets_does(rows, tmp_path / "datasets-cache" / "someone___tiny_chat", "tiny_chat")
+    found, _ = load("someone/TinyChat")
+    assert [r.conversation.messages[-1].content for r in found["train"]] == ["hello", "a"]
+    assert asked == []
+
+
 def test_unknown_file_type(tmp_path):
     path = tmp_path / "d.txt"
     path.write_text("hello")

@@ -238,10 +238,11 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def _hub(name: str, split: str):
+    import datasets.config
     from datasets import load_dataset
 
     cached = in_hub_cache(name, repo_type="dataset") or _in_datasets_cache(name)
-    problem = hub_problem(name, "README.md", repo_type="dataset")
+    problem = None if cached and datasets.config.HF_HUB_OFFLINE else hub_problem(name, "README.md", repo_type="dataset")
     if problem is not None and not cached:
         raise DataError(f"{name}: hub dataset {problem}; point data.sources[].path at a local file, or run once "
                         "online to cache it")
