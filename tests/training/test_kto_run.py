@@ -155,7 +155,7 @@ def test_pair_methods_refuse_unpaired_rows(tmp_path, tiny_model_dir, method):
                                                    f"data.sources=[{{path: {path}, format: unpaired_preference}}]")
 
 
-# DPO's resume (test_preference_run.py) runs the same PairLifecycle under make test.
+# DPO's resume (test_preference_run.py) runs the same PairLifecycle under make test, without KTO's KL rows.
 @pytest.mark.slow
 def test_kto_resume_equals_a_straight_run(tmp_path, tiny_model_dir):
     assert_resume_equals_a_straight_run(tmp_path, tiny_model_dir, KTO, ("loss", "kl"))

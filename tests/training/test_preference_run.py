@@ -96,14 +96,14 @@ def test_dpo_learns_the_preference_and_reports_it(dpo_run):
 @pytest.mark.parametrize("method", ["dpo", *(pytest.param(m, marks=pytest.mark.slow) for m in ("kto", "orpo"))])
 def test_a_preference_run_stopped_between_logs_logs_what_a_straight_run_logs(tmp_path, tiny_model_dir, monkeypatch,
                                                                               method):
-    """SIGTERM at step 3 of 4, logging every 2 steps, then resumed: the metrics and adapter of a straight run. Step
+    """SIGTERM at step 3 of 6, logging every 2 steps, then resumed: the metrics and adapter of a straight run. Step
     4's record averages steps 3 and 4 in TRL's own metrics (rewards, log-probabilities, logits) as in its loss, and
     counts the tokens of the whole run, as a straight run's does (they covered step 4 alone, and the resumed session's
     tokens); the starting model's metrics survive the resume; the adapter weights are bit-identical."""
     from tests.training.test_lifecycle import signal_during, untimed
 
     make = dpo_config_maker(tmp_path, tiny_model_dir)
-    settings = [f"method={method}", "train.logging_steps=2", "train.max_steps=4", "train.eval_every=4"]
+    settings = [f"method={method}", "train.logging_steps=2", "train.max_steps=6", "train.eval_every=6"]
     if method == "kto":
         settings.append("data.sources[0].format=preference")
     straight, _ = make("straight", *settings)
