@@ -43,13 +43,16 @@ CANDIDATES = {
     "micro_batch_tokens 128": ["train.micro_batch_tokens=128"],
     "precision fp32, micro_batch_tokens 128": ["precision=fp32", "train.micro_batch_tokens=128"],
 }
-# An allocator is not a setting of the config: measured beside the candidates where the system has it (Debian's
-# libjemalloc2; nothing pip installs brings it), loaded before the process starts, never taken as "fastest".
+# How OpenMP threads wait is not a setting of the config: loraforge train makes them spin between kernels
+# (training/cpu_threads.py); GOMP_SPINCOUNT at libgomp's own default keeps its spin-then-sleep, measured beside it.
+# An allocator neither: measured beside the candidates where the system has it (Debian's libjemalloc2; nothing pip
+# installs brings it), loaded before the process starts. Neither is taken as "fastest".
 JEMALLOC = ctypes.util.find_library("jemalloc")
-ALLOCATOR_CANDIDATES = {
-    "precision fp32, jemalloc (freed pages kept 1 s)": (["precision=fp32"], {
-        "LD_PRELOAD": JEMALLOC, "MALLOC_CONF": "dirty_decay_ms:1000,muzzy_decay_ms:0"}),
-} if JEMALLOC else {}
+ENVIRONMENT_CANDIDATES = {
+    "OpenMP threads sleep after libgomp's default spin (GOMP_SPINCOUNT=300000)": ([], {"GOMP_SPINCOUNT": "300000"}),
+    **({"precision fp32, jemalloc (freed pages kept 1 s)": (["precision=fp32"], {
+        "LD_PRELOAD": JEMALLOC, "MALLOC_CONF": "dirty_decay_ms:1000,muzzy_decay_ms:0"})} if JEMALLOC else {}),
+}
 QUIET = ["train.eval_every=100000", "train.save_every=null", "eval.num_samples=0", "eval.samples_during_training=0",
          "report_to=[]", "data.val_fraction=0.05"]
 
@@ -143,7 +146,10 @@ def run_seed_style(steps: int, out: Path) -> dict:
 
 def child(name: str, steps: int, overrides: list[str], launched_at: float) -> None:
     from loraforge.cli import tune_process
+    from loraforge.training.cpu_threads import spin_between_kernels
 
+    if name != "seed_style":
+        spin_between_kernels()
     tune_process()
     if name == "estimate":
         from loraforge.training.estimate import run_estimate
@@ -207,7 +213,7 @@ def main(steps: int = 20) -> None:
     best = max(candidates, key=lambda k: candidates[k]["real_tokens"] / candidates[k]["train_seconds"])
     runs.append(summarise("fastest", candidates[best], steps, flops_token, peaks, CANDIDATES[best]))
     tried = {label: summarise(label, r, steps, flops_token, peaks, CANDIDATES[label]) for label, r in candidates.items()}
-    for label, (overrides, env) in ALLOCATOR_CANDIDATES.items():
+    for label, (overrides, env) in ENVIRONMENT_CANDIDATES.items():
         tried[label] = summarise(label, measure(label, steps, overrides, env), steps, flops_token, peaks,
                                  [*overrides, *(f"{k}={v}" for k, v in env.items())])
     predicted = measure("estimate", steps, [])

@@ -30,6 +30,7 @@ from loraforge.errors import ConfigError, LoraforgeError, ModelError, TrainingSt
 from loraforge.model.sources import BUILTIN, check_model_name, folder_on_disk
 from loraforge.model.template import template_text
 from loraforge.model.variants import configured_layers, kept_layers
+from loraforge.training.cpu_threads import spin_between_kernels
 
 
 # The launcher's flags, handed by the launching `train` to every process it starts, for the resume command.
@@ -315,6 +316,8 @@ def _predict(args) -> int:
 
 # Commands that run a model; process-wide settings must be in place before their first tensor is made.
 COMPUTING = {"train", "estimate", "chat", "serve", "eval", "merge", "export", "predict"}
+# Commands that train (estimate runs training steps to time them): their OpenMP threads spin between kernels.
+TRAINING = {"train", "estimate"}
 
 
 def tune_process() -> None:
@@ -472,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
+        if args.command in TRAINING:
+            spin_between_kernels()
         if args.command in COMPUTING:
             tune_process()
         return args.func(args)

@@ -39,7 +39,8 @@ def git_sha(cwd: Path | None = None) -> str | None:
 def hardware() -> dict:
     import torch
 
-    info = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith("model name")]
