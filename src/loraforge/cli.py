@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         if args.command in TRAINING:
-            spin_between_kernels()
+            spin_between_kernels(getattr(args, "nproc", 1) * getattr(args, "nnodes", 1))
         if args.command in COMPUTING:
             tune_process()
         return args.func(args)

@@ -32,6 +32,11 @@ def test_train_and_estimate_have_their_threads_spin_between_kernels_where_there_
     assert libgomp_says(["estimate", "missing.yaml"], tmp_path) == expected
 
 
+def test_a_run_of_several_processes_keeps_the_library_default(tmp_path):
+    assert libgomp_says(["train", "missing.yaml", "--nproc", "2"], tmp_path) == DEFAULT
+    assert libgomp_says(["train", "missing.yaml"], tmp_path, LOCAL_RANK="0") == DEFAULT
+
+
 def test_chat_waiting_for_a_prompt_keeps_the_library_default(tmp_path):
     assert libgomp_says(["chat", str(tmp_path / "no-run")], tmp_path) == DEFAULT
 
@@ -45,4 +50,4 @@ def test_nothing_is_set_once_torch_is_loaded():
     import torch  # noqa: F401  (loaded, as in a notebook that imported it before loraforge)
 
     environ = {}
-    assert spin_between_kernels(environ) is None and environ == {}
+    assert spin_between_kernels(environ=environ) is None and environ == {}

@@ -9,8 +9,9 @@ about 11% more tokens per second (6 pairs of 10-step runs in turn, README, Bench
 to anything else; chat and serve, idle between requests, keep the library's default.
 
 libgomp reads the variable once, as it is loaded with torch, so this must run before torch is imported. A value the
-user set (OMP_WAIT_POLICY or GOMP_SPINCOUNT) is kept, and a machine with a GPU keeps the default: there the CPU
-threads would spin beside the GPU's work for the whole run.
+user set (OMP_WAIT_POLICY or GOMP_SPINCOUNT) is kept. A machine with a GPU keeps the default (there the CPU threads
+would spin beside the GPU's work for the whole run), and so does a run of several processes (spinning threads would
+hold the cores their collectives need while a process waits for the others).
 """
 
 import glob
@@ -27,10 +28,12 @@ def gpu_present() -> bool:
     return any(glob.glob(pattern) for pattern in GPU_DEVICES)
 
 
-def spin_between_kernels(environ=os.environ) -> str | None:
+def spin_between_kernels(processes: int = 1, environ=os.environ) -> str | None:
     """Ask OpenMP threads to spin between kernels unless torch is loaded already (too late to matter), the user chose
-    how they wait, or the machine has a GPU. Returns the wait policy in effect, None for the library's default."""
-    if "torch" in sys.modules or WAIT_POLICY in environ or SPIN_COUNT in environ or gpu_present():
+    how they wait, the run has several processes (`processes`, or a torchrun process) or the machine has a GPU.
+    Returns the wait policy in effect, None for the library's default."""
+    if ("torch" in sys.modules or WAIT_POLICY in environ or SPIN_COUNT in environ or processes > 1
+            or "LOCAL_RANK" in environ or gpu_present()):
         return environ.get(WAIT_POLICY)
     environ[WAIT_POLICY] = "ACTIVE"
     return "ACTIVE"
