@@ -11,12 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
-from loraforge.rundir import CHECKPOINT as PREFIX, COMPLETE as MARKER
-from loraforge.rundir import complete_checkpoints, unusable
+from loraforge.rundir import CHECKPOINT as PREFIX, COMPLETE as MARKER, complete_checkpoints, unusable
 
 log = logging.getLogger("loraforge.train")
-
-
 
 FLOAT_BYTES = 4
 # Per trainable parameter a checkpoint holds its weight and AdamW's two moments; logs, plots and reports are small.
