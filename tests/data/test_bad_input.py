@@ -279,6 +279,35 @@ def test_a_cached_hub_dataset_loads_at_once_offline_when_the_hub_cannot_be_reach
     assert not huggingface_hub.constants.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE
 
 
+def test_two_threads_loading_offline_leave_the_process_online(monkeypatch):
+    """Two threads each load a cached dataset offline, the second starting while the first is inside: once both are
+    done, datasets and huggingface_hub are online again (the second must not restore the offline state it found)."""
+    import threading
+
+    import datasets
+    import huggingface_hub.constants
+
+    from loraforge.data.sources import _offline
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    second_inside, first_done = threading.Event(), threading.Event()
+
+    def second():
+        with _offline():
+            second_inside.set()
+            first_done.wait(timeout=10)
+
+    with _offline():
+        other = threading.Thread(target=second)
+        other.start()
+        second_inside.wait(timeout=0.5)
+    first_done.set()
+    other.join(timeout=10)
+    assert not other.is_alive()
+    assert not huggingface_hub.constants.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE
+
+
 def test_a_cached_hub_dataset_with_datasets_offline_is_read_without_asking_the_hub(no_hub, tmp_path, monkeypatch):
     """HF_DATASETS_OFFLINE (datasets' own switch; huggingface_hub's HF_HUB_OFFLINE unset): a dataset datasets
     prepared is read from its cache, and the hub is not asked, as datasets itself would not ask it."""

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -258,20 +259,25 @@ def _hub(name: str, split: str):
         yield f"{name}: row {index}", row
 
 
+_OFFLINE = threading.RLock()
+
+
 @contextmanager
 def _offline():
     """datasets and huggingface_hub read HF_HUB_OFFLINE once, at import, into the constants they check on each
     call; load_dataset has no parameter for it. Set both for the block, else an unreachable hub is asked five more
-    times with back-off (about 25 s) before datasets falls back to its cache."""
+    times with back-off (about 25 s) before datasets falls back to its cache. Blocks of several threads run one at a
+    time, so each restores what it found and none leaves the process offline."""
     import datasets.config
     import huggingface_hub.constants
 
-    held = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = held
+    with _OFFLINE:
+        held = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+        datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+        try:
+            yield
+        finally:
+            datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = held
 
 
 def _in_datasets_cache(name: str) -> bool:
