@@ -45,11 +45,14 @@ CANDIDATES = {
 }
 # How OpenMP threads wait is not a setting of the config: loraforge train makes them spin between kernels
 # (training/cpu_threads.py); GOMP_SPINCOUNT at libgomp's own default keeps its spin-then-sleep, measured beside it.
+# glibc's mmap threshold, which the user may set and loraforge then keeps (training/cpu_memory.py), below its 1 MiB.
 # An allocator neither: measured beside the candidates where the system has it (Debian's libjemalloc2; nothing pip
 # installs brings it), loaded before the process starts. Neither is taken as "fastest".
 JEMALLOC = ctypes.util.find_library("jemalloc")
 ENVIRONMENT_CANDIDATES = {
     "OpenMP threads sleep after libgomp's default spin (GOMP_SPINCOUNT=300000)": ([], {"GOMP_SPINCOUNT": "300000"}),
+    "malloc mmap threshold 256 KiB, less memory for speed (MALLOC_MMAP_THRESHOLD_=262144)": (
+        [], {"MALLOC_MMAP_THRESHOLD_": "262144"}),
     **({"precision fp32, jemalloc (freed pages kept 1 s)": (["precision=fp32"], {
         "LD_PRELOAD": JEMALLOC, "MALLOC_CONF": "dirty_decay_ms:1000,muzzy_decay_ms:0"})} if JEMALLOC else {}),
 }

@@ -65,9 +65,10 @@ def require_effect(growth: int, what: str) -> None:
                     f"over 40 shapes): nothing for its cap to remove here")
 
 
-def run_python(setup: str, probe: str) -> int:
+def run_python(setup: str, probe: str, **environ: str) -> int:
+    kept = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHES and k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(setup) + probe], capture_output=True, text=True,
-                          timeout=300, env={k: v for k, v in os.environ.items() if k not in KERNEL_CACHES})
+                          timeout=300, env={**kept, **environ})
     assert done.returncode == 0, done.stderr[-2000:]
     return int(next(line for line in done.stdout.splitlines() if line.startswith("RESULT")).split()[1])
 
@@ -118,6 +119,18 @@ def test_the_cli_applies_both_before_a_command_runs(tmp_path):
     assert os.environ["LRU_CACHE_CAPACITY"] == "1" and os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
     """
     assert run_python(setup, MMAPPED_AFTER_A_BIG_FREE) >= 4 << 20
+
+
+@pytest.mark.parametrize("environ", [{"MALLOC_MMAP_THRESHOLD_": str(32 << 20)},
+                                     {"GLIBC_TUNABLES": f"glibc.malloc.trim_threshold={1 << 30}:glibc.malloc.mmap_threshold={32 << 20}"}],
+                         ids=["MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"])
+def test_the_cli_keeps_an_mmap_threshold_the_user_gave_glibc(tmp_path, environ):
+    # 32 MiB, fixed by the user: glibc serves the 4 MiB block from the heap, where loraforge's 1 MiB would mmap it.
+    setup = f"""
+    from loraforge.cli import main
+    assert main(["chat", {str(tmp_path / "no-run")!r}]) == 2
+    """
+    assert run_python(setup, MMAPPED_AFTER_A_BIG_FREE, **environ) == 0
 
 
 def test_a_command_that_computes_nothing_changes_no_setting():

@@ -7,6 +7,8 @@ memory that the next step does not reuse (measured on the default run, bench/res
   threshold to the size of each such block freed (up to 32 MiB). Activation buffers then come from the
   heap, where freed buffers of mixed sizes fragment it and stay in the process: about 120 MB of peak RSS.
   A fixed threshold stops the raising; at 1 MiB steps are as fast, while 64 KiB made them ~60% slower.
+  A threshold the user gave glibc (MALLOC_MMAP_THRESHOLD_, or GLIBC_TUNABLES' glibc.malloc.mmap_threshold) is
+  kept: a lower one trades speed for memory (README, Memory on CPU).
 - Two kernel caches keep per-shape state of each bf16 matmul and its backward. ideep, between PyTorch and
   oneDNN, keeps a computation cache of up to LRU_CACHE_CAPACITY (1024) entries: about 8 MB per new
   sequence length for SmolLM2-135M, 170 MB of peak RSS over the default run's 20 steps; at capacity 1
@@ -29,9 +31,20 @@ MMAP_THRESHOLD_BYTES = 1 << 20
 KERNEL_CACHES = {"LRU_CACHE_CAPACITY": 1, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": 256}
 
 
+def user_mmap_threshold(environ=os.environ) -> str | None:
+    """The mmap threshold the user gave glibc at process start, as given; None where they gave none."""
+    if "MALLOC_MMAP_THRESHOLD_" in environ:
+        return environ["MALLOC_MMAP_THRESHOLD_"]
+    for tunable in environ.get("GLIBC_TUNABLES", "").replace(":", " ").split():
+        name, _, value = tunable.partition("=")
+        if name == "glibc.malloc.mmap_threshold":
+            return value
+    return None
+
+
 def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Set glibc's mmap threshold; False where the C library is not glibc or refuses it."""
-    if not sys.platform.startswith("linux"):
+    """Set glibc's mmap threshold; False where the C library is not glibc or refuses it, or where the user set one."""
+    if not sys.platform.startswith("linux") or user_mmap_threshold() is not None:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -50,5 +63,7 @@ def cap_kernel_caches(capacities: dict[str, int] = KERNEL_CACHES) -> dict[str, s
 def limit_memory_growth() -> None:
     threshold = fix_mmap_threshold()
     caches = cap_kernel_caches()
-    log.debug("CPU memory: malloc mmap threshold %s, %s", f"{MMAP_THRESHOLD_BYTES} bytes" if threshold else "unchanged",
+    kept = user_mmap_threshold()
+    setting = f"{MMAP_THRESHOLD_BYTES} bytes" if threshold else f"{kept} (yours)" if kept is not None else "unchanged"
+    log.debug("CPU memory: malloc mmap threshold %s, %s", setting,
               ", ".join(f"{name}={value}" for name, value in caches.items()))
