@@ -9,6 +9,7 @@ import shutil
 import stat
 from contextlib import contextmanager
 from pathlib import Path
+from collections.abc import Callable
 from typing import Literal
 
 from loraforge.config import RunConfig, load_config
@@ -235,9 +236,20 @@ def _not_a_claim(claim: Path, run_dir: Path) -> RunDirError:
 
 
 def _newest_checkpoint(run_dir: Path) -> str | None:
-    """The newest checkpoint of run_dir that --resume auto would take (training/checkpoints.py latest_complete)."""
-    usable = [p.name for p in complete_checkpoints(run_dir / CHECKPOINTS) if unusable(p) is None]
-    return usable[-1] if usable else None
+    """The name of the newest checkpoint of run_dir that --resume auto would take."""
+    found = newest_usable(run_dir / CHECKPOINTS)
+    return found.name if found else None
+
+
+def newest_usable(folder: Path, skipped: Callable[[Path, str], None] = lambda checkpoint, reason: None) -> Path | None:
+    """The newest complete checkpoint in folder that can be resumed from; skipped(checkpoint, why) hears of each newer
+    marked one that cannot."""
+    for checkpoint in reversed(complete_checkpoints(folder)):
+        reason = unusable(checkpoint)
+        if reason is None:
+            return checkpoint
+        skipped(checkpoint, reason)
+    return None
 
 
 def step_of(path: Path) -> int:

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from loraforge.rundir import CHECKPOINT as PREFIX, COMPLETE as MARKER, complete_checkpoints, unusable
+from loraforge.rundir import CHECKPOINT as PREFIX, COMPLETE as MARKER, complete_checkpoints, newest_usable
 
 log = logging.getLogger("loraforge.train")
 
@@ -33,12 +33,8 @@ def bytes_to_write(train_config, trainable: int) -> int:
 
 def latest_complete(folder: Path) -> Path | None:
     """The newest checkpoint that can be resumed from; newer marked ones that cannot are skipped, with a warning."""
-    for checkpoint in reversed(complete_checkpoints(folder)):
-        reason = unusable(checkpoint)
-        if reason is None:
-            return checkpoint
-        log.warning("skipping %s for an earlier checkpoint: %s", checkpoint, reason)
-    return None
+    return newest_usable(folder, lambda checkpoint, reason: log.warning("skipping %s for an earlier checkpoint: %s",
+                                                                          checkpoint, reason))
 
 
 def read_marker(checkpoint: Path) -> dict:
