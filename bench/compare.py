@@ -11,7 +11,8 @@ The candidates include fp32 and bf16 forced, so the table shows in the same run 
 (the default) picked the faster of the two on this machine; the header names the CPU, its bf16 features
 and both matmul peaks. Each run is a separate process, so its peak RSS is its own, and its time to first step counts from the
 process start (imports included). Eval loss is computed the same way for every adapter: fp32 base, the
-default config's validation split. Writes bench/results/<date>.json and .md.
+default config's validation split. The default runs again last and the matmul peaks are measured again, so the
+table shows how far the machine drifted while the bench ran. Writes bench/results/<date>.json and .md.
 Run: make bench   (or .venv/bin/python bench/compare.py [STEPS])
 """
 
@@ -220,6 +221,8 @@ def main(steps: int = 20) -> None:
         tried[label] = summarise(label, measure(label, steps, overrides, env), steps, flops_token, peaks,
                                  [*overrides, *(f"{k}={v}" for k, v in env.items())])
     predicted = measure("estimate", steps, [])
+    again = summarise("default, again", measure("default, again", steps, []), steps, flops_token, peaks)
+    peaks_after = {p: round(matmul_peak_gflops(dtype), 1) for p, dtype in (("fp32", "float32"), ("bf16", "bfloat16"))}
     default = runs[1]
     auto = candidates[DEFAULT]["precision_record"]
     speed = {p: tried[f"precision {p}"]["real_tokens_per_s"] for p in ("fp32", "bf16")}
@@ -250,6 +253,9 @@ def main(steps: int = 20) -> None:
         "runs": runs,
         "fastest_candidates": tried,
         "estimate_vs_measured": estimate,
+        # The same default run at the start and at the end, and the matmul peaks again: how far the machine drifted.
+        "drift": {"default_first": default["real_tokens_per_s"], "default_last": again["real_tokens_per_s"],
+                  "matmul_peak_gflops_2048_after": peaks_after},
     }
     stamp = date.today().isoformat()
     out = ROOT / "bench" / "results"
@@ -299,6 +305,11 @@ def markdown(report: dict) -> str:
               f"{e['measured_seconds_per_step']} measured ({e['step_time_error']:+.0%}); peak RSS "
               f"{e['predicted_peak_rss_mb']:.0f} MB predicted, {e['measured_peak_rss_mb']:.0f} MB measured "
               f"({e['peak_rss_error']:+.0%})."]
+    d = report["drift"]
+    lines += ["", f"The machine's drift over this run: the default, run again last, {d['default_last']} real tok/s against "
+              f"{d['default_first']} first ({d['default_last'] / d['default_first'] - 1:+.0%}); matmul peak at the end fp32 "
+              f"{d['matmul_peak_gflops_2048_after']['fp32']} / bf16 {d['matmul_peak_gflops_2048_after']['bf16']} GFLOP/s. "
+              "Differences between runs smaller than the two defaults' are within the machine's noise."]
     return "\n".join(lines) + "\n"
 
 
