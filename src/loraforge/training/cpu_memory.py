@@ -22,6 +22,7 @@ memory that the next step does not reuse (measured on the default run, bench/res
 import ctypes
 import logging
 import os
+import re
 import sys
 
 log = logging.getLogger(__name__)
@@ -32,14 +33,13 @@ KERNEL_CACHES = {"LRU_CACHE_CAPACITY": 1, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": 256
 
 
 def user_mmap_threshold(environ=os.environ) -> str | None:
-    """The mmap threshold the user gave glibc at process start, as given; None where they gave none."""
-    if "MALLOC_MMAP_THRESHOLD_" in environ:
-        return environ["MALLOC_MMAP_THRESHOLD_"]
-    for tunable in environ.get("GLIBC_TUNABLES", "").replace(":", " ").split():
-        name, _, value = tunable.partition("=")
-        if name == "glibc.malloc.mmap_threshold":
-            return value
-    return None
+    """The mmap threshold the user gave glibc at process start, as glibc reads it: GLIBC_TUNABLES (entries split by
+    ':', the last one counting) before MALLOC_MMAP_THRESHOLD_. None where they gave none, or a value that is not a
+    number (glibc takes that as 0, mapping every block; loraforge's threshold then replaces it)."""
+    tunables = [entry.partition("=") for entry in environ.get("GLIBC_TUNABLES", "").split(":")]
+    given = [value for name, sep, value in tunables if name == "glibc.malloc.mmap_threshold" and sep]
+    value = given[-1] if given else environ.get("MALLOC_MMAP_THRESHOLD_")
+    return value if value is not None and re.fullmatch(r"0[xX][0-9a-fA-F]+|[0-9]+", value) else None
 
 
 def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
