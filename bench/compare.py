@@ -48,7 +48,8 @@ CANDIDATES = {
 # (training/cpu_threads.py); GOMP_SPINCOUNT at libgomp's own default keeps its spin-then-sleep, measured beside it.
 # glibc's mmap threshold, which the user may set and loraforge then keeps (training/cpu_memory.py), below its 1 MiB.
 # An allocator neither: measured beside the candidates where the system has it (Debian's libjemalloc2; nothing pip
-# installs brings it), loaded before the process starts. Neither is taken as "fastest".
+# installs brings it), loaded before the process starts. None of these is taken as "fastest". A threshold in the
+# user's own GLIBC_TUNABLES outranks the 256 KiB row's variable (glibc reads the tunable first).
 JEMALLOC = ctypes.util.find_library("jemalloc")
 ENVIRONMENT_CANDIDATES = {
     "OpenMP threads sleep after libgomp's default spin (GOMP_SPINCOUNT=300000)": ([], {"GOMP_SPINCOUNT": "300000"}),
@@ -305,11 +306,13 @@ def markdown(report: dict) -> str:
               f"{e['measured_seconds_per_step']} measured ({e['step_time_error']:+.0%}); peak RSS "
               f"{e['predicted_peak_rss_mb']:.0f} MB predicted, {e['measured_peak_rss_mb']:.0f} MB measured "
               f"({e['peak_rss_error']:+.0%})."]
-    d = report["drift"]
-    lines += ["", f"The machine's drift over this run: the default, run again last, {d['default_last']} real tok/s against "
-              f"{d['default_first']} first ({d['default_last'] / d['default_first'] - 1:+.0%}); matmul peak at the end fp32 "
-              f"{d['matmul_peak_gflops_2048_after']['fp32']} / bf16 {d['matmul_peak_gflops_2048_after']['bf16']} GFLOP/s. "
-              "Differences between runs smaller than the two defaults' are within the machine's noise."]
+    d = report.get("drift")
+    if d is not None:
+        after = d["matmul_peak_gflops_2048_after"]
+        lines += ["", f"The machine's drift over this run: the default, run again last, {d['default_last']} real tok/s "
+                  f"against {d['default_first']} first ({d['default_last'] / d['default_first'] - 1:+.0%}); matmul peak "
+                  f"at the end fp32 {after['fp32']} / bf16 {after['bf16']} GFLOP/s. Differences between runs smaller "
+                  "than the two defaults' are within the machine's noise."]
     return "\n".join(lines) + "\n"
 
 
