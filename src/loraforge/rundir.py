@@ -7,9 +7,9 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Callable
 from typing import Literal
 
 from loraforge.config import RunConfig, load_config
