@@ -21,6 +21,17 @@ def pytest_configure(config):
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_in_runs():
+    """Tests write under their own temporary folders: anything a test leaves in ./runs (where transformers' TensorBoard
+    callback logs when no folder is given) fails the session."""
+    runs = Path.cwd() / "runs"
+    before = set(runs.iterdir()) if runs.is_dir() else set()
+    yield
+    left = sorted(p.name for p in (set(runs.iterdir()) if runs.is_dir() else set()) - before)
+    assert not left, f"tests wrote into {runs}: {', '.join(left)}"
+
+
 @pytest.fixture
 def no_hub(tmp_path, monkeypatch):
     """An empty hub cache and a hub that cannot be reached."""

@@ -149,7 +149,9 @@ def test_before_evaluation_and_base_answers_come_from_the_base_model(train_tiny,
     base = load_model(str(biased_model_dir))
     stop_ids = stop_token_ids(tokenizer, base.generation_config)
     data = build_datasets(config.data, tokenizer, stop_ids, config.seed)
-    args = training_arguments(config, result.run_dir / "base-eval", "fp32", has_eval=True)
+    # no trackers: outside a run, TensorBoard would log into ./runs of the working directory
+    untracked = config.model_copy(update={"report_to": []})
+    args = training_arguments(untracked, result.run_dir / "base-eval", "fp32", has_eval=True)
     trainer = LoraforgeTrainer(model=base, args=args, eval_dataset=data.val, causal_lm=True,
                                data_collator=collator(tokenizer, packed=False), processing_class=tokenizer)
     assert result.eval_before == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
