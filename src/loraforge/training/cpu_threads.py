@@ -5,7 +5,8 @@ ops between them), each run by torch's OpenMP threads. GNU OpenMP lets a thread 
 while and then sleep; woken for the next kernel, it starts late. Told to keep spinning (OMP_WAIT_POLICY=ACTIVE),
 the threads start every kernel at once: the default config in fp32 on a 2-core Intel Xeon without AVX512-BF16 trained
 about 11% more tokens per second (6 pairs of 10-step runs in turn, README, Benchmarks), and with OMP_WAIT_POLICY=PASSIVE
-(never spin) about 30% fewer. The cost is a core kept busy between kernels, which a training process does not give
+(never spin) about 30% fewer; on a 2-core AMD EPYC with native bf16 spinning and sleeping were level within the
+machine's noise, in bf16 and fp32. The cost is a core kept busy between kernels, which a training process does not give
 to anything else; chat and serve, idle between requests, keep the library's default.
 
 libgomp reads the variable once, as it is loaded with torch, so this must run before torch is imported. A value the
