@@ -20,6 +20,7 @@ from loraforge.eval.metrics import classification_metrics
 from loraforge.model.adapters import (apply_lora, load_trainable_adapter, make_fully_trainable, parameter_counts,
                                       trained_in_fp32)
 from loraforge.model.load import load_for_run
+from loraforge.model.lora_linear import fuse_lora_linears
 from loraforge.model.swiglu import fuse_gated_mlps
 from loraforge.training.batch import accumulation, world_size
 from loraforge.training.callbacks import MetricsCallback, ResumedTensorBoard, SampleCallback, ThroughputCallback
@@ -78,6 +79,7 @@ def trainable_model(config: RunConfig, prepared: Prepared, precision: str):
         # Checkpointed blocks need an input that requires grad, which a frozen embedding does not give.
         model.enable_input_require_grads()
     fuse_gated_mlps(model)
+    fuse_lora_linears(model)
     return model
 
 
