@@ -21,6 +21,8 @@ from loraforge.model.adapters import (apply_lora, load_trainable_adapter, make_f
                                       trained_in_fp32)
 from loraforge.model.load import load_for_run
 from loraforge.model.lora_linear import fuse_lora_linears
+from loraforge.model.rms_norm import fuse_rms_norms
+from loraforge.model.rotary import fuse_rotary
 from loraforge.model.swiglu import fuse_gated_mlps
 from loraforge.training.batch import accumulation, world_size
 from loraforge.training.callbacks import MetricsCallback, ResumedTensorBoard, SampleCallback, ThroughputCallback
@@ -80,6 +82,8 @@ def trainable_model(config: RunConfig, prepared: Prepared, precision: str):
         model.enable_input_require_grads()
     fuse_gated_mlps(model)
     fuse_lora_linears(model)
+    fuse_rotary(model)
+    fuse_rms_norms(model)
     return model
 
 

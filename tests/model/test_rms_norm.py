@@ -1,0 +1,79 @@
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+from loraforge.model.rms_norm import RMS_NORMS, fuse_rms_norms
+
+FAMILIES = [LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, Qwen3RMSNorm]
+
+
+class Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def norm_pair(norm_class, dtype=torch.float32, frozen=True):
+    torch.manual_seed(0)
+    original = norm_class(48, eps=1e-5).to(dtype)
+    torch.nn.init.normal_(original.weight, mean=1.0, std=0.3)
+    fused = norm_class(48, eps=1e-5).to(dtype)
+    fused.load_state_dict(original.state_dict())
+    for norm in (original, fused):
+        norm.weight.requires_grad_(not frozen)
+    return original, fused
+
+
+def run(norm, x):
+    given = x.clone().requires_grad_()
+    out = norm(given)
+    (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return out.detach(), given.grad, norm.weight.grad
+
+
+def test_every_listed_class_is_tested():
+    assert {norm.__name__ for norm in FAMILIES} == RMS_NORMS
+
+
+@pytest.mark.parametrize("norm_class", FAMILIES, ids=[n.__name__ for n in FAMILIES])
+def test_fused_norm_gives_the_numbers_of_transformers_forward_and_backward(norm_class):
+    original, fused = norm_pair(norm_class)
+    assert fuse_rms_norms(fused) == 1
+    x = torch.randn(3, 7, 48) * 4
+    (out, grad, weight_grad), (fused_out, fused_grad, fused_weight_grad) = run(original, x), run(fused, x)
+    assert torch.equal(fused_out, out)
+    torch.testing.assert_close(fused_grad, grad)
+    assert weight_grad is None and fused_weight_grad is None
+
+
+def test_the_fused_forward_makes_one_tensor_of_the_input_size_less():
+    original, fused = norm_pair(LlamaRMSNorm)
+    fuse_rms_norms(fused)
+    x = torch.randn(3, 7, 48)
+    seen = []
+    for norm in (original, fused):
+        with Ops() as ops:
+            norm(x)
+        seen.append(ops.seen)
+    plain, ours = seen
+    assert plain.count("mul.Tensor") == 2 and ours.count("mul.Tensor") == 1 and "mul_.Tensor" in ours, (plain, ours)
+
+
+@pytest.mark.parametrize("dtype, frozen", [(torch.bfloat16, True), (torch.float32, False)], ids=["bf16", "trained weight"])
+def test_other_cases_run_transformers_forward(dtype, frozen):
+    original, fused = norm_pair(LlamaRMSNorm, dtype, frozen)
+    fuse_rms_norms(fused)
+    x = (torch.randn(3, 7, 48) * 4).to(dtype)
+    for expected, got in zip(run(original, x), run(fused, x)):
+        assert (got is None and expected is None) or torch.equal(got, expected)
+    with Ops() as ops:
+        fused(x)
+    assert ops.seen.count("mul.Tensor") == 2, ops.seen
