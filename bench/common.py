@@ -1,10 +1,36 @@
 """Shared measuring helpers of the benchmarks: fp32 evaluation, matmul peak, FLOPs per token."""
 
+import platform
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
+
+
+def cpu_tag(cpuinfo: str | None = None) -> str:
+    """The CPU as vendor-family-model (amd-25-17, intel-6-106) from /proc/cpuinfo, else the machine's architecture."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    if {"vendor_id", "cpu family", "model"} <= fields.keys():
+        vendor = VENDORS.get(fields["vendor_id"], fields["vendor_id"].lower())
+        return f"{vendor}-{fields['cpu family']}-{fields['model']}"
+    return platform.machine().lower() or "cpu"
+
+
+def result_stem(prefix: str = "") -> str:
+    """A result file's name without suffix: [prefix-]date-cpu, so that machines measured on one day keep their own."""
+    return f"{prefix}{date.today().isoformat()}-{cpu_tag()}"
 
 
 def fp32_eval_loss(adapter_dir: Path, config) -> float:

@@ -12,7 +12,8 @@ The candidates include fp32 and bf16 forced, so the table shows in the same run 
 and both matmul peaks. Each run is a separate process, so its peak RSS is its own, and its time to first step counts from the
 process start (imports included). Eval loss is computed the same way for every adapter: fp32 base, the
 default config's validation split. The default runs again last and the matmul peaks are measured again, so the
-table shows how far the machine drifted while the bench ran. Writes bench/results/<date>.json and .md.
+table shows how far the machine drifted while the bench ran. Writes bench/results/<date>-<cpu>.json and .md (cpu:
+vendor-family-model, e.g. 2026-12-07-amd-25-17), so machines measured on one day keep their own.
 Run: make bench   (or .venv/bin/python bench/compare.py [STEPS])
 """
 
@@ -28,7 +29,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, flops_per_token, fp32_eval_loss, matmul_peak_gflops, model_parameters  # noqa: E402
+from common import ROOT, flops_per_token, fp32_eval_loss, matmul_peak_gflops, model_parameters, result_stem  # noqa: E402
 
 EXAMPLES_PER_STEP = 8
 DEFAULT = "default (batch 4 x accumulation 2, micro_batch_tokens 256, LoRA dropout 0)"
@@ -258,7 +259,7 @@ def main(steps: int = 20) -> None:
         "drift": {"default_first": default["real_tokens_per_s"], "default_last": again["real_tokens_per_s"],
                   "matmul_peak_gflops_2048_after": peaks_after},
     }
-    stamp = date.today().isoformat()
+    stamp = result_stem()
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -5,7 +5,7 @@ that costs learning at the default config's own length of run, per step and per 
 length-grouped and random order for the same steps, then random order for as many steps as fit in the
 length-grouped run's training time. The eval loss of every adapter is computed in fp32 on the seed's
 validation split.
-Prints a table and writes bench/results/order-<date>.json.
+Prints a table and writes bench/results/order-<date>-<cpu>.json.
 Run: .venv/bin/python bench/order.py [STEPS] [SEEDS]
 """
 
@@ -13,12 +13,11 @@ import json
 import platform
 import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, fp32_eval_loss  # noqa: E402
+from common import ROOT, fp32_eval_loss, result_stem  # noqa: E402
 
 
 def main(steps: int = 100, seeds: int = 2) -> None:
@@ -63,7 +62,7 @@ def main(steps: int = 100, seeds: int = 2) -> None:
         "steps": steps,
         "runs": runs,
     }
-    path = ROOT / "bench" / "results" / f"order-{date.today()}.json"
+    path = ROOT / "bench" / "results" / f"{result_stem('order-')}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'order':<20}{'seed':>6}{'steps':>7}{'real tok/s':>12}{'train s':>10}{'eval loss (fp32)':>18}")
     for run in runs:

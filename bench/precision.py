@@ -1,7 +1,7 @@
 """fp32 against bf16 (bf16 frozen weights + bf16 autocast, LoRA weights fp32) on this machine, side by side.
 
 Same model, data, seed and steps; eval loss of both adapters is computed in fp32 on the same validation
-set, so only the training precision differs. Prints a table and writes bench/results/precision-<date>.json.
+set, so only the training precision differs. Prints a table and writes bench/results/precision-<date>-<cpu>.json.
 Run: .venv/bin/python bench/precision.py [STEPS]
 """
 
@@ -10,11 +10,10 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, fp32_eval_loss  # noqa: E402
+from common import ROOT, fp32_eval_loss, result_stem  # noqa: E402
 
 
 def main(steps: int = 40) -> None:
@@ -49,7 +48,7 @@ def main(steps: int = 40) -> None:
         "steps": steps,
         "runs": runs,
     }
-    out = ROOT / "bench" / "results" / f"precision-{date.today()}.json"
+    out = ROOT / "bench" / "results" / f"{result_stem('precision-')}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'precision':<10}{'real tok/s':>12}{'train s':>10}{'eval loss (fp32)':>18}")
     for run in runs:

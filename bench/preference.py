@@ -1,7 +1,7 @@
 """DPO beside SFT on this machine, side by side in one run: configs/dpo.yaml against configs/default.yaml on the
 built-in model, the same number of optimizer steps of 8 examples (SFT: 8 conversations; DPO: 8 pairs, each a
 chosen and a rejected answer plus the reference pass). Each run is its own process, so its peak RSS is its own.
-Prints a table and writes bench/results/preference-<date>.json and .md.
+Prints a table and writes bench/results/preference-<date>-<cpu>.json and .md.
 Run: .venv/bin/python bench/preference.py [STEPS]
 """
 
@@ -15,7 +15,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT  # noqa: E402
+from common import ROOT, result_stem  # noqa: E402
 
 QUIET = ["train.eval_every=100000", "train.save_every=null", "eval.num_samples=0", "eval.samples_during_training=0",
          "report_to=[]", "data.val_fraction=0.01"]
@@ -83,7 +83,7 @@ def main(steps: int = 10) -> None:
               f"{dpo['peak_rss_mb'] / sft['peak_rss_mb']:.2f}x its peak RSS."]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = ROOT / "bench" / "results" / f"preference-{report['date']}"
+    out = ROOT / "bench" / "results" / result_stem("preference-")
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     out.with_suffix(".md").write_text(text, encoding="utf-8")
 

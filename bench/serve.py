@@ -9,7 +9,7 @@ one every --gap seconds, greedy, the same token limit and stop tokens.
     python bench/serve.py [RUN_DIR ...] [--clients 16] [--requests 2] [--max-tokens 32] [--gap 0.5]
 
 Without RUN_DIR it trains two 2-step runs of configs/default.yaml on the built-in model (offline) and serves
-both from one base, the clients alternating between them. Results: bench/results/serve-<date>.md.
+both from one base, the clients alternating between them. Results: bench/results/serve-<date>-<cpu>.md.
 """
 
 import argparse
@@ -21,7 +21,9 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, result_stem  # noqa: E402
+
 PROMPTS = ["Hello", "What is AI?", "Tell me a joke.", "Who are you?", "What is your favourite colour?",
            "Do you like music?", "What do you do?", "Are you a robot?"]
 
@@ -200,7 +202,7 @@ def main() -> None:
               f"{r['tokens_per_s']} | {r['wall_s']} |" for gap, found in compared.items() for name, r in found.items()]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = ROOT / "bench" / "results" / f"serve-{date.today()}.md"
+    out = ROOT / "bench" / "results" / f"{result_stem('serve-')}.md"
     out.write_text(text, encoding="utf-8")
     print(f"written to {out}")
 
