@@ -50,12 +50,16 @@ CANDIDATES = {
 # glibc's mmap threshold, which the user may set and loraforge then keeps (training/cpu_memory.py), below its 1 MiB.
 # An allocator neither: measured beside the candidates where the system has it (Debian's libjemalloc2; nothing pip
 # installs brings it), loaded before the process starts. None of these is taken as "fastest". A threshold in the
-# user's own GLIBC_TUNABLES outranks the 256 KiB row's variable (glibc reads the tunable first).
+# user's own GLIBC_TUNABLES outranks the 256 KiB row's variable (glibc reads the tunable first). glibc's per-thread
+# cache and fast bins off: read at process start only, so loraforge cannot set them for itself (README, fp32 ... what
+# was tried).
 JEMALLOC = ctypes.util.find_library("jemalloc")
 ENVIRONMENT_CANDIDATES = {
     "OpenMP threads sleep after libgomp's default spin (GOMP_SPINCOUNT=300000)": ([], {"GOMP_SPINCOUNT": "300000"}),
     "malloc mmap threshold 256 KiB, less memory for speed (MALLOC_MMAP_THRESHOLD_=262144)": (
         [], {"MALLOC_MMAP_THRESHOLD_": "262144"}),
+    "glibc's tcache and fastbins off (GLIBC_TUNABLES=glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0)": (
+        [], {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0"}),
     **({"precision fp32, jemalloc (freed pages kept 1 s)": (["precision=fp32"], {
         "LD_PRELOAD": JEMALLOC, "MALLOC_CONF": "dirty_decay_ms:1000,muzzy_decay_ms:0"})} if JEMALLOC else {}),
 }

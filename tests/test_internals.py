@@ -1,4 +1,4 @@
-"""Contracts of the library internals loraforge uses (src/loraforge/internals.py): each fails loudly when an
+"""Contracts of the library internals loraforge uses (src/loraforge/internals/): each fails loudly when an
 upgrade changes what loraforge relies on."""
 
 import inspect
@@ -14,7 +14,7 @@ from loraforge import internals
 def test_installed_versions_are_the_checked_ones(package):
     checked = internals.CHECKED_AGAINST[package]
     assert version(package).startswith(checked + "."), (
-        f"{package} {version(package)} is installed, internals.py was checked against {checked}: re-check each use "
+        f"{package} {version(package)} is installed, internals/ was checked against {checked}: re-check each use "
         "of it there, then update CHECKED_AGAINST")
 
 

@@ -171,7 +171,7 @@ def test_sft_then_dpo_from_its_adapter(make_dpo, tmp_path, tiny_model_dir):
 
 
 def test_a_nan_loss_stops_a_dpo_run_without_checkpointing_it(make_dpo, monkeypatch):
-    from loraforge.training.trainer import PreferenceTrainer
+    from loraforge.training.preference_trainer import PreferenceTrainer
 
     config, _ = make_dpo("nan", "train.save_every=1")
     real = PreferenceTrainer.compute_loss

@@ -27,9 +27,8 @@ from loraforge.model.swiglu import fuse_gated_mlps
 from loraforge.training.batch import accumulation, world_size
 from loraforge.training.callbacks import MetricsCallback, ResumedTensorBoard, SampleCallback, ThroughputCallback
 from loraforge.training.prepare import Prepared
-from loraforge.training.trainer import (EarlyStopping, LoraforgeTrainer, LossOnResume, NanGuard, OddsRatioTrainer,
-                                        PaddedTokensPerStep, PreferenceTrainer, ScheduleOnResume, SignalStop,
-                                        UnpairedTrainer)
+from loraforge.training.trainer import (EarlyStopping, LoraforgeTrainer, LossOnResume, NanGuard, PaddedTokensPerStep,
+                                        ScheduleOnResume, SignalStop)
 
 log = logging.getLogger("loraforge.train")
 
@@ -238,6 +237,8 @@ def build_trainer(config: RunConfig, prepared: Prepared, model, run_dir: Path, p
     loss, metrics = (None, None) if causal else classification_loss_and_metrics(prepared)
     throughput = ThroughputCallback()
     if config.method != "sft":
+        from loraforge.training.preference_trainer import OddsRatioTrainer, PreferenceTrainer, UnpairedTrainer
+
         kto = config.method == "kto"
         trainer = {"dpo": PreferenceTrainer, "orpo": OddsRatioTrainer, "kto": UnpairedTrainer}[config.method](
             model=model,

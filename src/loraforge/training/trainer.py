@@ -17,10 +17,8 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from loraforge.errors import LoraforgeError
-from loraforge.internals import (IGNORE, HookedDPOTrainer, HookedKTOTrainer, HookedORPOTrainer, HookedTrainer,
-                                 put_on_schedule)
-from loraforge.model.adapters import trained_in_fp32
-from loraforge.rundir import REFERENCE, STAGING
+from loraforge.internals import IGNORE, HookedTrainer, put_on_schedule
+from loraforge.rundir import STAGING
 from loraforge.training.checkpoints import PREFIX, latest_complete, publish, read_marker, rotate
 from loraforge.training.loss import trained_positions_loss, trained_tokens_per_row
 from loraforge.training.recompute import recomputed_layers
@@ -101,7 +99,7 @@ class CheckpointError(LoraforgeError):
 
 class RunLifecycle:
     """What every loraforge trainer adds to its HF/TRL base: seeded length grouping, atomic checkpoints, padded
-    token counts and a flag for the NaN guard. Mixed in before a TrainerHooks class (internals.py)."""
+    token counts and a flag for the NaN guard. Mixed in before a TrainerHooks class (internals/)."""
 
     def __init__(self, *args, keep_last: int = 2, fingerprints: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -237,56 +235,6 @@ class LoraforgeTrainer(RunLifecycle, HookedTrainer):
                 piece_loss = super().training_step(model, piece, num_items_in_batch)
             loss = piece_loss if loss is None else loss + piece_loss
         return loss
-
-
-class PairLifecycle(RunLifecycle):
-    """The run lifecycle for TRL's preference trainers on rows loraforge tokenized. group_by_length: batches of
-    pairs of similar length (prompt and longer answer), in a seeded order, as SFT batches are grouped."""
-
-    def __init__(self, *args, group_by_length: bool = False, reference_adapter: bool = False, **kwargs):
-        """reference_adapter: keep the `ref` adapter (a copy of init_from's adapter) as the reference; otherwise
-        the reference is the base with the adapter off, and TRL's copy of a fresh adapter is dropped."""
-        self.group_by_length = group_by_length
-        super().__init__(*args, **kwargs)
-        model = self.accelerator.unwrap_model(self.model)
-        if not reference_adapter and REFERENCE in getattr(model, "peft_config", {}):
-            model.delete_adapter(REFERENCE)
-        # TRL casts a quantized model's adapter to bf16; an SFT run keeps it in fp32, and so does this one.
-        trained_in_fp32(model)
-
-    def train_sampler(self, sampler):
-        if not self.group_by_length:
-            return sampler
-        return SeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                          lengths=pair_lengths(self.train_dataset),
-                                          seed=self.args.data_seed or self.args.seed)
-
-
-class PreferenceTrainer(PairLifecycle, HookedDPOTrainer):
-    """Method dpo: TRL's DPOTrainer."""
-
-
-class UnpairedTrainer(PairLifecycle, HookedKTOTrainer):
-    """Method kto: TRL's KTOTrainer on examples loraforge unpaired from its pairs (training/build.py unpaired), in
-    the seeded order TRL samples them (sequentially, so each batch's KL term pairs its own rows). A step runs the
-    batch and its mismatched KL batch through the model."""
-
-    def padded_tokens_of(self, inputs) -> int:
-        return int(inputs["input_ids"].numel()) + (int(inputs["KL_input_ids"].numel()) if "KL_input_ids" in inputs else 0)
-
-
-class OddsRatioTrainer(PairLifecycle, HookedORPOTrainer):
-    """Method orpo: TRL's ORPOTrainer. Its batches hold chosen_ and rejected_ columns and no input_ids, which HF
-    counts tokens by, so they are counted here: both sides padded to one length run as one batch."""
-
-    def padded_tokens_of(self, inputs) -> int:
-        chosen, rejected = inputs["chosen_input_ids"], inputs["rejected_input_ids"]
-        return 2 * chosen.shape[0] * max(chosen.shape[1], rejected.shape[1])
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        real = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
-        self.state.num_input_tokens_seen += int(self.accelerator.gather(real.to(self.args.device)).sum())
-        return super().training_step(model, inputs, num_items_in_batch)
 
 
 def _point_state_at(staged: Path, best: Path | None) -> None:
