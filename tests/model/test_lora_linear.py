@@ -1,11 +1,11 @@
 import pytest
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from loraforge.model.adapters import apply_lora
 from loraforge.model.load import load_model
 from loraforge.model.lora_linear import fuse_lora_linears
+from tests.model.ops import Ops
 
 
 def lora_model(model_dir, **options):
@@ -40,16 +40,6 @@ def test_in_place_forward_gives_peft_forward_and_backward_numbers(tiny_model_dir
     assert got[2].keys() == expected[2].keys()
     for name in expected[2]:
         torch.testing.assert_close(got[2][name], expected[2][name], msg=name)
-
-
-class Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def layer_ops(layer, x) -> list[str]:

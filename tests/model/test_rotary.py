@@ -2,7 +2,6 @@ import contextlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
@@ -11,21 +10,12 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2Rotary
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RotaryEmbedding
 
 from loraforge.model.rotary import ROTARY_ATTENTIONS, fuse_rotary
+from tests.model.ops import Ops
 
 SHAPE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96)
 FAMILIES = [(LlamaAttention, LlamaRotaryEmbedding, LlamaConfig), (MistralAttention, MistralRotaryEmbedding, MistralConfig),
             (Qwen2Attention, Qwen2RotaryEmbedding, Qwen2Config), (Qwen3Attention, Qwen3RotaryEmbedding, Qwen3Config)]
 IDS = [attention.__name__ for attention, _, _ in FAMILIES]
-
-
-class Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def attention_pair(attention_class, config_class, dtype=torch.float32):
