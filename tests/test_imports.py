@@ -2,13 +2,11 @@
 importing a command module, and imports at the top of each module (cli.py's docstring gives the exceptions)."""
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, write_tiny_config
+from tests.conftest import ROOT
 
 PACKAGE = ROOT / "src" / "loraforge"
 # Lowest first; a module may import from its own layer or a lower one. data.formats (the format registry) sits
@@ -138,15 +136,3 @@ def test_cli_defers_only_what_pulls_in_the_heavy_stack():
     assert not {name for name in late if name in MODULES and layer(name) < layer("loraforge.rundir")}, (
         "config and errors are light: cli imports them at the top")
 
-
-def test_an_sft_run_never_imports_trl(tmp_path, tiny_model_dir):
-    """TRL's import adds ~27 MB to a process (README, fp32 ... what was tried): only preference runs and packed rows
-    need it."""
-    config = write_tiny_config(tmp_path, tiny_model_dir, "{max_steps: 1}")
-    script = ("import sys\nfrom loraforge.config import load_config\nfrom loraforge.training.run import run_training\n"
-              f"run_training(load_config({str(config)!r}, ['output_dir={tmp_path / 'run'}']))\n"
-              "print(sorted(name for name in sys.modules if name == 'trl' or name.startswith('trl.')))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "run" / "adapter").is_dir()
-    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 def run_dir(tmp_path_factory, smollm_path) -> Path:
     out = tmp_path_factory.mktemp("builtin") / "run"
     command = [
-        sys.executable, "-m", "loraforge", "train", str(ROOT / "configs" / "default.yaml"),
+        sys.executable, "-X", "importtime", "-m", "loraforge", "train", str(ROOT / "configs" / "default.yaml"),
         "train.max_steps=4", "train.batch_size=4", "train.eval_every=4", "train.logging_steps=2",
         "train.learning_rate=5e-4", "data.val_fraction=0.01", "eval.max_new_tokens=8", f"output_dir={out}",
     ]
@@ -35,6 +35,15 @@ def test_loss_goes_down(run_dir):
     assert report["eval_loss_after"] < report["eval_loss_before"] - 0.1
     train_losses = [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert len(train_losses) == 2
+
+
+def test_the_main_job_never_imports_trl(run_dir):
+    """TRL's import adds ~27 MB to a process (README, fp32 ... what was tried); only preference runs and packed rows
+    need it. The run's stderr holds Python's import-time table (-X importtime), one module per line."""
+    imported = [line.rsplit("|", 1)[-1].strip() for line in (run_dir / "stderr.txt").read_text().splitlines()
+                if line.startswith("import time:")]
+    assert "transformers" in imported and "peft" in imported
+    assert not [name for name in imported if name == "trl" or name.startswith("trl.")]
 
 
 def test_progress_and_summary_are_shown(run_dir):
