@@ -74,9 +74,12 @@ def default_config(*overrides):
 
 
 def run_loraforge(steps: int, overrides: list[str], out: Path) -> dict:
-    from loraforge.training.run import run_training
+    from loraforge.training.bitsandbytes_import import leave_out_bitsandbytes
 
     config = default_config(*QUIET, f"train.max_steps={steps}", f"output_dir={out}", *overrides)
+    leave_out_bitsandbytes(config)
+    from loraforge.training.run import run_training
+
     called_at = time.time()
     started = time.perf_counter()
     result = run_training(config)
@@ -162,9 +165,13 @@ def child(name: str, steps: int, overrides: list[str], launched_at: float) -> No
         spin_between_kernels()
     tune_process()
     if name == "estimate":
+        from loraforge.training.bitsandbytes_import import leave_out_bitsandbytes
+
+        config = default_config(*QUIET, f"train.max_steps={steps}", *overrides)
+        leave_out_bitsandbytes(config)
         from loraforge.training.estimate import run_estimate
 
-        estimate = run_estimate(default_config(*QUIET, f"train.max_steps={steps}", *overrides))
+        estimate = run_estimate(config)
         print("RESULT " + json.dumps({"seconds_per_step": estimate.seconds_per_step, "peak_rss_mb": estimate.peak_rss_mb}),
               flush=True)
         return

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import sys
 from collections import Counter
@@ -19,6 +20,11 @@ def pytest_configure(config):
     if workers > 1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+    # This process trains quantized and unquantized runs side by side, some through `loraforge train` called
+    # in-process, which marks bitsandbytes absent for an unquantized run unless it is imported already
+    # (training/bitsandbytes_import.py): imported here, as a library user's own import would be, quietly as the CLI does.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import bitsandbytes  # noqa: F401
 
 
 @pytest.fixture(scope="session", autouse=True)

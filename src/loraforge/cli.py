@@ -30,6 +30,7 @@ from loraforge.errors import ConfigError, LoraforgeError, ModelError, TrainingSt
 from loraforge.model.sources import BUILTIN, check_model_name, folder_on_disk
 from loraforge.model.template import template_text
 from loraforge.model.variants import configured_layers, kept_layers
+from loraforge.training.bitsandbytes_import import leave_out_bitsandbytes
 from loraforge.training.cpu_threads import spin_between_kernels
 
 
@@ -101,6 +102,7 @@ def _train(args) -> int:
                            "--nnodes above 1 (torchrun's grace for its processes; a single process has none)"])
     if (args.nproc > 1 or args.nnodes > 1) and not launched:
         return _launch(args, config)
+    leave_out_bitsandbytes(config)
     from loraforge.training.run import run_training
 
     try:
@@ -148,6 +150,7 @@ def _estimate(args) -> int:
     read_env_beside(args.config)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_estimate(args, config)
+    leave_out_bitsandbytes(config)
     from loraforge.training.estimate import run_estimate
 
     estimate = run_estimate(config, probe_steps=args.probe_steps, probe_dir=args.probe_dir)

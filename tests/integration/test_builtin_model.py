@@ -37,13 +37,16 @@ def test_loss_goes_down(run_dir):
     assert len(train_losses) == 2
 
 
-def test_the_main_job_never_imports_trl(run_dir):
-    """TRL's import adds ~27 MB to a process (README, fp32 ... what was tried); only preference runs and packed rows
-    need it. The run's stderr holds Python's import-time table (-X importtime), one module per line."""
+def test_the_main_job_never_imports_trl_or_bitsandbytes(run_dir):
+    """TRL's import adds ~27 MB to a process and bitsandbytes' ~44 MB (README, fp32 ... what was tried); only
+    preference runs and packed rows need TRL, only quantized ones bitsandbytes. The run's stderr holds Python's
+    import-time table (-X importtime), one module per line; an import refused (bitsandbytes, marked absent) is a line
+    of its own, without the package's modules under it."""
     imported = [line.rsplit("|", 1)[-1].strip() for line in (run_dir / "stderr.txt").read_text().splitlines()
                 if line.startswith("import time:")]
     assert "transformers" in imported and "peft" in imported
-    assert not [name for name in imported if name == "trl" or name.startswith("trl.")]
+    assert "trl" not in imported
+    assert not [name for name in imported if name.startswith(("trl.", "bitsandbytes."))]
 
 
 def test_progress_and_summary_are_shown(run_dir):

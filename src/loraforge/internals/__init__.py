@@ -9,7 +9,6 @@ imported only by runs that use them: importing TRL adds ~27 MB to every process 
 import os
 from collections import defaultdict
 
-import bitsandbytes as bnb
 import torch
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, Trainer, TrainerState
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -156,6 +155,8 @@ def keep_cpu_4bit_trainable(model) -> int:
     through those layers, with no error. bitsandbytes 0.50 decides that by the undocumented attribute
     `support_avx512bf16_for_cpu` of each Linear4bit; turning it off keeps evaluation and training correct.
     """
+    import bitsandbytes as bnb
+
     changed = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):

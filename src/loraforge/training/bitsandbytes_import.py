@@ -1,0 +1,54 @@
+"""Whether a training process imports bitsandbytes.
+
+peft imports bitsandbytes whenever it is installed, and bitsandbytes 0.50 wraps its CPU kernels in `torch.compile`
+as it is imported, which loads Inductor and networkx: about 44 MB of memory for the whole run (README, fp32 ... what
+was tried). A run whose base is not quantized and whose optimizer is torch's never calls it, so `train` and
+`estimate` mark it as absent (None in `sys.modules`, Python's way to refuse an import) before the training libraries
+are imported; peft, transformers and accelerate ask `importlib.util.find_spec`, which then answers that it is not
+installed. The mark holds for the rest of the process, so it is set only at a command's entry, where one run is all
+the process does, and never once bitsandbytes is imported already.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from loraforge.model.sources import BUILTIN, folder_on_disk
+
+NAME = "bitsandbytes"
+
+
+def needs_bitsandbytes(config) -> bool:
+    """The run quantizes its base, uses a bitsandbytes optimizer, or loads a checkpoint saved quantized (its
+    config.json has a quantization_config); a hub model not in the local cache counts as one, being unknown."""
+    if config.quantization.mode != "none" or config.train.optimizer != "adamw_torch":
+        return True
+    if config.model.name in BUILTIN:
+        return False
+    folder = folder_on_disk(config.model.name)
+    found = folder / "config.json" if folder is not None else _hub_cached_config(config.model.name,
+                                                                                 config.model.revision)
+    if found is None:
+        return True
+    try:
+        return "quantization_config" in json.loads(Path(found).read_text())
+    except (OSError, ValueError):
+        return True
+
+
+def leave_out_bitsandbytes(config, modules: dict = sys.modules) -> bool:
+    """Mark bitsandbytes absent for this process when the run does not need it; returns whether it did."""
+    if NAME in modules or needs_bitsandbytes(config):
+        return False
+    modules[NAME] = None
+    return True
+
+
+def _hub_cached_config(name: str, revision: str | None) -> str | None:
+    import huggingface_hub
+
+    try:
+        found = huggingface_hub.try_to_load_from_cache(name, "config.json", revision=revision)
+    except ValueError:
+        return None
+    return found if isinstance(found, str) else None

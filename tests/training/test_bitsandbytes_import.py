@@ -1,0 +1,72 @@
+"""An unquantized run's process never imports bitsandbytes; a quantized one, or one that might load a quantized
+checkpoint, keeps it. The mark is process-wide, so the import itself is checked in a fresh process."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+from loraforge.training.bitsandbytes_import import NAME, leave_out_bitsandbytes, needs_bitsandbytes
+
+
+def test_an_unquantized_run_on_a_local_model_leaves_it_out(make_config):
+    config, _ = make_config("plain")
+    modules = {}
+    assert not needs_bitsandbytes(config)
+    assert leave_out_bitsandbytes(config, modules) and modules == {NAME: None}
+
+
+def test_the_builtin_model_needs_none(make_config):
+    config, _ = make_config("builtin", "model.name=smollm2-135m-instruct")
+    assert not needs_bitsandbytes(config)
+
+
+def test_quantizing_or_a_bitsandbytes_optimizer_keeps_it(make_config):
+    for overrides in (["quantization=4bit"], ["quantization.mode=8bit"], ["train.optimizer=paged_adamw_8bit"]):
+        config, _ = make_config("kept", *overrides)
+        modules = {}
+        assert needs_bitsandbytes(config), overrides
+        assert not leave_out_bitsandbytes(config, modules) and modules == {}, overrides
+
+
+def test_a_checkpoint_saved_quantized_keeps_it(make_config, tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "saved-4bit")
+    settings = json.loads((folder / "config.json").read_text())
+    settings["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(settings))
+    config, _ = make_config("prequantized", f"model.name={folder}")
+    assert needs_bitsandbytes(config)
+
+
+def test_a_hub_model_not_in_the_cache_keeps_it(make_config, no_hub):
+    config, _ = make_config("hub", "model.name=someone/not-cached-anywhere")
+    assert needs_bitsandbytes(config)
+
+
+def test_already_imported_it_is_left_alone(make_config):
+    config, _ = make_config("imported")
+    modules = {NAME: sys.modules[NAME]}
+    assert not leave_out_bitsandbytes(config, modules) and modules[NAME] is sys.modules[NAME]
+
+
+def test_a_process_that_left_it_out_builds_its_lora_model_without_it(make_config):
+    _, path = make_config("fresh")
+    script = textwrap.dedent(f"""
+        import sys
+        from loraforge.config import load_config
+        from loraforge.training.bitsandbytes_import import leave_out_bitsandbytes
+        config = load_config({str(path)!r}, [])
+        assert leave_out_bitsandbytes(config)
+        from peft.import_utils import is_bnb_available
+        from transformers.utils import is_bitsandbytes_available
+        from loraforge.model.adapters import apply_lora
+        from loraforge.model.load import load_for_run
+        model = apply_lora(load_for_run(config, config.model.name), r=4, alpha=8, dropout=0.0,
+                           target_modules="all-linear", bias="none")
+        print(sys.modules.get("bitsandbytes"), is_bnb_available(), is_bitsandbytes_available(),
+              model.get_nb_trainable_parameters()[0] > 0)
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["None", "False", "False", "True"]
