@@ -220,6 +220,32 @@ def test_a_hub_dataset_loaded_once_without_a_readme_loads_offline(no_hub, tmp_pa
     assert [r.conversation.messages[-1].content for r in found["train"]] == ["hello", "a"]
 
 
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "hub unreachable"])
+def test_a_hub_dataset_only_downloaded_into_the_hub_cache_loads_offline(no_hub, tmp_path, monkeypatch, offline):
+    """Files fetched with `hf download` or snapshot_download, never loaded by datasets (its cache is empty): offline,
+    datasets itself refuses them (OfflineModeIsEnabled); they load as the local folder they are, with the splits
+    their names give."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline == "HF_HUB_OFFLINE")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", offline == "HF_HUB_OFFLINE")
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", UNREACHABLE)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    commit = "0" * 40
+    snapshot = no_hub / "datasets--someone--chat-data" / "snapshots" / commit
+    (snapshot / "data").mkdir(parents=True)
+    write(snapshot / "data", [GOOD, msgs(("user", "q"), ("assistant", "a"))], "train.jsonl")
+    write(snapshot / "data", [msgs(("user", "held"), ("assistant", "out"))], "test.jsonl")
+    (no_hub / "datasets--someone--chat-data" / "refs").mkdir()
+    (no_hub / "datasets--someone--chat-data" / "refs" / "main").write_text(commit)
+    found, _ = load("someone/chat-data")
+    assert [r.conversation.messages[-1].content for r in found["train"]] == ["hello", "a"]
+    held_out, _ = load("someone/chat-data", hub_split="test")
+    assert [r.conversation.messages[-1].content for r in held_out["train"]] == ["out"]
+    assert not huggingface_hub.constants.HF_HUB_OFFLINE or offline == "HF_HUB_OFFLINE"
+
+
 def prepare_as_datasets_does(rows: Path, folder: Path, name: str) -> None:
     """The rows of `rows` prepared by datasets' own builder as the dataset `name`, kept where datasets keeps a hub
     dataset it loaded once (`folder`/default/0.0.0/hash/; its builder names the config of local files

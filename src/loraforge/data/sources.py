@@ -12,7 +12,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from loraforge.errors import DataError
-from loraforge.model.sources import UNREACHABLE, hub_problem, in_hub_cache
+from loraforge.model.sources import UNREACHABLE, hub_problem, hub_snapshot, in_hub_cache
 
 log = logging.getLogger(__name__)
 
@@ -250,9 +250,15 @@ def _hub(name: str, split: str):
     unreachable = problem is not None and UNREACHABLE in problem
     if unreachable:
         log.info("%s: the hub cannot be reached; loading it from the local cache", name)
+    source = name
+    if (unreachable or datasets.config.HF_HUB_OFFLINE) and not _in_datasets_cache(name):
+        # Offline, datasets loads only rows it prepared itself; files fetched into the hub cache by other means
+        # (`hf download`, snapshot_download) load as the local folder they are.
+        snapshot = hub_snapshot(name, repo_type="dataset")
+        source = str(snapshot) if snapshot is not None else name
     try:
         with _offline() if unreachable else nullcontext():
-            table = load_dataset(name, split=split)
+            table = load_dataset(source, split=split)
     except Exception as exc:
         raise DataError(f"{name}: cannot load this hub dataset ({type(exc).__name__}: {exc}); offline runs need a local file") from None
     for index, row in enumerate(table):

@@ -149,6 +149,17 @@ def in_hub_cache(repo_id: str, revision: str | None = None, repo_type: str = "mo
     return True
 
 
+def hub_snapshot(repo_id: str, revision: str | None = None, repo_type: str = "model") -> Path | None:
+    """The folder of the local hub cache's complete snapshot of the repo at `revision`; None without one."""
+    import huggingface_hub
+
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, repo_type=repo_type, revision=revision,
+                                                      local_files_only=True))
+    except (huggingface_hub.errors.IncompleteSnapshotError, huggingface_hub.errors.LocalEntryNotFoundError):
+        return None
+
+
 def hub_problem(repo_id: str, filename: str, revision: str | None = None, repo_type: str = "model") -> str | None:
     """Why a hub repo that is not in the local hub cache cannot be had now, said after its name; None when the hub
     answers for its `filename` (what it answers, no such repo or a gated one, is for transformers or datasets to
