@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from loraforge.data.packing import collator
@@ -237,6 +238,42 @@ def test_chunked_head_loss_matches_the_models_own_loss_and_keeps_no_logits(tiny_
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
         else:
             torch.testing.assert_close(grads[name], grad, rtol=5e-2, atol=1e-3, msg=name)
+
+
+class NewTensors(TorchDispatchMode):
+    """(op, shape) of every tensor an op inside it returns in new memory (not an input's, not a view of one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in given:
+                self.made.append((func.__name__, tuple(tensor.shape)))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_chunk_of_the_head_loss_builds_one_tensor_of_the_vocabularys_width_in_fp32(dtype):
+    """Its logits (in bf16 also their fp32 copy, and the softmax cast back for the product), turned into the softmax
+    in place: log_softmax beside them would hold a second fp32 one, 12.6 MB for 64 positions of a 49,152 vocabulary."""
+    from loraforge.training.loss import CHUNK, ChunkedHeadLoss
+
+    torch.manual_seed(0)
+    vocabulary = 1000
+    hidden = torch.randn(CHUNK, 32, dtype=dtype, requires_grad=True)
+    weight = torch.randn(vocabulary, 32, dtype=dtype) * 0.1
+    targets = torch.randint(0, vocabulary, (CHUNK,))
+    with NewTensors() as recorded:
+        loss = ChunkedHeadLoss.apply(hidden, weight, targets)
+    wide = [op for op, shape in recorded.made if shape and shape[-1] == vocabulary]
+    copies = [] if dtype == torch.float32 else ["_to_copy.default", "_to_copy.default"]
+    assert wide == ["mm.default", *copies], wide
+    expected = torch.nn.functional.cross_entropy(hidden.float() @ weight.float().T, targets, reduction="sum")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def test_the_head_is_not_chunked_where_it_trains_or_outside_training(tiny_model_dir):

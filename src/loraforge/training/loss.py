@@ -38,7 +38,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
     CHUNK at a time and, while a chunk's logits exist, also computes its gradient for the hidden states (softmax
     minus one-hot, times the weight); backward only scales it. Logits are computed in the head's dtype (or
     autocast's: a bf16 run's autocast covers the model's forward, not this) and the loss in fp32, as the head and
-    loss below do."""
+    loss below do. A chunk's fp32 logits become its softmax in place (log-sum-exp from their largest value, as
+    log_softmax computes it), so no second tensor of the vocabulary's width is built beside them."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -48,15 +49,18 @@ class ChunkedHeadLoss(torch.autograd.Function):
             piece, wanted = hidden[start : start + CHUNK], targets[start : start + CHUNK]
             logits = F.linear(piece.to(weight.dtype), weight)
             dtype = logits.dtype
-            log_probabilities = torch.log_softmax(logits.float(), dim=-1)
+            scores = logits.float()
             del logits
             rows = torch.arange(len(wanted), device=wanted.device)
-            total -= log_probabilities[rows, wanted].sum()
+            picked = scores[rows, wanted]
+            largest = scores.amax(dim=-1, keepdim=True)
+            sums = scores.sub_(largest).exp_().sum(dim=-1, keepdim=True)
+            total += (largest + sums.log()).squeeze(-1).sub_(picked).sum()
             if grad is not None:
-                probabilities = log_probabilities.exp_()
+                probabilities = scores.div_(sums)
                 probabilities[rows, wanted] -= 1
                 grad[start : start + CHUNK] = (probabilities.to(dtype) @ weight.to(dtype)).to(grad.dtype)
-            del log_probabilities
+            del scores
         ctx.save_for_backward(grad)
         return total
 
