@@ -44,6 +44,21 @@ def test_a_hub_model_not_in_the_cache_keeps_it(make_config, no_hub):
     assert needs_bitsandbytes(config)
 
 
+def test_a_cached_hub_model_is_judged_by_its_cached_config(make_config, tiny_model_dir, no_hub):
+    settings = json.loads((tiny_model_dir / "config.json").read_text())
+    repo = no_hub / "models--someone--cached-model"
+    commit = "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit / "config.json").write_text(json.dumps(settings))
+    config, _ = make_config("hub-cached", "model.name=someone/cached-model")
+    assert not needs_bitsandbytes(config)
+    settings["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (repo / "snapshots" / commit / "config.json").write_text(json.dumps(settings))
+    assert needs_bitsandbytes(config)
+
+
 def test_already_imported_it_is_left_alone(make_config):
     config, _ = make_config("imported")
     modules = {NAME: sys.modules[NAME]}
