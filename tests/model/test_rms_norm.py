@@ -57,6 +57,43 @@ def test_the_fused_forward_makes_one_tensor_of_the_input_size_less():
     assert plain.count("mul.Tensor") == 2 and ours.count("mul.Tensor") == 1 and "mul_.Tensor" in ours, (plain, ours)
 
 
+def saved_for_backward(norm, x):
+    """The data pointers of the tensors autograd keeps for backward while `norm` runs forward on `x`."""
+    kept = []
+
+    def pack(tensor):
+        kept.append(tensor.data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = norm(x)
+    return out, kept
+
+
+def test_the_fused_norm_keeps_its_output_for_backward_not_its_input():
+    _, fused = norm_pair(LlamaRMSNorm)
+    fuse_rms_norms(fused)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    out, kept = saved_for_backward(fused, x)
+    assert out.data_ptr() in kept and x.data_ptr() not in kept
+
+
+@pytest.mark.parametrize("tiny", [0.0, 1e-40], ids=["zero", "subnormal"])
+def test_a_weight_that_cannot_divide_its_output_keeps_the_input_and_gives_the_same_gradient(tiny):
+    original, fused = norm_pair(LlamaRMSNorm)
+    with torch.no_grad():
+        original.weight[5] = tiny
+        fused.weight[5] = tiny
+    fuse_rms_norms(fused)
+    x = torch.randn(3, 7, 48) * 4
+    (out, grad, _), (fused_out, fused_grad, _) = run(original, x), run(fused, x)
+    assert torch.equal(fused_out, out)
+    torch.testing.assert_close(fused_grad, grad)
+    given = x.clone().requires_grad_()
+    _, kept = saved_for_backward(fused, given)
+    assert given.data_ptr() in kept
+
+
 @pytest.mark.parametrize("dtype, frozen", [(torch.bfloat16, True), (torch.float32, False)], ids=["bf16", "trained weight"])
 def test_other_cases_run_transformers_forward(dtype, frozen):
     original, fused = norm_pair(LlamaRMSNorm, dtype, frozen)

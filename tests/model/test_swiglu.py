@@ -50,21 +50,57 @@ def saved_bytes(model, ids) -> int:
     return sum(storages.values())
 
 
-def test_a_lora_step_keeps_one_mlp_width_tensor_less_per_layer_and_learns_the_same(tiny_model_dir):
+def lora_step(tiny_model_dir, ids, fuse: bool, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = apply_lora(load_model(str(tiny_model_dir)).to(dtype), r=4, alpha=8, dropout=0.0,
+                       target_modules=["q_proj", "v_proj"], bias="none")
+    if fuse:
+        assert fuse_gated_mlps(model) == 2
+    return saved_bytes(model, ids), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_lora_step_in_bf16_keeps_one_mlp_width_tensor_less_per_layer_and_learns_the_same(tiny_model_dir):
     ids = torch.randint(0, 1000, (2, 40))
-    runs = []
-    for fuse in (False, True):
-        torch.manual_seed(0)
-        model = apply_lora(load_model(str(tiny_model_dir)), r=4, alpha=8, dropout=0.0,
-                           target_modules=["q_proj", "v_proj"], bias="none")
-        if fuse:
-            assert fuse_gated_mlps(model) == 2
-        runs.append((saved_bytes(model, ids), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
-    (plain_bytes, plain_grads), (fused_bytes, fused_grads) = runs
+    (plain_bytes, plain_grads), (fused_bytes, fused_grads) = (
+        lora_step(tiny_model_dir, ids, fuse, torch.bfloat16) for fuse in (False, True))
     layers, width = 2, 128
-    assert plain_bytes - fused_bytes == layers * ids.numel() * width * 4
+    assert plain_bytes - fused_bytes == layers * ids.numel() * width * 2
     for name, grad in plain_grads.items():
         assert torch.equal(fused_grads[name], grad), name
+
+
+def test_a_frozen_mlp_in_fp32_keeps_gate_and_up_in_bf16_and_learns_within_their_rounding(tiny_model_dir):
+    ids = torch.randint(0, 1000, (2, 40))
+    (plain_bytes, plain_grads), (fused_bytes, fused_grads) = (
+        lora_step(tiny_model_dir, ids, fuse) for fuse in (False, True))
+    layers, width = 2, 128
+    assert plain_bytes - fused_bytes == layers * ids.numel() * width * (3 * 4 - 2 * 2)
+    trained = {name: grad for name, grad in plain_grads.items() if "lora_B" in name}
+    assert len(trained) == 4 and all(grad.norm() > 0 for grad in trained.values())
+    for name, grad in trained.items():
+        error = (fused_grads[name] - grad).norm() / grad.norm()
+        assert error < 2 ** -8, (name, error)
+    assert all(torch.equal(fused_grads[name], grad) for name, grad in plain_grads.items() if "lora_A" in name)
+
+
+def test_a_trained_mlp_or_no_gradient_keeps_fp32(tiny_model_dir):
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(**SHAPE))
+    fuse_gated_mlps(mlp)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    kept = []
+
+    def keep(tensor):
+        kept.append(tensor.dtype)
+        return tensor
+
+    for frozen in (False, True):
+        mlp.requires_grad_(not frozen)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            mlp(x)
+            with torch.no_grad():
+                mlp(x)
+    assert kept.count(torch.bfloat16) == 2, kept
 
 
 def test_other_activations_are_left_alone():
