@@ -1,3 +1,4 @@
+import gc
 import json
 import logging
 import os
@@ -25,6 +26,20 @@ def pytest_configure(config):
     # (training/bitsandbytes_import.py): imported here, as a library user's own import would be, quietly as the CLI does.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import bitsandbytes  # noqa: F401
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        freeze_the_libraries()
+
+
+def freeze_the_libraries():
+    """The libraries nearly every test module loads, imported once in a process that runs tests and moved out of the
+    garbage collector's sight: every full collection (accelerate runs one as each training run starts) otherwise
+    walks their objects again, 0.3-0.4 s a run; tests/training/test_lifecycle.py alone ran 155 -> 122 s."""
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session", autouse=True)
