@@ -1,5 +1,6 @@
 """Shared measuring helpers of the benchmarks: fp32 evaluation, matmul peak, FLOPs per token."""
 
+import os
 import platform
 import tempfile
 import time
@@ -7,6 +8,7 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
 
 
@@ -29,8 +31,20 @@ def cpu_tag(cpuinfo: str | None = None) -> str:
 
 
 def result_stem(prefix: str = "") -> str:
-    """A result file's name without suffix: [prefix-]date-cpu, so that machines measured on one day keep their own."""
-    return f"{prefix}{date.today().isoformat()}-{cpu_tag()}"
+    """A result file's name without suffix: [prefix-]date-cpu, so that machines measured on one day keep their own;
+    a run under ONEDNN_MAX_CPU_ISA (oneDNN capped, e.g. to emulate bf16) says so in its name."""
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"{prefix}{date.today().isoformat()}-{cpu_tag()}" + (f"-onednn-{capped.lower()}" if capped else "")
+
+
+def new_result(prefix: str = "", suffixes: tuple[str, ...] = (".json", ".md"), folder: Path = RESULTS) -> Path:
+    """folder/<result_stem> where no file of these suffixes exists yet: a second run on the same day and CPU is
+    written beside the first (-2, -3, ...), never over it. Add a suffix to the returned path to name a file."""
+    stem, n = result_stem(prefix), 1
+    while any((folder / f"{stem}{'' if n == 1 else f'-{n}'}{suffix}").exists() for suffix in suffixes):
+        n += 1
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{stem}{'' if n == 1 else f'-{n}'}"
 
 
 def fp32_eval_loss(adapter_dir: Path, config) -> float:

@@ -29,7 +29,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, flops_per_token, fp32_eval_loss, matmul_peak_gflops, model_parameters, result_stem  # noqa: E402
+from common import ROOT, flops_per_token, fp32_eval_loss, matmul_peak_gflops, model_parameters, new_result  # noqa: E402
 
 EXAMPLES_PER_STEP = 8
 DEFAULT = "default (batch 4 x accumulation 2, micro_batch_tokens 256, LoRA dropout 0)"
@@ -257,6 +257,7 @@ def main(steps: int = 20) -> None:
 
     report = {
         "machine": {"cpu": hardware().get("cpu") or platform.machine(), "threads": 2, "torch": torch.__version__,
+                    "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
                     "bf16_features": cpu_bf16_features(), "matmul_peak_gflops_2048": peaks},
         "precision": precision,
         "model": {"name": "smollm2-135m-instruct", "parameters": n_params},
@@ -270,20 +271,23 @@ def main(steps: int = 20) -> None:
         "drift": {"default_first": default["real_tokens_per_s"], "default_last": again["real_tokens_per_s"],
                   "matmul_peak_gflops_2048_after": peaks_after},
     }
-    stamp = result_stem()
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
+    out = new_result()
+    Path(f"{out}.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
-    (out / f"{stamp}.md").write_text(table)
+    Path(f"{out}.md").write_text(table)
     print(table)
+    print(f"written to {out}.json and .md")
 
 
 def markdown(report: dict) -> str:
     seed = report["runs"][0]
     machine, precision = report["machine"], report["precision"]
     flags = ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in machine["bf16_features"].items())
+    capped = machine.get("onednn_max_cpu_isa")
     lines = [
+        *([f"Run with ONEDNN_MAX_CPU_ISA={capped} (oneDNN limited to that instruction set: on an AVX-512 CPU "
+           "AVX512_CORE_VNNI makes it emulate bf16, as a CPU without AVX512-BF16 does; CPU flags as reported, "
+           "unchanged).", ""] if capped else []),
         f"Measured {date.today().isoformat()} on {machine['cpu']} ({flags}): {report['setup']['steps']} steps x "
         f"{report['setup']['examples_per_step']} examples, {machine['threads']} threads; matmul peak fp32 "
         f"{machine['matmul_peak_gflops_2048']['fp32']} / bf16 {machine['matmul_peak_gflops_2048']['bf16']} GFLOP/s.",

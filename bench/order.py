@@ -17,7 +17,7 @@ from pathlib import Path
 from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, fp32_eval_loss, result_stem  # noqa: E402
+from common import ROOT, fp32_eval_loss, new_result  # noqa: E402
 
 
 def main(steps: int = 100, seeds: int = 2) -> None:
@@ -62,7 +62,7 @@ def main(steps: int = 100, seeds: int = 2) -> None:
         "steps": steps,
         "runs": runs,
     }
-    path = ROOT / "bench" / "results" / f"{result_stem('order-')}.json"
+    path = Path(f"{new_result('order-', ('.json',))}.json")
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'order':<20}{'seed':>6}{'steps':>7}{'real tok/s':>12}{'train s':>10}{'eval loss (fp32)':>18}")
     for run in runs:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, fp32_eval_loss, result_stem  # noqa: E402
+from common import ROOT, fp32_eval_loss, new_result  # noqa: E402
 
 
 def main(steps: int = 40) -> None:
@@ -48,7 +48,7 @@ def main(steps: int = 40) -> None:
         "steps": steps,
         "runs": runs,
     }
-    out = ROOT / "bench" / "results" / f"{result_stem('precision-')}.json"
+    out = Path(f"{new_result('precision-', ('.json',))}.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'precision':<10}{'real tok/s':>12}{'train s':>10}{'eval loss (fp32)':>18}")
     for run in runs:

@@ -15,7 +15,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, result_stem  # noqa: E402
+from common import ROOT, new_result  # noqa: E402
 
 QUIET = ["train.eval_every=100000", "train.save_every=null", "eval.num_samples=0", "eval.samples_during_training=0",
          "report_to=[]", "data.val_fraction=0.01"]
@@ -83,9 +83,9 @@ def main(steps: int = 10) -> None:
               f"{dpo['peak_rss_mb'] / sft['peak_rss_mb']:.2f}x its peak RSS."]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = ROOT / "bench" / "results" / result_stem("preference-")
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    out.with_suffix(".md").write_text(text, encoding="utf-8")
+    out = new_result("preference-")
+    Path(f"{out}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    Path(f"{out}.md").write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, result_stem  # noqa: E402
+from common import ROOT, new_result  # noqa: E402
 
 PROMPTS = ["Hello", "What is AI?", "Tell me a joke.", "Who are you?", "What is your favourite colour?",
            "Do you like music?", "What do you do?", "Are you a robot?"]
@@ -202,7 +202,7 @@ def main() -> None:
               f"{r['tokens_per_s']} | {r['wall_s']} |" for gap, found in compared.items() for name, r in found.items()]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = ROOT / "bench" / "results" / f"{result_stem('serve-')}.md"
+    out = Path(f"{new_result('serve-', ('.md',))}.md")
     out.write_text(text, encoding="utf-8")
     print(f"written to {out}")
 
