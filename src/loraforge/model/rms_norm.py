@@ -29,7 +29,7 @@ class FrozenRMSNorm(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rstd = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
         out = (x * rstd).mul_(weight)
-        ctx.keeps_output = bool(weight.abs().min() >= torch.finfo(weight.dtype).tiny)
+        ctx.keeps_output = ctx.needs_input_grad[0] and bool(weight.abs().min() >= torch.finfo(weight.dtype).tiny)
         ctx.save_for_backward(out if ctx.keeps_output else x, rstd, weight)
         return out
 
