@@ -14,7 +14,7 @@ def test_an_unquantized_run_on_a_local_model_leaves_it_out(make_config):
     config, _ = make_config("plain")
     modules = {}
     assert not needs_bitsandbytes(config)
-    assert leave_out_bitsandbytes(config, modules) and modules == {NAME: None}
+    assert leave_out_bitsandbytes(config, modules=modules) and modules == {NAME: None}
 
 
 def test_the_builtin_model_needs_none(make_config):
@@ -27,7 +27,7 @@ def test_quantizing_or_a_bitsandbytes_optimizer_keeps_it(make_config):
         config, _ = make_config("kept", *overrides)
         modules = {}
         assert needs_bitsandbytes(config), overrides
-        assert not leave_out_bitsandbytes(config, modules) and modules == {}, overrides
+        assert not leave_out_bitsandbytes(config, modules=modules) and modules == {}, overrides
 
 
 def test_a_checkpoint_saved_quantized_keeps_it(make_config, tiny_model_dir, tmp_path):
@@ -62,7 +62,7 @@ def test_a_cached_hub_model_is_judged_by_its_cached_config(make_config, tiny_mod
 def test_already_imported_it_is_left_alone(make_config):
     config, _ = make_config("imported")
     modules = {NAME: sys.modules[NAME]}
-    assert not leave_out_bitsandbytes(config, modules) and modules[NAME] is sys.modules[NAME]
+    assert not leave_out_bitsandbytes(config, modules=modules) and modules[NAME] is sys.modules[NAME]
 
 
 def test_a_process_that_left_it_out_builds_its_lora_model_without_it(make_config):
@@ -85,3 +85,26 @@ def test_a_process_that_left_it_out_builds_its_lora_model_without_it(make_config
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["None", "False", "False", "True"]
+
+
+def test_several_runs_leave_it_out_only_where_none_needs_it(make_config):
+    plain, _ = make_config("plain")
+    quantized, _ = make_config("quantized", "quantization=4bit")
+    modules = {}
+    assert not leave_out_bitsandbytes(plain, quantized, modules=modules) and modules == {}
+    assert leave_out_bitsandbytes(plain, plain, modules=modules) and modules == {NAME: None}
+
+
+def test_chatting_with_an_unquantized_run_never_imports_it(make_config):
+    """`loraforge chat` in a fresh process, with Python's import-time table (-X importtime) on stderr: an import
+    refused is a line of its own, without the package's modules under it."""
+    from loraforge.training.run import run_training
+
+    config, _ = make_config("chatted", "train.max_steps=2", "data.val_fraction=0", "train.save_every=null")
+    run_training(config)
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "loraforge", "chat", config.output_dir,
+                           "--prompt", "Echo red", "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
+    assert "loraforge.chat" in imported and "peft" in imported
+    assert not [name for name in imported if name.startswith("bitsandbytes.")]

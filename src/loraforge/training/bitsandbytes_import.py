@@ -3,7 +3,7 @@
 peft imports bitsandbytes whenever it is installed, and bitsandbytes 0.50 wraps its CPU kernels in `torch.compile`
 as it is imported, which loads Inductor and networkx: about 44 MB of memory for the whole run (README, fp32 ... what
 was tried). A run whose base is not quantized and whose optimizer is torch's never calls it, so `train` and
-`estimate` mark it as absent (None in `sys.modules`, Python's way to refuse an import) before the training libraries
+`estimate`, and the commands that load finished runs (chat, serve, eval, merge, export, predict), mark it as absent (None in `sys.modules`, Python's way to refuse an import) before the training libraries
 are imported; peft, transformers and accelerate ask `importlib.util.find_spec`, which then answers that it is not
 installed. The mark holds for the rest of the process, so it is set only at a command's entry, where one run is all
 the process does, and never once bitsandbytes is imported already.
@@ -36,9 +36,10 @@ def needs_bitsandbytes(config) -> bool:
         return True
 
 
-def leave_out_bitsandbytes(config, modules: dict = sys.modules) -> bool:
-    """Mark bitsandbytes absent for this process when the run does not need it; returns whether it did."""
-    if NAME in modules or needs_bitsandbytes(config):
+def leave_out_bitsandbytes(*configs, modules: dict = sys.modules) -> bool:
+    """Mark bitsandbytes absent for this process when none of the runs of these configs needs it; returns whether
+    it did."""
+    if NAME in modules or any(needs_bitsandbytes(config) for config in configs):
         return False
     modules[NAME] = None
     return True
