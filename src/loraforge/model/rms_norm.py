@@ -4,10 +4,11 @@ transformers computes weight * (x * rsqrt(mean(x ** 2) + eps)): x ** 2, the norm
 weight are each a new tensor of x's size, and backward makes more. On CPU, glibc leaves such freed temporaries mostly
 unused by the next layer (README, Memory on CPU), so they add to the peak. Here forward computes the same numbers with
 the weight multiplied in place, keeping its output y and the per-row rsqrt r, and backward computes
-grad_x = r * (g * w - (y / w) * mean(g * w * y / w)) with three temporaries. Autograd would keep the input, a tensor of
-its size more per norm wherever a LoRA layer follows and keeps y: 8 MB less at the default fp32 run's peak. On
-SmolLM2-135M's shapes forward and backward also run about three times as fast. Only a norm whose weight is frozen (LoRA; full fine-tuning trains it) and whose
-input and weight are float32 on the CPU takes this path; everything else runs transformers' forward.
+grad_x = r * (g * w - (y / w) * mean(g * w * y / w)) with three temporaries. Autograd would keep the input, a
+tensor of its size more per norm wherever a LoRA layer follows and keeps y: 8 MB less at the default fp32 run's peak.
+On SmolLM2-135M's shapes forward and backward also run about three times as fast. Only a norm whose weight is frozen
+(LoRA; full fine-tuning trains it) and whose input and weight are float32 on the CPU takes this path; everything else
+runs transformers' forward.
 tests/model/test_rms_norm.py checks each known class against transformers' own forward.
 """
 

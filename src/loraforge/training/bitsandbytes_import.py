@@ -2,11 +2,12 @@
 
 peft imports bitsandbytes whenever it is installed, and bitsandbytes 0.50 wraps its CPU kernels in `torch.compile`
 as it is imported, which loads Inductor and networkx: about 44 MB of memory for the whole run (README, fp32 ... what
-was tried). A run whose base is not quantized and whose optimizer is torch's never calls it, so `train` and
-`estimate`, and the commands that load finished runs (chat, serve, eval, merge, export, predict), mark it as absent (None in `sys.modules`, Python's way to refuse an import) before the training libraries
-are imported; peft, transformers and accelerate ask `importlib.util.find_spec`, which then answers that it is not
-installed. The mark holds for the rest of the process, so it is set only at a command's entry, where one run is all
-the process does, and never once bitsandbytes is imported already.
+was tried). A run whose base is not quantized and whose optimizer is torch's never calls it, so `train`, `estimate`
+and the commands that load finished runs (chat, serve, eval, merge, export, predict) mark it as absent (None in
+`sys.modules`, Python's way to refuse an import) before the training libraries are imported; peft, transformers
+and accelerate ask `importlib.util.find_spec`, which then answers that it is not installed. The mark holds for the
+rest of the process, so it is set only at a command's entry, where one run (or one server's runs) is all the process
+does, and never once bitsandbytes is imported already.
 """
 
 import json
