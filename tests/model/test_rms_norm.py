@@ -78,6 +78,19 @@ def test_the_fused_norm_keeps_its_output_for_backward_not_its_input():
     assert out.data_ptr() in kept and x.data_ptr() not in kept
 
 
+def test_a_pass_without_gradients_never_checks_the_weight():
+    """In evaluation and generation the hidden states reaching a norm need no gradient."""
+    _, fused = norm_pair(LlamaRMSNorm)
+    fuse_rms_norms(fused)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    seen = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), Ops() as ops:
+            fused(x * 2)
+        seen.append("min.default" in ops.seen)
+    assert seen == [True, False]
+
+
 @pytest.mark.parametrize("tiny", [0.0, 1e-40], ids=["zero", "subnormal"])
 def test_a_weight_that_cannot_divide_its_output_keeps_the_input_and_gives_the_same_gradient(tiny):
     original, fused = norm_pair(LlamaRMSNorm)

@@ -9,6 +9,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
 from loraforge.model.adapters import apply_lora
 from loraforge.model.load import load_model
 from loraforge.model.swiglu import GATED_MLPS, fuse_gated_mlps
+from tests.model.ops import Ops
 
 SHAPE = dict(hidden_size=32, intermediate_size=96)
 FAMILIES = [(LlamaMLP, LlamaConfig), (MistralMLP, MistralConfig), (Qwen2MLP, Qwen2Config), (Qwen3MLP, Qwen3Config)]
@@ -84,23 +85,27 @@ def test_a_frozen_mlp_in_fp32_keeps_gate_and_up_in_bf16_and_learns_within_their_
 
 
 def test_a_trained_mlp_or_no_gradient_keeps_fp32(tiny_model_dir):
+    """Only a frozen MLP whose backward will run casts gate and up: a trained one keeps them in fp32, and a pass
+    without gradients (evaluation, generation) casts nothing."""
     torch.manual_seed(0)
     mlp = LlamaMLP(LlamaConfig(**SHAPE))
     fuse_gated_mlps(mlp)
     x = torch.randn(2, 5, 32, requires_grad=True)
-    kept = []
-
-    def keep(tensor):
-        kept.append(tensor.dtype)
-        return tensor
-
+    kept = {}
     for frozen in (False, True):
         mlp.requires_grad_(not frozen)
+        dtypes = []
+
+        def keep(tensor, dtypes=dtypes):
+            dtypes.append(tensor.dtype)
+            return tensor
+
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
             mlp(x)
-            with torch.no_grad():
-                mlp(x)
-    assert kept.count(torch.bfloat16) == 2, kept
+        with torch.no_grad(), Ops() as ops:
+            mlp(x)
+        kept[frozen] = (dtypes.count(torch.bfloat16), "_to_copy.default" in ops.seen)
+    assert kept == {False: (0, False), True: (2, False)}, kept
 
 
 def test_other_activations_are_left_alone():
