@@ -92,7 +92,7 @@ def cpu_like(monkeypatch):
 
     def use(machine: dict):
         monkeypatch.setattr(precision, "matmul_gflops",
-                            lambda tokens, width, depth, dtype: machine["bf16" if dtype == "bfloat16" else "fp32"])
+                            lambda tokens, width, depth, dtype, **_: machine["bf16" if dtype == "bfloat16" else "fp32"])
         monkeypatch.setattr(precision, "cpu_bf16_features",
                             lambda: {"avx512_bf16": machine["flags"], "amx_bf16": False})
 

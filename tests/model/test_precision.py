@@ -11,6 +11,7 @@ from loraforge.model import precision as precision_module
 from loraforge.model.precision import (BF16_MIN_SPEEDUP, choose_cpu, choose_for_run, choose_precision, cpu_speeds,
                                        matmul_gflops)
 from tests.conftest import EMULATED_BF16, FLAG_BUT_SLOW, NATIVE_BF16
+from tests.model.ops import Ops
 
 needs_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU precision choice; this machine has CUDA")
 
@@ -85,6 +86,31 @@ def test_probe_uses_the_model_shape():
     assert precision_module.probe_shape(LlamaConfig(hidden_size=64, intermediate_size=128)) == (512, 512), (
         "a tiny model's product is too short to time")
     assert matmul_gflops(16, 32, 64, "float32", repeats=1) > 0
+
+
+def test_a_dtype_far_behind_stops_being_timed_after_one_repetition():
+    """A repetition below give_up_below GFLOP/s ends the timing: the warm-up and one timed repetition, 2 products
+    each, instead of 1 + 5 (bf16 without a fast kernel takes seconds to time in full)."""
+    def products(**settings):
+        with Ops() as ops:
+            assert matmul_gflops(64, 96, 80, "float32", **settings) > 0
+        return sum(name in ("mm.default", "addmm.default") for name in ops.seen)
+
+    assert products(repeats=5) == 12
+    assert products(repeats=5, give_up_below=1e12) == 4
+    assert products(repeats=5, give_up_below=1e-12) == 12, "a dtype not far behind is timed in full"
+
+
+def test_bf16_is_timed_against_half_the_fp32_speed(monkeypatch):
+    asked = {}
+
+    def fake(tokens, width, depth, dtype, give_up_below=0.0):
+        asked[dtype] = give_up_below
+        return 200.0 if dtype == "float32" else 20.0
+
+    monkeypatch.setattr(precision_module, "matmul_gflops", fake)
+    assert cpu_speeds()["bf16_gflops"] == 20.0
+    assert asked == {"float32": 0.0, "bfloat16": 100.0}
 
 
 @needs_cpu

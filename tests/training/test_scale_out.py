@@ -74,7 +74,7 @@ import torch
 from loraforge.model import precision
 
 fp32, bf16 = map(float, sys.argv[1:3])
-precision.matmul_gflops = lambda tokens, width, depth, dtype: bf16 if dtype == "bfloat16" else fp32
+precision.matmul_gflops = lambda tokens, width, depth, dtype, **_: bf16 if dtype == "bfloat16" else fp32
 precision.join_cpu_processes()
 print("CHOSE", precision.choose_precision("auto").chosen)
 torch.distributed.destroy_process_group()
