@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-OVERRIDES = dict(nargs="*", metavar="KEY=VALUE", help="dotted-key overrides, values parsed as YAML (lora.r=8)")
+OVERRIDES = dict(nargs="*", default=[], metavar="KEY=VALUE", help="dotted-key overrides, values parsed as YAML (lora.r=8)")
 
 
 def _add_training(commands) -> None:

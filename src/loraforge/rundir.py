@@ -310,7 +310,9 @@ def _carry_on(run_dir: Path, checkpoint: str | None) -> str:
 def read_config(run_dir: str | Path) -> RunConfig:
     run_dir = Path(run_dir)
     if not (run_dir / RESOLVED).is_file():
-        raise RunDirError(f"{run_dir} is not a run directory: {RESOLVED} is missing; pass the output_dir of a training run")
+        why = ("it does not exist" if not run_dir.exists() else "it is a file" if not run_dir.is_dir()
+               else f"{RESOLVED} is missing")
+        raise RunDirError(f"{run_dir} is not a run directory: {why}; pass the output_dir of a training run")
     if not (run_dir / ADAPTER / "adapter_config.json").is_file() and not (run_dir / MODEL / "config.json").is_file():
         checkpoint = _newest_checkpoint(run_dir)
         state = (f"it stopped at or after {checkpoint}: {_carry_on(run_dir, checkpoint)}" if checkpoint else

@@ -315,20 +315,24 @@ RUN_COMMANDS = [["chat", "{run}"], ["eval", "{run}"], ["merge", "{run}"], ["expo
 
 def test_a_run_command_on_a_folder_that_is_no_run_is_refused_before_the_libraries_load(tmp_path):
     """Each command that reads a run directory says what is wrong with it without first importing transformers,
-    peft and the rest (seconds)."""
+    peft and the rest (seconds): a path that does not exist (a typo), a file, a folder that holds no run."""
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file.jsonl").write_text("{}\n")
+    paths = {"no-run": "it does not exist", "a-file.jsonl": "it is a file", "a-folder": "resolved.yaml is missing"}
     script = f"""
 import sys
 from loraforge.cli import main
-for command in {RUN_COMMANDS!r}:
-    assert main([part.format(run={str(tmp_path / "no-run")!r}) for part in command]) == 2, command
+for run in {[str(tmp_path / name) for name in paths]!r}:
+    for command in {RUN_COMMANDS!r}:
+        assert main([part.format(run=run) for part in command]) == 2, command
 print("LOADED", [m for m in ("transformers", "peft", "trl", "datasets") if m in sys.modules])
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "LOADED []" in done.stdout
     said = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert said == [f"error: {tmp_path / 'no-run'} is not a run directory: resolved.yaml is missing; pass the "
-                    "output_dir of a training run"] * len(RUN_COMMANDS), done.stderr[-3000:]
+    assert said == [f"error: {tmp_path / name} is not a run directory: {why}; pass the output_dir of a training run"
+                    for name, why in paths.items() for _ in RUN_COMMANDS], done.stderr[-3000:]
 
 
 def test_cli_schema_lists_descriptions(capsys):
@@ -337,6 +341,15 @@ def test_cli_schema_lists_descriptions(capsys):
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert "LoRA rank." in json.dumps(schema)
+
+
+@pytest.mark.parametrize("command", [["train"], ["estimate"], ["config", "validate"], ["config", "show"]])
+def test_a_command_without_its_config_asks_for_the_config_alone(command, capsys):
+    """The overrides are optional (CONFIG [KEY=VALUE ...]); argparse used to name them as required too."""
+    with pytest.raises(SystemExit) as exited:
+        main(command)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("error: the following arguments are required: config")
 
 
 def test_help_does_not_import_the_heavy_stack():

@@ -34,7 +34,11 @@ def write(tmp_path, lines, name="d.jsonl"):
 
 
 CASES = {
-    "malformed_json": ([GOOD, '{"messages": [', GOOD], "messages", r":2: not valid JSON"),
+    "malformed_json": ([GOOD, '{"messages": [', GOOD], "messages",
+                       r":2: not valid JSON: the line ends at column 14 before its JSON does \(Expecting value\): a "
+                       r"row cut short"),
+    "json_broken_mid_line": ([GOOD, '{"messages": [}, 1]}'], "messages",
+                             r":2: not valid JSON \(Expecting value at column 15\); fix or remove the line"),
     "not_an_object": ([GOOD, "[1, 2]"], "messages", r":2: expected a JSON object per line, got list"),
     "missing_field": ([GOOD, json.dumps({"prompt": "x"})], "messages", r":2: no 'messages' field \(keys: prompt\)"),
     "wrong_type": ([json.dumps({"messages": {"role": "user"}})], "messages", r":1: field 'messages' is dict, expected list"),

@@ -184,6 +184,8 @@ def test_a_client_that_leaves_frees_its_place(server, client):
     (b"{not json", 400, "the body is not valid JSON"),
     (b"[1, 2]", 400, "the body must be a JSON object"),
     ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model 'nope' is not served here"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model is required: one of echo-a"),
+    ({"model": 3, "messages": [{"role": "user", "content": "hi"}]}, 400, "model must be text, one of echo-a"),
     ({"model": "echo-a", "messages": "hi"}, 400, "messages must be a non-empty list"),
     ({"model": "echo-a", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role is 'robot'"),
     ({"model": "echo-a", "messages": [{"role": "user", "content": 3}]}, 400, "messages[0].content must be text"),

@@ -118,12 +118,17 @@ def _lines(file: Path, lines):
 
 
 def _jsonl_row(raw: bytes, where: str) -> dict | BadRow:
+    raw = raw.rstrip(b"\r\n")
     try:
         row = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         return BadRow(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start + 1} of the line); re-save the "
                       "file as UTF-8")
     except json.JSONDecodeError as exc:
+        if not exc.doc[exc.pos:].strip():
+            return BadRow(f"{where}: not valid JSON: the line ends at column {len(exc.doc.rstrip())} before its JSON does "
+                          f"({exc.msg}): a row cut short, or a line break inside a value (write it as \\n); fix or "
+                          "remove the line")
         return BadRow(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line")
     except RecursionError:
         return BadRow(f"{where}: JSON nested deeper than the reader allows; flatten or remove the line")

@@ -88,7 +88,11 @@ class Api:
 
     def model(self, body: dict) -> Served:
         name = body.get("model")
-        if not isinstance(name, str) or name not in self.served:
+        if name is None:
+            raise ApiError(400, f"model is required: one of {', '.join(self.served)}", "model")
+        if not isinstance(name, str):
+            raise ApiError(400, f"model must be text, one of {', '.join(self.served)}", "model")
+        if name not in self.served:
             raise ApiError(404, f"model {name!r} is not served here; the models are {', '.join(self.served)}",
                            "model", "model_not_found")
         return self.served[name]
