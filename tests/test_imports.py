@@ -16,7 +16,7 @@ LAYERS = [
     ("loraforge.data.formats",),
     ("loraforge.config",),
     ("loraforge.data", "loraforge.model"),
-    ("loraforge.rundir", "loraforge.trained"),
+    ("loraforge.rundir", "loraforge.ledger", "loraforge.trained"),
     ("loraforge.eval",),
     ("loraforge.training",),
     ("loraforge.export",),

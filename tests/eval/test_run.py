@@ -85,6 +85,21 @@ def test_eval_on_another_file(train_tiny, tmp_path):
     assert Path(results["written_to"]).is_file() and Path(results["written_to"]).name.startswith("data-held_out-")
 
 
+def test_eval_rewrites_its_own_result_and_never_a_file_it_did_not_write(train_tiny):
+    from loraforge.errors import ExportError
+
+    config, _ = train_tiny("train.max_steps=2")
+    first = Path(run_eval(config.output_dir, max_samples=0)["written_to"])
+    assert first == Path(config.output_dir) / "eval" / "validation.json"
+    again = run_eval(config.output_dir, max_samples=1)
+    assert Path(again["written_to"]) == first and json.loads(first.read_text())["fine_tuned"]["samples"] == 1
+    first.write_text("my notes\n")
+    with pytest.raises(ExportError, match=r"eval .*/eval holds files loraforge did not write, or that changed since it "
+                                          r"wrote them \(validation.json\); move them away: loraforge never overwrites"):
+        run_eval(config.output_dir, max_samples=0)
+    assert first.read_text() == "my notes\n"
+
+
 def test_eval_reads_a_data_file_in_the_format_given(train_tiny, tmp_path, capsys, monkeypatch):
     """A run trained on messages evaluates the same conversations written as alpaca rows with --format alpaca, to
     the same loss; without --format the file is read as messages and refused with its line; --format needs --data."""

@@ -75,7 +75,7 @@ def test_ollama_modelfile(exported, capsys):
 
 def test_a_second_export_rewrites_its_own_files_only_and_redoes_a_damaged_merge(exported, capsys):
     from loraforge.cli import main
-    from loraforge.export import ledger
+    from loraforge import ledger
 
     config, gguf = exported
     run = Path(config.output_dir)

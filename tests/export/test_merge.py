@@ -68,7 +68,8 @@ def test_full_run_has_nothing_to_merge(train_tiny):
 
 def test_a_stopped_merge_is_redone_and_another_runs_or_edited_files_are_refused(train_tiny, monkeypatch):
     from loraforge.errors import ExportError
-    from loraforge.export import ledger, merge
+    from loraforge import ledger
+    from loraforge.export import merge
 
     a, _ = train_tiny("train.max_steps=2")
     b, _ = train_tiny("train.max_steps=3")

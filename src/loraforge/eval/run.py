@@ -9,7 +9,7 @@ import unicodedata
 from contextlib import nullcontext
 from pathlib import Path
 
-from loraforge import rundir
+from loraforge import ledger, rundir
 from loraforge.config.data_section import DataSource
 from loraforge.data.build import DataStats, assign_splits, load_rows, tokenize_preference, tokenize_rows
 from loraforge.data.cache import data_file_digest
@@ -228,6 +228,8 @@ def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = 
     if data is None:
         saved = sources_as_trained(run_dir, saved)
     data_config, rows = eval_rows(saved, data, split, data_format)
+    out = result_path(run_dir, data, split)
+    ledger.check(out.parent, [out.name], "eval")
     trained = rundir.trained_precision(run_dir)
     precision = precision or ("bf16" if trained == "bf16" else "fp32")
     run = load_run(run_dir, task="classification" if saved.task == "classification" else "causal_lm",
@@ -291,9 +293,11 @@ def result_path(run_dir: Path, data: str | None, split: str) -> Path:
 
 
 def _write(results: dict, run_dir: Path, data: str | None, split: str) -> dict:
+    """Into RUN_DIR/eval, rewriting only a result file an earlier eval wrote there (ledger.py)."""
     out = result_path(run_dir, data, split)
-    out.parent.mkdir(exist_ok=True)
+    ledger.claim(out.parent, [out.name], "eval")
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    ledger.record(out.parent, [out.name])
     results["written_to"] = str(out)
     return results
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.errors import ExportError
 from loraforge.internals import gguf_model
-from loraforge.export import ledger
+from loraforge import ledger
 from loraforge.export.merge import merged_is_current, run_digest, run_merge
 from loraforge.model.template import apply_template
 

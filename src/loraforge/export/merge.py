@@ -9,7 +9,7 @@ from pathlib import Path
 from loraforge import rundir
 from loraforge.data.cache import file_digest
 from loraforge.errors import ExportError, RunDirError
-from loraforge.export import ledger
+from loraforge import ledger
 from loraforge.model.load import load_model, load_model_config
 from loraforge.model.template import apply_template, save_for_plain_use
 from loraforge.trained import load_run

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from loraforge import rundir
 from loraforge.errors import ExportError
-from loraforge.export import ledger
+from loraforge import ledger
 from loraforge.export.gguf import gguf_is_current, gguf_path, refuse_other_tasks, run_export_gguf
 from loraforge.export.merge import run_digest
 from loraforge.model.load import load_model_config, load_tokenizer

@@ -1,4 +1,5 @@
-"""Which files of an output folder loraforge wrote, so that a second merge or export rewrites them and nothing else.
+"""Which files of an output folder loraforge wrote, so that a second merge, export or eval rewrites them and nothing
+else.
 
 Each folder keeps a ledger: the sha256 of every file it wrote, and the names being written now. A file that is not in
 the ledger, or whose content changed since (a hand-edited Modelfile or chat template), is never overwritten. Names
@@ -15,6 +16,8 @@ from loraforge.errors import ExportError
 
 LEDGER = ".loraforge-files.json"
 EVERY_FILE = "*"
+# Commands whose files go into the run directory itself (key: the command's name), not into a folder the user names.
+IN_THE_RUN = ("export", "eval")
 
 
 def read(folder: Path) -> dict:
@@ -67,7 +70,7 @@ def check(folder: Path, names: list[str] | None, key: str) -> None:
     others = [name for name in targets if not (folder / name).is_file() or (
         EVERY_FILE not in writing and name not in writing and files.get(name) != sha256(folder / name))]
     if others:
-        elsewhere = "" if key == "export" else " or choose another folder"
+        elsewhere = "" if key in IN_THE_RUN else " or choose another folder"
         raise ExportError(f"{key} {folder} holds files loraforge did not write, or that changed since it wrote them "
                           f"({', '.join(others[:5])}); move them away{elsewhere}: loraforge never "
                           "overwrites a file it did not write")
@@ -85,7 +88,7 @@ def _check_writable(folder: Path, key: str) -> None:
 
 
 def _writable_fix(key: str) -> str:
-    return ("make the run directory writable, or export a writable copy of the run" if key == "export"
+    return (f"make the run directory writable, or {key} a writable copy of the run" if key in IN_THE_RUN
             else "give a folder this user can write")
 
 
