@@ -373,6 +373,25 @@ def test_numeric_keys_are_bounded(tmp_path, override, key):
     assert key in str(error.value)
 
 
+@pytest.mark.parametrize("override, said", [
+    ("train.learning_rate=.inf", "train.learning_rate: Input should be a finite number (got inf)"),
+    ("train.learning_rate=.nan", "train.learning_rate: Input should be a finite number (got nan)"),
+    ("data.sources[0].weight=.inf", "data.sources[0].weight: Input should be a finite number (got inf)"),
+    ("data.sources[0].weight=1000000000", "data.sources[0].weight: Input should be less than or equal to 1000"),
+    ("train.max_steps=99999999999999999999999", "train.max_steps: past the largest whole number a run can use "
+                                                "(9223372036854775807) (got 99999999999999999999999)"),
+    ("classification.class_weights={a: .inf}", "classification.class_weights: give none or auto or a mapping"),
+])
+def test_a_number_no_run_can_use_is_refused_before_anything_loads(tmp_path, override, said):
+    """An infinite learning rate used to load the model and stop at step 2 with a NaN loss; an infinite weight raised
+    OverflowError in the data build, a weight of 1e9 MemoryError, and a max_steps past 64 bits trained with a
+    learning rate of 1e-23 and an ETA of 10^20 minutes."""
+    config = write(tmp_path / "c.yaml", MINIMAL)
+    with pytest.raises(ConfigError) as error:
+        load_config(config, [override])
+    assert said in str(error.value)
+
+
 def test_a_bad_value_of_a_key_that_takes_several_types_is_one_error_saying_what_it_takes(tmp_path):
     path = write(tmp_path / "c.yaml", MINIMAL + "train:\n  eval_every: 0\n  save_every: soon\n  micro_batch_tokens: -3\n"
                  "lora:\n  target_modules: [q_proj, 5]\n")

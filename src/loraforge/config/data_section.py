@@ -52,7 +52,7 @@ class DataSource(Section):
         "(added to the defaults human->user, gpt->assistant, system->system).",
     )
     weight: float = Field(
-        1.0, gt=0, description="Sampling weight of this source's training rows: 2 repeats every row twice, "
+        1.0, gt=0, le=1000, description="Sampling weight of this source's training rows: 2 repeats every row twice, "
         "0.5 keeps a seeded half."
     )
     split: Literal["train", "val", "test"] = Field(

@@ -1,5 +1,6 @@
-"""The base of every config section: unknown keys are errors, true/false is no number, a value of a key that takes
-several types is one error, and a loaded config cannot change."""
+"""The base of every config section: unknown keys are errors, true/false is no number, a number is finite and a
+whole number fits in 64 bits, a value of a key that takes several types is one error, and a loaded config cannot
+change."""
 
 import types
 import typing
@@ -37,8 +38,20 @@ def accepted(schema: dict, plural: bool = False) -> str:
     return f"{kind} ({', '.join(bounds)})" if bounds else kind
 
 
+# The largest whole number torch, numpy and the trainers hold; a larger one overflows where it is used.
+LARGEST_INTEGER = 2**63 - 1
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_in_64_bits(cls, value):
+        for number in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(number, int) and not isinstance(number, bool) and abs(number) > LARGEST_INTEGER:
+                raise ValueError(f"past the largest whole number a run can use ({LARGEST_INTEGER})")
+        return value
 
     @field_validator("*", mode="before")
     @classmethod
