@@ -209,6 +209,43 @@ def case_adapter_cut_short(tmp_path, workspace):
     return (["merge", run], run, 2, [f"{weights} cannot be read", "damaged or cut short"])
 
 
+def case_adapter_config_cut_short(tmp_path, workspace):
+    run = copy_run(workspace, f"cutconfig-{tmp_path.name}")
+    config = run / "adapter" / "adapter_config.json"
+    config.write_text(config.read_text()[:100])
+    return (["chat", run, "--prompt", "Echo red"], run, 2, [f"{config} cannot be read (", "damaged or cut short"])
+
+
+def case_adapter_config_emptied(tmp_path, workspace):
+    run = copy_run(workspace, f"emptyconfig-{tmp_path.name}")
+    (run / "adapter" / "adapter_config.json").write_text("{}\n")
+    return (["eval", run], run, 2, [f"{run / 'adapter' / 'adapter_config.json'} cannot be read (it names no peft_type)"])
+
+
+def case_adapter_config_rank_edited(tmp_path, workspace):
+    run = copy_run(workspace, f"rank-{tmp_path.name}")
+    config = run / "adapter" / "adapter_config.json"
+    settings = json.loads(config.read_text())
+    config.write_text(json.dumps({**settings, "r": settings["r"] * 2}))
+    return (["merge", run], run, 2, [f"{run / 'adapter'} does not fit its base model", "size mismatch for",
+                                     "copy the run again"])
+
+
+def case_tokenizer_file_cut_short(tmp_path, workspace):
+    run = copy_run(workspace, f"cuttok-{tmp_path.name}")
+    tokenizer = run / "tokenizer" / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text()[:500])
+    return ["eval", run], run, 2, [f"{run / 'tokenizer'} cannot be loaded (", "copy the run again, whole"]
+
+
+def case_init_from_a_run_whose_weights_are_cut_short(tmp_path, workspace):
+    run = copy_run(workspace, f"initcut-{tmp_path.name}")
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    _, config = workspace
+    return (["train", config, f"init_from={run}", f"output_dir={tmp_path / 'next'}"], tmp_path, 2,
+            [f"init_from: {run / 'adapter' / 'adapter_model.safetensors'} cannot be read", "damaged or cut short"])
+
+
 def case_run_without_its_tokenizer(tmp_path, workspace):
     run = copy_run(workspace, f"notok-{tmp_path.name}")
     shutil.rmtree(run / "tokenizer")
@@ -301,7 +338,9 @@ CASES = [case_duplicate_keys, case_not_utf8, case_config_is_a_directory, case_ou
          case_billion_laughs, case_alias_containing_itself, case_template_that_never_ends, case_template_that_raises,
          case_template_syntax_error, case_template_reaching_for_globals, case_model_folder_that_is_not_a_model,
          case_custom_model_code_without_trust, case_malformed_hub_id, case_adapter_missing_its_weights,
-         case_adapter_cut_short, case_run_without_its_tokenizer, case_chat_answer_of_no_length,
+         case_adapter_cut_short, case_adapter_config_cut_short, case_adapter_config_emptied,
+         case_adapter_config_rank_edited, case_tokenizer_file_cut_short, case_init_from_a_run_whose_weights_are_cut_short,
+         case_run_without_its_tokenizer, case_chat_answer_of_no_length,
          case_serve_port_out_of_range, case_merge_out_is_a_file, case_chat_with_a_run_stopped_midway, case_output_dir_that_cannot_be_made, case_validation_source_emptied_by_filtering,
          case_resume_with_its_claim_linked_to_a_file, case_resume_with_its_claim_linked_to_nothing,
          case_resume_with_its_claim_a_folder]

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
+from safetensors import SafetensorError, safe_open
+
 from loraforge.config import RunConfig, load_config
 from loraforge.errors import ConfigError, RunDirError
 from loraforge.model.sources import model_location, resolve_model
@@ -325,14 +327,43 @@ def read_config(run_dir: str | Path) -> RunConfig:
     return load_config(run_dir / RESOLVED)
 
 
+# The keys of manifest.json that later commands read, and the types they hold.
+MANIFEST_READ = {"cwd": str, "data_files": dict, "precision": dict, "steps": int}
+
+
 def read_manifest(run_dir: str | Path) -> dict:
     """A run's manifest.json (its cwd, data_files and precision alone where the run has not completed it); empty
-    where there is none readable."""
+    where there is none. One that cannot be read, and a key that later commands read holding another type (a
+    hand-edited file), are left out with a warning naming them and what the command does without them."""
+    path = Path(run_dir) / MANIFEST
     try:
-        manifest = json.loads((Path(run_dir) / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return {}
-    return manifest if isinstance(manifest, dict) else {}
+    except (OSError, ValueError) as exc:
+        _warn_once(f"{path} cannot be read ({getattr(exc, 'strerror', None) or exc}): taken as absent, so the run is "
+                   "computed in fp32 and its data files are not checked against the ones it trained on; copy the run "
+                   "again to have it back")
+        return {}
+    if not isinstance(manifest, dict):
+        _warn_once(f"{path} holds a JSON {type(manifest).__name__}, not an object: taken as absent (the run is "
+                   "computed in fp32 and its data files are not checked); copy the run again to have it back")
+        return {}
+    wrong = [key for key, kind in MANIFEST_READ.items() if key in manifest and not isinstance(manifest[key], kind)]
+    if wrong:
+        one = len(wrong) == 1
+        _warn_once(f"{path}: {', '.join(wrong)} {'is' if one else 'are'} not of the type loraforge wrote, so left out; "
+                   f"copy the run again to have {'it' if one else 'them'} back")
+    return {key: value for key, value in manifest.items() if key not in wrong}
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 def base_location(run_dir: str | Path, config: RunConfig) -> str:
@@ -366,6 +397,30 @@ def check_adapter(folder: Path) -> None:
     if missing:
         raise RunDirError(f"{folder} lacks {' and '.join(missing)}, so the adapter cannot be loaded; copy the run "
                           "again or train it again (a checkpoint under checkpoints/ holds the same files)")
+    path = folder / "adapter_config.json"
+    try:
+        adapter_config = json.loads(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(adapter_config, dict) and isinstance(adapter_config.get("peft_type"), str) else (
+            "it names no peft_type")
+    except (OSError, ValueError) as exc:
+        problem = f"{getattr(exc, 'strerror', None) or exc}"
+    if problem:
+        raise RunDirError(f"{path} cannot be read ({problem}): the file is damaged or cut short; copy the run again, "
+                          "or take the adapter from the checkpoint it came from (checkpoints/)")
+    check_weights_readable(folder)
+
+
+def check_weights_readable(folder: Path) -> None:
+    """The adapter's safetensors file whole (a copy cut short fails here, not in a traceback deep inside PEFT)."""
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        return
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            weights.keys()
+    except (SafetensorError, OSError) as exc:
+        raise RunDirError(f"{path} cannot be read ({exc}): the file is damaged or cut short; copy the run again, or "
+                          "take the adapter from the checkpoint it came from (checkpoints/)") from None
 
 
 def check_init_from(config: RunConfig) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 from types import MethodType
 
 from peft import PeftModel, prepare_model_for_kbit_training
-from safetensors import SafetensorError, safe_open
 
 from loraforge.config import RunConfig
 from loraforge.config.schema import QuantizationConfig
@@ -58,7 +57,11 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
     if not (run_dir / TOKENIZER).is_dir():
         raise RunDirError(f"{run_dir} lacks its {TOKENIZER}/ folder (the tokenizer and chat template it trained "
                           "with); copy the run again, whole")
-    tokenizer = load_tokenizer(str(run_dir / TOKENIZER))
+    try:
+        tokenizer = load_tokenizer(str(run_dir / TOKENIZER))
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{run_dir / TOKENIZER} cannot be loaded ({first_line(exc)}): a file in it is damaged, cut "
+                          "short or missing; copy the run again, whole") from None
     model = load_trained_model(run_dir, config, precision, quantized, labels)
     if config.method != "sft" and (run_dir / ADAPTER / REFERENCE / "adapter_config.json").is_file():
         # The reference a preference run was tuned against (its starting adapter), for preference accuracy.
@@ -80,16 +83,27 @@ def load_trained_model(run_dir: Path, config: RunConfig, precision: str, quantiz
     else:
         as_trained = config if quantized else config.model_copy(update={"quantization": QuantizationConfig()})
         check_adapter(run_dir / ADAPTER)
-        check_weights_readable(run_dir / ADAPTER)
         base = load_for_run(as_trained, base_model(run_dir, config), precision, labels=labels)
         if as_trained.quantization.mode != "none":
             # As training prepared it: the weights bitsandbytes does not quantize (embeddings, norms, head) in fp32.
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-        model = PeftModel.from_pretrained(base, str(run_dir / ADAPTER), adapter_name=adapter_name)
+        try:
+            model = PeftModel.from_pretrained(base, str(run_dir / ADAPTER), adapter_name=adapter_name)
+        except RuntimeError as exc:
+            mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), None)
+            if mismatch is None:
+                raise
+            raise RunDirError(f"{run_dir / ADAPTER} does not fit its base model {config.model.name} ({mismatch}): its "
+                              "adapter_config.json, or the run's resolved.yaml, was edited, or the base model changed "
+                              "since; copy the run again, or point model.name at the model it trained on") from None
     model.eval()
     if precision == "bf16":
         autocast_forward(model)
     return model
+
+
+def first_line(exc: Exception) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def precision_here(run_dir: Path, config: RunConfig) -> str:
@@ -109,19 +123,6 @@ def precision_here(run_dir: Path, config: RunConfig) -> str:
     choice = choose_for_run(trained, model_config, cuda=cuda)
     log.info("%s: computing in %s, %s", run_dir.name, choice.chosen, choice.reason)
     return choice.chosen
-
-
-def check_weights_readable(folder: Path) -> None:
-    """The adapter's safetensors file whole (a copy cut short fails here, not in a traceback deep inside PEFT)."""
-    path = folder / "adapter_model.safetensors"
-    if not path.is_file():
-        return
-    try:
-        with safe_open(str(path), framework="pt") as weights:
-            weights.keys()
-    except (SafetensorError, OSError) as exc:
-        raise RunDirError(f"{path} cannot be read ({exc}): the file is damaged or cut short; copy the run again, or "
-                          "take the adapter from the checkpoint it came from (checkpoints/)") from None
 
 
 def linear_weights_in_bf16(model) -> None:

@@ -1,6 +1,7 @@
 """`loraforge eval` on a tiny run: token metrics checked against an independent computation, generation metrics."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -243,14 +244,27 @@ def test_eval_reads_the_run_data_from_here_with_a_warning_once_the_folder_it_tra
         f"(moved, renamed, or the run copied from another machine); taking it from the current folder, {here}"]
 
 
-def test_a_manifest_that_is_not_an_object_is_read_as_none_by_eval(train_tiny):
+@pytest.mark.parametrize("damage, warned", [
+    ("[]\n", "holds a JSON list, not an object: taken as absent"),
+    ('{"precision": "bf16",\n', "cannot be read (Expecting property name enclosed in double quotes"),
+    ('{"data_files": ["x"], "cwd": 123, "precision": {"chosen": "fp32"}}\n',
+     "cwd, data_files are not of the type loraforge wrote, so left out"),
+])
+def test_a_damaged_manifest_is_read_without_what_is_damaged_and_said_so(train_tiny, caplog, damage, warned):
     """As every reader of manifest.json takes it (rundir.read_manifest): the run's files as its config names them,
-    computed in fp32; it stopped eval with an AttributeError."""
+    computed in fp32 where the precision is lost, with a warning naming the file; it stopped eval with an
+    AttributeError (data_files a list) and chat with a TypeError (cwd a number), or was taken silently as absent."""
+    from loraforge.rundir import base_location, read_config
+
     config, result = train_tiny("train.max_steps=2", "precision=fp32")
-    (Path(config.output_dir) / "manifest.json").write_text("[]\n")
-    found = run_eval(config.output_dir, max_samples=0)
-    assert found["trained_precision"] is None
+    manifest = Path(config.output_dir) / "manifest.json"
+    manifest.write_text(damage)
+    with caplog.at_level(logging.WARNING, logger="loraforge"):
+        found = run_eval(config.output_dir, max_samples=0)
+        assert base_location(config.output_dir, read_config(config.output_dir)) == str(config.model.name)
+    assert found["trained_precision"] == ("fp32" if "chosen" in damage else None)
     assert found["fine_tuned"]["loss"] == pytest.approx(result.eval_after, rel=1e-5)
+    assert any(str(manifest) in r.getMessage() and warned in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_a_run_on_a_relative_model_folder_loads_it_from_where_it_trained(tmp_path, tiny_model_dir, tokenizer, no_hub,
