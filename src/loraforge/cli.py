@@ -25,8 +25,10 @@ from loraforge.config.env import read_env_beside
 from loraforge.config.migrate import write_migrated
 from loraforge.config.output_dir import expand_output_dir
 from loraforge.data.formats import FORMAT_FIELDS
+from loraforge.data.bundle import DataStats
+from loraforge.data.rows import load_rows
 from loraforge.data.sources import first_row, source_problems
-from loraforge.errors import ConfigError, LoraforgeError, ModelError, TrainingStopped
+from loraforge.errors import ConfigError, DataError, LoraforgeError, ModelError, TrainingStopped
 from loraforge.model.sources import BUILTIN, check_model_name, folder_on_disk
 from loraforge.model.template import template_text
 from loraforge.model.variants import configured_layers, kept_layers
@@ -189,10 +191,16 @@ def _config_validate(args) -> int:
 
 
 def _missing_for_training(config: RunConfig) -> list[str]:
-    """What train would find missing seconds later, in a config whose keys and values are valid: data files, a chat
+    """What train would find missing seconds later, in a config whose keys and values are valid: data files (their
+    rows read and parsed as training reads them, where every source is a local file), a chat
     template file, a model folder and the layers its variant removes, the run init_from names and whether its
     adapter fits."""
     problems = source_problems(config.data.sources)
+    if not problems and all(Path(source.path).is_file() for source in config.data.sources):
+        try:
+            load_rows(config.data.sources, None, config.data.on_bad_row, DataStats())
+        except DataError as exc:
+            problems.append(str(exc))
     if config.data.chat_template is not None:
         try:
             template_text(config.data.chat_template)
@@ -223,7 +231,9 @@ def _config_migrate(args) -> int:
     migration, text = write_migrated(args.source, args.out, first_row)
     report = [f"{args.source} -> {args.out or 'standard output'}:", migration.table(),
               *(f"note: {note}" for note in migration.notes)]
-    left = [*_missing_for_training(RunConfig.model_validate(migration.config)), *migration.unreadable]
+    missing = _missing_for_training(RunConfig.model_validate(migration.config))
+    left = [*(problem for problem in missing if not any(problem in unread for unread in migration.unreadable)),
+            *migration.unreadable]
     train = f"`loraforge train {args.out}`" if args.out else "training it"
     report += [f"left to do before {train}:", *(f"  - {problem}" for problem in left)] if left else [
         f"valid: loraforge train {args.out}" if args.out else "valid: save it and train it"]

@@ -292,7 +292,8 @@ def test_cli_validate_exit_codes(tmp_path, capsys, monkeypatch):
     bad = write(tmp_path / "bad.yaml", MINIMAL + "seeed: 1\n")
     assert main(["config", "validate", str(good)]) == 2, "d.jsonl is not there yet"
     assert f"data.sources[0].path: d.jsonl: data file not found (cwd is {tmp_path})" in capsys.readouterr().err
-    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "d.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", '
+                                      '"content": "b"}]}\n')
     assert main(["config", "validate", str(good), "data.sources=[{path: d.jsonl}, {path: owner/hub-set}]"]) == 0
     assert main(["config", "validate", str(good), "model.name=./no-model", f"init_from={tmp_path / 'no-run'}"]) == 2
     err = capsys.readouterr().err
@@ -307,6 +308,24 @@ def test_cli_validate_exit_codes(tmp_path, capsys, monkeypatch):
     assert main(["config", "validate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:4: seeed: unknown key; did you mean 'seed'?" in err
+
+
+def test_validate_reads_the_rows_train_would_refuse(tmp_path, capsys, monkeypatch):
+    """`config validate` said valid for a .json file holding one object and for a file with a row cut short, both of
+    which train refuses once it reads the rows."""
+    monkeypatch.chdir(tmp_path)
+    good = write(tmp_path / "good.yaml", MINIMAL)
+    row = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]})
+    (tmp_path / "wrapped.json").write_text(json.dumps({"train": [json.loads(row)] * 3}))
+    (tmp_path / "cut.jsonl").write_text(f"{row}\n{row[:30]}\n{row}\n")
+    assert main(["config", "validate", str(good), "data.sources=[{path: wrapped.json, format: messages}]"]) == 2
+    assert "wrapped.json: one JSON object (keys: train), not rows" in capsys.readouterr().err
+    assert main(["config", "validate", str(good), "data.sources=[{path: cut.jsonl, format: messages}]"]) == 2
+    err = capsys.readouterr().err
+    assert "cut.jsonl:2: not valid JSON" in err and "set data.on_bad_row=skip to drop such rows" in err
+    assert main(["config", "validate", str(good), "data.sources=[{path: cut.jsonl, format: messages}]",
+                 "data.on_bad_row=skip"]) == 0
+    assert capsys.readouterr().out == f"{good}: valid\n"
 
 
 RUN_COMMANDS = [["chat", "{run}"], ["eval", "{run}"], ["merge", "{run}"], ["export", "gguf", "{run}"],

@@ -379,6 +379,8 @@ def test_csv_parquet_and_json_data_are_read_as_training_reads_them_and_what_is_l
     assert main(["config", "migrate", str(tmp_path / "cut.json.yaml"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"left to do before `loraforge train {out}`:\n  - data.sources[0].path: cut.json:2: not valid JSON" in printed
+    assert printed.split("left to do")[1].count("not valid JSON") == 1, (
+        "left to do once, though both the migration and validation read the rows")
     assert "valid:" not in printed
     placeholder = tmp_path / "no-data.yaml"
     placeholder.write_text("model_name_or_path: smollm2-135m-instruct\nlearning_rate: 1.0e-4\n")

@@ -3,8 +3,8 @@
 import logging
 from collections import Counter
 
-from loraforge.data.build import (DataStats, apply_weights, assign_splits, count_splits, load_rows,
-                                  refuse_emptied_splits)
+from loraforge.data.build import DataStats, apply_weights, assign_splits, count_splits, refuse_emptied_splits
+from loraforge.data.rows import load_rows
 from loraforge.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

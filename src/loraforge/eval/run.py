@@ -11,11 +11,12 @@ from pathlib import Path
 
 from loraforge import ledger, rundir
 from loraforge.config.data_section import DataSource
-from loraforge.data.build import DataStats, assign_splits, load_rows, tokenize_preference, tokenize_rows
+from loraforge.data.build import DataStats, assign_splits, tokenize_preference, tokenize_rows
 from loraforge.data.cache import data_file_digest
 from loraforge.data.formats import FORMAT_FIELDS, PREFERENCE_FORMATS
 from loraforge.data.packing import collator
 from loraforge.data.render import IGNORE
+from loraforge.data.rows import load_rows
 from loraforge.errors import ConfigError, DataError
 from loraforge.eval.classify import predict_labels
 from loraforge.eval.generate import generate_batch
