@@ -73,6 +73,31 @@ def test_overlong_samples_dropped_and_counted(tmp_path, tokenizer, chat_rows):
     assert 0 < bundle.stats.trainable_tokens < bundle.stats.train_tokens
 
 
+@pytest.mark.parametrize("truncation", ["drop", "error"])
+def test_a_row_over_max_length_by_its_characters_alone_is_never_tokenized(tmp_path, tokenizer, chat_rows, monkeypatch,
+                                                                          truncation):
+    """A row of 8 x 128 x 81 characters (81: SmolLM2's longest vocabulary entry) cannot fit 128 tokens; a 36 MB row
+    took minutes and 7 GB to tokenize only to be dropped."""
+    from loraforge.data import build as build_module
+    from loraforge.data.build import longest_token
+
+    rendered = []
+    real = build_module.render
+    monkeypatch.setattr(build_module, "render", lambda conversation, *a, **k: rendered.append(
+        sum(len(m.content) for m in conversation.messages)) or real(conversation, *a, **k))
+    huge = "x" * (8 * 128 * longest_token(tokenizer))
+    rows = chat_rows + [{"messages": [{"role": "user", "content": huge}, {"role": "assistant", "content": "ok"}]}]
+    config = data_config(write_jsonl(tmp_path / "d.jsonl", rows), max_length=128, val_fraction=0.0,
+                         truncation=truncation)
+    if truncation == "error":
+        with pytest.raises(DataError, match=rf"d.jsonl:25: {len(huge) + 2} characters, far more than "
+                                            r"data.max_length=128 tokens; raise data.max_length"):
+            build(tokenizer, config)
+    else:
+        assert build(tokenizer, config).stats.dropped == {"too_long": 1}
+    assert rendered and max(rendered) < len(huge), "the huge row never reached the tokenizer"
+
+
 def test_truncate_cuts_and_counts_cut_assistant_turns(tmp_path, tokenizer, chat_rows):
     rows = chat_rows[:4] + [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 200}]},

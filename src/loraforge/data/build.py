@@ -114,16 +114,34 @@ def note_special_text(row: Row, specials: list[str], stats: DataStats) -> None:
             stats.special_text_examples.append(f"{row.where} ({', '.join(found)})")
 
 
+def longest_token(tokenizer) -> int:
+    """The most characters one vocabulary entry has. An entry spells at most as many characters of text as it has
+    (byte-level entries one a byte, SentencePiece's ▁ a space, byte fallback <0xNN> one byte in six), so a text of
+    more than 2 x limit x this many characters is over limit tokens whatever the tokenizer makes of it (2: room for
+    normalizers that join characters)."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
+
+
 def tokenize_rows(rows: list[Row], tokenizer, stop_ids, data_config, stats: DataStats):
-    """The tokenized rows and, in the same order, the rows they came from."""
+    """The tokenized rows and, in the same order, the rows they came from. A row over data.max_length by its
+    characters alone (longest_token) is dropped, or refused, without being tokenized: a 36 MB row took minutes
+    and 7 GB to tokenize only to be dropped."""
     from datasets import Dataset
 
     columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
     kept: list[Row] = []
     limit = data_config.max_length
     specials = special_texts(tokenizer)
+    most_characters = 2 * limit * longest_token(tokenizer)
     for row in rows:
         note_special_text(row, specials, stats)
+        characters = sum(len(text.strip()) for text in row_texts(row.conversation))
+        if characters > most_characters and data_config.truncation != "truncate":
+            if data_config.truncation == "error":
+                raise DataError(f"{row.where}: {characters} characters, far more than data.max_length={limit} tokens; "
+                                "raise data.max_length or set data.truncation to drop or truncate")
+            stats.count_drop("too_long")
+            continue
         try:
             ids, labels = render(row.conversation, tokenizer, stop_ids, data_config.masking.value)
         except DataError as exc:
