@@ -155,7 +155,11 @@ def _estimate(args) -> int:
     leave_out_bitsandbytes(config)
     from loraforge.training.estimate import run_estimate
 
-    estimate = run_estimate(config, probe_steps=args.probe_steps, probe_dir=args.probe_dir)
+    try:
+        estimate = run_estimate(config, probe_steps=args.probe_steps, probe_dir=args.probe_dir)
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     if estimate is not None:
         print(estimate.summary())
     return 0

@@ -1,5 +1,7 @@
 """The fit planner: its batch model against what training really computed, and the CLI."""
 
+import tempfile
+
 import pytest
 import torch
 
@@ -73,6 +75,28 @@ def test_estimate_cli(tiny_model_dir, tmp_path, capsys):
     auto = choose_precision("auto", load_model_config(str(tiny_model_dir))).chosen
     assert f"on this machine, in {auto}:" in out, "the planner measures in the precision training will pick"
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_signal_during_the_probe_ends_the_estimate_in_one_line_naming_nothing_left_behind(tiny_model_dir, tmp_path,
+                                                                                          capsys, monkeypatch):
+    """It printed train's message: the probe's temporary folder (already removed), a checkpoint and a resume
+    command."""
+    from loraforge.cli import main
+    from tests.conftest import ECHO_ROWS, write_jsonl
+    from tests.training.test_lifecycle import signal_during
+
+    data = write_jsonl(tmp_path / "d.jsonl", ECHO_ROWS)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {tiny_model_dir}}}\ndata: {{sources: [{{path: {data}}}], cache: false}}\n"
+                      "train: {max_steps: 50, batch_size: 4}\n")
+    signal_during(monkeypatch, 2)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["estimate", str(config), "--probe-steps", "4"]) == 143
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("error:")]
+    assert said == ["error: the estimate's probe run stopped by SIGTERM after step 2, so there is no estimate; nothing "
+                    "is kept (the probe ran in a temporary folder): run the estimate again"], err[-2000:]
+    assert "--resume" not in err and not list(tmp_path.glob("loraforge-estimate-*"))
 
 
 def test_padded_tokens_of_the_busiest_process_follow_accelerates_sharding():

@@ -23,6 +23,7 @@ process that computes the most in it.
 """
 
 import math
+import re
 import resource
 import shutil
 import tempfile
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraforge.errors import ConfigError
+from loraforge.errors import ConfigError, TrainingStopped
 from loraforge.training.batch import accumulation, world_size
 from loraforge.training.build import unpaired
 from loraforge.training.evaluation import adapter_off_is_base
@@ -205,6 +206,11 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
     })
     try:
         result = run_training(probe)
+    except TrainingStopped as exc:
+        # Its message names the probe's folder, a checkpoint and a resume command: none of them outlive the estimate.
+        how = re.split("[:;]", str(exc), maxsplit=1)[0]
+        raise TrainingStopped(f"the estimate's probe run {how}, so there is no estimate; nothing is kept (the probe "
+                              "ran in a temporary folder): run the estimate again", exc.exit_code) from None
     finally:
         if probe_dir is None:
             shutil.rmtree(probe.output_dir, ignore_errors=True)
