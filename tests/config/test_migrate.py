@@ -267,6 +267,14 @@ def test_fractions_of_the_run_as_step_counts_are_listed_and_a_script_config_give
         load_config(source)
     assert error.value.problems[-1] == (f"{source}: 5 keys are named as a fine-tuning script names them: "
                                         f"`loraforge config migrate {source}` writes the loraforge config they mean")
+    own = tmp_path / "own.yaml"
+    own.write_text("data: {sources: [{path: d.jsonl}]}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(own, ["num_train_epochs=2", "per_device_train_batch_size=2", "learning_rate=1e-4"])
+    assert len(error.value.problems) == 3 and "config migrate" not in str(error.value), (
+        "script names given as overrides are told their keys; the file, a loraforge config, has nothing to migrate")
+    assert "command line 'num_train_epochs=2': num_train_epochs: unknown key; did you mean 'train.num_epochs'?" in (
+        error.value.problems[0])
 
 
 def test_values_loraforge_refuses_beside_the_method_are_listed_not_carried_and_the_rest_migrates(tmp_path, monkeypatch):

@@ -44,8 +44,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] | str |
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
         problems.extend(_describe(err, origins, str(path)) for err in exc.errors())
+        # Only keys of the file: migrate rewrites files, and script names given as overrides get their hints alone.
         script_names = [err for err in exc.errors() if err["type"] == "extra_forbidden"
-                        and alias_of(str(err["loc"][-1])) not in (None, _dotted(tuple(err["loc"])))]
+                        and alias_of(str(err["loc"][-1])) not in (None, _dotted(tuple(err["loc"])))
+                        and not _origin(tuple(err["loc"]), origins, str(path)).startswith("command line")]
         if len(script_names) >= SCRIPT_SHAPED:
             problems.append(f"{path}: {len(script_names)} keys are named as a fine-tuning script names them: "
                             f"`loraforge config migrate {path}` writes the loraforge config they mean")
