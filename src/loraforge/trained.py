@@ -14,6 +14,7 @@ from loraforge.config import RunConfig
 from loraforge.config.schema import QuantizationConfig
 from loraforge.data.render import stop_token_ids
 from loraforge.errors import RunDirError
+from loraforge.model.adapters import peft_wrapping
 from loraforge.model.load import load_for_run, load_model, load_model_config, load_tokenizer
 from loraforge.model.precision import choose_for_run
 from loraforge.rundir import (ADAPTER, LABELS, MODEL, REFERENCE, TOKENIZER, base_model, check_adapter, read_config,
@@ -88,7 +89,8 @@ def load_trained_model(run_dir: Path, config: RunConfig, precision: str, quantiz
             # As training prepared it: the weights bitsandbytes does not quantize (embeddings, norms, head) in fp32.
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         try:
-            model = PeftModel.from_pretrained(base, str(run_dir / ADAPTER), adapter_name=adapter_name)
+            with peft_wrapping():
+                model = PeftModel.from_pretrained(base, str(run_dir / ADAPTER), adapter_name=adapter_name)
         except RuntimeError as exc:
             mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), None)
             if mismatch is None:

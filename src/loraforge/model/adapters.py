@@ -1,6 +1,8 @@
 """What gets trained: a LoRA (or DoRA / rsLoRA) adapter through peft, or every weight."""
 
 import logging
+import warnings
+from contextlib import contextmanager
 
 import torch
 from transformers.pytorch_utils import Conv1D
@@ -8,6 +10,16 @@ from transformers.pytorch_utils import Conv1D
 from loraforge.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def peft_wrapping():
+    """PEFT asks the model it wraps for is_gradient_checkpointing, which transformers 5 answers with a FutureWarning
+    (use is_activation_checkpointing) that the user can do nothing about; it is kept out of their output here, and
+    only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def apply_lora(
@@ -63,7 +75,8 @@ def apply_lora(
         raise ConfigError([f"lora.modules_to_save: {unknown} are not modules of this model; give names of its modules "
                            "(lm_head, embed_tokens; score for classification)"])
     try:
-        return get_peft_model(model, config)
+        with peft_wrapping():
+            return get_peft_model(model, config)
     except ValueError as exc:  # a target peft cannot wrap: a norm, a whole block
         raise ConfigError([f"lora.target_modules: {str(exc).splitlines()[0]}; name linear layers (q_proj, v_proj, ...) "
                            "or use all-linear"]) from None
@@ -91,7 +104,8 @@ def load_trainable_adapter(model, adapter_dir, dropout: float, quantized: bool =
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     settings = PeftConfig.from_pretrained(str(adapter_dir))
     settings.lora_dropout = dropout
-    return PeftModel.from_pretrained(model, str(adapter_dir), config=settings, is_trainable=True)
+    with peft_wrapping():
+        return PeftModel.from_pretrained(model, str(adapter_dir), config=settings, is_trainable=True)
 
 
 def make_fully_trainable(model):
