@@ -411,6 +411,18 @@ def test_a_number_no_run_can_use_is_refused_before_anything_loads(tmp_path, over
     assert said in str(error.value)
 
 
+def test_a_list_position_override_changes_that_position_of_the_default_list(tmp_path):
+    """The file leaves lora.target_modules at its default [q_proj, k_proj, v_proj, o_proj]: [0] replaced the whole
+    list with one module, and [1] was past the end of a list of 0."""
+    config = write(tmp_path / "c.yaml", MINIMAL)
+    assert load_config(config, ["lora.target_modules[0]=up_proj"]).lora.target_modules == [
+        "up_proj", "k_proj", "v_proj", "o_proj"]
+    assert load_config(config, ["lora.target_modules[4]=gate_proj"]).lora.target_modules == [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]
+    with pytest.raises(ConfigError, match=r"lora.target_modules\[5\] is past the end of a list of 4"):
+        load_config(config, ["lora.target_modules[5]=x"])
+
+
 def test_a_bad_value_of_a_key_that_takes_several_types_is_one_error_saying_what_it_takes(tmp_path):
     path = write(tmp_path / "c.yaml", MINIMAL + "train:\n  eval_every: 0\n  save_every: soon\n  micro_batch_tokens: -3\n"
                  "lora:\n  target_modules: [q_proj, 5]\n")
@@ -511,9 +523,10 @@ def test_class_weights_for_a_label_written_as_a_number_and_as_text_are_an_error_
 
 def test_a_position_after_a_dot_starts_a_list_the_file_does_not_have_and_a_key_of_a_mapping(tmp_path):
     path = write(tmp_path / "c.yaml", MINIMAL)
-    config = load_config(path, ["eval.sample_prompts.0=hi", "lora.target_modules.0=q_proj",
+    config = load_config(path, ["eval.sample_prompts.0=hi", "lora.target_modules.0=gate_proj",
                                 "classification.class_weights.1=3.0"])
-    assert config.eval.sample_prompts == ["hi"] and config.lora.target_modules == ["q_proj"]
+    assert config.eval.sample_prompts == ["hi"]
+    assert config.lora.target_modules == ["gate_proj", "k_proj", "v_proj", "o_proj"], "a position of the default list"
     assert config.classification.class_weights == {"1": 3.0}
     bare = write(tmp_path / "bare.yaml", "model: {name: m}\n")
     assert [s.path for s in load_config(bare, ["data.sources.0={path: d.jsonl}"]).data.sources] == ["d.jsonl"]

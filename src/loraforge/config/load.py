@@ -1,5 +1,6 @@
 """YAML file → `extends` chain → KEY=VALUE overrides → validated RunConfig."""
 
+import copy
 import difflib
 import json
 import re
@@ -270,7 +271,7 @@ def _set(data: dict, origins: dict[Key, str], item: str, parts: list[str | int],
             part = next((name for name in node if str(name) == part), part)
             if not last and node.get(part) is None:
                 following = parts[depth + 1]
-                node[part] = [] if isinstance(following, int) or (
+                node[part] = _default_list((*key, str(part))) if isinstance(following, int) or (
                     _position(following) and not _takes_mapping((*key, str(part)))) else {}
         else:
             return f"override {item!r}: {_dotted(tuple(key))} is not a mapping"
@@ -361,6 +362,15 @@ def _takes_mapping(key: Key) -> bool:
     model = model_at(key[:-1])
     field = model.model_fields.get(str(key[-1])) if model else None
     return field is not None and _admits_dict(field.annotation)
+
+
+def _default_list(key: Key) -> list:
+    """A copy of the list the config field at key holds by default (lora.target_modules: q, k, v and o), so that
+    an override of one position changes that position of it; empty where the default is no list."""
+    model = model_at(key[:-1])
+    field = model.model_fields.get(str(key[-1])) if model else None
+    default = field.get_default(call_default_factory=True) if field is not None else None
+    return copy.deepcopy(list(default)) if isinstance(default, (list, tuple)) else []
 
 
 def _admits_dict(annotation) -> bool:
