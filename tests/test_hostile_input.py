@@ -209,6 +209,14 @@ def case_adapter_cut_short(tmp_path, workspace):
     return (["merge", run], run, 2, [f"{weights} cannot be read", "damaged or cut short"])
 
 
+def case_finished_run_whose_adapter_config_was_deleted(tmp_path, workspace):
+    run = copy_run(workspace, f"noconfig-{tmp_path.name}")
+    (run / "adapter" / "adapter_config.json").unlink()
+    return (["chat", run, "--prompt", "Echo red"], run, 2,
+            [f"{run} finished at step 4, but neither adapter/adapter_config.json nor model/config.json is there",
+             "copy the adapter files checkpoints/checkpoint-4 holds into adapter/"])
+
+
 def case_adapter_config_cut_short(tmp_path, workspace):
     run = copy_run(workspace, f"cutconfig-{tmp_path.name}")
     config = run / "adapter" / "adapter_config.json"
@@ -272,6 +280,8 @@ def case_merge_out_is_a_file(tmp_path, workspace):
 def case_chat_with_a_run_stopped_midway(tmp_path, workspace):
     run = copy_run(workspace, f"stopped-{tmp_path.name}")
     shutil.rmtree(run / "adapter")  # a run stopped after its checkpoints, before its final weights
+    started = json.loads((run / "manifest.json").read_text())  # and before the manifest's end-of-run half
+    (run / "manifest.json").write_text(json.dumps({key: started[key] for key in ("cwd", "data_files", "precision")}))
     return (["chat", run, "--prompt", "hi"], run, 2,
             [f"{run} has no finished adapter", f"stopped at or after checkpoint-4: carry it on to its end with "
              f"`loraforge train CONFIG output_dir={run} --resume auto`"])
@@ -338,7 +348,7 @@ CASES = [case_duplicate_keys, case_not_utf8, case_config_is_a_directory, case_ou
          case_billion_laughs, case_alias_containing_itself, case_template_that_never_ends, case_template_that_raises,
          case_template_syntax_error, case_template_reaching_for_globals, case_model_folder_that_is_not_a_model,
          case_custom_model_code_without_trust, case_malformed_hub_id, case_adapter_missing_its_weights,
-         case_adapter_cut_short, case_adapter_config_cut_short, case_adapter_config_emptied,
+         case_adapter_cut_short, case_finished_run_whose_adapter_config_was_deleted, case_adapter_config_cut_short, case_adapter_config_emptied,
          case_adapter_config_rank_edited, case_tokenizer_file_cut_short, case_init_from_a_run_whose_weights_are_cut_short,
          case_run_without_its_tokenizer, case_chat_answer_of_no_length,
          case_serve_port_out_of_range, case_merge_out_is_a_file, case_chat_with_a_run_stopped_midway, case_output_dir_that_cannot_be_made, case_validation_source_emptied_by_filtering,

@@ -317,6 +317,12 @@ def read_config(run_dir: str | Path) -> RunConfig:
         raise RunDirError(f"{run_dir} is not a run directory: {why}; pass the output_dir of a training run")
     if not (run_dir / ADAPTER / "adapter_config.json").is_file() and not (run_dir / MODEL / "config.json").is_file():
         checkpoint = _newest_checkpoint(run_dir)
+        finished = read_manifest(run_dir).get("steps")
+        if isinstance(finished, int):
+            held = f"{CHECKPOINTS}/{checkpoint}" if checkpoint else "a checkpoint under checkpoints/"
+            raise RunDirError(f"{run_dir} finished at step {finished}, but neither {ADAPTER}/adapter_config.json nor "
+                              f"{MODEL}/config.json is there: files were removed from it since; copy the run again, or "
+                              f"copy the adapter files {held} holds into {ADAPTER}/")
         state = (f"it stopped at or after {checkpoint}: {_carry_on(run_dir, checkpoint)}" if checkpoint else
                  f"it is still training, or stopped before its first checkpoint (train.save_every); if it stopped, "
                  f"{_carry_on(run_dir, None)}")
