@@ -93,6 +93,16 @@ def ensure_free(output_dir: str | Path) -> Path:
     return run_dir
 
 
+def open_as_umask(folder: Path) -> None:
+    """Files under folder that a library wrote owner-only (safetensors' weights go through a temporary file, made
+    0600) get the mode this process's umask gives any new file, as every other file of the run has."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600:
+            path.chmod(0o666 & ~umask)
+
+
 def stopped_before_checkpoint(run_dir: str | Path) -> bool:
     """Whether run_dir holds a run that stopped before its first checkpoint, and nothing else: loraforge's claim and
     the files a run writes until then, with at most a checkpoint cut short in checkpoints/ (its staging folder).

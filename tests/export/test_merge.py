@@ -33,6 +33,26 @@ def test_merged_model_matches_the_adapter(train_tiny, capsys):
     assert (out / "chat_template.jinja").is_file(), "the tokenizer keeps its chat template"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_file_of_a_run_checkpoint_and_merge_has_the_mode_the_umask_gives(train_tiny, umask):
+    """safetensors writes weights through a temporary file, owner-only (0600), while every other file had the
+    umask's mode: a merged model another user or a container could read the config of, but not the weights."""
+    import os
+    import stat
+
+    before = os.umask(umask)
+    try:
+        config, _ = train_tiny("train.max_steps=2", "train.save_every=2")
+        result = run_merge(config.output_dir)
+    finally:
+        os.umask(before)
+    run = Path(config.output_dir)
+    modes = {str(path.relative_to(run)): stat.S_IMODE(path.stat().st_mode) for path in run.rglob("*") if path.is_file()}
+    assert {"adapter/adapter_model.safetensors", "checkpoints/checkpoint-2/adapter_model.safetensors",
+            f"{result.out_dir.relative_to(run)}/model.safetensors"} <= modes.keys()
+    assert set(modes.values()) == {0o666 & ~umask}, {name: oct(mode) for name, mode in modes.items()}
+
+
 def test_merge_changes_the_weights_it_should(train_tiny, tiny_model_dir):
     config, _ = train_tiny("train.max_steps=3")
     result = run_merge(config.output_dir, Path(config.output_dir) / "out")

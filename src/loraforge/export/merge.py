@@ -114,6 +114,7 @@ def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult
         merged.to(stored)
     ledger.claim(out_dir, None, "--out")
     merged.save_pretrained(out_dir)
+    rundir.open_as_umask(out_dir)
     save_for_plain_use(tokenizer, out_dir, config.data.system_prompt if config.task == "causal_lm" else None)
     if labels is not None:
         (out_dir / rundir.LABELS).write_text(json.dumps(labels), encoding="utf-8")

@@ -120,6 +120,7 @@ def save_model(config: RunConfig, model, tokenizer, run_dir: Path, labels: list[
                            config.data.system_prompt if config.task == "causal_lm" else None)
     else:
         model.save_pretrained(run_dir / rundir.ADAPTER)
+    rundir.open_as_umask(run_dir / (rundir.MODEL if config.adapter == "full" else rundir.ADAPTER))
     tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
     if labels is not None:
         (run_dir / rundir.LABELS).write_text(json.dumps(labels, indent=2) + "\n", encoding="utf-8")

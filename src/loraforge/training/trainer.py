@@ -18,7 +18,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 
 from loraforge.errors import LoraforgeError
 from loraforge.internals import IGNORE, HookedTrainer, put_on_schedule
-from loraforge.rundir import STAGING
+from loraforge.rundir import STAGING, open_as_umask
 from loraforge.training.checkpoints import PREFIX, latest_complete, publish, read_marker, rotate
 from loraforge.training.loss import trained_positions_loss, trained_tokens_per_row
 from loraforge.training.recompute import recomputed_layers
@@ -137,6 +137,7 @@ class RunLifecycle:
         self.args.output_dir = str(staging_root)
         try:
             write()
+            open_as_umask(staging_root)
             self.accelerator.wait_for_everyone()
         except OSError as exc:
             shutil.rmtree(staging_root, ignore_errors=True)
