@@ -137,6 +137,21 @@ def test_only_blank_lines(tmp_path):
         load(path)
 
 
+def test_a_json_list_or_a_parquet_file_without_rows_says_it_has_none(tmp_path):
+    """`[]` was said to hold only blank lines, and a parquet file with columns and no rows was 'cannot be read as
+    parquet: BatchSize must be greater than 0'."""
+    from datasets import Dataset
+
+    listed = tmp_path / "rows.json"
+    listed.write_text("[]\n")
+    with pytest.raises(DataError, match=rf"{listed}: no rows \(data.sources\[0\]\); the file holds an empty list"):
+        load(listed)
+    columns = tmp_path / "rows.parquet"
+    Dataset.from_dict({"messages": []}).to_parquet(columns)
+    with pytest.raises(DataError, match=rf"{columns}: no rows \(its columns are there, its rows are not\)"):
+        load(columns)
+
+
 def test_missing_file(tmp_path):
     path = tmp_path / "nope.jsonl"
     with pytest.raises(DataError, match=rf"{path}: data file not found.*data.sources\[\]\.path"):

@@ -53,7 +53,8 @@ def load_rows(sources, system_prompt: str | None, on_bad_row: str, stats: DataSt
                 continue
             splits[source.split].append(Row(where, conversation.with_system(system_prompt), index))
         if read == 0:
-            raise DataError(f"{source.path}: no rows (data.sources[{index}]); the file holds only blank lines")
+            holds = "an empty list" if source.path.lower().endswith(".json") else "only blank lines"
+            raise DataError(f"{source.path}: no rows (data.sources[{index}]); the file holds {holds}")
         if read == bad and on_bad_row == "skip":
             raise DataError(f"{source.path}: all {read} rows are bad (data.sources[{index}]); first: {stats.bad_row_examples[0]}")
         for warning in missing_optional_fields(source, columns, source_name(index, source)):

@@ -226,8 +226,16 @@ def _undecoded(cells: list[str]) -> int | None:
 
 
 def _parquet(file: Path):
+    import pyarrow.parquet
     from datasets import load_dataset
 
+    try:
+        empty = pyarrow.parquet.ParquetFile(file).metadata.num_rows == 0
+    except Exception:  # an unreadable file: load_dataset below says what is wrong with it
+        empty = False
+    if empty:
+        raise DataError(f"{file}: no rows (its columns are there, its rows are not); point data.sources[].path at a "
+                        "file with rows")
     try:
         table = load_dataset("parquet", data_files=str(file), split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
