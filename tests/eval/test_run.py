@@ -124,12 +124,14 @@ def test_eval_reads_a_data_file_in_the_format_given(train_tiny, tmp_path, capsys
     monkeypatch.setattr(eval_run, "load_run", lambda *a, **k: loads.append(a) or pytest.fail("loaded the model"))
     assert main(["eval", config.output_dir, "--data", str(as_alpaca), "--max-samples", "0"]) == 2
     err = capsys.readouterr().err
-    assert f"{as_alpaca}:1: no 'messages' field" in err and "read as format messages; a file in another format: give " \
-        "it with --format" in err
+    assert f"{as_alpaca}:1: no 'messages' field" in err
+    assert (f"--data {as_alpaca} is read as the run's source of format messages and its data.on_bad_row=error; eval "
+            "takes no config changes: fix the rows or name the columns as the run's, or give the file's format with "
+            "--format") in err, "the data.* keys the row error names are the run's, which eval cannot change"
     assert main(["eval", config.output_dir, "--data", str(as_alpaca), "--format", "preference"]) == 2
     assert "--format preference: this run (method sft) evaluates rows of format alpaca or" in capsys.readouterr().err
     assert main(["eval", config.output_dir, "--data", str(tmp_path / "missing.jsonl")]) == 2
-    assert "give it with --format" not in capsys.readouterr().err, "the hint is for rows of another format only"
+    assert "--format" not in capsys.readouterr().err, "the hint is for rows the format refuses only"
     assert main(["eval", config.output_dir, "--format", "alpaca"]) == 2
     assert "--format names the format of a --data file; give --data FILE with it" in capsys.readouterr().err
     assert loads == [], "each file was refused before the model was loaded"

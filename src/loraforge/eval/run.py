@@ -162,7 +162,10 @@ def eval_rows(config, data: str | None, split: str = "val", data_format: str | N
     except DataError as exc:
         if f"format={data_format}" not in str(exc):
             raise
-        raise DataError(f"{exc} (read as format {data_format}; a file in another format: give it with --format)") from None
+        mapping = f" with the column names it maps ({source.fields})" if source.fields else ""
+        raise DataError(f"{exc}\n--data {data} is read as the run's source of format {data_format}{mapping} and its "
+                        f"data.on_bad_row={data_config.on_bad_row}; eval takes no config changes: fix the rows or name "
+                        "the columns as the run's, or give the file's format with --format") from None
     return data_config, rows["train"]
 
 
