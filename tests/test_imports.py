@@ -25,8 +25,8 @@ LAYERS = [
     ("loraforge.cli", "loraforge.__main__"),
 ]
 COMMANDS = {"loraforge.chat", "loraforge.predict", "loraforge.preview", "loraforge.api", "loraforge.cli"}
-HEAVY = {"torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate", "matplotlib", "gguf",
-         "rouge_score", "tensorboard", "fastapi", "starlette", "uvicorn",
+HEAVY = {"torch", "transformers", "peft", "trl", "datasets", "pyarrow", "bitsandbytes", "accelerate", "matplotlib",
+         "gguf", "rouge_score", "tensorboard", "fastapi", "starlette", "uvicorn",
          "wandb", "mlflow", "huggingface_hub"}
 
 
