@@ -214,7 +214,7 @@ def case_finished_run_whose_adapter_config_was_deleted(tmp_path, workspace):
     (run / "adapter" / "adapter_config.json").unlink()
     return (["chat", run, "--prompt", "Echo red"], run, 2,
             [f"{run} finished at step 4, but neither adapter/adapter_config.json nor model/config.json is there",
-             "copy the adapter files checkpoints/checkpoint-4 holds into adapter/"])
+             "copy the run again (or take the weights checkpoints/checkpoint-4 holds"])
 
 
 def case_adapter_config_cut_short(tmp_path, workspace):

@@ -16,6 +16,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from loraforge import __version__, rundir
@@ -488,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes warns at import that an optional hub-downloaded CPU kernel is missing; loraforge never uses
     # that kernel (it serves the inference repack that training turns off).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # TRL's DPO and KTO trainers read the property behind model/adapters.py's peft_wrapping() at every reference pass.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         if args.command in TRAINING:

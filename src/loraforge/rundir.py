@@ -96,11 +96,14 @@ def ensure_free(output_dir: str | Path) -> Path:
 def open_as_umask(folder: Path) -> None:
     """Files under folder that a library wrote owner-only (safetensors' weights go through a temporary file, made
     0600) get the mode this process's umask gives any new file, as every other file of the run has."""
-    umask = os.umask(0)
+    umask = os.umask(0o077)
     os.umask(umask)
     for path in Path(folder).rglob("*"):
-        if path.is_file() and not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600:
-            path.chmod(0o666 & ~umask)
+        try:
+            if path.is_file() and not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600:
+                path.chmod(0o666 & ~umask)
+        except OSError:  # a file system that keeps its own modes (vfat, some network mounts): the file stays as is
+            continue
 
 
 def stopped_before_checkpoint(run_dir: str | Path) -> bool:
@@ -331,8 +334,8 @@ def read_config(run_dir: str | Path) -> RunConfig:
         if isinstance(finished, int):
             held = f"{CHECKPOINTS}/{checkpoint}" if checkpoint else "a checkpoint under checkpoints/"
             raise RunDirError(f"{run_dir} finished at step {finished}, but neither {ADAPTER}/adapter_config.json nor "
-                              f"{MODEL}/config.json is there: files were removed from it since; copy the run again, or "
-                              f"copy the adapter files {held} holds into {ADAPTER}/")
+                              f"{MODEL}/config.json is there: files were removed from it since; copy the run again (or "
+                              f"take the weights {held} holds, which may be from an earlier step than the last)")
         state = (f"it stopped at or after {checkpoint}: {_carry_on(run_dir, checkpoint)}" if checkpoint else
                  f"it is still training, or stopped before its first checkpoint (train.save_every); if it stopped, "
                  f"{_carry_on(run_dir, None)}")
@@ -432,7 +435,7 @@ def check_weights_readable(folder: Path) -> None:
     if not path.is_file():
         return
     try:
-        with safe_open(str(path), framework="pt") as weights:
+        with safe_open(str(path), framework="numpy") as weights:
             weights.keys()
     except (SafetensorError, OSError) as exc:
         raise RunDirError(f"{path} cannot be read ({exc}): the file is damaged or cut short; copy the run again, or "

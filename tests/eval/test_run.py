@@ -94,6 +94,9 @@ def test_eval_rewrites_its_own_result_and_never_a_file_it_did_not_write(train_ti
     assert first == Path(config.output_dir) / "eval" / "validation.json"
     again = run_eval(config.output_dir, max_samples=1)
     assert Path(again["written_to"]) == first and json.loads(first.read_text())["fine_tuned"]["samples"] == 1
+    (first.parent / ".loraforge-files.json").unlink()
+    assert Path(run_eval(config.output_dir, max_samples=0)["written_to"]) == first, (
+        "a result an eval wrote before eval kept a ledger is its own")
     first.write_text("my notes\n")
     with pytest.raises(ExportError, match=r"eval .*/eval holds files loraforge did not write, or that changed since it "
                                           r"wrote them \(validation.json\); move them away: loraforge never overwrites"):

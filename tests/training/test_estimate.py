@@ -94,8 +94,8 @@ def test_a_signal_during_the_probe_ends_the_estimate_in_one_line_naming_nothing_
     assert main(["estimate", str(config), "--probe-steps", "4"]) == 143
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if line.startswith("error:")]
-    assert said == ["error: the estimate's probe run stopped by SIGTERM after step 2, so there is no estimate; nothing "
-                    "is kept (the probe ran in a temporary folder): run the estimate again"], err[-2000:]
+    assert said == ["error: no estimate: its probe run ended early (stopped by SIGTERM after step 2); nothing is kept "
+                    "(the probe ran in a temporary folder)"], err[-2000:]
     assert "--resume" not in err and not list(tmp_path.glob("loraforge-estimate-*"))
 
 

@@ -109,7 +109,8 @@ class TrainConfig(Section):
     warmup_steps: int | None = Field(None, ge=0, description="Steps spent warming the learning rate up, instead of "
                                      "warmup_ratio.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=True, description="Gradient clipping norm (.inf: no "
+                                 "clipping).")
     eval_every: Annotated[int, Field(ge=1)] | Literal["epoch"] = Field(
         50, description="Evaluate on the validation split every this many steps, or at the end of every epoch.")
     eval_batch_size: int | None = Field(None, ge=1, description="Samples per evaluation forward pass; null: batch_size.")

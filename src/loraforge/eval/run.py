@@ -233,6 +233,7 @@ def run_eval(run_dir: str | Path, data: str | None = None, compare_base: bool = 
         saved = sources_as_trained(run_dir, saved)
     data_config, rows = eval_rows(saved, data, split, data_format)
     out = result_path(run_dir, data, split)
+    _adopt_earlier_result(out)
     ledger.check(out.parent, [out.name], "eval")
     trained = rundir.trained_precision(run_dir)
     precision = precision or ("bf16" if trained == "bf16" else "fp32")
@@ -294,6 +295,19 @@ def result_path(run_dir: Path, data: str | None, split: str) -> Path:
         return run_dir / "eval" / f"{SPLIT_FILES[split]}.json"
     where = hashlib.sha256(str(Path(data).resolve()).encode()).hexdigest()[:8]
     return run_dir / "eval" / f"data-{Path(data).stem}-{where}.json"
+
+
+def _adopt_earlier_result(out: Path) -> None:
+    """A result file an eval wrote before eval kept a ledger (a run evaluated by an earlier loraforge): its own JSON,
+    with the keys every eval result holds, is recorded as eval's, so that eval rewrites it instead of refusing."""
+    if not out.is_file() or out.name in ledger.read(out.parent).get("files", {}):
+        return
+    try:
+        found = json.loads(out.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(found, dict) and {"run_dir", "data", "precision", "trained_precision", "rows"} <= found.keys():
+        ledger.record(out.parent, [out.name])
 
 
 def _write(results: dict, run_dir: Path, data: str | None, split: str) -> dict:

@@ -209,8 +209,8 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
     except TrainingStopped as exc:
         # Its message names the probe's folder, a checkpoint and a resume command: none of them outlive the estimate.
         how = re.split("[:;]", str(exc), maxsplit=1)[0]
-        raise TrainingStopped(f"the estimate's probe run {how}, so there is no estimate; nothing is kept (the probe "
-                              "ran in a temporary folder): run the estimate again", exc.exit_code) from None
+        raise TrainingStopped(f"no estimate: its probe run ended early ({how}); nothing is kept (the probe ran in a "
+                              "temporary folder)", exc.exit_code) from None
     finally:
         if probe_dir is None:
             shutil.rmtree(probe.output_dir, ignore_errors=True)

@@ -137,8 +137,9 @@ class RunLifecycle:
         self.args.output_dir = str(staging_root)
         try:
             write()
-            open_as_umask(staging_root)
             self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                open_as_umask(staging_root)
         except OSError as exc:
             shutil.rmtree(staging_root, ignore_errors=True)
             previous = latest_complete(root)
