@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -572,3 +573,47 @@ def test_whole_number_labels_are_their_text_in_the_config_as_in_the_data(tmp_pat
         "command line 'classification.labels=[0, 1.5]': classification.labels[1]: Input should be a valid string (got 1.5)",
         "command line 'classification.class_weights={0: -1, 1: 2}': classification.class_weights: a weight is a number "
         "above 0, got {'0': -1}"]
+
+
+def test_key_yaml_reads_as_no_name_is_refused_at_its_line(tmp_path):
+    path = write(tmp_path / "c.yaml", MINIMAL + "2: 3\ntrain:\n  1.5: 4\nyes: 1\n2020-01-01: 0\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    problems = [problem.split("; known keys")[0] for problem in error.value.problems]
+    assert sorted(problems) == sorted([
+        f"{path}:4: 2 is not a key here: YAML reads it as a number, and keys are names",
+        f"{path}:6: train: 1.5 is not a key here: YAML reads it as a number, and keys are names",
+        f"{path}:7: true is not a key here: YAML reads it as true/false, and keys are names",
+        f"{path}:8: 2020-01-01 is not a key here: YAML reads it as a date, and keys are names",
+    ])
+    top = next(problem for problem in error.value.problems if problem.startswith(f"{path}:4:"))
+    assert top.endswith("; known keys here: " + ", ".join(RunConfig.model_fields))
+
+
+def test_override_of_a_whole_list_is_blamed_on_the_command_line(tmp_path):
+    path = write(tmp_path / "c.yaml", MINIMAL)
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ["data.sources=[/path]"])
+    assert error.value.problems == ["command line 'data.sources=[/path]': data.sources[0]: Input should be a valid "
+                                    "dictionary or instance of DataSource (got '/path')"]
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda path: path.mkdir(), "a directory"),
+    (lambda path: os.mkfifo(path), "a named pipe"),
+])
+def test_extends_of_what_is_no_file_says_what_it_is(tmp_path, make, words):
+    make(tmp_path / "parent")
+    path = write(tmp_path / "c.yaml", MINIMAL + "extends: parent\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert error.value.problems == [f"{path}:4: extends: 'parent' is {words} ({tmp_path / 'parent'}); name the YAML "
+                                    "file to extend"]
+
+
+def test_config_that_is_a_pipe_or_device_is_refused_without_reading(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    for path, words in ((tmp_path / "pipe", "a named pipe"), (Path("/dev/null"), "a character device")):
+        with pytest.raises(ConfigError) as error:
+            load_config(path)
+        assert error.value.problems == [f"config {path} is {words}, not a file; pass a YAML file"]

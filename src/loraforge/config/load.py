@@ -5,6 +5,7 @@ import difflib
 import json
 import re
 import shlex
+import stat
 import typing
 from pathlib import Path
 
@@ -85,11 +86,14 @@ def _read_with_parents(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[
     if not isinstance(parent_ref, str):
         raise ConfigError([f"{extends_at}: extends must be a path to a YAML file, got {parent_ref!r}"], source=str(path))
     parent_path = path.parent / parent_ref
-    if not parent_path.is_file():
+    if not parent_path.exists():
         raise ConfigError(
             [f"{extends_at}: extends: {parent_ref!r} not found (looked for {parent_path}); paths are relative to {path}"],
             source=str(path),
         )
+    if not parent_path.is_file():
+        raise ConfigError([f"{extends_at}: extends: {parent_ref!r} is {_kind_of(parent_path)} ({parent_path}); name "
+                           "the YAML file to extend"], source=str(path))
     parent, parent_origins = _read_with_parents(parent_path, (*stack, resolved))
     merged = _merge(parent, data, parent_origins, origins)
     _layer_replaces_pairs(merged, data.get("train"))
@@ -101,8 +105,10 @@ def read_yaml_file(path: Path) -> tuple[dict, dict[Key, str]]:
     not YAML, not a mapping, gives a key twice, or expands past what a config needs."""
     if path.is_dir():
         raise ConfigError([f"config {path} is a directory; pass the YAML file inside it"], source=str(path))
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError([f"config file {path} not found"], source=str(path))
+    if not path.is_file():
+        raise ConfigError([f"config {path} is {_kind_of(path)}, not a file; pass a YAML file"], source=str(path))
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -133,6 +139,15 @@ def read_yaml_file(path: Path) -> tuple[dict, dict[Key, str]]:
     if duplicates:
         raise ConfigError(duplicates, source=str(path))
     return data, origins
+
+
+def _kind_of(path: Path) -> str:
+    """What a path that is not a regular file is, in words; such a path is refused before it is opened, since
+    opening a named pipe with no writer waits forever."""
+    mode = path.stat().st_mode
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((words for test, words in kinds if test(mode)), "not a regular file")
 
 
 MAX_VALUES = 100_000
@@ -181,6 +196,9 @@ def _record_lines(node: yaml.Node, key: Key, path: Path, origins: dict[Key, str]
                 duplicates.append(f"{where}: {_dotted(child)} is given twice (first at {origins[child]}); YAML would keep "
                                   "only the last one: merge them into one")
             origins[child] = where
+            if isinstance(key_node, yaml.ScalarNode):
+                # YAML reads `2:` as the number 2, and validation names the key as it was read.
+                origins.setdefault((*key, yaml.SafeLoader("").construct_object(key_node)), where)
             _record_lines(value_node, child, path, origins, duplicates)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
@@ -286,16 +304,18 @@ def _set(data: dict, origins: dict[Key, str], item: str, parts: list[str | int],
     where = f"command line {item!r}"
     for end in range(1, len(key)):
         origins.setdefault(tuple(key[:end]), where)
+    if not isinstance(value, dict):
+        for replaced in [k for k in origins if k[: len(key)] == tuple(key) and len(k) > len(key)]:
+            del origins[replaced]
     for inner in _keys_within(value, tuple(key)):
         origins[inner] = where
     return None
 
 
 def _keys_within(value, key: Key) -> list[Key]:
-    """key and the key of everything a mapping value holds under it."""
-    if not isinstance(value, dict):
-        return [key]
-    return [key] + [inner for name, child in value.items() for inner in _keys_within(child, (*key, name))]
+    """key and the key of everything a mapping or list value holds under it."""
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [key] + [inner for name, child in children for inner in _keys_within(child, (*key, name))]
 
 
 def _dotted(key: Key) -> str:
@@ -324,6 +344,14 @@ def _describe(err: dict, origins: dict[Key, str], default: str) -> str:
     if kind == "extra_forbidden":
         hint = _did_you_mean(loc)
         return f"{where}: {key}: unknown key{hint}"
+    if kind == "invalid_key":
+        within = f"{_dotted(loc[:-1])}: " if loc[:-1] else ""
+        read = err.get("input")
+        where = origins.get((*loc[:-1], read), where) if isinstance(read, typing.Hashable) else where
+        kind = ("true/false" if isinstance(read, bool) else "a number" if isinstance(read, (int, float))
+                else "null" if read is None else f"a {type(read).__name__}")
+        shown = yaml.safe_dump(read).splitlines()[0] if isinstance(read, typing.Hashable) else repr(read)
+        return f"{where}: {within}{shown} is not a key here: YAML reads it as {kind}, and keys are names{_known_keys(loc)}"
     if kind == "missing":
         return f"{where}: {key}: required key is missing ({_field_doc(loc)})"
     message = err["msg"].removeprefix("Value error, ")
@@ -398,7 +426,12 @@ def _did_you_mean(loc: Key) -> str:
     close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
     if close:
         return f"; did you mean {_dotted((*loc[:-1], close[0]))!r}?"
-    return f"; known keys here: {', '.join(names)}"
+    return _known_keys(loc)
+
+
+def _known_keys(loc: Key) -> str:
+    model = model_at(loc[:-1])
+    return f"; known keys here: {', '.join(model.model_fields)}" if model is not None else ""
 
 
 def _field_doc(loc: Key) -> str:
