@@ -131,6 +131,12 @@ def test_eval_reads_a_data_file_in_the_format_given(train_tiny, tmp_path, capsys
     assert (f"--data {as_alpaca} is read as the run's source of format messages and its data.on_bad_row=error; eval "
             "takes no config changes: fix the rows or name the columns as the run's, or give the file's format with "
             "--format") in err, "the data.* keys the row error names are the run's, which eval cannot change"
+    assert main(["eval", config.output_dir, "--data", str(as_messages), "--format", "alpaca", "--max-samples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{as_messages}:1: no 'instruction' field" in err
+    assert (f"--data {as_messages} is read in format alpaca, with its own column names (instruction, input, output; "
+            "the run has no source of that format), and the run's data.on_bad_row=error; eval takes no config changes: "
+            "fix the rows or name the columns so\n") in err, "not as a source the run has, nor --format to give"
     assert main(["eval", config.output_dir, "--data", str(as_alpaca), "--format", "preference"]) == 2
     assert "--format preference: this run (method sft) evaluates rows of format alpaca or" in capsys.readouterr().err
     assert main(["eval", config.output_dir, "--data", str(tmp_path / "missing.jsonl")]) == 2
@@ -426,3 +432,19 @@ def test_the_api_evaluates_a_file_in_the_format_given(train_tiny, tmp_path):
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Echo teal", "input": "", "output": "teal teal"}])
     found = loraforge.evaluate(config.output_dir, data=str(alpaca), data_format="alpaca", max_samples=0)
     assert found.rows == 1 and found.metrics["fine_tuned"]["loss"] > 0
+
+
+def test_a_manifest_without_the_digest_of_a_data_file_is_said_to_leave_it_unchecked(train_tiny, caplog):
+    """A hand-edited manifest.json whose data_files holds null for a file: eval draws the held-out rows from the
+    file as it is, and says that it could not check them; it went on silently."""
+    config, result = train_tiny("train.max_steps=2", "precision=fp32")
+    manifest = Path(config.output_dir) / "manifest.json"
+    written = json.loads(manifest.read_text())
+    (source,) = written["data_files"]
+    manifest.write_text(json.dumps({**written, "data_files": {source: None}}))
+    with caplog.at_level(logging.WARNING, logger="loraforge"):
+        found = run_eval(config.output_dir, max_samples=0)
+    assert found["fine_tuned"]["loss"] == pytest.approx(result.eval_after, rel=1e-5)
+    assert [r.getMessage() for r in caplog.records if "digest" in r.getMessage()] == [
+        f"{manifest} records no digest of {source} (data.sources path {source}), so whether it changed since the run "
+        "trained on it is not checked: its held-out rows are drawn from the file as it is now"]

@@ -115,10 +115,19 @@ def sources_as_trained(run_dir: Path, config):
     sources = []
     for source in config.data.sources:
         digest = trained_files.get(source.path)
-        if digest is None or str(digest).startswith("hub:"):
+        if isinstance(digest, str) and digest.startswith("hub:"):
             sources.append(source)
             continue
         path = given_in(source.path, cwd, "data.sources path")
+        if not isinstance(digest, str):
+            if path.is_file():
+                log.warning("%s records no digest of %s (data.sources path %s), so whether it changed since the run "
+                            "trained on it is not checked: its held-out rows are drawn from the file as it is now",
+                            run_dir / rundir.MANIFEST, path, source.path)
+                sources.append(source.model_copy(update={"path": str(path)}))
+            else:
+                sources.append(source)
+            continue
         if not path.is_file() or data_file_digest(path) != digest:
             state = "is not there" if not path.is_file() else "has changed since the run trained on it"
             raise DataError(f"{path} (data.sources path {source.path} of {run_dir}) {state}, so the run's "
@@ -144,6 +153,7 @@ def eval_rows(config, data: str | None, split: str = "val", data_format: str | N
     if data_format is None and len(formats) > 1:
         raise DataError(f"--data {data}: the run trained on sources of several formats ({', '.join(formats)}); "
                         "say which one this file is in with --format")
+    chosen_by_user = data_format is not None
     data_format = data_format or formats[0]
     readable = readable_formats(config)
     if data_format not in readable:
@@ -151,6 +161,7 @@ def eval_rows(config, data: str | None, split: str = "val", data_format: str | N
         raise DataError(f"--format {data_format}: this run ({kind}) evaluates rows of format "
                         f"{' or '.join(sorted(readable))}")
     like = next((s for s in config.data.sources if s.format.value == data_format), None)
+    runs_own = like is not None
     if like is None:
         like = DataSource(path=data, format=data_format)
     source = like.model_copy(update={"path": data, "split": "train", "weight": 1.0})
@@ -162,10 +173,17 @@ def eval_rows(config, data: str | None, split: str = "val", data_format: str | N
     except DataError as exc:
         if f"format={data_format}" not in str(exc):
             raise
-        mapping = f" with the column names it maps ({source.fields})" if source.fields else ""
-        raise DataError(f"{exc}\n--data {data} is read as the run's source of format {data_format}{mapping} and its "
-                        f"data.on_bad_row={data_config.on_bad_row}; eval takes no config changes: fix the rows or name "
-                        "the columns as the run's, or give the file's format with --format") from None
+        if runs_own:
+            mapping = f" with the column names it maps ({source.fields})" if source.fields else ""
+            read_as = f"as the run's source of format {data_format}{mapping} and its"
+            fix = "fix the rows or name the columns as the run's"
+        else:
+            read_as = (f"in format {data_format}, with its own column names ({', '.join(FORMAT_FIELDS[data_format])}; "
+                       "the run has no source of that format), and the run's")
+            fix = "fix the rows or name the columns so"
+        another = "" if chosen_by_user else ", or give the file's format with --format"
+        raise DataError(f"{exc}\n--data {data} is read {read_as} data.on_bad_row={data_config.on_bad_row}; eval takes "
+                        f"no config changes: {fix}{another}") from None
     return data_config, rows["train"]
 
 
