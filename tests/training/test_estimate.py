@@ -77,26 +77,45 @@ def test_estimate_cli(tiny_model_dir, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_signal_during_the_probe_ends_the_estimate_in_one_line_naming_nothing_left_behind(tiny_model_dir, tmp_path,
-                                                                                          capsys, monkeypatch):
-    """It printed train's message: the probe's temporary folder (already removed), a checkpoint and a resume
-    command."""
+def test_a_signal_during_the_probe_stops_it_at_once_and_ends_the_estimate_in_one_line(tiny_model_dir, tmp_path,
+                                                                                       capsys, monkeypatch):
+    """SIGTERM in the probe's second step: nothing of the probe is kept, so it stops there, not after finishing the
+    step, its evaluation and a checkpoint (as a run does, which took a minute on a loaded machine). It printed
+    train's message: the probe's temporary folder (already removed), a checkpoint and a resume command."""
+    import os
+    import signal
+
     from loraforge.cli import main
+    from loraforge.training.trainer import SignalStop
     from tests.conftest import ECHO_ROWS, write_jsonl
-    from tests.training.test_lifecycle import signal_during
 
     data = write_jsonl(tmp_path / "d.jsonl", ECHO_ROWS)
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {{name: {tiny_model_dir}}}\ndata: {{sources: [{{path: {data}}}], cache: false}}\n"
                       "train: {max_steps: 50, batch_size: 4}\n")
-    signal_during(monkeypatch, 2)
+    ended = []
+    real_end = SignalStop.on_step_end
+
+    def signal_as_step_two_begins(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def step_end(self, args, state, control, **kwargs):
+        ended.append(state.global_step)
+        return real_end(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(SignalStop, "on_step_begin", signal_as_step_two_begins, raising=False)
+    monkeypatch.setattr(SignalStop, "on_step_end", step_end)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    before = signal.getsignal(signal.SIGTERM)
     assert main(["estimate", str(config), "--probe-steps", "4"]) == 143
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if line.startswith("error:")]
-    assert said == ["error: no estimate: its probe run ended early (stopped by SIGTERM after step 2); nothing is kept "
-                    "(the probe ran in a temporary folder)"], err[-2000:]
+    assert said == ["error: no estimate: stopped by SIGTERM during its probe run; nothing is kept (the probe ran in a "
+                    "temporary folder)"], err[-2000:]
+    assert ended == [1], "the step the signal came in was not finished"
     assert "--resume" not in err and not list(tmp_path.glob("loraforge-estimate-*"))
+    assert signal.getsignal(signal.SIGTERM) is before, "the probe's handlers are let go of"
 
 
 def test_padded_tokens_of_the_busiest_process_follow_accelerates_sharding():

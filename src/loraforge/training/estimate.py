@@ -37,7 +37,7 @@ from loraforge.training.build import unpaired
 from loraforge.training.evaluation import adapter_off_is_base
 from loraforge.training.prepare import prepare
 from loraforge.training.run import run_training
-from loraforge.training.trainer import length_grouped_order, pair_lengths
+from loraforge.training.trainer import StoppedAtOnce, length_grouped_order, pair_lengths
 
 
 @dataclass
@@ -205,7 +205,10 @@ def run_estimate(config, probe_steps: int = 6, probe_dir: str | None = None) -> 
         "report_to": [],
     })
     try:
-        result = run_training(probe)
+        result = run_training(probe, disposable=True)
+    except StoppedAtOnce as exc:
+        raise TrainingStopped(f"no estimate: stopped by {exc.name} during its probe run; nothing is kept (the probe "
+                              "ran in a temporary folder)", 130 if exc.name == "SIGINT" else 143) from None
     except TrainingStopped as exc:
         # Its message names the probe's folder, a checkpoint and a resume command: none of them outlive the estimate.
         how = re.split("[:;]", str(exc), maxsplit=1)[0]

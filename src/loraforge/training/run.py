@@ -36,7 +36,7 @@ from loraforge.training.resume import (carry_on, check_compatible, config_finger
                                       refuse_finished, resume_command, resumed_precision, stopped_early,
                                       trains_on)
 from loraforge.training.trackers import check_trackers
-from loraforge.training.trainer import SignalAfterTraining, SignalStop
+from loraforge.training.trainer import SignalAfterTraining, SignalStop, StoppedAtOnce
 
 log = logging.getLogger("loraforge.train")
 
@@ -56,9 +56,11 @@ class Trained:
 
 
 def run_training(config: RunConfig, resume: str | None = None, allow_changes: bool = False,
-                 command: list[str] | None = None) -> TrainResult:
+                 command: list[str] | None = None, disposable: bool = False) -> TrainResult:
     """Train from a config; with resume ("auto" or a checkpoint folder), carry on a run from its checkpoint.
-    command: the config path and overrides this run was started with, for the resume command it prints."""
+    command: the config path and overrides this run was started with, for the resume command it prints.
+    disposable: the run's folder is thrown away after it (estimate's probe), so a signal stops it at once, raising
+    StoppedAtOnce, rather than after its step, its evaluation and a checkpoint."""
     started = time.perf_counter()
     is_main = int(os.environ.get("RANK", "0")) == 0
     if not is_main:
@@ -91,7 +93,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         # project names when the run begins; the caller's own variables come back at the end.
         held.enter_context(scoped_environment({"TENSORBOARD_LOGGING_DIR": str(Path(config.output_dir) / rundir.TENSORBOARD),
                                                **config.tracking.environment()}))
-        stop = SignalStop()
+        stop = SignalStop(at_once=disposable)
         held.enter_context(_interrupt_says_what_next(Path(config.output_dir), command, stop))
         early = held.enter_context(_held_log(config.logging.level)) if is_main else None
         if checkpoint is not None and is_main:
@@ -334,6 +336,8 @@ class Terminated(BaseException):
 def _interrupt(stop: SignalStop, signum, frame):
     if stop.complete:
         return stop.too_late(signum)
+    if stop.at_once:
+        raise StoppedAtOnce(signal.Signals(signum).name)
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 

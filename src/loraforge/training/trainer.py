@@ -340,6 +340,15 @@ class SignalAfterTraining(BaseException):
         self.name = name
 
 
+class StoppedAtOnce(BaseException):
+    """SIGTERM or SIGINT in a run whose folder is thrown away (estimate's probe): raised where the run is, with
+    nothing finished or saved."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
 class SignalStop(TrainerCallback):
     """SIGTERM or SIGINT: finish the optimizer step in flight and the evaluation due at it, save a checkpoint, stop.
     A second SIGINT aborts. With several processes, every step ends with the processes agreeing on the signal (a
@@ -348,7 +357,8 @@ class SignalStop(TrainerCallback):
     `writing()` block ends, so that no file is left half-written. Once the run is complete (its last `writing()`
     ended), a signal has nothing left to stop: the result stands."""
 
-    def __init__(self):
+    def __init__(self, at_once: bool = False):
+        self.at_once = at_once
         self.received: str | None = None
         self.stopping = False
         self.trained = False
@@ -370,6 +380,8 @@ class SignalStop(TrainerCallback):
     def _handle(self, signum, frame):
         if self.complete:
             return self.too_late(signum)
+        if self.at_once:
+            raise StoppedAtOnce(signal.Signals(signum).name)
         if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
         first = self.received is None
