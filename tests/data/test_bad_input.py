@@ -39,6 +39,12 @@ CASES = {
                        r"row cut short"),
     "json_broken_mid_line": ([GOOD, '{"messages": [}, 1]}'], "messages",
                              r":2: not valid JSON \(Expecting value at column 15\); fix or remove the line"),
+    "pretty_printed_object": (["{", '  "messages": []', "}"], "messages",
+                              r":1: the line holds only '\{': an object written over several lines \(pretty-printed "
+                              r"JSON\), and JSON lines holds one object per line; rewrite the file so \(jq -c \. .*d\.jsonl\)"),
+    "pretty_printed_array": (["[", GOOD, "]"], "messages",
+                             r":1: the line holds only '\[': an array written over several lines .*\(jq -c '\.\[\]' "
+                             r".*d\.jsonl, or name the file \.json\)"),
     "not_an_object": ([GOOD, "[1, 2]"], "messages", r":2: expected a JSON object per line, got list"),
     "missing_field": ([GOOD, json.dumps({"prompt": "x"})], "messages", r":2: no 'messages' field \(keys: prompt\)"),
     "wrong_type": ([json.dumps({"messages": {"role": "user"}})], "messages", r":1: field 'messages' is dict, expected list"),

@@ -114,10 +114,11 @@ def _jsonl(file: Path):
 def _lines(file: Path, lines):
     for number, raw in enumerate(lines, start=1):
         if raw.strip():
-            yield f"{file}:{number}", _jsonl_row(raw, f"{file}:{number}")
+            yield f"{file}:{number}", _jsonl_row(raw, file, number)
 
 
-def _jsonl_row(raw: bytes, where: str) -> dict | BadRow:
+def _jsonl_row(raw: bytes, file: Path, number: int) -> dict | BadRow:
+    where = f"{file}:{number}"
     raw = raw.rstrip(b"\r\n")
     try:
         row = json.loads(raw.decode("utf-8"))
@@ -125,6 +126,12 @@ def _jsonl_row(raw: bytes, where: str) -> dict | BadRow:
         return BadRow(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start + 1} of the line); re-save the "
                       "file as UTF-8")
     except json.JSONDecodeError as exc:
+        opened = exc.doc.strip()
+        if opened in ("{", "["):
+            held, rewrite = (("an object", f"jq -c . {file}") if opened == "{" else
+                             ("an array", f"jq -c '.[]' {file}, or name the file .json"))
+            return BadRow(f"{where}: the line holds only '{opened}': {held} written over several lines (pretty-printed "
+                          f"JSON), and JSON lines holds one object per line; rewrite the file so ({rewrite})")
         if not exc.doc[exc.pos:].strip():
             return BadRow(f"{where}: not valid JSON: the line ends at column {len(exc.doc.rstrip())} before its JSON does "
                           f"({exc.msg}): a row cut short, or a line break inside a value (write it as \\n); fix or "
