@@ -6,8 +6,11 @@ the ledger, or whose content changed since (a hand-edited Modelfile or chat temp
 still marked as being written belong to a merge or export that was stopped midway; the next one redoes them.
 """
 
+import contextlib
+import fcntl
 import json
 import os
+import secrets
 from pathlib import Path
 
 from loraforge.data.cache import file_digest as sha256
@@ -48,11 +51,12 @@ def claim(folder: Path, names: list[str] | None, key: str) -> None:
     file loraforge did not write or one changed since; then mark them as being written."""
     folder = Path(folder)
     check(folder, names, key)
-    ledger = read(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _write(folder, sorted(set(ledger.get("writing", [])) | ({EVERY_FILE} if names is None else set(names))),
-               ledger.get("files", {}))
+        with _alone_in(folder):
+            ledger = read(folder)
+            _write(folder, sorted(set(ledger.get("writing", [])) | ({EVERY_FILE} if names is None else set(names))),
+                   ledger.get("files", {}))
     except OSError as exc:
         raise ExportError(f"{key} {folder} cannot be written to ({exc.strerror or exc}); {_writable_fix(key)}") from None
 
@@ -65,7 +69,7 @@ def check(folder: Path, names: list[str] | None, key: str) -> None:
     _check_writable(folder, key)
     ledger = read(folder)
     writing, files = set(ledger.get("writing", [])), ledger.get("files", {})
-    present = [p.name for p in sorted(folder.iterdir()) if p.name != LEDGER] if folder.is_dir() else []
+    present = [p.name for p in sorted(folder.iterdir()) if not p.name.startswith(LEDGER)] if folder.is_dir() else []
     targets = present if names is None else [name for name in names if name in present]
     others = [name for name in targets if not (folder / name).is_file() or (
         EVERY_FILE not in writing and name not in writing and files.get(name) != sha256(folder / name))]
@@ -95,14 +99,41 @@ def _writable_fix(key: str) -> str:
 def record(folder: Path, names: list[str] | None) -> None:
     """Mark `names` (None: every file now in folder, and only those) as written, with their content's hash."""
     folder = Path(folder)
-    ledger = read(folder)
-    files = {} if names is None else dict(ledger.get("files", {}))
-    done = [p.name for p in folder.iterdir() if p.name != LEDGER and p.is_file()] if names is None else names
-    files.update({name: sha256(folder / name) for name in done})
-    writing = [] if names is None else [n for n in ledger.get("writing", []) if n not in done]
-    _write(folder, writing, files)
+    done = [p.name for p in folder.iterdir() if not p.name.startswith(LEDGER) and p.is_file()] if names is None else names
+    hashes = {name: sha256(folder / name) for name in done}
+    with _alone_in(folder):
+        ledger = read(folder)
+        files = {} if names is None else dict(ledger.get("files", {}))
+        files.update(hashes)
+        writing = [] if names is None else [n for n in ledger.get("writing", []) if n not in done]
+        _write(folder, writing, files)
+
+
+@contextlib.contextmanager
+def _alone_in(folder: Path):
+    """One process at a time reads and rewrites the folder's ledger (two evals of a run ending together each keep
+    their entry): an flock on the folder itself, which adds no file to it; unlocked where the file system has no
+    flock."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def _write(folder: Path, writing: list[str], files: dict) -> None:
-    (folder / LEDGER).write_text(json.dumps({"writing": writing, "files": files}, indent=2, sort_keys=True) + "\n",
-                                 encoding="utf-8")
+    """The new ledger in full, or the old one: written beside it under a new name, then renamed over it."""
+    text = json.dumps({"writing": writing, "files": files}, indent=2, sort_keys=True) + "\n"
+    beside = folder / f"{LEDGER}.{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(beside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(beside, folder / LEDGER)
+    except BaseException:
+        beside.unlink(missing_ok=True)
+        raise
