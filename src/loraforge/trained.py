@@ -37,7 +37,7 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = True,
-             precision: str = "fp32") -> LoadedRun:
+             precision: str = "fp32", gpu: bool = True) -> LoadedRun:
     """The trained model of a run, rebuilt as it was trained (same base, quantization and layer variant), in eval
     mode, with the run's tokenizer, stop ids and labels.
 
@@ -47,7 +47,7 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
     serves the adapter. auto: the one of the two that chat and serve compute the run in on this machine
     (precision_here).
     task: refuse a run of another task, naming the command that fits it. quantized=False loads the base
-    unquantized, as merging needs plain float weights."""
+    unquantized, as merging needs plain float weights. gpu: compute on the GPU where there is one (on_gpu)."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     if task is not None and config.task != task:
@@ -63,7 +63,7 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
     except (OSError, ValueError) as exc:
         raise RunDirError(f"{run_dir / TOKENIZER} cannot be loaded ({first_line(exc)}): a file in it is damaged, cut "
                           "short or missing; copy the run again, whole") from None
-    model = load_trained_model(run_dir, config, precision, quantized, labels)
+    model = load_trained_model(run_dir, config, precision, quantized, labels, gpu=gpu)
     if config.method != "sft" and (run_dir / ADAPTER / REFERENCE / "adapter_config.json").is_file():
         # The reference a preference run was tuned against (its starting adapter), for preference accuracy.
         model.load_adapter(str(run_dir / ADAPTER / REFERENCE), adapter_name=REFERENCE)
@@ -73,7 +73,7 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
 
 
 def load_trained_model(run_dir: Path, config: RunConfig, precision: str, quantized: bool = True,
-                       labels: list[str] | None = None, adapter_name: str = "default"):
+                       labels: list[str] | None = None, adapter_name: str = "default", gpu: bool = True):
     """The model of load_run, in eval mode, for chat, eval and serve alike: the run's own model/ where it trained
     every weight, else its adapter (named adapter_name) on its base; precision fp32 or bf16, as load_run takes it.
     Generating from it computes as the run trained under eval/generate.py's as_trained."""
@@ -99,9 +99,34 @@ def load_trained_model(run_dir: Path, config: RunConfig, precision: str, quantiz
                               "adapter_config.json, or the run's resolved.yaml, was edited, or the base model changed "
                               "since; copy the run again, or point model.name at the model it trained on") from None
     model.eval()
+    if gpu:
+        model = on_gpu(model, run_dir)
     if precision == "bf16":
         autocast_forward(model)
     return model
+
+
+def on_gpu(model, run_dir: Path):
+    """The model on the GPU where there is one and bitsandbytes has not put it there already; on the CPU, with a
+    warning, where it does not fit in the GPU's free memory."""
+    import torch
+
+    if not gpu_here() or model.device.type != "cpu":
+        return model
+    try:
+        return model.to("cuda")
+    except torch.OutOfMemoryError:
+        model = model.to("cpu")
+        torch.cuda.empty_cache()
+        log.warning("%s: the model does not fit in the GPU's free memory; computing on the CPU (slower). Free the "
+                    "GPU, or train with quantization.mode 4bit to serve the run in less memory", run_dir.name)
+        return model
+
+
+def gpu_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def first_line(exc: Exception) -> str:
@@ -110,12 +135,10 @@ def first_line(exc: Exception) -> str:
 
 def precision_here(run_dir: Path, config: RunConfig) -> str:
     """fp32 or bf16, the dtype chat and serve compute the run in on this machine (model/precision.py's
-    choose_for_run), logged in one line. The model computes where it loads: on the GPU only where bitsandbytes
-    quantizes it. Only a bf16 run on CPU reads the model's config, for the shapes the probe times."""
-    import torch
-
+    choose_for_run), logged in one line. The model computes on the GPU where there is one (on_gpu); only a bf16
+    run on CPU reads the model's config, for the shapes the probe times."""
     trained = trained_precision(run_dir)
-    cuda = torch.cuda.is_available() and config.quantization.mode != "none"
+    cuda = gpu_here()
     model_config = None
     if trained == "bf16" and not cuda:
         m = config.model

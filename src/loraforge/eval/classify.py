@@ -9,6 +9,7 @@ def predict_labels(model, tokenizer, labels: list[str], texts: list[str], max_le
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch = batch.to(model.device)
         with torch.no_grad():
             probabilities = model(**batch).logits.float().softmax(-1)
         for text, row in zip(chunk, probabilities.tolist()):

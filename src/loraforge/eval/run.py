@@ -36,7 +36,8 @@ def token_metrics(model, dataset, collate, batch_size: int = 8) -> dict:
     total_loss, tokens, correct = 0.0, 0, 0
     model.eval()
     for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = {key: value.to(model.device) for key, value in collate(rows).items()}
         labels = batch.pop("labels")
         with torch.no_grad():
             logits = model(**batch).logits.float()

@@ -100,7 +100,7 @@ def run_merge(run_dir: str | Path, out: str | Path | None = None) -> MergeResult
     digest = run_digest(run_dir)
     ledger.check(out_dir, None, "--out")
     # A quantized run merges onto the unquantized base: merged weights must be plain floats to be saved and reused.
-    run = load_run(run_dir, quantized=False)
+    run = load_run(run_dir, quantized=False, gpu=False)
     config, model, tokenizer, labels = run.config, run.model, run.tokenizer, run.labels
     inputs = probe_inputs(tokenizer, config.task)
     # The check runs its forward passes in float64 (fp32 -> fp64 -> fp32 is exact), so what it measures is
