@@ -265,7 +265,8 @@ def _data_preview(args) -> int:
 def _runs_first(*run_dirs: str) -> None:
     """A path that is no finished run is refused before the libraries a run command needs are imported (seconds);
     where none of the runs needs bitsandbytes, it is left out of the process."""
-    leave_out_bitsandbytes(*(rundir.read_config(run_dir) for run_dir in run_dirs))
+    leave_out_bitsandbytes(*(rundir.read_config(run_dir) for run_dir in run_dirs),
+                           trained_in=tuple(rundir.read_manifest(run_dir).get("cwd") for run_dir in run_dirs))
 
 
 def _chat(args) -> int:

@@ -108,3 +108,36 @@ def test_chatting_with_an_unquantized_run_never_imports_it(make_config):
     imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
     assert "loraforge.chat" in imported and "peft" in imported
     assert not [name for name in imported if name.startswith("bitsandbytes.")]
+
+
+def test_a_finished_run_is_judged_by_the_model_folder_where_it_trained(make_config, tiny_model_dir, tmp_path,
+                                                                     monkeypatch):
+    """A run on models/tiny, trained in project/ on a checkpoint saved quantized, used from another folder that
+    holds an unquantized models/tiny of its own: the run's own folder decides (chat and serve load that one), where
+    the current folder's decided and left bitsandbytes out of a process that then loaded a 4-bit model."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    quantized = shutil.copytree(tiny_model_dir, project / "models" / "tiny")
+    shutil.copytree(tiny_model_dir, elsewhere / "models" / "tiny")
+    settings = json.loads((quantized / "config.json").read_text())
+    settings["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(settings))
+    config, _ = make_config("relative", "model.name=models/tiny")
+    monkeypatch.chdir(elsewhere)
+    assert not needs_bitsandbytes(config), "from here, models/tiny is the unquantized one"
+    assert needs_bitsandbytes(config, str(project))
+    modules = {}
+    assert not leave_out_bitsandbytes(config, modules=modules, trained_in=(str(project),)) and modules == {}
+
+
+def test_the_run_commands_pass_the_folder_each_run_trained_in(train_tiny, monkeypatch):
+    import os
+
+    from loraforge import cli
+
+    config, _ = train_tiny("train.max_steps=1")
+    asked = []
+    monkeypatch.setattr(cli, "leave_out_bitsandbytes", lambda *configs, **kwargs: asked.append((configs, kwargs)))
+    cli._runs_first(config.output_dir, config.output_dir)
+    ((configs, kwargs),) = asked
+    assert [c.model.name for c in configs] == [config.model.name] * 2
+    assert kwargs == {"trained_in": (os.getcwd(), os.getcwd())}

@@ -19,14 +19,18 @@ from loraforge.model.sources import BUILTIN, folder_on_disk
 NAME = "bitsandbytes"
 
 
-def needs_bitsandbytes(config) -> bool:
+def needs_bitsandbytes(config, trained_in: str | None = None) -> bool:
     """The run quantizes its base, uses a bitsandbytes optimizer, or loads a checkpoint saved quantized (its
-    config.json has a quantization_config); a hub model not in the local cache counts as one, being unknown."""
+    config.json has a quantization_config); a hub model not in the local cache counts as one, being unknown.
+    trained_in: the folder a finished run trained in (manifest.json's cwd), where a relative model.name starts."""
     if config.quantization.mode != "none" or config.train.optimizer != "adamw_torch":
         return True
     if config.model.name in BUILTIN:
         return False
-    folder = folder_on_disk(config.model.name)
+    name = Path(config.model.name).expanduser()
+    if trained_in is not None and not name.is_absolute() and Path(trained_in).is_dir():
+        name = Path(trained_in) / name
+    folder = folder_on_disk(str(name))
     found = folder / "config.json" if folder is not None else _hub_cached_config(config.model.name,
                                                                                  config.model.revision)
     if found is None:
@@ -37,10 +41,11 @@ def needs_bitsandbytes(config) -> bool:
         return True
 
 
-def leave_out_bitsandbytes(*configs, modules: dict = sys.modules) -> bool:
+def leave_out_bitsandbytes(*configs, modules: dict = sys.modules, trained_in: tuple[str | None, ...] = ()) -> bool:
     """Mark bitsandbytes absent for this process when none of the runs of these configs needs it; returns whether
-    it did."""
-    if NAME in modules or any(needs_bitsandbytes(config) for config in configs):
+    it did. trained_in: for finished runs, the folder each trained in (needs_bitsandbytes)."""
+    folders = trained_in or (None,) * len(configs)
+    if NAME in modules or any(needs_bitsandbytes(config, folder) for config, folder in zip(configs, folders)):
         return False
     modules[NAME] = None
     return True
