@@ -96,3 +96,36 @@ def test_a_data_file_changed_on_disk_is_hashed_again(tmp_path, hashed):
     after = data_fingerprints(sources)[str(path)]
     assert data_fingerprints(sources)[str(path)] == after == hashlib.sha256(path.read_bytes()).hexdigest() != before
     assert hashed[path.resolve()] == 2, "hashed as first read and once changed, not when read again unchanged"
+
+
+@pytest.mark.parametrize("damage", ["arrow cut short", "bundle.json cut short"])
+def test_a_damaged_cache_entry_is_tokenized_again_in_its_place(setup, caplog, tmp_path, damage):
+    """A cut-short entry (a full disk, a copy stopped midway) ended train with a pyarrow or JSON traceback that did
+    not name the folder to delete."""
+    run, _ = setup
+    first, _ = run(caplog)
+    (entry,) = (tmp_path / "cache").iterdir()
+    if damage == "arrow cut short":
+        arrow = next((entry / "train").glob("*.arrow"))
+        with arrow.open("r+b") as fh:
+            fh.truncate(100)
+    else:
+        (entry / "bundle.json").write_text('{"val_prompts": [', encoding="utf-8")
+    again, hit = run(caplog)
+    assert not hit and again.train["input_ids"] == first.train["input_ids"]
+    assert [r.getMessage().split(" (")[0] for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"tokenized data cache entry {entry} cannot be read"]
+    third, hit = run(caplog)
+    assert hit and third.train["input_ids"] == first.train["input_ids"], "the entry was written again, whole"
+
+
+def test_a_cache_that_cannot_be_written_is_skipped_with_a_warning(setup, caplog, tmp_path):
+    """A read-only or full LORAFORGE_HOME ended every train with an OSError traceback (the cache is on by default)."""
+    run, _ = setup
+    (tmp_path / "cache").write_text("a file where the cache folder would be")
+    bundle, hit = run(caplog)
+    assert not hit and len(bundle.train) > 0
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(f"the tokenized data cannot be cached in {tmp_path / 'cache'} (")
+    assert warning.endswith("so the next run tokenizes it again; free space there, set LORAFORGE_HOME to a writable "
+                            "folder, or set data.cache: false")

@@ -265,7 +265,13 @@ def build_datasets(data_config, tokenizer, stop_ids, seed: int, cache_dir=None) 
         log.info("tokenized data loaded from cache %s (inputs unchanged, tokenization skipped)", key)
         return bundle
     bundle = _build(data_config, tokenizer, stop_ids, seed)
-    cache.save(cache_dir, key, bundle)
+    try:
+        cache.save(cache_dir, key, bundle)
+    except OSError as exc:
+        log.warning("the tokenized data cannot be cached in %s (%s), so the next run tokenizes it again; free space "
+                    "there, set LORAFORGE_HOME to a writable folder, or set data.cache: false", cache_dir,
+                    exc.strerror or exc)
+        return bundle
     log.info("tokenized data cached as %s", key)
     return bundle
 

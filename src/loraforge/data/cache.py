@@ -80,18 +80,25 @@ def _identity(path: Path) -> tuple:
 def load(cache_dir: Path, key: str):
     from datasets import load_from_disk
 
-
     folder = Path(cache_dir) / key
     if not (folder / "bundle.json").is_file():
         return None
-    meta = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))
-    parts = {name: load_from_disk(str(folder / name)) if (folder / name).is_dir() else None for name in ("train", "val", "test")}
+    try:
+        meta = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))
+        parts = {name: load_from_disk(str(folder / name)) if (folder / name).is_dir() else None
+                 for name in ("train", "val", "test")}
+        val_prompts, stats = meta["val_prompts"], DataStats(**meta["stats"])
+    except Exception as exc:  # a damaged entry: json, datasets and pyarrow each raise their own types
+        log.warning("tokenized data cache entry %s cannot be read (%s: %s); tokenizing again in its place", folder,
+                    type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
     return DataBundle(
         train=parts["train"],
         val=parts["val"],
         test=parts["test"],
-        val_prompts=meta["val_prompts"],
-        stats=DataStats(**meta["stats"]),
+        val_prompts=val_prompts,
+        stats=stats,
     )
 
 
