@@ -157,6 +157,18 @@ def start_over(run_dir: Path) -> None:
     (run_dir / RESOLVED).unlink(missing_ok=True)
 
 
+def refuse_linked_files(run_dir: Path) -> None:
+    """A run directory that a resume writes into again holds no link in place of a file: its log and metrics are
+    appended to, the rest rewritten, and through a link that lands in a file loraforge did not write. A link to a
+    folder (checkpoints kept on another disk) is followed. (A start over refuses any link: `ensure_free`.)"""
+    linked = sorted(p.name for p in run_dir.iterdir() if p.is_symlink() and not p.is_dir())
+    if linked:
+        raise RunDirError(f"{run_dir} holds links in place of the files loraforge writes there ({', '.join(linked[:5])}); "
+                          "carrying on the run would write through them into the files they point to: put a copy of "
+                          "each file in place of its link (cp --remove-destination \"$(readlink -f LINK)\" LINK), or "
+                          "remove the link")
+
+
 def refuse_foreign(folder: Path, key: str, ours: str = CLAIM) -> None:
     """Refuse a non-empty folder that loraforge did not make (it holds no `ours` file)."""
     if folder.is_dir() and not (folder / ours).exists() and any(folder.iterdir()):

@@ -1354,3 +1354,37 @@ def test_carry_on_advice_takes_only_a_checkpoint_resume_takes_and_says_alike_eve
     assert said["ensure_free"].endswith("To carry it on from its newest checkpoint, add --resume auto.")
     assert said["in_use"].endswith(f"then, if it does not complete, carry it on to its end with `loraforge train "
                                    f"CONFIG output_dir={run} --resume auto`")
+
+
+def test_a_run_directory_with_links_in_place_of_its_files_is_not_carried_on_through_them(make_config, monkeypatch,
+                                                                                        tmp_path):
+    """Resume appended the log to, and rewrote the metrics over, the files that links in place of train.log and
+    metrics.jsonl point to: refused, naming the links. A link to a folder (checkpoints on another disk) is
+    followed. (A start over refuses any link: the test above.)"""
+    config, path = make_config("linked", "train.max_steps=9", "train.save_every=3")
+    run = Path(config.output_dir)
+    signal_during(monkeypatch, 4)
+    with pytest.raises(TrainingStopped):
+        run_training(config, command=[str(path)])
+    monkeypatch.undo()
+    precious = {name: tmp_path / f"precious-{name}" for name in (rundir.LOG, rundir.METRICS)}
+    for name, target in precious.items():
+        target.write_text("the user's own\n")
+        (run / name).unlink()
+        (run / name).symlink_to(target)
+    with pytest.raises(RunDirError) as refused:
+        run_training(config, resume="auto")
+    assert str(refused.value) == (
+        f"{run} holds links in place of the files loraforge writes there (metrics.jsonl, train.log); carrying on the "
+        "run would write through them into the files they point to: put a copy of each file in place of its link "
+        '(cp --remove-destination "$(readlink -f LINK)" LINK), or remove the link')
+    assert all(target.read_text() == "the user's own\n" for target in precious.values())
+
+    (run / rundir.LOG).unlink()
+    (run / rundir.METRICS).unlink()
+    (run / rundir.METRICS).write_text("")
+    elsewhere = tmp_path / "other-disk"
+    shutil.move(run / rundir.CHECKPOINTS, elsewhere)
+    (run / rundir.CHECKPOINTS).symlink_to(elsewhere)
+    run_training(config, resume="auto")
+    assert (elsewhere / "checkpoint-9").is_dir()

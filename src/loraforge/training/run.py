@@ -85,6 +85,8 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
             raise RunDirError(f"{checkpoint.name} is past train.max_steps={config.train.max_steps}; resume with "
                               f"train.max_steps of at least {step_of(checkpoint)}, or take an earlier checkpoint with "
                               "--resume CHECKPOINT")
+    if checkpoint is not None and is_main:
+        rundir.refuse_linked_files(Path(config.output_dir))
     if checkpoint is None and is_main:
         rundir.ensure_free(config.output_dir)
     with ExitStack() as held:
