@@ -23,7 +23,7 @@ from loraforge import __version__, rundir
 from loraforge.config import RunConfig, config_to_yaml, load_config
 from loraforge.config.env import read_env_beside
 from loraforge.config.migrate import write_migrated
-from loraforge.config.output_dir import expand_output_dir
+from loraforge.config.output_dir import expand_output_dir, remove_if_unused
 from loraforge.data.formats import FORMAT_FIELDS
 from loraforge.data.bundle import DataStats
 from loraforge.data.rows import load_rows
@@ -130,7 +130,7 @@ def _launch(args, config: RunConfig) -> int:
 
     accumulation(config.train, args.nproc * args.nnodes)
     # Filled in once here, so every process writes into the same run directory.
-    output_dir = expand_output_dir(config).output_dir
+    output_dir = expand_output_dir(config, reserve=True).output_dir
     os.environ[LAUNCH_FLAGS_ENV] = json.dumps(launch_flags(args))
     from loraforge.training.launch import launch
 
@@ -140,6 +140,8 @@ def _launch(args, config: RunConfig) -> int:
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    finally:
+        remove_if_unused(output_dir)
     return 0
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from loraforge import rundir
 from loraforge.cli import main
 from loraforge.config import load_config
-from loraforge.errors import RunDirError
+from loraforge.errors import ConfigError, RunDirError
 from loraforge.training.run import run_training
 from tests.conftest import write_jsonl
 
@@ -192,11 +192,19 @@ def test_output_dir_fills_in_model_data_and_time_and_resuming_needs_the_real_nam
     (tmp_path / f"{tiny_model_dir.name}-echo-20260102-030405-2").mkdir()
     assert expand_output_dir(templated, datetime(2026, 1, 2, 3, 4, 5)).output_dir == \
         f"{tmp_path}/{tiny_model_dir.name}-echo-20260102-030405-3", "a run started in the same second gets its own"
+    reserved = [expand_output_dir(templated, datetime(2026, 1, 2, 3, 4, 5), reserve=True).output_dir for _ in range(2)]
+    assert reserved == [f"{tmp_path}/{tiny_model_dir.name}-echo-20260102-030405-{n}" for n in (3, 4)], \
+        "runs started together: each has made its directory before the next looks"
+    assert all(Path(name).is_dir() and not any(Path(name).iterdir()) for name in reserved)
     result = run_training(templated)
     assert re.fullmatch(rf"{re.escape(tiny_model_dir.name)}-echo-\d{{8}}-\d{{6}}", result.run_dir.name), result.run_dir
     assert load_config(result.run_dir / rundir.RESOLVED).output_dir == str(result.run_dir), "resolved.yaml names it"
     with pytest.raises(RunDirError, match="names a new directory at every start; to resume, name the run's directory"):
         run_training(templated, resume="auto")
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="not modules of this model"):
+        run_training(templated.model_copy(update={"lora": templated.lora.model_copy(update={"target_modules": ["x"]})}))
+    assert sorted(tmp_path.iterdir()) == before, "the directory a refused run reserved is removed"
 
 
 def chat_asked(monkeypatch, stop_at: str | None = None, answer_tokens: int | None = None) -> list:

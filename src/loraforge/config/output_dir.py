@@ -8,9 +8,11 @@ from pathlib import Path
 from loraforge.config.schema import RunConfig
 
 
-def expand_output_dir(config: RunConfig, now: datetime | None = None) -> RunConfig:
+def expand_output_dir(config: RunConfig, now: datetime | None = None, reserve: bool = False) -> RunConfig:
     """The config with {model}, {data} and {time} of output_dir filled in; where {time} names a directory that is
-    already there (another run started in the same second), -2, -3, ... is added to it."""
+    already there (another run started in the same second), -2, -3, ... is added to it. reserve: make the directory
+    {time} names, empty, so that runs started together each get their own (`remove_if_unused` after a run that
+    stopped before writing to it)."""
     if "{" not in config.output_dir:
         return config
     source = config.data.sources[0].path
@@ -19,9 +21,30 @@ def expand_output_dir(config: RunConfig, now: datetime | None = None) -> RunConf
               "time": (now or datetime.now()).strftime("%Y%m%d-%H%M%S")}
     expanded = config.output_dir.format(**values)
     if "{time}" in config.output_dir:
-        expanded = next(name for name in (expanded, *(f"{expanded}-{n}" for n in range(2, 10_000)))
-                        if not Path(name).exists())
+        names = (expanded, *(f"{expanded}-{n}" for n in range(2, 10_000)))
+        expanded = next(name for name in names if not Path(name).exists() and (not reserve or _made(Path(name))))
     return config.model_copy(update={"output_dir": expanded})
+
+
+def _made(folder: Path) -> bool:
+    """Whether this process made folder now (False: it is there already, made by another); True where it cannot be
+    made, for the run to say why when it writes there."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir()
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_if_unused(folder: str | Path) -> None:
+    """A directory `expand_output_dir` reserved, removed where the run stopped before writing anything to it."""
+    try:
+        Path(folder).rmdir()
+    except OSError:
+        pass
 
 
 def _slug(text: str) -> str:

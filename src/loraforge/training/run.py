@@ -19,7 +19,7 @@ from transformers.utils import logging as transformers_logging
 from loraforge import rundir
 from loraforge.config import RunConfig, write_resolved
 from loraforge.config.env import scoped_environment
-from loraforge.config.output_dir import expand_output_dir
+from loraforge.config.output_dir import expand_output_dir, remove_if_unused
 from loraforge.data.cache import cache_key
 from loraforge.errors import RunDirError, TrainingStopped
 from loraforge.model.precision import choose_precision, join_cpu_processes
@@ -72,7 +72,7 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         raise RunDirError(f"output_dir {config.output_dir!r} names a new directory at every start; to resume, "
                                  "name the run's directory: output_dir=runs/... --resume auto")
     named = "{" not in config.output_dir
-    config = expand_output_dir(config)
+    config = expand_output_dir(config, reserve=is_main)
     if not named and command is not None:
         command = [*command, f"output_dir={config.output_dir}"]
     if resume and is_main:
@@ -90,6 +90,8 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
     if checkpoint is None and is_main:
         rundir.ensure_free(config.output_dir)
     with ExitStack() as held:
+        if not named:
+            held.callback(remove_if_unused, config.output_dir)
         held.callback(logging.getLogger("loraforge").setLevel, logging.getLogger("loraforge").level)
         # TensorBoardCallback reads its folder from the environment when the trainer is built, the trackers their
         # project names when the run begins; the caller's own variables come back at the end.
