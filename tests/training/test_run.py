@@ -347,3 +347,26 @@ def test_ctrl_c_during_an_answer_stops_it_and_the_chat_goes_on(tiny_run, capsys,
     assert [[m["content"] for m in chat] for chat in asked] == [["Echo red"], ["Echo blue"]], \
         "the stopped message is not part of the next turn"
     assert "answer stopped" in capsys.readouterr().err
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_of_before_it_trains(tiny_run, tmp_path, caplog):
+    """A script's warmup_steps: 100 over a small dataset: the learning rate rose for the whole run, ending far below
+    the one set, without a word."""
+    import logging
+
+    _, _, config_path = tiny_run
+    config = load_config(config_path, [f"output_dir={tmp_path / 'warm'}", "train.max_steps=2", "train.warmup_steps=8",
+                                       "train.logging_steps=1", "train.learning_rate=0.01"])
+    with caplog.at_level(logging.WARNING, logger="loraforge"):
+        run_training(config)
+    assert [r.getMessage() for r in caplog.records if "warmup" in r.getMessage()] == [
+        "train.warmup_steps 8 is not shorter than the run's 2 optimizer steps: the learning rate rises for the whole "
+        "run, to 1.25e-03 at its last step, 12% of train.learning_rate 0.01; lower train.warmup_steps, or use "
+        "train.warmup_ratio"]
+    records = [json.loads(line) for line in (tmp_path / "warm" / rundir.METRICS).read_text().splitlines()]
+    assert [r["lr"] for r in records if "lr" in r] == [0.0, pytest.approx(1.25e-3)], "as the warning says"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="loraforge"):
+        run_training(config.model_copy(update={"output_dir": str(tmp_path / "short"),
+                                               "train": config.train.model_copy(update={"warmup_steps": 1})}))
+    assert not [r for r in caplog.records if "warmup" in r.getMessage()]

@@ -101,6 +101,18 @@ def load_adapter_to_train(model, config: RunConfig, model_path):
     return model
 
 
+def warmup_outlasting(train, steps: int) -> str | None:
+    """Where train.warmup_steps is as long as the run or longer (a script's warmup over a small dataset): the
+    learning rate rises for the whole run and never reaches train.learning_rate. None otherwise."""
+    if train.warmup_steps is None or train.warmup_steps < steps or steps < 1:
+        return None
+    share = (steps - 1) / train.warmup_steps  # step k computes at the rate warmup gives after k - 1 steps
+    return (f"train.warmup_steps {train.warmup_steps} is not shorter than the run's {steps} optimizer steps: the "
+            f"learning rate rises for the whole run, to {train.learning_rate * share:.2e} at its last step, "
+            f"{100 * share:.0f}% of train.learning_rate {train.learning_rate:g}; lower train.warmup_steps, or use "
+            "train.warmup_ratio")
+
+
 def training_arguments(config: RunConfig, run_dir: Path, precision: str, has_eval: bool) -> TrainingArguments:
     """HF's TrainingArguments from the config; TRL's DPOConfig or ORPOConfig (subclasses) for dpo and orpo."""
     train = config.train

@@ -27,7 +27,7 @@ from loraforge.rundir import step_of
 from loraforge.training import evaluation, finish
 from loraforge.training.batch import accumulation, describe_batch, short_epoch, world_size
 from loraforge.training.build import (Built, build_trainer, check_kto_batches, check_optimizer, check_sharding,
-                                      train_examples, trainable_model)
+                                      train_examples, trainable_model, warmup_outlasting)
 from loraforge.training.checkpoints import bytes_to_write, latest_complete
 from loraforge.training.finish import TrainResult
 from loraforge.training.manifest import write_start
@@ -137,6 +137,10 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
                 write_resolved(config, run_dir)
                 write_start(run_dir, config, precision.record())
             built = build_trainer(config, prepared, model, run_dir, precision.chosen, fingerprints, stop)
+            warmup = (warmup_outlasting(config.train, built.trainer.steps_of_run())
+                      if is_main and config.train.warmup_steps is not None else None)
+            if warmup:
+                log.warning("%s", warmup)
             with _signal_after_training_says_what_is_left(config, built, run_dir, command):
                 trained = train(config, prepared, built, run_dir, checkpoint, stop, is_main, command)
                 if not is_main:
