@@ -118,7 +118,8 @@ def case_unknown_target_module(tmp_path, workspace):
     _, config = workspace
     out = tmp_path / "run"
     return (["train", config, f"output_dir={out}", "lora.target_modules=[q_proj, qq_proj]"], tmp_path, 2,
-            ["lora.target_modules: ['qq_proj'] are not modules of this model", "'q_proj'"])
+            [f"1 problem(s) in config {config}:\n  - command line 'lora.target_modules=[q_proj, qq_proj]': "
+             "lora.target_modules: ['qq_proj'] are not modules of this model", "'q_proj'"])
 
 
 def case_misspelt_builtin_model(tmp_path, workspace):

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from loraforge import __version__, rundir
 from loraforge.config import RunConfig, config_to_yaml, load_config
-from loraforge.config.env import read_env_beside
+from loraforge.config.load import located
+from loraforge.config.env import env_beside, read_env_beside, scoped_environment
 from loraforge.config.migrate import write_migrated
 from loraforge.config.output_dir import expand_output_dir, remove_if_unused
 from loraforge.data.formats import FORMAT_FIELDS
@@ -29,9 +30,12 @@ from loraforge.data.bundle import DataStats
 from loraforge.data.rows import load_rows
 from loraforge.data.sources import first_row, source_problems
 from loraforge.errors import ConfigError, DataError, LoraforgeError, ModelError, TrainingStopped
+from loraforge.model.precision import choose_cpu
 from loraforge.model.sources import BUILTIN, check_model_name, folder_on_disk
+from loraforge.model.targets import targets_on_disk
 from loraforge.model.template import template_text
 from loraforge.model.variants import configured_layers, kept_layers
+from loraforge.training.batch import accumulation
 from loraforge.training.bitsandbytes_import import leave_out_bitsandbytes
 from loraforge.training.cpu_threads import spin_between_kernels
 
@@ -189,18 +193,20 @@ def _launch_estimate(args, config: RunConfig) -> int:
 
 def _config_validate(args) -> int:
     config = load_config(args.config, args.overrides)
-    problems = _missing_for_training(config)
+    problems = _missing_for_training(config, args.config)
     if problems:
-        raise ConfigError(problems, source=str(args.config))
+        raise ConfigError(located(args.config, args.overrides, problems), source=str(args.config))
     print(f"{args.config}: valid")
     return 0
 
 
-def _missing_for_training(config: RunConfig) -> list[str]:
-    """What train would find missing seconds later, in a config whose keys and values are valid: data files (their
-    rows read and parsed as training reads them, where every source is a local file), a chat
-    template file, a model folder and the layers its variant removes, the run init_from names and whether its
-    adapter fits."""
+def _missing_for_training(config: RunConfig, config_path: str | Path) -> list[str]:
+    """What train would refuse seconds or minutes later, in a config whose keys and values are valid: data files
+    (their rows read and parsed as training reads them, where every source is a local file), a chat template file, a
+    model folder, the layers its variant removes and the modules LoRA names in it, the run init_from names and
+    whether its adapter fits, a global batch one process cannot make, fp16 without a GPU, and a tracker that cannot
+    log in (with the .env beside the config, as train reads it). A problem that needs the model's weights or
+    several processes is left to train."""
     problems = source_problems(config.data.sources)
     if not problems and all(Path(source.path).is_file() for source in config.data.sources):
         try:
@@ -225,7 +231,38 @@ def _missing_for_training(config: RunConfig) -> list[str]:
         rundir.check_init_from(config)
     except ConfigError as exc:
         problems.extend(exc.problems)
+    for check in (targets_on_disk, _one_process_batch, _fp16_needs_a_gpu):
+        problems.extend(check(config))
+    from loraforge.training.trackers import check_trackers
+
+    try:
+        with scoped_environment(env_beside(config_path)):
+            check_trackers(config.report_to, prompt=False)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
     return problems
+
+
+def _one_process_batch(config: RunConfig) -> list[str]:
+    try:
+        accumulation(config.train, 1)
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def _fp16_needs_a_gpu(config: RunConfig) -> list[str]:
+    if config.precision != "fp16":
+        return []
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    try:
+        choose_cpu("fp16")
+    except ConfigError as exc:
+        return exc.problems
+    return []
 
 
 def _config_show(args) -> int:
@@ -237,7 +274,7 @@ def _config_migrate(args) -> int:
     migration, text = write_migrated(args.source, args.out, first_row)
     report = [f"{args.source} -> {args.out or 'standard output'}:", migration.table(),
               *(f"note: {note}" for note in migration.notes)]
-    missing = _missing_for_training(RunConfig.model_validate(migration.config))
+    missing = _missing_for_training(RunConfig.model_validate(migration.config), args.out or args.source)
     left = [*(problem for problem in missing if not any(problem in unread for unread in migration.unreadable)),
             *migration.unreadable]
     train = f"`loraforge train {args.out}`" if args.out else "training it"
@@ -501,6 +538,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in COMPUTING:
             tune_process()
         return args.func(args)
+    except ConfigError as exc:
+        if exc.source is None and getattr(args, "config", None):
+            # Found by train against its model or data: said with the config it is in, and where each key is set.
+            exc = ConfigError(located(args.config, args.overrides, exc.problems), source=args.config)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except LoraforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import re
@@ -617,3 +618,44 @@ def test_config_that_is_a_pipe_or_device_is_refused_without_reading(tmp_path):
         with pytest.raises(ConfigError) as error:
             load_config(path)
         assert error.value.problems == [f"config {path} is {words}, not a file; pass a YAML file"]
+
+
+def test_validate_refuses_what_train_refuses_against_the_model_and_this_machine(tmp_path, capsys, monkeypatch,
+                                                                               tiny_model_dir):
+    """It said valid for LoRA modules the model does not have, a global batch one process cannot make, fp16 without
+    a GPU and a wandb with no key; train refused each after tokenizing and loading the model. Each is named where
+    its key is set."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for name in [n for n in os.environ if n.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
+    (tmp_path / "d.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", '
+                                      '"content": "b"}]}\n')
+    path = write(tmp_path / "c.yaml", f"model: {{name: {tiny_model_dir}}}\n" + MINIMAL +
+                 "lora:\n  modules_to_save: [lm_heads]\ntrain:\n  batch_size: 2\n")
+    assert main(["config", "validate", str(path), "lora.modules_to_save=[lm_head]"]) == 0
+    capsys.readouterr()
+    wanted = ["lora.target_modules=[q_proj, qq_proj]", "lora.modules_to_save=[lm_heads]", "train.global_batch=15",
+              "precision=fp16"] + (["report_to=[wandb]"] if importlib.util.find_spec("wandb") else [])
+    assert main(["config", "validate", str(path), wanted[0], *wanted[2:]]) == 2
+    problems = [line.removeprefix("  - ") for line in capsys.readouterr().err.splitlines()[1:]]
+    linear = "['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"
+    expected = [
+        f"command line 'lora.target_modules=[q_proj, qq_proj]': lora.target_modules: ['qq_proj'] are not modules of "
+        f"this model; its linear layers are {linear} (or use all-linear)",
+        f"{path}:6: lora.modules_to_save: ['lm_heads'] are not modules of this model; give names of its modules "
+        "(lm_head, embed_tokens; score for classification)",
+        "command line 'train.global_batch=15': train.global_batch: 15 is not a multiple of train.batch_size 2 x 1 "
+        "process(es) = 2; change one of them",
+    ]
+    if not torch.cuda.is_available():
+        expected.append("command line 'precision=fp16': precision: fp16 on a CPU runs through a very slow fallback; use "
+                        "fp32 or bf16 (or auto)")
+    if "report_to=[wandb]" in wanted:
+        expected.append("command line 'report_to=[wandb]': report_to: wandb cannot log in (no API key); set "
+                        "WANDB_API_KEY (in the environment or a .env file beside the config) or run `wandb login`; "
+                        "WANDB_MODE=offline logs to local files instead; or leave wandb out of report_to")
+    assert problems == expected

@@ -59,6 +59,24 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] | str |
     return config
 
 
+def located(path: str | Path, overrides: list[str] | tuple[str, ...], problems: list[str]) -> list[str]:
+    """Problems found once the config validated (against its data, its model, this machine), each that starts with a
+    key led by where that key is set: the file and line, or the command-line override; as they are where the config
+    cannot be read again or the key is set nowhere (a default)."""
+    try:
+        data, origins = _read_with_parents(Path(path), stack=())
+    except ConfigError:
+        return list(problems)
+    for item in overrides:
+        _apply_override(data, origins, item)
+    out = []
+    for problem in problems:
+        parts = _override_key(problem.split(": ", 1)[0]) if ": " in problem else None
+        where = _origin(tuple(parts), origins, "") if parts else ""
+        out.append(f"{where}: {problem}" if where and not problem.startswith(where) else problem)
+    return out
+
+
 def config_to_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 

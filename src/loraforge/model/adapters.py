@@ -8,6 +8,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from loraforge.errors import ConfigError
+from loraforge.model.targets import Modules, target_problems
 
 log = logging.getLogger(__name__)
 
@@ -53,33 +54,24 @@ def apply_lora(
         ensure_weight_tying=bool(modules_to_save),
         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
     )
-    names = [name for name, _ in model.named_modules()]
-
-    def missing(wanted: list[str]) -> list[str]:
-        return [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
-
-    if isinstance(target_modules, list):
-        unknown = missing(target_modules)
-        if unknown:
-            # GPT-2 and its kin keep their projections in transformers' Conv1D, which LoRA targets as it does Linear.
-            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                             if isinstance(module, (torch.nn.Linear, Conv1D))})
-            raise ConfigError([f"lora.target_modules: {unknown} are not modules of this model; its linear layers "
-                               f"are {linear} (or use all-linear)"])
-        if "lm_head" in target_modules and getattr(model.config, "tie_word_embeddings", False):
-            raise ConfigError(["lora.target_modules: lm_head shares its weights with the input embeddings in this "
-                               "model (tie_word_embeddings), so LoRA on it cannot be merged into one matrix; train it "
-                               "in full with lora.modules_to_save: [lm_head], or leave it out"])
-    unknown = missing(modules_to_save or [])
-    if unknown:
-        raise ConfigError([f"lora.modules_to_save: {unknown} are not modules of this model; give names of its modules "
-                           "(lm_head, embed_tokens; score for classification)"])
+    problems = target_problems(loaded_modules(model), target_modules, modules_to_save)
+    if problems:
+        raise ConfigError(problems)
     try:
         with peft_wrapping():
             return get_peft_model(model, config)
     except ValueError as exc:  # a target peft cannot wrap: a norm, a whole block
         raise ConfigError([f"lora.target_modules: {str(exc).splitlines()[0]}; name linear layers (q_proj, v_proj, ...) "
                            "or use all-linear"]) from None
+
+
+def loaded_modules(model) -> Modules:
+    """The modules of a loaded model, as model/targets.py checks names against them."""
+    # GPT-2 and its kin keep their projections in transformers' Conv1D, which LoRA targets as it does Linear.
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, (torch.nn.Linear, Conv1D))})
+    return Modules({name for name, _ in model.named_modules()}, linear,
+                   bool(getattr(model.config, "tie_word_embeddings", False)))
 
 
 def trained_in_fp32(model):

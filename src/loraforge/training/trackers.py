@@ -9,13 +9,14 @@ from loraforge.errors import ConfigError
 WANDB_OFF = {"offline", "disabled", "dryrun"}
 
 
-def check_trackers(report_to) -> None:
-    problems = (_wandb() if "wandb" in report_to else []) + (_mlflow() if "mlflow" in report_to else [])
+def check_trackers(report_to, prompt: bool = True) -> None:
+    """Refuse a tracker that is not installed or cannot log in; prompt: on a terminal, wandb asks for its key."""
+    problems = (_wandb(prompt) if "wandb" in report_to else []) + (_mlflow() if "mlflow" in report_to else [])
     if problems:
         raise ConfigError(problems)
 
 
-def _wandb() -> list[str]:
+def _wandb(prompt: bool = True) -> list[str]:
     if find_spec("wandb") is None:
         return ["report_to: wandb is not installed; pip install wandb, or leave wandb out of report_to"]
     if (os.environ.get("WANDB_MODE", "").lower() in WANDB_OFF
@@ -25,11 +26,13 @@ def _wandb() -> list[str]:
 
     try:
         # No server contact (verify=False); on a terminal it asks for the key, as wandb.init would later.
-        wandb.login(verify=False)
+        logged_in, why = wandb.login(verify=False, prompt=prompt), "no API key"
     except Exception as exc:  # wandb raises UsageError without a key, AuthenticationError for a malformed one
-        return [f"report_to: wandb cannot log in ({_first_line(exc)}); set WANDB_API_KEY (in the environment or a "
-                ".env file beside the config) or run `wandb login`; WANDB_MODE=offline logs to local files instead; "
-                "or leave wandb out of report_to"]
+        logged_in, why = False, _first_line(exc)
+    if not logged_in:
+        return [f"report_to: wandb cannot log in ({why}); set WANDB_API_KEY (in the environment or a .env file beside "
+                "the config) or run `wandb login`; WANDB_MODE=offline logs to local files instead; or leave wandb out "
+                "of report_to"]
     return []
 
 
