@@ -23,18 +23,33 @@ def plot_loss(metrics_path: str | Path, out_path: str | Path, title: str = "") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, evaluation = read_loss_series(metrics_path)
+    figure = loss_figure(*read_loss_series(metrics_path), title=title)
+    figure.savefig(out_path)
+    plt.close(figure)
+    return Path(out_path)
+
+
+# Up to this many points a curve marks each one: a short run logs a handful, and a lone point drawn as a line shows
+# nothing at all.
+MARKED_POINTS = 40
+
+
+def loss_figure(train: list[tuple[int, float]], evaluation: list[tuple[int, float]], title: str = ""):
+    """Train and eval loss against the optimizer step (whole steps on the axis)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     figure, axes = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        axes.plot(*zip(*train), label="train loss", color="tab:blue")
+        axes.plot(*zip(*train), label="train loss", color="tab:blue",
+                  marker="." if len(train) <= MARKED_POINTS else None)
     if evaluation:
         axes.plot(*zip(*evaluation), label="eval loss", color="tab:orange", marker="o")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss (assistant tokens)")
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(out_path)
-    plt.close(figure)
-    return Path(out_path)
+    return figure
