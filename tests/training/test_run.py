@@ -370,3 +370,15 @@ def test_a_warmup_as_long_as_the_run_is_warned_of_before_it_trains(tiny_run, tmp
         run_training(config.model_copy(update={"output_dir": str(tmp_path / "short"),
                                                "train": config.train.model_copy(update={"warmup_steps": 1})}))
     assert not [r for r in caplog.records if "warmup" in r.getMessage()]
+
+
+def test_the_summary_shows_each_sample_on_one_short_line(tmp_path):
+    """Answers of 300 new tokens, or with line breaks, ran over screens of the summary; report.md keeps them whole."""
+    from loraforge.training.finish import TrainResult
+
+    long = "less" * 300
+    result = TrainResult(tmp_path, 3.0, 2.0, 10.0, 100.0, samples=[
+        {"prompt": "Say\nhi", "base": long, "finetuned": "hi\n\nthere"}])
+    lines = result.summary().splitlines()
+    assert lines[lines.index("Prompt:     Say ⏎ hi") + 1:][:2] == [
+        f"Base:       {long[:100]} ... (report.md has it whole)", "Fine-tuned: hi ⏎ there"]

@@ -78,14 +78,24 @@ class TrainResult:
         if self.total_seconds is not None:
             lines.append(f"Total time: {self.total_seconds:.0f}s (loading, training, evaluation, samples, report)")
         for sample in self.samples:
-            lines.append(f"Prompt:     {sample['prompt']}")
-            lines.append(f"Base:       {sample['base']}")
-            lines.append(f"Fine-tuned: {sample['finetuned']}")
+            lines.append(f"Prompt:     {one_line(sample['prompt'])}")
+            lines.append(f"Base:       {one_line(sample['base'])}")
+            lines.append(f"Fine-tuned: {one_line(sample['finetuned'])}")
         if self.task == "classification":
             lines.append(f"Label a text with it: loraforge predict {shlex.quote(str(self.run_dir))} --text TEXT")
         else:
             lines.append(f"Chat with it: loraforge chat {shlex.quote(str(self.run_dir))}")
         return "\n".join(lines)
+
+
+# The summary shows this much of a sample answer; report.md has each whole.
+SHOWN_CHARACTERS = 100
+
+
+def one_line(text: str) -> str:
+    """A sample prompt or answer on one line of the summary: its line breaks as ⏎, cut after SHOWN_CHARACTERS."""
+    flat = " ⏎ ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
+    return flat if len(flat) <= SHOWN_CHARACTERS else flat[:SHOWN_CHARACTERS].rstrip() + " ... (report.md has it whole)"
 
 
 TEST_METRICS = (("preference_accuracy", "preference accuracy"), ("chosen_more_likely", "chosen more likely"),
