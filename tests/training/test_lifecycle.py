@@ -249,6 +249,20 @@ def test_resume_needs_a_complete_checkpoint(make_config, tmp_path):
         run_training(config, resume=str(tmp_path / "never" / rundir.CHECKPOINTS / "checkpoint-9"))
 
 
+def test_resume_from_a_folder_that_holds_checkpoints_names_them(make_config):
+    """--resume RUN/checkpoints (or RUN) was told its checkpoint belonged to the run in RUN's parent folder."""
+    config, _ = make_config("held", "train.max_steps=6")
+    run_training(config)
+    run = Path(config.output_dir)
+    for given in (run / rundir.CHECKPOINTS, run):
+        with pytest.raises(RunDirError) as refused:
+            run_training(config.model_copy(update={"train": config.train.model_copy(update={"max_steps": 9})}),
+                         resume=str(given))
+        assert str(refused.value) == (f"--resume {given}: not a checkpoint folder (checkpoint-N); it holds "
+                                      f"checkpoint-3, checkpoint-6: name one of them, or use --resume auto for the "
+                                      f"newest complete checkpoint of {run}")
+
+
 def test_a_checkpoint_of_another_run_is_refused_and_both_runs_stay_as_they_were(make_config, tmp_path):
     donor, _ = make_config("donor")
     run_training(donor)

@@ -35,6 +35,12 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
         if not path.is_dir():
             raise RunDirError(f"--resume {path}: no such checkpoint folder; use --resume auto for the newest "
                               f"complete checkpoint of {run_dir}")
+        name = path.resolve().name
+        if not (name.startswith(rundir.CHECKPOINT) and name[len(rundir.CHECKPOINT):].isdigit()):
+            held = [c.name for c in complete_checkpoints(path) or complete_checkpoints(path / rundir.CHECKPOINTS)]
+            inside = f"; it holds {', '.join(held[-3:])}: name one of them" if held else ""
+            raise RunDirError(f"--resume {path}: not a checkpoint folder ({rundir.CHECKPOINT}N){inside}, or use "
+                              f"--resume auto for the newest complete checkpoint of {run_dir}")
         if path.resolve().parent != (run_dir / rundir.CHECKPOINTS).resolve():
             owner = path.resolve().parent.parent
             raise RunDirError(f"--resume {path}: that checkpoint belongs to the run in {owner}, not to output_dir "
