@@ -564,3 +564,35 @@ def test_json_nested_too_deep_is_a_bad_row_not_a_traceback(tmp_path):
     array.write_text(f"[{GOOD}, {{\"messages\": {'[' * 100_000}}}]")
     with pytest.raises(DataError, match=rf"{array}: JSON nested deeper than the reader allows"):
         load(array)
+
+
+@pytest.mark.parametrize("fmt, row, field", [
+    ("alpaca", {"instruction": "q", "input": "", "output": " "}, "output"),
+    ("prompt_completion", {"prompt": "q", "completion": ""}, "completion"),
+])
+def test_an_empty_answer_field_is_named_as_the_field_it_is(tmp_path, fmt, row, field):
+    """It was named as a position in a list of messages the row does not have: output[1]."""
+    path = write(tmp_path, [json.dumps(row)])
+    with pytest.raises(DataError) as info:
+        load(path, fmt)
+    assert f"{path}:1: field '{field}' is empty; fill it in or drop the row" in str(info.value)
+
+
+def test_a_data_path_that_is_a_pipe_device_or_folder_says_what_it_is(tmp_path):
+    """A named pipe, or a link to /dev/zero, was said to be not found; reading either would never end."""
+    import os
+
+    from loraforge.data.sources import source_problems
+
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    (tmp_path / "zero.jsonl").symlink_to("/dev/zero")
+    (tmp_path / "folder.jsonl").mkdir()
+    config = DataConfig.model_validate({"sources": [{"path": str(tmp_path / name)}
+                                                    for name in ("pipe.jsonl", "zero.jsonl", "folder.jsonl")]})
+    assert source_problems(config.sources) == [
+        f"data.sources[0].path: {tmp_path / 'pipe.jsonl'}: a named pipe, not a data file; point at a .jsonl, .json, "
+        ".csv or .parquet file",
+        f"data.sources[1].path: {tmp_path / 'zero.jsonl'}: a character device, not a data file; point at a .jsonl, "
+        ".json, .csv or .parquet file",
+        f"data.sources[2].path: {tmp_path / 'folder.jsonl'}: a folder, not a data file; point at a .jsonl, .json, "
+        ".csv or .parquet file"]

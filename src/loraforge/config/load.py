@@ -110,7 +110,7 @@ def _read_with_parents(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[
             source=str(path),
         )
     if not parent_path.is_file():
-        raise ConfigError([f"{extends_at}: extends: {parent_ref!r} is {_kind_of(parent_path)} ({parent_path}); name "
+        raise ConfigError([f"{extends_at}: extends: {parent_ref!r} is {kind_of(parent_path)} ({parent_path}); name "
                            "the YAML file to extend"], source=str(path))
     parent, parent_origins = _read_with_parents(parent_path, (*stack, resolved))
     merged = _merge(parent, data, parent_origins, origins)
@@ -126,7 +126,7 @@ def read_yaml_file(path: Path) -> tuple[dict, dict[Key, str]]:
     if not path.exists():
         raise ConfigError([f"config file {path} not found"], source=str(path))
     if not path.is_file():
-        raise ConfigError([f"config {path} is {_kind_of(path)}, not a file; pass a YAML file"], source=str(path))
+        raise ConfigError([f"config {path} is {kind_of(path)}, not a file; pass a YAML file"], source=str(path))
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -159,7 +159,7 @@ def read_yaml_file(path: Path) -> tuple[dict, dict[Key, str]]:
     return data, origins
 
 
-def _kind_of(path: Path) -> str:
+def kind_of(path: Path) -> str:
     """What a path that is not a regular file is, in words; such a path is refused before it is opened, since
     opening a named pipe with no writer waits forever."""
     mode = path.stat().st_mode

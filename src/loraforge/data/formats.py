@@ -94,14 +94,16 @@ def from_alpaca(row: dict, where: str, source=None) -> Conversation:
         raise DataError(f"{where}: field {input_key!r} is {type(extra).__name__}, expected text; {hint}")
     output = _field(row, _column(source, "output"), str, where, hint)
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return _checked((Message("user", prompt), Message("assistant", output)), where, _column(source, "output"))
+    return _checked((Message("user", prompt), Message("assistant", output)), where, _column(source, "output"),
+                    answer_only=True)
 
 
 def from_prompt_completion(row: dict, where: str, source=None) -> Conversation:
     hint = _hint(source, "prompt_completion")
     prompt = _field(row, _column(source, "prompt"), str, where, hint)
     completion = _field(row, _column(source, "completion"), str, where, hint)
-    return _checked((Message("user", prompt), Message("assistant", completion)), where, _column(source, "completion"))
+    return _checked((Message("user", prompt), Message("assistant", completion)), where, _column(source, "completion"),
+                    answer_only=True)
 
 
 def from_classification(row: dict, where: str, source=None) -> Conversation:
@@ -337,12 +339,14 @@ def _json_list(text: str) -> list | str:
     return items if isinstance(items, list) else text
 
 
-def _checked(messages: tuple[Message, ...], where: str, key: str) -> Conversation:
+def _checked(messages: tuple[Message, ...], where: str, key: str, answer_only: bool = False) -> Conversation:
+    """answer_only: key is the text field of the one answer (alpaca's output), not a list of messages."""
     if not any(m.role == "assistant" for m in messages):
         raise DataError(f"{where}: field {key!r} has no assistant message, so nothing to train on")
     for index, message in enumerate(messages):
         if message.role == "assistant" and not message.content.strip():
-            raise DataError(f"{where}: {key}[{index}] is an empty assistant message; fill it in or drop the row")
+            what = f"field {key!r} is empty" if answer_only else f"{key}[{index}] is an empty assistant message"
+            raise DataError(f"{where}: {what}; fill it in or drop the row")
         if message.train is True and message.role != "assistant":
             raise DataError(f"{where}: {key}[{index}] is a {message.role} message with train: true; only assistant turns are trained")
     if messages[-1].role != "assistant":

@@ -11,6 +11,7 @@ import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from loraforge.config.load import kind_of
 from loraforge.errors import DataError
 from loraforge.model.sources import UNREACHABLE, hub_problem, hub_snapshot, in_hub_cache
 
@@ -64,6 +65,8 @@ def local_problem(path: str) -> str | None:
     suffix = file.suffix.lower()
     if file.is_dir():
         return f"{path}: a folder, not a data file; point at a {KINDS} file"
+    if file.exists() and not file.is_file():
+        return f"{path}: {kind_of(file)}, not a data file; point at a {KINDS} file"
     if not file.is_file():
         other = "" if suffix in FILE_SUFFIXES else (
             f", and {f'{suffix} is' if suffix else 'a name without an extension is'} not a type loraforge reads ({KINDS})")
