@@ -4,6 +4,7 @@
 they load on first use, so `import loraforge` stays instant and the command line starts fast.
 """
 
+import logging
 import os
 
 __version__ = "0.1.0"
@@ -21,6 +22,9 @@ def __getattr__(name: str):
 
         return load_config
     if name in API:
+        # As the command line: bitsandbytes warns at import of a CPU kernel from the hub that loraforge never uses.
+        if logging.getLogger("bitsandbytes").level == logging.NOTSET:
+            logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         from loraforge import api
 
         return getattr(api, name)

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from loraforge.config import RunConfig, load_config
 from loraforge.config.env import env_beside, scoped_environment
-from loraforge.errors import ConfigError
-from loraforge.eval.generate import generate_batch, prompt_for
+from loraforge.errors import ConfigError, DataError, ModelError
+from loraforge.eval.generate import context_problem, generate_batch, prompt_for
 from loraforge.eval.run import run_eval
 from loraforge.export.merge import MergeResult, run_merge
+from loraforge.model.load import context_length
 from loraforge.trained import load_run
 from loraforge.training.finish import TrainResult
 from loraforge.training.run import run_training
@@ -77,10 +78,20 @@ def generate(run_dir: str | Path, prompts: str | list[str], max_new_tokens: int 
                                        or max_new_tokens < 1):
         raise ConfigError([f"max_new_tokens {max_new_tokens!r}: give a whole number of 1 or more (or leave it out for "
                            "the run's eval.max_new_tokens)"])
+    asked = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(asked, list) or not all(isinstance(p, str) for p in asked):
+        raise TypeError(f"prompts: give a str or a list of str, got {prompts!r:.100}")
     run = load_run(run_dir, task="causal_lm", precision="auto")
     config = run.config
-    asked = [prompts] if isinstance(prompts, str) else prompts
     chats = [prompt_for(p, config.data) for p in asked]
-    answers = generate_batch(run.model, run.tokenizer, chats, max_new_tokens or config.eval.max_new_tokens,
-                             run.stop_ids)
+    limit, context = max_new_tokens or config.eval.max_new_tokens, context_length(run.model.config)
+    for index, chat in enumerate(chats):
+        try:
+            problem = context_problem(run.tokenizer, chat, limit, context, "max_new_tokens, or the run's "
+                                                                              "eval.max_new_tokens")
+        except DataError as exc:
+            raise DataError(f"prompt {index}: {exc}") from None
+        if problem:
+            raise ModelError(f"prompt {index}: {problem}")
+    answers = generate_batch(run.model, run.tokenizer, chats, limit, run.stop_ids)
     return answers[0] if isinstance(prompts, str) else answers

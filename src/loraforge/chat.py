@@ -3,8 +3,9 @@
 import sys
 from pathlib import Path
 
-from loraforge.errors import ModelError
-from loraforge.eval.generate import generate, plain_text_run, prompt_for, prompt_ids, prompt_messages
+from loraforge.errors import DataError, ModelError
+from loraforge.eval.generate import (context_problem, generate, plain_text_run, prompt_for, prompt_messages,
+                                     require_utf8)
 from loraforge.model.load import context_length
 from loraforge.trained import load_run
 
@@ -24,11 +25,7 @@ def run_chat(run_dir: str | Path, prompt: str | None = None, max_new_tokens: int
 
     def too_long(asked) -> str | None:
         """Why asked, with an answer of up to `limit` tokens, does not fit the model's context; None when it fits."""
-        room = context - len(prompt_ids(tokenizer, asked))
-        if limit <= room:
-            return None
-        return (f"it and an answer of up to {limit} tokens (--max-new-tokens, or the run's eval.max_new_tokens) pass "
-                f"the model's context of {context} tokens; shorten it, or ask for at most {max(room, 0)} tokens")
+        return context_problem(tokenizer, asked, limit, context, "--max-new-tokens, or the run's eval.max_new_tokens")
 
     def answer(asked) -> str | None:
         """The streamed answer; None when Ctrl-C stopped it."""
@@ -40,8 +37,12 @@ def run_chat(run_dir: str | Path, prompt: str | None = None, max_new_tokens: int
 
     if prompt is not None:
         asked = prompt_for(prompt, config.data)
-        if too_long(asked):
-            raise ModelError(f"--prompt: {too_long(asked)}")
+        try:
+            problem = too_long(asked)
+        except DataError as exc:
+            raise DataError(f"--prompt: {exc}") from None
+        if problem:
+            raise ModelError(f"--prompt: {problem}")
         generate(model, tokenizer, asked, limit, stop_ids, streamer)
         return
     plain = plain_text_run(config.data)
@@ -51,9 +52,13 @@ def run_chat(run_dir: str | Path, prompt: str | None = None, max_new_tokens: int
     while True:
         try:
             line = input("you> ").strip()
+            require_utf8(line)
         except EOFError:
             print(file=sys.stderr)
             return
+        except (UnicodeDecodeError, DataError):
+            print("(that line is not UTF-8 text; type it again)", file=sys.stderr)
+            continue
         if line in ("/exit", "/quit"):
             return
         if line == "/reset":

@@ -191,6 +191,10 @@ def test_a_client_that_leaves_frees_its_place(server, client):
     ({"model": "echo-a", "messages": [{"role": "user", "content": 3}]}, 400, "messages[0].content must be text"),
     ({"model": "echo-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400,
      "passes the model's context"),
+    ({"model": "echo-a", "messages": [{"role": "user", "content": "red " * 1100}], "max_tokens": 2}, 400,
+     "tokens fill the model's context of 1024; shorten it"),
+    (b'{"model": "echo-a", "messages": [{"role": "user", "content": "Echo \\udcff"}]}', 400,
+     "the prompt is not UTF-8 text (character 6 is a byte that is not UTF-8)"),
     ({"model": "echo-a", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400,
      "temperature must be a number"),
     ({"model": "echo-a", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n must be 1"),
@@ -216,6 +220,16 @@ def test_bad_requests_get_an_openai_error_and_a_4xx(server, body, status, expect
     error = response.json()["error"]
     assert expected in error["message"] and error["type"]
     assert httpx.get(f"{server[0].url}/health", timeout=10).json()["status"] == "ok", "the server lives on"
+
+
+def test_a_completion_prompt_that_is_not_utf8_gets_a_400(server):
+    """It was a 500 with a plain-text body and a traceback in the log."""
+    response = httpx.post(f"{server[0].url}/v1/completions", timeout=30,
+                          content=b'{"model": "echo-a", "prompt": "Echo \\ud800"}',
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("the prompt is not UTF-8 text (character 6")
+    assert response.json()["error"]["param"] == "prompt"
 
 
 def test_without_the_key_every_request_is_refused(server):

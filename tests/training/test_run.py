@@ -333,8 +333,8 @@ def test_chat_keeps_prompt_and_answer_within_the_models_context(tiny_run, capsys
     assert main(["chat", config.output_dir, "--max-new-tokens", "100"]) == 0
     err = capsys.readouterr().err
     assert "its oldest turns are left out" in err
-    assert "(that message: it and an answer of up to 100 tokens (--max-new-tokens, or the run's eval.max_new_tokens) " \
-           "pass the model's context of 1024 tokens" in err
+    assert "(that message: it fills the model's context of 1024 tokens by itself (1130 tokens); shorten it)" in err, \
+        "not 'ask for at most 0 tokens'"
     sizes = [len(chat) for chat in asked]
     assert sizes[0] == 1 and max(sizes) < 5 and len(sizes) == 3
 
@@ -382,3 +382,38 @@ def test_the_summary_shows_each_sample_on_one_short_line(tmp_path):
     lines = result.summary().splitlines()
     assert lines[lines.index("Prompt:     Say ⏎ hi") + 1:][:2] == [
         f"Base:       {long[:100]} ... (report.md has it whole)", "Fine-tuned: hi ⏎ there"]
+
+
+def test_a_prompt_that_is_empty_not_utf8_or_too_long_is_refused_in_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    """chat and the Python API: an empty prompt on a plain-text run, text with bytes that are not UTF-8 (lone
+    surrogates, as a terminal passes them) and, from Python, a prompt that with its answer passes the model's
+    context each ended in a traceback, or generated past the context (max_new_tokens=10**9 never ended)."""
+    import loraforge
+    from loraforge.errors import DataError, ModelError
+
+    config, _, config_path = tiny_run
+    run = config.output_dir
+    assert main(["chat", run, "--prompt", "Echo \udcff"]) == 2
+    assert "error: --prompt: the prompt is not UTF-8 text (character 6 is a byte that is not UTF-8)" in \
+        capsys.readouterr().err
+    asked = chat_asked(monkeypatch, answer_tokens=2)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Echo \udcff\nEcho red\n/exit\n"))
+    assert main(["chat", run, "--max-new-tokens", "2"]) == 0
+    assert "(that line is not UTF-8 text; type it again)" in capsys.readouterr().err
+    assert [chat[-1]["content"] for chat in asked] == ["Echo red"]
+    monkeypatch.undo()
+    with pytest.raises(ModelError, match=r"prompt 0: it and an answer of up to 1000000000 tokens \(max_new_tokens"):
+        loraforge.generate(run, ["Echo red", "Echo blue"], max_new_tokens=10**9)
+    with pytest.raises(DataError, match="prompt 0: the prompt is not UTF-8 text"):
+        loraforge.generate(run, "Echo \udcff")
+    with pytest.raises(TypeError, match="prompts: give a str or a list of str"):
+        loraforge.generate(run, [1, 2])
+
+    text_rows = write_jsonl(tmp_path / "text.jsonl", [{"text": f"The colour is {c} and {c}."} for c in ("red", "blue")] * 6)
+    plain = load_config(config_path, [f"output_dir={tmp_path / 'plain'}", f"data.sources=[{{path: {text_rows}, "
+                                      "format: text}]", "train.max_steps=1"])
+    run_training(plain)
+    assert main(["chat", plain.output_dir, "--prompt", ""]) == 2
+    assert "error: --prompt: the prompt is empty: give some text to continue" in capsys.readouterr().err
+    with pytest.raises(DataError, match="prompt 0: the prompt is empty"):
+        loraforge.generate(plain.output_dir, "")

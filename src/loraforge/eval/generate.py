@@ -1,6 +1,7 @@
 """Greedy generation from a prompt, optionally streamed. A prompt is a chat (a list of messages, rendered by the
 chat template with the assistant's turn opened) or, for a run trained on plain text only, the text to continue."""
 
+from loraforge.errors import DataError
 from loraforge.model.template import apply_template
 
 
@@ -34,11 +35,38 @@ def asked_of(prompts: list[str], data_config, tokenizer) -> list[str | list[dict
 
 
 def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
-    """A text is tokenized as training tokenized its rows (BOS where the tokenizer adds it, no EOS)."""
+    """A text is tokenized as training tokenized its rows (BOS where the tokenizer adds it, no EOS). DataError for
+    text that is not UTF-8 (bytes read as lone surrogates, from a terminal or a file) and for a prompt of no tokens."""
+    for text in [prompt] if isinstance(prompt, str) else [m.get("content") for m in prompt if isinstance(m, dict)]:
+        if isinstance(text, str):
+            require_utf8(text)
     if isinstance(prompt, str):
-        return list(tokenizer(prompt)["input_ids"])
+        ids = list(tokenizer(prompt)["input_ids"])
+        if not ids:
+            raise DataError("the prompt is empty: give some text to continue")
+        return ids
     text = apply_template(tokenizer, prompt, tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def context_problem(tokenizer, prompt: str | list[dict], limit: int, context: int, limit_key: str) -> str | None:
+    """Why a prompt with an answer of up to `limit` tokens (set by limit_key) does not fit the model's context of
+    `context` tokens; None when it fits."""
+    room = context - len(prompt_ids(tokenizer, prompt))
+    if room < 1:
+        return f"it fills the model's context of {context} tokens by itself ({context - room} tokens); shorten it"
+    if limit <= room:
+        return None
+    return (f"it and an answer of up to {limit} tokens ({limit_key}) pass the model's context of {context} tokens; "
+            f"shorten it, or ask for at most {room} tokens")
+
+
+def require_utf8(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(f"the prompt is not UTF-8 text (character {exc.start + 1} is a byte that is not UTF-8); send "
+                        "or save it as UTF-8") from None
 
 
 def as_trained(model):

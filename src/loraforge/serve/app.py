@@ -106,12 +106,12 @@ class Api:
             raise ApiError(400, "n must be 1: one answer per request", "n")
         room = served.base.context - len(ids)
         max_tokens = _integer(body, "max_tokens", None, 1) or _integer(body, "max_completion_tokens", None, 1)
-        if max_tokens is not None and max_tokens > room:
-            raise ApiError(400, f"max_tokens {max_tokens} with a prompt of {len(ids)} tokens passes the model's "
-                                f"context of {served.base.context} tokens; ask for at most {max(room, 0)}", "max_tokens")
         if room < 1:
             raise ApiError(400, f"the prompt's {len(ids)} tokens fill the model's context of "
                                 f"{served.base.context}; shorten it", asked)
+        if max_tokens is not None and max_tokens > room:
+            raise ApiError(400, f"max_tokens {max_tokens} with a prompt of {len(ids)} tokens passes the model's "
+                                f"context of {served.base.context} tokens; ask for at most {room}", "max_tokens")
         return Job(served, ids, max_tokens or min(served.max_new_tokens, room),
                    temperature=_number(body, "temperature", 1.0, 0, 2), top_p=_number(body, "top_p", 1.0, 0.0001, 1),
                    stop=_stop(body), seed=_integer(body, "seed", None, 0), deliver=deliver)
@@ -198,7 +198,11 @@ def build_app(served: dict[str, Served], engine: Engine, api_key: str | None = N
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "prompt must be a non-empty string", "prompt")
-        return await respond(request, body, served, prompt_ids(served.tokenizer, prompt), chat=False)
+        try:
+            ids = prompt_ids(served.tokenizer, prompt)
+        except LoraforgeError as exc:
+            raise ApiError(400, str(exc), "prompt") from None
+        return await respond(request, body, served, ids, chat=False)
 
     async def respond(request: Request, body: dict, served: Served, ids: list[int], chat: bool):
         loop = asyncio.get_running_loop()
