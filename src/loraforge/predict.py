@@ -14,8 +14,14 @@ def read_texts(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{file}: file not found")
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{file}:{line}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
     texts = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         if file.suffix == ".jsonl":

@@ -54,7 +54,7 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
         raise RunDirError(f"{run_dir} is a {config.task} run; use `{COMMAND_FOR[config.task].format(run_dir=run_dir)}`")
     if precision == "auto":
         precision = precision_here(run_dir, config)
-    labels = json.loads((run_dir / LABELS).read_text(encoding="utf-8")) if config.task == "classification" else None
+    labels = run_labels(run_dir) if config.task == "classification" else None
     if not (run_dir / TOKENIZER).is_dir():
         raise RunDirError(f"{run_dir} lacks its {TOKENIZER}/ folder (the tokenizer and chat template it trained "
                           "with); copy the run again, whole")
@@ -70,6 +70,21 @@ def load_run(run_dir: str | Path, task: str | None = None, quantized: bool = Tru
         model.set_adapter("default")
     stop_ids = stop_token_ids(tokenizer, model.generation_config) if config.task == "causal_lm" else frozenset()
     return LoadedRun(run_dir, config, model, tokenizer, stop_ids, labels)
+
+
+def run_labels(run_dir: Path) -> list[str]:
+    """A classification run's label names, in id order (labels.json), or one line on what is wrong with the file."""
+    path = run_dir / LABELS
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunDirError(f"{run_dir} lacks {LABELS} (its label names in id order); copy the run again, whole") from None
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{path} cannot be read ({first_line(exc)}): damaged or cut short; copy the run again, "
+                          "whole") from None
+    if not (isinstance(labels, list) and labels and all(isinstance(label, str) for label in labels)):
+        raise RunDirError(f"{path} is not a list of label names as loraforge wrote it; copy the run again, whole")
+    return labels
 
 
 def load_trained_model(run_dir: Path, config: RunConfig, precision: str, quantized: bool = True,

@@ -181,3 +181,29 @@ def test_loading_a_causal_checkpoint_as_a_classifier_says_nothing_of_the_head_lo
     head = "LlamaForSequenceClassification LOAD REPORT from: x\nKey | Status | \n----+----\n"
     assert not shown(head + "score.weight | \x1b[31mMISSING\x1b[0m | \n"), "coloured as in a terminal"
     assert shown(head + "score.weight | MISSING | \nmodel.norm.weight | UNEXPECTED | \n"), "anything else is shown"
+
+
+def test_predict_says_what_is_wrong_with_a_text_file_or_a_labels_json_in_one_line(train_tiny, tmp_path, capsys):
+    """A text file with bytes that are not UTF-8, and a run whose labels.json is gone or damaged, ended predict
+    (and eval, merge) in a traceback."""
+    import shutil
+
+    from loraforge.cli import main
+
+    config, _ = train_tiny("task=classification", "train.max_steps=1", rows=reviews(), fmt="classification")
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes(b"good\n\xff bad\n")
+    assert main(["predict", config.output_dir, "--file", str(texts)]) == 2
+    assert f"error: {texts}:2: not UTF-8 text (invalid start byte); save the file as UTF-8" in capsys.readouterr().err
+    copy = shutil.copytree(config.output_dir, tmp_path / "copy")
+    labels = copy / "labels.json"
+    for damage, said in ((None, f"{copy} lacks labels.json (its label names in id order); copy the run again, whole"),
+                         ('["negative", "pos', f"{labels} cannot be read (Unterminated string"),
+                         ('{"0": "negative"}', f"{labels} is not a list of label names as loraforge wrote it")):
+        labels.unlink(missing_ok=True)
+        if damage is not None:
+            labels.write_text(damage)
+        for command in (["predict", str(copy), "--text", "fine"], ["eval", str(copy), "--max-samples", "0"]):
+            assert main(command) == 2, command
+            err = capsys.readouterr().err
+            assert f"error: {said}" in err and "Traceback" not in err, err[-1000:]
