@@ -448,3 +448,23 @@ def test_a_manifest_without_the_digest_of_a_data_file_is_said_to_leave_it_unchec
     assert [r.getMessage() for r in caplog.records if "digest" in r.getMessage()] == [
         f"{manifest} records no digest of {source} (data.sources path {source}), so whether it changed since the run "
         "trained on it is not checked: its held-out rows are drawn from the file as it is now"]
+
+
+def test_rows_training_would_drop_are_counted_and_a_file_of_only_such_rows_is_refused(train_tiny, tmp_path, capsys):
+    """A file whose every row passed data.max_length gave a loss of 0 and a perplexity of 1 over no rows, and
+    rows dropped from a file were not said at all."""
+    from loraforge.cli import main
+    from tests.conftest import ECHO_ROWS, write_jsonl
+
+    config, _ = train_tiny("train.max_steps=1", "data.max_length=64")
+    long = {"messages": [{"role": "user", "content": "Echo " + "red " * 200}, {"role": "assistant", "content": "red"}]}
+    only_long = write_jsonl(tmp_path / "long.jsonl", [long] * 3)
+    assert main(["eval", config.output_dir, "--data", str(only_long), "--max-samples", "0"]) == 2
+    assert ("error: all 3 rows were dropped, as training drops them (too long: 3; the run's data.max_length is 64): "
+            "nothing is left to measure; give rows that fit") in capsys.readouterr().err
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [*ECHO_ROWS[:4], long])
+    assert main(["eval", config.output_dir, "--data", str(mixed), "--max-samples", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"4 rows from {mixed} (1 more dropped as training drops them: too long: 1)," in out
+    written = json.loads(next((Path(config.output_dir) / "eval").glob("data-mixed-*.json")).read_text())
+    assert written["rows"] == 4 and written["dropped"] == {"too_long": 1}

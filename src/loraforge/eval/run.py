@@ -213,7 +213,12 @@ def classification_rows_metrics(model, tokenizer, labels: list[str], rows, max_l
 def causal_rows_metrics(model, tokenizer, stop_ids, data_config, rows, max_new_tokens: int, max_samples: int) -> dict:
     """Loss, perplexity and token accuracy over the rows, and generation metrics of greedy answers to up to
     max_samples of them against their last assistant message."""
-    dataset, _ = tokenize_rows(rows, tokenizer, stop_ids, data_config, DataStats())
+    stats = DataStats()
+    dataset, _ = tokenize_rows(rows, tokenizer, stop_ids, data_config, stats)
+    if len(dataset) == 0:
+        raise DataError(f"all {len(rows)} rows were dropped, as training drops them ({_drops(stats.dropped)}; the "
+                        f"run's data.max_length is {data_config.max_length}): nothing is left to measure; give rows "
+                        "that fit")
     # Rows whose last message is an answer to something: an assistant message alone has no prompt to answer.
     chats = [r for r in rows if len(r.conversation.messages) > 1 and r.conversation.messages[-1].role == "assistant"]
     chats = chats[:max_samples]
@@ -223,6 +228,7 @@ def causal_rows_metrics(model, tokenizer, stop_ids, data_config, rows, max_new_t
     outputs = generate_batch(model, tokenizer, prompts, max_new_tokens, stop_ids) if prompts else []
     found.update(generation_metrics(outputs, references))
     found["rows"] = len(dataset)
+    found["dropped"] = dict(stats.dropped)
     found["examples"] = [{"prompt": p[-1]["content"], "reference": r, "output": o}
                          for p, r, o in list(zip(prompts, references, outputs))[:5]]
     return found
@@ -304,7 +310,13 @@ def _measure(run, data_config, rows, compare_base: bool, max_samples: int) -> di
             results[variant] = causal_rows_metrics(model, run.tokenizer, run.stop_ids, data_config, rows,
                                                    config.eval.max_new_tokens, max_samples)
     results["rows"] = results["fine_tuned"]["rows"]
+    results["dropped"] = results["fine_tuned"].pop("dropped")
+    results.get("base", {}).pop("dropped", None)
     return results
+
+
+def _drops(dropped: dict[str, int]) -> str:
+    return ", ".join(f"{reason.replace('_', ' ')}: {count}" for reason, count in sorted(dropped.items()))
 
 
 def result_path(run_dir: Path, data: str | None, split: str) -> Path:
@@ -352,6 +364,8 @@ def format_results(results: dict) -> str:
     for key in keys:
         lines.append(f"{key:<16}" + "".join(f"{results[n][key]:>14.4f}" if key in results[n] else f"{'n/a':>14}"
                                             for n in names))
-    lines.append(f"{results['rows']} rows from {results['data']}, {computed_as(results)}; "
+    dropped = f" ({sum(results['dropped'].values())} more dropped as training drops them: {_drops(results['dropped'])})" \
+        if results.get("dropped") else ""
+    lines.append(f"{results['rows']} rows from {results['data']}{dropped}, {computed_as(results)}; "
                  f"written to {results['written_to']}")
     return "\n".join(lines)
