@@ -702,3 +702,25 @@ def test_a_bf16_full_fine_tune_holds_its_linear_weights_in_bf16_and_computes_as_
     with torch.no_grad():
         assert torch.equal(chatted.model(input_ids=ids).logits, expected)
         assert torch.equal(served(input_ids=ids).logits, expected)
+
+
+def test_every_run_is_checked_before_any_model_loads(runs, tmp_path, monkeypatch):
+    """A classification run, or a second run of one name, given last was refused only once the runs before it had
+    loaded (minutes for a large base); the message on a name given twice named a folder that was not given."""
+    import shutil
+
+    from loraforge.errors import RunDirError
+    from loraforge.serve import models
+    from loraforge.serve.models import load_served
+
+    monkeypatch.setattr(models, "load_trained_model", lambda *a, **k: pytest.fail("a model loaded"))
+    classifier = shutil.copytree(runs[0], tmp_path / "classifier")
+    resolved = classifier / "resolved.yaml"
+    resolved.write_text(resolved.read_text().replace("task: causal_lm", "task: classification")
+                        .replace("format: messages", "format: classification"))
+    with pytest.raises(RunDirError, match=f"{classifier} is a classification run; serve answers chats"):
+        load_served([str(runs[0]), str(classifier)])
+    again = shutil.copytree(runs[0], tmp_path / "elsewhere" / runs[0].name)
+    with pytest.raises(RunDirError) as refused:
+        load_served([str(runs[0]), str(again)])
+    assert str(refused.value).startswith(f"two runs are named {runs[0].name!r} ({runs[0]} and {again});")

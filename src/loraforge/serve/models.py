@@ -61,19 +61,30 @@ def _base_key(folder: Path, config, precision: str) -> tuple:
             tuple(m.drop_layers), m.keep_layers, precision)
 
 
-def load_served(run_dirs: list[str]) -> dict[str, Served]:
-    """Every run of run_dirs by name, and each of their bases under its model name; logs the memory each takes.
-    Each run loads as chat loads it (trained.load_trained_model); later runs on a loaded base add their adapter."""
-    served: dict[str, Served] = {}
-    bases: dict[tuple, tuple[Base, str]] = {}
+def _checked_runs(run_dirs: list[str]) -> dict[Path, object]:
+    """Each run's config, every run checked before any model loads (a bad last one costs no minutes of loading):
+    chat runs only, each name once."""
+    runs, named = {}, {}
     for folder in map(Path, run_dirs):
         config = rundir.read_config(folder)
         name = folder.resolve().name
         if config.task != "causal_lm":
             raise RunDirError(f"{folder} is a {config.task} run; serve answers chats, so give it causal_lm runs")
-        if name in served:
-            raise RunDirError(f"two runs are named {name!r} ({folder} and {served[name].name}); requests name a run "
-                              "by its directory's name, so rename one directory")
+        if name in named:
+            raise RunDirError(f"two runs are named {name!r} ({named[name]} and {folder}); requests name a run by its "
+                              "directory's name, so rename one directory")
+        runs[folder], named[name] = config, folder
+    return runs
+
+
+def load_served(run_dirs: list[str]) -> dict[str, Served]:
+    """Every run of run_dirs by name, and each of their bases under its model name; logs the memory each takes.
+    Each run loads as chat loads it (trained.load_trained_model); later runs on a loaded base add their adapter."""
+    served: dict[str, Served] = {}
+    bases: dict[tuple, tuple[Base, str]] = {}
+    runs = _checked_runs(run_dirs)
+    for folder, config in runs.items():
+        name = folder.resolve().name
         tokenizer = load_tokenizer(str(folder / rundir.TOKENIZER))
         precision = precision_here(folder, config)
         before = _rss_mb()
