@@ -39,3 +39,11 @@ class TrainingStopped(LoraforgeError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Interrupted(LoraforgeError):
+    """A command other than training stopped by SIGINT or SIGTERM, having cleaned up what it was writing."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.exit_code = 130 if signal_name == "SIGINT" else 143

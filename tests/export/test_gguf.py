@@ -131,3 +131,33 @@ def test_ollama_export_converts_again_after_the_run_trained_further(train_tiny):
     assert not gguf_is_current(run, "f16", run_digest(run))
     run_export_ollama(run, "f16")
     assert gguf.read_bytes() != first and gguf_is_current(run, "f16", run_digest(run))
+
+
+def test_a_signal_during_the_conversion_stops_the_converter_and_leaves_no_file(exported):
+    """SIGTERM to loraforge left llama.cpp's converter running on its own and a cut-short GGUF under the final
+    name, with no word said."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config, gguf = exported
+    out = gguf.parent / "model-q8_0.gguf"
+    export = subprocess.Popen([sys.executable, "-m", "loraforge", "export", "gguf", config.output_dir, "--type", "q8_0"],
+                              stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{export.pid}/task/{export.pid}/children")
+    converter, deadline = None, time.monotonic() + 120
+    while converter is None and export.poll() is None and time.monotonic() < deadline:
+        found = children.read_text().split() if children.exists() else []
+        converter = int(found[0]) if found else None
+        time.sleep(0.05)
+    assert converter is not None, "the converter started"
+    time.sleep(0.5)
+    export.send_signal(signal.SIGTERM)
+    _, err = export.communicate(timeout=60)
+    assert export.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == (f"error: stopped by SIGTERM while llama.cpp's converter wrote {out.name}: "
+                                            f"it is stopped too and nothing was written to {out}; run the export again")
+    assert not Path(f"/proc/{converter}").exists() or "zombie" in Path(f"/proc/{converter}/status").read_text()
+    assert not out.exists() and not list(gguf.parent.glob(".*partial"))

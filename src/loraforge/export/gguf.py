@@ -2,12 +2,14 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from loraforge import rundir
-from loraforge.errors import ExportError
+from loraforge.errors import ExportError, Interrupted
 from loraforge.internals import gguf_model
 from loraforge import ledger
 from loraforge.export.merge import merged_is_current, run_digest, run_merge
@@ -73,16 +75,19 @@ def run_export_gguf(run_dir: str | Path, kind: str = "q8_0", digest: str | None 
     digest = digest or run_digest(run_dir)
     source = model_source(run_dir, digest)
     ledger.claim(out.parent, [out.name, record.name], "export")
-    done = subprocess.run(
-        [sys.executable, str(script), str(source), "--outfile", str(out), "--outtype", kind],
-        capture_output=True, text=True,
-    )
-    if done.returncode != 0:
-        raise ExportError(f"llama.cpp's converter failed on {source}:\n{done.stderr[-3000:]}")
-    template = chat_template_of(out)
+    partial = out.parent / f".{out.name}.partial"
+    returncode, stderr = _convert([sys.executable, str(script), str(source), "--outfile", str(partial), "--outtype",
+                                   kind], partial, out)
+    if returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise ExportError(f"llama.cpp's converter failed on {source}:\n{stderr[-3000:]}")
+    template = chat_template_of(partial)
     expected = (source / "chat_template.jinja").read_text(encoding="utf-8") if (source / "chat_template.jinja").is_file() else None
     if expected is not None and template != expected:
-        raise ExportError(f"{out} holds another chat template than the model's tokenizer; the export is not usable")
+        partial.unlink(missing_ok=True)
+        raise ExportError(f"{out} would hold another chat template than the model's tokenizer; the export is not "
+                          "usable")
+    os.replace(partial, out)
     record.write_text(
         json.dumps({"source": str(source.resolve()), "run_digest": digest, "type": kind,
                     "converter": f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "chat_template_embedded": template is not None},
@@ -91,6 +96,37 @@ def run_export_gguf(run_dir: str | Path, kind: str = "q8_0", digest: str | None 
     )
     ledger.record(out.parent, [out.name, record.name])
     return out
+
+
+def _convert(command: list[str], partial: Path, out: Path) -> tuple[int, str]:
+    """llama.cpp's converter, writing `partial`: (its exit code, its stderr). SIGINT or SIGTERM stops it with this
+    process, removes what it wrote, and raises Interrupted."""
+    stopped = []
+
+    def stop(signum, frame):
+        stopped.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    process = None
+    try:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _, stderr = process.communicate()
+        return process.returncode, stderr
+    except KeyboardInterrupt:
+        name = stopped[0] if stopped else "SIGINT"
+        raise Interrupted(f"stopped by {name} while llama.cpp's converter wrote {out.name}: it is stopped too and "
+                          f"nothing was written to {out}; run the export again", name) from None
+    finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        if process is None or process.returncode != 0:
+            partial.unlink(missing_ok=True)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def chat_template_of(path: Path) -> str | None:
