@@ -1402,3 +1402,31 @@ def test_a_run_directory_with_links_in_place_of_its_files_is_not_carried_on_thro
     (run / rundir.CHECKPOINTS).symlink_to(elsewhere)
     run_training(config, resume="auto")
     assert (elsewhere / "checkpoint-9").is_dir()
+
+
+def test_a_signal_while_a_checkpoint_is_written_stops_the_run_at_that_checkpoint(make_config, monkeypatch):
+    """SIGTERM during step 3's checkpoint: the run trained step 4 and wrote checkpoint-4 before it stopped, a step
+    and a save more than the stop needs (a SLURM grace period may not have them)."""
+    real = LoraforgeTrainer._save_checkpoint
+
+    def signalled_while_saving(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        if self.state.global_step == 3:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(LoraforgeTrainer, "_save_checkpoint", signalled_while_saving)
+    config, path = make_config("saving", "train.save_every=3")
+    with pytest.raises(TrainingStopped) as stopped:
+        run_training(config, command=[str(path)])
+    run = Path(config.output_dir)
+    checkpoint = run / rundir.CHECKPOINTS / "checkpoint-3"
+    assert str(stopped.value).startswith(f"stopped by SIGTERM after step 3; checkpoint {checkpoint} written. Resume")
+    assert [c.name for c in complete_checkpoints(run / rundir.CHECKPOINTS)] == ["checkpoint-3"]
+    assert [step for step, _ in losses(run)] == [1, 2, 3]
+    monkeypatch.undo()
+    straight, _ = make_config("saving-straight", "train.save_every=3")
+    run_training(straight)
+    run_training(config, resume="auto")
+    resumed, whole = losses(run), losses(straight.output_dir)
+    assert [step for step, _ in resumed] == [step for step, _ in whole] == list(range(1, 9))
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in whole], rel=1e-5), "as a straight run"

@@ -363,6 +363,7 @@ class SignalStop(TrainerCallback):
         self.stopping = False
         self.trained = False
         self.complete = False
+        self.saved_at: int | None = None
         self._writing = False
         self._previous = {}
 
@@ -430,10 +431,20 @@ class SignalStop(TrainerCallback):
             control.should_save = False
             control.should_training_stop = True
 
+    def on_save(self, args, state, control, **kwargs):
+        """A signal that came while this step's checkpoint was written: that checkpoint is the stop's, so the run
+        stops here rather than train one more step and write another. With several processes the stop waits for the
+        step's end, where they agree on it."""
+        if self.received and not self.stopping and args.world_size == 1:
+            self.stopping = True
+            self.saved_at = state.global_step
+            control.should_training_stop = True
+
     def on_epoch_end(self, args, state, control, **kwargs):
-        """The stop's checkpoint. An epoch the signal cut short is not evaluated as if it had ended."""
+        """The stop's checkpoint, unless the step's own checkpoint is it. An epoch the signal cut short is not
+        evaluated as if it had ended."""
         if not self.stopping:
             return
-        control.should_save = True
+        control.should_save = self.saved_at != state.global_step
         if not float(state.epoch).is_integer() and state.global_step < state.max_steps:
             control.should_evaluate = False
