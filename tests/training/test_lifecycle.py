@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from loraforge import rundir
 from loraforge.errors import ConfigError, RunDirError, TrainingStopped
+from loraforge.config import load_config
 from loraforge.rundir import complete_checkpoints
 from loraforge.training.checkpoints import MARKER, latest_complete
 from loraforge.training.run import run_training
@@ -233,8 +234,24 @@ def test_resume_refuses_other_data(make_config, tmp_path):
     data = Path(config.data.sources[0].path)
     data.write_text(data.read_text() + json.dumps(ECHO_ROWS[0]) + "\n")
     longer, _ = make_config("run", "train.max_steps=9")
-    with pytest.raises(ConfigError, match="the data .* differs from the checkpoint's"):
-        run_training(longer, resume="auto")
+    with pytest.raises(ConfigError) as refused:
+        run_training(longer, resume="auto", allow_changes=False)
+    assert f"the data differs from the checkpoint's: {data} changed since the run read it" in str(refused.value)
+
+
+def test_a_resume_may_change_what_the_run_logs_shows_and_how_often_it_checkpoints(make_config, monkeypatch):
+    """logging.level, the sample answers, the trackers and the checkpoint cadence change no step of the run; each was
+    refused as a config change, to be let through only with --allow-changes, which lets every real change through."""
+    config, path = make_config("harmless")
+    signal_during(monkeypatch, 4)
+    with pytest.raises(TrainingStopped):
+        run_training(config, command=[str(path)])
+    monkeypatch.undo()
+    changed, _ = make_config("harmless", "logging.level=DEBUG", "eval.max_new_tokens=3", "eval.sample_prompts=[Echo blue]",
+                             "report_to=[tensorboard]", "train.save_every=2", "train.keep_last=2")
+    run_training(changed, resume="auto")
+    assert [step for step, _ in losses(config.output_dir)] == list(range(1, 9))
+    assert load_config(Path(config.output_dir) / rundir.RESOLVED).eval.max_new_tokens == 3
 
 
 def test_resume_needs_a_complete_checkpoint(make_config, tmp_path):

@@ -12,18 +12,23 @@ from loraforge.errors import ConfigError, RunDirError
 from loraforge.model.precision import Precision
 from loraforge.rundir import complete_checkpoints, step_of, unusable
 from loraforge.training.checkpoints import MARKER, latest_complete, read_marker
+from loraforge.training.manifest import data_fingerprints
 
 log = logging.getLogger(__name__)
 # transformers' TRAINER_STATE_NAME, named here so that the launcher, which imports this module, holds no transformers.
 TRAINER_STATE = "trainer_state.json"
 
-IGNORED_ON_RESUME = ("output_dir",)
+# Settings a resume may change freely: where the run is, what it logs and reports, the answers it generates to show,
+# and how often it checkpoints; none changes the steps it takes.
+IGNORED_ON_RESUME = ("output_dir", "logging", "report_to", "tracking", "eval", "train.save_every", "train.keep_last")
+
+
+def ignored_on_resume(key: str) -> bool:
+    return any(key == name or key.startswith(name + ".") for name in IGNORED_ON_RESUME)
 
 
 def config_fingerprint(config) -> str:
-    data = config.model_dump(mode="json")
-    for key in IGNORED_ON_RESUME:
-        data.pop(key, None)
+    data = {key: value for key, value in _flat(config.model_dump(mode="json")).items() if not ignored_on_resume(key)}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -98,18 +103,17 @@ def check_compatible(config, checkpoint: Path, fingerprints: dict, allow_changes
     """Refuse to resume with another config or other data, unless allowed; list what differs (as a warning when
     allowed)."""
     marker = read_marker(checkpoint)
+    run_dir = Path(checkpoint).parents[1]
     problems = []
     if marker.get("config") != fingerprints["config"]:
-        before = _flat(load_config(Path(checkpoint).parents[1] / rundir.RESOLVED).model_dump(mode="json"))
+        # A fingerprint of an earlier loraforge may count keys a resume now changes freely: the keys decide.
+        before = _flat(load_config(run_dir / rundir.RESOLVED).model_dump(mode="json"))
         now = _flat(config.model_dump(mode="json"))
         for key in sorted(set(before) | set(now)):
-            if key not in IGNORED_ON_RESUME and before.get(key) != now.get(key):
+            if not ignored_on_resume(key) and before.get(key) != now.get(key):
                 problems.append(f"{key}: {before.get(key)!r} in the checkpoint's run, {now.get(key)!r} now")
-        if not problems:
-            problems.append("the config differs from the one the checkpoint was written with")
     if marker.get("data") != fingerprints["data"]:
-        problems.append("the data (files, tokenizer or data settings, or how this version of loraforge tokenizes "
-                        "them) differs from the checkpoint's")
+        problems.append(f"the data differs from the checkpoint's: {_data_change(run_dir, config)}")
     if "precision" in marker and marker["precision"] != fingerprints.get("precision"):
         problems.append(f"precision: {marker['precision']} in the checkpoint's run, {fingerprints.get('precision')} now, "
                         "so the steps that follow compute differently from those before")
@@ -133,6 +137,21 @@ def resumed_precision(requested: str, checkpoint: Path | None) -> Precision | No
         return None
     log.info("precision auto -> %s: the run resumed from %s trained in it", chosen, Path(checkpoint).name)
     return Precision(requested, chosen, f"the run resumed from {Path(checkpoint).name} trained in it")
+
+
+def _data_change(run_dir: Path, config) -> str:
+    """Which data files changed since the run started (manifest.json's sha256 of each), or, where none did, what
+    else goes into the tokens."""
+    trained = rundir.read_manifest(run_dir).get("data_files") or {}
+    now = data_fingerprints(config.data.sources)
+    changed = [path for path in now if path in trained and trained[path] != now[path]]
+    added, removed = [p for p in now if p not in trained], [p for p in trained if p not in now]
+    said = ([f"{path} changed since the run read it" for path in changed] + [f"{path} was added" for path in added]
+            + [f"{path} is no longer read" for path in removed])
+    if said and trained:
+        return "; ".join(said)
+    return ("its files are as they were, so the tokenizer, the data settings or how this version of loraforge "
+            "tokenizes them changed")
 
 
 def _flat(data, prefix: str = "") -> dict:
