@@ -3,6 +3,8 @@ with the real `openai` client: routing by run name, streaming, greedy answers eq
 concurrent clients batched with nothing mixed up, seeds, stop strings, and OpenAI-shaped 4xx errors."""
 
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -310,8 +312,8 @@ def test_loraforge_serve_as_a_process_serves_a_dora_run_and_a_full_fine_tune_as_
         _, err = process.communicate(timeout=30)
     finally:
         process.kill()
-    assert process.returncode == 0, err[-3000:]
-    assert "Traceback" not in err
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "error: stopped by SIGINT: no request was in flight"
     assert f"base {tiny_model_dir} loaded with run dora:" in err and "run full: its own fine-tuned model" in err
     assert f"serving dora, full, looping, {tiny_model_dir} at http://127.0.0.1:{port}/v1" in err
 
@@ -724,3 +726,45 @@ def test_every_run_is_checked_before_any_model_loads(runs, tmp_path, monkeypatch
     with pytest.raises(RunDirError) as refused:
         load_served([str(runs[0]), str(again)])
     assert str(refused.value).startswith(f"two runs are named {runs[0].name!r} ({runs[0]} and {again});")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_ends_the_requests_in_flight_and_the_server_says_so(runs, sig, code):
+    """serve stopped by Ctrl-C or SIGTERM answered every request in flight in full first (up to --timeout each),
+    then exited 0 without a word (a second Ctrl-C gave tracebacks)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "loraforge", "serve", str(runs[0]), "--host", "127.0.0.1",
+                               "--port", str(port), "--engine", "hf"], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "LORAFORGE_API_KEY": KEY})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"model": runs[0].name, "max_tokens": 900, "stream": True, "temperature": 1.0, "seed": 1,
+                "messages": [{"role": "user", "content": "hi"}]}
+        chunks, began = [], time.monotonic()
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                chunks.append(line)
+                if len(chunks) == 5:
+                    server.send_signal(sig)
+        _, err = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert server.returncode == code, err[-2000:]
+    assert err.strip().splitlines()[-1] == (f"error: stopped by {sig.name}: 1 request(s) in flight were ended where "
+                                            "they were")
+    assert time.monotonic() - began < 30 and "Traceback" not in err
+    assert len([c for c in chunks if c.startswith("data: {")]) < 200, "the answer ended, not generated to its end"

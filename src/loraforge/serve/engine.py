@@ -96,11 +96,24 @@ class Engine:
         self.batch_sizes: deque[int] = deque(maxlen=HISTORY)
         self.finished: deque[tuple[str, int]] = deque(maxlen=HISTORY)
         self.running = 0
+        self._jobs: dict[int, Job] = {}
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="loraforge-serve-engine", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
+        with self._lock:
+            self._jobs[id(job)] = job
         self.waiting.put(job)
+
+    def cancel_all(self) -> int:
+        """Every request waiting or generating ends at its next token, as one whose client left; how many there were
+        (a server shutting down)."""
+        with self._lock:
+            jobs = [job for job in self._jobs.values() if job.finish_reason is None]
+        for job in jobs:
+            job.cancelled.set()
+        return len(jobs)
 
     def close(self) -> None:
         self.waiting.put(None)
@@ -127,6 +140,8 @@ class Engine:
             for job in jobs:
                 job.finish("cancelled")
                 self.finished.append((job.finish_reason, len(job.tokens)))
+                with self._lock:
+                    self._jobs.pop(id(job), None)
 
     def _run(self, jobs: list[Job]) -> None:
         failure = self._try(jobs)

@@ -3,11 +3,14 @@
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 
-from loraforge.errors import LoraforgeError
+import uvicorn
+
+from loraforge.errors import Interrupted, LoraforgeError
 from loraforge.serve.app import build_app
 from loraforge.serve.engine import Engine
 from loraforge.serve.models import load_served
@@ -36,8 +39,6 @@ def _is_loopback(host: str) -> bool:
 
 def run_server(run_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                max_batch: int | None = None, timeout_s: float = 300.0, engine: str = "auto") -> None:
-    import uvicorn
-
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(host) and api_key is None:
         log.warning("serving on %s without an API key: anyone who reaches this address can use the models; "
@@ -54,10 +55,45 @@ def run_server(run_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, a
     app, engine, names = build(run_dirs, api_key, max_batch, timeout_s)
     log.info("serving %s at http://%s:%d/v1 (batches of up to %d)%s", ", ".join(names), host, port, max_batch,
              "; requests need the API key" if api_key else "")
+    server = StoppingServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=SHUTDOWN_S), engine)
+    # uvicorn raises the signal it stopped on again once it has shut down: SIGTERM too is raised as an exception here.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        server.run()
+    except KeyboardInterrupt:
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         engine.close()
+    if server.stopped_by is not None:
+        ended = (f"{server.cancelled} request(s) in flight were ended where they were" if server.cancelled
+                 else "no request was in flight")
+        raise Interrupted(f"stopped by {server.stopped_by}: {ended}", server.stopped_by)
+
+
+# Seconds a stopping server gives its connections to close once every request in flight is ended.
+SHUTDOWN_S = 10
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+class StoppingServer(uvicorn.Server):
+    """uvicorn's server, which on SIGINT or SIGTERM waits for every request in flight to be answered in full (minutes
+    of generation, up to --timeout each): here each ends at its next token, and the signal is kept, to be said and
+    exited with."""
+
+    def __init__(self, config, engine: Engine):
+        super().__init__(config)
+        self.engine, self.stopped_by, self.cancelled = engine, None, 0
+
+    def handle_exit(self, sig, frame):
+        if self.stopped_by is None:
+            self.stopped_by = signal.Signals(sig).name
+            self.cancelled = self.engine.cancel_all()
+        super().handle_exit(sig, frame)
 
 
 def refuse_a_taken_port(host: str, port: int) -> None:
@@ -76,8 +112,6 @@ class Background:
     """A server on 127.0.0.1 on a free port in a thread of this process, for tests and benchmarks."""
 
     def __init__(self, app, ready_s: float = 30.0):
-        import uvicorn
-
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
