@@ -140,7 +140,9 @@ def test_eval_reads_a_data_file_in_the_format_given(train_tiny, tmp_path, capsys
     assert main(["eval", config.output_dir, "--data", str(as_alpaca), "--format", "preference"]) == 2
     assert "--format preference: this run (method sft) evaluates rows of format alpaca or" in capsys.readouterr().err
     assert main(["eval", config.output_dir, "--data", str(tmp_path / "missing.jsonl")]) == 2
-    assert "--format" not in capsys.readouterr().err, "the hint is for rows the format refuses only"
+    err = capsys.readouterr().err
+    assert f"error: --data {tmp_path / 'missing.jsonl'}: data file not found (cwd is " in err
+    assert "--format" not in err and "data.sources" not in err, "no hint for a config eval does not take"
     assert main(["eval", config.output_dir, "--format", "alpaca"]) == 2
     assert "--format names the format of a --data file; give --data FILE with it" in capsys.readouterr().err
     assert loads == [], "each file was refused before the model was loaded"

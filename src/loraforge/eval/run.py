@@ -17,6 +17,7 @@ from loraforge.data.formats import FORMAT_FIELDS, PREFERENCE_FORMATS
 from loraforge.data.packing import collator
 from loraforge.data.render import IGNORE
 from loraforge.data.rows import load_rows
+from loraforge.data.sources import local_problem
 from loraforge.errors import ConfigError, DataError
 from loraforge.eval.classify import predict_labels
 from loraforge.eval.generate import generate_batch
@@ -150,6 +151,9 @@ def eval_rows(config, data: str | None, split: str = "val", data_format: str | N
             raise DataError(f"the run has no {SPLIT_FILES[split]} split: set data.test_fraction or give a source with "
                             f"split: {split} when training, or evaluate a file with --data")
         return data_config, chosen
+    missing = local_problem(data)
+    if missing is not None:
+        raise DataError(f"--data {missing}")
     formats = sorted({s.format.value for s in config.data.sources})
     if data_format is None and len(formats) > 1:
         raise DataError(f"--data {data}: the run trained on sources of several formats ({', '.join(formats)}); "
