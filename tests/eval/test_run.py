@@ -470,3 +470,18 @@ def test_rows_training_would_drop_are_counted_and_a_file_of_only_such_rows_is_re
     assert f"4 rows from {mixed} (1 more dropped as training drops them: too long: 1)," in out
     written = json.loads(next((Path(config.output_dir) / "eval").glob("data-mixed-*.json")).read_text())
     assert written["rows"] == 4 and written["dropped"] == {"too_long": 1}
+
+
+def test_eval_says_how_far_its_answers_are(train_tiny, tmp_path, caplog):
+    """An eval of a real model answered for minutes with nothing said between the load bar and the table."""
+    from tests.conftest import ECHO_ROWS, write_jsonl
+
+    config, _ = train_tiny("train.max_steps=1")
+    rows = write_jsonl(tmp_path / "rows.jsonl", ECHO_ROWS[:12])
+    with caplog.at_level(logging.INFO, logger="loraforge"):
+        run_eval(config.output_dir, data=str(rows), max_samples=9)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("answers", "scoring"))]
+    assert said[0] == "scoring 12 rows (loss, perplexity, token accuracy)"
+    assert [line.split(": ")[0] for line in said[1:]] == ["answers 8/9 (greedy, up to 4 new tokens each)",
+                                                          "answers 9/9 (greedy, up to 4 new tokens each)"]
+    assert said[1].endswith(" s left") and not said[2].endswith(" s left")

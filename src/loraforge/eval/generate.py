@@ -98,8 +98,9 @@ def generate(model, tokenizer, prompt: str | list[dict], max_new_tokens: int, st
 
 
 def generate_batch(model, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int, stop_ids,
-                   batch_size: int = 8) -> list[str]:
-    """Greedy answers for several prompts at once, left-padded so every prompt ends where generation starts."""
+                   batch_size: int = 8, progress=None) -> list[str]:
+    """Greedy answers for several prompts at once, left-padded so every prompt ends where generation starts.
+    progress: called with (answers done, answers in all) after each batch."""
     import torch
 
     answers = []
@@ -121,6 +122,8 @@ def generate_batch(model, tokenizer, prompts: list[str | list[dict]], max_new_to
                 )
             new_tokens = output[:, inputs["input_ids"].shape[1] :]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            if progress is not None:
+                progress(len(answers), len(prompts))
     finally:
         tokenizer.padding_side = side
     return answers

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import re
+import time
 import unicodedata
 from contextlib import nullcontext
 from pathlib import Path
@@ -228,8 +229,17 @@ def causal_rows_metrics(model, tokenizer, stop_ids, data_config, rows, max_new_t
     chats = chats[:max_samples]
     prompts = [[{"role": m.role, "content": m.content} for m in r.conversation.messages[:-1]] for r in chats]
     references = [r.conversation.messages[-1].content for r in chats]
+    log.info("scoring %d rows (loss, perplexity, token accuracy)", len(dataset))
     found = token_metrics(model, dataset, collator(tokenizer, packed=False))
-    outputs = generate_batch(model, tokenizer, prompts, max_new_tokens, stop_ids) if prompts else []
+    began = time.perf_counter()
+
+    def answered(done: int, total: int) -> None:
+        spent = time.perf_counter() - began
+        left = f", about {spent * (total - done) / done:.0f} s left" if done < total else ""
+        log.info("answers %d/%d (greedy, up to %d new tokens each): %.0f s%s", done, total, max_new_tokens, spent,
+                 left)
+
+    outputs = generate_batch(model, tokenizer, prompts, max_new_tokens, stop_ids, progress=answered) if prompts else []
     found.update(generation_metrics(outputs, references))
     found["rows"] = len(dataset)
     found["dropped"] = dict(stats.dropped)
@@ -368,8 +378,8 @@ def format_results(results: dict) -> str:
     for key in keys:
         lines.append(f"{key:<16}" + "".join(f"{results[n][key]:>14.4f}" if key in results[n] else f"{'n/a':>14}"
                                             for n in names))
-    dropped = f" ({sum(results['dropped'].values())} more dropped as training drops them: {_drops(results['dropped'])})" \
-        if results.get("dropped") else ""
+    drops = results.get("dropped")
+    dropped = f" ({sum(drops.values())} more dropped as training drops them: {_drops(drops)})" if drops else ""
     lines.append(f"{results['rows']} rows from {results['data']}{dropped}, {computed_as(results)}; "
                  f"written to {results['written_to']}")
     return "\n".join(lines)
