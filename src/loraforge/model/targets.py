@@ -1,6 +1,7 @@
 """Whether the modules a config names for LoRA (lora.target_modules, lora.modules_to_save) are in the model: checked
 against a loaded model by `train`, and against a model folder's weight names, read from its safetensors headers
-without loading anything, by `config validate`."""
+without loading anything, by `config validate`. Only validate reads the headers: transformers may load a checkpoint
+under other module names than its files hold (its conversion mappings), where the loaded model decides."""
 
 import json
 import struct
@@ -45,8 +46,8 @@ def target_problems(modules: Modules, target_modules, modules_to_save: list[str]
 
 
 def targets_on_disk(config) -> list[str]:
-    """target_problems of a LoRA run whose model is a folder on disk (a built-in one once converted), before it loads:
-    the modules its weight files name."""
+    """target_problems of a LoRA run whose model is a folder on disk (a built-in one once converted), from the modules
+    its weight files name."""
     folder = folder_on_disk(config.model.name)
     modules = modules_on_disk(folder, config.task) if folder is not None and config.adapter == "lora" else None
     return [] if modules is None else target_problems(modules, config.lora.target_modules, config.lora.modules_to_save)

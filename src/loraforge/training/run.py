@@ -21,9 +21,8 @@ from loraforge.config import RunConfig, write_resolved
 from loraforge.config.env import scoped_environment
 from loraforge.config.output_dir import expand_output_dir, remove_if_unused
 from loraforge.data.cache import cache_key
-from loraforge.errors import ConfigError, RunDirError, TrainingStopped
+from loraforge.errors import RunDirError, TrainingStopped
 from loraforge.model.precision import choose_precision, join_cpu_processes
-from loraforge.model.targets import targets_on_disk
 from loraforge.rundir import step_of
 from loraforge.training import evaluation, finish
 from loraforge.training.batch import accumulation, describe_batch, short_epoch, world_size
@@ -106,9 +105,6 @@ def run_training(config: RunConfig, resume: str | None = None, allow_changes: bo
         if is_main:
             check_trackers(config.report_to)
         check_optimizer(config.train.optimizer)
-        unfit = targets_on_disk(config)
-        if unfit:
-            raise ConfigError(unfit)
         check_sharding()
         rundir.check_init_from(config)
         accumulation(config.train, world_size())
